@@ -1,0 +1,136 @@
+// alloc/stack_pool.h
+//
+// stack_pool hands out fiber stacks. See *Memory* in DESIGN.md.
+//
+// Layout. Address space is reserved in large regions (mmap PROT_READ|WRITE,
+// MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE) and cut into fixed-size slots of
+// one size class each. A slot is [guard page][usable stack]; pages of the
+// usable part are committed lazily by the first touch, so an idle fiber that
+// touched only the top of its stack costs about one page. The stack grows
+// down from `hi`; the fiber control block is placed at the top by sched/.
+//
+// Guards. One guard page below each stack of a guarded class, installed with
+// madvise(MADV_GUARD_INSTALL) (Linux 6.13+), which does not split the VMA, so
+// a million guarded stacks stay far under vm.max_map_count. If the kernel
+// refuses it: mprotect(PROT_NONE) while under a budget of mappings, then a
+// canary word at `lo` that sched/ checks at every switch (check_canary), with
+// one warning line saying so. Classes below one page (the "tiny" classes for
+// fibers that need very little stack) are packed densely without a guard
+// page and always rely on the canary.
+//
+// Overflow. install_overflow_handler() installs a SIGSEGV handler that runs
+// on a per-thread sigaltstack (enable_altstack(), called by each worker
+// thread). A fault inside a guard page prints which fiber overflowed (through
+// the describer callback registered by sched/) and its stack size, then
+// aborts. Any other SIGSEGV is re-raised with the default action.
+//
+// Reuse. release() puts a stack on the per-cache LIFO (warm cache lines and
+// committed pages); above cache_watermark stacks in a cache, the older half
+// of that class moves to the shared warm list in one batch, and a cache that
+// runs dry refills a batch from it — stacks flow warm from the workers where
+// fibers exit to the workers that spawn. Only beyond shared_warm_limit are
+// pages returned to the OS with MADV_DONTNEED (keeping the guard).
+//
+// Who calls what:
+//   allocate(), release()   cache c: only the one thread that owns cache c
+//                           (a worker and its index); kSharedCache: any thread
+//   check_canary()          any thread
+//   stats()                 any thread (relaxed snapshot)
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+namespace weft::alloc {
+
+// A usable stack: [lo, hi). `hi` is 16-byte aligned.
+struct stack {
+  std::byte* lo = nullptr;
+  std::byte* hi = nullptr;
+  std::uint32_t size_class = 0;  // index into the pool's classes
+  std::size_t size() const { return static_cast<std::size_t>(hi - lo); }
+  explicit operator bool() const { return lo != nullptr; }
+};
+
+enum class guard_kind : std::uint8_t {
+  madvise_guard,  // MADV_GUARD_INSTALL: one page, no extra VMA
+  mprotect,       // PROT_NONE page: one extra VMA per stack, under a budget
+  canary,         // no guard page; canary word checked at each switch
+};
+
+const char* to_string(guard_kind k);
+
+struct stack_pool_options {
+  // Number of per-thread caches (one per worker). Cache indices are
+  // 0..caches-1; kSharedCache is always valid too.
+  unsigned caches = 1;
+  // Bytes of address space reserved per region.
+  std::size_t region_bytes = std::size_t{256} << 20;
+  // Stacks a per-worker cache keeps; above it, release() moves half of a
+  // class to the shared warm list in one batch.
+  unsigned cache_watermark = 256;
+  // Committed stacks the shared lists keep warm; beyond it, released stacks
+  // get MADV_DONTNEED (their pages go back to the OS).
+  unsigned shared_warm_limit = 4096;
+  // Maximum number of mprotect guards before falling back to canaries.
+  unsigned mprotect_budget = 16384;
+  // Testing: pretend MADV_GUARD_INSTALL is unavailable.
+  bool force_no_madvise_guard = false;
+};
+
+struct stack_pool_stats {
+  std::uint64_t regions = 0;          // regions reserved
+  std::uint64_t reserved_bytes = 0;   // address space reserved
+  std::uint64_t live = 0;             // stacks handed out, not released
+  std::uint64_t cached = 0;           // stacks in caches and free lists
+  std::uint64_t returned_to_os = 0;   // MADV_DONTNEED calls on release
+  guard_kind guard = guard_kind::madvise_guard;  // what default stacks got
+};
+
+class stack_pool {
+ public:
+  static constexpr unsigned kSharedCache = ~0u;
+  static constexpr std::size_t kDefaultStackSize = std::size_t{64} << 10;
+
+  explicit stack_pool(const stack_pool_options& opts = {});
+  ~stack_pool();  // unmaps every region; all stacks must have been released
+  stack_pool(const stack_pool&) = delete;
+  stack_pool& operator=(const stack_pool&) = delete;
+
+  // A stack of at least `size` usable bytes (rounded up to its class:
+  // 1 KiB, 2 KiB, then powers of two from 4 KiB to 8 MiB). Aborts with a
+  // clear message if the size is above the largest class or address space
+  // cannot be reserved (the message says which and how much).
+  stack allocate(std::size_t size, unsigned cache);
+  void release(stack s, unsigned cache);
+
+  // Usable size of the class that `size` rounds up to (what allocate gives).
+  static std::size_t class_size(std::size_t size);
+
+  // False if the canary at s.lo was overwritten (stack overflow on a stack
+  // without a guard page). Always true for stacks with a guard page.
+  bool check_canary(const stack& s) const;
+
+  stack_pool_stats stats() const;
+
+ private:
+  struct impl;
+  impl* impl_;
+};
+
+// --- Overflow reporting -------------------------------------------------
+
+// Called from the SIGSEGV handler (async-signal context: no allocation, no
+// locks) with the overflowed stack; writes a description of its owner such
+// as `fiber 12 "reader"` into buf (NUL-terminated, at most len bytes).
+using overflow_describer = void (*)(const stack& s, char* buf, std::size_t len);
+
+// Process-wide; idempotent. The pool registers its regions with the handler
+// so a fault address can be mapped to its stack.
+void install_overflow_handler(overflow_describer describe);
+// Per thread that runs fibers: a sigaltstack for the handler. Idempotent.
+void enable_altstack();
+void disable_altstack();
+
+}  // namespace weft::alloc

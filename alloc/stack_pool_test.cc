@@ -1,0 +1,393 @@
+// alloc/stack_pool_test.cc
+//
+// Behaviour of stack_pool (see *Memory* in DESIGN.md): size classes, lazily
+// committed pages, guard pages that do not split mappings, overflow reports
+// that name the fiber, canaries, the mprotect fallback, and the caches.
+// Assertions are about behaviour, never about speed.
+#include "alloc/stack_pool.h"
+
+#include <gtest/gtest.h>
+#include <sys/resource.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <utility>
+#include <set>
+#include <vector>
+
+namespace weft::alloc {
+namespace {
+
+constexpr std::size_t kKiB = 1024;
+constexpr std::size_t kMiB = 1024 * kKiB;
+constexpr std::size_t kPage = 4096;
+
+std::size_t resident_bytes() {
+  std::ifstream statm("/proc/self/statm");
+  std::size_t size = 0, resident = 0;
+  statm >> size >> resident;
+  return resident * static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+}
+
+// TSan keeps a shadow of every touched page resident as well.
+#ifdef WEFT_TSAN
+constexpr std::size_t kResidentPagesPerTouchedPage = 2;
+#else
+constexpr std::size_t kResidentPagesPerTouchedPage = 1;
+#endif
+
+// Mappings (lines of /proc/self/maps) that overlap [lo, hi); all of them
+// when hi is 0. Sanitizers map shadow memory elsewhere: counting only the
+// span of our stacks measures the pool, not them.
+std::size_t mapping_count(std::uintptr_t lo = 0, std::uintptr_t hi = 0) {
+  std::ifstream maps("/proc/self/maps");
+  std::size_t n = 0;
+  for (std::string line; std::getline(maps, line);) {
+    const std::uintptr_t start = std::stoull(line, nullptr, 16);
+    const std::uintptr_t end =
+        std::stoull(line.substr(line.find('-') + 1), nullptr, 16);
+    if (hi == 0 || (start < hi && end > lo)) ++n;
+  }
+  return n;
+}
+
+std::pair<std::uintptr_t, std::uintptr_t> span_of(
+    const std::vector<stack>& stacks) {
+  std::uintptr_t lo = UINTPTR_MAX, hi = 0;
+  for (const stack& s : stacks) {
+    lo = std::min(lo, reinterpret_cast<std::uintptr_t>(s.lo));
+    hi = std::max(hi, reinterpret_cast<std::uintptr_t>(s.hi));
+  }
+  return {lo, hi};
+}
+
+// An overflow_describer: async-signal-safe (no stdio), as the contract asks.
+void describe_reader(const stack&, char* buf, std::size_t len) {
+  const char text[] = "fiber 7 \"reader\"";
+  std::size_t i = 0;
+  for (; i + 1 < len && text[i] != '\0'; ++i) buf[i] = text[i];
+  buf[i] = '\0';
+}
+
+void write_canary_over(const stack& s) { std::memset(s.lo, 0xAB, 8); }
+
+TEST(StackPool, SizesRoundUpToTheirClass) {
+  EXPECT_EQ(stack_pool::class_size(0), 1 * kKiB);
+  EXPECT_EQ(stack_pool::class_size(1), 1 * kKiB);
+  EXPECT_EQ(stack_pool::class_size(1 * kKiB), 1 * kKiB);
+  EXPECT_EQ(stack_pool::class_size(1 * kKiB + 1), 2 * kKiB);
+  EXPECT_EQ(stack_pool::class_size(2 * kKiB + 1), 4 * kKiB);
+  EXPECT_EQ(stack_pool::class_size(4 * kKiB + 1), 8 * kKiB);
+  EXPECT_EQ(stack_pool::class_size(64 * kKiB), 64 * kKiB);
+  EXPECT_EQ(stack_pool::class_size(64 * kKiB + 1), 128 * kKiB);
+  EXPECT_EQ(stack_pool::class_size(8 * kMiB), 8 * kMiB);
+
+  stack_pool pool;
+  for (std::size_t size :
+       {std::size_t{1}, 1000 * std::size_t{1}, 3 * kKiB, 5000 * std::size_t{1},
+        64 * kKiB, 3 * kMiB, 8 * kMiB}) {
+    stack s = pool.allocate(size, 0);
+    ASSERT_TRUE(s);
+    EXPECT_EQ(s.size(), stack_pool::class_size(size)) << "size " << size;
+    EXPECT_EQ(reinterpret_cast<std::uintptr_t>(s.hi) % 16, 0u);
+    pool.release(s, 0);
+  }
+}
+
+TEST(StackPoolDeathTest, AStackAboveTheLargestClassAbortsSayingHowMuch) {
+  stack_pool pool;
+  EXPECT_DEATH((void)pool.allocate(8 * kMiB + 1, 0),
+               "stack of 8388609 bytes was requested");
+}
+
+// Lowers RLIMIT_AS to what is mapped now plus 64 MiB, then asks for a region.
+void allocate_without_address_space() {
+  stack_pool pool;
+  std::ifstream statm("/proc/self/statm");
+  std::size_t mapped_pages = 0;
+  statm >> mapped_pages;
+  const rlim_t limit = mapped_pages * kPage + 64 * kMiB;
+  const rlimit lim{limit, limit};
+  setrlimit(RLIMIT_AS, &lim);
+  (void)pool.allocate(stack_pool::kDefaultStackSize, 0);
+}
+
+TEST(StackPoolDeathTest, AnAddressSpaceShortageAbortsSayingHowMuchAndWhy) {
+  EXPECT_DEATH(allocate_without_address_space(),
+               "cannot reserve 536870912 bytes of address space for "
+               "65536-byte stacks: Cannot allocate memory");
+}
+
+TEST(StackPool, AStackIsWritableEndToEnd) {
+  stack_pool pool;
+  stack s = pool.allocate(64 * kKiB, 0);
+  for (std::byte* p = s.lo; p < s.hi; p += kPage) *p = std::byte{0x5A};
+  std::memset(s.lo, 0x33, s.size());
+  for (std::byte* p = s.lo; p < s.hi; p += 512) ASSERT_EQ(*p, std::byte{0x33});
+  EXPECT_EQ(*(s.hi - 1), std::byte{0x33});
+  pool.release(s, 0);
+}
+
+TEST(StackPool, PagesAreCommittedLazilyByTouch) {
+  constexpr std::size_t kStacks = 10'000;
+  stack_pool pool;
+  std::vector<stack> stacks;
+  stacks.reserve(kStacks);
+  const std::size_t before = resident_bytes();
+  for (std::size_t i = 0; i < kStacks; ++i) {
+    stacks.push_back(pool.allocate(stack_pool::kDefaultStackSize, 0));
+    *(stacks.back().hi - 64) = std::byte{1};  // a fiber's control block
+  }
+  const std::size_t grown = resident_bytes() - before;
+  const std::size_t one_page_each = kStacks * kPage;  // ~40 MB, not 640 MB
+  EXPECT_GT(grown, one_page_each / 2);
+  EXPECT_LT(grown, 2 * one_page_each * kResidentPagesPerTouchedPage);
+  for (const stack& s : stacks) pool.release(s, 0);
+}
+
+TEST(StackPool, AMillionGuardedStacksDoNotMultiplyMappings) {
+  constexpr std::size_t kStacks = 1'000'000;
+  stack_pool_options opts;
+  opts.cache_watermark = 2 * kStacks;  // keep releases cheap: no madvise
+  stack_pool pool(opts);
+  std::vector<stack> stacks;
+  stacks.reserve(kStacks);
+  for (std::size_t i = 0; i < kStacks; ++i)
+    stacks.push_back(pool.allocate(stack_pool::kDefaultStackSize, 0));
+  const stack_pool_stats st = pool.stats();
+  EXPECT_EQ(st.guard, guard_kind::madvise_guard) << to_string(st.guard);
+  EXPECT_EQ(st.live, kStacks);
+  // At most one mapping per region, where mprotect guards would need two per
+  // stack; vm.max_map_count is 65530.
+  const auto [lo, hi] = span_of(stacks);
+  EXPECT_LE(mapping_count(lo, hi), st.regions);
+  EXPECT_LT(mapping_count(), std::size_t{65530} / 4);
+  for (const stack& s : stacks) pool.release(s, 0);
+  EXPECT_EQ(pool.stats().live, 0u);
+}
+
+// Allocates a default stack and writes one byte just below it.
+void touch_the_guard_page(const stack_pool_options& opts) {
+  install_overflow_handler(&describe_reader);
+  enable_altstack();
+  stack_pool pool(opts);
+  stack s = pool.allocate(stack_pool::kDefaultStackSize, 0);
+  volatile std::byte* below = s.lo - 1;
+  *below = std::byte{1};
+}
+
+TEST(StackPoolDeathTest, TouchingTheGuardPageNamesTheFiberAndItsStackSize) {
+  EXPECT_DEATH(touch_the_guard_page({}),
+               "weft: stack overflow in fiber 7 \"reader\" "
+               "\\(stack size 65536 bytes\\) .* raise the stack size");
+}
+
+// --- A real overflow: recursion on a pool stack, reported from the altstack.
+
+ucontext_t test_main_context;
+ucontext_t test_fiber_context;
+
+[[gnu::noinline]] int recurse(int depth) {
+  volatile char frame[256];
+  frame[0] = static_cast<char>(depth);
+  if (depth > (1 << 20)) return 0;       // 256 MiB deep: never reached
+  return recurse(depth + 1) + frame[0];  // not a tail call
+}
+
+void overflow_entry() { recurse(0); }
+
+void overflow_a_16k_stack() {
+  install_overflow_handler(&describe_reader);
+  enable_altstack();
+  stack_pool pool;
+  stack s = pool.allocate(16 * kKiB, 0);
+  getcontext(&test_fiber_context);
+  test_fiber_context.uc_stack.ss_sp = s.lo;
+  test_fiber_context.uc_stack.ss_size = s.size();
+  test_fiber_context.uc_link = &test_main_context;
+  makecontext(&test_fiber_context, overflow_entry, 0);
+  swapcontext(&test_main_context, &test_fiber_context);
+}
+
+TEST(StackPoolDeathTest, ARecursingFiberIsReportedFromTheSignalStack) {
+  EXPECT_DEATH(
+      overflow_a_16k_stack(),
+      "stack overflow in fiber 7 \"reader\" \\(stack size 16384 bytes\\)");
+}
+
+TEST(StackPool, TinyStacksDetectAnOverwrittenCanary) {
+  stack_pool pool;
+  stack tiny = pool.allocate(1000, 0);
+  EXPECT_EQ(tiny.size(), 1 * kKiB);
+  EXPECT_TRUE(pool.check_canary(tiny));
+  write_canary_over(tiny);
+  EXPECT_FALSE(pool.check_canary(tiny));
+  pool.release(tiny, 0);
+  stack again = pool.allocate(1000, 0);  // the canary is rewritten at hand-out
+  EXPECT_EQ(again.lo, tiny.lo);
+  EXPECT_TRUE(pool.check_canary(again));
+  pool.release(again, 0);
+
+  stack guarded = pool.allocate(stack_pool::kDefaultStackSize, 0);
+  write_canary_over(guarded);
+  EXPECT_TRUE(pool.check_canary(guarded)) << "a guarded stack has no canary";
+  pool.release(guarded, 0);
+}
+
+TEST(StackPool, WithoutMadviseGuardsStacksGetMprotectGuardPages) {
+  stack_pool_options opts;
+  opts.force_no_madvise_guard = true;
+  stack_pool pool(opts);
+  EXPECT_EQ(pool.stats().guard, guard_kind::mprotect);
+  std::vector<stack> stacks;
+  for (int i = 0; i < 10; ++i) stacks.push_back(pool.allocate(32 * kKiB, 0));
+  const auto [lo, hi] = span_of(stacks);
+  EXPECT_GE(mapping_count(lo, hi), 19u) << "each guard splits the mapping";
+  for (const stack& s : stacks) {
+    write_canary_over(s);
+    EXPECT_TRUE(pool.check_canary(s));
+    pool.release(s, 0);
+  }
+}
+
+TEST(StackPoolDeathTest, AnMprotectGuardPageAlsoNamesTheFiber) {
+  stack_pool_options opts;
+  opts.force_no_madvise_guard = true;
+  EXPECT_DEATH(
+      touch_the_guard_page(opts),
+      "stack overflow in fiber 7 \"reader\" \\(stack size 65536 bytes\\)");
+}
+
+TEST(StackPool, PastTheMprotectBudgetStacksGetACanary) {
+  stack_pool_options opts;
+  opts.force_no_madvise_guard = true;
+  opts.mprotect_budget = 2;
+  stack_pool pool(opts);
+  // The shared cache carves one slot at a time (a worker cache carves a
+  // batch), so each of the three meets the budget in turn.
+  constexpr unsigned kShared = stack_pool::kSharedCache;
+  stack a = pool.allocate(stack_pool::kDefaultStackSize, kShared);
+  stack b = pool.allocate(stack_pool::kDefaultStackSize, kShared);
+  stack c = pool.allocate(stack_pool::kDefaultStackSize, kShared);
+  EXPECT_EQ(pool.stats().guard, guard_kind::canary);
+  EXPECT_TRUE(pool.check_canary(c));
+  for (const stack& s : {a, b, c}) write_canary_over(s);
+  EXPECT_TRUE(pool.check_canary(a));
+  EXPECT_TRUE(pool.check_canary(b));
+  EXPECT_FALSE(pool.check_canary(c));
+  for (const stack& s : {a, b, c}) pool.release(s, kShared);
+}
+
+TEST(StackPool, TheCacheHandsBackTheMostRecentlyReleasedStack) {
+  stack_pool pool;
+  stack a = pool.allocate(stack_pool::kDefaultStackSize, 0);
+  stack b = pool.allocate(stack_pool::kDefaultStackSize, 0);
+  const std::uint64_t cached = pool.stats().cached;  // the rest of the refill batch
+  pool.release(a, 0);
+  pool.release(b, 0);
+  EXPECT_EQ(pool.stats().cached, cached + 2);
+  stack first = pool.allocate(stack_pool::kDefaultStackSize, 0);
+  stack second = pool.allocate(stack_pool::kDefaultStackSize, 0);
+  EXPECT_EQ(first.lo, b.lo);
+  EXPECT_EQ(second.lo, a.lo);
+  EXPECT_EQ(pool.stats().live, 2u);
+  pool.release(first, 0);
+  pool.release(second, 0);
+}
+
+TEST(StackPool, PastTheSharedWarmLimitPagesGoBackToTheOs) {
+  stack_pool_options opts;
+  opts.shared_warm_limit = 1;
+  stack_pool pool(opts);
+  constexpr unsigned kShared = stack_pool::kSharedCache;
+  stack a = pool.allocate(stack_pool::kDefaultStackSize, kShared);
+  stack b = pool.allocate(stack_pool::kDefaultStackSize, kShared);
+  *(a.hi - 1) = std::byte{0x77};
+  *(b.hi - 1) = std::byte{0x77};
+  pool.release(a, kShared);  // kept warm: the limit is one
+  EXPECT_EQ(pool.stats().returned_to_os, 0u);
+  pool.release(b, kShared);  // over the limit: its pages go back
+  EXPECT_EQ(pool.stats().returned_to_os, 1u);
+  stack first = pool.allocate(stack_pool::kDefaultStackSize, kShared);
+  stack second = pool.allocate(stack_pool::kDefaultStackSize, kShared);
+  EXPECT_EQ(first.lo, a.lo) << "warm stacks are handed out first";
+  EXPECT_EQ(*(first.hi - 1), std::byte{0x77});
+  EXPECT_EQ(second.lo, b.lo);
+  EXPECT_EQ(*(second.hi - 1), std::byte{0}) << "its pages went back to the OS";
+  pool.release(first, kShared);
+  pool.release(second, kShared);
+}
+
+TEST(StackPool, AnOverfullWorkerCacheSpillsHalfToTheSharedList) {
+  stack_pool_options opts;
+  opts.cache_watermark = 40;
+  stack_pool pool(opts);
+  std::vector<stack> held;
+  for (int i = 0; i < 80; ++i) held.push_back(pool.allocate(stack_pool::kDefaultStackSize, 0));
+  for (const stack& s : held) pool.release(s, 0);
+  // Every stack is cached somewhere, warm (nothing went back to the OS).
+  EXPECT_EQ(pool.stats().live, 0u);
+  EXPECT_GE(pool.stats().cached, 80u);
+  EXPECT_EQ(pool.stats().returned_to_os, 0u);
+}
+
+TEST(StackPool, StacksReleasedOnOneWorkerComeBackWarmToAnother) {
+  stack_pool_options opts;
+  opts.caches = 2;
+  opts.cache_watermark = 4;
+  stack_pool pool(opts);
+  std::vector<stack> spawned;
+  for (int i = 0; i < 64; ++i) {  // worker 0 spawns...
+    spawned.push_back(pool.allocate(stack_pool::kDefaultStackSize, 0));
+    *(spawned.back().hi - 1) = std::byte{0x55};
+  }
+  for (const stack& s : spawned) pool.release(s, 1);  // ...the fibers exit on worker 1
+  std::set<std::byte*> released;
+  for (const stack& s : spawned) released.insert(s.lo);
+  std::vector<stack> again;
+  int reused = 0;
+  for (int i = 0; i < 32; ++i) {
+    again.push_back(pool.allocate(stack_pool::kDefaultStackSize, 0));
+    if (released.count(again.back().lo)) {
+      ++reused;
+      EXPECT_EQ(*(again.back().hi - 1), std::byte{0x55}) << "still committed";
+    }
+  }
+  EXPECT_GT(reused, 16);
+  EXPECT_EQ(pool.stats().returned_to_os, 0u);
+  for (const stack& s : again) pool.release(s, 0);
+}
+
+TEST(StackPool, WorkerCachesAndTheSharedCacheWorkSideBySide) {
+  stack_pool_options opts;
+  opts.caches = 2;
+  opts.cache_watermark = 8;
+  stack_pool pool(opts);
+  auto churn = [&pool](unsigned cache) {
+    std::vector<stack> held;
+    for (int round = 0; round < 2000; ++round) {
+      held.push_back(pool.allocate((round % 3 + 1) * 8 * kKiB, cache));
+      *(held.back().hi - 1) = std::byte{1};
+      if (held.size() > 12) {
+        for (const stack& s : held) pool.release(s, cache);
+        held.clear();
+      }
+    }
+    for (const stack& s : held) pool.release(s, cache);
+  };
+  std::thread w0(churn, 0u);
+  std::thread w1(churn, 1u);
+  churn(stack_pool::kSharedCache);
+  w0.join();
+  w1.join();
+  EXPECT_EQ(pool.stats().live, 0u);
+}
+
+}  // namespace
+}  // namespace weft::alloc

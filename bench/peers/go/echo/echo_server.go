@@ -1,0 +1,73 @@
+// bench/peers/go/echo/echo_server.go
+//
+// The Go peer of the TCP echo comparison (bench/compare_echo.sh): one
+// goroutine per connection, each reading into its own 4 KiB buffer (the same
+// size as bench/thread_echo_server.cc) and writing back what it read. Go's
+// netpoller does what weft's io driver does, so weft's CPU per request and
+// memory per idle connection are read as ratios to this server's.
+//
+// Usage: GOMAXPROCS=1 echo_server --port N   (listens on 127.0.0.1 only)
+//
+// It uses the standard library only, so it builds offline:
+//
+//	GOFLAGS=-mod=mod GOPROXY=off go build
+package main
+
+import (
+	"flag"
+	"fmt"
+	"log"
+	"net"
+	"os"
+	"time"
+)
+
+const bufferBytes = 4096
+
+func main() {
+	port := flag.Int("port", 0, "TCP port on 127.0.0.1")
+	flag.Parse()
+	if *port <= 0 || *port > 65535 {
+		fmt.Fprintln(os.Stderr, "usage: echo_server --port N")
+		os.Exit(2)
+	}
+	ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", *port))
+	if err != nil {
+		log.Fatalf("echo_server: %v", err)
+	}
+	acceptLoop(ln)
+}
+
+// acceptLoop starts one goroutine per connection. Running out of descriptors
+// drops that connection (reported once), not the server.
+func acceptLoop(ln net.Listener) {
+	reported := false
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if !reported {
+				log.Printf("echo_server: accept: %v", err)
+				reported = true
+			}
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		go serve(c)
+	}
+}
+
+func serve(c net.Conn) {
+	defer c.Close()
+	buf := make([]byte, bufferBytes)
+	for {
+		n, err := c.Read(buf)
+		if n > 0 {
+			if _, werr := c.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}

@@ -1,0 +1,253 @@
+// runtime/fiber_test.cc — fibers through the public API: spawn, join,
+// yield, sleep, pinning, fiber-local storage, unwinding, and the two fatal
+// reports (stack overflow, deadlock).
+#include <atomic>
+#include <mutex>
+#include <set>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "runtime/weft.h"
+#include "sched/park.h"
+#include "tests/fixture.h"
+
+namespace weft {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::Runtime;
+
+class Fibers : public Runtime {};
+WEFT_RUNTIME_TEST_SUITE(Fibers);
+
+TEST_P(Fibers, AMillionFibersSpawnAndJoinWithTheRightSum) {
+  long sum = -1;
+  Run([&] {
+    std::vector<join_handle<int>> hs;
+    hs.reserve(1'000'000);
+    for (int i = 0; i < 1'000'000; ++i) hs.push_back(spawn([i] { return i % 7; }));
+    sum = 0;
+    for (auto& h : hs) sum += h.join();
+  });
+  EXPECT_EQ(sum, 2'999'997);
+}
+
+TEST_P(Fibers, RunReturnsTheMainFibersValue) {
+  EXPECT_EQ(Run([] { return 42; }), 42);
+}
+
+TEST_P(Fibers, CpuBoundFibersSpawnedFromOneFiberRunOnEveryWorker) {
+  std::vector<std::uint64_t> ran;
+  Run([&] {
+    std::vector<join_handle<void>> hs;
+    for (int i = 0; i < 2000; ++i)
+      hs.push_back(spawn([] {
+        volatile std::uint64_t x = 0;
+        for (int k = 0; k < 200'000; ++k) x = x + k;  // ~100 µs of work
+      }));
+    for (auto& h : hs) h.join();
+    for (auto& w : stats().workers) ran.push_back(w.fibers_run);
+  });
+  ASSERT_EQ(ran.size(), workers());
+  for (unsigned i = 0; i < workers(); ++i)
+    EXPECT_GT(ran[i], 0u) << "worker " << i << " ran nothing";
+}
+
+TEST_P(Fibers, PinnedFibersNeverChangeWorker) {
+  std::atomic<int> moved{0};
+  Run([&] {
+    std::vector<join_handle<void>> hs;
+    for (int i = 0; i < 64; ++i)
+      hs.push_back(spawn([&] {
+        // Pinned to the spawner's worker; the child records where it runs.
+        auto inner = spawn([&] {
+          unsigned home = this_fiber::worker_index();
+          for (int k = 0; k < 200; ++k) {
+            this_fiber::yield();
+            if (k % 50 == 0) (void)this_fiber::sleep_for(100us);
+            if (this_fiber::worker_index() != home) moved.fetch_add(1);
+          }
+        }, {.name = "pinned", .pinned = true});
+        inner.join();
+      }));
+    for (auto& h : hs) h.join();
+  });
+  EXPECT_EQ(moved.load(), 0);
+}
+
+TEST_P(Fibers, SleepersWakeInDeadlineOrder) {
+  std::vector<int> order;
+  std::mutex mu;
+  Run([&] {
+    std::vector<join_handle<void>> hs;
+    for (int i : {5, 1, 4, 2, 3})
+      hs.push_back(spawn([&, i] {
+        (void)this_fiber::sleep_for(i * 20ms);
+        std::lock_guard g(mu);
+        order.push_back(i);
+      }));
+    for (auto& h : hs) h.join();
+  });
+  EXPECT_EQ(order, (std::vector<int>{1, 2, 3, 4, 5}));
+}
+
+TEST_P(Fibers, SleepLastsAtLeastItsDuration) {
+  Run([] {
+    auto t0 = clock::now();
+    EXPECT_TRUE(this_fiber::sleep_for(30ms).has_value());
+    EXPECT_GE(clock::now() - t0, 30ms);
+  });
+}
+
+TEST_P(Fibers, AFiberThatYieldsForeverDoesNotStarveOthers) {
+  Run([] {
+    std::atomic<bool> stop{false};
+    std::vector<join_handle<void>> spinners;
+    for (unsigned i = 0; i < 8; ++i)  // more yielders than workers
+      spinners.push_back(spawn([&] {
+        while (!stop.load(std::memory_order_relaxed)) this_fiber::yield();
+      }));
+    int done = 0;
+    for (int i = 0; i < 100; ++i) done += spawn([] { return 1; }).join();
+    (void)this_fiber::sleep_for(5ms);  // a timer fires between the yielders
+    stop = true;
+    for (auto& h : spinners) h.join();
+    EXPECT_EQ(done, 100);
+  });
+}
+
+TEST_P(Fibers, AnExceptionCrossesJoin) {
+  Run([] {
+    auto h = spawn([]() -> int { throw std::runtime_error("boom"); });
+    try {
+      h.join();
+      ADD_FAILURE() << "join did not rethrow";
+    } catch (const std::runtime_error& e) {
+      EXPECT_STREQ(e.what(), "boom");
+    }
+  });
+}
+
+TEST_P(Fibers, FiberLocalStorageStaysWithItsFiberAcrossMigration) {
+  static fiber_local<int> slot;
+  std::atomic<int> wrong{0}, migrations{0};
+  Run([&] {
+    std::vector<join_handle<void>> hs;
+    for (int i = 0; i < 200; ++i)
+      hs.push_back(spawn([&, i] {
+        *slot = i;
+        unsigned w = this_fiber::worker_index();
+        for (int k = 0; k < 100; ++k) {
+          this_fiber::yield();
+          if (this_fiber::worker_index() != w) migrations.fetch_add(1);
+          w = this_fiber::worker_index();
+          if (*slot != i) wrong.fetch_add(1);
+        }
+      }));
+    for (auto& h : hs) h.join();
+  });
+  EXPECT_EQ(wrong.load(), 0);
+  if (workers() > 1) {
+    EXPECT_GT(migrations.load(), 0) << "no fiber migrated";
+  }
+}
+
+TEST_P(Fibers, FibersStillAliveWhenMainReturnsAreUnwound) {
+  static std::atomic<int> destroyed;
+  destroyed = 0;
+  struct guard {
+    ~guard() { destroyed.fetch_add(1); }
+  };
+  Run([] {
+    for (int i = 0; i < 10; ++i)
+      spawn([] {
+        guard g;
+        for (;;) (void)this_fiber::sleep_for(1h);  // would never end by itself
+      });
+    for (int i = 0; i < 10; ++i)
+      spawn([] {
+        guard g;
+        for (;;) this_fiber::yield();
+      });
+    (void)this_fiber::sleep_for(10ms);  // let them start
+  });
+  EXPECT_EQ(destroyed.load(), 20);
+}
+
+TEST_P(Fibers, RequestStopCancelsASleep) {
+  Run([] {
+    auto h = spawn([] { return this_fiber::sleep_for(1h); });
+    (void)this_fiber::sleep_for(5ms);
+    h.request_stop();
+    result<void> r = h.join();
+    ASSERT_FALSE(r.has_value());
+    EXPECT_EQ(r.error(), std::errc::operation_canceled);
+  });
+}
+
+TEST_P(Fibers, RequestStopBeforeTheFiberParksStillCancels) {
+  Run([] {
+    auto h = spawn([] {
+      this_fiber::yield();
+      return this_fiber::sleep_for(1h);
+    });
+    h.request_stop();
+    EXPECT_EQ(h.join().error(), std::errc::operation_canceled);
+  });
+}
+
+TEST_P(Fibers, IdsAndNamesAreThoseGivenAtSpawn) {
+  Run([] {
+    auto h = spawn([] { return std::string(this_fiber::name()); }, {.name = "worker-7"});
+    std::uint64_t id = h.id();
+    EXPECT_GT(id, 0u);
+    EXPECT_EQ(h.join(), "worker-7");
+    EXPECT_EQ(this_fiber::name(), "main");
+  });
+}
+
+// --- Fatal reports (death tests run the runtime in a child process) -----
+
+void Recurse(int depth) {
+  volatile char pad[512];
+  pad[0] = static_cast<char>(depth);
+  if (depth > 0) Recurse(depth - 1);
+  (void)pad[0];
+}
+
+TEST(FiberDeath, StackOverflowNamesTheFiberAndItsStackSize) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(weft::run([] {
+                 spawn([] { Recurse(1'000'000); }, {.name = "deep", .stack_size = 16 * 1024})
+                     .join();
+               }),
+               "stack overflow in fiber [0-9]+ \"deep\" \\(stack size 16384");
+}
+
+TEST(FiberDeath, AllFibersAsleepIsReportedAsADeadlock) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  // Two fibers park where nothing can ever wake them (no timer, no I/O, no
+  // waker): the runtime must say so and exit 2 instead of hanging.
+  EXPECT_EXIT(weft::run([] {
+                auto h = spawn([] { sched::park({.what = "nothing"}); },
+                               {.name = "stuck"});
+                h.join();
+              }),
+              ::testing::ExitedWithCode(2),
+              "all fibers are asleep - deadlock!(.|\n)*fiber [0-9]+ \"main\" "
+              "\\[join\\] at .*fiber_test.cc:[0-9]+(.|\n)*\"stuck\" \\[nothing\\]");
+}
+
+TEST(FiberDeath, NoDeadlockReportWhileATimerIsPending) {
+  // A fiber asleep with a deadline is not deadlocked: this run must finish.
+  EXPECT_EQ(weft::run([] {
+              auto h = spawn([] { (void)this_fiber::sleep_for(50ms); });
+              h.join();
+              return 3;
+            }),
+            3);
+}
+
+}  // namespace
+}  // namespace weft

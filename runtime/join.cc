@@ -1,0 +1,87 @@
+// runtime/join.cc — the join_state shared by a fiber and its join_handle.
+//
+// Invariants:
+//   - refs_ starts at 2 (the fiber and the handle); whoever drops it to 0
+//     deletes the state.
+//   - lock_ guards done_, fiber_, waiter_ and waiter_gen_. A wake of the
+//     parked joiner (claim) happens under lock_, so the joiner, which takes
+//     lock_ to retract its record after a cancel, cannot exit while a
+//     completer still holds its token (the rule on claim() in park.h).
+//   - fiber_ is non-null until complete(): request_stop() through the
+//     handle touches the fiber only then, under lock_.
+#include <sched.h>
+
+#include "runtime/weft.h"
+#include "sched/park.h"
+
+namespace weft::detail {
+
+void join_state_base::lock() noexcept {
+  // acquire: pairs with unlock(); the guarded fields are visible after it.
+  for (int i = 0; lock_.exchange(true, std::memory_order_acquire); ++i)
+    if (i > 64) sched_yield();
+}
+void join_state_base::unlock() noexcept {
+  lock_.store(false, std::memory_order_release);  // pairs with lock()
+}
+
+bool join_state_base::is_done() const noexcept { return done_; }
+
+void join_state_base::complete() noexcept {
+  lock();
+  done_ = true;
+  fiber_ = nullptr;
+  sched::fiber* claimed = nullptr;
+  if (waiter_)
+    claimed = sched::claim({static_cast<sched::fiber*>(waiter_), waiter_gen_},
+                           sched::wake_reason::notified);
+  waiter_ = nullptr;
+  unlock();
+  if (claimed) sched::ready(claimed);
+}
+
+void join_state_base::publish_waiter(void* self, void* f, std::uint64_t gen) {
+  auto* s = static_cast<join_state_base*>(self);
+  s->waiter_ = f;
+  s->waiter_gen_ = gen;
+  s->unlock();  // taken in wait(); the parked joiner is now findable
+}
+
+bool join_state_base::wait(std::source_location where) {
+  lock();
+  if (done_) {
+    unlock();
+    return true;
+  }
+  sched::wake_reason r = sched::park(
+      {.publish = [](void* a, sched::wake_token t) { publish_waiter(a, t.f, t.gen); },
+       .arg = this,
+       .what = "join",
+       .where = where});
+  if (r == sched::wake_reason::notified) return true;
+  lock();
+  waiter_ = nullptr;
+  bool done = done_;
+  unlock();
+  if (done) return true;  // completed while we were being cancelled
+  sched::unwind_point();
+  return false;
+}
+
+void join_state_base::request_stop() noexcept {
+  lock();
+  if (fiber_) sched::request_stop(static_cast<sched::fiber*>(fiber_));
+  unlock();
+}
+
+void join_state_base::release() noexcept {
+  // acq_rel: the last owner sees every write of the other before deleting.
+  if (refs_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+  lock();
+  bool unobserved = error_ != nullptr;
+  unlock();
+  if (unobserved) warn_unobserved(id_, error_);
+  delete this;
+}
+
+}  // namespace weft::detail

@@ -1,0 +1,175 @@
+// runtime/runtime.cc — weft::run, spawn, this_fiber and stats: the public
+// API over sched/ (and, through the driver factory, io/).
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "alloc/check.h"
+#include "runtime/driver_select.h"
+#include "runtime/weft.h"
+#include "sched/fls.h"
+#include "sched/park.h"
+#include "sched/scheduler.h"
+#include "sched/worker.h"
+
+namespace weft {
+namespace {
+
+sched::scheduler& the_scheduler() {
+  sched::scheduler* s = sched::scheduler::instance();
+  WEFT_CHECK(s, "weft: called outside weft::run (no runtime is running)");
+  return *s;
+}
+
+unsigned workers_from_env(unsigned dflt) {
+  const char* e = std::getenv("WEFT_WORKERS");
+  if (!e || !*e) return dflt;
+  char* end = nullptr;
+  unsigned long n = std::strtoul(e, &end, 10);
+  if (*end != '\0' || n == 0 || n > 4096) {
+    std::fprintf(stderr, "weft: ignoring WEFT_WORKERS=%s (want 1..4096)\n", e);
+    return dflt;
+  }
+  return static_cast<unsigned>(n);
+}
+
+}  // namespace
+
+namespace detail {
+
+int run_main(std::function<int()> main_fn, const options& opts) {
+  sched::scheduler_options so;
+  so.workers = workers_from_env(opts.workers);
+  so.pin = opts.pin;
+  so.default_stack = opts.stack_size;
+  so.deadlock_detection = opts.deadlock_detection;
+  so.make_driver = runtime_driver_factory();
+  sched::scheduler s(std::move(so));
+  s.start();
+  int rc = 0;
+  std::exception_ptr failure;
+  auto h = spawn(
+      [&] {
+        try {
+          rc = main_fn();
+        } catch (...) {
+          failure = std::current_exception();
+        }
+        s.unwind_all();  // main is done: every other fiber unwinds
+      },
+      {.name = "main"});
+  h.detach();
+  s.join();
+  if (failure) std::rethrow_exception(failure);
+  return rc;
+}
+
+std::pair<void*, void*> spawn_create(const spawn_request& r) {
+  sched::fiber* f = the_scheduler().create(
+      {.name = r.opts.name, .stack_size = r.opts.stack_size, .pinned = r.opts.pinned},
+      r.size, r.align);
+  f->body_ = r.body;
+  f->discard_ = r.discard;
+  return {f, f->callable_};
+}
+
+std::uint64_t spawn_start(void* fib) {
+  auto* f = static_cast<sched::fiber*>(fib);
+  std::uint64_t id = f->id_;  // read before start: f may run and exit at once
+  the_scheduler().start_fiber(f);
+  return id;
+}
+
+bool current_fiber_unwinding() noexcept {
+  sched::fiber* f = sched::current_fiber();
+  // seq_cst: pairs with force_unwind()'s store.
+  return f && f->unwinding_.load(std::memory_order_seq_cst);
+}
+
+void warn_unobserved(std::uint64_t id, std::exception_ptr e) noexcept {
+  const char* what = "unknown exception";
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& ex) {
+    what = ex.what();
+    std::fprintf(stderr, "weft: fiber %llu ended with an exception nobody joined: %s\n",
+                 static_cast<unsigned long long>(id), what);
+    return;
+  } catch (...) {
+  }
+  std::fprintf(stderr, "weft: fiber %llu ended with an exception nobody joined: %s\n",
+               static_cast<unsigned long long>(id), what);
+}
+
+std::size_t fls_key() { return sched::fls_new_key(); }
+
+void*& fls_value(std::size_t key, void (*destroy)(void*)) {
+  sched::fls_slot& s = sched::fls_get(key);
+  if (!s.destroy) s.destroy = destroy;
+  return s.value;
+}
+
+}  // namespace detail
+
+namespace this_fiber {
+
+void yield(std::source_location where) { sched::yield(where); }
+
+result<void> sleep_until(clock::time_point t, std::source_location where) {
+  sched::wake_reason r = sched::park({.deadline = t, .what = "sleep", .where = where});
+  if (r == sched::wake_reason::cancelled) {
+    sched::unwind_point();
+    return make_error(std::errc::operation_canceled);
+  }
+  return {};
+}
+
+std::uint64_t id() {
+  sched::fiber* f = sched::current_fiber();
+  return f ? f->id_ : 0;
+}
+
+std::string_view name() {
+  sched::fiber* f = sched::current_fiber();
+  return f ? std::string_view(f->name_) : std::string_view();
+}
+
+unsigned worker_index() {
+  sched::worker* w = sched::current_worker();
+  return w ? w->index() : ~0u;
+}
+
+bool stop_requested() {
+  sched::fiber* f = sched::current_fiber();
+  // seq_cst: pairs with request_stop()'s store.
+  return f && f->stop_requested_.load(std::memory_order_seq_cst);
+}
+
+}  // namespace this_fiber
+
+runtime_stats stats() {
+  sched::scheduler_stats s = the_scheduler().stats();
+  runtime_stats r;
+  for (std::size_t i = 0; i < s.fibers_run.size(); ++i)
+    r.workers.push_back({s.fibers_run[i], s.steals[i]});
+  r.spawned = s.spawned;
+  r.parks = s.parks;
+  r.yields = s.yields;
+  r.sleeps = s.sleeps;
+  r.wakeups = s.wakeups;
+  r.lifo_runs = s.lifo_runs;
+  r.inject_pops = s.inject_pops;
+  r.live_fibers = s.live_fibers;
+  r.stacks_live = s.stacks.live;
+  r.stacks_cached = s.stacks.cached;
+  r.stack_bytes_reserved = s.stacks.reserved_bytes;
+  r.stacks_returned_to_os = s.stacks.returned_to_os;
+  r.stack_guard = alloc::to_string(s.stacks.guard);
+  return r;
+}
+
+void dump() { the_scheduler().dump(2); }
+
+}  // namespace weft

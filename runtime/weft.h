@@ -1,0 +1,327 @@
+// runtime/weft.h — the public API of weft.
+//
+//   #include "runtime/weft.h"
+//   int main() {
+//     return weft::run([] {
+//       auto h = weft::spawn([] { return 6 * 7; }, {.name = "answer"});
+//       return h.join() == 42 ? 0 : 1;
+//     });
+//   }
+//
+// weft::run starts one worker per processing unit and runs its argument as
+// the first fiber ("main"). Fibers look like threads: they block in join,
+// sleep, channel and I/O calls, but only the fiber waits; its worker runs
+// other fibers meanwhile. When main returns, the fibers still alive are
+// unwound (their destructors run) and run returns main's value.
+//
+// Errors: operations that can fail because of the environment return
+// weft::result<T>; parked operations return std::errc::operation_canceled
+// after request_stop() and std::errc::timed_out at their deadline.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <expected>
+#include <functional>
+#include <new>
+#include <optional>
+#include <source_location>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace weft {
+
+template <typename T>
+using result = std::expected<T, std::error_code>;
+
+inline std::unexpected<std::error_code> make_error(std::errc e) {
+  return std::unexpected(std::make_error_code(e));
+}
+
+using clock = std::chrono::steady_clock;
+
+// A point in time after which a parked operation gives up with timed_out.
+struct deadline {
+  clock::time_point when = clock::time_point::max();
+  deadline() = default;
+  explicit deadline(clock::time_point t) : when(t) {}
+  template <typename Rep, typename Period>
+  explicit deadline(std::chrono::duration<Rep, Period> d)
+      : when(clock::now() + std::chrono::duration_cast<clock::duration>(d)) {}
+  static deadline never() { return {}; }
+  bool is_never() const { return when == clock::time_point::max(); }
+};
+
+struct options {
+  unsigned workers = 0;         // 0: one per processing unit of the cpuset (WEFT_WORKERS overrides)
+  bool pin = true;              // pin each worker to its processing unit
+  std::size_t stack_size = 64 * 1024;  // default fiber stack (address space; committed lazily)
+  bool deadlock_detection = true;
+};
+
+struct spawn_options {
+  std::string_view name = {};   // shown by dump(), the deadlock report and overflow messages
+  std::size_t stack_size = 0;   // 0: the runtime default; rounded up to a size class
+  bool pinned = false;          // never leaves the spawning worker
+};
+
+// Stack size classes below one page (1 KiB, 2 KiB) have no guard page; an
+// overflow is caught by a canary at the next switch. kSmallStack is the
+// "small-stack option" of the README: enough for fibers that park with a
+// shallow call chain, at ~2 KiB of memory per idle fiber.
+inline constexpr std::size_t kSmallStack = 2 * 1024;
+
+struct worker_stats {
+  std::uint64_t fibers_run = 0;
+  std::uint64_t steals = 0;  // fibers this worker took from others
+};
+
+struct runtime_stats {
+  std::vector<worker_stats> workers;
+  std::uint64_t spawned = 0, parks = 0, yields = 0, sleeps = 0, wakeups = 0,
+                lifo_runs = 0, inject_pops = 0, live_fibers = 0;
+  std::uint64_t stacks_live = 0, stacks_cached = 0, stack_bytes_reserved = 0,
+                stacks_returned_to_os = 0;
+  std::string stack_guard;  // "madvise_guard", "mprotect" or "canary"
+};
+
+runtime_stats stats();
+void dump();  // every fiber to stderr: id, name, state, where it parked
+
+namespace detail {
+
+int run_main(std::function<int()> main_fn, const options& opts);
+
+// The shared state between a fiber and its join_handle. Out of line in
+// runtime/join.cc; see the invariants there.
+class join_state_base {
+ public:
+  join_state_base() = default;
+  join_state_base(const join_state_base&) = delete;
+  join_state_base& operator=(const join_state_base&) = delete;
+
+  void bind(void* fiber) noexcept { fiber_ = fiber; }
+  void complete() noexcept;  // the fiber: done; wakes a joiner
+  // The joiner: parks until done. False if its own stop was requested.
+  bool wait(std::source_location where);
+  void request_stop() noexcept;
+  void release() noexcept;   // drops one of the two references
+  std::uint64_t fiber_id() const noexcept { return id_; }
+  void set_id(std::uint64_t id) noexcept { id_ = id; }
+
+ protected:
+  virtual ~join_state_base() = default;
+  bool is_done() const noexcept;
+  std::exception_ptr error_;
+  bool unwound_ = false;
+
+ private:
+  friend struct join_access;
+  std::atomic<int> refs_{2};
+  std::atomic<bool> lock_{false};  // guards fields below; see join.cc
+  bool done_ = false;
+  void* fiber_ = nullptr;          // the running fiber, until complete()
+  void* waiter_ = nullptr;         // a parked joiner's wake token
+  std::uint64_t waiter_gen_ = 0;
+  std::uint64_t id_ = 0;
+  void lock() noexcept;
+  void unlock() noexcept;
+  static void publish_waiter(void* self, void* fiber, std::uint64_t gen);
+};
+
+template <typename T>
+class join_state final : public join_state_base {
+ public:
+  template <typename... A>
+  void set_value(A&&... a) {
+    if constexpr (!std::is_void_v<T>) value_.emplace(std::forward<A>(a)...);
+  }
+  void set_exception(std::exception_ptr e) { error_ = std::move(e); }
+  void set_unwound() { unwound_ = true; }
+  T take() {
+    if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+    if constexpr (!std::is_void_v<T>) return std::move(*value_);
+  }
+  bool failed() const { return error_ != nullptr; }
+
+ private:
+  struct empty {};
+  std::optional<std::conditional_t<std::is_void_v<T>, empty, T>> value_;
+};
+
+struct spawn_request {
+  spawn_options opts;
+  std::size_t size, align;
+  void (*body)(void*);
+  void (*discard)(void*);
+};
+// Creates a fiber with room for the callable; returns (fiber, callable slot).
+std::pair<void*, void*> spawn_create(const spawn_request& r);
+std::uint64_t spawn_start(void* fiber);
+bool current_fiber_unwinding() noexcept;
+void warn_unobserved(std::uint64_t id, std::exception_ptr e) noexcept;
+
+template <typename F, typename R>
+struct spawned {
+  F fn;
+  join_state<R>* st;
+  static void body(void* p) {
+    auto* self = static_cast<spawned*>(p);
+    join_state<R>* st = self->st;
+    try {
+      if constexpr (std::is_void_v<R>) {
+        self->fn();
+        st->set_value();
+      } else {
+        st->set_value(self->fn());
+      }
+    } catch (...) {
+      if (current_fiber_unwinding()) {  // the runtime unwinds this fiber
+        st->set_unwound();
+        finish(self, st);
+        throw;
+      }
+      st->set_exception(std::current_exception());
+    }
+    finish(self, st);
+  }
+  static void finish(spawned* self, join_state<R>* st) {
+    self->~spawned();
+    st->complete();
+    st->release();
+  }
+  static void discard(void* p) {
+    auto* self = static_cast<spawned*>(p);
+    join_state<R>* st = self->st;
+    st->set_unwound();
+    finish(self, st);
+  }
+};
+
+}  // namespace detail
+
+// The owner of a spawned fiber's result. Move-only. Destroying a joinable
+// handle detaches the fiber.
+template <typename T>
+class join_handle {
+ public:
+  join_handle() = default;
+  explicit join_handle(detail::join_state<T>* st) : st_(st) {}
+  join_handle(join_handle&& o) noexcept : st_(std::exchange(o.st_, nullptr)) {}
+  join_handle& operator=(join_handle&& o) noexcept {
+    if (this != &o) {
+      detach();
+      st_ = std::exchange(o.st_, nullptr);
+    }
+    return *this;
+  }
+  ~join_handle() { detach(); }
+
+  bool joinable() const noexcept { return st_ != nullptr; }
+  std::uint64_t id() const noexcept { return st_ ? st_->fiber_id() : 0; }
+
+  // Waits for the fiber and returns its value, or rethrows its exception.
+  // If the joining fiber is asked to stop while it waits, throws
+  // std::system_error(operation_canceled) and the handle stays joinable.
+  T join(std::source_location where = std::source_location::current()) {
+    if (!st_->wait(where))
+      throw std::system_error(std::make_error_code(std::errc::operation_canceled),
+                              "weft::join_handle::join");
+    auto* st = std::exchange(st_, nullptr);
+    struct releaser {
+      detail::join_state<T>* s;
+      ~releaser() { s->release(); }
+    } r{st};
+    return st->take();
+  }
+  // Asks the fiber to stop: its parked operations return operation_canceled.
+  void request_stop() noexcept {
+    if (st_) st_->request_stop();
+  }
+  void detach() noexcept {
+    if (auto* st = std::exchange(st_, nullptr)) st->release();
+  }
+
+ private:
+  detail::join_state<T>* st_ = nullptr;
+};
+
+// Starts fn() on a new fiber. Any worker may run it (unless pinned).
+template <typename F>
+auto spawn(F&& fn, spawn_options opts = {})
+    -> join_handle<std::invoke_result_t<std::decay_t<F>&>> {
+  using R = std::invoke_result_t<std::decay_t<F>&>;
+  using S = detail::spawned<std::decay_t<F>, R>;
+  auto* st = new detail::join_state<R>;
+  auto [fib, slot] = detail::spawn_create(
+      {opts, sizeof(S), alignof(S), &S::body, &S::discard});
+  // SAFETY: slot is storage reserved for S on the new fiber's stack.
+  new (slot) S{std::forward<F>(fn), st};
+  st->bind(fib);
+  st->set_id(detail::spawn_start(fib));
+  return join_handle<R>(st);
+}
+
+// Runs main_fn as the first fiber and returns its value (0 if void) after
+// every fiber has finished. If main_fn throws, run rethrows it.
+template <typename F>
+int run(F&& main_fn, options opts = {}) {
+  return detail::run_main(
+      [&]() -> int {
+        if constexpr (std::is_void_v<std::invoke_result_t<F&>>) {
+          main_fn();
+          return 0;
+        } else {
+          return static_cast<int>(main_fn());
+        }
+      },
+      opts);
+}
+
+namespace this_fiber {
+void yield(std::source_location where = std::source_location::current());
+// ok at the deadline; operation_canceled if stop was requested.
+result<void> sleep_until(clock::time_point t,
+                         std::source_location where = std::source_location::current());
+template <typename Rep, typename Period>
+result<void> sleep_for(std::chrono::duration<Rep, Period> d,
+                       std::source_location where = std::source_location::current()) {
+  return sleep_until(clock::now() + std::chrono::duration_cast<clock::duration>(d), where);
+}
+std::uint64_t id();          // 0 outside a fiber
+std::string_view name();     // "" outside a fiber
+unsigned worker_index();     // the worker running the caller now (~0u outside)
+bool stop_requested();
+}  // namespace this_fiber
+
+namespace detail {
+std::size_t fls_key();
+void*& fls_value(std::size_t key, void (*destroy)(void*));
+}  // namespace detail
+
+// A value per fiber: each fiber sees its own T, created on first get(),
+// destroyed when the fiber exits. It follows the fiber across workers.
+template <typename T>
+class fiber_local {
+ public:
+  fiber_local() : key_(detail::fls_key()) {}
+  T& get() {
+    void*& v = detail::fls_value(key_, [](void* p) { delete static_cast<T*>(p); });
+    if (!v) v = new T();
+    return *static_cast<T*>(v);
+  }
+  T* operator->() { return &get(); }
+  T& operator*() { return get(); }
+
+ private:
+  std::size_t key_;
+};
+
+}  // namespace weft

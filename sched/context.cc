@@ -1,0 +1,107 @@
+// sched/context.cc — the only file that includes Boost.Context, and the only
+// place a stack switch happens. See sched/context.h.
+#include "sched/context.h"
+
+#include <pthread.h>
+
+#include <boost/context/detail/fcontext.hpp>
+
+#include "alloc/check.h"
+
+#if defined(WEFT_ASAN)
+#include <sanitizer/asan_interface.h>
+#endif
+#if defined(WEFT_TSAN)
+#include <sanitizer/tsan_interface.h>
+#endif
+
+namespace weft::sched {
+namespace bctx = boost::context::detail;
+
+namespace {
+
+// Passed through every jump: the suspending side records its handle in
+// `from`; a fiber's first resume finds its body in `to`. Lives on the
+// switcher's stack, which stays intact until it is resumed.
+struct switch_record {
+  exec_context* from;
+  exec_context* to;
+};
+
+exec_context* land(bctx::transfer_t t) {
+  auto* rec = static_cast<switch_record*>(t.data);
+  rec->from->fctx = t.fctx;
+  return rec->to;
+}
+
+void annotate_finish([[maybe_unused]] void* fake_stack) {
+#if defined(WEFT_ASAN)
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
+}
+
+[[noreturn]] void trampoline(bctx::transfer_t t) {
+  annotate_finish(nullptr);
+  exec_context* self = land(t);
+  self->entry(self->entry_arg);
+  WEFT_CHECK(false, "context: a fiber body returned instead of switching away");
+  __builtin_unreachable();
+}
+
+}  // namespace
+
+void make_fiber_context(exec_context& ctx, std::byte* lo, std::byte* hi,
+                        void (*entry)(void*), void* arg) {
+  ctx.stack_lo = lo;
+  ctx.stack_size = static_cast<std::size_t>(hi - lo);
+  ctx.entry = entry;
+  ctx.entry_arg = arg;
+  // SAFETY: [lo, hi) is a stack no one else uses; make_fcontext writes the
+  // initial frame just below hi.
+  ctx.fctx = bctx::make_fcontext(hi, ctx.stack_size, &trampoline);
+#if defined(WEFT_TSAN)
+  ctx.tsan_fiber = __tsan_create_fiber(0);
+#endif
+}
+
+void switch_context(exec_context& from, exec_context& to,
+                    [[maybe_unused]] bool final) {
+  switch_record rec{&from, &to};
+#if defined(WEFT_ASAN)
+  __sanitizer_start_switch_fiber(final ? nullptr : &from.asan_fake_stack,
+                                 to.stack_lo, to.stack_size);
+#endif
+#if defined(WEFT_TSAN)
+  __tsan_switch_to_fiber(to.tsan_fiber, 0);
+#endif
+  // SAFETY: `to` is suspended (or fresh) and owned by this thread for the
+  // duration of the switch; the park protocol guarantees no other thread
+  // resumes it concurrently (see sched/park.cc).
+  bctx::transfer_t t = bctx::jump_fcontext(to.fctx, &rec);
+  annotate_finish(from.asan_fake_stack);
+  land(t);
+}
+
+void thread_context_init(exec_context& ctx) {
+  pthread_attr_t attr;
+  WEFT_CHECK(pthread_getattr_np(pthread_self(), &attr) == 0,
+             "context: pthread_getattr_np failed");
+  void* addr = nullptr;
+  std::size_t size = 0;
+  pthread_attr_getstack(&attr, &addr, &size);
+  pthread_attr_destroy(&attr);
+  ctx.stack_lo = static_cast<std::byte*>(addr);
+  ctx.stack_size = size;
+#if defined(WEFT_TSAN)
+  ctx.tsan_fiber = __tsan_get_current_fiber();
+#endif
+}
+
+void release_fiber_context([[maybe_unused]] exec_context& ctx) {
+#if defined(WEFT_TSAN)
+  if (ctx.tsan_fiber) __tsan_destroy_fiber(ctx.tsan_fiber);
+#endif
+  ctx.tsan_fiber = nullptr;
+}
+
+}  // namespace weft::sched

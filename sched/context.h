@@ -1,0 +1,52 @@
+// sched/context.h
+//
+// The one context-switch site of weft. Boost.Context (fcontext) is used only
+// in context.cc, together with the sanitizer fiber annotations that make ASan
+// and TSan understand stack switches.
+//
+// An exec_context is a place execution can be suspended and resumed: a fiber
+// or a worker's scheduler loop (which runs on the worker thread's own stack).
+// weft only ever switches between a worker's scheduler context and a fiber,
+// never fiber to fiber, so "the other side of the switch" is always the
+// scheduler loop — that is where the park protocol publishes a parked fiber
+// (see sched/park.cc).
+//
+// Who calls what:
+//   make_fiber_context()   the thread creating a fiber, before anyone runs it
+//   switch_context()       the thread currently running `from`
+//   thread_context_init()  each worker thread once, for its scheduler context
+#pragma once
+
+#include <cstddef>
+
+namespace weft::sched {
+
+struct exec_context {
+  void* fctx = nullptr;             // suspended Boost.Context handle
+  std::byte* stack_lo = nullptr;    // for ASan: the stack this context runs on
+  std::size_t stack_size = 0;
+  void* tsan_fiber = nullptr;       // for TSan: its fiber handle
+  void* asan_fake_stack = nullptr;  // for ASan: saved fake stack across a switch
+  void (*entry)(void*) = nullptr;   // a fiber's body, run on its first resume
+  void* entry_arg = nullptr;
+};
+
+// Prepares `ctx` to run entry(arg) on [lo, hi) when first switched to.
+// entry must never return: it ends by switching away for the last time with
+// switch_context(..., /*final=*/true).
+void make_fiber_context(exec_context& ctx, std::byte* lo, std::byte* hi,
+                        void (*entry)(void*), void* arg);
+
+// Suspends the running context into `from` and resumes `to`. Returns when
+// some thread switches back to `from`. `final` means `from` will never be
+// resumed (a fiber exiting): its sanitizer state is released.
+void switch_context(exec_context& from, exec_context& to, bool final = false);
+
+// Describes the calling thread's own stack as a scheduler context.
+void thread_context_init(exec_context& ctx);
+
+// TSan: the fiber handle is destroyed by the scheduler after the fiber's
+// final switch. No-op without TSan.
+void release_fiber_context(exec_context& ctx);
+
+}  // namespace weft::sched

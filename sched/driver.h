@@ -1,0 +1,50 @@
+// sched/driver.h
+//
+// What the scheduler needs from an I/O layer, and nothing more (as Go's
+// netpoll.go states what each poller must implement). sched/ never includes
+// io/; io/ implements this interface and runtime/ wires a factory in.
+//
+// Contract for an implementation:
+//   - One driver per worker, created on that worker's thread by the factory
+//     and used by that thread only — except wake(), which any thread calls.
+//   - wait(deadline) blocks until wake() is called, one of its operations
+//     completes, or `deadline` passes (time_point::max(): no deadline). It
+//     makes the fibers whose operations completed runnable through
+//     sched::ready(). Spurious returns are allowed.
+//   - wake() is sticky: a wake() that happens before wait() makes that wait
+//     return at once. It must be cheap when called repeatedly.
+//   - poll() does what wait() does without blocking; flush() submits queued
+//     operations (called once per scheduler turn before running a fiber that
+//     may queue more, and before wait()).
+//   - pending() counts operations in flight whose completion can wake a
+//     fiber (the deadlock detector treats a worker with pending() > 0 as able
+//     to make progress).
+#pragma once
+
+#include <cstddef>
+#include <functional>
+#include <memory>
+
+#include "sched/park.h"
+
+namespace weft::sched {
+
+class driver {
+ public:
+  virtual ~driver() = default;
+  virtual void wait(clock::time_point deadline) = 0;
+  virtual void poll() = 0;
+  virtual void flush() {}
+  virtual void wake() noexcept = 0;
+  virtual std::size_t pending() const noexcept { return 0; }
+  virtual const char* name() const noexcept = 0;
+};
+
+// Called on each worker thread at start with the worker's index.
+using driver_factory = std::function<std::unique_ptr<driver>(unsigned worker)>;
+
+// A driver with no I/O: sleeps on a futex. Enough for a scheduler without
+// io/ (and its tests).
+std::unique_ptr<driver> make_futex_driver();
+
+}  // namespace weft::sched

@@ -1,0 +1,177 @@
+// sched/park.cc
+//
+// *The park protocol* — how a fiber waits and how it is woken. Every
+// blocking operation in weft goes through park() and claim()/ready().
+//
+//   fiber (owner)                    its worker, after the switch        a waker (any thread)
+//   -------------                    ----------------------------        ---------------------
+//   gen += 1
+//   state = (gen, parking)
+//   switch to the scheduler  ──────> arm the deadline timer
+//                                    publish(token)  ──────────────────> finds the token
+//                                    CAS parking -> parked               claim: CAS (gen, parking|parked)
+//                                    if stop requested: claim                   -> (gen, woken, reason)
+//                                                                        ready(f): push to a run queue
+//   <── resumed by some worker
+//   reason = state.reason
+//   finish the timer handshake
+//   state = (gen, running)
+//
+// Why the switch comes first: the fiber becomes findable (publish) only
+// after its stack is no longer in use, so no other worker can resume a
+// fiber that is still running on its stack (Go's gopark(unlockf) does the
+// same; Boost.Context's resume_with is the other way to say it).
+//
+// Why claim is a compare-exchange on (generation, phase): a fiber can be
+// woken by several parties at once — its waiter record, its timer, a stop
+// request, the unwinder. The first CAS wins; the others fail because the
+// phase is no longer parking/parked or the generation has moved on. Only
+// the winner makes the fiber runnable, exactly once.
+//
+// *Stopping a parked fiber*: request_stop() stores stop_requested_ and then
+// loads state_; the scheduler stores state_ = parked and then loads
+// stop_requested_. Both are seq_cst (a StoreLoad pattern): at least one of
+// them sees the other and claims the fiber with `cancelled`. A stop request
+// may claim only a `parked` fiber, never a `parking` one: before the
+// publish step has run, a woken fiber would find no waiter record to
+// remove and the publish step would then add a record pointing at a stack
+// that has moved on.
+#include "sched/park.h"
+
+#include <utility>
+
+#include "alloc/check.h"
+#include "sched/scheduler.h"
+#include "sched/timer_heap.h"
+#include "sched/worker.h"
+
+namespace weft::sched {
+
+thread_local worker* tls_worker = nullptr;
+
+// SAFETY: fibers migrate between threads and compilers may cache the
+// address of a thread_local across a call that switches stacks. These two
+// accessors are never inlined, so every call reads the current thread's.
+[[gnu::noinline]] worker* current_worker() noexcept { return tls_worker; }
+[[gnu::noinline]] fiber* current_fiber() noexcept {
+  worker* w = tls_worker;
+  return w ? w->current() : nullptr;
+}
+
+void unwind_point() {
+  fiber* f = current_fiber();
+  // seq_cst: pairs with unwind_all()'s store; see *Stopping a parked fiber*.
+  if (f && f->unwinding_.load(std::memory_order_seq_cst)) throw fiber_unwind{};
+}
+
+wake_reason park(const park_request& req) {
+  worker* w = current_worker();
+  WEFT_CHECK(w && w->current(), "park: called outside a fiber");
+  fiber* f = w->current();
+  // No early return for a pending stop or unwind: the caller may hold a
+  // lock that only the publish step releases. after_park() sees the flag
+  // and wakes the fiber at once with `cancelled`.
+  std::uint64_t gen = ++f->gen_;
+  f->wait_what_ = req.what;
+  f->park_site_ = req.where;
+  // relaxed: no one can act on this generation before the publish step,
+  // which runs after the switch on the worker that stored it.
+  f->state_.store(pack_state(gen, park_phase::parking, req.cancellable),
+                  std::memory_order_relaxed);
+  worker_counters::bump(w->counters().parks);
+  w->switch_to_scheduler(after_switch::park, &req);
+  // Resumed, possibly on another worker. acquire: pairs with the winning
+  // claim's release, so the waker's hand-off (a value, a result) is visible.
+  std::uint64_t s = f->state_.load(std::memory_order_acquire);
+  if (f->timer_) timer_heap::finish(std::exchange(f->timer_, nullptr));
+  f->wait_what_ = "runnable";
+  f->state_.store(pack_state(gen, park_phase::running),
+                  std::memory_order_relaxed);  // relaxed: no one CASes `running`
+  return reason_of(s);
+}
+
+// The post-switch half of park(), on the worker's scheduler stack.
+void worker::after_park(fiber* f) {
+  const park_request& req = *std::exchange(park_req_, nullptr);
+  std::uint64_t gen = f->gen_;
+  wake_token t{f, gen};
+  if (req.deadline != clock::time_point::max())
+    f->timer_ = timers_.arm(req.deadline, t);
+  if (req.publish) req.publish(req.arg, t);
+  std::uint64_t expect = pack_state(gen, park_phase::parking, req.cancellable);
+  // seq_cst: the store half of *Stopping a parked fiber*. Fails if a waker
+  // already claimed it after the publish step: then it is on a run queue.
+  if (!f->state_.compare_exchange_strong(
+          expect, pack_state(gen, park_phase::parked, req.cancellable),
+          std::memory_order_seq_cst, std::memory_order_relaxed))
+    return;
+  bool stop = (req.cancellable && f->stop_requested_.load(std::memory_order_seq_cst)) ||
+              f->unwinding_.load(std::memory_order_seq_cst);
+  if (stop) wake(t, wake_reason::cancelled);
+}
+
+fiber* claim(wake_token t, wake_reason r) noexcept {
+  // relaxed: the CAS below validates the snapshot.
+  std::uint64_t s = t.f->state_.load(std::memory_order_relaxed);
+  for (;;) {
+    park_phase p = phase_of(s);
+    if (gen_of(s) != t.gen || (p != park_phase::parking && p != park_phase::parked))
+      return nullptr;
+    // release: publishes what the waker handed over (pairs with the acquire
+    // load in park()).
+    if (t.f->state_.compare_exchange_weak(
+            s, pack_state(t.gen, park_phase::woken, cancellable_of(s), r),
+            std::memory_order_release, std::memory_order_relaxed))
+      return t.f;
+  }
+}
+
+// Claims `f` only in the `parked` phase (see *Stopping a parked fiber*).
+static fiber* claim_parked(fiber* f, bool only_cancellable) noexcept {
+  // seq_cst: the load half of *Stopping a parked fiber*.
+  std::uint64_t s = f->state_.load(std::memory_order_seq_cst);
+  while (phase_of(s) == park_phase::parked &&
+         (!only_cancellable || cancellable_of(s))) {
+    if (f->state_.compare_exchange_weak(
+            s, pack_state(gen_of(s), park_phase::woken, cancellable_of(s),
+                          wake_reason::cancelled),
+            std::memory_order_release, std::memory_order_seq_cst))
+      return f;
+  }
+  return nullptr;
+}
+
+void request_stop(fiber* f) noexcept {
+  f->stop_requested_.store(true, std::memory_order_seq_cst);
+  if (fiber* g = claim_parked(f, /*only_cancellable=*/true)) ready(g);
+}
+
+void force_unwind(fiber* f) noexcept {
+  f->stop_requested_.store(true, std::memory_order_seq_cst);
+  f->unwinding_.store(true, std::memory_order_seq_cst);
+  if (fiber* g = claim_parked(f, /*only_cancellable=*/false)) ready(g);
+}
+
+void ready(fiber* f) noexcept {
+  worker* w = current_worker();
+  if (f->home_ && f->home_ != w) {
+    f->home_->push_inbox(f);
+  } else if (w) {
+    // A fiber woke it: run it next (LIFO slot). The scheduler woke it
+    // (timers, I/O): behind the others.
+    w->schedule_local(f, /*hot=*/w->current() != nullptr);
+  } else {
+    scheduler::instance()->submit(f);
+  }
+}
+
+void yield(std::source_location where) {
+  worker* w = current_worker();
+  WEFT_CHECK(w && w->current(), "yield: called outside a fiber");
+  unwind_point();
+  if (w->yield_in_place()) return;
+  w->current()->park_site_ = where;
+  w->switch_to_scheduler(after_switch::yield, nullptr);
+}
+
+}  // namespace weft::sched

@@ -1,0 +1,150 @@
+// sched/scheduler.h
+//
+// The M:N scheduler: workers (one OS thread per processing unit, pinned),
+// their run queues, the global inject queue, idle workers and the fiber
+// registry. The loop itself is in sched/worker.cc; parking in sched/park.cc.
+//
+// Invariants:
+//   - At most one scheduler exists at a time (instance()).
+//   - live_ counts fibers created and not yet exited; the scheduler stops
+//     only when it drops to zero after unwind_all().
+//   - nspinning_ counts workers looking for work by stealing; at most half
+//     of the non-idle workers spin (see *Spinning* in worker.cc).
+//   - A worker is in idle_ iff it has registered as sleeping and no one has
+//     taken it out; idle_mu_ guards idle_ and each worker's in_idle_.
+//
+// Who calls what:
+//   create(), start_fiber()     any thread (spawn)
+//   submit()                    any thread: a runnable fiber to the inject queue
+//   wake_idle_worker()          any thread, after publishing work
+//   unwind_all(), run()         the runtime (runtime/)
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include "alloc/stack_pool.h"
+#include "alloc/topology.h"
+#include "sched/driver.h"
+#include "sched/fiber.h"
+#include "sched/inject_queue.h"
+#include "sched/spinlock.h"
+
+namespace weft::sched {
+
+class worker;
+
+struct scheduler_options {
+  unsigned workers = 0;     // 0: one per processing unit of the cpuset
+  bool pin = true;          // hard affinity, one worker per PU
+  alloc::topology topology = alloc::topology::discover();
+  driver_factory make_driver;  // default: make_futex_driver()
+  std::size_t default_stack = alloc::stack_pool::kDefaultStackSize;
+  bool deadlock_detection = true;
+};
+
+struct fiber_attrs {
+  std::string_view name;
+  std::size_t stack_size = 0;  // 0: the scheduler's default
+  bool pinned = false;         // never leaves the spawning worker
+};
+
+// Sums of the per-worker counters; see worker_counters in worker.h.
+struct scheduler_stats {
+  std::vector<std::uint64_t> fibers_run;  // per worker
+  std::vector<std::uint64_t> steals;      // fibers taken from others, per worker
+  std::uint64_t spawned = 0, parks = 0, yields = 0, sleeps = 0, wakeups = 0,
+                lifo_runs = 0, inject_pops = 0;
+  std::uint64_t live_fibers = 0;
+  alloc::stack_pool_stats stacks;
+  std::string driver;
+};
+
+class scheduler {
+ public:
+  explicit scheduler(scheduler_options opts);
+  ~scheduler();  // joins the workers; every fiber must have exited
+  scheduler(const scheduler&) = delete;
+  scheduler& operator=(const scheduler&) = delete;
+
+  static scheduler* instance() noexcept;
+
+  // Starts the worker threads. run_main is submitted first.
+  void start();
+  // Blocks the calling (non-worker) thread until stop() was called and all
+  // workers have exited.
+  void join();
+
+  // Spawning. create() allocates the stack and the control block and
+  // reserves `callable_size` bytes below it; the caller constructs the
+  // callable at f->callable_, sets body_ and discard_, then start_fiber().
+  fiber* create(const fiber_attrs& a, std::size_t callable_size,
+                std::size_t callable_align);
+  void start_fiber(fiber* f);
+
+  // Makes a runnable fiber visible to every worker.
+  void submit(fiber* f) noexcept;
+  // Wakes one idle worker if none is spinning (see *Spinning* in worker.cc).
+  void wake_idle_worker() noexcept;
+
+  // After the main fiber returned: every other fiber is asked to unwind.
+  void unwind_all();
+  bool unwinding() const noexcept {
+    return unwinding_.load(std::memory_order_acquire);  // pairs with unwind_all()
+  }
+  // Asks the workers to exit once no fiber is alive.
+  void request_exit() noexcept;
+
+  // Plain threads that may wake fibers (channel users, the blocking pool)
+  // hold a reference while they can; the deadlock detector never fires
+  // while any is held.
+  void add_outside_ref(int delta) noexcept {
+    outside_refs_.fetch_add(delta, std::memory_order_acq_rel);  // read under idle_mu_ by the detector
+  }
+
+  scheduler_stats stats() const;
+  void dump(int fd) const;  // every fiber: id, name, state, park site
+  unsigned worker_count() const noexcept { return unsigned(workers_.size()); }
+  worker& worker_at(unsigned i) noexcept { return *workers_[i]; }
+  std::size_t default_stack() const noexcept { return opts_.default_stack; }
+  std::uint64_t live() const noexcept {
+    return live_.load(std::memory_order_acquire);  // pairs with the release in exited()
+  }
+
+ private:
+  friend class worker;
+  void exited(fiber* f, unsigned cache) noexcept;  // the last step of a fiber
+  void register_fiber(fiber* f, unsigned shard);
+  void unregister_fiber(fiber* f) noexcept;
+  worker* pop_idle() noexcept;
+  bool report_deadlock_if_stuck(worker& last) noexcept;  // under idle_mu_
+
+  scheduler_options opts_;
+  alloc::stack_pool stacks_;
+  std::vector<std::unique_ptr<worker>> workers_;
+  inject_queue inject_;
+
+  std::mutex idle_mu_;
+  std::vector<worker*> idle_;             // guarded by idle_mu_
+  std::atomic<unsigned> nidle_{0};        // see *Spinning* in worker.cc
+  std::atomic<unsigned> nspinning_{0};    // see *Spinning* in worker.cc
+
+  std::atomic<std::uint64_t> live_{0};
+  std::atomic<std::uint64_t> next_id_{1};
+  std::atomic<int> outside_refs_{0};
+  std::atomic<bool> unwinding_{false};
+  std::atomic<bool> exit_{false};
+
+  struct alignas(64) registry_shard {
+    mutable spinlock lock;
+    fiber* head = nullptr;  // guarded by lock
+  };
+  std::unique_ptr<registry_shard[]> registry_;  // workers + 1 (plain threads)
+};
+
+}  // namespace weft::sched

@@ -1,0 +1,97 @@
+// sched/timer_heap.h
+//
+// Per-worker deadlines: a 4-ary min-heap of (deadline, node). A node is
+// armed by its worker when a fiber parks with a deadline, and cancelled in
+// O(1) by the fiber when it wakes for another reason; cancelled nodes are
+// dropped lazily when they reach the top, or all at once by compact() when
+// they are the majority.
+//
+// The timer handshake (why a node is freed by two different parties):
+//   node state: armed -> firing -> fired     (the worker fires it)
+//               armed -> cancelled           (the fiber cancels it)
+//   - The worker CASes armed->firing, calls claim(token, timed_out), then
+//     stores fired. It never touches the node again: the fiber frees it.
+//   - The fiber, after resuming, CASes armed->cancelled; on success the heap
+//     frees the node later. Otherwise it waits until `fired` (the worker is
+//     inside a few instructions) and frees it. This is what makes claim()
+//     on the node's token safe: the fiber cannot finish its cleanup, and so
+//     cannot exit, while the worker is firing.
+//
+// Who calls what:
+//   arm(), fire_expired(), next_deadline(), size()   the owning worker
+//   finish()                                          the parked fiber, once
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include "sched/park.h"
+
+namespace weft::sched {
+
+class timer_heap;
+
+struct timer_node {
+  enum : std::uint8_t { armed, firing, fired, cancelled };
+  std::atomic<std::uint8_t> state{armed};
+  wake_token token;
+  timer_heap* owner = nullptr;  // the heap that holds it (lives as long as its worker)
+};
+
+class timer_heap {
+ public:
+  timer_heap() = default;
+  ~timer_heap();  // frees cancelled nodes; no armed node may remain
+  timer_heap(const timer_heap&) = delete;
+  timer_heap& operator=(const timer_heap&) = delete;
+
+  timer_node* arm(clock::time_point deadline, wake_token t);
+  // Fires every node whose deadline is <= now; claimed fibers are passed to
+  // on_ready. Returns how many fibers it claimed.
+  template <typename F>
+  unsigned fire_expired(clock::time_point now, F&& on_ready);
+  // The earliest deadline, or time_point::max() if none.
+  clock::time_point next_deadline() const {
+    return heap_.empty() ? clock::time_point::max() : heap_.front().when;
+  }
+  std::size_t size() const { return heap_.size(); }
+
+  // The fiber's side of the handshake; frees or hands over the node.
+  static void finish(timer_node* n) noexcept;
+
+ private:
+  struct entry {
+    clock::time_point when;
+    timer_node* node;
+  };
+  static constexpr std::size_t kArity = 4;
+  void push(entry e);
+  entry pop();
+  void sift_down(std::size_t i);
+  void compact();
+  fiber* fire(timer_node* n) noexcept;
+
+  std::vector<entry> heap_;
+  // Cancelled nodes still in heap_; incremented by fibers on any thread
+  // (relaxed: a compaction heuristic; may lag or lead by a few).
+  std::atomic<std::ptrdiff_t> cancelled_{0};
+};
+
+template <typename F>
+unsigned timer_heap::fire_expired(clock::time_point now, F&& on_ready) {
+  unsigned n = 0;
+  while (!heap_.empty() && heap_.front().when <= now) {
+    entry e = pop();
+    if (fiber* f = fire(e.node)) {
+      on_ready(f);
+      ++n;
+    }
+  }
+  // relaxed: a heuristic; a stale count only moves the compaction.
+  std::ptrdiff_t dead = cancelled_.load(std::memory_order_relaxed);
+  if (dead > 64 && static_cast<std::size_t>(dead) * 2 > heap_.size()) compact();
+  return n;
+}
+
+}  // namespace weft::sched

@@ -1,0 +1,385 @@
+// sched/worker.cc
+//
+// The scheduler loop of one worker. run() calls find_runnable() and
+// run_fiber() until the runtime exits; every step has a name and a short
+// body. The park protocol's post-switch step is after_park(), specified in
+// sched/park.cc.
+//
+// Where a worker looks for work (find_runnable):
+//   1. every 61st tick the inject queue first, so fibers woken by plain
+//      threads cannot be starved by a busy local queue (Go's schedtick%61);
+//   2. expired timers, then the LIFO slot (at most kMaxLifoStreak times in
+//      a row, so a ping-pong pair cannot starve the queue), then the pinned
+//      queue and the local queue, alternating;
+//   3. the inject queue; a non-blocking poll of the driver;
+//   4. stealing half of another worker's queue, nearest victims first;
+//   5. sleeping in the driver until the next timer or a wake.
+//
+// *Spinning* (no lost wake-up, no thundering herd)
+//   A worker that steals is "spinning"; at most half of the non-idle workers
+//   spin at once. Whoever publishes work (a push to the inject queue or to a
+//   local queue) then calls scheduler::wake_idle_worker(), which wakes one
+//   idle worker only if nobody spins: a spinner will find the work. When a
+//   spinner finds work it stops spinning and, if it was the last one, wakes
+//   another idle worker (chained wake-ups).
+//   The delicate part: a publisher stores the work and then loads nspinning_
+//   and nidle_; a worker going to sleep stores nidle_ (or decrements
+//   nspinning_) and then loads the queues. Both sides separate the store
+//   from the load with a seq_cst operation (StoreLoad), so at least one of
+//   them sees the other: either the publisher wakes a worker, or the
+//   sleeper finds the work.
+//
+// *Sleeping and waking*
+//   A worker sleeps in driver::wait() until its earliest timer. Another
+//   thread wakes it with driver::wake(), which is sticky, so a wake that
+//   lands before the wait is not lost.
+#include "sched/worker.h"
+
+#include <ctime>
+#include <latch>
+
+#include "alloc/check.h"
+#include "sched/scheduler.h"
+
+namespace weft::sched {
+
+extern thread_local worker* tls_worker;  // defined in park.cc
+
+namespace {
+
+// Go checks its global queue every 61 ticks: a prime, so the check does
+// not fall into step with periodic workloads.
+constexpr std::uint32_t kInjectInterval = 61;
+// Tokio's MAX_LIFO_POLLS_PER_TICK: a message and its receiver stay hot,
+// but three hand-offs in a row are enough.
+constexpr unsigned kMaxLifoStreak = 3;
+// A busy worker still polls its driver this often, so I/O completions are
+// not held back by a long queue of runnable fibers.
+constexpr std::uint32_t kPollInterval = 61;
+// Fibers moved from the inject queue to the local queue at once.
+constexpr std::uint32_t kInjectBatch = 32;
+constexpr int kStealRounds = 2;
+// How long an idle spinning worker keeps probing before it sleeps (see
+// spin_before_sleep()), and how many pause instructions (~40 cycles each
+// on current x86) between probes, so probing does not hammer the victims'
+// cache lines. bench/micro spawn_join and pingpong are the workloads that
+// show the effect.
+constexpr auto kSpinBeforeSleep = std::chrono::microseconds(50);
+constexpr int kPausesPerProbe = 32;
+
+std::uint64_t next_random(std::uint64_t& s) noexcept {  // xorshift64*
+  s ^= s >> 12;
+  s ^= s << 25;
+  s ^= s >> 27;
+  return s * 0x2545F4914F6CDD1DULL;
+}
+
+}  // namespace
+
+worker::worker(scheduler& s, unsigned index,
+               std::vector<std::vector<unsigned>> steal_groups)
+    : sched_(s),
+      index_(index),
+      steal_groups_(std::move(steal_groups)),
+      rng_(0x9E3779B97F4A7C15ULL * (index + 1)) {}
+
+// ---- The loop -------------------------------------------------------------
+
+fiber* worker::find_runnable() {
+  ++tick_;
+  if (tick_ % kInjectInterval == 0)
+    if (fiber* f = take_inject()) return f;
+  if (tick_ % kPollInterval == 0) {
+    driver_->flush();
+    driver_->poll();
+  }
+  fire_timers();
+  if (fiber* f = next_local()) return f;
+  if (fiber* f = take_inject()) return f;
+  driver_->flush();
+  driver_->poll();
+  if (fiber* f = next_local()) return f;
+  if (fiber* f = steal()) return f;
+  if (fiber* f = spin_before_sleep()) return f;
+  sleep();
+  return nullptr;
+}
+
+// A spinning worker keeps looking for a while before it sleeps: here a
+// futex wake-up costs 20-30 µs each way, so a worker that sleeps and is
+// woken again almost at once (a spawner feeding others, a ping-pong across
+// workers) loses more than it saves. At most half the workers spin (see
+// *Spinning*), so this burns at most half the machine for kSpinBeforeSleep.
+fiber* worker::spin_before_sleep() {
+  if (!spinning_) return nullptr;
+  const clock::time_point until = clock::now() + kSpinBeforeSleep;
+  do {
+    for (int i = 0; i < kPausesPerProbe; ++i) __builtin_ia32_pause();
+    fire_timers();
+    if (fiber* f = next_local()) return f;
+    if (fiber* f = take_inject()) return f;
+    if (fiber* f = steal()) return f;
+  } while (clock::now() < until);
+  return nullptr;
+}
+
+void worker::run_fiber(fiber* f) {
+  if (spinning_) stop_spinning();
+  current_ = f;
+  f->last_worker_.store(index_, std::memory_order_relaxed);  // relaxed: observability
+  worker_counters::bump(counters_.fibers_run);
+  // SAFETY: f is runnable and was taken from a queue only this worker
+  // popped, so no other thread runs or resumes it (see sched/park.cc).
+  switch_context(sched_ctx_, f->ctx_);
+  current_ = nullptr;
+  switch (std::exchange(after_, after_switch::none)) {
+    case after_switch::yield:
+      worker_counters::bump(counters_.yields);
+      push_local(f);
+      break;
+    case after_switch::park:
+      after_park(f);
+      break;
+    case after_switch::exit:
+      sched_.exited(f, index_);
+      break;
+    case after_switch::none:
+      WEFT_CHECK(false, "worker: a fiber switched away without saying why");
+  }
+}
+
+void worker::run(const alloc::topology* pin_to, const driver_factory& make_driver,
+                 std::latch& ready) {
+  if (pin_to) {
+    if (std::error_code ec = pin_to->pin_current_thread(index_))
+      std::fprintf(stderr, "weft: worker %u not pinned: %s\n", index_,
+                   ec.message().c_str());
+  }
+  alloc::enable_altstack();
+  thread_context_init(sched_ctx_);
+  driver_ = make_driver ? make_driver(index_) : make_futex_driver();
+  ready.count_down();  // the driver exists from here on: others may wake() it
+  tls_worker = this;
+  // acquire: pairs with request_exit(); nothing else is read through it.
+  while (!sched_.exit_.load(std::memory_order_acquire))
+    if (fiber* f = find_runnable()) run_fiber(f);
+  tls_worker = nullptr;
+  driver_->flush();  // destroyed with the scheduler, after every thread joined
+  alloc::disable_altstack();
+}
+
+// ---- Local queues -----------------------------------------------------------
+
+fiber* worker::next_local() {
+  if (lifo_ && lifo_streak_ < kMaxLifoStreak) {
+    ++lifo_streak_;
+    worker_counters::bump(counters_.lifo_runs);
+    return std::exchange(lifo_, nullptr);
+  }
+  if (lifo_) push_local(std::exchange(lifo_, nullptr));
+  lifo_streak_ = 0;
+  // relaxed: a hint; drain_inbox() takes the lock, which orders the list.
+  if (inbox_nonempty_.load(std::memory_order_relaxed)) drain_inbox();
+  bool pinned_first = tick_ & 1;  // alternate so neither queue starves
+  if (pinned_first && pinned_head_) {
+    fiber* f = pinned_head_;
+    pinned_head_ = f->next_;
+    if (!pinned_head_) pinned_tail_ = nullptr;
+    return f;
+  }
+  if (fiber* f = local_.pop()) return f;
+  if (pinned_head_) {
+    fiber* f = pinned_head_;
+    pinned_head_ = f->next_;
+    if (!pinned_head_) pinned_tail_ = nullptr;
+    return f;
+  }
+  return nullptr;
+}
+
+void worker::push_local(fiber* f) noexcept {
+  if (f->home_) {  // pinned: never in the stealable queue
+    f->next_ = nullptr;
+    if (pinned_tail_)
+      pinned_tail_->next_ = f;
+    else
+      pinned_head_ = f;
+    pinned_tail_ = f;
+    return;
+  }
+  local_.push(f, [this](fiber** batch, std::uint32_t n) {
+    sched_.inject_.push_batch(batch, n);
+  });
+}
+
+void worker::schedule_local(fiber* f, bool hot) noexcept {
+  if (hot) {
+    if (fiber* old = std::exchange(lifo_, f)) push_local(old);
+    else return;  // only the LIFO slot changed: nothing for a thief
+  } else {
+    push_local(f);
+  }
+  sched_.wake_idle_worker();
+}
+
+void worker::push_inbox(fiber* f) noexcept {
+  f->next_ = nullptr;
+  {
+    std::lock_guard g(inbox_lock_);
+    if (inbox_tail_)
+      inbox_tail_->next_ = f;
+    else
+      inbox_head_ = f;
+    inbox_tail_ = f;
+  }
+  // seq_cst store then seq_cst load of sleeping_: StoreLoad with sleep(),
+  // which stores sleeping_ and then loads inbox_nonempty_.
+  inbox_nonempty_.store(true, std::memory_order_seq_cst);
+  if (sleeping_.load(std::memory_order_seq_cst)) driver_->wake();
+}
+
+void worker::drain_inbox() noexcept {
+  fiber* head;
+  {
+    std::lock_guard g(inbox_lock_);
+    head = std::exchange(inbox_head_, nullptr);
+    inbox_tail_ = nullptr;
+    inbox_nonempty_.store(false, std::memory_order_relaxed);  // relaxed: under the lock
+  }
+  while (head) {
+    fiber* next = head->next_;
+    push_local(head);
+    head = next;
+  }
+}
+
+fiber* worker::take_inject() {
+  fiber* batch[kInjectBatch];
+  std::uint32_t n = sched_.inject_.pop_batch(batch, kInjectBatch);
+  if (n == 0) return nullptr;
+  worker_counters::bump(counters_.inject_pops, n);
+  for (std::uint32_t i = 1; i < n; ++i) push_local(batch[i]);
+  if (n > 1) sched_.wake_idle_worker();
+  return batch[0];
+}
+
+void worker::fire_timers() {
+  if (timers_.size() == 0) return;
+  timers_.fire_expired(clock::now(), [this](fiber* f) { push_local(f); });
+}
+
+// ---- Stealing and spinning ----------------------------------------------------
+
+bool worker::try_spin() noexcept {
+  if (spinning_) return true;
+  unsigned n = sched_.worker_count();
+  // relaxed: a heuristic bound on spinners; correctness rests on the
+  // seq_cst operations in stop_spinning() and sleep().
+  unsigned busy = n - sched_.nidle_.load(std::memory_order_relaxed);
+  if (2 * sched_.nspinning_.load(std::memory_order_relaxed) >= busy) return false;
+  spinning_ = true;
+  sched_.nspinning_.fetch_add(1, std::memory_order_seq_cst);  // see *Spinning*
+  return true;
+}
+
+void worker::stop_spinning() noexcept {
+  spinning_ = false;
+  // seq_cst: see *Spinning*; the last spinner to find work wakes another.
+  if (sched_.nspinning_.fetch_sub(1, std::memory_order_seq_cst) == 1)
+    sched_.wake_idle_worker();
+}
+
+fiber* worker::steal() {
+  if (sched_.worker_count() == 1 || !try_spin()) return nullptr;
+  for (int round = 0; round < kStealRounds; ++round) {
+    for (const auto& group : steal_groups_) {
+      std::size_t start = next_random(rng_) % group.size();
+      for (std::size_t k = 0; k < group.size(); ++k) {
+        worker& victim = sched_.worker_at(group[(start + k) % group.size()]);
+        std::uint32_t before = local_.size_approx();
+        if (fiber* f = local_.steal_from(victim.local_)) {
+          worker_counters::bump(counters_.steals, 1 + local_.size_approx() - before);
+          return f;
+        }
+      }
+    }
+    if (fiber* f = take_inject()) return f;
+  }
+  return nullptr;
+}
+
+// ---- Sleeping -----------------------------------------------------------------
+
+bool worker::has_work_hint() const noexcept {
+  // seq_cst loads: the sleeper's side of the StoreLoad pattern.
+  if (!sched_.inject_.empty_hint()) return true;
+  if (inbox_nonempty_.load(std::memory_order_seq_cst)) return true;
+  return false;
+}
+
+void worker::sleep() {
+  if (spinning_) {
+    spinning_ = false;
+    // seq_cst: the last spinner re-checks every queue after it stops
+    // spinning, because publishers skipped waking anyone while it spun.
+    if (sched_.nspinning_.fetch_sub(1, std::memory_order_seq_cst) == 1) {
+      for (unsigned i = 0; i < sched_.worker_count(); ++i)
+        if (!sched_.worker_at(i).local_.empty_approx()) return;  // loop again
+      if (has_work_hint()) return;
+    }
+  }
+  timers_when_idle_ = timers_.size();
+  io_when_idle_ = driver_->pending();
+  {
+    std::lock_guard g(sched_.idle_mu_);
+    sched_.idle_.push_back(this);
+    in_idle_ = true;
+    sched_.nidle_.fetch_add(1, std::memory_order_seq_cst);  // see *Spinning*
+    if (sched_.report_deadlock_if_stuck(*this)) return;
+  }
+  sleeping_.store(true, std::memory_order_seq_cst);  // see push_inbox()
+  if (!has_work_hint()) {
+    worker_counters::bump(counters_.sleeps);
+    driver_->flush();
+    driver_->wait(timers_.next_deadline());
+  }
+  sleeping_.store(false, std::memory_order_relaxed);  // relaxed: only a wake hint
+  {
+    std::lock_guard g(sched_.idle_mu_);
+    if (in_idle_) {  // woke by itself (timer, I/O, work seen): leave the list
+      in_idle_ = false;
+      std::erase(sched_.idle_, this);
+      sched_.nidle_.fetch_sub(1, std::memory_order_seq_cst);
+    } else {
+      spinning_ = true;  // wake_idle_worker() counted us as spinning
+    }
+  }
+  worker_counters::bump(counters_.wakeups);
+}
+
+// A yield is a trip through the loop; when that trip would find no other
+// fiber (nothing local, no timer due, nothing injected, and not a tick on
+// which the loop has periodic duties), it would resume the caller at once,
+// so the caller continues without the two switches. Fairness is the same:
+// any other runnable fiber here, or any periodic duty, sends it through
+// the loop.
+bool worker::yield_in_place() noexcept {
+  ++tick_;
+  if (tick_ % kInjectInterval == 0 || tick_ % kPollInterval == 0) return false;
+  if (lifo_ || pinned_head_ || !local_.empty_approx()) return false;
+  // relaxed: a hint; a push racing with this check is seen at the next tick.
+  if (inbox_nonempty_.load(std::memory_order_relaxed)) return false;
+  if (!sched_.inject_.empty_hint()) return false;
+  if (timers_.size() != 0 && timers_.next_deadline() <= clock::now()) return false;
+  worker_counters::bump(counters_.yields);
+  return true;
+}
+
+void worker::switch_to_scheduler(after_switch what, const park_request* req) {
+  fiber* f = current_;
+  after_ = what;
+  park_req_ = req;
+  switch_context(f->ctx_, sched_ctx_, what == after_switch::exit);
+}
+
+}  // namespace weft::sched

@@ -1,0 +1,136 @@
+// sched/worker.h
+//
+// One worker: an OS thread pinned to one processing unit that runs fibers.
+// The loop is sched/worker.cc; read it top to bottom.
+//
+// Invariants:
+//   - Everything not marked otherwise is touched only by the worker's own
+//     thread (the owner).
+//   - lifo_ and pinned_ hold fibers no other worker may run; local_ may be
+//     stolen from; inbox_ receives pinned fibers woken by other threads.
+//
+// Who calls what:
+//   run()                              the worker thread, once
+//   push_inbox()                       any thread (waking a pinned fiber)
+//   schedule_local()                   the owner (a fiber running on it)
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <latch>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "alloc/topology.h"
+#include "sched/context.h"
+#include "sched/driver.h"
+#include "sched/fiber.h"
+#include "sched/park.h"
+#include "sched/run_queue.h"
+#include "sched/spinlock.h"
+#include "sched/timer_heap.h"
+
+namespace weft::sched {
+
+class scheduler;
+
+// Written only by the owner: relaxed atomics so stats() may read them from
+// any thread without a lock.
+struct worker_counters {
+  std::atomic<std::uint64_t> fibers_run{0}, steals{0}, spawned{0}, parks{0},
+      yields{0}, sleeps{0}, wakeups{0}, lifo_runs{0}, inject_pops{0};
+  static void bump(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) {
+    c.store(c.load(std::memory_order_relaxed) + n,
+            std::memory_order_relaxed);  // relaxed: statistic, single writer
+  }
+};
+
+// What the fiber that just switched away asks its worker to do next.
+enum class after_switch : std::uint8_t { none, yield, park, exit };
+
+class worker {
+ public:
+  worker(scheduler& s, unsigned index,
+         std::vector<std::vector<unsigned>> steal_groups);
+  worker(const worker&) = delete;
+  worker& operator=(const worker&) = delete;
+
+  // The worker thread's body; counts `ready` down once its driver exists.
+  void run(const alloc::topology* pin_to, const driver_factory& make_driver,
+           std::latch& ready);
+  void push_inbox(fiber* f) noexcept;
+  // A fiber running here made f runnable: into the LIFO slot (if hot) or the
+  // local queue.
+  void schedule_local(fiber* f, bool hot) noexcept;
+  // The running fiber switches to the scheduler, which does `what` after
+  // the switch.
+  void switch_to_scheduler(after_switch what, const park_request* req);
+  // yield() with nothing else to run here: true if the caller may simply
+  // continue, because the loop would pick it again at once.
+  bool yield_in_place() noexcept;
+
+  unsigned index() const noexcept { return index_; }
+  fiber* current() const noexcept { return current_; }
+  driver* io() noexcept { return driver_.get(); }
+  timer_heap& timers() noexcept { return timers_; }
+  worker_counters& counters() noexcept { return counters_; }
+  const worker_counters& counters() const noexcept { return counters_; }
+  std::thread& thread() noexcept { return thread_; }
+
+ private:
+  friend class scheduler;
+  // The loop and its named steps (worker.cc).
+  fiber* find_runnable();
+  fiber* next_local();
+  fiber* take_inject();
+  fiber* steal();
+  fiber* spin_before_sleep();
+  bool try_spin() noexcept;
+  void stop_spinning() noexcept;
+  void sleep();
+  bool has_work_hint() const noexcept;
+  void run_fiber(fiber* f);
+  void after_park(fiber* f);
+  void push_local(fiber* f) noexcept;
+  void drain_inbox() noexcept;
+  void fire_timers();
+
+  scheduler& sched_;
+  const unsigned index_;
+  const std::vector<std::vector<unsigned>> steal_groups_;
+
+  run_queue<fiber, 256> local_;
+  fiber* lifo_ = nullptr;
+  unsigned lifo_streak_ = 0;
+  fiber* pinned_head_ = nullptr;  // owner-only FIFO of pinned fibers
+  fiber* pinned_tail_ = nullptr;
+
+  spinlock inbox_lock_;
+  fiber* inbox_head_ = nullptr;  // guarded by inbox_lock_
+  fiber* inbox_tail_ = nullptr;  // guarded by inbox_lock_
+  // seq_cst: StoreLoad with sleeping_ (see *Sleeping and waking*).
+  std::atomic<bool> inbox_nonempty_{false};
+  std::atomic<bool> sleeping_{false};
+
+  timer_heap timers_;
+  std::unique_ptr<driver> driver_;
+  exec_context sched_ctx_;
+  fiber* current_ = nullptr;
+  after_switch after_ = after_switch::none;
+  const park_request* park_req_ = nullptr;
+
+  std::uint32_t tick_ = 0;
+  std::uint64_t rng_;
+  bool spinning_ = false;
+  bool in_idle_ = false;  // guarded by scheduler::idle_mu_
+  // Published for the deadlock detector before registering idle; read by
+  // the last worker to go idle under idle_mu_ (which orders them).
+  std::size_t timers_when_idle_ = 0;
+  std::size_t io_when_idle_ = 0;
+
+  worker_counters counters_;
+  std::thread thread_;
+};
+
+}  // namespace weft::sched

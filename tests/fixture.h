@@ -1,0 +1,34 @@
+// tests/fixture.h
+//
+// The runtime fixture: every test body runs inside weft::run over worker
+// counts {1, 2, 4}. Leaked fibers or stacks at teardown fail the test: the
+// runtime itself checks, when run() returns, that no fiber is alive and
+// every stack went back to the pool (see detail::run_main).
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include "runtime/weft.h"
+
+namespace weft::testing {
+
+class Runtime : public ::testing::TestWithParam<unsigned> {
+ protected:
+  unsigned workers() const { return GetParam(); }
+  // Runs fn as the main fiber; returns main's value.
+  template <typename F>
+  int Run(F&& fn, options o = {}) {
+    o.workers = workers();
+    return weft::run(std::forward<F>(fn), o);
+  }
+};
+
+inline std::string WorkerCountName(const ::testing::TestParamInfo<unsigned>& i) {
+  return std::to_string(i.param) + "_workers";
+}
+
+#define WEFT_RUNTIME_TEST_SUITE(suite)                                         \
+  INSTANTIATE_TEST_SUITE_P(Workers, suite, ::testing::Values(1u, 2u, 4u), \
+                           ::weft::testing::WorkerCountName)
+
+}  // namespace weft::testing
