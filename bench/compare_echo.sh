@@ -256,6 +256,7 @@ idle_test() {
   rss0=$(rss_kb "$SERVER_PID")
   k0=$(kernel_kb)
   out=$WORK/idle.$name.out
+  : >"$out"
   taskset -c 1 "$BIN/bench/echo_load" --port "$PORT" --idle "$IDLE" --hold 120 >"$out" 2>&1 &
   loader=$!
   STARTED_PIDS+=("$loader")

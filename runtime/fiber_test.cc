@@ -25,12 +25,15 @@ TEST_P(Fibers, AMillionFibersSpawnAndJoinWithTheRightSum) {
   long sum = -1;
   Run([&] {
     std::vector<join_handle<int>> hs;
-    hs.reserve(1'000'000);
-    for (int i = 0; i < 1'000'000; ++i) hs.push_back(spawn([i] { return i % 7; }));
+    hs.reserve(testing::kMillion);
+    for (int i = 0; i < testing::kMillion; ++i) hs.push_back(spawn([i] { return i % 7; }));
     sum = 0;
     for (auto& h : hs) sum += h.join();
   });
-  EXPECT_EQ(sum, 2'999'997);
+  long want = 0;
+  for (int i = 0; i < testing::kMillion; ++i) want += i % 7;
+  EXPECT_EQ(sum, want);
+  if (testing::kMillion == 1'000'000) EXPECT_EQ(sum, 2'999'997);
 }
 
 TEST_P(Fibers, RunReturnsTheMainFibersValue) {

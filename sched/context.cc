@@ -50,6 +50,12 @@ void annotate_finish([[maybe_unused]] void* fake_stack) {
 
 }  // namespace
 
+void prepare_stack([[maybe_unused]] std::byte* lo, [[maybe_unused]] std::byte* hi) {
+#if defined(WEFT_ASAN)
+  __asan_unpoison_memory_region(lo, static_cast<std::size_t>(hi - lo));
+#endif
+}
+
 void make_fiber_context(exec_context& ctx, std::byte* lo, std::byte* hi,
                         void (*entry)(void*), void* arg) {
   ctx.stack_lo = lo;

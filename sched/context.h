@@ -31,6 +31,11 @@ struct exec_context {
   void* entry_arg = nullptr;
 };
 
+// A recycled stack may still carry ASan's poisoning of the frames of the
+// fiber that last ran on it (it never returned from them); clears it before
+// anything is written there. No-op without ASan.
+void prepare_stack(std::byte* lo, std::byte* hi);
+
 // Prepares `ctx` to run entry(arg) on [lo, hi) when first switched to.
 // entry must never return: it ends by switching away for the last time with
 // switch_context(..., /*final=*/true).

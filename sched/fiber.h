@@ -55,6 +55,9 @@ struct fiber {
   // as stated at each use.
   std::atomic<std::uint64_t> state_{0};
   std::uint64_t gen_ = 0;             // owner: generation of the last park
+  // The generation whose after_park() has finished touching this block;
+  // written by the parking worker, awaited by the fiber (see park.cc).
+  std::atomic<std::uint64_t> after_park_gen_{0};
   timer_node* timer_ = nullptr;       // owner: the deadline of the current park
   const char* wait_what_ = "runnable";
   std::source_location park_site_{};

@@ -12,7 +12,9 @@
 //                                    CAS parking -> parked               claim: CAS (gen, parking|parked)
 //                                    if stop requested: claim                   -> (gen, woken, reason)
 //                                                                        ready(f): push to a run queue
+//                                    after_park_gen = gen  (last touch of f)
 //   <── resumed by some worker
+//   wait until after_park_gen == gen
 //   reason = state.reason
 //   finish the timer handshake
 //   state = (gen, running)
@@ -37,6 +39,8 @@
 // remove and the publish step would then add a record pointing at a stack
 // that has moved on.
 #include "sched/park.h"
+
+#include <sched.h>
 
 #include <utility>
 
@@ -83,6 +87,11 @@ wake_reason park(const park_request& req) {
   // Resumed, possibly on another worker. acquire: pairs with the winning
   // claim's release, so the waker's hand-off (a value, a result) is visible.
   std::uint64_t s = f->state_.load(std::memory_order_acquire);
+  // The old worker may still be finishing after_park() on our control
+  // block (a waker on another worker can claim and run us within
+  // nanoseconds of publish()): wait for its last touch. Almost never spins.
+  for (int i = 0; f->after_park_gen_.load(std::memory_order_acquire) != gen; ++i)
+    if (i > 64) sched_yield();
   if (f->timer_) timer_heap::finish(std::exchange(f->timer_, nullptr));
   f->wait_what_ = "runnable";
   f->state_.store(pack_state(gen, park_phase::running),
@@ -92,7 +101,9 @@ wake_reason park(const park_request& req) {
 
 // The post-switch half of park(), on the worker's scheduler stack.
 void worker::after_park(fiber* f) {
-  const park_request& req = *std::exchange(park_req_, nullptr);
+  // SAFETY: the request lives on the fiber's stack. Once publish() has run,
+  // a waker may resume the fiber, which then reuses that stack: copy it now.
+  const park_request req = *std::exchange(park_req_, nullptr);
   std::uint64_t gen = f->gen_;
   wake_token t{f, gen};
   if (req.deadline != clock::time_point::max())
@@ -103,11 +114,22 @@ void worker::after_park(fiber* f) {
   // already claimed it after the publish step: then it is on a run queue.
   if (!f->state_.compare_exchange_strong(
           expect, pack_state(gen, park_phase::parked, req.cancellable),
-          std::memory_order_seq_cst, std::memory_order_relaxed))
+          std::memory_order_seq_cst, std::memory_order_relaxed)) {
+    finish_after_park(f, gen);
     return;
+  }
   bool stop = (req.cancellable && f->stop_requested_.load(std::memory_order_seq_cst)) ||
               f->unwinding_.load(std::memory_order_seq_cst);
   if (stop) wake(t, wake_reason::cancelled);
+  finish_after_park(f, gen);
+}
+
+// The last touch of f by its old worker. Once a waker has claimed f (which
+// can happen right after publish()), another worker may already run it; f
+// must not finish and free its stack while we still read its control block,
+// so park() waits for this store before returning.
+void worker::finish_after_park(fiber* f, std::uint64_t gen) noexcept {
+  f->after_park_gen_.store(gen, std::memory_order_release);  // pairs with park()'s acquire
 }
 
 fiber* claim(wake_token t, wake_reason r) noexcept {

@@ -117,6 +117,7 @@ fiber* scheduler::create(const fiber_attrs& a, std::size_t callable_size,
   unsigned cache = w ? w->index() : alloc::stack_pool::kSharedCache;
   std::size_t size = a.stack_size ? a.stack_size : opts_.default_stack;
   alloc::stack s = stacks_.allocate(size, cache);
+  prepare_stack(s.lo, s.hi);
   fiber* f = fiber_at_top(s);
   // SAFETY: the top of a fresh (or recycled, exited) stack is ours; the
   // block is constructed in place and destroyed in exited().

@@ -92,6 +92,7 @@ class worker {
   bool has_work_hint() const noexcept;
   void run_fiber(fiber* f);
   void after_park(fiber* f);
+  static void finish_after_park(fiber* f, std::uint64_t gen) noexcept;
   void push_local(fiber* f) noexcept;
   void drain_inbox() noexcept;
   void fire_timers();

@@ -12,6 +12,16 @@
 
 namespace weft::testing {
 
+// TSan tracks each fiber as a thread and allows 8128 at once; ASan makes
+// each far more expensive. Tests that want "a million" use this.
+#if defined(WEFT_TSAN)
+inline constexpr int kMillion = 4000;
+#elif defined(WEFT_ASAN)
+inline constexpr int kMillion = 100'000;
+#else
+inline constexpr int kMillion = 1'000'000;
+#endif
+
 class Runtime : public ::testing::TestWithParam<unsigned> {
  protected:
   unsigned workers() const { return GetParam(); }

@@ -1,0 +1,132 @@
+// io/perform.cc
+//
+// io::perform() and the completion slot: how a fiber waits for an I/O
+// operation, whichever driver carries it out. See *Completion slots* in
+// io/driver.h for the invariant that shapes everything here: no return
+// before the operation's own completion arrived.
+//
+// The life of one operation:
+//   fiber: start(op, slot) on its current worker's driver (the owner)
+//   fiber: park (cancellable); publish records the wake token in the slot
+//   owner: the completion arrives -> slot.complete(res) -> claim + ready
+//   fiber: resumes (maybe on another worker), reads res
+// On a stop request (the park returns without a result):
+//   fiber: owner.cancel(slot) — queued for the owner's thread if the fiber
+//          now runs elsewhere — then parks again, not cancellable, until
+//          complete() ran. While the runtime unwinds the fiber, parks return
+//          at once, so it waits instead by reaping its own worker's driver
+//          and yielding the thread (see *Waiting while unwinding*).
+#include <sched.h>
+
+#include <cerrno>
+#include <utility>
+
+#include "io/driver.h"
+#include "sched/worker.h"
+
+namespace weft::io {
+
+void completion::complete(int res) noexcept {
+  sched::fiber* f = nullptr;
+  lock_.lock();
+  res_ = res;
+  done_ = true;
+  // claim under the slot lock: the fiber takes the lock after waking to
+  // forget its waiter, so it cannot have finished that park yet (the rule
+  // on sched::claim).
+  if (waiter_) f = sched::claim(std::exchange(waiter_, {}), sched::wake_reason::notified);
+  lock_.unlock();
+  // SAFETY: from here on the fiber may return from perform() and its stack
+  // frame (*this) may be gone; only f is touched.
+  if (f) sched::ready(f);
+}
+
+// The park's publish step, on the scheduler stack after the switch.
+void completion::publish(void* self, sched::wake_token t) {
+  auto* c = static_cast<completion*>(self);
+  c->lock_.lock();
+  bool done = c->done_;
+  if (!done) c->waiter_ = t;
+  c->lock_.unlock();
+  // The fiber is still `parking`: it cannot run until this claim, so waking
+  // it after dropping the lock is safe.
+  if (done) sched::wake(t);
+}
+
+bool completion::park_until_done(bool cancellable, const char* what,
+                                 std::source_location where) {
+  sched::park({.publish = &completion::publish,
+               .arg = this,
+               .cancellable = cancellable,
+               .what = what,
+               .where = where});
+  lock_.lock();
+  waiter_ = {};  // a stale token must not be claimed by a later complete()
+  bool done = done_;
+  lock_.unlock();
+  return done;
+}
+
+io_driver* current_driver() noexcept {
+  sched::worker* w = sched::current_worker();
+  return w ? dynamic_cast<io_driver*>(w->io()) : nullptr;
+}
+
+namespace {
+
+bool current_fiber_unwinding() noexcept {
+  sched::fiber* f = sched::current_fiber();
+  // seq_cst: pairs with force_unwind()'s store (see *Stopping a parked
+  // fiber* in sched/park.cc).
+  return f && f->unwinding_.load(std::memory_order_seq_cst);
+}
+
+// *Waiting while unwinding*: the runtime unwinds this fiber, so every park
+// returns at once; the operation still holds pointers into this stack. The
+// fiber keeps its worker thread and reaps that worker's completions itself
+// (so two workers waiting on each other's rings both progress), yielding
+// the CPU between tries. Only on the unwinding path, after main returned.
+void wait_without_parking(completion& c) {
+  for (;;) {
+    if (c.is_done()) return;
+    if (io_driver* here = current_driver()) here->poll_now();
+    sched_yield();
+  }
+}
+
+void wait_after_cancel(completion& c, std::source_location where) {
+  while (!current_fiber_unwinding())
+    if (c.park_until_done(false, "io cancel", where)) return;
+  wait_without_parking(c);
+}
+
+}  // namespace
+
+result<int> perform(op& o, clock::time_point deadline, const char* what,
+                    std::source_location where) {
+  io_driver* d = current_driver();
+  if (!d) return std::unexpected(std::make_error_code(std::errc::not_supported));
+  completion c;
+  int res = 0;
+  // SAFETY: from a successful start() on, the driver holds &c (and the
+  // kernel holds o's buffers): no return before c is done.
+  if (!d->start(o, c, deadline, res))
+    return std::unexpected(std::error_code(-res, std::system_category()));
+  bool stopped = false;
+  if (!c.park_until_done(/*cancellable=*/true, what, where)) {
+    stopped = true;
+    d->cancel(c);  // d owns the operation even if this fiber moved
+    wait_after_cancel(c, where);
+  }
+  int r = c.res();
+  if (r >= 0) return r;
+  if (stopped && (r == -ECANCELED || r == -EINTR)) {
+    sched::unwind_point();
+    return std::unexpected(std::make_error_code(std::errc::operation_canceled));
+  }
+  if (r == -ETIME || (r == -ECANCELED && deadline != clock::time_point::max()))
+    return std::unexpected(std::make_error_code(std::errc::timed_out));
+  return std::unexpected(std::error_code(-r, std::system_category()));
+}
+
+}  // namespace weft::io

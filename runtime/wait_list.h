@@ -1,0 +1,37 @@
+// runtime/wait_list.h — the part of a wait list that public types embed.
+//
+// Every weft synchronization type (channel, mutex, condition_variable, ...)
+// holds one or two wait lists: a short spinlock and a FIFO of waiter
+// records that live on the stacks of blocked fibers or plain threads. Only
+// the layout is here, so that the public headers stay free of sched/; every
+// operation is out of line in runtime/waiter.h and runtime/waiter.cc.
+//
+// Invariants:
+//   - lock_ guards head_, tail_ and every record linked into them.
+//   - Never held across a park or a blocking system call.
+#pragma once
+
+#include <atomic>
+
+namespace weft::detail {
+
+struct waiter;  // runtime/waiter.h
+
+struct wait_list {
+  waiter* head_ = nullptr;  // guarded by the owner's spinlock
+  waiter* tail_ = nullptr;  // guarded by the owner's spinlock
+  bool empty() const noexcept { return head_ == nullptr; }
+};
+
+// The spinlock of the public sync types. lock()/unlock() are out of line
+// (runtime/waiter.cc) so that the public headers need no sched/ includes.
+class short_lock {
+ public:
+  void lock() noexcept;
+  void unlock() noexcept;
+
+ private:
+  std::atomic<bool> locked_{false};
+};
+
+}  // namespace weft::detail

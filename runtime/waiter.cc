@@ -1,0 +1,236 @@
+// runtime/waiter.cc — parker, wait lists, futex and the plain-thread
+// outside reference. The protocol is described in runtime/waiter.h.
+#include "runtime/waiter.h"
+
+#include <linux/futex.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "alloc/check.h"
+#include "sched/scheduler.h"
+
+namespace weft::detail {
+
+// --- short_lock -------------------------------------------------------------
+
+void short_lock::lock() noexcept {
+  for (int spins = 0;; ++spins) {
+    // acquire: pairs with the release in unlock(); the guarded lists are
+    // visible after it.
+    if (!locked_.exchange(true, std::memory_order_acquire)) return;
+    while (locked_.load(std::memory_order_relaxed)) {  // relaxed: a hint only
+      if (spins++ < 128)  // same budget as sched::spinlock (see there)
+        __builtin_ia32_pause();
+      else
+        sched_yield();
+    }
+  }
+}
+
+void short_lock::unlock() noexcept {
+  locked_.store(false, std::memory_order_release);  // pairs with lock()
+}
+
+// --- futex ------------------------------------------------------------------
+
+void futex_wait(std::atomic<std::uint32_t>* w, std::uint32_t expect,
+                wclock::time_point deadline) noexcept {
+  timespec ts{};
+  timespec* tsp = nullptr;
+  if (deadline != wclock::time_point::max()) {
+    auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                  deadline.time_since_epoch()).count();
+    if (ns < 0) ns = 0;
+    ts.tv_sec = ns / 1'000'000'000;
+    ts.tv_nsec = ns % 1'000'000'000;
+    tsp = &ts;
+  }
+  // steady_clock is CLOCK_MONOTONIC on Linux; FUTEX_WAIT_BITSET takes an
+  // absolute timeout on it.
+  ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(w),
+            FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG, expect, tsp, nullptr,
+            FUTEX_BITSET_MATCH_ANY);
+}
+
+void futex_wake_all(std::atomic<std::uint32_t>* w) noexcept {
+  ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(w),
+            FUTEX_WAKE | FUTEX_PRIVATE_FLAG, INT_MAX, nullptr, nullptr, 0);
+}
+
+// --- plain threads ------------------------------------------------------------
+
+namespace {
+
+// The scheduler this thread holds an outside reference on (null: none).
+// Dropped at thread exit, if that scheduler is still the running one.
+struct outside_ref_holder {
+  sched::scheduler* s = nullptr;
+  ~outside_ref_holder() {
+    if (s && s == sched::scheduler::instance()) s->add_outside_ref(-1);
+  }
+};
+thread_local outside_ref_holder tls_outside_ref;
+
+}  // namespace
+
+// Only plain threads call this, and plain threads do not migrate: the
+// thread_local is read directly.
+void note_plain_thread() noexcept {
+  sched::scheduler* s = sched::scheduler::instance();
+  if (!s || tls_outside_ref.s == s) return;
+  s->add_outside_ref(+1);
+  tls_outside_ref.s = s;
+}
+
+// [[gnu::noinline]]: fibers migrate; never cache this thread_local's
+// address across a park (see *Concurrency comments* in CONVENTIONS.md).
+[[gnu::noinline]] std::uint32_t fast_random() noexcept {
+  thread_local std::uint64_t x = 0;
+  if (x == 0) x = reinterpret_cast<std::uintptr_t>(&x) | 1;
+  x ^= x << 13;  // xorshift64
+  x ^= x >> 7;
+  x ^= x << 17;
+  return static_cast<std::uint32_t>(x >> 32);
+}
+
+// --- parker -----------------------------------------------------------------
+
+parker::parker() noexcept : self_(sched::current_fiber()) {
+  if (!self_) note_plain_thread();
+}
+
+wake_reason parker::block(void (*publish)(void*), void* arg, const block_opts& o) {
+  if (!self_) return block_thread(publish, arg, o);
+  struct ctx {
+    parker* p;
+    void (*publish)(void*);
+    void* arg;
+  } c{this, publish, arg};
+  return sched::park(
+      {.publish =
+           [](void* a, sched::wake_token t) {
+             auto* c = static_cast<ctx*>(a);
+             c->p->token_ = t;  // before publishing: wakers read it under the list lock
+             c->publish(c->arg);
+           },
+       .arg = &c,
+       .deadline = o.deadline,
+       .cancellable = o.cancellable,
+       .what = o.what,
+       .where = o.where});
+}
+
+wake_reason parker::block_thread(void (*publish)(void*), void* arg,
+                                 const block_opts& o) {
+  publish(arg);
+  for (;;) {
+    // acquire: pairs with the release store in ready(); the payload the
+    // waker wrote is visible once the word says done.
+    std::uint32_t w = word_.load(std::memory_order_acquire);
+    if (w >= 2) return static_cast<wake_reason>(w - 2);
+    if (w == 0 && wclock::now() >= o.deadline) {
+      // acquire on failure: a waker claimed it meanwhile; wait for done.
+      if (word_.compare_exchange_strong(
+              w, 2 + static_cast<std::uint32_t>(wake_reason::timed_out),
+              std::memory_order_acq_rel, std::memory_order_acquire))
+        return wake_reason::timed_out;
+      continue;
+    }
+    futex_wait(&word_, w, w == 0 ? o.deadline : wclock::time_point::max());
+  }
+}
+
+wake_ticket parker::claim(wake_reason r) noexcept {
+  if (self_) return {.f = sched::claim(token_, r)};
+  std::uint32_t expect = 0;
+  // acq_rel: orders the claim before the payload writes that follow; pairs
+  // with the thread's own timed-out CAS (only one of the two succeeds).
+  if (!word_.compare_exchange_strong(expect, 1, std::memory_order_acq_rel,
+                                     std::memory_order_relaxed))
+    return {};
+  return {.word = &word_, .final = 2 + static_cast<std::uint32_t>(r)};
+}
+
+void ready(wake_ticket t) noexcept {
+  if (t.f) {
+    sched::ready(t.f);
+    return;
+  }
+  if (!t.word) return;
+  // release: publishes the payload; pairs with the acquire in block_thread().
+  t.word->store(t.final, std::memory_order_release);
+  // SAFETY: the thread may already have seen `final` (a spurious futex
+  // return) and freed the word's stack frame. FUTEX_WAKE only uses the
+  // address as a key and never touches the memory; at worst it causes a
+  // spurious wake of whatever waits there next, which every futex waiter
+  // tolerates.
+  futex_wake_all(t.word);
+}
+
+// --- wait lists ---------------------------------------------------------------
+
+void push_back(wait_list& q, waiter* w) noexcept {
+  WEFT_DCHECK(!w->linked, "push_back: record already linked");
+  w->next = nullptr;
+  w->prev = q.tail_;
+  if (q.tail_) q.tail_->next = w; else q.head_ = w;
+  q.tail_ = w;
+  w->linked = true;
+}
+
+void push_front(wait_list& q, waiter* w) noexcept {
+  WEFT_DCHECK(!w->linked, "push_front: record already linked");
+  w->prev = nullptr;
+  w->next = q.head_;
+  if (q.head_) q.head_->prev = w; else q.tail_ = w;
+  q.head_ = w;
+  w->linked = true;
+}
+
+void unlink(wait_list& q, waiter* w) noexcept {
+  if (!w->linked) return;
+  if (w->prev) w->prev->next = w->next; else q.head_ = w->next;
+  if (w->next) w->next->prev = w->prev; else q.tail_ = w->prev;
+  w->prev = w->next = nullptr;
+  w->linked = false;
+}
+
+waiter* pop_claimed(wait_list& q, wake_ticket& t, wake_reason r) noexcept {
+  while (waiter* w = q.head_) {
+    unlink(q, w);
+    t = w->p->claim(r);
+    if (t) return w;
+  }
+  return nullptr;
+}
+
+wake_reason wait_on(short_lock& lk, wait_list& q, waiter& w, parker& p,
+                    const block_opts& o, bool at_front) {
+  struct ctx {
+    short_lock* lk;
+    wait_list* q;
+    waiter* w;
+    bool front;
+  } c{&lk, &q, &w, at_front};
+  w.p = &p;
+  wake_reason r = p.block(
+      [](void* a) {
+        auto* c = static_cast<ctx*>(a);
+        if (c->front) push_front(*c->q, c->w); else push_back(*c->q, c->w);
+        c->lk->unlock();
+      },
+      &c, o);
+  if (r != wake_reason::notified) {
+    lk.lock();
+    unlink(q, &w);
+    lk.unlock();
+  }
+  return r;
+}
+
+}  // namespace weft::detail
