@@ -210,7 +210,7 @@ struct stack_pool::impl {
   bool take_mprotect_budget();
   void degrade(guard_kind to, const std::string& why);
   void release_shared(const stack& s);
-  void spill(const stack& s);
+  std::size_t trim(std::size_t budget);
   bool return_pages(const stack& s);
   void put(const stack& s, bool returned);
 
@@ -317,8 +317,7 @@ stack stack_pool::impl::refill(cache& c, unsigned cls) {
 
 // A worker's cache is over its watermark: half of its stacks of `cls` go to
 // the shared warm list in one lock (still committed: the next refill, on
-// any worker, reuses them warm). Only when the shared list itself holds
-// more than shared_warm_limit stacks are pages returned to the OS.
+// any worker, reuses them warm). trim() returns pages beyond the limit.
 void stack_pool::impl::drain(cache& c, unsigned cls) {
   std::vector<std::byte*>& list = c.free_[cls];
   std::size_t n = std::max<std::size_t>(1, list.size() / 2);
@@ -327,22 +326,11 @@ void stack_pool::impl::drain(cache& c, unsigned cls) {
   list.erase(list.begin(), list.begin() + n);
   bump(c.count_, -static_cast<std::int64_t>(n));
   class_state& k = classes_[cls];
-  std::size_t warm = 0;
-  {
-    std::lock_guard lock(k.mu_);
-    // relaxed: an approximate bound, written under the class locks.
-    std::uint64_t have = shared_warm_.load(std::memory_order_relaxed);
-    warm = cls < kTinyClasses ? n
-           : have >= opts_.shared_warm_limit
-               ? 0
-               : std::min<std::size_t>(n, opts_.shared_warm_limit - have);
-    k.warm_.insert(k.warm_.end(), moving.begin(), moving.begin() + warm);
-    if (cls >= kTinyClasses) shared_warm_.fetch_add(warm, std::memory_order_relaxed);
-    k.listed_.store(k.listed_.load(std::memory_order_relaxed) + warm,
-                    std::memory_order_relaxed);  // relaxed: statistic under k.mu_
-  }
-  for (std::size_t i = warm; i < n; ++i)  // past the limit: pages go back
-    spill({moving[i], moving[i] + class_bytes(cls), cls});
+  std::lock_guard lock(k.mu_);
+  k.warm_.insert(k.warm_.end(), moving.begin(), moving.end());
+  // relaxed: an approximate bound (see trim()) and a statistic, under k.mu_.
+  if (cls >= kTinyClasses) shared_warm_.fetch_add(n, std::memory_order_relaxed);
+  k.listed_.store(k.listed_.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
 }
 
 // k.mu_ held. Warm stacks first (committed pages), newest first.
@@ -455,18 +443,40 @@ void stack_pool::impl::degrade(guard_kind to, const std::string& why) {
   }
 }
 
-// kSharedCache release: keep it warm up to the limit, else return pages.
-void stack_pool::impl::release_shared(const stack& s) {
-  // relaxed: an approximate bound; a race lets it overshoot by a few.
-  if (s.size_class >= kTinyClasses &&
-      shared_warm_.load(std::memory_order_relaxed) >= opts_.shared_warm_limit) {
-    spill(s);
-    return;
-  }
-  put(s, /*returned=*/false);
-}
+// kSharedCache release: the stack stays warm; trim() returns pages later.
+void stack_pool::impl::release_shared(const stack& s) { put(s, /*returned=*/false); }
 
-void stack_pool::impl::spill(const stack& s) { put(s, return_pages(s)); }
+// Returns the pages of the oldest warm stacks beyond shared_warm_limit, at
+// most `budget` of them. MADV_DONTNEED makes the kernel shoot down TLB
+// entries on every CPU the process runs on (an IPI each), which is why it
+// never runs on the spawn/exit path: workers call trim() when they are
+// about to sleep.
+std::size_t stack_pool::impl::trim(std::size_t budget) {
+  std::size_t done = 0;
+  for (unsigned cls = kTinyClasses; cls < kClasses && done < budget; ++cls) {
+    class_state& k = classes_[cls];
+    std::vector<std::byte*> batch;
+    {
+      std::lock_guard lock(k.mu_);
+      // relaxed: an approximate bound, maintained under the class locks.
+      std::uint64_t have = shared_warm_.load(std::memory_order_relaxed);
+      if (have <= opts_.shared_warm_limit) return done;
+      std::size_t n = std::min<std::size_t>(
+          {k.warm_.size(), have - opts_.shared_warm_limit, budget - done});
+      batch.assign(k.warm_.begin(), k.warm_.begin() + n);  // the oldest
+      k.warm_.erase(k.warm_.begin(), k.warm_.begin() + n);
+      shared_warm_.fetch_sub(n, std::memory_order_relaxed);
+      k.listed_.store(k.listed_.load(std::memory_order_relaxed) - n,
+                      std::memory_order_relaxed);  // relaxed: statistic under k.mu_
+    }
+    for (std::byte* lo : batch) {
+      const stack st{lo, lo + class_bytes(cls), cls};
+      put(st, return_pages(st));
+    }
+    done += batch.size();
+  }
+  return done;
+}
 
 // MADV_DONTNEED on the usable part; the guard page below stays installed.
 bool stack_pool::impl::return_pages(const stack& s) {
@@ -542,6 +552,13 @@ void stack_pool::release(stack s, unsigned cache_index) {
   bump(c.count_, 1);
   if (c.count_.load(std::memory_order_relaxed) > impl_->opts_.cache_watermark)
     impl_->drain(c, s.size_class);
+}
+
+std::size_t stack_pool::trim(std::size_t budget) { return impl_->trim(budget); }
+
+bool stack_pool::needs_trim() const noexcept {
+  // relaxed: a hint for an idle worker; trim() re-checks under the locks.
+  return impl_->shared_warm_.load(std::memory_order_relaxed) > impl_->opts_.shared_warm_limit;
 }
 
 bool stack_pool::check_canary(const stack& s) const {

@@ -28,8 +28,10 @@
 // committed pages); above cache_watermark stacks in a cache, the older half
 // of that class moves to the shared warm list in one batch, and a cache that
 // runs dry refills a batch from it — stacks flow warm from the workers where
-// fibers exit to the workers that spawn. Only beyond shared_warm_limit are
-// pages returned to the OS with MADV_DONTNEED (keeping the guard).
+// fibers exit to the workers that spawn. Warm stacks beyond
+// shared_warm_limit get their pages returned to the OS with MADV_DONTNEED
+// (keeping the guard) by trim(), which idle workers call before sleeping:
+// never on the spawn/exit path.
 //
 // Who calls what:
 //   allocate(), release()   cache c: only the one thread that owns cache c
@@ -70,8 +72,8 @@ struct stack_pool_options {
   // Stacks a per-worker cache keeps; above it, release() moves half of a
   // class to the shared warm list in one batch.
   unsigned cache_watermark = 256;
-  // Committed stacks the shared lists keep warm; beyond it, released stacks
-  // get MADV_DONTNEED (their pages go back to the OS).
+  // Committed stacks the shared lists keep warm; trim() returns the pages
+  // of the rest to the OS.
   unsigned shared_warm_limit = 4096;
   // Maximum number of mprotect guards before falling back to canaries.
   unsigned mprotect_budget = 16384;
@@ -107,6 +109,13 @@ class stack_pool {
 
   // Usable size of the class that `size` rounds up to (what allocate gives).
   static std::size_t class_size(std::size_t size);
+
+  // Returns the pages of up to `budget` warm stacks beyond
+  // shared_warm_limit to the OS (oldest first); how many it returned. Any
+  // thread; called by idle workers, since MADV_DONTNEED interrupts every
+  // CPU the process runs on.
+  std::size_t trim(std::size_t budget);
+  bool needs_trim() const noexcept;
 
   // False if the canary at s.lo was overwritten (stack overflow on a stack
   // without a guard page). Always true for stacks with a guard page.

@@ -301,7 +301,7 @@ TEST(StackPool, TheCacheHandsBackTheMostRecentlyReleasedStack) {
   pool.release(second, 0);
 }
 
-TEST(StackPool, PastTheSharedWarmLimitPagesGoBackToTheOs) {
+TEST(StackPool, TrimReturnsThePagesOfTheOldestStacksPastTheLimit) {
   stack_pool_options opts;
   opts.shared_warm_limit = 1;
   stack_pool pool(opts);
@@ -310,15 +310,18 @@ TEST(StackPool, PastTheSharedWarmLimitPagesGoBackToTheOs) {
   stack b = pool.allocate(stack_pool::kDefaultStackSize, kShared);
   *(a.hi - 1) = std::byte{0x77};
   *(b.hi - 1) = std::byte{0x77};
-  pool.release(a, kShared);  // kept warm: the limit is one
-  EXPECT_EQ(pool.stats().returned_to_os, 0u);
-  pool.release(b, kShared);  // over the limit: its pages go back
+  pool.release(a, kShared);
+  pool.release(b, kShared);
+  EXPECT_EQ(pool.stats().returned_to_os, 0u) << "release never calls madvise";
+  EXPECT_TRUE(pool.needs_trim());
+  EXPECT_EQ(pool.trim(100), 1u);  // down to the limit: the oldest (a) goes
+  EXPECT_FALSE(pool.needs_trim());
   EXPECT_EQ(pool.stats().returned_to_os, 1u);
   stack first = pool.allocate(stack_pool::kDefaultStackSize, kShared);
   stack second = pool.allocate(stack_pool::kDefaultStackSize, kShared);
-  EXPECT_EQ(first.lo, a.lo) << "warm stacks are handed out first";
+  EXPECT_EQ(first.lo, b.lo) << "warm stacks are handed out first";
   EXPECT_EQ(*(first.hi - 1), std::byte{0x77});
-  EXPECT_EQ(second.lo, b.lo);
+  EXPECT_EQ(second.lo, a.lo);
   EXPECT_EQ(*(second.hi - 1), std::byte{0}) << "its pages went back to the OS";
   pool.release(first, kShared);
   pool.release(second, kShared);

@@ -31,7 +31,7 @@ void report(const char* w, long n, double v, const char* unit) {
   std::printf("workload=%s n=%ld value=%.2f unit=%s\n", w, n, v, unit);
 }
 
-long rss_bytes() {
+[[maybe_unused]] long rss_bytes() {
   long pages = 0, resident = 0;
   FILE* f = std::fopen("/proc/self/statm", "r");
   if (!f) return 0;

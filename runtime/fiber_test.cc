@@ -141,8 +141,13 @@ TEST_P(Fibers, FiberLocalStorageStaysWithItsFiberAcrossMigration) {
       hs.push_back(spawn([&, i] {
         *slot = i;
         unsigned w = this_fiber::worker_index();
-        for (int k = 0; k < 100; ++k) {
-          this_fiber::yield();
+        for (int k = 0; k < 20; ++k) {
+          // Joining a busy child moves us: idle workers steal the children,
+          // and a child wakes its parent onto the worker it finished on.
+          spawn([] {
+            volatile int x = 0;
+            for (int j = 0; j < 20'000; ++j) x = x + j;
+          }).join();
           if (this_fiber::worker_index() != w) migrations.fetch_add(1);
           w = this_fiber::worker_index();
           if (*slot != i) wrong.fetch_add(1);

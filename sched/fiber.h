@@ -69,9 +69,7 @@ struct fiber {
 
   // --- queues and registry
   fiber* next_ = nullptr;  // link in the inject queue or an inbox; owner of that queue
-  fiber* reg_prev_ = nullptr;  // registry links; guarded by the registry shard lock
-  fiber* reg_next_ = nullptr;
-  unsigned reg_shard_ = 0;
+  std::uint32_t reg_slot_ = 0;  // its slot in the fiber_registry
 
   void* fls_ = nullptr;  // fiber-local storage table; owner only
   // The worker that last ran it (relaxed: observability and tests only).

@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <algorithm>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "sched/scheduler.h"
@@ -23,41 +25,37 @@ void write_all(int fd, const char* p, std::size_t n) {
 }
 
 // One line per fiber: `fiber 12 "consumer" [chan receive] at server.cc:42`.
-void describe(int fd, const fiber* f) {
+std::string describe(const fiber* f) {
   char line[512];
-  // relaxed: a diagnostic snapshot; the registry lock keeps f alive.
+  // relaxed: a diagnostic snapshot; the registry's locks keep f alive.
   std::uint64_t s = f->state_.load(std::memory_order_relaxed);
-  const char* state = "runnable";
-  switch (phase_of(s)) {
-    case park_phase::running: state = f->started_ ? "running or runnable" : "not started"; break;
-    case park_phase::parking:
-    case park_phase::parked: state = f->wait_what_; break;
-    case park_phase::woken: state = "woken"; break;
-  }
+  park_phase p = phase_of(s);
   int n;
-  if (phase_of(s) == park_phase::parking || phase_of(s) == park_phase::parked)
+  if (p == park_phase::parking || p == park_phase::parked) {
     n = std::snprintf(line, sizeof line, "fiber %llu \"%s\" [%s] at %s:%u\n",
-                      static_cast<unsigned long long>(f->id_), f->name_, state,
+                      static_cast<unsigned long long>(f->id_), f->name_, f->wait_what_,
                       f->park_site_.file_name(), f->park_site_.line());
-  else
+  } else {
+    const char* state = p == park_phase::woken ? "woken"
+                        : f->started_          ? "running or runnable"
+                                               : "not started";
     n = std::snprintf(line, sizeof line, "fiber %llu \"%s\" [%s]\n",
                       static_cast<unsigned long long>(f->id_), f->name_, state);
-  if (n > 0) write_all(fd, line, std::min<std::size_t>(n, sizeof line - 1));
+  }
+  return std::string(line, n > 0 ? std::min<std::size_t>(n, sizeof line - 1) : 0);
 }
 
 }  // namespace
 
 // In id order, so the oldest fibers (main first) lead. Every shard lock is
 // held while printing, so no listed fiber can exit meanwhile.
+// In id order, so the oldest fibers (main first) lead. Lines are formatted
+// while the registry's locks keep every fiber alive, printed after.
 void scheduler::dump(int fd) const {
-  for (unsigned i = 0; i <= worker_count(); ++i) registry_[i].lock.lock();
-  std::vector<const fiber*> all;
-  for (unsigned i = 0; i <= worker_count(); ++i)
-    for (const fiber* f = registry_[i].head; f; f = f->reg_next_) all.push_back(f);
-  std::sort(all.begin(), all.end(),
-            [](const fiber* a, const fiber* b) { return a->id_ < b->id_; });
-  for (const fiber* f : all) describe(fd, f);
-  for (unsigned i = 0; i <= worker_count(); ++i) registry_[i].lock.unlock();
+  std::vector<std::pair<std::uint64_t, std::string>> lines;
+  registry_.for_each([&](const fiber* f) { lines.emplace_back(f->id_, describe(f)); });
+  std::sort(lines.begin(), lines.end());
+  for (const auto& l : lines) write_all(fd, l.second.data(), l.second.size());
 }
 
 // Called by the worker that has just registered as idle, under idle_mu_.
@@ -72,13 +70,25 @@ bool scheduler::report_deadlock_if_stuck(worker&) noexcept {
   // reference holder can wake anyone.
   if (nidle_.load(std::memory_order_relaxed) != worker_count()) return false;
   if (outside_refs_.load(std::memory_order_acquire) > 0) return false;
-  if (live() == 0 || !inject_.empty_hint()) return false;
+  if (!inject_.empty_hint()) return false;
   for (const auto& w : workers_) {
     if (w->timers_when_idle_ || w->io_when_idle_) return false;
     if (!w->local_.empty_approx() ||
         w->inbox_nonempty_.load(std::memory_order_seq_cst))
       return false;
   }
+  // Every fiber must be parked: one that is still being spawned by a plain
+  // thread, or woken and on its way to a queue, is not stuck.
+  std::size_t fibers = 0;
+  bool all_parked = true;
+  if (!registry_.try_for_each([&](const fiber* f) {
+        ++fibers;
+        // seq_cst: ordered with the parked CAS in after_park().
+        if (phase_of(f->state_.load(std::memory_order_seq_cst)) != park_phase::parked)
+          all_parked = false;
+      }))
+    return false;
+  if (fibers == 0 || !all_parked) return false;
   static const char kHead[] = "weft: all fibers are asleep - deadlock!\n\n";
   write_all(2, kHead, sizeof kHead - 1);
   dump(2);

@@ -52,19 +52,21 @@ scheduler* scheduler::instance() noexcept {
   return g_instance.load(std::memory_order_acquire);
 }
 
+unsigned scheduler::workers_wanted(const scheduler_options& o) {
+  unsigned n = o.workers ? o.workers : unsigned(o.topology.pus().size());
+  WEFT_CHECK(n >= 1, "scheduler: zero workers");
+  return n;
+}
+
 scheduler::scheduler(scheduler_options opts)
     : opts_(std::move(opts)),
       stacks_([&] {
         alloc::stack_pool_options o;
-        unsigned n = opts_.workers ? opts_.workers
-                                   : unsigned(opts_.topology.pus().size());
-        o.caches = n;
+        o.caches = workers_wanted(opts_);
         return o;
-      }()) {
-  unsigned n = stacks_.stats().regions, count = opts_.workers;
-  (void)n;
-  if (count == 0) count = unsigned(opts_.topology.pus().size());
-  WEFT_CHECK(count >= 1, "scheduler: zero workers");
+      }()),
+      registry_(workers_wanted(opts_) + 1) {
+  const unsigned count = workers_wanted(opts_);
   if (count > opts_.topology.pus().size()) opts_.pin = false;  // oversubscribed: no pinning
   alloc::topology topo = opts_.topology.pus().size() >= count
                              ? opts_.topology.first(count)
@@ -82,7 +84,6 @@ scheduler::scheduler(scheduler_options opts)
     workers_.push_back(std::make_unique<worker>(*this, i, std::move(groups)));
   }
   opts_.topology = std::move(topo);
-  registry_ = std::make_unique<registry_shard[]>(count + 1);
   alloc::install_overflow_handler(&describe_stack);
   scheduler* expect = nullptr;
   WEFT_CHECK(g_instance.compare_exchange_strong(expect, this,
@@ -92,7 +93,7 @@ scheduler::scheduler(scheduler_options opts)
 
 scheduler::~scheduler() {
   join();
-  WEFT_CHECK(live() == 0, "scheduler: destroyed with live fibers");
+  WEFT_CHECK(registry_.live_exact() == 0, "scheduler: destroyed with live fibers");
   g_instance.store(nullptr, std::memory_order_release);
 }
 
@@ -123,7 +124,6 @@ fiber* scheduler::create(const fiber_attrs& a, std::size_t callable_size,
   // block is constructed in place and destroyed in exited().
   new (f) fiber;
   f->stack_ = s;
-  f->id_ = next_id_.fetch_add(1, std::memory_order_relaxed);  // relaxed: unique ids only
   std::size_t n = std::min(a.name.size(), sizeof f->name_ - 1);
   std::memcpy(f->name_, a.name.data(), n);
   f->name_[n] = '\0';
@@ -137,16 +137,21 @@ fiber* scheduler::create(const fiber_attrs& a, std::size_t callable_size,
   auto* sp = reinterpret_cast<std::byte*>(top & ~std::uintptr_t{63});
   WEFT_CHECK(sp - s.lo >= 1024, "spawn: the callable does not fit on the fiber's stack");
   make_fiber_context(f->ctx_, s.lo, sp, &fiber_main, f);
+  registry_.add(f, w ? w->index() : worker_count());
   return f;
 }
 
 void scheduler::start_fiber(fiber* f) {
   worker* w = current_worker();
-  live_.fetch_add(1, std::memory_order_relaxed);  // relaxed: ordered by the queue push
-  register_fiber(f, w ? w->index() : worker_count());
+  // A fiber spawned while the runtime unwinds is unwound too.
+  if (unwinding()) f->unwinding_.store(true, std::memory_order_seq_cst);
   if (w) {
     worker_counters::bump(w->counters().spawned);
-    w->schedule_local(f, /*hot=*/false);
+    // Into the LIFO slot, as Go's runnext: when the spawner parks (say, to
+    // join), its newest child runs next, so fork-join trees run depth
+    // first and keep few fibers alive; the child it displaces goes to the
+    // local queue, where idle workers can steal it.
+    w->schedule_local(f, /*hot=*/true);
   } else {
     submit(f);
   }
@@ -154,13 +159,13 @@ void scheduler::start_fiber(fiber* f) {
 
 void scheduler::submit(fiber* f) noexcept {
   inject_.push(f);
-  wake_idle_worker();
+  wake_idle_worker(/*fenced=*/true);
 }
 
-void scheduler::wake_idle_worker() noexcept {
+void scheduler::wake_idle_worker(bool fenced) noexcept {
   // seq_cst fence: the publisher's StoreLoad (see *Spinning* in worker.cc):
   // the work pushed before this call is ordered before these loads.
-  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (fenced) std::atomic_thread_fence(std::memory_order_seq_cst);
   if (nspinning_.load(std::memory_order_relaxed) != 0 ||
       nidle_.load(std::memory_order_relaxed) == 0)
     return;
@@ -184,46 +189,23 @@ worker* scheduler::pop_idle() noexcept {
   return w;
 }
 
-void scheduler::register_fiber(fiber* f, unsigned shard) {
-  registry_shard& r = registry_[shard];
-  f->reg_shard_ = shard;
-  std::lock_guard g(r.lock);
-  f->reg_prev_ = nullptr;
-  f->reg_next_ = r.head;
-  if (r.head) r.head->reg_prev_ = f;
-  r.head = f;
-}
-
-void scheduler::unregister_fiber(fiber* f) noexcept {
-  registry_shard& r = registry_[f->reg_shard_];
-  std::lock_guard g(r.lock);
-  if (f->reg_prev_)
-    f->reg_prev_->reg_next_ = f->reg_next_;
-  else
-    r.head = f->reg_next_;
-  if (f->reg_next_) f->reg_next_->reg_prev_ = f->reg_prev_;
-}
-
 void scheduler::exited(fiber* f, unsigned cache) noexcept {
-  unregister_fiber(f);
+  registry_.remove(f, cache);
   release_fiber_context(f->ctx_);
   alloc::stack s = f->stack_;
   f->~fiber();
   // SAFETY: the fiber made its final switch; nothing references its stack.
   stacks_.release(s, cache);
-  // acq_rel: the last exit publishes every fiber's effects to the thread
-  // that sees zero (pairs with live()).
-  if (live_.fetch_sub(1, std::memory_order_acq_rel) == 1 && unwinding())
-    request_exit();
+  // The last fiber to exit after the main fiber returned stops the workers.
+  if (unwinding() && registry_.live_exact() == 0) request_exit();
 }
 
 void scheduler::unwind_all() {
   unwinding_.store(true, std::memory_order_release);  // pairs with unwinding()
-  for (unsigned i = 0; i <= worker_count(); ++i) {
-    std::lock_guard g(registry_[i].lock);
-    for (fiber* f = registry_[i].head; f; f = f->reg_next_)
-      if (f != current_fiber()) force_unwind(f);
-  }
+  fiber* self = current_fiber();
+  registry_.for_each([self](fiber* f) {
+    if (f != self) force_unwind(f);
+  });
 }
 
 void scheduler::request_exit() noexcept {

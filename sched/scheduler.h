@@ -6,8 +6,8 @@
 //
 // Invariants:
 //   - At most one scheduler exists at a time (instance()).
-//   - live_ counts fibers created and not yet exited; the scheduler stops
-//     only when it drops to zero after unwind_all().
+//   - registry_ holds every fiber from create() until it exits; after
+//     unwind_all() the scheduler stops when it becomes empty.
 //   - nspinning_ counts workers looking for work by stealing; at most half
 //     of the non-idle workers spin (see *Spinning* in worker.cc).
 //   - A worker is in idle_ iff it has registered as sleeping and no one has
@@ -33,6 +33,7 @@
 #include "sched/driver.h"
 #include "sched/fiber.h"
 #include "sched/inject_queue.h"
+#include "sched/registry.h"
 #include "sched/spinlock.h"
 
 namespace weft::sched {
@@ -90,7 +91,10 @@ class scheduler {
   // Makes a runnable fiber visible to every worker.
   void submit(fiber* f) noexcept;
   // Wakes one idle worker if none is spinning (see *Spinning* in worker.cc).
-  void wake_idle_worker() noexcept;
+  // `fenced`: the caller published work that only a woken worker would
+  // find (the inject queue); a worker publishing into its own queue needs
+  // no fence, since it will run that work itself if no one else does.
+  void wake_idle_worker(bool fenced = false) noexcept;
 
   // After the main fiber returned: every other fiber is asked to unwind.
   void unwind_all();
@@ -112,15 +116,12 @@ class scheduler {
   unsigned worker_count() const noexcept { return unsigned(workers_.size()); }
   worker& worker_at(unsigned i) noexcept { return *workers_[i]; }
   std::size_t default_stack() const noexcept { return opts_.default_stack; }
-  std::uint64_t live() const noexcept {
-    return live_.load(std::memory_order_acquire);  // pairs with the release in exited()
-  }
+  std::uint64_t live() const noexcept { return registry_.live_approx(); }
 
  private:
   friend class worker;
+  static unsigned workers_wanted(const scheduler_options& o);
   void exited(fiber* f, unsigned cache) noexcept;  // the last step of a fiber
-  void register_fiber(fiber* f, unsigned shard);
-  void unregister_fiber(fiber* f) noexcept;
   worker* pop_idle() noexcept;
   bool report_deadlock_if_stuck(worker& last) noexcept;  // under idle_mu_
 
@@ -134,17 +135,11 @@ class scheduler {
   std::atomic<unsigned> nidle_{0};        // see *Spinning* in worker.cc
   std::atomic<unsigned> nspinning_{0};    // see *Spinning* in worker.cc
 
-  std::atomic<std::uint64_t> live_{0};
-  std::atomic<std::uint64_t> next_id_{1};
   std::atomic<int> outside_refs_{0};
   std::atomic<bool> unwinding_{false};
   std::atomic<bool> exit_{false};
 
-  struct alignas(64) registry_shard {
-    mutable spinlock lock;
-    fiber* head = nullptr;  // guarded by lock
-  };
-  std::unique_ptr<registry_shard[]> registry_;  // workers + 1 (plain threads)
+  fiber_registry registry_;  // shards: one per worker, then the plain threads
 };
 
 }  // namespace weft::sched

@@ -27,7 +27,10 @@
 //   nspinning_) and then loads the queues. Both sides separate the store
 //   from the load with a seq_cst operation (StoreLoad), so at least one of
 //   them sees the other: either the publisher wakes a worker, or the
-//   sleeper finds the work.
+//   sleeper finds the work. Only work that nobody else would run needs
+//   this (the inject queue, fed by plain threads): a worker publishing into
+//   its own queue skips the fence, because a missed wake-up there costs
+//   parallelism, never progress — the owner runs the work itself.
 //
 // *Sleeping and waking*
 //   A worker sleeps in driver::wait() until its earliest timer. Another
@@ -66,6 +69,9 @@ constexpr int kStealRounds = 2;
 // show the effect.
 constexpr auto kSpinBeforeSleep = std::chrono::microseconds(50);
 constexpr int kPausesPerProbe = 32;
+// Stacks whose pages an idle worker returns before it sleeps: ~1 ms of
+// madvise calls, so a wake-up right after is not delayed by much more.
+constexpr std::size_t kTrimBudget = 256;
 
 std::uint64_t next_random(std::uint64_t& s) noexcept {  // xorshift64*
   s ^= s >> 12;
@@ -258,7 +264,12 @@ fiber* worker::take_inject() {
   std::uint32_t n = sched_.inject_.pop_batch(batch, kInjectBatch);
   if (n == 0) return nullptr;
   worker_counters::bump(counters_.inject_pops, n);
-  for (std::uint32_t i = 1; i < n; ++i) push_local(batch[i]);
+  // Never pinned (those go to their worker's inbox), so straight into the
+  // stealable queue without touching the fibers' control blocks.
+  for (std::uint32_t i = 1; i < n; ++i)
+    local_.push(batch[i], [this](fiber** more, std::uint32_t k) {
+      sched_.inject_.push_batch(more, k);
+    });
   if (n > 1) sched_.wake_idle_worker();
   return batch[0];
 }
@@ -328,6 +339,8 @@ void worker::sleep() {
       if (has_work_hint()) return;
     }
   }
+  // Idle: the moment to return surplus stack pages (see stack_pool::trim).
+  if (sched_.stacks_.needs_trim()) sched_.stacks_.trim(kTrimBudget);
   timers_when_idle_ = timers_.size();
   io_when_idle_ = driver_->pending();
   {

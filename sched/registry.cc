@@ -1,0 +1,99 @@
+// sched/registry.cc — see sched/registry.h.
+#include "sched/registry.h"
+
+#include "alloc/check.h"
+
+namespace weft::sched {
+
+fiber_registry::fiber_registry(unsigned shards)
+    : nshards_(shards),
+      shards_(std::make_unique<shard[]>(shards)),
+      chunks_(std::make_unique<std::atomic<std::atomic<fiber*>*>[]>(kMaxChunks)) {}
+
+fiber_registry::~fiber_registry() {
+  for (std::uint32_t c = 0; c < kMaxChunks; ++c)
+    delete[] chunks_[c].load(std::memory_order_relaxed);  // relaxed: no other thread remains
+}
+
+std::atomic<fiber*>& fiber_registry::slot(std::uint32_t i) const {
+  // acquire: pairs with the release store that published the chunk.
+  std::atomic<fiber*>* chunk = chunks_[i / kChunkSlots].load(std::memory_order_acquire);
+  return chunk[i % kChunkSlots];
+}
+
+// s.lock held.
+std::uint32_t fiber_registry::take_slot(shard& s) {
+  if (s.free.empty()) {
+    {
+      std::lock_guard g(spare_mu_);
+      std::size_t n = std::min<std::size_t>(spare_.size(), kSlotBlock);
+      s.free.assign(spare_.end() - n, spare_.end());
+      spare_.resize(spare_.size() - n);
+    }
+    if (s.free.empty()) {
+      std::lock_guard g(grow_mu_);
+      // relaxed: grow_mu_ orders writers; readers acquire below.
+      std::uint32_t first = next_slot_.load(std::memory_order_relaxed);
+      WEFT_CHECK(first + kSlotBlock <= kChunkSlots * kMaxChunks,
+                 "registry: more than 64M fibers alive at once");
+      for (std::uint32_t c = first / kChunkSlots; c <= (first + kSlotBlock - 1) / kChunkSlots; ++c)
+        if (!chunks_[c].load(std::memory_order_relaxed))
+          chunks_[c].store(new std::atomic<fiber*>[kChunkSlots](),
+                           std::memory_order_release);  // pairs with slot()
+      for (std::uint32_t i = kSlotBlock; i-- > 0;) s.free.push_back(first + i);
+      // release: the chunks exist before for_each() may scan these slots.
+      next_slot_.store(first + kSlotBlock, std::memory_order_release);
+    }
+  }
+  std::uint32_t i = s.free.back();
+  s.free.pop_back();
+  return i;
+}
+
+void fiber_registry::add(fiber* f, unsigned shard_index) {
+  shard& s = shards_[shard_index];
+  std::lock_guard g(s.lock);
+  if (s.next_id == s.end_id) {
+    // relaxed: ids need only be unique.
+    s.next_id = next_id_.fetch_add(kIdBlock, std::memory_order_relaxed);
+    s.end_id = s.next_id + kIdBlock;
+  }
+  f->id_ = s.next_id++;
+  f->reg_slot_ = take_slot(s);
+  slot(f->reg_slot_).store(f, std::memory_order_relaxed);  // relaxed: under s.lock
+  s.added.store(s.added.load(std::memory_order_relaxed) + 1,
+                std::memory_order_relaxed);  // relaxed: under s.lock
+}
+
+void fiber_registry::remove(fiber* f, unsigned shard_index) noexcept {
+  shard& s = shards_[shard_index];
+  std::lock_guard g(s.lock);
+  slot(f->reg_slot_).store(nullptr, std::memory_order_relaxed);  // relaxed: under s.lock
+  s.free.push_back(f->reg_slot_);
+  s.removed.store(s.removed.load(std::memory_order_relaxed) + 1,
+                  std::memory_order_relaxed);  // relaxed: under s.lock
+  if (s.free.size() > 4 * kSlotBlock) {  // slots drift to where fibers exit: share them
+    std::lock_guard sg(spare_mu_);
+    spare_.insert(spare_.end(), s.free.end() - 2 * kSlotBlock, s.free.end());
+    s.free.resize(s.free.size() - 2 * kSlotBlock);
+  }
+}
+
+std::uint64_t fiber_registry::live_exact() const {
+  for (unsigned i = 0; i < nshards_; ++i) shards_[i].lock.lock();
+  std::uint64_t live = live_approx();
+  for (unsigned i = 0; i < nshards_; ++i) shards_[i].lock.unlock();
+  return live;
+}
+
+std::uint64_t fiber_registry::live_approx() const noexcept {
+  std::uint64_t added = 0, removed = 0;
+  for (unsigned i = 0; i < nshards_; ++i) {
+    // relaxed: a snapshot; exact only under every lock (live_exact()).
+    removed += shards_[i].removed.load(std::memory_order_relaxed);
+    added += shards_[i].added.load(std::memory_order_relaxed);
+  }
+  return added >= removed ? added - removed : 0;
+}
+
+}  // namespace weft::sched
