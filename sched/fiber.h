@@ -59,8 +59,13 @@ struct fiber {
   // written by the parking worker, awaited by the fiber (see park.cc).
   std::atomic<std::uint64_t> after_park_gen_{0};
   timer_node* timer_ = nullptr;       // owner: the deadline of the current park
-  const char* wait_what_ = "runnable";
-  std::source_location park_site_{};
+  // What it waits on and where it parked, for dump() and the deadlock
+  // report. Written by the owner at each park, read by dump() from any
+  // thread: relaxed atomics, a diagnostic snapshot (the three may come
+  // from different parks while the fiber runs; a parked fiber's are exact).
+  std::atomic<const char*> wait_what_{"runnable"};
+  std::atomic<const char*> park_file_{""};
+  std::atomic<std::uint32_t> park_line_{0};
 
   // Set by request_stop() / the unwinder (any thread), read by the owner
   // and the scheduler; seq_cst, see *Stopping a parked fiber* in park.cc.
@@ -68,13 +73,13 @@ struct fiber {
   std::atomic<bool> unwinding_{false};
 
   // --- queues and registry
-  fiber* next_ = nullptr;  // link in the inject queue or an inbox; owner of that queue
+  fiber* next_ = nullptr;  // link in a worker's inbox or pinned queue; guarded by that queue
   std::uint32_t reg_slot_ = 0;  // its slot in the fiber_registry
 
   void* fls_ = nullptr;  // fiber-local storage table; owner only
   // The worker that last ran it (relaxed: observability and tests only).
   std::atomic<unsigned> last_worker_{~0u};
-  bool started_ = false;  // owner/scheduler: body entered
+  std::atomic<bool> started_{false};  // body entered (relaxed: diagnostic)
 };
 
 // Phase and reason packing of fiber::state_.

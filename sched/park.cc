@@ -4,6 +4,7 @@
 // blocking operation in weft goes through park() and claim()/ready().
 //
 //   fiber (owner)                    its worker, after the switch        a waker (any thread)
+//                                    (the loop, or a hand-off target)
 //   -------------                    ----------------------------        ---------------------
 //   gen += 1
 //   state = (gen, parking)
@@ -64,7 +65,8 @@ thread_local worker* tls_worker = nullptr;
 
 void unwind_point() {
   fiber* f = current_fiber();
-  // seq_cst: pairs with unwind_all()'s store; see *Stopping a parked fiber*.
+  // seq_cst: pairs with the store in force_unwind() / start_fiber(); see
+  // *Stopping a parked fiber*.
   if (f && f->unwinding_.load(std::memory_order_seq_cst)) throw fiber_unwind{};
 }
 
@@ -76,14 +78,15 @@ wake_reason park(const park_request& req) {
   // lock that only the publish step releases. after_park() sees the flag
   // and wakes the fiber at once with `cancelled`.
   std::uint64_t gen = ++f->gen_;
-  f->wait_what_ = req.what;
-  f->park_site_ = req.where;
+  f->wait_what_.store(req.what, std::memory_order_relaxed);  // relaxed: diagnostic
+  f->park_file_.store(req.where.file_name(), std::memory_order_relaxed);
+  f->park_line_.store(req.where.line(), std::memory_order_relaxed);
   // relaxed: no one can act on this generation before the publish step,
   // which runs after the switch on the worker that stored it.
   f->state_.store(pack_state(gen, park_phase::parking, req.cancellable),
                   std::memory_order_relaxed);
   worker_counters::bump(w->counters().parks);
-  w->switch_to_scheduler(after_switch::park, &req);
+  w->switch_away(after_switch::park, &req);
   // Resumed, possibly on another worker. acquire: pairs with the winning
   // claim's release, so the waker's hand-off (a value, a result) is visible.
   std::uint64_t s = f->state_.load(std::memory_order_acquire);
@@ -93,17 +96,19 @@ wake_reason park(const park_request& req) {
   for (int i = 0; f->after_park_gen_.load(std::memory_order_acquire) != gen; ++i)
     if (i > 64) sched_yield();
   if (f->timer_) timer_heap::finish(std::exchange(f->timer_, nullptr));
-  f->wait_what_ = "runnable";
+  f->wait_what_.store("runnable", std::memory_order_relaxed);  // relaxed: diagnostic
   f->state_.store(pack_state(gen, park_phase::running),
                   std::memory_order_relaxed);  // relaxed: no one CASes `running`
   return reason_of(s);
 }
 
-// The post-switch half of park(), on the worker's scheduler stack.
-void worker::after_park(fiber* f) {
+// The post-switch half of park(), run by the next context on the worker:
+// the scheduler loop, or the fiber it handed off to (see *Hand-off* in
+// worker.cc).
+void worker::after_park(fiber* f, const park_request& on_stack) {
   // SAFETY: the request lives on the fiber's stack. Once publish() has run,
   // a waker may resume the fiber, which then reuses that stack: copy it now.
-  const park_request req = *std::exchange(park_req_, nullptr);
+  const park_request req = on_stack;
   std::uint64_t gen = f->gen_;
   wake_token t{f, gen};
   if (req.deadline != clock::time_point::max())
@@ -111,7 +116,8 @@ void worker::after_park(fiber* f) {
   if (req.publish) req.publish(req.arg, t);
   std::uint64_t expect = pack_state(gen, park_phase::parking, req.cancellable);
   // seq_cst: the store half of *Stopping a parked fiber*. Fails if a waker
-  // already claimed it after the publish step: then it is on a run queue.
+  // already claimed it after the publish step: then it is on a run queue,
+  // or about to be.
   if (!f->state_.compare_exchange_strong(
           expect, pack_state(gen, park_phase::parked, req.cancellable),
           std::memory_order_seq_cst, std::memory_order_relaxed)) {
@@ -140,7 +146,9 @@ fiber* claim(wake_token t, wake_reason r) noexcept {
     if (gen_of(s) != t.gen || (p != park_phase::parking && p != park_phase::parked))
       return nullptr;
     // release: publishes what the waker handed over (pairs with the acquire
-    // load in park()).
+    // load in park()). No acquire: what the waker needs of the parked
+    // fiber (its saved context) reached it through the publish step's
+    // unlock and the waker's lock, or the timer firing on the same thread.
     if (t.f->state_.compare_exchange_weak(
             s, pack_state(t.gen, park_phase::woken, cancellable_of(s), r),
             std::memory_order_release, std::memory_order_relaxed))
@@ -192,8 +200,9 @@ void yield(std::source_location where) {
   WEFT_CHECK(w && w->current(), "yield: called outside a fiber");
   unwind_point();
   if (w->yield_in_place()) return;
-  w->current()->park_site_ = where;
-  w->switch_to_scheduler(after_switch::yield, nullptr);
+  w->current()->park_file_.store(where.file_name(), std::memory_order_relaxed);  // relaxed: diagnostic
+  w->current()->park_line_.store(where.line(), std::memory_order_relaxed);
+  w->switch_away(after_switch::yield, nullptr);
 }
 
 }  // namespace weft::sched

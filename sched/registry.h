@@ -60,7 +60,7 @@ class fiber_registry {
   static constexpr std::uint64_t kIdBlock = 1024;        // ids taken at a time
 
   struct alignas(64) shard {
-    mutable spinlock lock;
+    mutable std::mutex lock;  // a mutex: take_slot() may allocate under it
     std::vector<std::uint32_t> free;  // guarded by lock
     std::uint64_t next_id = 0, end_id = 0;  // guarded by lock
     // Written under lock; read relaxed by live_approx().

@@ -33,11 +33,13 @@ std::string describe(const fiber* f) {
   int n;
   if (p == park_phase::parking || p == park_phase::parked) {
     n = std::snprintf(line, sizeof line, "fiber %llu \"%s\" [%s] at %s:%u\n",
-                      static_cast<unsigned long long>(f->id_), f->name_, f->wait_what_,
-                      f->park_site_.file_name(), f->park_site_.line());
+                      static_cast<unsigned long long>(f->id_), f->name_,
+                      f->wait_what_.load(std::memory_order_relaxed),  // relaxed: diagnostic
+                      f->park_file_.load(std::memory_order_relaxed),
+                      unsigned(f->park_line_.load(std::memory_order_relaxed)));
   } else {
     const char* state = p == park_phase::woken ? "woken"
-                        : f->started_          ? "running or runnable"
+                        : f->started_.load(std::memory_order_relaxed) ? "running or runnable"
                                                : "not started";
     n = std::snprintf(line, sizeof line, "fiber %llu \"%s\" [%s]\n",
                       static_cast<unsigned long long>(f->id_), f->name_, state);

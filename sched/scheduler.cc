@@ -29,7 +29,8 @@ void describe_stack(const alloc::stack& s, char* buf, std::size_t len) {
 
 [[noreturn]] void fiber_main(void* arg) {
   auto* f = static_cast<fiber*>(arg);
-  f->started_ = true;
+  current_worker()->finish_switch();  // we may be a hand-off target
+  f->started_.store(true, std::memory_order_relaxed);  // relaxed: diagnostic
   // seq_cst: pairs with force_unwind(); a fiber unwound before it started
   // never runs its body, only destroys its callable.
   if (f->unwinding_.load(std::memory_order_seq_cst)) {
@@ -42,7 +43,7 @@ void describe_stack(const alloc::stack& s, char* buf, std::size_t len) {
     }
   }
   fls_destroy_all(f);
-  current_worker()->switch_to_scheduler(after_switch::exit, nullptr);
+  current_worker()->switch_away(after_switch::exit, nullptr);
   __builtin_unreachable();
 }
 
@@ -173,15 +174,21 @@ void scheduler::wake_idle_worker(bool fenced) noexcept {
   // seq_cst: we become the spinner on behalf of the worker we wake.
   if (!nspinning_.compare_exchange_strong(zero, 1, std::memory_order_seq_cst))
     return;
-  if (worker* w = pop_idle())
-    w->driver_->wake();
-  else
-    nspinning_.fetch_sub(1, std::memory_order_seq_cst);
+  if (worker* w = pop_idle()) w->driver_->wake();
 }
 
+// Called holding a spinner slot taken on behalf of the worker to wake. If
+// there is none, the slot goes back under idle_mu_: between the CAS and
+// here, publishers saw nspinning_ != 0 and relied on a spinner that does
+// not exist; giving it back under the lock orders the decrement before any
+// later idle registration, whose re-check of the queues then sees their
+// work.
 worker* scheduler::pop_idle() noexcept {
   std::lock_guard g(idle_mu_);
-  if (idle_.empty()) return nullptr;
+  if (idle_.empty()) {
+    nspinning_.fetch_sub(1, std::memory_order_seq_cst);
+    return nullptr;
+  }
   worker* w = idle_.back();
   idle_.pop_back();
   w->in_idle_ = false;

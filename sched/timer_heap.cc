@@ -46,12 +46,15 @@ fiber* timer_heap::fire(timer_node* n) noexcept {
 }
 
 void timer_heap::finish(timer_node* n) noexcept {
+  // Read before the CAS: once it succeeds the node is the heap's, which
+  // may free it at once. The heap lives as long as its worker.
+  timer_heap* owner = n->owner;
   std::uint8_t expect = timer_node::armed;
   // release: hands the node to the heap (pairs with fire()'s acquire).
   if (n->state.compare_exchange_strong(expect, timer_node::cancelled,
                                        std::memory_order_release,
                                        std::memory_order_acquire)) {
-    n->owner->cancelled_.fetch_add(1, std::memory_order_relaxed);  // relaxed: heuristic
+    owner->cancelled_.fetch_add(1, std::memory_order_relaxed);  // relaxed: heuristic, may dip below 0
     return;
   }
   // The worker is firing it; it touches the node for a few instructions.

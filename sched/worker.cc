@@ -30,7 +30,11 @@
 //   sleeper finds the work. Only work that nobody else would run needs
 //   this (the inject queue, fed by plain threads): a worker publishing into
 //   its own queue skips the fence, because a missed wake-up there costs
-//   parallelism, never progress — the owner runs the work itself.
+//   parallelism, not progress — the owner runs the work itself once its
+//   current fiber parks or yields (as in Go and Tokio, a fiber that never
+//   does holds up its worker's queue and timers). Whoever takes a spinner
+//   slot on behalf of a worker it then fails to find gives the slot back
+//   under idle_mu_ (see scheduler::pop_idle).
 //
 // *Sleeping and waking*
 //   A worker sleeps in driver::wait() until its earliest timer. Another
@@ -56,6 +60,9 @@ constexpr std::uint32_t kInjectInterval = 61;
 // Tokio's MAX_LIFO_POLLS_PER_TICK: a message and its receiver stay hot,
 // but three hand-offs in a row are enough.
 constexpr unsigned kMaxLifoStreak = 3;
+// A hand-off target runs the pending step on its own stack (see
+// *Hand-off*); below this, its stack may be too small for that.
+constexpr std::size_t kHandoffMinStack = 8 * 1024;
 // A busy worker still polls its driver this often, so I/O completions are
 // not held back by a long queue of runnable fibers.
 constexpr std::uint32_t kPollInterval = 61;
@@ -137,20 +144,70 @@ void worker::run_fiber(fiber* f) {
   // SAFETY: f is runnable and was taken from a queue only this worker
   // popped, so no other thread runs or resumes it (see sched/park.cc).
   switch_context(sched_ctx_, f->ctx_);
-  current_ = nullptr;
-  switch (std::exchange(after_, after_switch::none)) {
+  current_ = nullptr;  // whichever fiber switched back (see *Hand-off*)
+  finish_switch();
+}
+
+// ---- Switching away from a fiber -------------------------------------------
+//
+// *Hand-off*: a fiber that parks, or exits, while the LIFO slot holds the
+// fiber it just woke (a message and its receiver, a child and its joining
+// parent) switches straight to that fiber instead of through the scheduler
+// loop: one switch instead of two. The step that must run after the switch
+// (publishing the parked fiber, or freeing the exited one) is left in
+// pending_, and whatever context resumes next on this worker — the loop or
+// the hand-off target — runs it first, in finish_switch(). The LIFO streak
+// limit applies, so the loop still gets its turn (timers, inject queue,
+// I/O polling) after at most kMaxLifoStreak hand-offs.
+
+void worker::switch_away(after_switch what, const park_request* req) {
+  fiber* from = current_;
+  pending_ = {what, from, req};
+  if (what != after_switch::yield) {
+    if (fiber* to = take_handoff()) {
+      current_ = to;
+      to->last_worker_.store(index_, std::memory_order_relaxed);  // relaxed: observability
+      worker_counters::bump(counters_.fibers_run);
+      // SAFETY: `to` was in the LIFO slot, which only this worker touches.
+      switch_context(from->ctx_, to->ctx_, what == after_switch::exit);
+      // Resumed, possibly on another worker: `this` may not be ours now.
+      current_worker()->finish_switch();
+      return;
+    }
+  }
+  switch_context(from->ctx_, sched_ctx_, what == after_switch::exit);
+  current_worker()->finish_switch();
+}
+
+// The hot fiber in the LIFO slot, if a hand-off to it is allowed now.
+fiber* worker::take_handoff() noexcept {
+  if (!lifo_ || lifo_streak_ >= kMaxLifoStreak) return nullptr;
+  // Its stack runs the pending step (publish, free): not on the tiniest.
+  if (lifo_->stack_.size() < kHandoffMinStack) return nullptr;
+  // The loop's periodic duties come first on their ticks.
+  std::uint32_t next = tick_ + 1;
+  if (next % kInjectInterval == 0 || next % kPollInterval == 0) return nullptr;
+  tick_ = next;
+  ++lifo_streak_;
+  worker_counters::bump(counters_.lifo_runs);
+  return std::exchange(lifo_, nullptr);
+}
+
+void worker::finish_switch() {
+  pending_switch p = std::exchange(pending_, pending_switch{});
+  switch (p.what) {
+    case after_switch::none:
+      break;
     case after_switch::yield:
       worker_counters::bump(counters_.yields);
-      push_local(f);
+      push_local(p.from);
       break;
     case after_switch::park:
-      after_park(f);
+      after_park(p.from, *p.req);
       break;
     case after_switch::exit:
-      sched_.exited(f, index_);
+      sched_.exited(p.from, index_);
       break;
-    case after_switch::none:
-      WEFT_CHECK(false, "worker: a fiber switched away without saying why");
   }
 }
 
@@ -285,7 +342,7 @@ bool worker::try_spin() noexcept {
   if (spinning_) return true;
   unsigned n = sched_.worker_count();
   // relaxed: a heuristic bound on spinners; correctness rests on the
-  // seq_cst operations in stop_spinning() and sleep().
+  // seq_cst operations and fences in stop_spinning() and sleep().
   unsigned busy = n - sched_.nidle_.load(std::memory_order_relaxed);
   if (2 * sched_.nspinning_.load(std::memory_order_relaxed) >= busy) return false;
   spinning_ = true;
@@ -296,8 +353,10 @@ bool worker::try_spin() noexcept {
 void worker::stop_spinning() noexcept {
   spinning_ = false;
   // seq_cst: see *Spinning*; the last spinner to find work wakes another.
+  // fenced: the decrement and the loads of nidle_ in wake_idle_worker()
+  // form a StoreLoad with a worker registering as idle.
   if (sched_.nspinning_.fetch_sub(1, std::memory_order_seq_cst) == 1)
-    sched_.wake_idle_worker();
+    sched_.wake_idle_worker(/*fenced=*/true);
 }
 
 fiber* worker::steal() {
@@ -386,13 +445,6 @@ bool worker::yield_in_place() noexcept {
   if (timers_.size() != 0 && timers_.next_deadline() <= clock::now()) return false;
   worker_counters::bump(counters_.yields);
   return true;
-}
-
-void worker::switch_to_scheduler(after_switch what, const park_request* req) {
-  fiber* f = current_;
-  after_ = what;
-  park_req_ = req;
-  switch_context(f->ctx_, sched_ctx_, what == after_switch::exit);
 }
 
 }  // namespace weft::sched

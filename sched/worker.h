@@ -63,9 +63,13 @@ class worker {
   // A fiber running here made f runnable: into the LIFO slot (if hot) or the
   // local queue.
   void schedule_local(fiber* f, bool hot) noexcept;
-  // The running fiber switches to the scheduler, which does `what` after
-  // the switch.
-  void switch_to_scheduler(after_switch what, const park_request* req);
+  // The running fiber gives up the worker; `what` is done after the switch
+  // by whichever context runs next here (see *Hand-off* in worker.cc).
+  // Returns when the fiber is resumed, possibly on another worker.
+  void switch_away(after_switch what, const park_request* req);
+  // Runs the step a fiber left for after its switch; every context that
+  // resumes on this worker calls it first.
+  void finish_switch();
   // yield() with nothing else to run here: true if the caller may simply
   // continue, because the loop would pick it again at once.
   bool yield_in_place() noexcept;
@@ -91,7 +95,8 @@ class worker {
   void sleep();
   bool has_work_hint() const noexcept;
   void run_fiber(fiber* f);
-  void after_park(fiber* f);
+  void after_park(fiber* f, const park_request& req);
+  fiber* take_handoff() noexcept;
   static void finish_after_park(fiber* f, std::uint64_t gen) noexcept;
   void push_local(fiber* f) noexcept;
   void drain_inbox() noexcept;
@@ -118,8 +123,12 @@ class worker {
   std::unique_ptr<driver> driver_;
   exec_context sched_ctx_;
   fiber* current_ = nullptr;
-  after_switch after_ = after_switch::none;
-  const park_request* park_req_ = nullptr;
+  struct pending_switch {
+    after_switch what = after_switch::none;
+    fiber* from = nullptr;
+    const park_request* req = nullptr;  // on from's stack; park only
+  };
+  pending_switch pending_;
 
   std::uint32_t tick_ = 0;
   std::uint64_t rng_;
