@@ -108,16 +108,15 @@ class run_queue {
     }
   }
 
-  // The full-ring path of push(), out of line: its batch array would
-  // otherwise sit in the frame of every caller of push(), and push() runs
-  // on fiber stacks as small as 2 KiB.
+  // The full-ring path of push(), out of line. The batch goes through
+  // overflow_batch_, a member, not a local array: push() runs on fiber
+  // stacks as small as 2 KiB, where a kHalf-pointer array would not fit.
   template <typename Overflow>
   [[gnu::noinline, gnu::cold]] bool push_overflow(std::uint32_t h, T* x,
                                                   Overflow& overflow) {
-    T* batch[kHalf + 1];
-    if (!take_older_half(h, batch)) return false;
-    batch[kHalf] = x;
-    overflow(batch, kHalf + 1);
+    if (!take_older_half(h, overflow_batch_)) return false;
+    overflow_batch_[kHalf] = x;
+    overflow(overflow_batch_, kHalf + 1);
     return true;
   }
 
@@ -246,6 +245,7 @@ class run_queue {
   // Written by the owner only (outside [head_, tail_)); read by the owner
   // and by thieves, concurrently with those writes.
   alignas(kCacheLine) std::atomic<T*> slots_[Capacity]{};
+  T* overflow_batch_[kHalf + 1];  // owner only: scratch for push_overflow()
 };
 
 }  // namespace weft::sched
