@@ -20,7 +20,7 @@
 #include <mutex>
 
 #include "sched/fiber.h"
-#include "sched/spinlock.h"
+#include "alloc/spinlock.h"
 
 namespace weft::sched {
 

@@ -27,7 +27,7 @@
 #include <vector>
 
 #include "sched/fiber.h"
-#include "sched/spinlock.h"
+#include "alloc/spinlock.h"
 
 namespace weft::sched {
 
@@ -60,14 +60,14 @@ class fiber_registry {
   static constexpr std::uint64_t kIdBlock = 1024;        // ids taken at a time
 
   struct alignas(64) shard {
-    mutable std::mutex lock;  // a mutex: take_slot() may allocate under it
+    mutable spinlock lock;  // never held while allocating (see take_block)
     std::vector<std::uint32_t> free;  // guarded by lock
     std::uint64_t next_id = 0, end_id = 0;  // guarded by lock
     // Written under lock; read relaxed by live_approx().
     std::atomic<std::uint64_t> added{0}, removed{0};
   };
 
-  std::uint32_t take_slot(shard& s);
+  std::vector<std::uint32_t> take_block();
   std::atomic<fiber*>& slot(std::uint32_t i) const;
 
   const unsigned nshards_;

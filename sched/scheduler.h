@@ -34,7 +34,7 @@
 #include "sched/fiber.h"
 #include "sched/inject_queue.h"
 #include "sched/registry.h"
-#include "sched/spinlock.h"
+#include "alloc/spinlock.h"
 
 namespace weft::sched {
 

@@ -28,7 +28,7 @@
 #include "sched/fiber.h"
 #include "sched/park.h"
 #include "sched/run_queue.h"
-#include "sched/spinlock.h"
+#include "alloc/spinlock.h"
 #include "sched/timer_heap.h"
 
 namespace weft::sched {

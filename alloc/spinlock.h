@@ -1,16 +1,19 @@
-// sched/spinlock.h
+// alloc/spinlock.h
 //
-// A short-critical-section lock for scheduler internals (wait lists, the
-// inject queue, the fiber registry). Test-and-test-and-set with a pause,
-// then sched_yield so a preempted holder gets the CPU back. Never held
-// across a park or a system call that may block.
+// A short-critical-section lock for weft's internals (wait lists of the
+// sync types and channels, the inject queue, worker inboxes). It sits in
+// alloc/, the lowest layer, so that every layer — and the public headers
+// of runtime/, which embed it — can use the one implementation.
+// Test-and-test-and-set with a pause, then sched_yield so a preempted
+// holder gets the CPU back. Never held across a park or a system call that
+// may block.
 #pragma once
 
 #include <sched.h>
 
 #include <atomic>
 
-namespace weft::sched {
+namespace weft {
 
 class spinlock {
  public:
@@ -43,4 +46,4 @@ class spinlock {
   std::atomic<bool> locked_{false};
 };
 
-}  // namespace weft::sched
+}  // namespace weft
