@@ -48,7 +48,7 @@ if [[ -n "${WEFT_MICRO:-}" ]]; then
 else
   log "weft: bazel build --config=bench //bench:micro"
   (cd "$root" && bazel build --config=bench //bench:micro) >&2
-  weft_bin=$root/bazel-bin/bench/micro
+  weft_bin=$(cd "$root" && bazel info --config=bench bazel-bin 2>/dev/null)/bench/micro
 fi
 [[ -x "$weft_bin" ]] || die "weft binary $weft_bin is not executable"
 

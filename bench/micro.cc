@@ -4,7 +4,8 @@
 //
 // Guards against regressions in: spawning and joining (spawn_join), deep
 // fan-out/fan-in (skynet), the cost of a switch through the scheduler
-// (yield), and memory per parked fiber (idle_memory, idle_memory_small).
+// (yield), memory per parked fiber (idle_memory, idle_memory_small), and
+// channels and locks (pingpong, fanin, mutex).
 // bench/compare_micro.sh runs each beside its Go peer (bench/peers/go) and
 // prints the ratios. Semantics match bench/peers/go/micro.go exactly.
 #include <unistd.h>
@@ -17,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include "runtime/channel.h"
+#include "runtime/sync.h"
 #include "runtime/weft.h"
 
 namespace {
@@ -100,6 +103,118 @@ int yield_bench(long n) {
   return 0;
 }
 
+
+// pingpong: two fibers pass a token over two rendezvous channels, n round
+// trips (Go: pingpong in bench/peers/go/micro.go).
+int pingpong(long n) {
+  long final_token = -1;
+  double ns = 0;
+  weft::run([&] {
+    weft::channel<long> ping(0), pong(0);
+    auto t0 = bench_clock::now();
+    auto pinger = weft::spawn([&] {
+      long token = 0;
+      for (long i = 0; i < n; ++i) {
+        (void)ping.send(token);
+        token = pong.recv().value_or(-1);
+      }
+      final_token = token;
+    });
+    auto ponger = weft::spawn([&] {
+      for (long i = 0; i < n; ++i) (void)pong.send(ping.recv().value_or(-1) + 1);
+    });
+    pinger.join();
+    ponger.join();
+    ns = elapsed_ns(t0);
+  });
+  if (final_token != n) return 1;
+  report("pingpong", n, ns / n, "ns/roundtrip");
+  return 0;
+}
+
+// fanin: two producers send n ints each into one channel of capacity 1024;
+// one consumer receives them all (million messages per second).
+int fanin(long n) {
+  constexpr int kProducers = 2;
+  const long total = kProducers * n;
+  long sum = 0;
+  double ns = 0;
+  weft::run([&] {
+    weft::channel<long> ch(1024);
+    auto t0 = bench_clock::now();
+    std::vector<weft::join_handle<void>> ps;
+    for (int p = 0; p < kProducers; ++p)
+      ps.push_back(weft::spawn([&] {
+        for (long i = 0; i < n; ++i) (void)ch.send(i);
+      }));
+    auto consumer = weft::spawn([&] {
+      long s = 0;
+      for (long i = 0; i < total; ++i) s += ch.recv().value_or(0);
+      return s;
+    });
+    sum = consumer.join();
+    for (auto& p : ps) p.join();
+    ns = elapsed_ns(t0);
+  });
+  if (sum != kProducers * (n * (n - 1) / 2)) return 1;
+  report("fanin", total, total / (ns / 1e9) / 1e6, "Mmsg/s");
+  return 0;
+}
+
+// mutex: 1,000 fibers each take one weft::mutex n times to increment a
+// shared counter (ns per lock/unlock pair).
+int mutex_bench(long n) {
+  constexpr long kFibers = 1000;
+  long counter = 0;
+  double ns = 0;
+  weft::run([&] {
+    weft::mutex mu;
+    auto t0 = bench_clock::now();
+    std::vector<weft::join_handle<void>> hs;
+    hs.reserve(kFibers);
+    for (long f = 0; f < kFibers; ++f)
+      hs.push_back(weft::spawn([&] {
+        for (long i = 0; i < n; ++i) {
+          mu.lock();
+          ++counter;
+          mu.unlock();
+        }
+      }));
+    for (auto& h : hs) h.join();
+    ns = elapsed_ns(t0);
+  });
+  if (counter != kFibers * n) return 1;
+  report("mutex", kFibers * n, ns / (kFibers * n), "ns/lock");
+  return 0;
+}
+
+// idle_memory: RSS growth per parked fiber. Each fiber counts down a latch,
+// then parks receiving on one shared channel, which is closed once the
+// measurement is taken (as the Go peer does with its gate channel).
+int idle_memory(const char* name, long n, std::size_t stack_size) {
+  long before = 0, after = 0;
+  weft::run([&] {
+    weft::channel<int> gate(0);
+    weft::latch parked(n);
+    weft::wait_group exited;
+    exited.add(n);
+    before = rss_bytes();
+    for (long i = 0; i < n; ++i)
+      weft::spawn([&] {
+        parked.count_down();
+        (void)gate.recv();
+        exited.done();
+      }, {.stack_size = stack_size}).detach();
+    (void)parked.wait();
+    (void)weft::this_fiber::sleep_for(std::chrono::milliseconds(200));  // settle
+    after = rss_bytes();
+    gate.close();
+    (void)exited.wait();
+  });
+  report(name, n, double(after - before) / n, "bytes/fiber");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -113,6 +228,12 @@ int main(int argc, char** argv) {
   if (w == "spawn_join") return spawn_join(N(1'000'000));
   if (w == "skynet") return skynet();
   if (w == "yield") return yield_bench(N(5'000'000));
+  if (w == "pingpong") return pingpong(N(1'000'000));
+  if (w == "fanin") return fanin(N(5'000'000));
+  if (w == "mutex") return mutex_bench(N(10'000));
+  if (w == "idle_memory") return idle_memory("idle_memory", N(1'000'000), 0);
+  if (w == "idle_memory_small")
+    return idle_memory("idle_memory_small", N(1'000'000), weft::kSmallStack);
   std::fprintf(stderr, "micro: unknown workload %s\n", w.c_str());
   return 2;
 }

@@ -3,8 +3,9 @@
 // The I/O half of a worker's driver, and the one way a fiber does I/O:
 // io::perform(op, deadline). An `op` describes a system call (recv, send,
 // accept, connect, read_at, ...); the worker's driver carries it out while
-// the fiber is parked — io_uring submits it (io/uring_driver.cc), a
-// readiness driver would wait for readiness and retry the call.
+// the fiber is parked — io_uring submits it (io/uring_driver.cc), the
+// epoll driver waits for readiness and retries the call
+// (io/epoll_driver.cc). runtime/driver_select.cc picks one per worker.
 //
 // *Completion slots*
 //   A parked operation's state lives on the fiber's stack, in a
@@ -22,24 +23,31 @@
 // Who calls what:
 //   perform()                 a fiber only
 //   completion::complete()    the driver that owns the operation, on its
-//                             worker thread (never while holding the slot)
-//   io_driver::cancel()       any thread (the fiber may have migrated)
+//                             worker thread, or a blocking-pool thread
+//                             (never while holding the slot lock)
+//   io_driver::cancel(), evict(), release_buffer(), wake()
+//                             any thread (the fiber may have migrated)
+//   io_driver::perform(), poll_now(), the sched::driver steps
+//                             the driver's own worker thread
+//   wait_for()                a fiber, inside a driver's perform()
 #pragma once
 
 #include <sys/socket.h>
 #include <sys/uio.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <expected>
 #include <memory>
 #include <source_location>
+#include <string>
 #include <system_error>
 
 #include "sched/driver.h"
 #include "sched/park.h"
-#include "sched/spinlock.h"
+#include "alloc/spinlock.h"
 
 namespace weft::io {
 
@@ -49,6 +57,9 @@ using result = std::expected<T, std::error_code>;
 
 enum class op_kind : std::uint8_t {
   recv,      // fd, buf, len, flags
+  recv_pooled,  // fd, flags; out: buf, len (capacity), buf_id — a receive
+                // buffer the driver takes only when data arrives (see
+                // *Pooled receive buffers*); release it with release_buffer()
   send,      // fd, buf, len, flags (MSG_NOSIGNAL is always added)
   recvmsg,   // fd, msg, flags
   sendmsg,   // fd, msg, flags (MSG_NOSIGNAL is always added)
@@ -56,7 +67,9 @@ enum class op_kind : std::uint8_t {
   connect,   // fd, addr, *addrlen
   read_at,   // fd, buf, len, offset
   write_at,  // fd, buf, len, offset
-  fsync,     // fd, flags (0 or IORING_FSYNC_DATASYNC-like: datasync if nonzero)
+  fsync,     // fd, flags (nonzero: data only, as fdatasync)
+  openat,    // buf (a NUL-terminated path), flags, offset (the mode); AT_FDCWD
+  close,     // fd
 };
 
 struct op {
@@ -69,18 +82,29 @@ struct op {
   socklen_t* addrlen = nullptr;
   std::uint64_t offset = 0;
   int flags = 0;
+  std::uint32_t buf_id = 0;  // out, recv_pooled only
 };
+
+// *Pooled receive buffers*: recv_pooled takes a buffer from the driver's
+// pool (io_uring: a provided buffer ring; epoll: the heap, after
+// readiness) only once data has arrived, so an idle connection parked in a
+// read holds none. The buffer belongs to the driver that performed the
+// receive, which may no longer be the fiber's worker when it is released.
+inline constexpr std::size_t kPooledBufferSize = 4096;
+inline constexpr std::uint32_t kHeapBufferId = ~0u;  // buf_id of a heap buffer
 
 // See *Completion slots*. Lives on the parked fiber's stack.
 class completion {
  public:
   // The driver: the result arrived. Wakes the recorded waiter, if any.
   // After it returns, *this may no longer exist.
-  void complete(int res) noexcept;
+  void complete(int res, std::uint32_t flags = 0) noexcept;
   // The fiber: parks until complete() ran or the park is woken otherwise
   // (stop request, unwinding). Returns whether the result is in.
-  bool park_until_done(bool cancellable, const char* what, std::source_location where);
+  bool park_until_done(bool cancellable, clock::time_point deadline, const char* what,
+                       std::source_location where, sched::wake_reason* why = nullptr);
   int res() const noexcept { return res_; }  // valid once done
+  std::uint32_t flags() const noexcept { return flags_; }  // valid once done
   bool is_done() noexcept {
     lock_.lock();
     bool d = done_;
@@ -90,28 +114,74 @@ class completion {
 
  private:
   static void publish(void* self, sched::wake_token t);
-  sched::spinlock lock_;
+  weft::spinlock lock_;
   bool done_ = false;         // guarded by lock_
   int res_ = 0;               // written before done_ under lock_
+  std::uint32_t flags_ = 0;   // the CQE flags (io_uring), as res_
   sched::wake_token waiter_;  // guarded by lock_
 };
+
+// Per-driver counters: written by the owner thread only (relaxed: single
+// writer, statistics), summed by io::stats() from any thread.
+struct io_counters {
+  // io_uring: operations submitted, all parked for. epoll: calls that
+  // succeeded at once plus readiness waits (parked).
+  std::atomic<std::uint64_t> ops{0};
+  std::atomic<std::uint64_t> parked{0};
+  std::atomic<std::uint64_t> submits{0};    // io_uring_submit/enter calls that submitted
+  std::atomic<std::uint64_t> completions{0};  // CQEs or readiness events handled
+  static void bump(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
+    c.store(c.load(std::memory_order_relaxed) + n,
+            std::memory_order_relaxed);  // relaxed: statistic, single writer
+  }
+};
+
+// A snapshot of every worker's counters (io::stats()).
+struct io_stats {
+  std::uint64_t ops = 0, parked = 0, submits = 0, completions = 0;
+  std::string driver;  // the first worker's driver name ("io_uring", "epoll")
+};
+io_stats stats();
 
 // A worker's driver that can perform operations.
 class io_driver : public sched::driver {
  public:
-  // Starts `o` on this driver (the calling fiber's current worker), with
-  // `c` as its completion slot; `deadline` (max: none) bounds it in the
-  // kernel where the driver can. Returns false if the driver could not
-  // start it (then c is untouched and res holds -errno).
-  virtual bool start(op& o, completion& c, clock::time_point deadline, int& res) = 0;
-  // Asks the driver to cancel the operation whose slot is `c`. Any thread.
-  // The operation still completes (perhaps with -ECANCELED) through c.
+  io_counters& counters() noexcept { return counters_; }
+
+  // Carries out `o` for the calling fiber, which runs on this driver's
+  // worker; see io::perform() for the results.
+  virtual result<int> perform(op& o, clock::time_point deadline, const char* what,
+                              std::source_location where) = 0;
+  // Asks the driver to cancel the wait whose slot is `c`. Any thread (the
+  // fiber may have migrated). The slot still completes, perhaps with
+  // -ECANCELED.
   virtual void cancel(completion& c) noexcept = 0;
   // Reaps completions on the calling thread without blocking; only the
-  // owning worker thread calls it (used while a fiber must wait without
-  // parking, see perform()).
+  // owning worker thread calls it (see *Waiting while unwinding* in
+  // io/perform.cc).
   virtual void poll_now() { poll(); }
+  // fd is about to be closed (after a shutdown): wakes this driver's fibers
+  // waiting for it, so they try their call again and get its error. Any
+  // thread. A completion driver has nothing to do: the shutdown completes
+  // its operations.
+  virtual void evict(int fd) noexcept { (void)fd; }
+  // Gives back a buffer recv_pooled returned (id, p = its buf_id and buf).
+  // Any thread.
+  virtual void release_buffer(std::uint32_t id, void* p) noexcept {
+    (void)id;
+    delete[] static_cast<char*>(p);
+  }
+
+ protected:
+  io_counters counters_;
 };
+
+// The shared wait of perform(): parks on `c` (cancellable, until
+// `deadline` if not max), and if the park ends without a result, cancels
+// through `owner` and waits, not cancellable, for the slot to complete.
+// Returns why the first park ended (notified: the result came first).
+sched::wake_reason wait_for(io_driver& owner, completion& c, clock::time_point deadline,
+                            const char* what, std::source_location where);
 
 // Performs `o` on the calling fiber's worker, parking the fiber until it
 // completes. Returns the system call's non-negative result, or:
@@ -125,9 +195,13 @@ result<int> perform(op& o, clock::time_point deadline, const char* what,
 // The driver of the calling fiber's worker, or nullptr.
 io_driver* current_driver() noexcept;
 
-// Driver factories (io/uring_driver.cc, io/epoll_driver.cc). make_uring
-// returns nullptr and sets `why` when io_uring is unavailable.
+// Driver factories (io/uring_driver.cc, io/epoll_driver.cc). Each returns
+// nullptr and sets `why` when its facility is unavailable.
 std::unique_ptr<io_driver> make_uring_driver(unsigned worker, std::error_code& why);
+std::unique_ptr<io_driver> make_epoll_driver(unsigned worker, std::error_code& why);
+
+// Calls evict(fd) on every worker's driver (socket_base::close()).
+void evict_everywhere(int fd) noexcept;
 
 // Called once per process by the driver factory: SIGPIPE ignored, so a
 // write to a closed peer is an EPIPE value, never a signal.

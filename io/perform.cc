@@ -5,8 +5,9 @@
 // io/driver.h for the invariant that shapes everything here: no return
 // before the operation's own completion arrived.
 //
-// The life of one operation:
-//   fiber: start(op, slot) on its current worker's driver (the owner)
+// The life of one operation (io_uring's; epoll's waits for readiness the
+// same way, then retries the system call):
+//   fiber: prepares the op on its current worker's driver (the owner)
 //   fiber: park (cancellable); publish records the wake token in the slot
 //   owner: the completion arrives -> slot.complete(res) -> claim + ready
 //   fiber: resumes (maybe on another worker), reads res
@@ -22,14 +23,16 @@
 #include <utility>
 
 #include "io/driver.h"
+#include "sched/scheduler.h"
 #include "sched/worker.h"
 
 namespace weft::io {
 
-void completion::complete(int res) noexcept {
+void completion::complete(int res, std::uint32_t flags) noexcept {
   sched::fiber* f = nullptr;
   lock_.lock();
   res_ = res;
+  flags_ = flags;
   done_ = true;
   // claim under the slot lock: the fiber takes the lock after waking to
   // forget its waiter, so it cannot have finished that park yet (the rule
@@ -53,10 +56,12 @@ void completion::publish(void* self, sched::wake_token t) {
   if (done) sched::wake(t);
 }
 
-bool completion::park_until_done(bool cancellable, const char* what,
-                                 std::source_location where) {
-  sched::park({.publish = &completion::publish,
+bool completion::park_until_done(bool cancellable, clock::time_point deadline,
+                                 const char* what, std::source_location where,
+                                 sched::wake_reason* why) {
+  sched::wake_reason r = sched::park({.publish = &completion::publish,
                .arg = this,
+               .deadline = deadline,
                .cancellable = cancellable,
                .what = what,
                .where = where});
@@ -64,7 +69,35 @@ bool completion::park_until_done(bool cancellable, const char* what,
   waiter_ = {};  // a stale token must not be claimed by a later complete()
   bool done = done_;
   lock_.unlock();
+  if (why) *why = r;
   return done;
+}
+
+void evict_everywhere(int fd) noexcept {
+  sched::scheduler* s = sched::scheduler::instance();
+  if (!s) return;
+  for (unsigned i = 0; i < s->worker_count(); ++i)
+    if (auto* d = dynamic_cast<io_driver*>(s->worker_at(i).io())) d->evict(fd);
+}
+
+io_stats stats() {
+  io_stats st;
+  sched::scheduler* s = sched::scheduler::instance();
+  if (!s) return st;
+  for (unsigned i = 0; i < s->worker_count(); ++i) {
+    auto* d = dynamic_cast<io_driver*>(s->worker_at(i).io());
+    if (!d) continue;
+    io_counters& c = d->counters();
+    auto get = [](const std::atomic<std::uint64_t>& a) {
+      return a.load(std::memory_order_relaxed);  // relaxed: statistic
+    };
+    st.ops += get(c.ops);
+    st.parked += get(c.parked);
+    st.submits += get(c.submits);
+    st.completions += get(c.completions);
+    if (st.driver.empty()) st.driver = d->name();
+  }
+  return st;
 }
 
 io_driver* current_driver() noexcept {
@@ -96,37 +129,27 @@ void wait_without_parking(completion& c) {
 
 void wait_after_cancel(completion& c, std::source_location where) {
   while (!current_fiber_unwinding())
-    if (c.park_until_done(false, "io cancel", where)) return;
+    if (c.park_until_done(false, clock::time_point::max(), "io cancel", where)) return;
   wait_without_parking(c);
 }
 
 }  // namespace
 
+sched::wake_reason wait_for(io_driver& owner, completion& c, clock::time_point deadline,
+                            const char* what, std::source_location where) {
+  sched::wake_reason why = sched::wake_reason::notified;
+  if (c.park_until_done(/*cancellable=*/true, deadline, what, where, &why))
+    return sched::wake_reason::notified;
+  owner.cancel(c);  // the owner, even if this fiber now runs elsewhere
+  wait_after_cancel(c, where);
+  return why == sched::wake_reason::notified ? sched::wake_reason::cancelled : why;
+}
+
 result<int> perform(op& o, clock::time_point deadline, const char* what,
                     std::source_location where) {
   io_driver* d = current_driver();
   if (!d) return std::unexpected(std::make_error_code(std::errc::not_supported));
-  completion c;
-  int res = 0;
-  // SAFETY: from a successful start() on, the driver holds &c (and the
-  // kernel holds o's buffers): no return before c is done.
-  if (!d->start(o, c, deadline, res))
-    return std::unexpected(std::error_code(-res, std::system_category()));
-  bool stopped = false;
-  if (!c.park_until_done(/*cancellable=*/true, what, where)) {
-    stopped = true;
-    d->cancel(c);  // d owns the operation even if this fiber moved
-    wait_after_cancel(c, where);
-  }
-  int r = c.res();
-  if (r >= 0) return r;
-  if (stopped && (r == -ECANCELED || r == -EINTR)) {
-    sched::unwind_point();
-    return std::unexpected(std::make_error_code(std::errc::operation_canceled));
-  }
-  if (r == -ETIME || (r == -ECANCELED && deadline != clock::time_point::max()))
-    return std::unexpected(std::make_error_code(std::errc::timed_out));
-  return std::unexpected(std::error_code(-r, std::system_category()));
+  return d->perform(o, deadline, what, where);
 }
 
 }  // namespace weft::io

@@ -1,10 +1,64 @@
 // runtime/driver_select.cc — see driver_select.h.
+//
+// WEFT_IO picks the I/O driver of every worker:
+//   uring  io_uring, or a fatal error if the kernel refuses it;
+//   auto   (default) io_uring, falling back with one log line when
+//          io_uring_setup fails (seccomp, kernel.io_uring_disabled, old
+//          kernels);
+//   epoll  the readiness driver (io/epoll_driver.cc);
+//   none   the futex driver of sched/, without I/O.
 #include "runtime/driver_select.h"
 
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include "alloc/check.h"
+#include "io/driver.h"
+
 namespace weft {
+namespace {
+
+enum class io_choice { automatic, uring, epoll, none };
+
+io_choice choice_from_env() {
+  const char* e = std::getenv("WEFT_IO");
+  if (!e || !*e || std::strcmp(e, "auto") == 0) return io_choice::automatic;
+  if (std::strcmp(e, "uring") == 0) return io_choice::uring;
+  if (std::strcmp(e, "epoll") == 0) return io_choice::epoll;
+  if (std::strcmp(e, "none") == 0) return io_choice::none;
+  std::fprintf(stderr, "weft: ignoring WEFT_IO=%s (want uring, epoll, auto or none)\n", e);
+  return io_choice::automatic;
+}
+
+// One log line per process, however many workers fall back.
+void log_once(const char* msg, const std::error_code& ec) {
+  static std::atomic<bool> logged{false};
+  // relaxed: only deduplicates a log line.
+  if (!logged.exchange(true, std::memory_order_relaxed))
+    std::fprintf(stderr, "weft: %s%s%s\n", msg, ec ? ": " : "", ec ? ec.message().c_str() : "");
+}
+
+std::unique_ptr<sched::driver> make_driver(io_choice c, unsigned worker) {
+  io::ignore_sigpipe_once();
+  if (c == io_choice::none) return sched::make_futex_driver();
+  std::error_code why;
+  if (c != io_choice::epoll) {
+    if (auto d = io::make_uring_driver(worker, why)) return d;
+    WEFT_CHECK(c != io_choice::uring, "WEFT_IO=uring but io_uring_setup failed");
+    log_once("io_uring unavailable, using epoll", why);
+  }
+  if (auto d = io::make_epoll_driver(worker, why)) return d;
+  log_once("epoll unavailable, running without I/O", why);
+  return sched::make_futex_driver();
+}
+
+}  // namespace
 
 sched::driver_factory runtime_driver_factory() {
-  return [](unsigned) { return sched::make_futex_driver(); };
+  io_choice c = choice_from_env();
+  return [c](unsigned worker) { return make_driver(c, worker); };
 }
 
 }  // namespace weft

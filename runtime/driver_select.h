@@ -1,8 +1,8 @@
 // runtime/driver_select.h
 //
-// Which driver each worker gets. Until io/ lands, the futex driver of
-// sched/ (no I/O); io/ replaces the body of runtime_driver_factory() with
-// its io_uring/epoll choice (WEFT_IO).
+// Which driver each worker gets: io_uring, epoll or none, as WEFT_IO says
+// (see runtime/driver_select.cc). Called once per weft::run; the factory it
+// returns runs on each worker thread.
 #pragma once
 
 #include "sched/driver.h"

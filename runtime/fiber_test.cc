@@ -1,6 +1,9 @@
 // runtime/fiber_test.cc — fibers through the public API: spawn, join,
 // yield, sleep, pinning, fiber-local storage, unwinding, and the two fatal
 // reports (stack overflow, deadlock).
+#include <signal.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <mutex>
 #include <set>
@@ -34,6 +37,34 @@ TEST_P(Fibers, AMillionFibersSpawnAndJoinWithTheRightSum) {
   for (int i = 0; i < testing::kMillion; ++i) want += i % 7;
   EXPECT_EQ(sum, want);
   if (testing::kMillion == 1'000'000) EXPECT_EQ(sum, 2'999'997);
+}
+
+TEST(FiberScale, AMillionFibersParkedAtOnceWithDefaultStacks) {
+  // All parked together (each in a sleep with its own timer), with the
+  // default 64 KiB stacks, the default vm.max_map_count and no tuning;
+  // then all woken by request_stop and joined.
+  std::atomic<int> parked{0};
+  std::uint64_t guard_pages_ok = 0;
+  weft::run([&] {
+    std::vector<join_handle<bool>> hs;
+    hs.reserve(testing::kMillion);
+    for (int i = 0; i < testing::kMillion; ++i)
+      hs.push_back(spawn([&] {
+        parked.fetch_add(1, std::memory_order_relaxed);
+        return !this_fiber::sleep_for(std::chrono::hours(1)).has_value();
+      }));
+    while (parked.load(std::memory_order_relaxed) < testing::kMillion)
+      (void)this_fiber::sleep_for(1ms);
+    (void)this_fiber::sleep_for(10ms);  // the last ones finish parking
+    runtime_stats st = stats();
+    EXPECT_EQ(st.live_fibers, static_cast<std::uint64_t>(testing::kMillion) + 1);
+    guard_pages_ok = st.stack_guard == "madvise_guard" || st.stack_guard == "mprotect";
+    for (auto& h : hs) h.request_stop();
+    int cancelled = 0;
+    for (auto& h : hs) cancelled += h.join();
+    EXPECT_EQ(cancelled, testing::kMillion);
+  });
+  EXPECT_TRUE(guard_pages_ok);
 }
 
 TEST_P(Fibers, RunReturnsTheMainFibersValue) {
@@ -162,9 +193,11 @@ TEST_P(Fibers, FiberLocalStorageStaysWithItsFiberAcrossMigration) {
 }
 
 TEST_P(Fibers, FibersStillAliveWhenMainReturnsAreUnwound) {
-  static std::atomic<int> destroyed;
+  static std::atomic<int> constructed, destroyed;
+  constructed = 0;
   destroyed = 0;
   struct guard {
+    guard() { constructed.fetch_add(1); }
     ~guard() { destroyed.fetch_add(1); }
   };
   Run([] {
@@ -178,9 +211,12 @@ TEST_P(Fibers, FibersStillAliveWhenMainReturnsAreUnwound) {
         guard g;
         for (;;) this_fiber::yield();
       });
-    (void)this_fiber::sleep_for(10ms);  // let them start
+    while (constructed.load() < 20) (void)this_fiber::sleep_for(1ms);  // all started
+    for (int i = 0; i < 10; ++i)
+      spawn([] { guard g; });  // never started: unwound before it runs
   });
-  EXPECT_EQ(destroyed.load(), 20);
+  EXPECT_EQ(destroyed.load(), constructed.load());
+  EXPECT_GE(destroyed.load(), 20);
 }
 
 TEST_P(Fibers, RequestStopCancelsASleep) {
@@ -213,6 +249,21 @@ TEST_P(Fibers, IdsAndNamesAreThoseGivenAtSpawn) {
     EXPECT_EQ(h.join(), "worker-7");
     EXPECT_EQ(this_fiber::name(), "main");
   });
+}
+
+TEST_P(Fibers, SigquitDumpsEveryFiberAndTheProgramGoesOn) {
+  ::testing::internal::CaptureStderr();
+  Run([] {
+    auto h = spawn([] { (void)this_fiber::sleep_for(10s); }, {.name = "napper"});
+    (void)this_fiber::sleep_for(5ms);
+    ::kill(::getpid(), SIGQUIT);
+    (void)this_fiber::sleep_for(100ms);  // the dump runs on its own thread
+    h.request_stop();
+    (void)h.join();
+  });
+  std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find("fiber 1 \"main\""), std::string::npos) << err;
+  EXPECT_NE(err.find("\"napper\" [sleep] at"), std::string::npos) << err;
 }
 
 // --- Fatal reports (death tests run the runtime in a child process) -----

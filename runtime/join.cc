@@ -25,8 +25,6 @@ void join_state_base::unlock() noexcept {
   lock_.store(false, std::memory_order_release);  // pairs with lock()
 }
 
-bool join_state_base::is_done() const noexcept { return done_; }
-
 void join_state_base::complete() noexcept {
   lock();
   done_ = true;

@@ -8,6 +8,7 @@
 
 #include "alloc/check.h"
 #include "runtime/driver_select.h"
+#include "runtime/quit_dump.h"
 #include "runtime/weft.h"
 #include "sched/fls.h"
 #include "sched/park.h"
@@ -47,6 +48,7 @@ int run_main(std::function<int()> main_fn, const options& opts) {
   so.deadlock_detection = opts.deadlock_detection;
   so.make_driver = runtime_driver_factory();
   sched::scheduler s(std::move(so));
+  quit_dumper quit;  // before the workers start: they inherit its signal mask
   s.start();
   int rc = 0;
   std::exception_ptr failure;
@@ -62,6 +64,9 @@ int run_main(std::function<int()> main_fn, const options& opts) {
       {.name = "main"});
   h.detach();
   s.join();
+  if (s.stats().stacks.live != 0)  // leaked stacks would be a runtime bug
+    std::fprintf(stderr, "weft: %llu fiber stacks not released at exit\n",
+                 static_cast<unsigned long long>(s.stats().stacks.live));
   if (failure) std::rethrow_exception(failure);
   return rc;
 }

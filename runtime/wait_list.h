@@ -13,6 +13,8 @@
 
 #include <atomic>
 
+#include "alloc/spinlock.h"
+
 namespace weft::detail {
 
 struct waiter;  // runtime/waiter.h
@@ -23,15 +25,7 @@ struct wait_list {
   bool empty() const noexcept { return head_ == nullptr; }
 };
 
-// The spinlock of the public sync types. lock()/unlock() are out of line
-// (runtime/waiter.cc) so that the public headers need no sched/ includes.
-class short_lock {
- public:
-  void lock() noexcept;
-  void unlock() noexcept;
-
- private:
-  std::atomic<bool> locked_{false};
-};
+// The spinlock of the public sync types (alloc/spinlock.h, inline).
+using short_lock = weft::spinlock;
 
 }  // namespace weft::detail

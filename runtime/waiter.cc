@@ -18,24 +18,6 @@ namespace weft::detail {
 
 // --- short_lock -------------------------------------------------------------
 
-void short_lock::lock() noexcept {
-  for (int spins = 0;; ++spins) {
-    // acquire: pairs with the release in unlock(); the guarded lists are
-    // visible after it.
-    if (!locked_.exchange(true, std::memory_order_acquire)) return;
-    while (locked_.load(std::memory_order_relaxed)) {  // relaxed: a hint only
-      if (spins++ < 128)  // same budget as sched::spinlock (see there)
-        __builtin_ia32_pause();
-      else
-        sched_yield();
-    }
-  }
-}
-
-void short_lock::unlock() noexcept {
-  locked_.store(false, std::memory_order_release);  // pairs with lock()
-}
-
 // --- futex ------------------------------------------------------------------
 
 void futex_wait(std::atomic<std::uint32_t>* w, std::uint32_t expect,

@@ -118,7 +118,6 @@ class join_state_base {
 
  protected:
   virtual ~join_state_base() = default;
-  bool is_done() const noexcept;
   std::exception_ptr error_;
   bool unwound_ = false;
 

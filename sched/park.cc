@@ -162,10 +162,11 @@ static fiber* claim_parked(fiber* f, bool only_cancellable) noexcept {
   std::uint64_t s = f->state_.load(std::memory_order_seq_cst);
   while (phase_of(s) == park_phase::parked &&
          (!only_cancellable || cancellable_of(s))) {
+    // seq_cst on failure: the reload is the load half again.
     if (f->state_.compare_exchange_weak(
             s, pack_state(gen_of(s), park_phase::woken, cancellable_of(s),
                           wake_reason::cancelled),
-            std::memory_order_release, std::memory_order_seq_cst))
+            std::memory_order_seq_cst, std::memory_order_seq_cst))
       return f;
   }
   return nullptr;

@@ -24,7 +24,7 @@
 //   push(), pop()                  the owner worker only
 //   steal_from(victim)             the owner of *this (the thief), with
 //                                  victim another worker's queue
-//   size_approx(), empty_approx()  any thread (racy snapshot)
+//   size_approx(), empty_approx(), position_approx()  any thread (racy snapshot)
 //
 // Stealing
 //
@@ -178,6 +178,14 @@ class run_queue {
   }
 
   bool empty_approx() const { return size_approx() == 0; }
+
+  // Any thread: a racy (head, tail) snapshot, packed. Equal snapshots taken
+  // at two moments mean nothing was pushed or taken in between.
+  std::uint64_t position_approx() const {
+    // relaxed: advisory, as size_approx().
+    return std::uint64_t{head_.load(std::memory_order_relaxed)} << 32 |
+           tail_.load(std::memory_order_relaxed);
+  }
 
  private:
   static constexpr std::uint32_t kMask = Capacity - 1;

@@ -83,6 +83,7 @@ scheduler::scheduler(scheduler_options opts)
       if (groups.back().empty()) groups.clear();
     }
     workers_.push_back(std::make_unique<worker>(*this, i, std::move(groups)));
+    workers_.back()->init_steal_state(count);
   }
   opts_.topology = std::move(topo);
   alloc::install_overflow_handler(&describe_stack);

@@ -96,6 +96,8 @@ worker::worker(scheduler& s, unsigned index,
       steal_groups_(std::move(steal_groups)),
       rng_(0x9E3779B97F4A7C15ULL * (index + 1)) {}
 
+void worker::init_steal_state(unsigned workers) { last_seen_.assign(workers, ~std::uint64_t{0}); }
+
 // ---- The loop -------------------------------------------------------------
 
 fiber* worker::find_runnable() {
@@ -365,7 +367,9 @@ fiber* worker::steal() {
     for (const auto& group : steal_groups_) {
       std::size_t start = next_random(rng_) % group.size();
       for (std::size_t k = 0; k < group.size(); ++k) {
-        worker& victim = sched_.worker_at(group[(start + k) % group.size()]);
+        unsigned v = group[(start + k) % group.size()];
+        worker& victim = sched_.worker_at(v);
+        if (!worth_stealing(v, victim)) continue;
         std::uint32_t before = local_.size_approx();
         if (fiber* f = local_.steal_from(victim.local_)) {
           worker_counters::bump(counters_.steals, 1 + local_.size_approx() - before);
@@ -376,6 +380,19 @@ fiber* worker::steal() {
     if (fiber* f = take_inject()) return f;
   }
   return nullptr;
+}
+
+// A victim with a single runnable fiber is often running its partner: a
+// consumer that just woke a producer, a message and its receiver. Taking
+// that one fiber splits the pair over two cores, and every message then
+// moves a cache line between them. So a lone fiber is taken only if it
+// was already waiting, untouched, at our previous look (Go waits ~3 µs
+// before stealing a runnext for the same reason).
+bool worker::worth_stealing(unsigned v, const worker& victim) noexcept {
+  std::uint32_t n = victim.local_.size_approx();
+  if (n != 1) return n > 1;
+  std::uint64_t pos = victim.local_.position_approx();
+  return std::exchange(last_seen_[v], pos) == pos;
 }
 
 // ---- Sleeping -----------------------------------------------------------------
@@ -436,13 +453,16 @@ void worker::sleep() {
 // any other runnable fiber here, or any periodic duty, sends it through
 // the loop.
 bool worker::yield_in_place() noexcept {
-  ++tick_;
-  if (tick_ % kInjectInterval == 0 || tick_ % kPollInterval == 0) return false;
+  // A tick with periodic duties goes through the loop, which counts it
+  // itself: only a yield that stays in place advances tick_ here.
+  std::uint32_t next = tick_ + 1;
+  if (next % kInjectInterval == 0 || next % kPollInterval == 0) return false;
   if (lifo_ || pinned_head_ || !local_.empty_approx()) return false;
   // relaxed: a hint; a push racing with this check is seen at the next tick.
   if (inbox_nonempty_.load(std::memory_order_relaxed)) return false;
   if (!sched_.inject_.empty_hint()) return false;
   if (timers_.size() != 0 && timers_.next_deadline() <= clock::now()) return false;
+  tick_ = next;
   worker_counters::bump(counters_.yields);
   return true;
 }

@@ -91,6 +91,8 @@ class worker {
   fiber* steal();
   fiber* spin_before_sleep();
   bool try_spin() noexcept;
+  bool worth_stealing(unsigned v, const worker& victim) noexcept;
+  void init_steal_state(unsigned workers);
   void stop_spinning() noexcept;
   void sleep();
   bool has_work_hint() const noexcept;
@@ -132,6 +134,8 @@ class worker {
 
   std::uint32_t tick_ = 0;
   std::uint64_t rng_;
+  // Per victim: its queue's position at our last look (see worth_stealing).
+  std::vector<std::uint64_t> last_seen_;
   bool spinning_ = false;
   bool in_idle_ = false;  // guarded by scheduler::idle_mu_
   // Published for the deadlock detector before registering idle; read by

@@ -1,0 +1,161 @@
+// examples/chat_server.cc — a line-based chat room in the style of CPC's
+// Hekate: every connection has three fibers,
+//
+//   reader   reads lines and hands them to the room; each read is also a
+//            sign of life for the timeout fiber;
+//   writer   takes the lines meant for this peer from its outbox channel and
+//            writes them, so a slow peer never blocks the room;
+//   timeout  waits for signs of life; after `idle` without one it shuts the
+//            socket down, which ends the reader, which ends the rest;
+//
+// and one room fiber owns the list of peers: it is the only fiber that
+// touches it, so it needs no lock. Every line a peer sends is broadcast to
+// all connected peers as "<name>: <line>".
+//
+//   chat_server --port 7001 --workers 2 --idle 60   (127.0.0.1 only)
+#include <sys/socket.h>
+
+#include <chrono>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <string>
+#include <variant>
+
+#include "examples/flags.h"
+#include "runtime/channel.h"
+#include "runtime/net.h"
+#include "runtime/weft.h"
+
+namespace {
+
+using namespace std::chrono_literals;
+using line = std::shared_ptr<const std::string>;  // shared by every outbox
+
+constexpr std::size_t kOutbox = 256;    // lines queued for a slow peer before we drop it
+constexpr std::size_t kMaxLine = 4096;  // longer lines are cut
+
+struct peer {
+  std::string name;
+  weft::channel<line> outbox{kOutbox};
+};
+
+// What the connections tell the room.
+struct joined { std::shared_ptr<peer> who; };
+struct left { std::shared_ptr<peer> who; };
+struct said { std::string text; };
+using event = std::variant<joined, left, said>;
+
+void broadcast(std::map<peer*, std::shared_ptr<peer>>& peers, const std::string& text) {
+  auto l = std::make_shared<const std::string>(text);
+  for (auto it = peers.begin(); it != peers.end();) {
+    if (it->first->outbox.try_send(l)) {
+      ++it;
+    } else {  // its outbox is full: it cannot keep up; drop it
+      it->first->outbox.close();
+      it = peers.erase(it);
+    }
+  }
+}
+
+void room(weft::channel<event>& events) {
+  std::map<peer*, std::shared_ptr<peer>> peers;
+  while (auto e = events.recv()) {
+    if (auto* j = std::get_if<joined>(&*e)) {
+      peers.emplace(j->who.get(), j->who);
+      broadcast(peers, "* " + j->who->name + " joined\n");
+    } else if (auto* l = std::get_if<left>(&*e)) {
+      if (peers.erase(l->who.get())) broadcast(peers, "* " + l->who->name + " left\n");
+      l->who->outbox.close();
+    } else {
+      broadcast(peers, std::get<said>(*e).text);
+    }
+  }
+  for (auto& [p, keep] : peers) p->outbox.close();
+}
+
+std::chrono::seconds g_idle{60};  // --idle; set before any connection
+
+void writer(std::shared_ptr<weft::tcp_stream> c, std::shared_ptr<peer> me) {
+  while (auto l = me->outbox.recv())
+    if (!c->write_all(**l, weft::deadline(g_idle))) break;
+  (void)c->shutdown(SHUT_RDWR);  // a dead writer ends the reader too
+}
+
+void timeout(std::shared_ptr<weft::tcp_stream> c, weft::channel<bool>& alive) {
+  for (;;) {
+    auto a = alive.recv(weft::deadline(g_idle));
+    if (a) continue;
+    if (a.error() == std::errc::timed_out) (void)c->shutdown(SHUT_RDWR);
+    return;  // timed out, or the reader closed `alive`
+  }
+}
+
+// The reader is the connection's own fiber: it starts the other two and
+// cleans up after them.
+void serve(weft::tcp_stream s, weft::channel<event>& events) {
+  auto c = std::make_shared<weft::tcp_stream>(std::move(s));
+  auto me = std::make_shared<peer>();
+  auto addr = c->peer_address();
+  me->name = addr ? addr->to_string() : "someone";
+  weft::channel<bool> alive(1);
+  auto w = weft::spawn([c, me] { writer(c, me); }, {.name = "chat writer"});
+  auto t = weft::spawn([c, &alive] { timeout(c, alive); }, {.name = "chat timeout"});
+  if (!events.send(joined{me})) {  // the room is gone: we are shutting down
+    me->outbox.close();
+    alive.close();
+    w.join();
+    t.join();
+    return;
+  }
+  std::string pending;
+  char buf[1024];
+  while (auto n = c->read(buf)) {
+    if (*n == 0) break;
+    (void)alive.try_send(true);  // full means a sign of life is already queued
+    pending.append(buf, *n);
+    for (std::size_t nl; (nl = pending.find('\n')) != std::string::npos || pending.size() > kMaxLine;) {
+      std::size_t end = nl == std::string::npos ? kMaxLine : nl;
+      (void)events.send(said{me->name + ": " + pending.substr(0, end) + "\n"});
+      pending.erase(0, end + (nl == std::string::npos ? 0 : 1));
+    }
+  }
+  alive.close();
+  (void)events.send(left{me});  // the room closes our outbox: the writer ends
+  w.join();
+  t.join();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  examples::flags f;
+  if (!examples::parse_flags(argc, argv, f)) return 2;
+  g_idle = std::chrono::seconds(f.idle_seconds);
+  weft::options o;
+  o.workers = f.workers;
+  return weft::run([&] {
+    auto ln = weft::tcp_listener::bind("127.0.0.1:" + std::to_string(f.port));
+    if (!ln) {
+      std::fprintf(stderr, "chat_server: bind 127.0.0.1:%d: %s\n", f.port,
+                   ln.error().message().c_str());
+      return 1;
+    }
+    std::fprintf(stderr, "chat_server: listening on 127.0.0.1:%d\n", f.port);
+    weft::channel<event> events(1024);
+    auto r = weft::spawn([&] { room(events); }, {.name = "chat room"});
+    for (;;) {
+      auto c = ln->accept();
+      if (!c) {
+        if (c.error() == std::errc::operation_canceled) break;
+        (void)weft::this_fiber::sleep_for(1ms);  // EMFILE and friends: let others close
+        continue;
+      }
+      weft::spawn([c = std::move(*c), &events]() mutable { serve(std::move(c), events); },
+                  {.name = "chat reader"});
+    }
+    events.close();
+    r.join();
+    return 0;
+  });
+}

@@ -1,0 +1,111 @@
+// io/address.cc — socket_address: parsing and printing numeric IPv4/IPv6
+// addresses with a port, and Unix socket paths ("unix:/path"). No name
+// lookup (that goes through the blocking pool, as weft::resolve).
+#include <arpa/inet.h>
+#include <sys/un.h>
+
+#include <cstddef>
+
+#include <charconv>
+#include <cstring>
+
+#include "io/socket.h"
+
+namespace weft::io {
+namespace {
+
+std::unexpected<std::error_code> invalid() {
+  return std::unexpected(std::make_error_code(std::errc::invalid_argument));
+}
+
+}  // namespace
+
+result<socket_address> socket_address::parse(std::string_view text) {
+  if (text.starts_with("unix:")) {  // "unix:/run/x.sock"
+    std::string_view path = text.substr(5);
+    socket_address a;
+    auto* su = reinterpret_cast<sockaddr_un*>(&a.storage_);
+    if (path.empty() || path.size() >= sizeof su->sun_path ||
+        path.find('\0') != std::string_view::npos)
+      return invalid();
+    su->sun_family = AF_UNIX;
+    std::memcpy(su->sun_path, path.data(), path.size());
+    a.len_ = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
+    return a;
+  }
+  std::string_view host, port;
+  bool v6 = false;
+  if (!text.empty() && text.front() == '[') {  // "[::1]:7000"
+    auto close = text.find(']');
+    if (close == std::string_view::npos || close + 1 >= text.size() || text[close + 1] != ':')
+      return invalid();
+    host = text.substr(1, close - 1);
+    port = text.substr(close + 2);
+    v6 = true;
+  } else {  // "127.0.0.1:7000"
+    auto colon = text.rfind(':');
+    if (colon == std::string_view::npos) return invalid();
+    host = text.substr(0, colon);
+    port = text.substr(colon + 1);
+    if (host.find(':') != std::string_view::npos) return invalid();  // bare IPv6: needs []
+  }
+  unsigned p = 0;
+  auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), p);
+  if (port.empty() || ec != std::errc{} || end != port.data() + port.size() || p > 65535)
+    return invalid();
+  if (host.empty() || host.size() >= INET6_ADDRSTRLEN) return invalid();
+  char h[INET6_ADDRSTRLEN] = {};
+  std::memcpy(h, host.data(), host.size());
+
+  socket_address a;
+  if (v6) {
+    auto* s6 = reinterpret_cast<sockaddr_in6*>(&a.storage_);
+    if (inet_pton(AF_INET6, h, &s6->sin6_addr) != 1) return invalid();
+    s6->sin6_family = AF_INET6;
+    s6->sin6_port = htons(static_cast<std::uint16_t>(p));
+    a.len_ = sizeof(sockaddr_in6);
+  } else {
+    auto* s4 = reinterpret_cast<sockaddr_in*>(&a.storage_);
+    if (inet_pton(AF_INET, h, &s4->sin_addr) != 1) return invalid();
+    s4->sin_family = AF_INET;
+    s4->sin_port = htons(static_cast<std::uint16_t>(p));
+    a.len_ = sizeof(sockaddr_in);
+  }
+  return a;
+}
+
+socket_address socket_address::from(const sockaddr* sa, socklen_t len) {
+  socket_address a;
+  if (len > sizeof a.storage_) len = sizeof a.storage_;
+  std::memcpy(&a.storage_, sa, len);
+  a.len_ = len;
+  return a;
+}
+
+int socket_address::port() const noexcept {
+  if (family() == AF_INET)
+    return ntohs(reinterpret_cast<const sockaddr_in*>(&storage_)->sin_port);
+  if (family() == AF_INET6)
+    return ntohs(reinterpret_cast<const sockaddr_in6*>(&storage_)->sin6_port);
+  return 0;
+}
+
+std::string socket_address::to_string() const {
+  char h[INET6_ADDRSTRLEN] = {};
+  if (family() == AF_INET) {
+    inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in*>(&storage_)->sin_addr, h, sizeof h);
+    return std::string(h) + ":" + std::to_string(port());
+  }
+  if (family() == AF_INET6) {
+    inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6*>(&storage_)->sin6_addr, h, sizeof h);
+    return "[" + std::string(h) + "]:" + std::to_string(port());
+  }
+  if (family() == AF_UNIX) {
+    const auto* su = reinterpret_cast<const sockaddr_un*>(&storage_);
+    std::size_t n = len_ > offsetof(sockaddr_un, sun_path) ? len_ - offsetof(sockaddr_un, sun_path) : 0;
+    return "unix:" + std::string(su->sun_path, strnlen(su->sun_path, n));
+  }
+  return "(unspecified)";
+}
+
+}  // namespace weft::io

@@ -1,0 +1,121 @@
+// io/blocking.cc — the blocking pool behind io::blocking() (io/blocking.h).
+//
+// Invariants:
+//   - mu_ guards queue_, threads_ and idle_. A pool thread runs a job
+//     outside the lock.
+//   - threads_ <= max_threads_; a job queued while no thread is idle starts
+//     a new thread if the cap allows, otherwise it waits for a free one.
+//   - The pool is never destroyed (its threads are detached and may still
+//     be waiting when main returns).
+//   - The fiber returns only after the pool thread set job.finished, its
+//     last touch of the job and of the scheduler (the wake): so a runtime
+//     that ends right after the call never has a pool thread inside it.
+//   - While a job is queued or running, its fiber holds an outside
+//     reference on the scheduler, so the deadlock detector does not take
+//     the parked fiber for a stuck one. The fiber drops it after it woke:
+//     between the pool thread's wake and then, the fiber is runnable or
+//     queued, which the detector also sees.
+#include "io/blocking.h"
+
+#include <sched.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+
+#include "sched/scheduler.h"
+
+namespace weft::io::detail {
+namespace {
+
+// How long a pool thread waits for work before it exits (the pool shrinks).
+constexpr auto kIdleExit = std::chrono::seconds(10);
+constexpr unsigned kDefaultMaxThreads = 64;
+
+unsigned max_threads_from_env() {
+  const char* e = std::getenv("WEFT_BLOCKING_THREADS");
+  if (!e || !*e) return kDefaultMaxThreads;
+  unsigned long n = std::strtoul(e, nullptr, 10);
+  return n >= 1 && n <= 4096 ? static_cast<unsigned>(n) : kDefaultMaxThreads;
+}
+
+class pool {
+ public:
+  void submit(blocking_job* j) {
+    std::lock_guard g(mu_);
+    j->next = nullptr;
+    if (tail_) tail_->next = j;
+    else head_ = j;
+    tail_ = j;
+    ++queued_;
+    if (queued_ > idle_ && threads_ < max_threads_) {
+      ++threads_;
+      std::thread([this] { loop(); }).detach();
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  void loop() {
+    std::unique_lock lk(mu_);
+    for (;;) {
+      ++idle_;
+      bool got = cv_.wait_for(lk, kIdleExit, [this] { return head_ != nullptr; });
+      --idle_;
+      if (!got) {
+        --threads_;
+        return;
+      }
+      blocking_job* j = head_;
+      head_ = j->next;
+      if (!head_) tail_ = nullptr;
+      --queued_;
+      lk.unlock();
+      j->run(j);
+      j->done.complete(0);  // wakes the fiber: sched::ready() touches the scheduler
+      // SAFETY: the fiber (and with it the runtime) cannot finish before
+      // this store, so the wake above never touches a destroyed scheduler;
+      // after it the job may be gone.
+      j->finished.store(true, std::memory_order_release);  // pairs with run_on_pool()
+      lk.lock();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  blocking_job* head_ = nullptr;  // guarded by mu_
+  blocking_job* tail_ = nullptr;  // guarded by mu_
+  std::size_t queued_ = 0;        // guarded by mu_
+  unsigned threads_ = 0;          // guarded by mu_
+  unsigned idle_ = 0;             // guarded by mu_
+  const unsigned max_threads_ = max_threads_from_env();
+};
+
+pool& the_pool() {
+  static pool* p = new pool;  // never destroyed: see the invariants
+  return *p;
+}
+
+}  // namespace
+
+void run_on_pool(blocking_job& job, std::source_location where) {
+  sched::scheduler* s = sched::scheduler::instance();
+  s->add_outside_ref(+1);
+  // SAFETY: job lives on this fiber's stack; the pool holds it until
+  // complete(), and this fiber does not return before that.
+  the_pool().submit(&job);
+  if (!job.done.park_until_done(/*cancellable=*/false, clock::time_point::max(), "blocking",
+                                where)) {
+    // Only the unwinder wakes a non-cancellable park early: parks now return
+    // at once, so wait without parking (see *Waiting while unwinding* in
+    // io/perform.cc).
+    while (!job.done.is_done()) sched_yield();
+  }
+  // The pool thread is at most a few instructions from its last touch.
+  while (!job.finished.load(std::memory_order_acquire)) sched_yield();  // pairs with loop()
+  s->add_outside_ref(-1);
+}
+
+}  // namespace weft::io::detail

@@ -1,0 +1,77 @@
+// io/blocking_test.cc — weft::blocking: results and exceptions come back to
+// the fiber, calls run in parallel on the pool, and the worker keeps
+// running other fibers meanwhile. Over worker counts {1, 2, 4}.
+#include <atomic>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "runtime/net.h"
+#include "runtime/weft.h"
+#include "tests/fixture.h"
+
+namespace weft {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::Runtime;
+
+class Blocking : public Runtime {};
+WEFT_RUNTIME_TEST_SUITE(Blocking);
+
+TEST_P(Blocking, ReturnsTheCallsValueToTheFiber) {
+  Run([&] {
+    std::vector<join_handle<int>> hs;
+    for (int i = 0; i < 100; ++i) hs.push_back(spawn([i] { return blocking([i] { return i * i; }); }));
+    for (int i = 0; i < 100; ++i) EXPECT_EQ(hs[i].join(), i * i);
+    std::string s = blocking([] { return std::string("from the pool"); });
+    EXPECT_EQ(s, "from the pool");
+    blocking([] {});  // void works too
+  });
+}
+
+TEST_P(Blocking, RethrowsTheCallsExceptionInTheFiber) {
+  Run([&] {
+    EXPECT_THROW(blocking([]() -> int { throw std::runtime_error("no"); }), std::runtime_error);
+  });
+}
+
+TEST_P(Blocking, CallsRunInParallel) {
+  constexpr int kCalls = 8;
+  std::atomic<int> arrived{0};
+  std::atomic<int> saw_all{0};
+  Run([&] {
+    std::vector<join_handle<void>> hs;
+    for (int i = 0; i < kCalls; ++i)
+      hs.push_back(spawn([&] {
+        blocking([&] {
+          // Every call waits until all have started: only parallel calls pass.
+          arrived.fetch_add(1);
+          auto until = std::chrono::steady_clock::now() + 10s;
+          while (arrived.load() < kCalls && std::chrono::steady_clock::now() < until)
+            std::this_thread::sleep_for(1ms);
+          if (arrived.load() == kCalls) saw_all.fetch_add(1);
+        });
+      }));
+    for (auto& h : hs) h.join();
+  });
+  EXPECT_EQ(saw_all.load(), kCalls);
+}
+
+TEST_P(Blocking, TheWorkerRunsOtherFibersWhileACallBlocks) {
+  Run([&] {
+    std::atomic<bool> release{false};
+    auto h = spawn([&] {
+      blocking([&] {
+        while (!release.load()) std::this_thread::sleep_for(1ms);
+      });
+    });
+    // This fiber (maybe on the same worker) still runs and sleeps.
+    for (int i = 0; i < 5; ++i) (void)this_fiber::sleep_for(1ms);
+    release.store(true);
+    h.join();
+  });
+}
+
+}  // namespace
+}  // namespace weft

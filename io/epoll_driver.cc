@@ -1,0 +1,473 @@
+// io/epoll_driver.cc
+//
+// The readiness driver: one epoll instance per worker, used when io_uring
+// is unavailable or WEFT_IO=epoll. An operation is tried at once as a
+// non-blocking system call; on EAGAIN the fiber waits for readiness
+// (edge-triggered, EPOLLONESHOT, as libtorque does) and tries again.
+//
+// Invariants:
+//   - table_ and the epoll registrations are touched only by the owning
+//     worker's thread: a fiber arms a wait only while it runs there;
+//     other threads reach the driver through wake() and cancel() only.
+//   - table_[fd] lists the fibers of this worker waiting to read and to
+//     write fd; each is a wait_slot on its fiber's stack, counted in
+//     waiting_ until complete() ran for it (see *Completion slots* in
+//     io/driver.h). An event wakes every waiter of its direction: they all
+//     try again, and those that find nothing wait again.
+//   - An epoll event carries the fd, never a pointer: a stale event (the
+//     wait was cancelled, the fd closed and reused) finds no slot or wakes
+//     a waiter early, which just tries its system call again.
+//   - Deadlines are the scheduler's timers (park_request::deadline): a
+//     timed-out or stopped wait is removed by its owner (cancel()) before
+//     the fiber goes on.
+//
+// Regular-file operations (openat, read_at, write_at, fsync, close) have
+// no readiness: they run on the blocking pool (io/blocking.h) while the
+// fiber parks, so a slow disk never stalls the worker.
+//
+// Who calls what:
+//   perform(), poll(), flush(), wait(), pending()   owner thread
+//   wake(), cancel(), evict()                       any thread
+#include <fcntl.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "io/blocking.h"
+#include "io/driver.h"
+#include "sched/worker.h"
+
+namespace weft::io {
+namespace {
+
+// Events taken per epoll_wait: a batch, not a bound (the rest stay queued
+// in the kernel, in order). Kept below the local run queue's 256 slots for
+// the reason given at *Fairness* in io/uring_driver.cc.
+constexpr int kMaxEvents = 64;
+// *Coop budget*: a fiber whose calls keep succeeding at once (a fast peer,
+// a full receive buffer) never parks, so after this many immediate
+// successes on a worker the caller yields (Tokio's coop budget). io_uring
+// parks on every operation and needs none.
+constexpr unsigned kCoopBudget = 32;
+
+// A readiness wait on a fiber's stack.
+struct wait_slot : completion {
+  int fd = -1;
+  bool write = false;
+  wait_slot* next = nullptr;  // the fd's list of waiters (owner only)
+};
+
+int set_nonblocking(int fd) {
+  int fl = ::fcntl(fd, F_GETFL);
+  if (fl < 0) return -errno;  // errno read right after the call
+  if ((fl & O_NONBLOCK) == 0 && ::fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) return -errno;
+  return 0;
+}
+
+// One non-blocking attempt; -errno on failure.
+int try_once(const op& o) {
+  ssize_t r = -1;
+  switch (o.kind) {
+    case op_kind::recv:
+      r = ::recv(o.fd, o.buf, o.len, o.flags | MSG_DONTWAIT);
+      break;
+    case op_kind::recv_pooled:  // perform() handles it (recv_pooled())
+      return -EINVAL;
+    case op_kind::send:
+      r = ::send(o.fd, o.buf, o.len, o.flags | MSG_DONTWAIT | MSG_NOSIGNAL);
+      break;
+    case op_kind::recvmsg:
+      r = ::recvmsg(o.fd, o.msg, o.flags | MSG_DONTWAIT);
+      break;
+    case op_kind::sendmsg:
+      r = ::sendmsg(o.fd, o.msg, o.flags | MSG_DONTWAIT | MSG_NOSIGNAL);
+      break;
+    case op_kind::accept: {
+      // The listener must not block a worker when another took the
+      // connection first.
+      if (int e = set_nonblocking(o.fd)) return e;
+      r = ::accept4(o.fd, o.addr, o.addrlen, o.flags | SOCK_CLOEXEC);
+      break;
+    }
+    case op_kind::read_at:
+      r = ::pread(o.fd, o.buf, o.len, static_cast<off_t>(o.offset));
+      break;
+    case op_kind::write_at:
+      r = ::pwrite(o.fd, o.buf, o.len, static_cast<off_t>(o.offset));
+      break;
+    case op_kind::fsync:
+      r = o.flags ? ::fdatasync(o.fd) : ::fsync(o.fd);
+      break;
+    case op_kind::connect:
+      r = ::connect(o.fd, o.addr, *o.addrlen);
+      break;
+    case op_kind::openat:
+      r = ::openat(AT_FDCWD, static_cast<const char*>(o.buf), o.flags | O_CLOEXEC,
+                   static_cast<mode_t>(o.offset));
+      break;
+    case op_kind::close:
+      r = ::close(o.fd);
+      if (r < 0 && errno == EINTR) r = 0;  // Linux closed it anyway
+      break;
+  }
+  if (r < 0) return -errno;  // errno read right after the call
+  return static_cast<int>(r);
+}
+
+result<int> to_result(int r) {
+  if (r >= 0) return r;
+  return std::unexpected(std::error_code(-r, std::system_category()));
+}
+
+bool is_file_op(op_kind k) {
+  return k == op_kind::read_at || k == op_kind::write_at || k == op_kind::fsync ||
+         k == op_kind::openat || k == op_kind::close;
+}
+
+bool wants_write(op_kind k) {
+  return k == op_kind::send || k == op_kind::sendmsg || k == op_kind::connect;
+}
+
+class epoll_driver final : public io_driver {
+ public:
+  epoll_driver(int epfd, int efd) : epfd_(epfd), efd_(efd) {}
+  ~epoll_driver() override {
+    ::close(epfd_);
+    ::close(efd_);
+  }
+
+  result<int> perform(op& o, clock::time_point deadline, const char* what,
+                      std::source_location where) override;
+  void cancel(completion& c) noexcept override;
+  void evict(int fd) noexcept override;
+  void wait(sched::clock::time_point deadline) override;
+  void poll() override;
+  void flush() override { drain_cancels(); }
+  void wake() noexcept override;
+  std::size_t pending() const noexcept override { return waiting_; }
+  const char* name() const noexcept override { return "epoll"; }
+
+ private:
+  struct fd_entry {
+    wait_slot* reader = nullptr;
+    wait_slot* writer = nullptr;
+    bool registered = false;  // added to epfd_ (it may since have been closed)
+  };
+  static result<void> wait_ready(int fd, bool write, clock::time_point deadline,
+                                 const char* what, std::source_location where);
+  static result<int> recv_pooled(op& o, clock::time_point deadline, const char* what,
+                                 std::source_location where);
+  void arm(wait_slot& s);
+  // See *Coop budget*. Owner thread, from the fiber that just succeeded.
+  void spend_budget() {
+    io_counters::bump(counters_.ops);
+    if (++immediate_ < kCoopBudget) return;
+    immediate_ = 0;
+    sched::yield();
+  }
+  void update(int fd, fd_entry& e);
+  void cancel_now(wait_slot& s);
+  void evict_now(int fd);
+  void drain_cancels();
+  void dispatch(const epoll_event* ev, int n);
+  bool on_owner_thread() const noexcept {
+    sched::worker* w = sched::current_worker();
+    return w && w->io() == this;
+  }
+
+  const int epfd_;
+  const int efd_;
+  std::vector<fd_entry> table_;  // by fd; owner only
+  std::size_t waiting_ = 0;      // owner only: armed wait slots
+  unsigned immediate_ = 0;       // owner only: successes since a wait (*Coop budget*)
+  // Owner only: a wake() was consumed by poll() and no wait() has returned
+  // since. wake() is sticky (sched/driver.h): the next wait() returns at once.
+  bool woken_ = false;
+
+  // release in wake() publishes the waker's work; pairs with the acq_rel
+  // exchange in dispatch() that clears it (as in io/uring_driver.cc).
+  std::atomic<bool> wake_pending_{false};
+  weft::spinlock cancel_lock_;
+  std::vector<wait_slot*> cancels_;  // guarded by cancel_lock_
+  std::vector<int> evicts_;          // guarded by cancel_lock_
+  // release after the push publishes cancels_; pairs with the acquire in
+  // drain_cancels() (a hint: the list itself is read under the lock).
+  std::atomic<bool> has_cancels_{false};
+};
+
+// ---- Waiting for readiness ---------------------------------------------------
+
+void epoll_driver::arm(wait_slot& s) {
+  if (static_cast<std::size_t>(s.fd) >= table_.size()) table_.resize(s.fd + 64);
+  fd_entry& e = table_[s.fd];
+  immediate_ = 0;  // a fiber waits: the worker goes round the loop anyway
+  io_counters::bump(counters_.ops);
+  io_counters::bump(counters_.parked);
+  wait_slot*& list = s.write ? e.writer : e.reader;
+  s.next = list;
+  list = &s;
+  ++waiting_;
+  update(s.fd, e);
+}
+
+void epoll_driver::update(int fd, fd_entry& e) {
+  epoll_event ev{};
+  ev.events = EPOLLET | EPOLLONESHOT | (e.reader ? EPOLLIN | EPOLLRDHUP : 0u) |
+              (e.writer ? EPOLLOUT : 0u);
+  ev.data.fd = fd;
+  // Registered: MOD, or ADD if the fd was closed and reused meanwhile.
+  // New: ADD, or MOD if an earlier file at this fd left it registered.
+  int first = e.registered ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+  int r = ::epoll_ctl(epfd_, first, fd, &ev);
+  if (r < 0 && (errno == ENOENT || errno == EEXIST))  // errno right after the call
+    r = ::epoll_ctl(epfd_, first == EPOLL_CTL_MOD ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, fd, &ev);
+  if (r == 0) {
+    e.registered = true;
+    return;
+  }
+  // Not pollable (EPERM: a regular file) or gone (EBADF): say "ready", so
+  // the waiters try their system call and get its answer.
+  epoll_event fake{.events = EPOLLIN | EPOLLOUT, .data = {.fd = fd}};
+  dispatch(&fake, 1);
+}
+
+result<void> epoll_driver::wait_ready(int fd, bool write, clock::time_point deadline,
+                                      const char* what, std::source_location where) {
+  // The current worker's driver: the fiber may have moved since its last try.
+  auto* d = dynamic_cast<epoll_driver*>(current_driver());
+  if (!d) return std::unexpected(std::make_error_code(std::errc::not_supported));
+  wait_slot s;
+  s.fd = fd;
+  s.write = write;
+  // SAFETY: d holds &s until it completes it; wait_for() returns only then.
+  d->arm(s);
+  sched::wake_reason why = wait_for(*d, s, deadline, what, where);
+  if (why == sched::wake_reason::notified) return {};
+  if (why == sched::wake_reason::timed_out)
+    return std::unexpected(std::make_error_code(std::errc::timed_out));
+  sched::unwind_point();
+  return std::unexpected(std::make_error_code(std::errc::operation_canceled));
+}
+
+result<int> epoll_driver::perform(op& o, clock::time_point deadline, const char* what,
+                                  std::source_location where) {
+  if (o.kind == op_kind::connect) {
+    if (int e = set_nonblocking(o.fd)) return to_result(e);
+    int r = try_once(o);
+    if (r != -EINPROGRESS) return to_result(r);
+    if (auto w = wait_ready(o.fd, true, deadline, what, where); !w)
+      return std::unexpected(w.error());
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (::getsockopt(o.fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) return to_result(-errno);
+    return to_result(-err);
+  }
+  if (o.kind == op_kind::recv_pooled) return recv_pooled(o, deadline, what, where);
+  if (is_file_op(o.kind)) return to_result(blocking([&] { return try_once(o); }, where));
+  for (bool waited = false;; waited = true) {
+    int r = try_once(o);
+    if (r != -EAGAIN) {
+      if (!waited) spend_budget();  // still on this driver's worker: no park yet
+      return to_result(r);
+    }
+    if (clock::now() >= deadline)
+      return std::unexpected(std::make_error_code(std::errc::timed_out));
+    if (auto w = wait_ready(o.fd, wants_write(o.kind), deadline, what, where); !w)
+      return std::unexpected(w.error());
+  }
+}
+
+// The heap buffer is taken for each try and dropped on EAGAIN, so a
+// connection waiting for readiness holds none (*Pooled receive buffers*).
+result<int> epoll_driver::recv_pooled(op& o, clock::time_point deadline, const char* what,
+                                      std::source_location where) {
+  for (bool waited = false;; waited = true) {
+    auto* buf = new char[kPooledBufferSize];
+    ssize_t r = ::recv(o.fd, buf, kPooledBufferSize, o.flags | MSG_DONTWAIT);
+    int e = r < 0 ? errno : 0;  // read right after the call
+    if (r >= 0) {
+      o.buf = buf;
+      o.len = kPooledBufferSize;
+      o.buf_id = kHeapBufferId;
+      if (!waited) {  // still on the driver perform() was called on
+        if (auto* d = dynamic_cast<epoll_driver*>(current_driver())) d->spend_budget();
+      }
+      return static_cast<int>(r);
+    }
+    delete[] buf;
+    if (e != EAGAIN) return to_result(-e);
+    if (clock::now() >= deadline)
+      return std::unexpected(std::make_error_code(std::errc::timed_out));
+    if (auto w = wait_ready(o.fd, false, deadline, what, where); !w)
+      return std::unexpected(w.error());
+  }
+}
+
+// ---- Cancelling ----------------------------------------------------------------
+
+void epoll_driver::cancel_now(wait_slot& s) {
+  if (static_cast<std::size_t>(s.fd) >= table_.size()) return;
+  fd_entry& e = table_[s.fd];
+  wait_slot** link = s.write ? &e.writer : &e.reader;
+  while (*link && *link != &s) link = &(*link)->next;
+  if (!*link) return;  // already completed
+  *link = s.next;
+  --waiting_;
+  s.complete(-ECANCELED);
+  // A registration left armed for nobody is harmless: its event finds no slot.
+}
+
+void epoll_driver::cancel(completion& c) noexcept {
+  auto& s = static_cast<wait_slot&>(c);  // every slot this driver holds is one
+  if (on_owner_thread()) {
+    cancel_now(s);
+    return;
+  }
+  {
+    std::lock_guard g(cancel_lock_);
+    cancels_.push_back(&s);
+  }
+  has_cancels_.store(true, std::memory_order_release);  // pairs with drain_cancels()
+  wake();
+}
+
+void epoll_driver::drain_cancels() {
+  if (!has_cancels_.load(std::memory_order_acquire)) return;  // pairs with cancel()
+  std::vector<wait_slot*> todo;
+  std::vector<int> fds;
+  {
+    std::lock_guard g(cancel_lock_);
+    todo.swap(cancels_);
+    fds.swap(evicts_);
+    has_cancels_.store(false, std::memory_order_relaxed);  // relaxed: under the lock
+  }
+  for (wait_slot* s : todo) cancel_now(*s);
+  for (int fd : fds) evict_now(fd);
+}
+
+// A closed file leaves the epoll sets before its shutdown event may be
+// delivered: wake the waiters here instead. (A waiter woken after the fd
+// number was reused retries on the new file: closing a socket while other
+// fibers use it is outside the contract of io/socket.h, except for this
+// listener case, where the retry fails or finds nothing and waits again.)
+void epoll_driver::evict_now(int fd) {
+  epoll_event fake{.events = EPOLLIN | EPOLLOUT, .data = {.fd = fd}};
+  dispatch(&fake, 1);
+}
+
+void epoll_driver::evict(int fd) noexcept {
+  if (on_owner_thread()) {
+    evict_now(fd);
+    return;
+  }
+  {
+    std::lock_guard g(cancel_lock_);
+    evicts_.push_back(fd);
+  }
+  has_cancels_.store(true, std::memory_order_release);  // pairs with drain_cancels()
+  wake();
+}
+
+// ---- The loop's side -------------------------------------------------------------
+
+void epoll_driver::dispatch(const epoll_event* ev, int n) {
+  io_counters::bump(counters_.completions, static_cast<std::uint64_t>(n));
+  for (int i = 0; i < n; ++i) {
+    int fd = ev[i].data.fd;
+    std::uint32_t events = ev[i].events;
+    if (fd == efd_) {
+      std::uint64_t v;
+      ssize_t r = ::read(efd_, &v, sizeof v);  // non-blocking: resets the counter
+      (void)r;
+      // acq_rel: pairs with wake()'s exchange; later wakes write again.
+      wake_pending_.exchange(false, std::memory_order_acq_rel);
+      woken_ = true;
+      continue;
+    }
+    if (static_cast<std::size_t>(fd) >= table_.size()) continue;
+    fd_entry& e = table_[fd];
+    wait_slot* r = nullptr;
+    wait_slot* w = nullptr;
+    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) r = std::exchange(e.reader, nullptr);
+    if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) w = std::exchange(e.writer, nullptr);
+    if (e.reader || e.writer) update(fd, e);  // ONESHOT disarmed the other waiter too
+    // SAFETY: each slot's fiber waits in wait_for() until complete() ran;
+    // read next before completing (the slot may be gone after).
+    for (wait_slot* list : {r, w})
+      while (list) {
+        wait_slot* next = list->next;
+        --waiting_;
+        list->complete(0);
+        list = next;
+      }
+  }
+}
+
+void epoll_driver::poll() {
+  drain_cancels();
+  if (waiting_ == 0) return;  // nothing to learn without a syscall
+  epoll_event ev[kMaxEvents];
+  int n = ::epoll_wait(epfd_, ev, kMaxEvents, 0);
+  if (n > 0) dispatch(ev, n);
+}
+
+void epoll_driver::wait(sched::clock::time_point deadline) {
+  drain_cancels();
+  if (std::exchange(woken_, false)) deadline = sched::clock::now();  // see woken_
+  timespec ts{};
+  timespec* tsp = nullptr;
+  if (deadline != sched::clock::time_point::max()) {
+    auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                  deadline - sched::clock::now()).count();
+    if (ns < 0) ns = 0;
+    ts.tv_sec = ns / 1'000'000'000;
+    ts.tv_nsec = ns % 1'000'000'000;
+    tsp = &ts;
+  }
+  epoll_event ev[kMaxEvents];
+  int n = ::epoll_pwait2(epfd_, ev, kMaxEvents, tsp, nullptr);  // EINTR: a plain return
+  if (n > 0) dispatch(ev, n);
+  woken_ = false;  // this wait returns: any wake seen so far is delivered
+}
+
+void epoll_driver::wake() noexcept {
+  // acq_rel: the release publishes the caller's queued work to the owner
+  // (pairs with the exchange in dispatch()); only the first waker writes.
+  if (wake_pending_.exchange(true, std::memory_order_acq_rel)) return;
+  std::uint64_t one = 1;
+  ssize_t n = ::write(efd_, &one, sizeof one);
+  (void)n;  // cannot fail short of a bad fd: the counter never nears its max
+}
+
+}  // namespace
+
+std::unique_ptr<io_driver> make_epoll_driver(unsigned worker, std::error_code& why) {
+  (void)worker;
+  int epfd = ::epoll_create1(EPOLL_CLOEXEC);
+  if (epfd < 0) {
+    why = std::error_code(errno, std::system_category());  // read right after the call
+    return nullptr;
+  }
+  int efd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (efd < 0) {
+    why = std::error_code(errno, std::system_category());  // read right after the call
+    ::close(epfd);
+    return nullptr;
+  }
+  epoll_event ev{.events = EPOLLIN, .data = {.fd = efd}};  // level-triggered: sticky wakes
+  if (::epoll_ctl(epfd, EPOLL_CTL_ADD, efd, &ev) < 0) {
+    why = std::error_code(errno, std::system_category());  // read right after the call
+    ::close(efd);
+    ::close(epfd);
+    return nullptr;
+  }
+  return std::make_unique<epoll_driver>(epfd, efd);
+}
+
+}  // namespace weft::io

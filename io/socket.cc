@@ -1,0 +1,313 @@
+// io/socket.cc — tcp_stream and tcp_listener over io::perform(). Every
+// call that can wait goes through perform(), so it parks only the fiber,
+// takes a deadline and honours the fiber's stop token. Calls that never
+// wait (socket, bind, listen, setsockopt, shutdown, close) are plain system
+// calls; errno is read right after each (see CONVENTIONS.md).
+#include "io/socket.h"
+
+#include "io/blocking.h"
+
+#include <netdb.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <mutex>
+
+namespace weft::io {
+namespace {
+
+std::unexpected<std::error_code> sys_error(int e) {
+  return std::unexpected(std::error_code(e, std::system_category()));
+}
+
+// A socket of `family`, blocking (io_uring arms a poll for it) and
+// close-on-exec. -errno on failure.
+int new_socket(int family, int type = SOCK_STREAM) {
+  int fd = ::socket(family, type | SOCK_CLOEXEC, 0);
+  return fd >= 0 ? fd : -errno;  // errno read right after the call
+}
+
+}  // namespace
+
+void ignore_sigpipe_once() noexcept {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    // Sends use MSG_NOSIGNAL already; this covers a user's plain write().
+    // A program that installed its own handler keeps it.
+    struct sigaction old {};
+    if (sigaction(SIGPIPE, nullptr, &old) == 0 && old.sa_handler == SIG_DFL)
+      signal(SIGPIPE, SIG_IGN);
+  });
+}
+
+// ---- pooled_buffer --------------------------------------------------------------
+
+namespace {
+// relaxed: a statistic (tests and stats read it; nothing is published by it).
+std::atomic<std::int64_t> g_pooled_in_use{0};
+}  // namespace
+
+pooled_buffer::pooled_buffer(io_driver* owner, std::uint32_t id, char* p, std::size_t n) noexcept
+    : owner_(owner), id_(id), p_(p), n_(n) {
+  g_pooled_in_use.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
+}
+
+void pooled_buffer::release() noexcept {
+  if (!owner_) return;
+  std::exchange(owner_, nullptr)->release_buffer(id_, std::exchange(p_, nullptr));
+  n_ = 0;
+  g_pooled_in_use.fetch_sub(1, std::memory_order_relaxed);  // relaxed: statistic
+}
+
+std::size_t pooled_buffer::in_use() noexcept {
+  return static_cast<std::size_t>(g_pooled_in_use.load(std::memory_order_relaxed));  // relaxed: statistic
+}
+
+// ---- socket_base --------------------------------------------------------------
+
+result<void> socket_base::close() noexcept {
+  if (fd_ < 0) return {};
+  if (wake_on_close_) {
+    (void)::shutdown(fd_, SHUT_RDWR);  // completes parked io_uring accepts
+    evict_everywhere(fd_);             // wakes parked epoll waiters
+  }
+  int r = ::close(std::exchange(fd_, -1));
+  if (r < 0 && errno != EINTR) return sys_error(errno);  // EINTR: Linux closed it anyway
+  return {};
+}
+
+result<socket_address> socket_base::local_address() const {
+  sockaddr_storage ss{};
+  socklen_t len = sizeof ss;
+  if (::getsockname(fd_, reinterpret_cast<sockaddr*>(&ss), &len) < 0) return sys_error(errno);
+  return socket_address::from(reinterpret_cast<sockaddr*>(&ss), len);
+}
+
+// ---- tcp_stream ---------------------------------------------------------------
+
+result<tcp_stream> tcp_stream::connect(std::string_view addr, deadline_arg d) {
+  auto a = socket_address::parse(addr);
+  if (!a) return std::unexpected(a.error());
+  return connect(*a, d);
+}
+
+result<tcp_stream> tcp_stream::connect(const socket_address& addr, deadline_arg d) {
+  int fd = new_socket(addr.family());
+  if (fd < 0) return sys_error(-fd);
+  tcp_stream s(fd);  // closes fd on every error path
+  sockaddr_storage sa{};
+  std::memcpy(&sa, addr.get(), addr.size());
+  socklen_t len = addr.size();
+  op o{.kind = op_kind::connect, .fd = fd, .addr = reinterpret_cast<sockaddr*>(&sa), .addrlen = &len};
+  auto r = perform(o, d.when, "tcp connect");
+  if (!r) return std::unexpected(r.error());
+  return s;
+}
+
+result<std::size_t> tcp_stream::read(std::span<char> buf, deadline_arg d) {
+  op o{.kind = op_kind::recv, .fd = fd_, .buf = buf.data(), .len = buf.size()};
+  auto r = perform(o, d.when, "tcp read");
+  if (!r) return std::unexpected(r.error());
+  return static_cast<std::size_t>(*r);
+}
+
+result<pooled_buffer> tcp_stream::read_pooled(deadline_arg d) {
+  // The driver that lends the buffer is the one that performs the receive:
+  // the worker the fiber is on now.
+  io_driver* owner = current_driver();
+  op o{.kind = op_kind::recv_pooled, .fd = fd_};
+  auto r = perform(o, d.when, "tcp read");
+  if (!r) return std::unexpected(r.error());
+  if (!o.buf) return pooled_buffer();  // end of stream, nothing lent
+  // A heap buffer (kHeapBufferId) may come from any driver: each frees it.
+  return pooled_buffer(owner, o.buf_id, static_cast<char*>(o.buf), static_cast<std::size_t>(*r));
+}
+
+result<std::size_t> tcp_stream::read_exact(std::span<char> buf, deadline_arg d) {
+  std::size_t got = 0;
+  while (got < buf.size()) {
+    auto n = read(buf.subspan(got), d);
+    if (!n) return n;
+    if (*n == 0) return std::unexpected(std::make_error_code(std::errc::connection_aborted));
+    got += *n;
+  }
+  return got;
+}
+
+result<std::size_t> tcp_stream::write(std::span<const char> buf, deadline_arg d) {
+  // SAFETY: send only reads the buffer; the const_cast is for op's one
+  // buffer field.
+  op o{.kind = op_kind::send, .fd = fd_, .buf = const_cast<char*>(buf.data()), .len = buf.size()};
+  auto r = perform(o, d.when, "tcp write");
+  if (!r) return std::unexpected(r.error());
+  return static_cast<std::size_t>(*r);
+}
+
+result<void> tcp_stream::write_all(std::span<const char> buf, deadline_arg d) {
+  while (!buf.empty()) {
+    auto n = write(buf, d);
+    if (!n) return std::unexpected(n.error());
+    buf = buf.subspan(*n);
+  }
+  return {};
+}
+
+result<std::size_t> tcp_stream::readv(std::span<const iovec> bufs, deadline_arg d) {
+  msghdr m{};
+  m.msg_iov = const_cast<iovec*>(bufs.data());  // the kernel only reads the array
+  m.msg_iovlen = bufs.size();
+  op o{.kind = op_kind::recvmsg, .fd = fd_, .msg = &m};
+  auto r = perform(o, d.when, "tcp readv");
+  if (!r) return std::unexpected(r.error());
+  return static_cast<std::size_t>(*r);
+}
+
+result<std::size_t> tcp_stream::writev(std::span<const iovec> bufs, deadline_arg d) {
+  msghdr m{};
+  m.msg_iov = const_cast<iovec*>(bufs.data());  // the kernel only reads the array
+  m.msg_iovlen = bufs.size();
+  op o{.kind = op_kind::sendmsg, .fd = fd_, .msg = &m};
+  auto r = perform(o, d.when, "tcp writev");
+  if (!r) return std::unexpected(r.error());
+  return static_cast<std::size_t>(*r);
+}
+
+result<void> tcp_stream::shutdown(int how) noexcept {
+  if (::shutdown(fd_, how) < 0) return sys_error(errno);
+  return {};
+}
+
+result<void> tcp_stream::set_nodelay(bool on) noexcept {
+  int v = on ? 1 : 0;
+  if (::setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &v, sizeof v) < 0) return sys_error(errno);
+  return {};
+}
+
+result<socket_address> tcp_stream::peer_address() const {
+  sockaddr_storage ss{};
+  socklen_t len = sizeof ss;
+  if (::getpeername(fd_, reinterpret_cast<sockaddr*>(&ss), &len) < 0) return sys_error(errno);
+  return socket_address::from(reinterpret_cast<sockaddr*>(&ss), len);
+}
+
+// ---- tcp_listener -------------------------------------------------------------
+
+result<tcp_listener> tcp_listener::bind(std::string_view addr, int backlog) {
+  auto a = socket_address::parse(addr);
+  if (!a) return std::unexpected(a.error());
+  return bind(*a, backlog);
+}
+
+result<tcp_listener> tcp_listener::bind(const socket_address& addr, int backlog) {
+  if (backlog < 0) return std::unexpected(std::make_error_code(std::errc::invalid_argument));
+  int fd = new_socket(addr.family());
+  if (fd < 0) return sys_error(-fd);
+  tcp_listener l(fd);  // closes fd on every error path
+  l.wake_on_close_ = true;
+  int one = 1;
+  if (addr.family() != AF_UNIX &&
+      ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0)
+    return sys_error(errno);
+  if (::bind(fd, addr.get(), addr.size()) < 0) return sys_error(errno);
+  if (::listen(fd, backlog) < 0) return sys_error(errno);
+  return l;
+}
+
+result<tcp_stream> tcp_listener::accept(deadline_arg d) {
+  op o{.kind = op_kind::accept, .fd = fd_};
+  auto r = perform(o, d.when, "tcp accept");
+  if (!r) return std::unexpected(r.error());
+  return tcp_stream(*r);
+}
+
+// ---- udp_socket ---------------------------------------------------------------
+
+result<udp_socket> udp_socket::bind(std::string_view addr) {
+  auto a = socket_address::parse(addr);
+  if (!a) return std::unexpected(a.error());
+  return bind(*a);
+}
+
+result<udp_socket> udp_socket::bind(const socket_address& addr) {
+  int fd = new_socket(addr.family(), SOCK_DGRAM);
+  if (fd < 0) return sys_error(-fd);
+  udp_socket u(fd);  // closes fd on every error path
+  if (::bind(fd, addr.get(), addr.size()) < 0) return sys_error(errno);
+  return u;
+}
+
+result<std::size_t> udp_socket::send_to(std::span<const char> buf, const socket_address& to,
+                                         deadline_arg d) {
+  sockaddr_storage sa{};
+  std::memcpy(&sa, to.get(), to.size());
+  iovec v{const_cast<char*>(buf.data()), buf.size()};  // read only
+  msghdr m{};
+  m.msg_name = &sa;
+  m.msg_namelen = to.size();
+  m.msg_iov = &v;
+  m.msg_iovlen = 1;
+  op o{.kind = op_kind::sendmsg, .fd = fd_, .msg = &m};
+  auto r = perform(o, d.when, "udp send");
+  if (!r) return std::unexpected(r.error());
+  return static_cast<std::size_t>(*r);
+}
+
+result<std::size_t> udp_socket::recv_from(std::span<char> buf, socket_address* from,
+                                          deadline_arg d) {
+  sockaddr_storage sa{};
+  iovec v{buf.data(), buf.size()};
+  msghdr m{};
+  m.msg_name = &sa;
+  m.msg_namelen = sizeof sa;
+  m.msg_iov = &v;
+  m.msg_iovlen = 1;
+  op o{.kind = op_kind::recvmsg, .fd = fd_, .msg = &m};
+  auto r = perform(o, d.when, "udp receive");
+  if (!r) return std::unexpected(r.error());
+  if (from) *from = socket_address::from(reinterpret_cast<sockaddr*>(&sa), m.msg_namelen);
+  return static_cast<std::size_t>(*r);
+}
+
+// ---- resolve --------------------------------------------------------------------
+
+namespace {
+
+class resolve_category_impl final : public std::error_category {
+ public:
+  const char* name() const noexcept override { return "getaddrinfo"; }
+  std::string message(int ev) const override { return ::gai_strerror(ev); }
+};
+
+}  // namespace
+
+const std::error_category& resolve_category() noexcept {
+  static const resolve_category_impl c;
+  return c;
+}
+
+result<std::vector<socket_address>> resolve(const std::string& host, int port) {
+  if (port < 0 || port > 65535 || host.find('\0') != std::string::npos)
+    return std::unexpected(std::make_error_code(std::errc::invalid_argument));
+  return blocking([&]() -> result<std::vector<socket_address>> {
+    addrinfo hints{};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV | AI_ADDRCONFIG;
+    addrinfo* res = nullptr;
+    std::string service = std::to_string(port);
+    int rc = ::getaddrinfo(host.c_str(), service.c_str(), &hints, &res);
+    if (rc == EAI_SYSTEM) return sys_error(errno);  // errno read right after the call
+    if (rc != 0) return std::unexpected(std::error_code(rc, resolve_category()));
+    std::vector<socket_address> out;
+    for (addrinfo* a = res; a; a = a->ai_next)
+      out.push_back(socket_address::from(a->ai_addr, a->ai_addrlen));
+    ::freeaddrinfo(res);
+    return out;
+  });
+}
+
+}  // namespace weft::io

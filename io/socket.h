@@ -1,0 +1,210 @@
+// io/socket.h
+//
+// TCP and UDP sockets whose blocking-looking calls park only the calling
+// fiber, and name lookup. Users include runtime/net.h, where these are
+// re-exported as weft::tcp_listener, weft::tcp_stream, weft::udp_socket,
+// weft::socket_address, weft::resolve.
+//
+//   auto ln = weft::tcp_listener::bind("127.0.0.1:7000");   // result<tcp_listener>
+//   auto c = ln->accept();                                  // parks; result<tcp_stream>
+//   auto n = c->read(buf, weft::deadline(30s));             // 0 = EOF
+//
+// Errors are values (io::result<T> is weft::result<T>): timed_out at the
+// deadline, operation_canceled after the fiber's request_stop(), the system
+// error otherwise (EPIPE for a write to a closed peer — never SIGPIPE;
+// EMFILE from accept, after which the listener keeps working). A malformed
+// address is std::errc::invalid_argument.
+//
+// Invariants:
+//   - A socket object owns its descriptor (-1 when empty or closed); moving
+//     transfers it; the destructor closes it.
+//   - One fiber uses a socket object at a time, except that one reader and
+//     one writer fiber may use the same tcp_stream concurrently.
+#pragma once
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "io/driver.h"
+
+namespace weft::io {
+
+// A deadline as the socket calls take it: anything with a `when` member
+// holding a steady_clock time point (weft::deadline), or a time point.
+// Defaults to "never". io/ sits below runtime/, so it names no runtime type.
+struct deadline_arg {
+  clock::time_point when = clock::time_point::max();
+  deadline_arg() = default;
+  deadline_arg(clock::time_point t) : when(t) {}  // NOLINT: implicit on purpose
+  template <typename D>
+    requires requires(const D& d) { clock::time_point{d.when}; }
+  deadline_arg(const D& d) : when(d.when) {}  // NOLINT: implicit on purpose
+};
+
+// An IPv4 or IPv6 address and port, or a Unix socket path.
+class socket_address {
+ public:
+  socket_address() = default;
+  // "127.0.0.1:7000", "[::1]:7000", "unix:/run/app.sock". Numeric only: no
+  // name lookup. tcp_listener and tcp_stream take a "unix:" address for a
+  // Unix stream socket (set_nodelay then fails: it is a TCP option).
+  static result<socket_address> parse(std::string_view text);
+  static socket_address from(const sockaddr* sa, socklen_t len);
+
+  int family() const noexcept { return storage_.ss_family; }
+  int port() const noexcept;
+  std::string to_string() const;  // "127.0.0.1:7000" / "[::1]:7000" / "unix:/path"
+  const sockaddr* get() const noexcept { return reinterpret_cast<const sockaddr*>(&storage_); }
+  socklen_t size() const noexcept { return len_; }
+
+ private:
+  sockaddr_storage storage_{};
+  socklen_t len_ = 0;
+};
+
+// A received chunk in a buffer lent by the I/O driver (see *Pooled receive
+// buffers* in io/driver.h): taken only when data arrived, given back by the
+// destructor or release(), from any fiber or thread. Must be released
+// before weft::run returns. Move-only.
+class pooled_buffer {
+ public:
+  pooled_buffer() = default;
+  pooled_buffer(pooled_buffer&& o) noexcept
+      : owner_(std::exchange(o.owner_, nullptr)), id_(o.id_),
+        p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
+  pooled_buffer& operator=(pooled_buffer&& o) noexcept {
+    if (this != &o) {
+      release();
+      owner_ = std::exchange(o.owner_, nullptr);
+      id_ = o.id_;
+      p_ = std::exchange(o.p_, nullptr);
+      n_ = std::exchange(o.n_, 0);
+    }
+    return *this;
+  }
+  ~pooled_buffer() { release(); }
+
+  std::span<const char> data() const noexcept { return {p_, n_}; }
+  std::size_t size() const noexcept { return n_; }
+  bool empty() const noexcept { return n_ == 0; }
+  void release() noexcept;
+
+  // Buffers lent and not yet released, process-wide.
+  static std::size_t in_use() noexcept;
+
+ private:
+  friend class tcp_stream;
+  pooled_buffer(io_driver* owner, std::uint32_t id, char* p, std::size_t n) noexcept;
+  io_driver* owner_ = nullptr;  // null: nothing held
+  std::uint32_t id_ = 0;
+  char* p_ = nullptr;
+  std::size_t n_ = 0;
+};
+
+// What both socket types share: the descriptor and addresses.
+class socket_base {
+ public:
+  socket_base() = default;
+  explicit socket_base(int fd) noexcept : fd_(fd) {}
+  socket_base(socket_base&& o) noexcept
+      : fd_(std::exchange(o.fd_, -1)), wake_on_close_(o.wake_on_close_) {}
+  socket_base& operator=(socket_base&& o) noexcept {
+    if (this != &o) {
+      (void)close();
+      fd_ = std::exchange(o.fd_, -1);
+      wake_on_close_ = o.wake_on_close_;
+    }
+    return *this;
+  }
+  ~socket_base() { (void)close(); }
+
+  bool is_open() const noexcept { return fd_ >= 0; }
+  int native_handle() const noexcept { return fd_; }
+  // Closes the descriptor. A listener is shut down first, so fibers parked
+  // in its accept() wake with an error instead of waiting forever (an
+  // in-flight io_uring operation keeps a closed file open).
+  [[nodiscard]] result<void> close() noexcept;
+  [[nodiscard]] result<socket_address> local_address() const;
+
+ protected:
+  int fd_ = -1;
+  bool wake_on_close_ = false;  // listeners: shutdown(2) before close(2)
+};
+
+class tcp_stream : public socket_base {
+ public:
+  using socket_base::socket_base;
+
+  // Connects to `addr` ("127.0.0.1:7000"), parking until connected.
+  [[nodiscard]] static result<tcp_stream> connect(std::string_view addr, deadline_arg d = {});
+  [[nodiscard]] static result<tcp_stream> connect(const socket_address& addr, deadline_arg d = {});
+
+  // One receive: up to buf.size() bytes; 0 at end of stream.
+  [[nodiscard]] result<std::size_t> read(std::span<char> buf, deadline_arg d = {});
+  // One receive into a pooled buffer taken only once data has arrived, so
+  // a connection idle in this call holds no receive buffer. Empty at end of
+  // stream.
+  [[nodiscard]] result<pooled_buffer> read_pooled(deadline_arg d = {});
+  // Fills buf entirely; an end of stream before that is an error
+  // (std::errc::connection_aborted).
+  [[nodiscard]] result<std::size_t> read_exact(std::span<char> buf, deadline_arg d = {});
+  // One send: returns how many bytes went out.
+  [[nodiscard]] result<std::size_t> write(std::span<const char> buf, deadline_arg d = {});
+  // Sends all of buf (several sends if needed).
+  [[nodiscard]] result<void> write_all(std::span<const char> buf, deadline_arg d = {});
+  // One scatter receive / gather send.
+  [[nodiscard]] result<std::size_t> readv(std::span<const iovec> bufs, deadline_arg d = {});
+  [[nodiscard]] result<std::size_t> writev(std::span<const iovec> bufs, deadline_arg d = {});
+
+  [[nodiscard]] result<void> shutdown(int how = SHUT_WR) noexcept;
+  [[nodiscard]] result<void> set_nodelay(bool on) noexcept;
+  [[nodiscard]] result<socket_address> peer_address() const;
+};
+
+class tcp_listener : public socket_base {
+ public:
+  using socket_base::socket_base;
+
+  // Binds and listens on `addr` ("127.0.0.1:0" picks a free port), with
+  // SO_REUSEADDR.
+  [[nodiscard]] static result<tcp_listener> bind(std::string_view addr, int backlog = SOMAXCONN);
+  [[nodiscard]] static result<tcp_listener> bind(const socket_address& addr, int backlog = SOMAXCONN);
+
+  // Parks until a connection arrives. EMFILE/ENFILE/ECONNABORTED are
+  // returned as errors; the listener stays usable.
+  [[nodiscard]] result<tcp_stream> accept(deadline_arg d = {});
+};
+
+class udp_socket : public socket_base {
+ public:
+  using socket_base::socket_base;
+
+  // A UDP socket bound to `addr` ("127.0.0.1:0" picks a free port).
+  [[nodiscard]] static result<udp_socket> bind(std::string_view addr);
+  [[nodiscard]] static result<udp_socket> bind(const socket_address& addr);
+
+  // One datagram each. recv_from truncates a datagram larger than buf.
+  [[nodiscard]] result<std::size_t> send_to(std::span<const char> buf, const socket_address& to,
+                                            deadline_arg d = {});
+  [[nodiscard]] result<std::size_t> recv_from(std::span<char> buf, socket_address* from,
+                                              deadline_arg d = {});
+};
+
+// Name lookup (getaddrinfo) on the blocking pool, so only the fiber waits.
+// TCP addresses for `host` ("localhost", "::1", "example.com") and `port`.
+// A failed lookup is an error of resolve_category() with getaddrinfo's
+// message.
+[[nodiscard]] result<std::vector<socket_address>> resolve(const std::string& host, int port);
+const std::error_category& resolve_category() noexcept;
+
+}  // namespace weft::io

@@ -1,0 +1,524 @@
+// io/uring_driver.cc
+//
+// The io_uring driver: one ring per worker, created on the worker's thread.
+// The only file that includes liburing.h.
+//
+// Invariants:
+//   - Only the owning worker's thread touches ring_ (SINGLE_ISSUER where
+//     the kernel has it). A fiber prepares SQEs only while it runs on the
+//     owner, between io::perform()'s start() and its park; other threads
+//     reach the ring only through wake() and cancel(), which queue work and
+//     write the eventfd.
+//   - Every CQE's user_data is either a completion* (an operation started
+//     by start(), counted in inflight_ until its CQE), kWakeTag (the
+//     eventfd read, always armed) or kIgnoreTag (linked timeouts, cancels).
+//   - SQEs are submitted in one io_uring_submit per scheduler turn (flush(),
+//     poll(), wait()); start() submits early only when the SQ ring is full.
+//
+// *Deadlines*: an operation whose deadline is near (kKernelDeadline) is
+// linked to an IORING_OP_LINK_TIMEOUT; the kernel cancels the operation at
+// the deadline and it completes with -ECANCELED, which perform maps to
+// timed_out. The timeout's timespec is read by the kernel when the SQE is
+// submitted, so it lives in ts_[] at the SQE's index until the next submit.
+// A far deadline (an idle timeout: it rarely fires) is the scheduler's
+// timer instead, which costs no kernel timer and no second SQE and CQE per
+// operation (a 30 s read deadline cost 11% of the echo server's CPU); when
+// it fires, wait_for() cancels the operation and waits for its CQE.
+//
+// *Waking*: wake() writes an eventfd that has a read armed on the ring at
+// all times, so a sleeping wait() returns; wake_pending_ keeps repeated
+// wakes down to one write until the owner has seen it.
+//
+// Who calls what:
+//   perform(), poll(), poll_now(), flush(), wait(), pending()  owner thread
+//   wake(), cancel(), release_buffer()                         any thread
+#include <fcntl.h>
+#include <liburing.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <climits>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "alloc/check.h"
+#include "io/driver.h"
+#include "sched/worker.h"
+
+namespace weft::io {
+namespace {
+
+constexpr std::uint64_t kIgnoreTag = 0;
+constexpr std::uint64_t kWakeTag = 1;
+// SQ ring entries: a turn rarely queues more; start() submits early when full.
+constexpr unsigned kSqEntries = 256;
+// See *Deadlines*: nearer than this, the kernel times the operation out.
+constexpr auto kKernelDeadline = std::chrono::seconds(1);
+// CQ ring entries: room for a burst of completions between two reaps; the
+// kernel keeps overflowed CQEs (IORING_FEAT_NODROP) if a burst is larger.
+constexpr unsigned kCqEntries = 4096;
+// *Fairness*: completions handled per reap. Each wakes a fiber onto the
+// worker's local queue (256 slots), which overflows half its fibers to the
+// global inject queue, where they wait behind everyone else: reaping every
+// CQE at once gave a p999 of 80 ms with 1000 echo connections
+// (bench/compare_echo.sh). The CQ ring is a FIFO that keeps the rest in
+// order for the next poll; wait() returns at once while it holds any.
+constexpr unsigned kMaxReap = 64;
+// *Pooled receive buffers* (io/driver.h): a provided buffer ring of
+// kBufCount buffers of kPooledBufferSize bytes, group kBufGroup. The memory
+// is mapped, not touched, so only buffers that held data cost RSS.
+constexpr unsigned kBufCount = 1024;  // a power of two, as the kernel requires
+constexpr int kBufGroup = 0;
+
+// Ring flags, best first; the first the kernel accepts wins.
+constexpr unsigned kCq = IORING_SETUP_CQSIZE;
+constexpr unsigned kFlagChoices[] = {
+    IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN |
+        IORING_SETUP_TASKRUN_FLAG | IORING_SETUP_SUBMIT_ALL | kCq,
+    IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG | IORING_SETUP_SUBMIT_ALL | kCq,
+    kCq,
+    0,
+};
+
+class uring_driver final : public io_driver {
+ public:
+  uring_driver(io_uring& ring, unsigned flags, int efd)
+      : ring_(ring), flags_(flags), efd_(efd), ts_(ring.sq.ring_entries) {
+    (void)io_uring_register_ring_fd(&ring_);  // optional: saves an fd lookup per enter
+    setup_buffer_ring();
+    arm_wake_read();
+    io_uring_submit(&ring_);
+  }
+  ~uring_driver() override {
+    // After every worker joined: nothing runs on the ring any more.
+    io_uring_queue_exit(&ring_);
+    ::close(efd_);
+    if (br_) ::munmap(br_, kBufCount * sizeof(io_uring_buf));
+    if (bufs_) ::munmap(bufs_, kBufCount * kPooledBufferSize);
+  }
+
+  result<int> perform(op& o, clock::time_point deadline, const char* what,
+                      std::source_location where) override;
+  void cancel(completion& c) noexcept override;
+  void release_buffer(std::uint32_t id, void* p) noexcept override;
+  void wait(sched::clock::time_point deadline) override;
+  void poll() override;
+  void flush() override {
+    drain_cancels();
+    drain_released();
+    if (io_uring_sq_ready(&ring_) > 0) submit();
+  }
+  void wake() noexcept override;
+  std::size_t pending() const noexcept override { return inflight_; }
+  const char* name() const noexcept override { return "io_uring"; }
+
+ private:
+  void start(op& o, completion& c, clock::time_point deadline);
+  result<int> perform_one(op& o, clock::time_point deadline, const char* what,
+                          std::source_location where, std::uint32_t* cqe_flags);
+  result<int> recv_pooled(op& o, clock::time_point deadline, const char* what,
+                          std::source_location where);
+  void setup_buffer_ring();
+  void recycle(std::uint32_t bid);
+  void drain_released();
+  io_uring_sqe* get_sqe(unsigned need);
+  void submit();
+  void prep(io_uring_sqe* sqe, const op& o);
+  void prep_cancel(completion* c);
+  void arm_wake_read();
+  void drain_cancels();
+  void reap();
+  bool on_owner_thread() const noexcept {
+    sched::worker* w = sched::current_worker();
+    return w && w->io() == this;
+  }
+
+  io_uring ring_;
+  const unsigned flags_;
+  const int efd_;
+  std::uint64_t wake_buf_ = 0;  // the armed eventfd read's target (owner, kernel)
+  std::vector<__kernel_timespec> ts_;  // link timeouts by SQE index (see *Deadlines*)
+  std::size_t inflight_ = 0;  // owner only: operations started, CQE not yet seen
+  // Owner only: a wake() was consumed by poll() and no wait() has returned
+  // since. wake() is sticky (sched/driver.h): the next wait() returns at once.
+  bool woken_ = false;
+
+  // release in wake() publishes the waker's work; pairs with the acq_rel
+  // exchange in reap() that clears it (see *Waking*).
+  std::atomic<bool> wake_pending_{false};
+
+  // Pooled receive buffers: the ring and the memory (owner and kernel).
+  io_uring_buf_ring* br_ = nullptr;
+  char* bufs_ = nullptr;
+  // Buffers released on other threads, recycled by the owner at its next
+  // flush/poll/wait.
+  weft::spinlock release_lock_;
+  std::vector<std::uint32_t> released_;  // guarded by release_lock_
+  // release after the push publishes released_; pairs with the acquire in
+  // drain_released() (a hint: the list itself is read under the lock).
+  std::atomic<bool> has_released_{false};
+
+  // Cancels asked for by fibers that have moved to another worker.
+  weft::spinlock cancel_lock_;
+  std::vector<completion*> cancels_;  // guarded by cancel_lock_
+  // release after the push publishes cancels_; pairs with the acquire in
+  // drain_cancels() (a hint: the list itself is read under the lock).
+  std::atomic<bool> has_cancels_{false};
+};
+
+io_uring_sqe* uring_driver::get_sqe(unsigned need) {
+  if (io_uring_sq_space_left(&ring_) < need) submit();
+  io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+  WEFT_CHECK(sqe, "uring_driver: no SQE after submitting");
+  return sqe;
+}
+
+void uring_driver::submit() {
+  int r = io_uring_submit(&ring_);
+  if (r > 0) io_counters::bump(counters_.submits);
+  // -EBUSY/-EAGAIN: CQ overflow backlog or memory pressure; the SQEs stay
+  // queued and the next turn submits them again.
+  if (r < 0 && r != -EBUSY && r != -EAGAIN && r != -EINTR)
+    std::fprintf(stderr, "weft: io_uring_submit: %s\n", std::strerror(-r));
+}
+
+void uring_driver::prep(io_uring_sqe* sqe, const op& o) {
+  // The kernel takes u32 lengths; a larger buffer is simply read or
+  // written partially, as a short read/write.
+  unsigned len = o.len > (1u << 30) ? (1u << 30) : static_cast<unsigned>(o.len);
+  switch (o.kind) {
+    case op_kind::recv:
+      io_uring_prep_recv(sqe, o.fd, o.buf, len, o.flags);
+      break;
+    case op_kind::recv_pooled:
+      io_uring_prep_recv(sqe, o.fd, nullptr, kPooledBufferSize, o.flags);
+      sqe->flags |= IOSQE_BUFFER_SELECT;
+      sqe->buf_group = kBufGroup;
+      break;
+    case op_kind::send:
+      io_uring_prep_send(sqe, o.fd, o.buf, len, o.flags | MSG_NOSIGNAL);
+      break;
+    case op_kind::recvmsg:
+      io_uring_prep_recvmsg(sqe, o.fd, o.msg, o.flags);
+      break;
+    case op_kind::sendmsg:
+      io_uring_prep_sendmsg(sqe, o.fd, o.msg, o.flags | MSG_NOSIGNAL);
+      break;
+    case op_kind::accept:
+      io_uring_prep_accept(sqe, o.fd, o.addr, o.addrlen, o.flags | SOCK_CLOEXEC);
+      break;
+    case op_kind::connect:
+      io_uring_prep_connect(sqe, o.fd, o.addr, *o.addrlen);
+      break;
+    case op_kind::read_at:
+      io_uring_prep_read(sqe, o.fd, o.buf, len, o.offset);
+      break;
+    case op_kind::write_at:
+      io_uring_prep_write(sqe, o.fd, o.buf, len, o.offset);
+      break;
+    case op_kind::fsync:
+      io_uring_prep_fsync(sqe, o.fd, o.flags ? IORING_FSYNC_DATASYNC : 0);
+      break;
+    case op_kind::openat:
+      io_uring_prep_openat(sqe, AT_FDCWD, static_cast<const char*>(o.buf), o.flags | O_CLOEXEC,
+                           static_cast<mode_t>(o.offset));
+      break;
+    case op_kind::close:
+      io_uring_prep_close(sqe, o.fd);
+      break;
+  }
+}
+
+void uring_driver::start(op& o, completion& c, clock::time_point deadline) {
+  const bool timed = deadline != clock::time_point::max();
+  io_uring_sqe* sqe = get_sqe(timed ? 2 : 1);
+  prep(sqe, o);
+  // SAFETY: &c lives on the parked fiber's stack until its CQE arrived
+  // (see *Completion slots* in io/driver.h).
+  io_uring_sqe_set_data64(sqe, reinterpret_cast<std::uintptr_t>(&c));
+  ++inflight_;
+  io_counters::bump(counters_.ops);
+  io_counters::bump(counters_.parked);  // every io_uring operation parks
+  if (timed) {
+    sqe->flags |= IOSQE_IO_LINK;
+    io_uring_sqe* t = io_uring_get_sqe(&ring_);  // get_sqe(2) left room for it
+    __kernel_timespec& ts = ts_[t - ring_.sq.sqes];
+    auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - clock::now()).count();
+    if (ns < 1) ns = 1;  // already due: the kernel still tries the operation once
+    ts.tv_sec = ns / 1'000'000'000;
+    ts.tv_nsec = ns % 1'000'000'000;
+    io_uring_prep_link_timeout(t, &ts, 0);
+    io_uring_sqe_set_data64(t, kIgnoreTag);
+  }
+}
+
+result<int> uring_driver::perform(op& o, clock::time_point deadline, const char* what,
+                                  std::source_location where) {
+  if (o.kind == op_kind::recv_pooled) return recv_pooled(o, deadline, what, where);
+  return perform_one(o, deadline, what, where, nullptr);
+}
+
+result<int> uring_driver::perform_one(op& o, clock::time_point deadline, const char* what,
+                                      std::source_location where, std::uint32_t* cqe_flags) {
+  completion c;
+  constexpr clock::time_point never = clock::time_point::max();
+  const bool in_kernel = deadline != never && deadline - clock::now() < kKernelDeadline;
+  // SAFETY: from start() on, the kernel holds &c and o's buffers:
+  // wait_for() returns only once the CQE arrived (see *Completion slots*).
+  start(o, c, in_kernel ? deadline : never);
+  sched::wake_reason why = wait_for(*this, c, in_kernel ? never : deadline, what, where);
+  int r = c.res();
+  if (cqe_flags) *cqe_flags = c.flags();
+  if (r >= 0) return r;
+  if (why == sched::wake_reason::timed_out && (r == -ECANCELED || r == -EINTR))
+    return std::unexpected(std::make_error_code(std::errc::timed_out));
+  if (why == sched::wake_reason::cancelled && (r == -ECANCELED || r == -EINTR)) {
+    sched::unwind_point();
+    return std::unexpected(std::make_error_code(std::errc::operation_canceled));
+  }
+  if (r == -ETIME || (r == -ECANCELED && deadline != clock::time_point::max()))
+    return std::unexpected(std::make_error_code(std::errc::timed_out));
+  return std::unexpected(std::error_code(-r, std::system_category()));
+}
+
+// ---- Pooled receive buffers --------------------------------------------------
+
+void uring_driver::setup_buffer_ring() {
+  void* ring = ::mmap(nullptr, kBufCount * sizeof(io_uring_buf), PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void* mem = ::mmap(nullptr, kBufCount * kPooledBufferSize, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  io_uring_buf_reg reg{};
+  reg.ring_addr = reinterpret_cast<std::uintptr_t>(ring);
+  reg.ring_entries = kBufCount;
+  reg.bgid = kBufGroup;
+  if (ring == MAP_FAILED || mem == MAP_FAILED || io_uring_register_buf_ring(&ring_, &reg, 0) < 0) {
+    // Older kernel: recv_pooled falls back to a heap buffer per receive.
+    if (ring != MAP_FAILED) ::munmap(ring, kBufCount * sizeof(io_uring_buf));
+    if (mem != MAP_FAILED) ::munmap(mem, kBufCount * kPooledBufferSize);
+    return;
+  }
+  br_ = static_cast<io_uring_buf_ring*>(ring);
+  bufs_ = static_cast<char*>(mem);
+  io_uring_buf_ring_init(br_);
+  for (unsigned i = 0; i < kBufCount; ++i)
+    io_uring_buf_ring_add(br_, bufs_ + i * kPooledBufferSize, kPooledBufferSize, i,
+                          io_uring_buf_ring_mask(kBufCount), i);
+  io_uring_buf_ring_advance(br_, kBufCount);
+}
+
+void uring_driver::recycle(std::uint32_t bid) {
+  io_uring_buf_ring_add(br_, bufs_ + bid * kPooledBufferSize, kPooledBufferSize, bid,
+                        io_uring_buf_ring_mask(kBufCount), 0);
+  io_uring_buf_ring_advance(br_, 1);  // a release store: the kernel sees the entry
+}
+
+void uring_driver::release_buffer(std::uint32_t id, void* p) noexcept {
+  if (id == kHeapBufferId) {
+    delete[] static_cast<char*>(p);
+  } else if (on_owner_thread()) {
+    recycle(id);
+  } else {
+    {
+      std::lock_guard g(release_lock_);
+      released_.push_back(id);
+    }
+    has_released_.store(true, std::memory_order_release);  // pairs with drain_released()
+  }
+}
+
+void uring_driver::drain_released() {
+  if (!has_released_.load(std::memory_order_acquire)) return;  // pairs with release_buffer()
+  std::vector<std::uint32_t> ids;
+  {
+    std::lock_guard g(release_lock_);
+    ids.swap(released_);
+    has_released_.store(false, std::memory_order_relaxed);  // relaxed: under the lock
+  }
+  for (std::uint32_t id : ids) recycle(id);
+}
+
+result<int> uring_driver::recv_pooled(op& o, clock::time_point deadline, const char* what,
+                                      std::source_location where) {
+  o.buf = nullptr;
+  o.len = 0;
+  o.buf_id = kHeapBufferId;
+  if (br_) {
+    std::uint32_t flags = 0;
+    auto r = perform_one(o, deadline, what, where, &flags);
+    if (flags & IORING_CQE_F_BUFFER) {
+      std::uint32_t bid = flags >> IORING_CQE_BUFFER_SHIFT;
+      if (!r) {
+        release_buffer(bid, nullptr);  // a failed receive may still have taken one
+        return r;
+      }
+      o.buf_id = bid;
+      o.buf = bufs_ + bid * kPooledBufferSize;
+      o.len = kPooledBufferSize;
+    }
+    if (r || r.error() != std::errc::no_buffer_space) return r;
+  }
+  // No ring, or every buffer is out: a heap buffer for this receive. The
+  // fiber may have moved since the park above: perform on its worker now.
+  auto* buf = new char[kPooledBufferSize];
+  op plain{.kind = op_kind::recv, .fd = o.fd, .buf = buf, .len = kPooledBufferSize, .flags = o.flags};
+  auto r = io::perform(plain, deadline, what, where);
+  if (!r) {
+    delete[] buf;
+    return r;
+  }
+  o.buf = buf;
+  o.len = kPooledBufferSize;
+  return r;
+}
+
+// ---- Cancelling --------------------------------------------------------------
+
+void uring_driver::prep_cancel(completion* c) {
+  io_uring_sqe* sqe = get_sqe(1);
+  io_uring_prep_cancel64(sqe, reinterpret_cast<std::uintptr_t>(c), 0);
+  io_uring_sqe_set_data64(sqe, kIgnoreTag);
+}
+
+void uring_driver::cancel(completion& c) noexcept {
+  if (on_owner_thread()) {
+    prep_cancel(&c);  // submitted at this worker's next flush
+    return;
+  }
+  {
+    std::lock_guard g(cancel_lock_);
+    cancels_.push_back(&c);
+  }
+  has_cancels_.store(true, std::memory_order_release);  // pairs with drain_cancels()
+  wake();
+}
+
+void uring_driver::drain_cancels() {
+  if (!has_cancels_.load(std::memory_order_acquire)) return;  // pairs with cancel()
+  std::vector<completion*> todo;
+  {
+    std::lock_guard g(cancel_lock_);
+    todo.swap(cancels_);
+    has_cancels_.store(false, std::memory_order_relaxed);  // relaxed: under the lock
+  }
+  for (completion* c : todo) prep_cancel(c);
+}
+
+void uring_driver::arm_wake_read() {
+  io_uring_sqe* sqe = get_sqe(1);
+  io_uring_prep_read(sqe, efd_, &wake_buf_, sizeof wake_buf_, 0);
+  io_uring_sqe_set_data64(sqe, kWakeTag);
+}
+
+void uring_driver::wake() noexcept {
+  // acq_rel: the release publishes the caller's queued work to the owner
+  // (pairs with the exchange in reap()); only the first waker writes.
+  if (wake_pending_.exchange(true, std::memory_order_acq_rel)) return;
+  std::uint64_t one = 1;
+  ssize_t n = ::write(efd_, &one, sizeof one);
+  (void)n;  // cannot fail short of a bad fd: the counter never nears its max
+}
+
+void uring_driver::reap() {
+  unsigned head, n = 0;
+  io_uring_cqe* cqe;
+  io_uring_for_each_cqe(&ring_, head, cqe) {
+    if (n == kMaxReap) break;  // see *Fairness*
+    ++n;
+    std::uint64_t tag = cqe->user_data;
+    if (tag == kIgnoreTag) continue;
+    if (tag == kWakeTag) {
+      // acq_rel: pairs with wake()'s exchange; wakes after this one write again.
+      wake_pending_.exchange(false, std::memory_order_acq_rel);
+      woken_ = true;
+      arm_wake_read();
+      continue;
+    }
+    --inflight_;
+    // SAFETY: the fiber that owns this slot is parked (or about to park)
+    // until complete() ran; see *Completion slots* in io/driver.h.
+    reinterpret_cast<completion*>(tag)->complete(cqe->res, cqe->flags);
+  }
+  io_uring_cq_advance(&ring_, n);
+  if (n) io_counters::bump(counters_.completions, n);
+}
+
+void uring_driver::poll() {
+  drain_cancels();
+  drain_released();
+  bool enter = io_uring_sq_ready(&ring_) > 0;
+  if (!enter) {
+    // relaxed: a hint the kernel sets when deferred completions wait for
+    // us (IORING_SQ_TASKRUN) or CQEs overflowed; the enter orders the rest.
+    unsigned sqf = __atomic_load_n(ring_.sq.kflags, __ATOMIC_RELAXED);
+    enter = (sqf & IORING_SQ_CQ_OVERFLOW) ||
+            ((flags_ & IORING_SETUP_TASKRUN_FLAG) && (sqf & IORING_SQ_TASKRUN));
+  }
+  if (enter && io_uring_submit_and_get_events(&ring_) > 0) io_counters::bump(counters_.submits);
+  reap();
+}
+
+void uring_driver::wait(sched::clock::time_point deadline) {
+  drain_cancels();
+  drain_released();
+  if (!std::exchange(woken_, false) && io_uring_cq_ready(&ring_) == 0) {
+    __kernel_timespec ts{};
+    __kernel_timespec* tsp = nullptr;
+    if (deadline != sched::clock::time_point::max()) {
+      auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                    deadline - sched::clock::now()).count();
+      if (ns < 0) ns = 0;
+      ts.tv_sec = ns / 1'000'000'000;
+      ts.tv_nsec = ns % 1'000'000'000;
+      tsp = &ts;
+    }
+    io_uring_cqe* cqe = nullptr;
+    // -ETIME at the deadline, -EINTR on a signal: both are a plain return.
+    bool submitting = io_uring_sq_ready(&ring_) > 0;
+    (void)io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, tsp, nullptr);
+    if (submitting) io_counters::bump(counters_.submits);
+  } else if (io_uring_sq_ready(&ring_) > 0) {
+    submit();
+  }
+  reap();
+  woken_ = false;  // this wait returns: any wake reaped so far is delivered
+}
+
+}  // namespace
+
+std::unique_ptr<io_driver> make_uring_driver(unsigned worker, std::error_code& why) {
+  (void)worker;
+  io_uring ring;
+  int r = -EINVAL;
+  unsigned used = 0;
+  for (unsigned flags : kFlagChoices) {
+    io_uring_params p{};
+    p.flags = flags;
+    p.cq_entries = kCqEntries;
+    r = io_uring_queue_init_params(kSqEntries, &ring, &p);
+    if (r == 0) {
+      used = flags;
+      break;
+    }
+    if (r != -EINVAL) break;  // not a flag problem (ENOSYS, EPERM, ENOMEM): give up
+  }
+  if (r < 0) {
+    why = std::error_code(-r, std::system_category());
+    return nullptr;
+  }
+  int efd = ::eventfd(0, EFD_CLOEXEC);  // blocking: the ring arms a poll for it
+  if (efd < 0) {
+    why = std::error_code(errno, std::system_category());  // read right after the call
+    io_uring_queue_exit(&ring);
+    return nullptr;
+  }
+  return std::make_unique<uring_driver>(ring, used, efd);
+}
+
+}  // namespace weft::io

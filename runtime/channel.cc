@@ -1,0 +1,201 @@
+// runtime/channel.cc — the type-erased core of weft::channel<T>.
+//
+// Invariants (all under lk_):
+//   - count_ > 0 implies recvq_ is empty: a receiver parks only on an empty
+//     buffer, and a sender hands directly to a parked receiver.
+//   - count_ < cap_ implies sendq_ holds no plain send records: a sender
+//     parks only on a full buffer (or capacity 0), and a receiver that frees
+//     a slot moves the first parked sender's value into it.
+//   - Once closed_, nothing is added to either queue.
+//   - A waiter's payload (its value slot, closed flag, select case) is
+//     touched only after its parker was claimed (see runtime/waiter.h).
+//
+// Per-producer FIFO: a producer's values enter the buffer, or a receiver,
+// in the order its sends completed; parked senders are served in FIFO
+// order, and a freed slot is filled from the head of sendq_.
+#include <cstdlib>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "alloc/check.h"
+#include "runtime/channel.h"
+#include "runtime/waiter.h"
+
+namespace weft {
+namespace {
+
+class chan_category_impl final : public std::error_category {
+ public:
+  const char* name() const noexcept override { return "weft.channel"; }
+  std::string message(int c) const override {
+    return c == static_cast<int>(chan_errc::closed) ? "channel closed"
+                                                    : "unknown channel error";
+  }
+};
+
+}  // namespace
+
+const std::error_category& chan_category() noexcept {
+  static const chan_category_impl c;
+  return c;
+}
+
+namespace detail {
+
+std::unexpected<std::error_code> chan_error(chan_status s) noexcept {
+  switch (s) {
+    case chan_status::closed: return std::unexpected(make_error_code(chan_errc::closed));
+    case chan_status::timed_out: return make_error(std::errc::timed_out);
+    case chan_status::cancelled: return make_error(std::errc::operation_canceled);
+    case chan_status::would_block: return make_error(std::errc::operation_would_block);
+    case chan_status::ok: break;
+  }
+  WEFT_CHECK(false, "chan_error: ok is not an error");
+  std::abort();
+}
+
+chan_core::chan_core(std::size_t capacity, const elem_ops& ops) : cap_(capacity), ops_(ops) {
+  if (cap_ > 0)
+    buf_ = static_cast<unsigned char*>(
+        ::operator new(cap_ * ops_.size, std::align_val_t{ops_.align}));
+}
+
+chan_core::~chan_core() {
+  WEFT_CHECK(recvq_.empty() && sendq_.empty(), "channel destroyed while in use");
+  for (std::size_t i = 0; i < count_; ++i) ops_.destroy(slot(i));
+  if (buf_) ::operator delete(buf_, std::align_val_t{ops_.align});
+}
+
+// No division: head_ < cap_ and i <= cap_ (this sits inside the lock, where
+// every cycle counts under contention; see the fanin workload).
+void* chan_core::slot(std::size_t i) const noexcept {
+  std::size_t k = head_ + i;
+  if (k >= cap_) k -= cap_;
+  return buf_ + k * ops_.size;
+}
+
+chan_status chan_core::try_send_locked(void* v, wake_ticket& t) noexcept {
+  if (closed_) return chan_status::closed;
+  if (waiter* r = recvq_.empty() ? nullptr : pop_claimed(recvq_, t)) {
+    // SAFETY: r->slot is on the stack of a receiver that is parked (or a
+    // thread that is blocked) and cannot leave before ready(t): we won its
+    // claim under lk_ (the rule in runtime/waiter.h).
+    r->deliver(r->slot, v);
+    r->p->chosen = r->case_index;
+    return chan_status::ok;
+  }
+  if (count_ < cap_) {
+    ops_.move_construct(slot(count_), v);
+    ++count_;
+    return chan_status::ok;
+  }
+  return chan_status::would_block;
+}
+
+chan_status chan_core::try_recv_locked(void* out, void (*deliver)(void*, void*),
+                                       wake_ticket& t) noexcept {
+  if (count_ > 0) {
+    void* s = slot(0);
+    deliver(out, s);
+    ops_.destroy(s);
+    if (++head_ == cap_) head_ = 0;
+    --count_;
+    // A slot is free: the first parked sender's value goes to the tail.
+    if (waiter* w = sendq_.empty() ? nullptr : pop_claimed(sendq_, t)) {
+      // SAFETY: as in try_send_locked; w->slot is the parked sender's value.
+      ops_.move_construct(slot(count_), w->slot);
+      ++count_;
+      w->p->chosen = w->case_index;
+    }
+    return chan_status::ok;
+  }
+  if (waiter* w = sendq_.empty() ? nullptr : pop_claimed(sendq_, t)) {  // rendezvous
+    deliver(out, w->slot);
+    w->p->chosen = w->case_index;
+    return chan_status::ok;
+  }
+  return closed_ ? chan_status::closed : chan_status::would_block;
+}
+
+namespace {
+
+chan_status finish_wait(wake_reason r, const waiter& w) {
+  switch (r) {
+    case wake_reason::notified: return w.closed ? chan_status::closed : chan_status::ok;
+    case wake_reason::timed_out: return chan_status::timed_out;
+    case wake_reason::cancelled: break;
+  }
+  sched::unwind_point();  // the record is already retracted (wait_on)
+  return chan_status::cancelled;
+}
+
+}  // namespace
+
+chan_status chan_core::send(void* v, clock::time_point dl, bool may_block,
+                            const std::source_location& where) {
+  lk_.lock();
+  wake_ticket t;
+  chan_status s = try_send_locked(v, t);
+  if (s != chan_status::would_block || !may_block) {
+    lk_.unlock();
+    if (t) ready(t);
+    return s;
+  }
+  parker p;
+  waiter w{.slot = v};
+  wake_reason r = wait_on(lk_, sendq_, w, p, {.deadline = dl, .what = "chan send", .where = where});
+  return finish_wait(r, w);
+}
+
+chan_status chan_core::recv(void* out, void (*deliver)(void*, void*), clock::time_point dl,
+                            bool may_block, const std::source_location& where) {
+  lk_.lock();
+  wake_ticket t;
+  chan_status s = try_recv_locked(out, deliver, t);
+  if (s != chan_status::would_block || !may_block) {
+    lk_.unlock();
+    if (t) ready(t);
+    return s;
+  }
+  parker p;
+  waiter w{.slot = out, .deliver = deliver};
+  wake_reason r =
+      wait_on(lk_, recvq_, w, p, {.deadline = dl, .what = "chan receive", .where = where});
+  return finish_wait(r, w);
+}
+
+void chan_core::close() noexcept {
+  std::vector<wake_ticket> woken;
+  lk_.lock();
+  if (!closed_) {
+    closed_ = true;
+    for (wait_list* q : {&recvq_, &sendq_}) {
+      wake_ticket t;
+      while (waiter* w = pop_claimed(*q, t)) {
+        w->closed = true;
+        w->p->chosen = w->case_index;
+        woken.push_back(t);
+      }
+    }
+  }
+  lk_.unlock();
+  for (wake_ticket t : woken) ready(t);
+}
+
+bool chan_core::closed() const noexcept {
+  lk_.lock();
+  bool c = closed_;
+  lk_.unlock();
+  return c;
+}
+
+std::size_t chan_core::size() const noexcept {
+  lk_.lock();
+  std::size_t n = count_;
+  lk_.unlock();
+  return n;
+}
+
+}  // namespace detail
+}  // namespace weft

@@ -1,0 +1,208 @@
+// runtime/channel.h — weft::channel<T>: Go-style channels for fibers and
+// plain OS threads.
+//
+//   weft::channel<job> jobs(64);        // capacity 0 is a rendezvous
+//   weft::spawn([&] { while (auto j = jobs.recv()) run(*j); });
+//   if (!jobs.send(job{...})) ...;      // fails once jobs.close() was called
+//
+// Semantics (Go's):
+//   - Multi-producer, multi-consumer. Values from one producer arrive in the
+//     order it sent them.
+//   - capacity N > 0: a ring buffer of N values; send blocks while it is
+//     full. capacity 0: a rendezvous; send hands its value directly to a
+//     receiver (copied into the parked receiver's slot) and blocks until one
+//     takes it.
+//   - close() wakes every waiter. Receivers first drain the buffered values,
+//     then get "closed". Senders, waiting or future, get "closed". Closing
+//     twice is harmless.
+//   - Fibers park; plain OS threads block on a futex (and hold an outside
+//     reference, see runtime/sync.h), so a thread can serve fibers.
+//
+// Errors (weft::result):
+//   chan_errc::closed                send on a closed channel; recv on a
+//                                    closed, drained channel
+//   std::errc::timed_out             the deadline passed first
+//   std::errc::operation_canceled    the calling fiber's stop was requested
+//   std::errc::operation_would_block try_send / try_recv could not proceed
+//
+// A value passed to send() by value is consumed even when the send fails;
+// try_send() moves from its argument only when it succeeds.
+//
+// Who calls what: every member from any fiber or thread, except the
+// destructor (nobody may still use the channel).
+#pragma once
+
+#include <cstddef>
+#include <new>
+#include <optional>
+#include <source_location>
+#include <system_error>
+#include <type_traits>
+#include <utility>
+
+#include "runtime/select.h"
+#include "runtime/wait_list.h"
+#include "runtime/weft.h"
+
+namespace weft {
+
+enum class chan_errc { closed = 1 };
+const std::error_category& chan_category() noexcept;
+inline std::error_code make_error_code(chan_errc e) noexcept {
+  return {static_cast<int>(e), chan_category()};
+}
+
+}  // namespace weft
+
+template <>
+struct std::is_error_code_enum<weft::chan_errc> : std::true_type {};
+
+namespace weft {
+
+namespace detail {
+
+struct wake_ticket;  // runtime/waiter.h
+
+// How the type-erased core moves elements of T.
+struct elem_ops {
+  void (*move_construct)(void* dst, void* src);
+  void (*destroy)(void* p);
+  std::size_t size;
+  std::size_t align;
+};
+
+enum class chan_status : unsigned char { ok, closed, timed_out, cancelled, would_block };
+
+std::unexpected<std::error_code> chan_error(chan_status s) noexcept;
+
+// Everything that does not depend on T, out of line in runtime/channel.cc.
+class chan_core {
+ public:
+  chan_core(std::size_t capacity, const elem_ops& ops);
+  ~chan_core();
+  chan_core(const chan_core&) = delete;
+  chan_core& operator=(const chan_core&) = delete;
+
+  // v points at the sender's value; it is moved from only on ok.
+  chan_status send(void* v, clock::time_point dl, bool may_block,
+                   const std::source_location& where);
+  // deliver(out, src) builds the received value at out, only on ok.
+  chan_status recv(void* out, void (*deliver)(void*, void*), clock::time_point dl,
+                   bool may_block, const std::source_location& where);
+  void close() noexcept;
+  bool closed() const noexcept;
+  std::size_t size() const noexcept;
+  std::size_t capacity() const noexcept { return cap_; }
+
+ private:
+  friend struct chan_access;  // runtime/select.cc
+  chan_status try_send_locked(void* v, wake_ticket& t) noexcept;
+  chan_status try_recv_locked(void* out, void (*deliver)(void*, void*),
+                              wake_ticket& t) noexcept;
+  void* slot(std::size_t i) const noexcept;
+
+  mutable short_lock lk_;
+  wait_list recvq_;  // parked receivers; guarded by lk_
+  wait_list sendq_;  // parked senders; guarded by lk_
+  unsigned char* buf_ = nullptr;  // cap_ elements; immutable pointer
+  const std::size_t cap_;
+  std::size_t head_ = 0;   // guarded by lk_
+  std::size_t count_ = 0;  // guarded by lk_; invariant: count_ > 0 => recvq_ empty
+  bool closed_ = false;    // guarded by lk_
+  const elem_ops ops_;
+};
+
+template <typename T>
+inline constexpr elem_ops elem_ops_of{
+    [](void* d, void* s) { ::new (d) T(std::move(*static_cast<T*>(s))); },
+    [](void* p) { static_cast<T*>(p)->~T(); },
+    sizeof(T),
+    alignof(T),
+};
+
+// Builds the received value inside a std::optional<T>.
+template <typename T>
+void deliver_to_optional(void* dst, void* src) {
+  static_cast<std::optional<T>*>(dst)->emplace(std::move(*static_cast<T*>(src)));
+}
+
+select_case make_recv_case(chan_core* c, void* out, void (*deliver)(void*, void*));
+select_case make_send_case(chan_core* c, void* v);
+
+}  // namespace detail
+
+template <typename T>
+class channel {
+  static_assert(std::is_nothrow_move_constructible_v<T>,
+                "weft::channel<T>: T's move constructor must not throw "
+                "(values are moved under the channel's lock)");
+
+ public:
+  explicit channel(std::size_t capacity = 0) : core_(capacity, detail::elem_ops_of<T>) {}
+
+  // Blocks while the buffer is full (or, capacity 0, until a receiver
+  // takes the value). closed, timed_out or operation_canceled.
+  result<void> send(T v, deadline d = {},
+                    std::source_location where = std::source_location::current()) {
+    auto s = core_.send(&v, d.when, true, where);
+    if (s == detail::chan_status::ok) return {};
+    return detail::chan_error(s);
+  }
+  // The next value; empty once the channel is closed and drained, or when
+  // the calling fiber's stop was requested (use recv(deadline) to tell).
+  std::optional<T> recv(std::source_location where = std::source_location::current()) {
+    std::optional<T> out;
+    (void)core_.recv(&out, &detail::deliver_to_optional<T>, clock::time_point::max(), true,
+                     where);
+    return out;
+  }
+  // The next value, or closed / timed_out / operation_canceled.
+  result<T> recv(deadline d, std::source_location where = std::source_location::current()) {
+    std::optional<T> out;
+    auto s = core_.recv(&out, &detail::deliver_to_optional<T>, d.when, true, where);
+    if (s == detail::chan_status::ok) return std::move(*out);
+    return detail::chan_error(s);
+  }
+  // Never blocks: operation_would_block when full (no receiver waiting),
+  // closed when closed. Moves from v only on success.
+  result<void> try_send(T&& v) { return try_send_ptr(&v); }
+  result<void> try_send(const T& v) {
+    T copy(v);
+    return try_send_ptr(&copy);
+  }
+  // Never blocks: operation_would_block when empty, closed when closed and
+  // drained.
+  result<T> try_recv() {
+    std::optional<T> out;
+    auto s = core_.recv(&out, &detail::deliver_to_optional<T>, clock::time_point::max(),
+                        false, std::source_location::current());
+    if (s == detail::chan_status::ok) return std::move(*out);
+    return detail::chan_error(s);
+  }
+
+  void close() noexcept { core_.close(); }
+  bool closed() const noexcept { return core_.closed(); }
+  std::size_t size() const noexcept { return core_.size(); }
+  std::size_t capacity() const noexcept { return core_.capacity(); }
+
+  // select cases (runtime/select.h). on_recv resets `out`, which then holds
+  // the value, or stays empty if the case fired because the channel closed.
+  // on_send moves from `v` only if the value was sent; it also fires on a
+  // closed channel (then closed() is true and v is untouched).
+  select_case on_recv(std::optional<T>& out) {
+    out.reset();
+    return detail::make_recv_case(&core_, &out, &detail::deliver_to_optional<T>);
+  }
+  select_case on_send(T& v) { return detail::make_send_case(&core_, &v); }
+
+ private:
+  result<void> try_send_ptr(T* v) {
+    auto s = core_.send(v, clock::time_point::max(), false, std::source_location::current());
+    if (s == detail::chan_status::ok) return {};
+    return detail::chan_error(s);
+  }
+
+  detail::chan_core core_;
+};
+
+}  // namespace weft

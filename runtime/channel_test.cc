@@ -1,0 +1,262 @@
+// runtime/channel_test.cc — weft::channel<T>: Go's channel semantics,
+// deadlines and cancellation, fibers and plain threads, and the deadlock
+// report of a channel cycle.
+#include "runtime/channel.h"
+
+#include <atomic>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "runtime/sync.h"
+#include "tests/fixture.h"
+
+namespace weft {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::Runtime;
+
+class Channel : public Runtime {};
+WEFT_RUNTIME_TEST_SUITE(Channel);
+
+TEST_P(Channel, CloseWakesEveryParkedReceiver) {
+  Run([] {
+    channel<int> ch(0);
+    std::atomic<int> empties{0};
+    std::vector<join_handle<void>> hs;
+    for (int i = 0; i < 16; ++i)
+      hs.push_back(spawn([&] {
+        if (!ch.recv()) empties.fetch_add(1);
+      }));
+    (void)this_fiber::sleep_for(5ms);  // let them park
+    ch.close();
+    for (auto& h : hs) h.join();
+    EXPECT_EQ(empties.load(), 16);
+  });
+}
+
+TEST_P(Channel, BufferedValuesAreDrainedAfterClose) {
+  Run([] {
+    channel<int> ch(4);
+    for (int i = 1; i <= 3; ++i) ASSERT_TRUE(ch.send(i));
+    ch.close();
+    EXPECT_EQ(ch.recv(), 1);
+    EXPECT_EQ(ch.recv(), 2);
+    EXPECT_EQ(ch.recv(), 3);
+    EXPECT_EQ(ch.recv(), std::nullopt);
+    EXPECT_EQ(ch.try_recv().error(), chan_errc::closed);
+  });
+}
+
+TEST_P(Channel, SendOnAClosedChannelFailsAndCloseWakesParkedSenders) {
+  Run([] {
+    channel<int> ch(1);
+    ASSERT_TRUE(ch.send(1));
+    auto parked = spawn([&] { return ch.send(2); });  // the buffer is full: parks
+    (void)this_fiber::sleep_for(5ms);
+    ch.close();
+    EXPECT_EQ(parked.join().error(), chan_errc::closed);
+    EXPECT_EQ(ch.send(3).error(), chan_errc::closed);
+    EXPECT_EQ(ch.try_send(4).error(), chan_errc::closed);
+    EXPECT_EQ(ch.recv(), 1);
+    EXPECT_EQ(ch.recv(), std::nullopt);
+    EXPECT_EQ(make_error_code(chan_errc::closed).message(), "channel closed");
+  });
+}
+
+TEST_P(Channel, RendezvousHandsTheValueDirectlyToAParkedReceiver) {
+  Run([] {
+    channel<int> ch(0);
+    EXPECT_EQ(ch.try_send(1).error(), std::errc::operation_would_block);  // no receiver
+    std::atomic<bool> received{false};
+    auto r = spawn([&] {
+      auto v = ch.recv();
+      received = true;
+      return v;
+    });
+    while (ch.try_send(7).has_value() == false) this_fiber::yield();  // succeeds once r parks
+    EXPECT_EQ(r.join(), 7);
+    EXPECT_EQ(ch.size(), 0u);  // nothing was buffered
+    // A sender blocks until the value was taken.
+    auto s = spawn([&] { return ch.send(8); });
+    (void)this_fiber::sleep_for(2ms);
+    EXPECT_EQ(ch.recv(), 8);
+    EXPECT_TRUE(s.join().has_value());
+  });
+}
+
+void ExpectPerProducerFifo(std::size_t capacity, int producers, int per_producer,
+                           int consumers) {
+  channel<std::pair<int, int>> ch(capacity);
+  std::vector<join_handle<void>> ps;
+  for (int p = 0; p < producers; ++p)
+    ps.push_back(spawn([&, p] {
+      for (int i = 0; i < per_producer; ++i) ASSERT_TRUE(ch.send({p, i}));
+    }));
+  std::atomic<long> received{0};
+  std::vector<join_handle<bool>> cs;
+  for (int c = 0; c < consumers; ++c)
+    cs.push_back(spawn([&] {
+      std::vector<int> last(producers, -1);
+      bool in_order = true;
+      while (auto v = ch.recv()) {
+        in_order = in_order && v->second > last[v->first];
+        last[v->first] = v->second;
+        received.fetch_add(1, std::memory_order_relaxed);
+      }
+      return in_order;
+    }));
+  for (auto& p : ps) p.join();
+  ch.close();
+  for (auto& c : cs) EXPECT_TRUE(c.join()) << "capacity " << capacity;
+  EXPECT_EQ(received.load(), long{producers} * per_producer);
+}
+
+TEST_P(Channel, EachProducersValuesArriveInTheOrderItSentThem) {
+  Run([] {
+    for (std::size_t cap : {0, 1, 3, 64}) ExpectPerProducerFifo(cap, 4, 5000, 1);
+  });
+}
+
+TEST_P(Channel, CapacityOneChannelWithManyFibersLosesAndDuplicatesNothing) {
+  Run([] {
+    channel<int> ch(1);
+    std::atomic<long> sum{0};
+    std::vector<join_handle<void>> hs;
+    for (int p = 0; p < 100; ++p)
+      hs.push_back(spawn([&] {
+        for (int i = 1; i <= 200; ++i) ASSERT_TRUE(ch.send(i));
+      }));
+    std::vector<join_handle<void>> cs;
+    for (int c = 0; c < 10; ++c)
+      cs.push_back(spawn([&] {
+        while (auto v = ch.recv()) sum.fetch_add(*v, std::memory_order_relaxed);
+      }));
+    for (auto& h : hs) h.join();
+    ch.close();
+    for (auto& c : cs) c.join();
+    EXPECT_EQ(sum.load(), 100L * 200 * 201 / 2);
+  });
+}
+
+TEST_P(Channel, MoveOnlyValuesPassThroughBufferAndRendezvous) {
+  Run([] {
+    for (std::size_t cap : {0, 2}) {
+      channel<std::unique_ptr<int>> ch(cap);
+      auto s = spawn([&] {
+        for (int i = 0; i < 10; ++i) ASSERT_TRUE(ch.send(std::make_unique<int>(i)));
+        ch.close();
+      });
+      int expect = 0;
+      while (auto v = ch.recv()) EXPECT_EQ(**v, expect++);
+      EXPECT_EQ(expect, 10);
+      s.join();
+    }
+    channel<std::unique_ptr<int>> full(1);
+    ASSERT_TRUE(full.try_send(std::make_unique<int>(1)));
+    auto p = std::make_unique<int>(2);
+    EXPECT_FALSE(full.try_send(std::move(p)));
+    EXPECT_NE(p, nullptr);  // a failed try_send leaves its argument alone
+  });
+}
+
+TEST_P(Channel, DeadlinesMakeRecvAndSendReturnTimedOut) {
+  Run([] {
+    channel<int> ch(0);
+    auto t0 = clock::now();
+    EXPECT_EQ(ch.recv(deadline(10ms)).error(), std::errc::timed_out);
+    EXPECT_GE(clock::now() - t0, 10ms);
+    EXPECT_EQ(ch.send(1, deadline(5ms)).error(), std::errc::timed_out);
+    // The timed-out waiters left no record behind: a later pair still meets.
+    auto r = spawn([&] { return ch.recv(deadline(5s)); });
+    ASSERT_TRUE(ch.send(2, deadline(5s)));
+    EXPECT_EQ(r.join().value(), 2);
+  });
+}
+
+TEST_P(Channel, RequestStopCancelsParkedSendAndRecv) {
+  Run([] {
+    channel<int> ch(0);
+    auto r = spawn([&] { return ch.recv(deadline::never()); });
+    auto plain = spawn([&] { return ch.recv(); });
+    channel<int> full(0);
+    auto s = spawn([&] { return full.send(1); });
+    (void)this_fiber::sleep_for(5ms);
+    r.request_stop();
+    plain.request_stop();
+    s.request_stop();
+    EXPECT_EQ(r.join().error(), std::errc::operation_canceled);
+    EXPECT_EQ(plain.join(), std::nullopt);
+    EXPECT_EQ(s.join().error(), std::errc::operation_canceled);
+  });
+}
+
+// A background thread owns a resource and serves fibers over channels.
+TEST_P(Channel, APlainThreadServesFibersOverChannels) {
+  struct request {
+    int x;
+    channel<int>* reply;
+  };
+  Run([] {
+    channel<request> requests(0);
+    std::thread server([&, ref = outside_ref()] {
+      while (auto r = requests.recv()) ASSERT_TRUE(r->reply->send(r->x * 2));
+    });
+    std::vector<join_handle<long>> hs;
+    for (int f = 0; f < 20; ++f)
+      hs.push_back(spawn([&, f] {
+        channel<int> reply(0);
+        long sum = 0;
+        for (int i = 0; i < 100; ++i) {
+          EXPECT_TRUE(requests.send({f * 1000 + i, &reply}));
+          sum += reply.recv().value_or(-1);
+        }
+        return sum;
+      }));
+    long total = 0;
+    for (auto& h : hs) total += h.join();
+    requests.close();
+    server.join();
+    long expect = 0;
+    for (int f = 0; f < 20; ++f)
+      for (int i = 0; i < 100; ++i) expect += 2L * (f * 1000 + i);
+    EXPECT_EQ(total, expect);
+  });
+}
+
+TEST(ChannelThreads, PlainThreadsUseAChannelWithoutARuntime) {
+  channel<int> ch(2);
+  std::thread producer([&] {
+    for (int i = 0; i < 10000; ++i) ASSERT_TRUE(ch.send(i));
+    ch.close();
+  });
+  long sum = 0;
+  int n = 0;
+  while (auto v = ch.recv()) {
+    EXPECT_EQ(*v, n++);
+    sum += *v;
+  }
+  producer.join();
+  EXPECT_EQ(sum, 10000L * 9999 / 2);
+  EXPECT_EQ(ch.recv(deadline(1ms)).error(), chan_errc::closed);
+  channel<int> empty(0);
+  EXPECT_EQ(empty.recv(deadline(2ms)).error(), std::errc::timed_out);
+}
+
+TEST(ChannelDeath, AChannelCycleIsReportedAsADeadlockWithItsWaitReason) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(weft::run([] {
+                channel<int> a(0), b(0);
+                auto x = spawn([&] { (void)a.recv(); (void)b.send(1); }, {.name = "x"});
+                auto y = spawn([&] { (void)b.recv(); (void)a.send(1); }, {.name = "y"});
+                x.join();
+                y.join();
+              }),
+              ::testing::ExitedWithCode(2),
+              "all fibers are asleep - deadlock!(.|\n)*\"x\" \\[chan receive\\] at "
+              ".*channel_test.cc:[0-9]+(.|\n)*\"y\" \\[chan receive\\]");
+}
+
+}  // namespace
+}  // namespace weft

@@ -1,0 +1,239 @@
+// runtime/sync.h — synchronization that parks fibers and also works from
+// plain OS threads (which block on a futex), as *NSYNC does for pthreads.
+//
+//   mutex               spins briefly, then parks; unlock wakes at most one
+//                       waiter; a waiter that has waited more than 1 ms gets
+//                       the lock handed to it (Go's starvation mode).
+//   shared_mutex        FIFO between readers and writers: a writer waits for
+//                       the readers before it; readers queued behind a writer
+//                       wait for it (no writer starvation).
+//   condition_variable  with weft::mutex; predicate and deadline forms.
+//   semaphore           counting; release hands units to waiters in FIFO order.
+//   latch, wait_group   wait for a count to reach zero (a wait_group's count
+//                       may grow again; a latch's only shrinks).
+//   once_flag           call_once: one caller runs fn, the others park.
+//   outside_ref         keeps the deadlock detector quiet while a plain
+//                       thread that may wake fibers is alive.
+//
+// Cancellation and deadlines: waits that return result<void> return
+// std::errc::operation_canceled when the calling fiber's stop was requested
+// and std::errc::timed_out at their deadline. Lock acquisition (mutex,
+// shared_mutex, call_once) cannot fail, as with std::mutex: it parks
+// without honouring stop requests (critical sections are short).
+//
+// None of these types may be destroyed while anyone waits on it.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+#include <source_location>
+#include <utility>
+
+#include "runtime/wait_list.h"
+#include "runtime/weft.h"
+
+namespace weft {
+
+class mutex {
+ public:
+  mutex() = default;
+  mutex(const mutex&) = delete;
+  mutex& operator=(const mutex&) = delete;
+
+  void lock(std::source_location where = std::source_location::current()) {
+    if (!try_lock()) lock_slow(where);
+  }
+  bool try_lock() noexcept {
+    std::uint32_t e = 0;
+    // acquire: pairs with the release in unlock(); seq_cst because the
+    // unlocker's store of 0 and nwaiters_ form a StoreLoad pattern with the
+    // slow path (see *Unlocking* in runtime/mutex.cc).
+    return state_.compare_exchange_strong(e, 1, std::memory_order_seq_cst,
+                                          std::memory_order_relaxed);
+  }
+  void unlock() noexcept;
+
+ private:
+  void lock_slow(const std::source_location& where);
+  bool spin_then_try() noexcept;
+  bool park_once(bool requeue, clock::time_point since, const std::source_location& where);
+  void wake_one() noexcept;
+  void hand_off() noexcept;
+  std::atomic<std::uint32_t> state_{0};     // 1: locked; see runtime/mutex.cc
+  std::atomic<std::uint32_t> nwaiters_{0};  // records in q_; see runtime/mutex.cc
+  std::atomic<bool> woken_{false};     // a woken waiter is on its way; see mutex.cc
+  std::atomic<bool> starving_{false};  // hand-off mode; see mutex.cc
+  detail::short_lock lk_;
+  detail::wait_list q_;  // guarded by lk_
+};
+
+class shared_mutex {
+ public:
+  shared_mutex() = default;
+  shared_mutex(const shared_mutex&) = delete;
+  shared_mutex& operator=(const shared_mutex&) = delete;
+
+  void lock(std::source_location where = std::source_location::current());
+  bool try_lock() noexcept;
+  void unlock() noexcept;
+  void lock_shared(std::source_location where = std::source_location::current());
+  bool try_lock_shared() noexcept;
+  void unlock_shared() noexcept;
+
+ private:
+  void acquire(bool writer, const std::source_location& where);
+  void grant_locked(void* tickets);
+  detail::short_lock lk_;
+  detail::wait_list q_;       // guarded by lk_; waiter::aux 1 = writer
+  std::size_t readers_ = 0;   // guarded by lk_
+  bool writer_ = false;       // guarded by lk_
+};
+
+class condition_variable {
+ public:
+  condition_variable() = default;
+  condition_variable(const condition_variable&) = delete;
+  condition_variable& operator=(const condition_variable&) = delete;
+
+  void notify_one() noexcept;
+  void notify_all() noexcept;
+
+  // Unlocks lk, waits for a notify (or a spurious wake), relocks lk.
+  result<void> wait(std::unique_lock<mutex>& lk, deadline d = {},
+                    std::source_location where = std::source_location::current());
+  // Waits until pred() holds (checked with lk held). timed_out or
+  // operation_canceled if pred() is still false then.
+  template <typename Pred>
+  result<void> wait(std::unique_lock<mutex>& lk, Pred pred, deadline d = {},
+                    std::source_location where = std::source_location::current()) {
+    while (!pred()) {
+      result<void> r = wait(lk, d, where);
+      if (!r) return pred() ? result<void>{} : r;
+    }
+    return {};
+  }
+
+ private:
+  detail::short_lock lk_;
+  detail::wait_list q_;  // guarded by lk_
+  std::uint32_t seq_ = 0;  // notifies so far; guarded by lk_
+};
+
+class semaphore {
+ public:
+  explicit semaphore(std::ptrdiff_t initial = 0) : count_(initial) {}
+  semaphore(const semaphore&) = delete;
+  semaphore& operator=(const semaphore&) = delete;
+
+  result<void> acquire(deadline d = {},
+                       std::source_location where = std::source_location::current());
+  bool try_acquire() noexcept;
+  void release(std::ptrdiff_t n = 1);
+
+ private:
+  detail::short_lock lk_;
+  detail::wait_list q_;   // guarded by lk_
+  std::ptrdiff_t count_;  // guarded by lk_; > 0 implies q_ empty
+};
+
+namespace detail {
+// A count and the waiters for it to reach zero: latch and wait_group.
+class zero_waiter {
+ public:
+  explicit zero_waiter(std::ptrdiff_t n) : count_(n) {}
+  void add(std::ptrdiff_t delta, const char* who);  // wakes everyone at zero
+  result<void> wait(deadline d, const char* what, const std::source_location& where,
+                    bool cancellable = true);
+  bool is_zero() noexcept;
+
+ private:
+  short_lock lk_;
+  wait_list q_;           // guarded by lk_
+  std::ptrdiff_t count_;  // guarded by lk_
+};
+}  // namespace detail
+
+class latch {
+ public:
+  explicit latch(std::ptrdiff_t n) : z_(n) {}
+  void count_down(std::ptrdiff_t n = 1) { z_.add(-n, "weft::latch::count_down"); }
+  bool try_wait() noexcept { return z_.is_zero(); }
+  result<void> wait(deadline d = {},
+                    std::source_location where = std::source_location::current()) {
+    return z_.wait(d, "latch", where);
+  }
+  result<void> arrive_and_wait(std::ptrdiff_t n = 1, deadline d = {},
+                               std::source_location where = std::source_location::current()) {
+    count_down(n);
+    return wait(d, where);
+  }
+
+ private:
+  detail::zero_waiter z_;
+};
+
+class wait_group {
+ public:
+  wait_group() : z_(0) {}
+  void add(std::ptrdiff_t n = 1) { z_.add(n, "weft::wait_group::add"); }
+  void done() { z_.add(-1, "weft::wait_group::done"); }
+  result<void> wait(deadline d = {},
+                    std::source_location where = std::source_location::current()) {
+    return z_.wait(d, "wait_group", where);
+  }
+
+ private:
+  detail::zero_waiter z_;
+};
+
+class once_flag {
+ public:
+  once_flag() = default;
+  once_flag(const once_flag&) = delete;
+  once_flag& operator=(const once_flag&) = delete;
+
+ private:
+  template <typename F>
+  friend void call_once(once_flag& flag, F&& fn);
+  bool begin();              // true: the caller must run fn, then finish()
+  void finish(bool ran) noexcept;  // false: fn threw; another caller retries
+  std::atomic<std::uint32_t> state_{0};  // 0 new, 1 running, 2 done; see sync.cc
+  detail::short_lock lk_;
+  detail::wait_list q_;  // guarded by lk_
+};
+
+// Runs fn exactly once per flag (again if it threw). Callers that arrive
+// while it runs wait, then return.
+template <typename F>
+void call_once(once_flag& flag, F&& fn) {
+  // acquire: pairs with the release in finish(); fn's effects are visible.
+  if (flag.state_.load(std::memory_order_acquire) == 2) return;
+  if (!flag.begin()) return;
+  try {
+    std::forward<F>(fn)();
+  } catch (...) {
+    flag.finish(false);
+    throw;  // also the runtime's fiber_unwind
+  }
+  flag.finish(true);
+}
+
+// Held by, or on behalf of, a plain OS thread that may wake fibers: while
+// any is alive, the deadlock detector does not report. A plain thread that
+// blocks in weft takes one implicitly for the rest of its life; take one
+// explicitly before starting a thread that fibers will wait for, and move it
+// into the thread. Only inside weft::run.
+class outside_ref {
+ public:
+  outside_ref();
+  ~outside_ref();
+  outside_ref(outside_ref&& o) noexcept : held_(std::exchange(o.held_, nullptr)) {}
+  outside_ref& operator=(outside_ref&&) = delete;
+
+ private:
+  void* held_;  // the scheduler it counts on; null once moved from
+};
+
+}  // namespace weft

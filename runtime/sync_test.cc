@@ -1,0 +1,335 @@
+// runtime/sync_test.cc — mutex, shared_mutex, condition_variable, semaphore,
+// latch, wait_group and call_once, for fibers and plain threads; and every
+// kind of wait woken by a stop request and by a deadline.
+#include "runtime/sync.h"
+
+#include <atomic>
+#include <deque>
+#include <functional>
+#include <shared_mutex>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include "runtime/channel.h"
+#include "tests/fixture.h"
+
+namespace weft {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::Runtime;
+
+class Sync : public Runtime {};
+WEFT_RUNTIME_TEST_SUITE(Sync);
+
+TEST_P(Sync, MutexExcludesThousandsOfFibers) {
+  Run([] {
+    mutex mu;
+    long counter = 0;  // plain: the mutex is the only protection
+    std::vector<join_handle<void>> hs;
+    for (int f = 0; f < 2000; ++f)
+      hs.push_back(spawn([&, f] {
+        for (int i = 0; i < 50; ++i) {
+          std::lock_guard g(mu);
+          long c = counter;
+          if ((f + i) % 16 == 0) this_fiber::yield();  // park others on the lock
+          counter = c + 1;
+        }
+      }));
+    for (auto& h : hs) h.join();
+    EXPECT_EQ(counter, 2000L * 50);
+  });
+}
+
+TEST_P(Sync, MutexIsSharedByFibersAndPlainThreads) {
+  Run([] {
+    mutex mu;
+    long counter = 0;
+    std::vector<std::thread> ts;
+    for (int t = 0; t < 2; ++t)
+      ts.emplace_back([&, ref = outside_ref()] {
+        for (int i = 0; i < 20000; ++i) {
+          std::lock_guard g(mu);
+          ++counter;
+        }
+      });
+    std::vector<join_handle<void>> hs;
+    for (int f = 0; f < 50; ++f)
+      hs.push_back(spawn([&] {
+        for (int i = 0; i < 800; ++i) {
+          std::lock_guard g(mu);
+          ++counter;
+          if (i % 100 == 0) this_fiber::yield();
+        }
+      }));
+    for (auto& h : hs) h.join();
+    for (auto& t : ts) t.join();
+    EXPECT_EQ(counter, 2 * 20000L + 50 * 800L);
+  });
+}
+
+TEST_P(Sync, ALongWaitingLockerGetsTheMutexHandedToIt) {
+  Run([] {
+    mutex mu;
+    std::atomic<bool> stop{false}, got{false};
+    std::vector<join_handle<void>> bargers;
+    for (unsigned i = 0; i < 2; ++i)
+      bargers.push_back(spawn([&] {
+        while (!stop.load(std::memory_order_relaxed)) {
+          mu.lock();
+          this_fiber::yield();
+          mu.unlock();
+        }
+      }));
+    auto victim = spawn([&] {
+      (void)this_fiber::sleep_for(2ms);
+      mu.lock();
+      got = true;
+      mu.unlock();
+    });
+    victim.join();
+    stop = true;
+    for (auto& b : bargers) b.join();
+    EXPECT_TRUE(got.load());
+  });
+}
+
+TEST_P(Sync, ConditionVariableLosesNoWakeupUnderStress) {
+  Run([] {
+    mutex mu;
+    condition_variable cv;
+    std::deque<int> q;
+    bool done = false;
+    long sum = 0;
+    std::vector<join_handle<void>> consumers;
+    for (int c = 0; c < 8; ++c)
+      consumers.push_back(spawn([&] {
+        std::unique_lock lk(mu);
+        for (;;) {
+          ASSERT_TRUE(cv.wait(lk, [&] { return !q.empty() || done; }));
+          if (q.empty()) return;
+          sum += q.front();
+          q.pop_front();
+        }
+      }));
+    std::vector<join_handle<void>> producers;
+    for (int p = 0; p < 4; ++p)
+      producers.push_back(spawn([&] {
+        for (int i = 1; i <= 5000; ++i) {
+          {
+            std::lock_guard g(mu);
+            q.push_back(i);
+          }
+          cv.notify_one();
+        }
+      }));
+    for (auto& p : producers) p.join();
+    {
+      std::lock_guard g(mu);
+      done = true;
+    }
+    cv.notify_all();
+    for (auto& c : consumers) c.join();
+    EXPECT_EQ(sum, 4L * 5000 * 5001 / 2);
+  });
+}
+
+TEST_P(Sync, SemaphoreBoundsConcurrency) {
+  Run([] {
+    semaphore sem(3);
+    std::atomic<int> inside{0}, most{0};
+    std::vector<join_handle<void>> hs;
+    for (int f = 0; f < 100; ++f)
+      hs.push_back(spawn([&] {
+        ASSERT_TRUE(sem.acquire());
+        int n = inside.fetch_add(1) + 1;
+        int m = most.load();
+        while (n > m && !most.compare_exchange_weak(m, n)) {
+        }
+        (void)this_fiber::sleep_for(100us);
+        inside.fetch_sub(1);
+        sem.release();
+      }));
+    for (auto& h : hs) h.join();
+    EXPECT_LE(most.load(), 3);
+    EXPECT_TRUE(sem.try_acquire());
+  });
+}
+
+TEST_P(Sync, LatchAndWaitGroupReleaseWaitersAtZero) {
+  Run([] {
+    latch l(10);
+    wait_group wg;
+    std::atomic<int> ran{0};
+    wg.add(10);
+    std::vector<join_handle<void>> hs;
+    for (int f = 0; f < 10; ++f)
+      hs.push_back(spawn([&] {
+        ran.fetch_add(1);
+        wg.done();
+        ASSERT_TRUE(l.arrive_and_wait());
+      }));
+    ASSERT_TRUE(wg.wait());
+    EXPECT_EQ(ran.load(), 10);
+    for (auto& h : hs) h.join();
+    EXPECT_TRUE(l.try_wait());
+  });
+}
+
+TEST_P(Sync, CallOnceRunsItsFunctionOnceForManyFibers) {
+  Run([] {
+    once_flag flag;
+    std::atomic<int> calls{0};
+    std::vector<join_handle<void>> hs;
+    for (int f = 0; f < 100; ++f)
+      hs.push_back(spawn([&] {
+        call_once(flag, [&] {
+          (void)this_fiber::sleep_for(2ms);  // the others park meanwhile
+          calls.fetch_add(1);
+        });
+        EXPECT_EQ(calls.load(), 1);
+      }));
+    for (auto& h : hs) h.join();
+    EXPECT_EQ(calls.load(), 1);
+  });
+}
+
+TEST_P(Sync, SharedMutexAdmitsReadersTogetherAndWritersAlone) {
+  Run([] {
+    shared_mutex mu;
+    std::atomic<int> readers{0}, writers{0}, bad{0};
+    std::vector<join_handle<void>> hs;
+    for (int f = 0; f < 64; ++f)
+      hs.push_back(spawn([&, f] {
+        for (int i = 0; i < 50; ++i) {
+          if ((f + i) % 8 == 0) {
+            std::lock_guard g(mu);
+            if (writers.fetch_add(1) != 0 || readers.load() != 0) bad.fetch_add(1);
+            this_fiber::yield();
+            writers.fetch_sub(1);
+          } else {
+            std::shared_lock g(mu);
+            readers.fetch_add(1);
+            if (writers.load() != 0) bad.fetch_add(1);
+            this_fiber::yield();
+            readers.fetch_sub(1);
+          }
+        }
+      }));
+    for (auto& h : hs) h.join();
+    EXPECT_EQ(bad.load(), 0);
+    // Readers hold the lock together: each waits, inside, for all the others.
+    latch all_inside(4);
+    std::vector<join_handle<void>> rs;
+    for (int r = 0; r < 4; ++r)
+      rs.push_back(spawn([&] {
+        std::shared_lock g(mu);
+        ASSERT_TRUE(all_inside.arrive_and_wait());
+      }));
+    for (auto& r : rs) r.join();
+  });
+}
+
+// --- Every kind of wait: cancelled by a stop request, timed out at a deadline
+
+struct wait_kind {
+  const char* name;
+  // Starts a wait that nothing will satisfy, with deadline d.
+  std::function<result<void>(deadline d)> wait;
+};
+
+std::vector<wait_kind> AllWaits(channel<int>& ch, channel<int>& full, mutex& mu,
+                                condition_variable& cv, semaphore& sem, latch& l,
+                                wait_group& wg) {
+  return {
+      {"chan recv",
+       [&](deadline d) -> result<void> {
+         auto r = ch.recv(d);
+         if (r) return {};
+         return std::unexpected(r.error());
+       }},
+      {"chan send", [&](deadline d) { return full.send(1, d); }},
+      {"select",
+       [&](deadline d) -> result<void> {
+         std::optional<int> v;
+         int i = select(ch.on_recv(v), after(d));
+         if (i == kSelectCancelled) return make_error(std::errc::operation_canceled);
+         return make_error(std::errc::timed_out);
+       }},
+      {"condition wait",
+       [&](deadline d) {
+         std::unique_lock lk(mu);
+         return cv.wait(lk, [] { return false; }, d);
+       }},
+      {"semaphore", [&](deadline d) { return sem.acquire(d); }},
+      {"latch", [&](deadline d) { return l.wait(d); }},
+      {"wait_group", [&](deadline d) { return wg.wait(d); }},
+      {"sleep", [&](deadline d) { return this_fiber::sleep_until(
+                                      d.is_never() ? clock::now() + 1h : d.when); }},
+  };
+}
+
+TEST_P(Sync, AStopRequestWakesEveryKindOfWaitWithOperationCanceled) {
+  Run([] {
+    channel<int> ch(0), full(0);
+    mutex mu;
+    condition_variable cv;
+    semaphore sem(0);
+    latch l(1);
+    wait_group wg;
+    wg.add(1);
+    for (auto& k : AllWaits(ch, full, mu, cv, sem, l, wg)) {
+      auto h = spawn([&] { return k.wait(deadline::never()); });
+      (void)this_fiber::sleep_for(2ms);
+      h.request_stop();
+      result<void> r = h.join();
+      ASSERT_FALSE(r.has_value()) << k.name;
+      EXPECT_EQ(r.error(), std::errc::operation_canceled) << k.name;
+    }
+  });
+}
+
+TEST_P(Sync, ADeadlineWakesEveryKindOfWaitWithTimedOut) {
+  Run([] {
+    channel<int> ch(0), full(0);
+    mutex mu;
+    condition_variable cv;
+    semaphore sem(0);
+    latch l(1);
+    wait_group wg;
+    wg.add(1);
+    for (auto& k : AllWaits(ch, full, mu, cv, sem, l, wg)) {
+      if (std::string_view(k.name) == "sleep") continue;  // a sleep's deadline is success
+      auto t0 = clock::now();
+      result<void> r = k.wait(deadline(3ms));
+      ASSERT_FALSE(r.has_value()) << k.name;
+      EXPECT_EQ(r.error(), std::errc::timed_out) << k.name;
+      EXPECT_GE(clock::now() - t0, 3ms) << k.name;
+    }
+  });
+}
+
+TEST(SyncThreads, PlainThreadsWaitWithDeadlinesWithoutARuntime) {
+  semaphore sem(0);
+  EXPECT_EQ(sem.acquire(deadline(2ms)).error(), std::errc::timed_out);
+  mutex mu;
+  condition_variable cv;
+  bool ready = false;
+  std::thread t([&] {
+    std::this_thread::sleep_for(2ms);
+    {
+      std::lock_guard g(mu);
+      ready = true;
+    }
+    cv.notify_all();
+  });
+  {
+    std::unique_lock lk(mu);
+    EXPECT_TRUE(cv.wait(lk, [&] { return ready; }, deadline(10s)));
+  }
+  t.join();
+}
+
+}  // namespace
+}  // namespace weft

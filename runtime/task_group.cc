@@ -1,0 +1,56 @@
+// runtime/task_group.cc — see runtime/task_group.h.
+//
+// Invariants:
+//   - pending_ counts children whose body has not finished; a child counts
+//     itself down as the last thing its body does.
+//   - mu_ guards children_, error_, exception_, stopping_ and failed_. A
+//     child adopted after stopping_ was set is asked to stop at once, so a
+//     failure racing with spawn() cannot miss a child.
+#include "runtime/task_group.h"
+
+namespace weft {
+
+task_group::~task_group() {
+  bool running = !pending_.is_zero();
+  if (running) request_stop();
+  // Not cancellable: children must not outlive the group.
+  (void)pending_.wait({}, "task_group", std::source_location::current(), false);
+}
+
+void task_group::adopt(join_handle<void> h) {
+  std::lock_guard g(mu_);
+  if (stopping_) h.request_stop();
+  children_.push_back(std::move(h));
+}
+
+void task_group::request_stop() {
+  std::lock_guard g(mu_);
+  stopping_ = true;
+  for (auto& h : children_) h.request_stop();
+}
+
+void task_group::fail(std::error_code ec, std::exception_ptr e) {
+  {
+    std::lock_guard g(mu_);
+    if (failed_) return;
+    failed_ = true;
+    error_ = ec;
+    exception_ = std::move(e);
+  }
+  request_stop();
+}
+
+result<void> task_group::wait(std::source_location where) {
+  result<void> r = pending_.wait({}, "task_group", where);
+  if (!r) {  // our own stop: pass it on, then still wait for every child
+    request_stop();
+    (void)pending_.wait({}, "task_group", where, false);
+  }
+  std::lock_guard g(mu_);
+  children_.clear();  // every body has finished: dropping the handles detaches
+  if (exception_) std::rethrow_exception(std::exchange(exception_, nullptr));
+  if (failed_) return std::unexpected(error_);
+  return r;
+}
+
+}  // namespace weft

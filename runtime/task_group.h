@@ -1,0 +1,90 @@
+// runtime/task_group.h — structured concurrency: a group of child fibers
+// that is waited for as a whole.
+//
+//   weft::task_group g;
+//   for (auto& url : urls)
+//     g.spawn([&] -> weft::result<void> { return fetch(url); });
+//   weft::result<void> r = g.wait();   // all children have finished
+//
+// Rules:
+//   - A child fails by returning an error result<...> or by throwing. The
+//     first failure requests stop on every other child (their parked
+//     operations return operation_canceled), and wait() reports it: it
+//     rethrows the first exception, or returns the first error.
+//   - wait() waits for every child. If the waiting fiber is itself asked to
+//     stop, it requests stop on the children, still waits for all of them,
+//     and returns operation_canceled (unless a child failed first).
+//   - The destructor requests stop on the children still running and waits
+//     for them: no child outlives its group.
+//
+// Who calls what: spawn(), request_stop() from any fiber; wait() and the
+// destructor from a fiber (the owner), once.
+#pragma once
+
+#include <exception>
+#include <mutex>
+#include <system_error>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "runtime/sync.h"
+#include "runtime/weft.h"
+
+namespace weft {
+
+class task_group {
+ public:
+  task_group() = default;
+  task_group(const task_group&) = delete;
+  task_group& operator=(const task_group&) = delete;
+  ~task_group();
+
+  template <typename F>
+  void spawn(F&& fn, spawn_options opts = {}) {
+    pending_.add(1, "weft::task_group::spawn");
+    auto h = weft::spawn(
+        [this, fn = std::forward<F>(fn)]() mutable {
+          struct done_guard {
+            task_group* g;
+            ~done_guard() { g->pending_.add(-1, "weft::task_group: child"); }
+          } done{this};
+          run_child(fn);
+        },
+        opts);
+    adopt(std::move(h));
+  }
+
+  // Waits for every child; the first failure, operation_canceled, or ok.
+  result<void> wait(std::source_location where = std::source_location::current());
+  // Asks every child (current and future) to stop.
+  void request_stop();
+
+ private:
+  template <typename F>
+  void run_child(F& fn) {
+    try {
+      if constexpr (std::is_void_v<std::invoke_result_t<F&>>) {
+        fn();
+      } else {
+        auto r = fn();
+        if (!r.has_value()) fail(r.error(), nullptr);
+      }
+    } catch (...) {
+      if (detail::current_fiber_unwinding()) throw;  // the runtime unwinds it
+      fail({}, std::current_exception());
+    }
+  }
+  void adopt(join_handle<void> h);
+  void fail(std::error_code ec, std::exception_ptr e);
+
+  detail::zero_waiter pending_{0};  // children not yet finished
+  mutex mu_;                         // guards the fields below
+  std::vector<join_handle<void>> children_;
+  std::error_code error_;
+  std::exception_ptr exception_;
+  bool stopping_ = false;
+  bool failed_ = false;
+};
+
+}  // namespace weft
