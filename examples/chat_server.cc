@@ -144,6 +144,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "chat_server: listening on 127.0.0.1:%d\n", f.port);
     weft::channel<event> events(1024);
     auto r = weft::spawn([&] { room(events); }, {.name = "chat room"});
+    int next = 0;  // connections go round-robin over the workers
     for (;;) {
       auto c = ln->accept();
       if (!c) {
@@ -152,7 +153,8 @@ int main(int argc, char** argv) {
         continue;
       }
       weft::spawn([c = std::move(*c), &events]() mutable { serve(std::move(c), events); },
-                  {.name = "chat reader"});
+                  {.name = "chat reader", .worker = next++});
+      if (next == int(weft::worker_count())) next = 0;
     }
     events.close();
     r.join();

@@ -45,6 +45,9 @@ int main(int argc, char** argv) {
       return 1;
     }
     std::fprintf(stderr, "echo_server: listening on 127.0.0.1:%d\n", f.port);
+    // One acceptor, each connection's fiber started on the next worker in
+    // turn: connections spread evenly, and only this fiber waits in accept.
+    int next = 0;
     for (;;) {
       auto c = ln->accept();
       if (!c) {
@@ -55,8 +58,9 @@ int main(int argc, char** argv) {
         continue;
       }
       weft::spawn([c = std::move(*c)]() mutable { serve(std::move(c)); },
-                  {.name = "echo conn"})
+                  {.name = "echo conn", .worker = next++})
           .detach();
+      if (next == int(weft::worker_count())) next = 0;
     }
   }, o);
 }

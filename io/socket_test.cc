@@ -112,6 +112,38 @@ TEST_P(Sockets, EchoRoundTripsOfManySizesWithManyConcurrentClients) {
 
 // A fiber spinning in yield() on every worker must not starve I/O: the
 // loop's every-61-ticks flush and poll still run.
+// Accept balancing: one acceptor (no thundering herd: only it waits in
+// accept) places each connection's fiber on the next worker in turn.
+TEST_P(Sockets, AcceptedConnectionsSpreadEvenlyOverWorkers) {
+  const unsigned per_worker = 8;
+  std::vector<unsigned> started_on(workers(), 0);
+  Run([&] {
+    const unsigned n = per_worker * worker_count();
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    std::vector<join_handle<unsigned>> conns;
+    auto acceptor = spawn([&] {
+      for (unsigned k = 0; k < n; ++k) {
+        auto c = ln.accept(deadline(10s));
+        ASSERT_TRUE(c) << c.error().message();
+        conns.push_back(spawn([c = std::move(*c)]() mutable {
+          unsigned w = this_fiber::worker_index();
+          char b[8];
+          while (auto r = c.read(b, deadline(10s)))
+            if (*r == 0) break;
+          return w;
+        }, {.name = "conn", .worker = int(k)}));
+      }
+    });
+    std::vector<tcp_stream> clients;
+    for (unsigned k = 0; k < n; ++k) clients.push_back(tcp_stream::connect(addr_of(ln), deadline(10s)).value());
+    acceptor.join();
+    for (auto& c : clients) (void)c.close();
+    for (auto& h : conns) ++started_on[h.join()];
+  });
+  for (unsigned w = 0; w < workers(); ++w)
+    EXPECT_EQ(started_on[w], per_worker) << "worker " << w;
+}
+
 TEST_P(Sockets, IoCompletesWhileAnotherFiberKeepsTheWorkerBusy) {
   Run([&] {
     std::atomic<bool> done{false};

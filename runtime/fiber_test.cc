@@ -110,6 +110,16 @@ TEST_P(Fibers, PinnedFibersNeverChangeWorker) {
   EXPECT_EQ(moved.load(), 0);
 }
 
+TEST_P(Fibers, AFiberPlacedOnAWorkerStartsThere) {
+  Run([&] {
+    EXPECT_EQ(worker_count(), workers());
+    std::vector<join_handle<unsigned>> hs;
+    for (int i = 0; i < 64; ++i)
+      hs.push_back(spawn([] { return this_fiber::worker_index(); }, {.worker = i}));
+    for (int i = 0; i < 64; ++i) EXPECT_EQ(hs[i].join(), unsigned(i) % workers());
+  });
+}
+
 TEST_P(Fibers, SleepersWakeInDeadlineOrder) {
   std::vector<int> order;
   std::mutex mu;

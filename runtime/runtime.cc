@@ -73,7 +73,10 @@ int run_main(std::function<int()> main_fn, const options& opts) {
 
 std::pair<void*, void*> spawn_create(const spawn_request& r) {
   sched::fiber* f = the_scheduler().create(
-      {.name = r.opts.name, .stack_size = r.opts.stack_size, .pinned = r.opts.pinned},
+      {.name = r.opts.name,
+       .stack_size = r.opts.stack_size,
+       .pinned = r.opts.pinned,
+       .worker = r.opts.worker},
       r.size, r.align);
   f->body_ = r.body;
   f->discard_ = r.discard;
@@ -176,5 +179,7 @@ runtime_stats stats() {
 }
 
 void dump() { the_scheduler().dump(2); }
+
+unsigned worker_count() { return the_scheduler().worker_count(); }
 
 }  // namespace weft

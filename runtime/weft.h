@@ -69,8 +69,15 @@ struct options {
 struct spawn_options {
   std::string_view name = {};   // shown by dump(), the deadlock report and overflow messages
   std::size_t stack_size = 0;   // 0: the runtime default; rounded up to a size class
-  bool pinned = false;          // never leaves the spawning worker
+  bool pinned = false;          // never leaves the worker it starts on
+  // The worker it starts on (taken modulo worker_count()); -1: the
+  // spawning one. Without `pinned` it may later be stolen like any other;
+  // an acceptor that spreads connections round-robin uses this.
+  int worker = -1;
 };
+
+// The number of workers of the running runtime.
+unsigned worker_count();
 
 // Stack size classes below one page (1 KiB, 2 KiB) have no guard page; an
 // overflow is caught by a canary at the next switch. kSmallStack is the

@@ -45,6 +45,10 @@ struct fiber {
   alloc::stack stack_;
   std::uint64_t id_ = 0;
   worker* home_ = nullptr;  // non-null: pinned to this worker
+  // Placed on a worker without being pinned: pinned (home_) until its first
+  // run, so no thief moves it before it starts there; fiber_main clears
+  // home_ then, before anyone else can read it.
+  bool unpin_on_start_ = false;
   void (*body_)(void*) = nullptr;     // runs the callable at callable_, destroys it
   void (*discard_)(void*) = nullptr;  // destroys the callable unrun
   void* callable_ = nullptr;           // the callable, just below this block

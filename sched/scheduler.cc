@@ -30,6 +30,7 @@ void describe_stack(const alloc::stack& s, char* buf, std::size_t len) {
 [[noreturn]] void fiber_main(void* arg) {
   auto* f = static_cast<fiber*>(arg);
   current_worker()->finish_switch();  // we may be a hand-off target
+  if (f->unpin_on_start_) f->home_ = nullptr;  // placed, not pinned: free to move now
   f->started_.store(true, std::memory_order_relaxed);  // relaxed: diagnostic
   // seq_cst: pairs with force_unwind(); a fiber unwound before it started
   // never runs its body, only destroys its callable.
@@ -129,8 +130,11 @@ fiber* scheduler::create(const fiber_attrs& a, std::size_t callable_size,
   std::size_t n = std::min(a.name.size(), sizeof f->name_ - 1);
   std::memcpy(f->name_, a.name.data(), n);
   f->name_[n] = '\0';
-  if (a.pinned) {
-    WEFT_CHECK(w, "spawn: a pinned fiber must be spawned from a fiber");
+  if (a.worker >= 0) {
+    f->home_ = workers_[unsigned(a.worker) % worker_count()].get();
+    f->unpin_on_start_ = !a.pinned;
+  } else if (a.pinned) {
+    WEFT_CHECK(w, "spawn: a pinned fiber spawned outside the workers needs a worker index");
     f->home_ = w;
   }
   auto top = reinterpret_cast<std::uintptr_t>(f) - callable_size;
@@ -147,6 +151,10 @@ void scheduler::start_fiber(fiber* f) {
   worker* w = current_worker();
   // A fiber spawned while the runtime unwinds is unwound too.
   if (unwinding()) f->unwinding_.store(true, std::memory_order_seq_cst);
+  if (f->home_ && f->home_ != w) {  // placed on (or pinned to) another worker
+    f->home_->push_inbox(f);
+    return;
+  }
   if (w) {
     worker_counters::bump(w->counters().spawned);
     // Into the LIFO slot, as Go's runnext: when the spawner parks (say, to

@@ -52,7 +52,8 @@ struct scheduler_options {
 struct fiber_attrs {
   std::string_view name;
   std::size_t stack_size = 0;  // 0: the scheduler's default
-  bool pinned = false;         // never leaves the spawning worker
+  bool pinned = false;         // never leaves the worker it starts on
+  int worker = -1;             // start on worker (worker % count); -1: the spawner's
 };
 
 // Sums of the per-worker counters; see worker_counters in worker.h.
