@@ -22,7 +22,7 @@
 #include <string>
 #include <variant>
 
-#include "examples/flags.h"
+#include "examples/server.h"
 #include "runtime/channel.h"
 #include "runtime/net.h"
 #include "runtime/weft.h"
@@ -134,30 +134,15 @@ int main(int argc, char** argv) {
   g_idle = std::chrono::seconds(f.idle_seconds);
   weft::options o;
   o.workers = f.workers;
+  // Outlives run(), so connection fibers still unwinding after main
+  // returns find it closed, not destroyed.
+  weft::channel<event> events(1024);
   return weft::run([&] {
-    auto ln = weft::tcp_listener::bind("127.0.0.1:" + std::to_string(f.port));
-    if (!ln) {
-      std::fprintf(stderr, "chat_server: bind 127.0.0.1:%d: %s\n", f.port,
-                   ln.error().message().c_str());
-      return 1;
-    }
-    std::fprintf(stderr, "chat_server: listening on 127.0.0.1:%d\n", f.port);
-    weft::channel<event> events(1024);
     auto r = weft::spawn([&] { room(events); }, {.name = "chat room"});
-    int next = 0;  // connections go round-robin over the workers
-    for (;;) {
-      auto c = ln->accept();
-      if (!c) {
-        if (c.error() == std::errc::operation_canceled) break;
-        (void)weft::this_fiber::sleep_for(1ms);  // EMFILE and friends: let others close
-        continue;
-      }
-      weft::spawn([c = std::move(*c), &events]() mutable { serve(std::move(c), events); },
-                  {.name = "chat reader", .worker = next++});
-      if (next == int(weft::worker_count())) next = 0;
-    }
+    int status = examples::listen_and_serve(
+        "chat_server", f, [&events](weft::tcp_stream c) { serve(std::move(c), events); });
     events.close();
     r.join();
-    return 0;
-  });
+    return status;
+  }, o);
 }

@@ -10,7 +10,7 @@
 #include <cstdio>
 #include <string>
 
-#include "examples/flags.h"
+#include "examples/server.h"
 #include "runtime/net.h"
 #include "runtime/weft.h"
 
@@ -37,30 +37,5 @@ int main(int argc, char** argv) {
   g_idle = std::chrono::seconds(f.idle_seconds);
   weft::options o;
   o.workers = f.workers;
-  return weft::run([&] {
-    auto ln = weft::tcp_listener::bind("127.0.0.1:" + std::to_string(f.port));
-    if (!ln) {
-      std::fprintf(stderr, "echo_server: bind 127.0.0.1:%d: %s\n", f.port,
-                   ln.error().message().c_str());
-      return 1;
-    }
-    std::fprintf(stderr, "echo_server: listening on 127.0.0.1:%d\n", f.port);
-    // One acceptor, each connection's fiber started on the next worker in
-    // turn: connections spread evenly, and only this fiber waits in accept.
-    int next = 0;
-    for (;;) {
-      auto c = ln->accept();
-      if (!c) {
-        // EMFILE and friends: the listener keeps working. Give the other
-        // fibers a moment to close descriptors instead of spinning.
-        if (c.error() == std::errc::operation_canceled) return 0;
-        (void)weft::this_fiber::sleep_for(1ms);
-        continue;
-      }
-      weft::spawn([c = std::move(*c)]() mutable { serve(std::move(c)); },
-                  {.name = "echo conn", .worker = next++})
-          .detach();
-      if (next == int(weft::worker_count())) next = 0;
-    }
-  }, o);
+  return weft::run([&] { return examples::listen_and_serve("echo_server", f, serve); }, o);
 }

@@ -41,8 +41,10 @@
 #include <cstdint>
 #include <expected>
 #include <memory>
+#include <mutex>
 #include <source_location>
 #include <string>
+#include <vector>
 #include <system_error>
 
 #include "sched/driver.h"
@@ -206,5 +208,35 @@ void evict_everywhere(int fd) noexcept;
 // Called once per process by the driver factory: SIGPIPE ignored, so a
 // write to a closed peer is an EPIPE value, never a signal.
 void ignore_sigpipe_once() noexcept;
+
+// Requests other threads hand to a driver's owner thread (cancel an
+// operation submitted on its ring, evict an fd from its epoll set). Any
+// thread push()es; only the owner take()s, in one swap under the lock.
+template <typename T>
+class handoff_list {
+ public:
+  void push(T v) {
+    {
+      std::lock_guard g(lock_);
+      items_.push_back(v);
+    }
+    // release: publishes the push; pairs with the acquire in take(). (A
+    // hint: the list itself is read under the lock.)
+    nonempty_.store(true, std::memory_order_release);
+  }
+  // Owner: moves everything pushed so far into `out`; false if nothing.
+  bool take(std::vector<T>& out) {
+    if (!nonempty_.load(std::memory_order_acquire)) return false;  // pairs with push()
+    std::lock_guard g(lock_);
+    out.swap(items_);
+    nonempty_.store(false, std::memory_order_relaxed);  // relaxed: under the lock
+    return !out.empty();
+  }
+
+ private:
+  weft::spinlock lock_;
+  std::vector<T> items_;  // guarded by lock_
+  std::atomic<bool> nonempty_{false};
+};
 
 }  // namespace weft::io

@@ -193,12 +193,8 @@ class epoll_driver final : public io_driver {
   // release in wake() publishes the waker's work; pairs with the acq_rel
   // exchange in dispatch() that clears it (as in io/uring_driver.cc).
   std::atomic<bool> wake_pending_{false};
-  weft::spinlock cancel_lock_;
-  std::vector<wait_slot*> cancels_;  // guarded by cancel_lock_
-  std::vector<int> evicts_;          // guarded by cancel_lock_
-  // release after the push publishes cancels_; pairs with the acquire in
-  // drain_cancels() (a hint: the list itself is read under the lock).
-  std::atomic<bool> has_cancels_{false};
+  handoff_list<wait_slot*> cancels_;  // from other threads (cancel())
+  handoff_list<int> evicts_;          // from other threads (evict())
 };
 
 // ---- Waiting for readiness ---------------------------------------------------
@@ -329,26 +325,17 @@ void epoll_driver::cancel(completion& c) noexcept {
     cancel_now(s);
     return;
   }
-  {
-    std::lock_guard g(cancel_lock_);
-    cancels_.push_back(&s);
-  }
-  has_cancels_.store(true, std::memory_order_release);  // pairs with drain_cancels()
+  cancels_.push(&s);
   wake();
 }
 
 void epoll_driver::drain_cancels() {
-  if (!has_cancels_.load(std::memory_order_acquire)) return;  // pairs with cancel()
   std::vector<wait_slot*> todo;
   std::vector<int> fds;
-  {
-    std::lock_guard g(cancel_lock_);
-    todo.swap(cancels_);
-    fds.swap(evicts_);
-    has_cancels_.store(false, std::memory_order_relaxed);  // relaxed: under the lock
-  }
-  for (wait_slot* s : todo) cancel_now(*s);
-  for (int fd : fds) evict_now(fd);
+  if (cancels_.take(todo))
+    for (wait_slot* s : todo) cancel_now(*s);
+  if (evicts_.take(fds))
+    for (int fd : fds) evict_now(fd);
 }
 
 // A closed file leaves the epoll sets before its shutdown event may be
@@ -366,11 +353,7 @@ void epoll_driver::evict(int fd) noexcept {
     evict_now(fd);
     return;
   }
-  {
-    std::lock_guard g(cancel_lock_);
-    evicts_.push_back(fd);
-  }
-  has_cancels_.store(true, std::memory_order_release);  // pairs with drain_cancels()
+  evicts_.push(fd);
   wake();
 }
 

@@ -426,9 +426,10 @@ TEST_P(Sockets, Ipv6LoopbackWorksWhereAvailable) {
 }
 
 TEST_P(Sockets, UnixStreamSocketsEcho) {
-  const char* dir = std::getenv("TEST_TMPDIR");
-  std::string path = std::string(dir ? dir : "/tmp") + "/weft-" + std::to_string(::getpid()) +
-                     "-" + std::to_string(workers()) + ".sock";
+  // Not under TEST_TMPDIR: Bazel's output paths can exceed the 107
+  // characters a Unix socket path may have.
+  std::string path = "/tmp/weft-" + std::to_string(::getpid()) + "-" +
+                     std::to_string(workers()) + ".sock";
   ::unlink(path.c_str());
   Run([&] {
     auto ln = tcp_listener::bind("unix:" + path);

@@ -165,11 +165,7 @@ class uring_driver final : public io_driver {
   std::atomic<bool> has_released_{false};
 
   // Cancels asked for by fibers that have moved to another worker.
-  weft::spinlock cancel_lock_;
-  std::vector<completion*> cancels_;  // guarded by cancel_lock_
-  // release after the push publishes cancels_; pairs with the acquire in
-  // drain_cancels() (a hint: the list itself is read under the lock).
-  std::atomic<bool> has_cancels_{false};
+  handoff_list<completion*> cancels_;  // from other threads (cancel())
 };
 
 io_uring_sqe* uring_driver::get_sqe(unsigned need) {
@@ -391,22 +387,13 @@ void uring_driver::cancel(completion& c) noexcept {
     prep_cancel(&c);  // submitted at this worker's next flush
     return;
   }
-  {
-    std::lock_guard g(cancel_lock_);
-    cancels_.push_back(&c);
-  }
-  has_cancels_.store(true, std::memory_order_release);  // pairs with drain_cancels()
+  cancels_.push(&c);
   wake();
 }
 
 void uring_driver::drain_cancels() {
-  if (!has_cancels_.load(std::memory_order_acquire)) return;  // pairs with cancel()
   std::vector<completion*> todo;
-  {
-    std::lock_guard g(cancel_lock_);
-    todo.swap(cancels_);
-    has_cancels_.store(false, std::memory_order_relaxed);  // relaxed: under the lock
-  }
+  if (!cancels_.take(todo)) return;
   for (completion* c : todo) prep_cancel(c);
 }
 

@@ -1,0 +1,83 @@
+// examples/server.h — what the example servers share: their command line
+//
+//   --port N     (127.0.0.1 only)
+//   --workers N  (0 or absent: one per processing unit)
+//   --idle S     (servers that drop silent peers: after S seconds)
+#pragma once
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "runtime/net.h"
+#include "runtime/weft.h"
+
+namespace examples {
+
+struct flags {
+  int port = 7000;
+  unsigned workers = 0;
+  unsigned idle_seconds = 60;
+};
+
+inline bool parse_uint(const char* s, unsigned long max, unsigned long& out) {
+  char* end = nullptr;
+  out = std::strtoul(s, &end, 10);
+  return s[0] != '\0' && *end == '\0' && out <= max;
+}
+
+// False (after printing the usage) on anything it does not understand.
+inline bool parse_flags(int argc, char** argv, flags& f) {
+  for (int i = 1; i < argc; ++i) {
+    unsigned long v = 0;
+    if (std::strcmp(argv[i], "--port") == 0 && i + 1 < argc && parse_uint(argv[i + 1], 65535, v)) {
+      f.port = static_cast<int>(v);
+      ++i;
+    } else if (std::strcmp(argv[i], "--workers") == 0 && i + 1 < argc &&
+               parse_uint(argv[i + 1], 4096, v)) {
+      f.workers = static_cast<unsigned>(v);
+      ++i;
+    } else if (std::strcmp(argv[i], "--idle") == 0 && i + 1 < argc &&
+               parse_uint(argv[i + 1], 86400, v) && v > 0) {
+      f.idle_seconds = static_cast<unsigned>(v);
+      ++i;
+    } else {
+      std::fprintf(stderr, "usage: %s [--port N] [--workers N] [--idle SECONDS]\n", argv[0]);
+      return false;
+    }
+  }
+  return true;
+}
+
+// Inside weft::run: listens on 127.0.0.1:f.port and starts a copy of
+// on_conn(stream) on a fiber of its own for every connection, each on the next worker in
+// turn (connections spread evenly; only this fiber waits in accept, so no
+// thundering herd). Returns the exit status: 1 if bind fails, 0 once the
+// fiber is asked to stop.
+template <typename F>
+int listen_and_serve(const char* who, const flags& f, F on_conn) {
+  using namespace std::chrono_literals;
+  auto ln = weft::tcp_listener::bind("127.0.0.1:" + std::to_string(f.port));
+  if (!ln) {
+    std::fprintf(stderr, "%s: bind 127.0.0.1:%d: %s\n", who, f.port, ln.error().message().c_str());
+    return 1;
+  }
+  std::fprintf(stderr, "%s: listening on 127.0.0.1:%d\n", who, f.port);
+  for (int next = 0;;) {
+    auto c = ln->accept();
+    if (!c) {
+      if (c.error() == std::errc::operation_canceled) return 0;
+      // EMFILE and friends: the listener keeps working. Give the other
+      // fibers a moment to close descriptors instead of spinning.
+      (void)weft::this_fiber::sleep_for(1ms);
+      continue;
+    }
+    weft::spawn([c = std::move(*c), on_conn]() mutable { on_conn(std::move(c)); },
+                {.name = who, .worker = next})
+        .detach();
+    next = (next + 1) % int(weft::worker_count());
+  }
+}
+
+}  // namespace examples
