@@ -11,7 +11,9 @@
 //     write the eventfd.
 //   - Every CQE's user_data is either a completion* (an operation started
 //     by start(), counted in inflight_ until its CQE), kWakeTag (the
-//     eventfd read, always armed) or kIgnoreTag (linked timeouts, cancels).
+//     eventfd read, always armed), kRingWakeTag (a wake-up sent by another
+//     worker's ring) or kIgnoreTag (linked timeouts, cancels, the sender's
+//     own CQE of a MSG_RING).
 //   - SQEs are submitted in one io_uring_submit per scheduler turn (flush(),
 //     poll(), wait()); start() submits early only when the SQ ring is full.
 //
@@ -25,9 +27,12 @@
 // operation (a 30 s read deadline cost 11% of the echo server's CPU); when
 // it fires, wait_for() cancels the operation and waits for its CQE.
 //
-// *Waking*: wake() writes an eventfd that has a read armed on the ring at
-// all times, so a sleeping wait() returns; wake_pending_ keeps repeated
-// wakes down to one write until the owner has seen it.
+// *Waking*: a worker wakes another with IORING_OP_MSG_RING from its own
+// ring: one CQE lands in the sleeper's ring, and nothing needs re-arming.
+// Threads without a ring (the blocking pool, plain threads, and a worker
+// whose SQ ring is full) write an eventfd that has a read armed on the ring
+// at all times. Either way a sleeping wait() returns; wake_pending_ keeps
+// repeated wakes down to one until the owner has seen it.
 //
 // Who calls what:
 //   perform(), poll(), poll_now(), flush(), wait(), pending()  owner thread
@@ -56,6 +61,7 @@ namespace {
 
 constexpr std::uint64_t kIgnoreTag = 0;
 constexpr std::uint64_t kWakeTag = 1;
+constexpr std::uint64_t kRingWakeTag = 2;  // an IORING_OP_MSG_RING from another worker
 // SQ ring entries: a turn rarely queues more; start() submits early when full.
 constexpr unsigned kSqEntries = 256;
 // See *Deadlines*: nearer than this, the kernel times the operation out.
@@ -132,6 +138,7 @@ class uring_driver final : public io_driver {
   void prep(io_uring_sqe* sqe, const op& o);
   void prep_cancel(completion* c);
   void arm_wake_read();
+  bool send_ring_wake() noexcept;
   void drain_cancels();
   void reap();
   bool on_owner_thread() const noexcept {
@@ -407,9 +414,26 @@ void uring_driver::wake() noexcept {
   // acq_rel: the release publishes the caller's queued work to the owner
   // (pairs with the exchange in reap()); only the first waker writes.
   if (wake_pending_.exchange(true, std::memory_order_acq_rel)) return;
+  if (send_ring_wake()) return;
   std::uint64_t one = 1;
   ssize_t n = ::write(efd_, &one, sizeof one);
   (void)n;  // cannot fail short of a bad fd: the counter never nears its max
+}
+
+// From a worker with an io_uring driver of its own: a MSG_RING on that
+// (the caller's) ring, submitted at once — a wake-up must not wait for the
+// caller's next turn. Runs on the caller's owner thread, which is the only
+// one that touches its ring.
+bool uring_driver::send_ring_wake() noexcept {
+  sched::worker* w = sched::current_worker();
+  auto* from = w ? dynamic_cast<uring_driver*>(w->io()) : nullptr;
+  if (!from || from == this) return false;
+  io_uring_sqe* sqe = io_uring_get_sqe(&from->ring_);
+  if (!sqe) return false;  // its SQ ring is full: the eventfd serves
+  io_uring_prep_msg_ring(sqe, ring_.ring_fd, 0, kRingWakeTag, 0);
+  io_uring_sqe_set_data64(sqe, kIgnoreTag);  // the sender's own CQE
+  from->submit();
+  return true;
 }
 
 void uring_driver::reap() {
@@ -420,11 +444,11 @@ void uring_driver::reap() {
     ++n;
     std::uint64_t tag = cqe->user_data;
     if (tag == kIgnoreTag) continue;
-    if (tag == kWakeTag) {
+    if (tag == kWakeTag || tag == kRingWakeTag) {
       // acq_rel: pairs with wake()'s exchange; wakes after this one write again.
       wake_pending_.exchange(false, std::memory_order_acq_rel);
       woken_ = true;
-      arm_wake_read();
+      if (tag == kWakeTag) arm_wake_read();  // a MSG_RING consumed nothing
       continue;
     }
     --inflight_;
