@@ -36,7 +36,9 @@ TEST_P(Fibers, AMillionFibersSpawnAndJoinWithTheRightSum) {
   long want = 0;
   for (int i = 0; i < testing::kMillion; ++i) want += i % 7;
   EXPECT_EQ(sum, want);
-  if (testing::kMillion == 1'000'000) EXPECT_EQ(sum, 2'999'997);
+  if (testing::kMillion == 1'000'000) {
+    EXPECT_EQ(sum, 2'999'997);
+  }
 }
 
 TEST(FiberScale, AMillionFibersParkedAtOnceWithDefaultStacks) {
