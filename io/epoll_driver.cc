@@ -404,15 +404,7 @@ void epoll_driver::wait(sched::clock::time_point deadline) {
   drain_cancels();
   if (std::exchange(woken_, false)) deadline = sched::clock::now();  // see woken_
   timespec ts{};
-  timespec* tsp = nullptr;
-  if (deadline != sched::clock::time_point::max()) {
-    auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                  deadline - sched::clock::now()).count();
-    if (ns < 0) ns = 0;
-    ts.tv_sec = ns / 1'000'000'000;
-    ts.tv_nsec = ns % 1'000'000'000;
-    tsp = &ts;
-  }
+  timespec* tsp = sched::relative_timeout(deadline, ts);
   epoll_event ev[kMaxEvents];
   int n = ::epoll_pwait2(epfd_, ev, kMaxEvents, tsp, nullptr);  // EINTR: a plain return
   if (n > 0) dispatch(ev, n);

@@ -480,15 +480,7 @@ void uring_driver::wait(sched::clock::time_point deadline) {
   drain_released();
   if (!std::exchange(woken_, false) && io_uring_cq_ready(&ring_) == 0) {
     __kernel_timespec ts{};
-    __kernel_timespec* tsp = nullptr;
-    if (deadline != sched::clock::time_point::max()) {
-      auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                    deadline - sched::clock::now()).count();
-      if (ns < 0) ns = 0;
-      ts.tv_sec = ns / 1'000'000'000;
-      ts.tv_nsec = ns % 1'000'000'000;
-      tsp = &ts;
-    }
+    __kernel_timespec* tsp = sched::relative_timeout(deadline, ts);
     io_uring_cqe* cqe = nullptr;
     // -ETIME at the deadline, -EINTR on a signal: both are a plain return.
     bool submitting = io_uring_sq_ready(&ring_) > 0;

@@ -40,6 +40,19 @@ class driver {
   virtual const char* name() const noexcept = 0;
 };
 
+// The time left until `deadline` as a relative timeout for the kernel
+// (futex, epoll_pwait2, io_uring waits): zero if it has passed, nullptr (no
+// timeout) for time_point::max(). TS is timespec or __kernel_timespec.
+template <typename TS>
+TS* relative_timeout(clock::time_point deadline, TS& ts) {
+  if (deadline == clock::time_point::max()) return nullptr;
+  auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - clock::now()).count();
+  if (ns < 0) ns = 0;
+  ts.tv_sec = ns / 1'000'000'000;
+  ts.tv_nsec = ns % 1'000'000'000;
+  return &ts;
+}
+
 // Called on each worker thread at start with the worker's index.
 using driver_factory = std::function<std::unique_ptr<driver>(unsigned worker)>;
 

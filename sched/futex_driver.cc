@@ -20,15 +20,8 @@ class futex_driver final : public driver {
     // before a wake is visible once we consume it.
     if (word_.exchange(0, std::memory_order_acquire) != 0) return;
     timespec ts{};
-    timespec* tsp = nullptr;
-    if (deadline != clock::time_point::max()) {
-      auto d = deadline - clock::now();
-      if (d.count() <= 0) return;
-      auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(d).count();
-      ts.tv_sec = ns / 1'000'000'000;
-      ts.tv_nsec = ns % 1'000'000'000;
-      tsp = &ts;
-    }
+    timespec* tsp = relative_timeout(deadline, ts);
+    if (tsp && tsp->tv_sec == 0 && tsp->tv_nsec == 0) return;  // already due
     // The kernel re-checks word_ == 0 atomically with going to sleep, so a
     // wake() between the exchange above and here is not lost.
     syscall(SYS_futex, &word_, FUTEX_WAIT_PRIVATE, 0, tsp, nullptr, 0);
