@@ -30,6 +30,9 @@
 //   io_driver::perform(), poll_now(), the sched::driver steps
 //                             the driver's own worker thread
 //   wait_for()                a fiber, inside a driver's perform()
+//   arm_multishot_accept()    a fiber, on the driver's own worker thread
+//   cancel_multishot()        any thread
+//   multishot_sink::on_result()  the driver that armed it, on its thread
 #pragma once
 
 #include <sys/socket.h>
@@ -132,6 +135,7 @@ struct io_counters {
   std::atomic<std::uint64_t> parked{0};
   std::atomic<std::uint64_t> submits{0};    // io_uring_submit/enter calls that submitted
   std::atomic<std::uint64_t> completions{0};  // CQEs or readiness events handled
+  std::atomic<std::uint64_t> multishot_accepts{0};  // multishot accept SQEs armed (io_uring)
   static void bump(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
     c.store(c.load(std::memory_order_relaxed) + n,
             std::memory_order_relaxed);  // relaxed: statistic, single writer
@@ -140,10 +144,27 @@ struct io_counters {
 
 // A snapshot of every worker's counters (io::stats()).
 struct io_stats {
-  std::uint64_t ops = 0, parked = 0, submits = 0, completions = 0;
+  std::uint64_t ops = 0, parked = 0, submits = 0, completions = 0, multishot_accepts = 0;
   std::string driver;  // the first worker's driver name ("io_uring", "epoll")
 };
 io_stats stats();
+
+// *Multishot operations*: one armed SQE that completes many times
+// (io_uring's multishot accept; see io/accept.cc). Its target is a sink
+// on the heap, never on a fiber's stack: the CQEs arrive on the ring that
+// armed it, whichever worker the fiber that armed it runs on by then.
+class multishot_sink {
+ public:
+  // One completion, on the arming driver's thread. `more` false: the
+  // kernel ended the multishot and this is the last call for this arming.
+  virtual void on_result(int res, bool more) noexcept = 0;
+  // The arming driver is destroyed (after every worker joined) while the
+  // multishot is still armed: no on_result() will follow.
+  virtual void on_driver_gone() noexcept = 0;
+
+ protected:
+  ~multishot_sink() = default;
+};
 
 // A worker's driver that can perform operations.
 class io_driver : public sched::driver {
@@ -167,6 +188,15 @@ class io_driver : public sched::driver {
   // thread. A completion driver has nothing to do: the shutdown completes
   // its operations.
   virtual void evict(int fd) noexcept { (void)fd; }
+  // Whether arm_multishot_accept() can succeed on this driver.
+  virtual bool has_multishot_accept() const noexcept { return false; }
+  // Arms a multishot accept on listening socket `fd` whose results go to
+  // `s` until its on_result(.., more=false) or on_driver_gone(). The
+  // caller runs on this driver's worker. It counts in pending() while armed.
+  virtual void arm_multishot_accept(int fd, multishot_sink& s) { (void)fd, (void)s; }
+  // Asks the kernel to end the multishot armed for `s` (it then delivers
+  // its last on_result). Any thread; harmless if it already ended.
+  virtual void cancel_multishot(multishot_sink& s) noexcept { (void)s; }
   // Gives back a buffer recv_pooled returned (id, p = its buf_id and buf).
   // Any thread.
   virtual void release_buffer(std::uint32_t id, void* p) noexcept {

@@ -95,6 +95,7 @@ io_stats stats() {
     st.parked += get(c.parked);
     st.submits += get(c.submits);
     st.completions += get(c.completions);
+    st.multishot_accepts += get(c.multishot_accepts);
     if (st.driver.empty()) st.driver = d->name();
   }
   return st;

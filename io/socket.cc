@@ -5,6 +5,7 @@
 // calls; errno is read right after each (see CONVENTIONS.md).
 #include "io/socket.h"
 
+#include "io/accept.h"
 #include "io/blocking.h"
 
 #include <netdb.h>
@@ -70,6 +71,7 @@ std::size_t pooled_buffer::in_use() noexcept {
 // ---- socket_base --------------------------------------------------------------
 
 result<void> socket_base::close() noexcept {
+  if (accept_) close_accept_state(std::exchange(accept_, nullptr));  // wakes its acceptors
   if (fd_ < 0) return {};
   if (wake_on_close_) {
     (void)::shutdown(fd_, SHUT_RDWR);  // completes parked io_uring accepts
@@ -208,6 +210,7 @@ result<tcp_listener> tcp_listener::bind(const socket_address& addr, int backlog)
   if (fd < 0) return sys_error(-fd);
   tcp_listener l(fd);  // closes fd on every error path
   l.wake_on_close_ = true;
+  l.accept_ = new_accept_state();
   int one = 1;
   if (addr.family() != AF_UNIX &&
       ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0)
@@ -217,12 +220,7 @@ result<tcp_listener> tcp_listener::bind(const socket_address& addr, int backlog)
   return l;
 }
 
-result<tcp_stream> tcp_listener::accept(deadline_arg d) {
-  op o{.kind = op_kind::accept, .fd = fd_};
-  auto r = perform(o, d.when, "tcp accept");
-  if (!r) return std::unexpected(r.error());
-  return tcp_stream(*r);
-}
+// tcp_listener::accept() is in io/accept.cc.
 
 // ---- udp_socket ---------------------------------------------------------------
 

@@ -19,7 +19,10 @@
 //   - A socket object owns its descriptor (-1 when empty or closed); moving
 //     transfers it; the destructor closes it.
 //   - One fiber uses a socket object at a time, except that one reader and
-//     one writer fiber may use the same tcp_stream concurrently.
+//     one writer fiber may use the same tcp_stream concurrently, and any
+//     number of fibers may accept() on one tcp_listener (and one close it).
+//   - A listener owns a heap accept state (io/accept.cc) from bind() until
+//     close(); io_uring's multishot accept feeds it.
 #pragma once
 
 #include <netinet/in.h>
@@ -111,18 +114,22 @@ class pooled_buffer {
   std::size_t n_ = 0;
 };
 
+class accept_state;  // io/accept.cc
+
 // What both socket types share: the descriptor and addresses.
 class socket_base {
  public:
   socket_base() = default;
   explicit socket_base(int fd) noexcept : fd_(fd) {}
   socket_base(socket_base&& o) noexcept
-      : fd_(std::exchange(o.fd_, -1)), wake_on_close_(o.wake_on_close_) {}
+      : fd_(std::exchange(o.fd_, -1)), wake_on_close_(o.wake_on_close_),
+        accept_(std::exchange(o.accept_, nullptr)) {}
   socket_base& operator=(socket_base&& o) noexcept {
     if (this != &o) {
       (void)close();
       fd_ = std::exchange(o.fd_, -1);
       wake_on_close_ = o.wake_on_close_;
+      accept_ = std::exchange(o.accept_, nullptr);
     }
     return *this;
   }
@@ -139,6 +146,10 @@ class socket_base {
  protected:
   int fd_ = -1;
   bool wake_on_close_ = false;  // listeners: shutdown(2) before close(2)
+  // Listeners only: the accept state (io/accept.cc); one share of it is
+  // this object's, given back by close(). Written by bind() and close(),
+  // read by accept() (which takes its own share first).
+  accept_state* accept_ = nullptr;
 };
 
 class tcp_stream : public socket_base {

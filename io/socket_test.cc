@@ -147,6 +147,33 @@ TEST_P(Sockets, AcceptedConnectionsSpreadEvenlyOverWorkers) {
     EXPECT_EQ(started_on[w], per_worker) << "worker " << w;
 }
 
+TEST_P(Sockets, OneMultishotAcceptServesManyConnectionsOnIoUring) {
+  constexpr int kConns = 100;
+  std::uint64_t armed = 0;
+  std::string driver;
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    const std::uint64_t before = get_io_stats().multishot_accepts;
+    auto clients = spawn([&] {
+      std::vector<tcp_stream> cs;
+      for (int i = 0; i < kConns; ++i) cs.push_back(tcp_stream::connect(addr_of(ln), deadline(10s)).value());
+      return cs;
+    });
+    std::vector<tcp_stream> accepted;
+    for (int i = 0; i < kConns; ++i) {
+      auto s = ln.accept(deadline(10s));
+      ASSERT_TRUE(s) << s.error().message();
+      accepted.push_back(std::move(*s));
+    }
+    auto cs = clients.join();
+    auto st = get_io_stats();
+    armed = st.multishot_accepts - before;
+    driver = st.driver;
+  });
+  // io_uring: one armed SQE yielded every connection; epoll: none armed.
+  EXPECT_EQ(armed, driver == "io_uring" ? 1u : 0u);
+}
+
 TEST_P(Sockets, IoCompletesWhileAnotherFiberKeepsTheWorkerBusy) {
   Run([&] {
     std::atomic<bool> done{false};

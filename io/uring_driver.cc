@@ -12,8 +12,11 @@
 //   - Every CQE's user_data is either a completion* (an operation started
 //     by start(), counted in inflight_ until its CQE), kWakeTag (the
 //     eventfd read, always armed), kRingWakeTag (a wake-up sent by another
-//     worker's ring) or kIgnoreTag (linked timeouts, cancels, the sender's
-//     own CQE of a MSG_RING).
+//     worker's ring), kIgnoreTag (linked timeouts, cancels, the sender's
+//     own CQE of a MSG_RING) or a multishot_sink* with kMultishotBit set
+//     (see *Multishot operations* in io/driver.h), counted in inflight_
+//     and listed in armed_ from arming until its CQE without
+//     IORING_CQE_F_MORE.
 //   - SQEs are submitted in one io_uring_submit per scheduler turn (flush(),
 //     poll(), wait()); start() submits early only when the SQ ring is full.
 //
@@ -45,6 +48,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <algorithm>
 #include <climits>
 #include <cstdio>
 #include <cstring>
@@ -62,6 +66,9 @@ namespace {
 constexpr std::uint64_t kIgnoreTag = 0;
 constexpr std::uint64_t kWakeTag = 1;
 constexpr std::uint64_t kRingWakeTag = 2;  // an IORING_OP_MSG_RING from another worker
+// Marks a multishot_sink* in user_data; completion* and multishot_sink*
+// are at least 8-aligned, and the small tags above are checked first.
+constexpr std::uint64_t kMultishotBit = 1;
 // SQ ring entries: a turn rarely queues more; start() submits early when full.
 constexpr unsigned kSqEntries = 256;
 // See *Deadlines*: nearer than this, the kernel times the operation out.
@@ -104,6 +111,10 @@ class uring_driver final : public io_driver {
   ~uring_driver() override {
     // After every worker joined: nothing runs on the ring any more.
     io_uring_queue_exit(&ring_);
+    // Multishots still armed (a listener that outlives the runtime) will
+    // never see their last CQE: tell their sinks, which drop the ring's
+    // share of their state and stop naming this driver.
+    for (multishot_sink* s : armed_) s->on_driver_gone();
     ::close(efd_);
     if (br_) ::munmap(br_, kBufCount * sizeof(io_uring_buf));
     if (bufs_) ::munmap(bufs_, kBufCount * kPooledBufferSize);
@@ -122,6 +133,9 @@ class uring_driver final : public io_driver {
   }
   void wake() noexcept override;
   std::size_t pending() const noexcept override { return inflight_; }
+  bool has_multishot_accept() const noexcept override { return true; }
+  void arm_multishot_accept(int fd, multishot_sink& s) override;
+  void cancel_multishot(multishot_sink& s) noexcept override;
   const char* name() const noexcept override { return "io_uring"; }
 
  private:
@@ -136,7 +150,9 @@ class uring_driver final : public io_driver {
   io_uring_sqe* get_sqe(unsigned need);
   void submit();
   void prep(io_uring_sqe* sqe, const op& o);
-  void prep_cancel(completion* c);
+  void prep_cancel(std::uint64_t tag);
+  void cancel_tag(std::uint64_t tag) noexcept;
+  void on_multishot_cqe(std::uint64_t tag, int res, std::uint32_t flags);
   void arm_wake_read();
   bool send_ring_wake() noexcept;
   void drain_cancels();
@@ -171,8 +187,11 @@ class uring_driver final : public io_driver {
   // drain_released() (a hint: the list itself is read under the lock).
   std::atomic<bool> has_released_{false};
 
-  // Cancels asked for by fibers that have moved to another worker.
-  handoff_list<completion*> cancels_;  // from other threads (cancel())
+  // Cancels asked for by fibers that have moved to another worker, and of
+  // multishots by any thread: the user_data to cancel.
+  handoff_list<std::uint64_t> cancels_;  // from other threads (cancel_tag())
+  // Owner only: the sinks of the multishots armed on this ring.
+  std::vector<multishot_sink*> armed_;
 };
 
 io_uring_sqe* uring_driver::get_sqe(unsigned need) {
@@ -383,25 +402,65 @@ result<int> uring_driver::recv_pooled(op& o, clock::time_point deadline, const c
 
 // ---- Cancelling --------------------------------------------------------------
 
-void uring_driver::prep_cancel(completion* c) {
+void uring_driver::prep_cancel(std::uint64_t tag) {
   io_uring_sqe* sqe = get_sqe(1);
-  io_uring_prep_cancel64(sqe, reinterpret_cast<std::uintptr_t>(c), 0);
+  io_uring_prep_cancel64(sqe, tag, 0);
   io_uring_sqe_set_data64(sqe, kIgnoreTag);
 }
 
-void uring_driver::cancel(completion& c) noexcept {
+void uring_driver::cancel_tag(std::uint64_t tag) noexcept {
   if (on_owner_thread()) {
-    prep_cancel(&c);  // submitted at this worker's next flush
+    prep_cancel(tag);  // submitted at this worker's next flush
     return;
   }
-  cancels_.push(&c);
+  cancels_.push(tag);
   wake();
 }
 
+void uring_driver::cancel(completion& c) noexcept {
+  cancel_tag(reinterpret_cast<std::uintptr_t>(&c));
+}
+
 void uring_driver::drain_cancels() {
-  std::vector<completion*> todo;
+  std::vector<std::uint64_t> todo;
   if (!cancels_.take(todo)) return;
-  for (completion* c : todo) prep_cancel(c);
+  for (std::uint64_t tag : todo) prep_cancel(tag);
+}
+
+// ---- Multishot operations ----------------------------------------------------
+
+void uring_driver::arm_multishot_accept(int fd, multishot_sink& s) {
+  WEFT_DCHECK(on_owner_thread(), "arm_multishot_accept: not on the owner's thread");
+  io_uring_sqe* sqe = get_sqe(1);
+  io_uring_prep_multishot_accept(sqe, fd, nullptr, nullptr, SOCK_CLOEXEC);
+  // SAFETY: s is on the heap and stays alive until its last on_result()
+  // (or on_driver_gone()); see *Multishot operations* in io/driver.h.
+  io_uring_sqe_set_data64(sqe, reinterpret_cast<std::uintptr_t>(&s) | kMultishotBit);
+  armed_.push_back(&s);
+  ++inflight_;
+  io_counters::bump(counters_.ops);
+  io_counters::bump(counters_.multishot_accepts);
+}
+
+void uring_driver::cancel_multishot(multishot_sink& s) noexcept {
+  // The sink's address is only the key of the cancel: it is never read
+  // from the cancel's side, so a sink already freed is harmless here.
+  cancel_tag(reinterpret_cast<std::uintptr_t>(&s) | kMultishotBit);
+}
+
+void uring_driver::on_multishot_cqe(std::uint64_t tag, int res, std::uint32_t flags) {
+  auto* s = reinterpret_cast<multishot_sink*>(tag & ~kMultishotBit);
+  const bool more = flags & IORING_CQE_F_MORE;
+  if (!more) {
+    --inflight_;
+    auto it = std::find(armed_.begin(), armed_.end(), s);
+    WEFT_CHECK(it != armed_.end(), "uring_driver: last CQE of a multishot not armed here");
+    *it = armed_.back();
+    armed_.pop_back();
+  }
+  // SAFETY: the sink holds a share of its own state for the armed SQE and
+  // drops it only in this last call (more == false); see io/accept.cc.
+  s->on_result(res, more);
 }
 
 void uring_driver::arm_wake_read() {
@@ -449,6 +508,10 @@ void uring_driver::reap() {
       wake_pending_.exchange(false, std::memory_order_acq_rel);
       woken_ = true;
       if (tag == kWakeTag) arm_wake_read();  // a MSG_RING consumed nothing
+      continue;
+    }
+    if (tag & kMultishotBit) {
+      on_multishot_cqe(tag, cqe->res, cqe->flags);
       continue;
     }
     --inflight_;

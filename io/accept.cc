@@ -1,0 +1,246 @@
+// io/accept.cc
+//
+// tcp_listener::accept(). On io_uring, one multishot accept per listener
+// (see *Multishot operations* in io/driver.h) feeds a queue of accepted
+// descriptors in the listener's accept_state: accept() pops one, or parks
+// until the multishot delivers one. The epoll driver keeps one accept per
+// call (accept_once()).
+//
+// The multishot is armed on the ring of the worker where an accept() finds
+// none armed. Its CQEs arrive in that worker's reap() even after the
+// acceptor moved elsewhere, so on_result() only queues the result and
+// wakes a parked acceptor (claim under lock_, ready after): it never
+// touches a fiber's stack.
+//
+// Invariants:
+//   - lock_ guards ready_, waiters_, armed_, owner_ and closed_.
+//   - armed_ <=> a multishot SQE on owner_'s ring names this state and
+//     holds one share of refs_. Only its last CQE (more == false) or
+//     on_driver_gone() clears armed_, and drops that share after.
+//   - refs_ = 1 for the listener until close_accept_state() + 1 while
+//     armed + 1 per accept() call in progress. The last unref() deletes
+//     the state, closing the descriptors still in ready_.
+//   - Once closed_, nothing arms again, accept() fails with EBADF and
+//     descriptors that still arrive are closed at once.
+//   - waiters_ holds the wake tokens of parked acceptors; a waker pops a
+//     token and claims it under lock_ (the lock an acceptor takes to
+//     retract its token after a timeout or cancel: the rule on
+//     sched::claim).
+//
+// Who calls what:
+//   accept()               a fiber, any worker
+//   close_accept_state()   socket_base::close(), any thread
+//   on_result()            the arming driver, on its worker thread
+//   on_driver_gone()       the arming driver's destructor
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <deque>
+#include <vector>
+
+#include "io/accept.h"
+#include "io/driver.h"
+#include "io/socket.h"
+
+namespace weft::io {
+
+class accept_state final : public multishot_sink {
+ public:
+  // relaxed: the caller already holds a share, so the count cannot reach
+  // zero meanwhile; nothing is published by taking one.
+  void ref() noexcept { refs_.fetch_add(1, std::memory_order_relaxed); }
+  // acq_rel: the release publishes this holder's use of the state; the
+  // acquire in the last unref() pairs with every earlier release, so the
+  // delete comes after all of them.
+  void unref() noexcept {
+    if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
+  }
+
+  // A descriptor from the queue, arming the multishot if needed and
+  // parking until one arrives. std::errc::not_supported: this worker's
+  // driver has no multishot accept (the caller accepts once instead).
+  result<int> take(int listen_fd, clock::time_point deadline);
+  void shut() noexcept;
+  void on_result(int res, bool more) noexcept override;
+  void on_driver_gone() noexcept override;
+
+ private:
+  ~accept_state() {
+    for (int fd : ready_)
+      if (fd >= 0) ::close(fd);
+  }
+  static void publish(void* self, sched::wake_token t);
+  void retract() noexcept;
+  void claim_locked(std::vector<sched::fiber*>& out, bool all) noexcept;
+
+  weft::spinlock lock_;
+  std::deque<int> ready_;                  // guarded by lock_: fds, or -errno
+  std::deque<sched::wake_token> waiters_;  // guarded by lock_
+  io_driver* owner_ = nullptr;             // guarded by lock_: the arming driver
+  bool armed_ = false;                     // guarded by lock_
+  bool closed_ = false;                    // guarded by lock_
+  std::atomic<int> refs_{1};
+};
+
+namespace {
+
+std::unexpected<std::error_code> sys_error(int e) {
+  return std::unexpected(std::error_code(e, std::system_category()));
+}
+
+// One IORING_OP_ACCEPT, or epoll's readiness wait and accept4.
+result<tcp_stream> accept_once(int fd, clock::time_point deadline) {
+  op o{.kind = op_kind::accept, .fd = fd};
+  auto r = perform(o, deadline, "tcp accept");
+  if (!r) return std::unexpected(r.error());
+  return tcp_stream(*r);
+}
+
+}  // namespace
+
+// The park's publish step, on the scheduler stack after the switch:
+// take() parked holding lock_.
+void accept_state::publish(void* self, sched::wake_token t) {
+  auto* s = static_cast<accept_state*>(self);
+  s->waiters_.push_back(t);
+  s->lock_.unlock();
+}
+
+// After a park that was not a notify: forgets this fiber's token if no
+// waker popped it. A fiber parks once at a time, so its token is the one
+// naming it.
+void accept_state::retract() noexcept {
+  sched::fiber* me = sched::current_fiber();
+  lock_.lock();
+  std::erase_if(waiters_, [me](const sched::wake_token& t) { return t.f == me; });
+  lock_.unlock();
+}
+
+// Under lock_: claims one parked acceptor (or all), skipping tokens whose
+// park already ended otherwise (their claim fails).
+void accept_state::claim_locked(std::vector<sched::fiber*>& out, bool all) noexcept {
+  while (!waiters_.empty()) {
+    sched::wake_token t = waiters_.front();
+    waiters_.pop_front();
+    if (sched::fiber* f = sched::claim(t, sched::wake_reason::notified)) {
+      out.push_back(f);
+      if (!all) return;
+    }
+  }
+}
+
+result<int> accept_state::take(int listen_fd, clock::time_point deadline) {
+  for (;;) {
+    lock_.lock();
+    if (closed_) {
+      lock_.unlock();
+      return sys_error(EBADF);
+    }
+    if (!ready_.empty()) {
+      int r = ready_.front();
+      ready_.pop_front();
+      lock_.unlock();
+      if (r < 0) return sys_error(-r);
+      return r;
+    }
+    if (!armed_) {
+      // Read here, not before a park: the fiber may have moved since.
+      io_driver* d = current_driver();
+      if (!d || !d->has_multishot_accept()) {
+        lock_.unlock();
+        return std::unexpected(std::make_error_code(std::errc::not_supported));
+      }
+      armed_ = true;
+      owner_ = d;
+      ref();  // the armed SQE's share, dropped by its last on_result()
+      lock_.unlock();
+      // Still on d's worker: nothing parked since current_driver().
+      d->arm_multishot_accept(listen_fd, *this);
+      continue;
+    }
+    // publish() records the token and unlocks lock_.
+    sched::wake_reason why = sched::park({.publish = &accept_state::publish,
+                                          .arg = this,
+                                          .deadline = deadline,
+                                          .cancellable = true,
+                                          .what = "tcp accept"});
+    if (why == sched::wake_reason::notified) continue;  // the waker popped the token
+    retract();  // queued descriptors stay for the next accept()
+    if (why == sched::wake_reason::timed_out)
+      return std::unexpected(std::make_error_code(std::errc::timed_out));
+    sched::unwind_point();
+    return std::unexpected(std::make_error_code(std::errc::operation_canceled));
+  }
+}
+
+void accept_state::on_result(int res, bool more) noexcept {
+  std::vector<sched::fiber*> wake;
+  int stray = -1;
+  lock_.lock();
+  if (!more) {
+    armed_ = false;
+    owner_ = nullptr;
+  }
+  if (closed_) {
+    if (res >= 0) stray = res;
+  } else {
+    // -ECANCELED is our own cancel's, not news for an acceptor; EMFILE and
+    // the like are, and the listener stays usable.
+    if (res != -ECANCELED) ready_.push_back(res);
+    // The multishot ended: wake everyone, so that one of them re-arms it
+    // on its worker and the others park again behind it.
+    if (!more) claim_locked(wake, /*all=*/true);
+    else if (res != -ECANCELED) claim_locked(wake, /*all=*/false);
+  }
+  lock_.unlock();
+  for (sched::fiber* f : wake) sched::ready(f);
+  if (stray >= 0) ::close(stray);
+  // SAFETY: the armed SQE's share: after this, *this may be gone.
+  if (!more) unref();
+}
+
+void accept_state::on_driver_gone() noexcept {
+  lock_.lock();
+  armed_ = false;
+  owner_ = nullptr;
+  lock_.unlock();
+  unref();  // the armed SQE's share: its last CQE will never be reaped
+}
+
+void accept_state::shut() noexcept {
+  std::vector<sched::fiber*> wake;
+  lock_.lock();
+  closed_ = true;
+  io_driver* owner = armed_ ? owner_ : nullptr;
+  claim_locked(wake, /*all=*/true);
+  lock_.unlock();
+  for (sched::fiber* f : wake) sched::ready(f);
+  // The listener's share keeps *this alive across the call; the cancel
+  // only uses its address as a key. The last CQE (-ECANCELED) follows.
+  if (owner) owner->cancel_multishot(*this);
+}
+
+accept_state* new_accept_state() { return new accept_state(); }
+
+void close_accept_state(accept_state* s) noexcept {
+  s->shut();
+  s->unref();  // the listener's share
+}
+
+result<tcp_stream> tcp_listener::accept(deadline_arg d) {
+  accept_state* s = accept_;
+  io_driver* here = current_driver();
+  if (!s || !here || !here->has_multishot_accept()) return accept_once(fd_, d.when);
+  s->ref();  // this call's share; the listener may be closed meanwhile
+  struct share {
+    accept_state* s;
+    ~share() { s->unref(); }  // also when the runtime unwinds this fiber
+  } held{s};
+  auto r = s->take(fd_, d.when);
+  if (!r && r.error() == std::errc::not_supported) return accept_once(fd_, d.when);
+  if (!r) return std::unexpected(r.error());
+  return tcp_stream(*r);
+}
+
+}  // namespace weft::io
