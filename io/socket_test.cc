@@ -78,7 +78,7 @@ TEST_P(Sockets, RunsOnTheDriverThatWeftIoAsksFor) {
 
 TEST_P(Sockets, EchoRoundTripsOfManySizesWithManyConcurrentClients) {
   std::atomic<int> ok{0};
-  constexpr int kClients = 128;
+  constexpr int kClients = 300;  // hundreds of concurrent connections
   Run([&] {
     auto ln = tcp_listener::bind("127.0.0.1:0").value();
     auto server = spawn_echo_server(ln);
