@@ -64,9 +64,6 @@ int run_main(std::function<int()> main_fn, const options& opts) {
       {.name = "main"});
   h.detach();
   s.join();
-  if (s.stats().stacks.live != 0)  // leaked stacks would be a runtime bug
-    std::fprintf(stderr, "weft: %llu fiber stacks not released at exit\n",
-                 static_cast<unsigned long long>(s.stats().stacks.live));
   if (failure) std::rethrow_exception(failure);
   return rc;
 }

@@ -1,9 +1,9 @@
 // tests/fixture.h
 //
 // The runtime fixture: every test body runs inside weft::run over worker
-// counts {1, 2, 4}. Leaked fibers or stacks at teardown fail the test: the
-// runtime itself checks, when run() returns, that no fiber is alive and
-// every stack went back to the pool (see detail::run_main).
+// counts {1, 2, 4}. Leaked fibers or stacks at teardown fail the test: when
+// run() tears the runtime down, ~scheduler checks that no fiber is alive and
+// ~stack_pool that every stack went back to the pool (WEFT_CHECK aborts).
 #pragma once
 
 #include <gtest/gtest.h>
