@@ -208,23 +208,26 @@ TEST_P(Sockets, AReaderWhoseDataIsAlwaysThereStillLetsOthersRun) {
     (void)this_fiber::sleep_for(50ms);
     std::atomic<bool> done{false};
     std::atomic<long> ticks{0};
-    // Competes with the reader (for the one worker, in the 1-worker run).
-    // It waits on a timer, not in yield(), so the worker's loop still polls
-    // I/O while it runs; it is not pinned, because a pinned fiber can
-    // starve behind a yielding one (sched/ checks its queues alternately by
-    // tick parity, and a yield advances the tick twice).
+    long during = 0;
+    // The reader and its competitor are pinned to the same worker, so the
+    // competitor runs only when the reader gives the worker away (its
+    // operations complete at once; the driver makes it yield after a
+    // budget). The competitor waits on a timer, so the loop keeps polling.
     auto other = spawn([&] {
       while (!done.load()) {
         ticks.fetch_add(1);
         (void)this_fiber::sleep_until(clock::now());
       }
-    });
-    (void)this_fiber::sleep_for(1ms);
-    long before = ticks.load();
-    char buf[64];
-    for (std::size_t got = 0; got < kBytes;) got += c.read(buf, deadline(5s)).value();
-    long during = ticks.load() - before;
-    done.store(true);
+    }, {.pinned = true, .worker = 0});
+    auto reader = spawn([&] {
+      (void)this_fiber::sleep_for(1ms);
+      long before = ticks.load();
+      char buf[64];
+      for (std::size_t got = 0; got < kBytes;) got += c.read(buf, deadline(5s)).value();
+      during = ticks.load() - before;
+      done.store(true);
+    }, {.pinned = true, .worker = 0});
+    reader.join();
     other.join();
     w.join();
     EXPECT_GT(during, 10) << "the reader never gave the worker away";
