@@ -2,7 +2,8 @@
 //
 //   micro <workload> [N]   prints: workload=<w> n=<N> value=<v> unit=<u>
 //
-// Guards against regressions in: spawning and joining (spawn_join), deep
+// Guards against regressions in: spawning and joining (spawn_join,
+// spawn_join_handles), deep
 // fan-out/fan-in (skynet), the cost of a switch through the scheduler
 // (yield), memory per parked fiber (idle_memory, idle_memory_small), and
 // channels and locks (pingpong, fanin, mutex).
@@ -43,7 +44,31 @@ void report(const char* w, long n, double v, const char* unit) {
   return resident * sysconf(_SC_PAGESIZE);
 }
 
+// spawn_join: as the Go peer does it, n fibers with no handle (weft::go,
+// Go's `go`) that each increment an atomic and count down a wait_group.
 int spawn_join(long n) {
+  std::atomic<long> count{0};
+  double ns = 0;
+  weft::run([&] {
+    auto t0 = bench_clock::now();
+    weft::wait_group wg;
+    wg.add(n);
+    for (long i = 0; i < n; ++i)
+      weft::go([&] {
+        count.fetch_add(1, std::memory_order_relaxed);
+        wg.done();
+      });
+    (void)wg.wait();
+    ns = elapsed_ns(t0);
+  });
+  if (count != n) return 1;
+  report("spawn_join", n, ns / n, "ns/fiber");
+  return 0;
+}
+
+// spawn_join_handles: the same with a join_handle per fiber, all kept and
+// joined in order (no Go peer: a goroutine has no handle).
+int spawn_join_handles(long n) {
   std::atomic<long> count{0};
   double ns = 0;
   weft::run([&] {
@@ -56,7 +81,7 @@ int spawn_join(long n) {
     ns = elapsed_ns(t0);
   });
   if (count != n) return 1;
-  report("spawn_join", n, ns / n, "ns/fiber");
+  report("spawn_join_handles", n, ns / n, "ns/fiber");
   return 0;
 }
 
@@ -226,6 +251,7 @@ int main(int argc, char** argv) {
   long n = argc > 2 ? std::atol(argv[2]) : 0;
   auto N = [&](long dflt) { return n > 0 ? n : dflt; };
   if (w == "spawn_join") return spawn_join(N(1'000'000));
+  if (w == "spawn_join_handles") return spawn_join_handles(N(1'000'000));
   if (w == "skynet") return skynet();
   if (w == "yield") return yield_bench(N(5'000'000));
   if (w == "pingpong") return pingpong(N(1'000'000));

@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "runtime/sync.h"
 #include "runtime/weft.h"
 #include "sched/park.h"
 #include "tests/fixture.h"
@@ -250,6 +251,55 @@ TEST_P(Fibers, RequestStopBeforeTheFiberParksStillCancels) {
     });
     h.request_stop();
     EXPECT_EQ(h.join().error(), std::errc::operation_canceled);
+  });
+}
+
+TEST_P(Fibers, GoRunsAFiberWithoutAHandle) {
+  std::atomic<int> ran{0};
+  std::uint64_t id = 0;
+  Run([&] {
+    weft::wait_group wg;
+    wg.add(1000);
+    for (int i = 0; i < 1000; ++i)
+      id = weft::go([&] {
+        ran.fetch_add(1, std::memory_order_relaxed);
+        wg.done();
+      });
+    ASSERT_TRUE(wg.wait());
+  });
+  EXPECT_EQ(ran.load(), 1000);
+  EXPECT_GT(id, 0u);
+}
+
+TEST_P(Fibers, AnExceptionEscapingAGoFiberIsReported) {
+  ::testing::internal::CaptureStderr();
+  Run([] {
+    weft::wait_group wg;
+    wg.add(1);
+    weft::go([&] {
+      struct done_on_exit {
+        weft::wait_group& wg;
+        ~done_on_exit() { wg.done(); }
+      } d{wg};
+      throw std::runtime_error("lost");
+    });
+    ASSERT_TRUE(wg.wait());
+  });
+  std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find("nobody joined: lost"), std::string::npos) << err;
+}
+
+// A fiber gets its stack when it first runs, not at spawn: fibers waiting
+// to start hold none (stats().stacks_live counts stacks handed out).
+TEST_P(Fibers, FibersNotYetStartedHoldNoStack) {
+  Run([] {
+    const int here = static_cast<int>(this_fiber::worker_index());
+    std::vector<join_handle<void>> hs;
+    // Placed on this worker, which is busy running us until we join: none
+    // of them can start before then.
+    for (int i = 0; i < 10'000; ++i) hs.push_back(spawn([] {}, {.worker = here}));
+    EXPECT_LT(weft::stats().stacks_live, 100u);
+    for (auto& h : hs) h.join();
   });
 }
 

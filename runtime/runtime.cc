@@ -93,6 +93,11 @@ bool current_fiber_unwinding() noexcept {
   return f && f->unwinding_.load(std::memory_order_seq_cst);
 }
 
+std::uint64_t current_fiber_id() noexcept {
+  sched::fiber* f = sched::current_fiber();
+  return f ? f->id_ : 0;
+}
+
 void warn_unobserved(std::uint64_t id, std::exception_ptr e) noexcept {
   const char* what = "unknown exception";
   try {

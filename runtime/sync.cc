@@ -133,27 +133,35 @@ void semaphore::release(std::ptrdiff_t n) {
 
 namespace detail {
 
+// The count is a lone atomic, so add() away from zero is one RMW with no
+// lock (as Go's WaitGroup). Only the step that reaches zero takes lk_, to
+// wake the waiters. Why no waiter is missed: wait() reads the count and
+// enqueues itself under lk_; the adder that reached zero takes lk_ after
+// its RMW. If the waiter held lk_ first, it is enqueued when the adder
+// looks; if the adder held it first, the waiter's lock acquires the
+// adder's unlock, which follows the RMW, so the waiter reads zero.
 void zero_waiter::add(std::ptrdiff_t delta, const char* who) {
+  // acq_rel: the work before a count_down is visible to whoever sees zero
+  // (pairs with the acquire loads in wait() and is_zero()).
+  std::ptrdiff_t now = count_.fetch_add(delta, std::memory_order_acq_rel) + delta;
+  WEFT_CHECK(now >= 0, who);  // counted below zero
+  if (now != 0) return;
   std::vector<wake_ticket> ts;
   lk_.lock();
-  count_ += delta;
-  WEFT_CHECK(count_ >= 0, who);  // counted below zero
-  if (count_ == 0) claim_all(q_, ts);
+  claim_all(q_, ts);
   lk_.unlock();
   ready_all(ts);
 }
 
 bool zero_waiter::is_zero() noexcept {
-  lk_.lock();
-  bool z = count_ == 0;
-  lk_.unlock();
-  return z;
+  return count_.load(std::memory_order_acquire) == 0;  // pairs with add()
 }
 
 result<void> zero_waiter::wait(deadline d, const char* what,
                                const std::source_location& where, bool cancellable) {
+  if (is_zero()) return {};
   lk_.lock();
-  if (count_ == 0) {
+  if (count_.load(std::memory_order_acquire) == 0) {  // see add()
     lk_.unlock();
     return {};
   }

@@ -150,8 +150,8 @@ class zero_waiter {
 
  private:
   short_lock lk_;
-  wait_list q_;           // guarded by lk_
-  std::ptrdiff_t count_;  // guarded by lk_
+  wait_list q_;  // guarded by lk_
+  std::atomic<std::ptrdiff_t> count_;  // any thread; see add() in sync.cc
 };
 }  // namespace detail
 

@@ -172,6 +172,7 @@ struct spawn_request {
 std::pair<void*, void*> spawn_create(const spawn_request& r);
 std::uint64_t spawn_start(void* fiber);
 bool current_fiber_unwinding() noexcept;
+std::uint64_t current_fiber_id() noexcept;
 void warn_unobserved(std::uint64_t id, std::exception_ptr e) noexcept;
 
 template <typename F, typename R>
@@ -209,6 +210,26 @@ struct spawned {
     st->set_unwound();
     finish(self, st);
   }
+};
+
+// What weft::go runs: the callable alone, no join state.
+template <typename F>
+struct detached {
+  F fn;
+  static void body(void* p) {
+    auto* self = static_cast<detached*>(p);
+    struct destroyer {
+      detached* d;
+      ~destroyer() { d->~detached(); }
+    } guard{self};
+    try {
+      self->fn();
+    } catch (...) {
+      if (current_fiber_unwinding()) throw;  // the runtime unwinds this fiber
+      warn_unobserved(current_fiber_id(), std::current_exception());
+    }
+  }
+  static void discard(void* p) { static_cast<detached*>(p)->~detached(); }
 };
 
 }  // namespace detail
@@ -273,6 +294,20 @@ auto spawn(F&& fn, spawn_options opts = {})
   st->bind(fib);
   st->set_id(detail::spawn_start(fib));
   return join_handle<R>(st);
+}
+
+// Starts fn on a new fiber with no join handle, as Go's `go` statement:
+// cheaper than spawn(fn).detach() (no join state is allocated). fn's
+// result is discarded; an exception escaping it is reported on stderr, as
+// for a detached fiber. Returns the fiber's id.
+template <typename F>
+std::uint64_t go(F&& fn, spawn_options opts = {}) {
+  using S = detail::detached<std::decay_t<F>>;
+  auto [fib, slot] = detail::spawn_create(
+      {opts, sizeof(S), alignof(S), &S::body, &S::discard});
+  // SAFETY: slot is sized and aligned for S (spawn_create).
+  new (slot) S{std::forward<F>(fn)};
+  return detail::spawn_start(fib);
 }
 
 // Runs main_fn as the first fiber and returns its value (0 if void) after

@@ -34,9 +34,9 @@ exec_context* land(bctx::transfer_t t) {
   return rec->to;
 }
 
-void annotate_finish([[maybe_unused]] void* fake_stack) {
+void annotate_finish([[maybe_unused]] exec_context* self) {
 #if defined(WEFT_ASAN)
-  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+  __sanitizer_finish_switch_fiber(self ? self->asan_fake_stack : nullptr, nullptr, nullptr);
 #endif
 }
 
@@ -58,13 +58,16 @@ void prepare_stack([[maybe_unused]] std::byte* lo, [[maybe_unused]] std::byte* h
 
 void make_fiber_context(exec_context& ctx, std::byte* lo, std::byte* hi,
                         void (*entry)(void*), void* arg) {
+  const auto size = static_cast<std::size_t>(hi - lo);
+#if defined(WEFT_ASAN)
   ctx.stack_lo = lo;
-  ctx.stack_size = static_cast<std::size_t>(hi - lo);
+  ctx.stack_size = size;
+#endif
   ctx.entry = entry;
   ctx.entry_arg = arg;
   // SAFETY: [lo, hi) is a stack no one else uses; make_fcontext writes the
   // initial frame just below hi.
-  ctx.fctx = bctx::make_fcontext(hi, ctx.stack_size, &trampoline);
+  ctx.fctx = bctx::make_fcontext(hi, size, &trampoline);
 #if defined(WEFT_TSAN)
   ctx.tsan_fiber = __tsan_create_fiber(0);
 #endif
@@ -84,11 +87,11 @@ void switch_context(exec_context& from, exec_context& to,
   // duration of the switch; the park protocol guarantees no other thread
   // resumes it concurrently (see sched/park.cc).
   bctx::transfer_t t = bctx::jump_fcontext(to.fctx, &rec);
-  annotate_finish(from.asan_fake_stack);
+  annotate_finish(&from);
   land(t);
 }
 
-void thread_context_init(exec_context& ctx) {
+void thread_context_init([[maybe_unused]] exec_context& ctx) {
   pthread_attr_t attr;
   WEFT_CHECK(pthread_getattr_np(pthread_self(), &attr) == 0,
              "context: pthread_getattr_np failed");
@@ -96,8 +99,10 @@ void thread_context_init(exec_context& ctx) {
   std::size_t size = 0;
   pthread_attr_getstack(&attr, &addr, &size);
   pthread_attr_destroy(&attr);
+#if defined(WEFT_ASAN)
   ctx.stack_lo = static_cast<std::byte*>(addr);
   ctx.stack_size = size;
+#endif
 #if defined(WEFT_TSAN)
   ctx.tsan_fiber = __tsan_get_current_fiber();
 #endif
@@ -106,8 +111,8 @@ void thread_context_init(exec_context& ctx) {
 void release_fiber_context([[maybe_unused]] exec_context& ctx) {
 #if defined(WEFT_TSAN)
   if (ctx.tsan_fiber) __tsan_destroy_fiber(ctx.tsan_fiber);
-#endif
   ctx.tsan_fiber = nullptr;
+#endif
 }
 
 }  // namespace weft::sched

@@ -23,12 +23,18 @@ namespace weft::sched {
 
 struct exec_context {
   void* fctx = nullptr;             // suspended Boost.Context handle
-  std::byte* stack_lo = nullptr;    // for ASan: the stack this context runs on
-  std::size_t stack_size = 0;
-  void* tsan_fiber = nullptr;       // for TSan: its fiber handle
-  void* asan_fake_stack = nullptr;  // for ASan: saved fake stack across a switch
   void (*entry)(void*) = nullptr;   // a fiber's body, run on its first resume
   void* entry_arg = nullptr;
+  // Sanitizer state only in sanitizer builds: it is in every fiber's
+  // control block, so it costs memory per fiber.
+#if defined(WEFT_ASAN)
+  std::byte* stack_lo = nullptr;    // the stack this context runs on
+  std::size_t stack_size = 0;
+  void* asan_fake_stack = nullptr;  // saved fake stack across a switch
+#endif
+#if defined(WEFT_TSAN)
+  void* tsan_fiber = nullptr;       // its fiber handle
+#endif
 };
 
 // A recycled stack may still carry ASan's poisoning of the frames of the

@@ -1,7 +1,14 @@
 // sched/fiber.h
 //
-// The fiber control block. It lives at the top of the fiber's own stack
-// (one allocation per fiber: the stack), directly above the fiber's callable.
+// The fiber control block. It is one heap allocation with the fiber's
+// callable right after it; the stack is bound only when the fiber first
+// runs (bind_stack() in scheduler.cc), from the running worker's warm
+// cache. So a fiber spawned but not yet started costs a few cache lines,
+// not a stack: a spawner that runs ahead of its children (a million
+// pending fibers) touches no fresh stack pages, and the stack a child gets
+// is the one the previous child just left, hot in cache. The top
+// kStackTopReserve bytes of a bound stack hold a back-pointer to the block
+// (fiber_of_stack()), for the overflow handler.
 // See *The park protocol* in sched/park.cc for how `state_` is used.
 //
 // Invariants:
@@ -40,19 +47,19 @@ enum class wake_reason : std::uint8_t {
 };
 
 struct fiber {
-  // --- set at spawn, then immutable
+  // --- set at spawn (ctx_ and stack_ at the first run), then immutable.
+  // Fields are ordered to pack: the block is per fiber, and a million
+  // parked fibers pay for every word of it.
   exec_context ctx_;
-  alloc::stack stack_;
+  alloc::stack stack_;               // empty until the first run
+  std::uint32_t stack_want_ = 0;     // the stack size it asked for
+  std::uint32_t reg_slot_ = 0;       // its slot in the fiber_registry
   std::uint64_t id_ = 0;
   worker* home_ = nullptr;  // non-null: pinned to this worker
-  // Placed on a worker without being pinned: pinned (home_) until its first
-  // run, so no thief moves it before it starts there; fiber_main clears
-  // home_ then, before anyone else can read it.
-  bool unpin_on_start_ = false;
   void (*body_)(void*) = nullptr;     // runs the callable at callable_, destroys it
   void (*discard_)(void*) = nullptr;  // destroys the callable unrun
-  void* callable_ = nullptr;           // the callable, just below this block
-  char name_[32] = {};
+  void* callable_ = nullptr;          // the callable, after this block
+  const char* name_ = "";             // its name, after the callable
 
   // --- the park protocol (see sched/park.cc)
   // Writers: park() (owner) and the wake CAS (any thread). acquire/release
@@ -71,19 +78,22 @@ struct fiber {
   std::atomic<const char*> park_file_{""};
   std::atomic<std::uint32_t> park_line_{0};
 
+  // The worker that last ran it (relaxed: observability and tests only).
+  std::atomic<unsigned> last_worker_{~0u};
   // Set by request_stop() / the unwinder (any thread), read by the owner
   // and the scheduler; seq_cst, see *Stopping a parked fiber* in park.cc.
   std::atomic<bool> stop_requested_{false};
   std::atomic<bool> unwinding_{false};
-
-  // --- queues and registry
-  fiber* next_ = nullptr;  // link in a worker's inbox or pinned queue; guarded by that queue
-  std::uint32_t reg_slot_ = 0;  // its slot in the fiber_registry
-
-  void* fls_ = nullptr;  // fiber-local storage table; owner only
-  // The worker that last ran it (relaxed: observability and tests only).
-  std::atomic<unsigned> last_worker_{~0u};
   std::atomic<bool> started_{false};  // body entered (relaxed: diagnostic)
+  // Placed on a worker without being pinned: pinned (home_) until its first
+  // run, so no thief moves it before it starts there; fiber_main clears
+  // home_ then, before anyone else can read it.
+  bool unpin_on_start_ = false;
+  std::uint8_t callable_align_ = 0;  // log2 of the callable's alignment
+
+  // --- queues
+  fiber* next_ = nullptr;  // link in a worker's inbox or pinned queue; guarded by that queue
+  void* fls_ = nullptr;    // fiber-local storage table; owner only
 };
 
 // Phase and reason packing of fiber::state_.
@@ -102,10 +112,10 @@ inline constexpr wake_reason reason_of(std::uint64_t s) {
 }
 inline constexpr std::uint64_t gen_of(std::uint64_t s) { return s >> 5; }
 
-// The block sits at the top of its stack, 64-byte aligned.
-inline fiber* fiber_at_top(const alloc::stack& s) {
-  auto top = reinterpret_cast<std::uintptr_t>(s.hi) - sizeof(fiber);
-  return reinterpret_cast<fiber*>(top & ~std::uintptr_t{63});
+// A bound stack's top holds the owning fiber's address (see above).
+inline constexpr std::size_t kStackTopReserve = 64;
+inline fiber*& fiber_of_stack(const alloc::stack& s) {
+  return *reinterpret_cast<fiber**>(s.hi - kStackTopReserve);
 }
 
 }  // namespace weft::sched

@@ -6,6 +6,8 @@
 
 #include <cstdio>
 #include <cstring>
+#include <bit>
+#include <limits>
 #include <new>
 
 #include "alloc/check.h"
@@ -22,7 +24,7 @@ std::atomic<scheduler*> g_instance{nullptr};
 // The overflow handler asks us who owned a stack. Async-signal context:
 // only reads the control block and formats into buf.
 void describe_stack(const alloc::stack& s, char* buf, std::size_t len) {
-  fiber* f = fiber_at_top(s);
+  fiber* f = fiber_of_stack(s);
   std::snprintf(buf, len, "fiber %llu \"%s\"",
                 static_cast<unsigned long long>(f->id_), f->name_);
 }
@@ -115,21 +117,35 @@ void scheduler::join() {
     if (w->thread().joinable()) w->thread().join();
 }
 
+namespace {
+// The control block, its callable and its name: one allocation.
+std::align_val_t block_align(std::size_t callable_align) {
+  return std::align_val_t{std::max(callable_align, alignof(fiber))};
+}
+std::size_t round_up(std::size_t n, std::size_t a) { return (n + a - 1) & ~(a - 1); }
+}  // namespace
+
 fiber* scheduler::create(const fiber_attrs& a, std::size_t callable_size,
                          std::size_t callable_align) {
   worker* w = current_worker();
-  unsigned cache = w ? w->index() : alloc::stack_pool::kSharedCache;
-  std::size_t size = a.stack_size ? a.stack_size : opts_.default_stack;
-  alloc::stack s = stacks_.allocate(size, cache);
-  prepare_stack(s.lo, s.hi);
-  fiber* f = fiber_at_top(s);
-  // SAFETY: the top of a fresh (or recycled, exited) stack is ours; the
-  // block is constructed in place and destroyed in exited().
-  new (f) fiber;
-  f->stack_ = s;
-  std::size_t n = std::min(a.name.size(), sizeof f->name_ - 1);
-  std::memcpy(f->name_, a.name.data(), n);
-  f->name_[n] = '\0';
+  const std::size_t at = round_up(sizeof(fiber), callable_align);
+  const std::size_t name_len = std::min<std::size_t>(a.name.size(), 63);
+  const std::size_t bytes = at + callable_size + (name_len ? name_len + 1 : 0);
+  auto* mem = static_cast<std::byte*>(::operator new(bytes, block_align(callable_align)));
+  // SAFETY: fresh storage of `bytes`; destroyed and freed in exited().
+  fiber* f = new (mem) fiber;
+  f->callable_ = mem + at;
+  if (name_len) {
+    char* name = reinterpret_cast<char*>(mem + at + callable_size);
+    std::memcpy(name, a.name.data(), name_len);
+    name[name_len] = '\0';
+    f->name_ = name;
+  }
+  f->callable_align_ = static_cast<std::uint8_t>(std::countr_zero(callable_align));
+  std::size_t want = a.stack_size ? a.stack_size : opts_.default_stack;
+  WEFT_CHECK(want <= std::numeric_limits<std::uint32_t>::max(),
+             "spawn: stack_size above 4 GiB");
+  f->stack_want_ = static_cast<std::uint32_t>(want);
   if (a.worker >= 0) {
     f->home_ = workers_[unsigned(a.worker) % worker_count()].get();
     f->unpin_on_start_ = !a.pinned;
@@ -137,14 +153,16 @@ fiber* scheduler::create(const fiber_attrs& a, std::size_t callable_size,
     WEFT_CHECK(w, "spawn: a pinned fiber spawned outside the workers needs a worker index");
     f->home_ = w;
   }
-  auto top = reinterpret_cast<std::uintptr_t>(f) - callable_size;
-  top &= ~(std::uintptr_t{callable_align} - 1);
-  f->callable_ = reinterpret_cast<void*>(top);
-  auto* sp = reinterpret_cast<std::byte*>(top & ~std::uintptr_t{63});
-  WEFT_CHECK(sp - s.lo >= 1024, "spawn: the callable does not fit on the fiber's stack");
-  make_fiber_context(f->ctx_, s.lo, sp, &fiber_main, f);
   registry_.add(f, w ? w->index() : worker_count());
   return f;
+}
+
+void scheduler::bind_stack(fiber* f, unsigned cache) {
+  alloc::stack s = stacks_.allocate(f->stack_want_, cache);
+  prepare_stack(s.lo, s.hi);
+  f->stack_ = s;
+  fiber_of_stack(s) = f;
+  make_fiber_context(f->ctx_, s.lo, s.hi - kStackTopReserve, &fiber_main, f);
 }
 
 void scheduler::start_fiber(fiber* f) {
@@ -208,10 +226,12 @@ worker* scheduler::pop_idle() noexcept {
 void scheduler::exited(fiber* f, unsigned cache) noexcept {
   registry_.remove(f, cache);
   release_fiber_context(f->ctx_);
-  alloc::stack s = f->stack_;
+  // SAFETY: the fiber made its final switch; nothing references its stack
+  // or (the registry entry gone) its control block.
+  stacks_.release(f->stack_, cache);
+  std::align_val_t align = block_align(std::size_t{1} << f->callable_align_);
   f->~fiber();
-  // SAFETY: the fiber made its final switch; nothing references its stack.
-  stacks_.release(s, cache);
+  ::operator delete(f, align);
   // The last fiber to exit after the main fiber returned stops the workers.
   if (unwinding() && registry_.live_exact() == 0) request_exit();
 }

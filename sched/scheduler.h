@@ -82,12 +82,16 @@ class scheduler {
   // workers have exited.
   void join();
 
-  // Spawning. create() allocates the stack and the control block and
-  // reserves `callable_size` bytes below it; the caller constructs the
-  // callable at f->callable_, sets body_ and discard_, then start_fiber().
+  // Spawning. create() allocates the control block with `callable_size`
+  // bytes after it; the caller constructs the callable at f->callable_,
+  // sets body_ and discard_, then start_fiber(). The stack comes later:
+  // bind_stack(), by the worker about to run the fiber for the first time.
   fiber* create(const fiber_attrs& a, std::size_t callable_size,
                 std::size_t callable_align);
   void start_fiber(fiber* f);
+  // Gives a fiber that has never run its stack, from `cache`; called only
+  // by the worker (cache) that is about to switch to it.
+  void bind_stack(fiber* f, unsigned cache);
 
   // Makes a runnable fiber visible to every worker.
   void submit(fiber* f) noexcept;

@@ -143,6 +143,7 @@ void worker::run_fiber(fiber* f) {
   current_ = f;
   f->last_worker_.store(index_, std::memory_order_relaxed);  // relaxed: observability
   worker_counters::bump(counters_.fibers_run);
+  if (!f->stack_) sched_.bind_stack(f, index_);  // its first run
   // SAFETY: f is runnable and was taken from a queue only this worker
   // popped, so no other thread runs or resumes it (see sched/park.cc).
   switch_context(sched_ctx_, f->ctx_);
@@ -166,7 +167,8 @@ void worker::switch_away(after_switch what, const park_request* req) {
   fiber* from = current_;
   pending_ = {what, from, req};
   if (what != after_switch::yield) {
-    if (fiber* to = take_handoff()) {
+    if (fiber* to = take_handoff(from)) {
+      if (!to->stack_) sched_.bind_stack(to, index_);  // its first run
       current_ = to;
       to->last_worker_.store(index_, std::memory_order_relaxed);  // relaxed: observability
       worker_counters::bump(counters_.fibers_run);
@@ -182,10 +184,13 @@ void worker::switch_away(after_switch what, const park_request* req) {
 }
 
 // The hot fiber in the LIFO slot, if a hand-off to it is allowed now.
-fiber* worker::take_handoff() noexcept {
+fiber* worker::take_handoff(const fiber* from) noexcept {
   if (!lifo_ || lifo_streak_ >= kMaxLifoStreak) return nullptr;
   // Its stack runs the pending step (publish, free): not on the tiniest.
-  if (lifo_->stack_.size() < kHandoffMinStack) return nullptr;
+  if (lifo_->stack_want_ < kHandoffMinStack) return nullptr;
+  // Binding a stack to a fiber that never ran calls into the stack pool
+  // (perhaps mmap) on `from`'s stack: not on the tiniest either.
+  if (!lifo_->stack_ && from->stack_.size() < kHandoffMinStack) return nullptr;
   // The loop's periodic duties come first on their ticks.
   std::uint32_t next = tick_ + 1;
   if (next % kInjectInterval == 0 || next % kPollInterval == 0) return nullptr;

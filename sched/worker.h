@@ -98,7 +98,7 @@ class worker {
   bool has_work_hint() const noexcept;
   void run_fiber(fiber* f);
   void after_park(fiber* f, const park_request& req);
-  fiber* take_handoff() noexcept;
+  fiber* take_handoff(const fiber* from) noexcept;
   static void finish_after_park(fiber* f, std::uint64_t gen) noexcept;
   void push_local(fiber* f) noexcept;
   void drain_inbox() noexcept;
