@@ -135,7 +135,13 @@ class worker {
   std::uint32_t tick_ = 0;
   std::uint64_t rng_;
   // Per victim: its queue's position at our last look (see worth_stealing).
-  std::vector<std::uint64_t> last_seen_;
+  // Per victim: the queue position of the lone fiber our last look saw,
+  // and since when we have seen it there (see worth_stealing()).
+  struct lone_look {
+    std::uint64_t pos = ~std::uint64_t{0};
+    clock::time_point since{};
+  };
+  std::vector<lone_look> last_seen_;
   bool spinning_ = false;
   bool in_idle_ = false;  // guarded by scheduler::idle_mu_
   // Published for the deadlock detector before registering idle; read by
