@@ -73,12 +73,11 @@ void join_state_base::request_stop() noexcept {
 }
 
 void join_state_base::release() noexcept {
-  // acq_rel: the last owner sees every write of the other before deleting.
+  // acq_rel: the last owner sees every write of the other before deleting,
+  // error_ included (the fiber sets it before its release; join() clears
+  // it before the handle's), so no lock is needed to read it.
   if (refs_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
-  lock();
-  bool unobserved = error_ != nullptr;
-  unlock();
-  if (unobserved) warn_unobserved(id_, error_);
+  if (error_) warn_unobserved(id_, error_);
   delete this;
 }
 

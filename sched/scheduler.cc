@@ -7,7 +7,6 @@
 #include <cstdio>
 #include <cstring>
 #include <bit>
-#include <limits>
 #include <new>
 
 #include "alloc/check.h"
@@ -128,6 +127,10 @@ std::size_t round_up(std::size_t n, std::size_t a) { return (n + a - 1) & ~(a - 
 fiber* scheduler::create(const fiber_attrs& a, std::size_t callable_size,
                          std::size_t callable_align) {
   worker* w = current_worker();
+  // Rounded to its class now, so a size the pool cannot give fails here,
+  // in the spawner, with the pool's message (not later on a worker).
+  std::size_t want = alloc::stack_pool::class_size(a.stack_size ? a.stack_size
+                                                                : opts_.default_stack);
   const std::size_t at = round_up(sizeof(fiber), callable_align);
   const std::size_t name_len = std::min<std::size_t>(a.name.size(), 63);
   const std::size_t bytes = at + callable_size + (name_len ? name_len + 1 : 0);
@@ -142,10 +145,7 @@ fiber* scheduler::create(const fiber_attrs& a, std::size_t callable_size,
     f->name_ = name;
   }
   f->callable_align_ = static_cast<std::uint8_t>(std::countr_zero(callable_align));
-  std::size_t want = a.stack_size ? a.stack_size : opts_.default_stack;
-  WEFT_CHECK(want <= std::numeric_limits<std::uint32_t>::max(),
-             "spawn: stack_size above 4 GiB");
-  f->stack_want_ = static_cast<std::uint32_t>(want);
+  f->stack_want_ = static_cast<std::uint32_t>(want);  // at most 8 MiB
   if (a.worker >= 0) {
     f->home_ = workers_[unsigned(a.worker) % worker_count()].get();
     f->unpin_on_start_ = !a.pinned;
