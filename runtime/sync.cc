@@ -285,14 +285,18 @@ void shared_mutex::unlock_shared() noexcept {
 
 // --- outside_ref ---------------------------------------------------------------------
 
-outside_ref::outside_ref() : held_(sched::scheduler::instance()) {
-  WEFT_CHECK(held_, "weft::outside_ref: no runtime is running");
-  static_cast<sched::scheduler*>(held_)->add_outside_ref(+1);
+outside_ref::outside_ref() {
+  sched::scheduler::plain_use use;
+  WEFT_CHECK(use.get(), "weft::outside_ref: no runtime is running");
+  use.get()->add_outside_ref(+1);
+  run_ = use.get()->run_id();
 }
 
+// The run may be over (or another one running): then there is nothing to drop.
 outside_ref::~outside_ref() {
-  if (held_ && held_ == sched::scheduler::instance())
-    static_cast<sched::scheduler*>(held_)->add_outside_ref(-1);
+  if (!run_) return;
+  sched::scheduler::plain_use use;
+  if (use.get() && use.get()->run_id() == run_) use.get()->add_outside_ref(-1);
 }
 
 }  // namespace weft

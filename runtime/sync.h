@@ -229,11 +229,11 @@ class outside_ref {
  public:
   outside_ref();
   ~outside_ref();
-  outside_ref(outside_ref&& o) noexcept : held_(std::exchange(o.held_, nullptr)) {}
+  outside_ref(outside_ref&& o) noexcept : run_(std::exchange(o.run_, 0)) {}
   outside_ref& operator=(outside_ref&&) = delete;
 
  private:
-  void* held_;  // the scheduler it counts on; null once moved from
+  std::uint64_t run_;  // the run (scheduler) it counts on; 0 once moved from
 };
 
 }  // namespace weft

@@ -48,12 +48,15 @@ void futex_wake_all(std::atomic<std::uint32_t>* w) noexcept {
 
 namespace {
 
-// The scheduler this thread holds an outside reference on (null: none).
-// Dropped at thread exit, if that scheduler is still the running one.
+// The run (scheduler::run_id) this thread holds an outside reference on
+// (0: none). Dropped at thread exit, if that run is still going. By run id,
+// not address: a later weft::run may reuse the address.
 struct outside_ref_holder {
-  sched::scheduler* s = nullptr;
+  std::uint64_t run = 0;
   ~outside_ref_holder() {
-    if (s && s == sched::scheduler::instance()) s->add_outside_ref(-1);
+    if (!run) return;
+    sched::scheduler::plain_use use;
+    if (use.get() && use.get()->run_id() == run) use.get()->add_outside_ref(-1);
   }
 };
 thread_local outside_ref_holder tls_outside_ref;
@@ -63,10 +66,11 @@ thread_local outside_ref_holder tls_outside_ref;
 // Only plain threads call this, and plain threads do not migrate: the
 // thread_local is read directly.
 void note_plain_thread() noexcept {
-  sched::scheduler* s = sched::scheduler::instance();
-  if (!s || tls_outside_ref.s == s) return;
+  sched::scheduler::plain_use use;
+  sched::scheduler* s = use.get();
+  if (!s || tls_outside_ref.run == s->run_id()) return;
   s->add_outside_ref(+1);
-  tls_outside_ref.s = s;
+  tls_outside_ref.run = s->run_id();
 }
 
 // [[gnu::noinline]]: fibers migrate; never cache this thread_local's

@@ -192,7 +192,8 @@ void ready(fiber* f) noexcept {
     // (timers, I/O): behind the others.
     w->schedule_local(f, /*hot=*/w->current() != nullptr);
   } else {
-    scheduler::instance()->submit(f);
+    scheduler::plain_use use;  // see scheduler.h: submit's wake may outlive f
+    if (scheduler* s = use.get()) s->submit(f);
   }
 }
 

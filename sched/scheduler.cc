@@ -2,6 +2,7 @@
 // deadlock report and shutdown. The loop is in worker.cc.
 #include "sched/scheduler.h"
 
+#include <sched.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -19,6 +20,11 @@ namespace {
 // acquire/release: publishes the constructed scheduler to plain threads
 // that call instance() (pairs with the store in the constructor).
 std::atomic<scheduler*> g_instance{nullptr};
+
+// Plain threads inside a plain_use (see scheduler.h), and the source of
+// run ids (relaxed: ids need only be unique).
+std::atomic<int> g_plain_inside{0};
+std::atomic<std::uint64_t> g_next_run_id{1};
 
 // The overflow handler asks us who owned a stack. Async-signal context:
 // only reads the control block and formats into buf.
@@ -55,6 +61,20 @@ scheduler* scheduler::instance() noexcept {
   return g_instance.load(std::memory_order_acquire);
 }
 
+// seq_cst, both sides: the increment then the load of g_instance here, the
+// store of null then the load of g_plain_inside in ~scheduler (a StoreLoad
+// pattern). Either the destructor sees us inside and waits, or we see null.
+scheduler::plain_use::plain_use() noexcept {
+  g_plain_inside.fetch_add(1, std::memory_order_seq_cst);
+  s_ = g_instance.load(std::memory_order_seq_cst);
+}
+
+scheduler::plain_use::~plain_use() {
+  // release: our last touch of the scheduler happens before the
+  // destructor's acquire load sees the count drop.
+  g_plain_inside.fetch_sub(1, std::memory_order_release);
+}
+
 unsigned scheduler::workers_wanted(const scheduler_options& o) {
   unsigned n = o.workers ? o.workers : unsigned(o.topology.pus().size());
   WEFT_CHECK(n >= 1, "scheduler: zero workers");
@@ -68,7 +88,8 @@ scheduler::scheduler(scheduler_options opts)
         o.caches = workers_wanted(opts_);
         return o;
       }()),
-      registry_(workers_wanted(opts_) + 1) {
+      registry_(workers_wanted(opts_) + 1),
+      run_id_(g_next_run_id.fetch_add(1, std::memory_order_relaxed)) {
   const unsigned count = workers_wanted(opts_);
   if (count > opts_.topology.pus().size()) opts_.pin = false;  // oversubscribed: no pinning
   alloc::topology topo = opts_.topology.pus().size() >= count
@@ -98,7 +119,9 @@ scheduler::scheduler(scheduler_options opts)
 scheduler::~scheduler() {
   join();
   WEFT_CHECK(registry_.live_exact() == 0, "scheduler: destroyed with live fibers");
-  g_instance.store(nullptr, std::memory_order_release);
+  g_instance.store(nullptr, std::memory_order_seq_cst);  // see plain_use
+  // acquire: pairs with ~plain_use's release.
+  while (g_plain_inside.load(std::memory_order_acquire) != 0) sched_yield();
 }
 
 void scheduler::start() {

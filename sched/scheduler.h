@@ -76,6 +76,26 @@ class scheduler {
 
   static scheduler* instance() noexcept;
 
+  // A plain (non-worker) thread brackets each use of the running scheduler
+  // with a plain_use: ~scheduler waits until no plain thread is inside one,
+  // so a thread that just made a fiber runnable (the fiber may run, exit
+  // and let the runtime shut down at once) never touches a freed scheduler.
+  // Keep the bracket short; get() is null when no runtime is running.
+  class plain_use {
+   public:
+    plain_use() noexcept;
+    ~plain_use();
+    plain_use(const plain_use&) = delete;
+    plain_use& operator=(const plain_use&) = delete;
+    scheduler* get() const noexcept { return s_; }
+
+   private:
+    scheduler* s_;
+  };
+  // Unique per scheduler ever created in this process (an address may be
+  // reused by a later weft::run; this is not).
+  std::uint64_t run_id() const noexcept { return run_id_; }
+
   // Starts the worker threads. run_main is submitted first.
   void start();
   // Blocks the calling (non-worker) thread until stop() was called and all
@@ -145,6 +165,7 @@ class scheduler {
   std::atomic<bool> exit_{false};
 
   fiber_registry registry_;  // shards: one per worker, then the plain threads
+  const std::uint64_t run_id_;
 };
 
 }  // namespace weft::sched
