@@ -91,6 +91,26 @@ TEST_P(Fibers, CpuBoundFibersSpawnedFromOneFiberRunOnEveryWorker) {
     EXPECT_GT(ran[i], 0u) << "worker " << i << " ran nothing";
 }
 
+// Spawn one fiber, then compute without parking: with more than one
+// worker the fiber must run meanwhile, on another worker (Go steals its
+// runnext the same way), not wait in the spawner's LIFO slot until the
+// spawner parks.
+TEST_P(Fibers, AFiberSpawnedBeforeALongComputationRunsInParallel) {
+  if (workers() < 2) GTEST_SKIP() << "needs a second worker";
+  bool ran_in_parallel = false;
+  Run([&] {
+    std::atomic<bool> ran{false};
+    auto h = spawn([&] { ran.store(true, std::memory_order_release); });
+    auto until = std::chrono::steady_clock::now() + 5s;
+    while (!ran.load(std::memory_order_acquire) && std::chrono::steady_clock::now() < until) {
+      // busy: never parks, never yields
+    }
+    ran_in_parallel = ran.load(std::memory_order_acquire);
+    h.join();
+  });
+  EXPECT_TRUE(ran_in_parallel) << "the spawned fiber waited for the spawner to park";
+}
+
 TEST_P(Fibers, PinnedFibersNeverChangeWorker) {
   std::atomic<int> moved{0};
   Run([&] {

@@ -48,7 +48,13 @@ constexpr int kSpins = 100;
 // and state_ never drops to 0 while anyone waits, so spinning is futile;
 // parking at once lets the handed-to fiber run (it is in this worker's LIFO
 // slot when this worker handed it the lock).
+//
+// Nor when other fibers are runnable on this worker (Go's sync_runtime_
+// canSpin asks the same of the local run queue): the holder is then on
+// another worker, and spinning only delays this worker's own fibers while
+// the lock's cache line bounces between the two.
 bool mutex::spin_then_try() noexcept {
+  if (sched::others_runnable_here()) return try_lock();
   for (int i = 0; i < kSpins; ++i) {
     // relaxed: a hint; a stale value only costs a few spins.
     if (starving_.load(std::memory_order_relaxed)) return false;

@@ -63,6 +63,11 @@ thread_local worker* tls_worker = nullptr;
   return w ? w->current() : nullptr;
 }
 
+bool others_runnable_here() noexcept {
+  worker* w = current_worker();
+  return w && w->has_local_work();
+}
+
 void unwind_point() {
   fiber* f = current_fiber();
   // seq_cst: pairs with the store in force_unwind() / start_fiber(); see

@@ -96,6 +96,10 @@ void force_unwind(fiber* f) noexcept;
 void unwind_point();
 
 fiber* current_fiber() noexcept;  // nullptr on a plain thread
+// True if the calling fiber's worker has other runnable fibers (a hint,
+// for spin-or-park decisions: spinning then only delays them). False on a
+// plain thread.
+bool others_runnable_here() noexcept;
 worker* current_worker() noexcept;  // nullptr off the worker threads
 
 }  // namespace weft::sched

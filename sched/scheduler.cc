@@ -202,7 +202,7 @@ void scheduler::start_fiber(fiber* f) {
     // join), its newest child runs next, so fork-join trees run depth
     // first and keep few fibers alive; the child it displaces goes to the
     // local queue, where idle workers can steal it.
-    w->schedule_local(f, /*hot=*/true);
+    w->schedule_local(f, /*hot=*/true, /*share=*/true);
   } else {
     submit(f);
   }

@@ -65,6 +65,8 @@ constexpr unsigned kMaxLifoStreak = 3;
 constexpr std::size_t kHandoffMinStack = 8 * 1024;
 // See worth_stealing().
 constexpr auto kLoneStealDelay = std::chrono::microseconds(100);
+// See steal_lifo().
+constexpr auto kLifoStealDelay = std::chrono::microseconds(20);
 // A busy worker still polls its driver this often, so I/O completions are
 // not held back by a long queue of runnable fibers.
 constexpr std::uint32_t kPollInterval = 61;
@@ -129,14 +131,22 @@ fiber* worker::find_runnable() {
 // *Spinning*), so this burns at most half the machine for kSpinBeforeSleep.
 fiber* worker::spin_before_sleep() {
   if (!spinning_) return nullptr;
-  const clock::time_point until = clock::now() + kSpinBeforeSleep;
+  const clock::time_point start = clock::now();
+  const clock::time_point limit = start + kSpinBeforeSleep + kLoneStealDelay;
+  clock::time_point until = start + kSpinBeforeSleep;
+  clock::time_point now = start;
   do {
     for (int i = 0; i < kPausesPerProbe; ++i) __builtin_ia32_pause();
     fire_timers();
     if (fiber* f = next_local()) return f;
     if (fiber* f = take_inject()) return f;
     if (fiber* f = steal()) return f;
-  } while (clock::now() < until);
+    now = clock::now();
+    // A lone fiber or a LIFO fiber we are timing (see worth_stealing and
+    // steal_lifo) keeps us spinning until its delay is up, within a bound:
+    // sleeping first would leave it to a victim that may be stuck.
+    if (candidate_until_ > until) until = std::min(candidate_until_, limit);
+  } while (now < until);
   return nullptr;
 }
 
@@ -187,19 +197,36 @@ void worker::switch_away(after_switch what, const park_request* req) {
 
 // The hot fiber in the LIFO slot, if a hand-off to it is allowed now.
 fiber* worker::take_handoff(const fiber* from) noexcept {
-  if (!lifo_ || lifo_streak_ >= kMaxLifoStreak) return nullptr;
-  // Its stack runs the pending step (publish, free): not on the tiniest.
-  if (lifo_->stack_want_ < kHandoffMinStack) return nullptr;
-  // Binding a stack to a fiber that never ran calls into the stack pool
-  // (perhaps mmap) on `from`'s stack: not on the tiniest either.
-  if (!lifo_->stack_ && from->stack_.size() < kHandoffMinStack) return nullptr;
+  if (lifo_streak_ >= kMaxLifoStreak) return nullptr;
+  // relaxed: our own slot; a thief can only empty it, which the exchange
+  // below sees.
+  if (lifo_.load(std::memory_order_relaxed) == 0) return nullptr;
   // The loop's periodic duties come first on their ticks.
   std::uint32_t next = tick_ + 1;
   if (next % kInjectInterval == 0 || next % kPollInterval == 0) return nullptr;
+  // Take it before reading it: a thief may take it meanwhile (steal_lifo).
+  std::uintptr_t v = lifo_.exchange(0, std::memory_order_acquire);
+  fiber* to = reinterpret_cast<fiber*>(v & ~kPinnedTag);
+  if (!to) return nullptr;
+  // Its stack runs the pending step (publish, free): not on the tiniest.
+  // Binding a stack to a fiber that never ran calls into the stack pool
+  // (perhaps mmap) on `from`'s stack: not on the tiniest either.
+  if (to->stack_want_ < kHandoffMinStack ||
+      (!to->stack_ && from->stack_.size() < kHandoffMinStack)) {
+    lifo_.store(v, std::memory_order_release);  // back; only we fill the slot
+    return nullptr;
+  }
   tick_ = next;
   ++lifo_streak_;
   worker_counters::bump(counters_.lifo_runs);
-  return std::exchange(lifo_, nullptr);
+  return to;
+}
+
+// The fiber in the LIFO slot, taken (null if empty or stolen).
+fiber* worker::take_lifo() noexcept {
+  // relaxed load first: most calls find it empty and need no RMW.
+  if (lifo_.load(std::memory_order_relaxed) == 0) return nullptr;
+  return reinterpret_cast<fiber*>(lifo_.exchange(0, std::memory_order_acquire) & ~kPinnedTag);
 }
 
 void worker::finish_switch() {
@@ -243,12 +270,15 @@ void worker::run(const alloc::topology* pin_to, const driver_factory& make_drive
 // ---- Local queues -----------------------------------------------------------
 
 fiber* worker::next_local() {
-  if (lifo_ && lifo_streak_ < kMaxLifoStreak) {
-    ++lifo_streak_;
-    worker_counters::bump(counters_.lifo_runs);
-    return std::exchange(lifo_, nullptr);
+  if (lifo_streak_ < kMaxLifoStreak) {
+    if (fiber* f = take_lifo()) {
+      ++lifo_streak_;
+      worker_counters::bump(counters_.lifo_runs);
+      return f;
+    }
+  } else if (fiber* f = take_lifo()) {
+    push_local(f);
   }
-  if (lifo_) push_local(std::exchange(lifo_, nullptr));
   lifo_streak_ = 0;
   // relaxed: a hint; drain_inbox() takes the lock, which orders the list.
   if (inbox_nonempty_.load(std::memory_order_relaxed)) drain_inbox();
@@ -284,10 +314,17 @@ void worker::push_local(fiber* f) noexcept {
   });
 }
 
-void worker::schedule_local(fiber* f, bool hot) noexcept {
+void worker::schedule_local(fiber* f, bool hot, bool share) noexcept {
   if (hot) {
-    if (fiber* old = std::exchange(lifo_, f)) push_local(old);
-    else return;  // only the LIFO slot changed: nothing for a thief
+    std::uintptr_t v = reinterpret_cast<std::uintptr_t>(f) | (f->home_ ? kPinnedTag : 0);
+    // acq_rel: release publishes f to a thief's CAS (steal_lifo); acquire
+    // makes the displaced fiber ours to queue.
+    std::uintptr_t old = lifo_.exchange(v, std::memory_order_acq_rel);
+    if (old) {
+      push_local(reinterpret_cast<fiber*>(old & ~kPinnedTag));
+    } else if (!share) {
+      return;  // only the LIFO slot changed: we run it when the caller parks
+    }
   } else {
     push_local(f);
   }
@@ -376,12 +413,14 @@ fiber* worker::steal() {
       for (std::size_t k = 0; k < group.size(); ++k) {
         unsigned v = group[(start + k) % group.size()];
         worker& victim = sched_.worker_at(v);
-        if (!worth_stealing(v, victim)) continue;
-        std::uint32_t before = local_.size_approx();
-        if (fiber* f = local_.steal_from(victim.local_)) {
-          worker_counters::bump(counters_.steals, 1 + local_.size_approx() - before);
-          return f;
+        if (worth_stealing(v, victim)) {
+          std::uint32_t before = local_.size_approx();
+          if (fiber* f = local_.steal_from(victim.local_)) {
+            worker_counters::bump(counters_.steals, 1 + local_.size_approx() - before);
+            return f;
+          }
         }
+        if (fiber* f = steal_lifo(v, victim)) return f;
       }
     }
     if (fiber* f = take_inject()) return f;
@@ -406,10 +445,49 @@ bool worker::worth_stealing(unsigned v, const worker& victim) noexcept {
   lone_look& seen = last_seen_[v];
   clock::time_point now = clock::now();
   if (seen.pos != pos) {
-    seen = {pos, now};
+    seen.pos = pos;
+    seen.since = now;
+    candidate_until_ = std::max(candidate_until_, now + kLoneStealDelay);
     return false;
   }
   return now - seen.since >= kLoneStealDelay;
+}
+
+// The LIFO slot is never stolen from a worker that is switching fibers:
+// it is the next fiber there, and taking it would split a hand-off pair.
+// But a fiber left in it by a fiber that then computes without parking (a
+// spawner, or a waker, that goes on for milliseconds) would wait for all of
+// that while other workers idle. So, as Go steals a runnext that waited
+// ~3 µs, a thief takes it once the same fiber has sat there for
+// kLifoStealDelay while the victim ran no other fiber (its fibers_run did
+// not move). Pinned fibers carry kPinnedTag and are never taken; the fiber
+// is not touched before the CAS makes it ours.
+fiber* worker::steal_lifo(unsigned v, worker& victim) noexcept {
+  lone_look& seen = last_seen_[v];
+  // relaxed: a snapshot; the CAS below validates it.
+  std::uintptr_t l = victim.lifo_.load(std::memory_order_relaxed);
+  if (l == 0 || (l & kPinnedTag)) {
+    seen.lifo = 0;
+    return nullptr;
+  }
+  // relaxed: a progress hint, single writer.
+  std::uint64_t runs = victim.counters_.fibers_run.load(std::memory_order_relaxed);
+  clock::time_point now = clock::now();
+  if (seen.lifo != l || seen.runs != runs) {
+    seen.lifo = l;
+    seen.runs = runs;
+    seen.lifo_since = now;
+    candidate_until_ = std::max(candidate_until_, now + kLifoStealDelay);
+    return nullptr;
+  }
+  if (now - seen.lifo_since < kLifoStealDelay) return nullptr;
+  // acquire: pairs with the owner's release exchange in schedule_local().
+  if (!victim.lifo_.compare_exchange_strong(l, 0, std::memory_order_acquire,
+                                            std::memory_order_relaxed))
+    return nullptr;
+  seen.lifo = 0;
+  worker_counters::bump(counters_.steals);
+  return reinterpret_cast<fiber*>(l);
 }
 
 // ---- Sleeping -----------------------------------------------------------------
@@ -474,7 +552,9 @@ bool worker::yield_in_place() noexcept {
   // itself: only a yield that stays in place advances tick_ here.
   std::uint32_t next = tick_ + 1;
   if (next % kInjectInterval == 0 || next % kPollInterval == 0) return false;
-  if (lifo_ || pinned_head_ || !local_.empty_approx()) return false;
+  // relaxed: our own slot.
+  if (lifo_.load(std::memory_order_relaxed) || pinned_head_ || !local_.empty_approx())
+    return false;
   // relaxed: a hint; a push racing with this check is seen at the next tick.
   if (inbox_nonempty_.load(std::memory_order_relaxed)) return false;
   if (!sched_.inject_.empty_hint()) return false;

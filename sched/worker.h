@@ -6,8 +6,12 @@
 // Invariants:
 //   - Everything not marked otherwise is touched only by the worker's own
 //     thread (the owner).
-//   - lifo_ and pinned_ hold fibers no other worker may run; local_ may be
-//     stolen from; inbox_ receives pinned fibers woken by other threads.
+//   - pinned_ holds fibers no other worker may run; local_ may be stolen
+//     from; inbox_ receives pinned fibers woken by other threads.
+//   - lifo_ (the LIFO slot) is the owner's, except that a thief may take an
+//     unpinned fiber out of it with a CAS once the owner looks stuck in one
+//     fiber (see steal_lifo() in worker.cc). So the owner takes and sets
+//     it only by exchange, and never reads the fiber in it before taking it.
 //
 // Who calls what:
 //   run()                              the worker thread, once
@@ -61,8 +65,10 @@ class worker {
            std::latch& ready);
   void push_inbox(fiber* f) noexcept;
   // A fiber running here made f runnable: into the LIFO slot (if hot) or the
-  // local queue.
-  void schedule_local(fiber* f, bool hot) noexcept;
+  // local queue. `share`: wake an idle worker even if only the LIFO slot
+  // changed (spawn does, as Go's newproc: a spawner that goes on computing
+  // must not hold its child; see steal_lifo()).
+  void schedule_local(fiber* f, bool hot, bool share = false) noexcept;
   // The running fiber gives up the worker; `what` is done after the switch
   // by whichever context runs next here (see *Hand-off* in worker.cc).
   // Returns when the fiber is resumed, possibly on another worker.
@@ -73,6 +79,13 @@ class worker {
   // yield() with nothing else to run here: true if the caller may simply
   // continue, because the loop would pick it again at once.
   bool yield_in_place() noexcept;
+  // Another fiber is runnable here (LIFO slot, local or pinned queue):
+  // owner only, a hint.
+  bool has_local_work() const noexcept {
+    // relaxed: our own slot.
+    return lifo_.load(std::memory_order_relaxed) != 0 || pinned_head_ != nullptr ||
+           !local_.empty_approx();
+  }
 
   unsigned index() const noexcept { return index_; }
   fiber* current() const noexcept { return current_; }
@@ -99,6 +112,8 @@ class worker {
   void run_fiber(fiber* f);
   void after_park(fiber* f, const park_request& req);
   fiber* take_handoff(const fiber* from) noexcept;
+  fiber* take_lifo() noexcept;
+  fiber* steal_lifo(unsigned v, worker& victim) noexcept;
   static void finish_after_park(fiber* f, std::uint64_t gen) noexcept;
   void push_local(fiber* f) noexcept;
   void drain_inbox() noexcept;
@@ -109,7 +124,12 @@ class worker {
   const std::vector<std::vector<unsigned>> steal_groups_;
 
   run_queue<fiber, 256> local_;
-  fiber* lifo_ = nullptr;
+  // The LIFO slot: a fiber* with kPinnedTag set for a pinned fiber, so a
+  // thief can skip it without touching the fiber; 0 when empty. The owner
+  // sets it with an acq_rel exchange (release: a thief's acquire CAS sees
+  // the fiber's fields); see steal_lifo() for the thief.
+  static constexpr std::uintptr_t kPinnedTag = 1;
+  std::atomic<std::uintptr_t> lifo_{0};
   unsigned lifo_streak_ = 0;
   fiber* pinned_head_ = nullptr;  // owner-only FIFO of pinned fibers
   fiber* pinned_tail_ = nullptr;
@@ -134,14 +154,21 @@ class worker {
 
   std::uint32_t tick_ = 0;
   std::uint64_t rng_;
-  // Per victim: its queue's position at our last look (see worth_stealing).
-  // Per victim: the queue position of the lone fiber our last look saw,
-  // and since when we have seen it there (see worth_stealing()).
+  // Per victim, what our previous looks saw: the queue position of a lone
+  // queued fiber and since when (worth_stealing()); the fiber in its LIFO
+  // slot, the victim's fibers_run count then, and since when
+  // (steal_lifo()).
   struct lone_look {
     std::uint64_t pos = ~std::uint64_t{0};
     clock::time_point since{};
+    std::uintptr_t lifo = 0;
+    std::uint64_t runs = 0;
+    clock::time_point lifo_since{};
   };
   std::vector<lone_look> last_seen_;
+  // While a candidate above is being timed, spinning goes on until its
+  // delay is up (bounded; see spin_before_sleep()).
+  clock::time_point candidate_until_{};
   bool spinning_ = false;
   bool in_idle_ = false;  // guarded by scheduler::idle_mu_
   // Published for the deadlock detector before registering idle; read by
