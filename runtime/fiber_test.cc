@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "runtime/channel.h"
 #include "runtime/sync.h"
 #include "runtime/weft.h"
 #include "sched/park.h"
@@ -109,6 +110,33 @@ TEST_P(Fibers, AFiberSpawnedBeforeALongComputationRunsInParallel) {
     h.join();
   });
   EXPECT_TRUE(ran_in_parallel) << "the spawned fiber waited for the spawner to park";
+}
+
+// A fiber woken into the LIFO slot of a worker whose running fiber then
+// computes for seconds, while the other workers sleep: the monitor sees the
+// stuck worker and wakes one, which takes the fiber over.
+TEST_P(Fibers, AFiberWokenBehindALongComputationIsTakenOver) {
+  if (workers() < 2) GTEST_SKIP() << "needs a second worker";
+  bool ran_in_parallel = false;
+  Run([&] {
+    weft::channel<int> ch(0);
+    std::atomic<bool> ran{false};
+    auto b = spawn([&] {
+      (void)ch.recv();
+      ran.store(true, std::memory_order_release);
+    }, {.worker = 0});
+    auto h = spawn([&] {
+      (void)this_fiber::sleep_for(20ms);  // long enough for idle workers to sleep
+      (void)ch.send(1);                   // b: into this worker's LIFO slot
+      auto until = std::chrono::steady_clock::now() + 5s;
+      while (!ran.load(std::memory_order_acquire) && std::chrono::steady_clock::now() < until) {
+      }
+      ran_in_parallel = ran.load(std::memory_order_acquire);
+    }, {.worker = 0});
+    h.join();
+    b.join();
+  });
+  EXPECT_TRUE(ran_in_parallel) << "the woken fiber waited for its waker to park";
 }
 
 TEST_P(Fibers, PinnedFibersNeverChangeWorker) {
@@ -346,6 +374,23 @@ TEST_P(Fibers, SigquitDumpsEveryFiberAndTheProgramGoesOn) {
   std::string err = ::testing::internal::GetCapturedStderr();
   EXPECT_NE(err.find("fiber 1 \"main\""), std::string::npos) << err;
   EXPECT_NE(err.find("\"napper\" [sleep] at"), std::string::npos) << err;
+}
+
+TEST(FiberMonitor, AFiberThatHogsItsWorkerIsReportedOnce) {
+  ::testing::internal::CaptureStderr();
+  weft::options o;
+  o.workers = 1;
+  o.hog_warning = 100ms;
+  weft::run([] {
+    auto until = std::chrono::steady_clock::now() + 400ms;
+    while (std::chrono::steady_clock::now() < until) {
+    }
+  }, o);
+  std::string err = ::testing::internal::GetCapturedStderr();
+  auto first = err.find("has run for");
+  EXPECT_NE(first, std::string::npos) << err;
+  EXPECT_EQ(err.find("has run for", first + 1), std::string::npos) << "reported twice: " << err;
+  EXPECT_NE(err.find("without parking or yielding"), std::string::npos) << err;
 }
 
 // --- Fatal reports (death tests run the runtime in a child process) -----

@@ -46,6 +46,7 @@ int run_main(std::function<int()> main_fn, const options& opts) {
   so.pin = opts.pin;
   so.default_stack = opts.stack_size;
   so.deadlock_detection = opts.deadlock_detection;
+  so.hog_warning = opts.hog_warning;
   so.make_driver = runtime_driver_factory();
   sched::scheduler s(std::move(so));
   quit_dumper quit;  // before the workers start: they inherit its signal mask

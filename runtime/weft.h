@@ -64,6 +64,9 @@ struct options {
   bool pin = true;              // pin each worker to its processing unit
   std::size_t stack_size = 64 * 1024;  // default fiber stack (address space; committed lazily)
   bool deadlock_detection = true;
+  // A fiber that runs this long without parking or yielding is reported
+  // once on stderr (its worker's timers and I/O wait for it); 0: never.
+  std::chrono::milliseconds hog_warning{500};
 };
 
 struct spawn_options {

@@ -132,11 +132,72 @@ void scheduler::start() {
       wp->run(pin, opts_.make_driver, ready);
     });
   ready.wait();  // every driver exists before anyone may wake a worker
+  if (opts_.monitor_period.count() > 0) monitor_ = std::thread([this] { monitor(); });
 }
 
 void scheduler::join() {
   for (auto& w : workers_)
     if (w->thread().joinable()) w->thread().join();
+  if (monitor_.joinable()) monitor_.join();
+}
+
+// ---- The monitor ------------------------------------------------------------
+//
+// A thread that looks at every worker each monitor_period (Go's sysmon,
+// in small). A worker that has run the same fiber since the previous look
+// is stuck in it: a fiber computing without parking. Then
+//   - if fibers wait on that worker that another could take (its queue, or
+//     an unpinned fiber in its LIFO slot), an idle worker is woken to take
+//     them (steal() / steal_lifo()): without this, with every other worker
+//     asleep, they would wait for the stuck fiber to park;
+//   - once the same fiber has run for hog_warning, it is reported once on
+//     stderr: its worker's timers and I/O wait for it too.
+// The monitor touches workers only through atomics (counters, LIFO slot,
+// queue indices, running_id_) and never dereferences a fiber. It costs one
+// wake-up per period; with every worker idle it looks ten times less often.
+
+void scheduler::monitor() {
+  std::unique_lock lk(monitor_mu_);
+  // acquire: pairs with request_exit().
+  while (!exit_.load(std::memory_order_acquire)) {
+    // relaxed: a hint for the period only.
+    bool all_idle = nidle_.load(std::memory_order_relaxed) == worker_count();
+    monitor_cv_.wait_for(lk, all_idle ? 10 * opts_.monitor_period : opts_.monitor_period);
+    if (exit_.load(std::memory_order_acquire)) break;
+    lk.unlock();  // the checks take idle_mu_; never both
+    for (auto& w : workers_) check_worker(*w);
+    lk.lock();
+  }
+}
+
+void scheduler::check_worker(worker& w) {
+  // relaxed: snapshots; "unchanged since the last look" is all we infer.
+  std::uint64_t runs = w.counters_.fibers_run.load(std::memory_order_relaxed);
+  std::uint64_t id = w.running_id_.load(std::memory_order_relaxed);
+  if (id == 0 || runs != w.mon_runs_ || id != w.mon_id_) {
+    w.mon_runs_ = runs;
+    w.mon_id_ = id;
+    w.mon_periods_ = 0;
+    return;
+  }
+  ++w.mon_periods_;
+  if (w.has_stealable_work()) wake_idle_worker(/*fenced=*/true);
+  auto ran = w.mon_periods_ * opts_.monitor_period;
+  if (opts_.hog_warning.count() > 0 && ran >= opts_.hog_warning && w.mon_warned_id_ != id) {
+    w.mon_warned_id_ = id;
+    char msg[320];
+    int n = std::snprintf(
+        msg, sizeof msg,
+        "weft: fiber %llu has run for %lld ms on worker %u without parking or "
+        "yielding; fibers queued there wait (idle workers take them over), and "
+        "that worker's timers and I/O are late. Yield in long loops "
+        "(weft::this_fiber::yield()) or move the work to weft::blocking().\n",
+        static_cast<unsigned long long>(id), static_cast<long long>(ran.count()), w.index());
+    if (n > 0) {
+      ssize_t ignored = ::write(2, msg, std::min<std::size_t>(std::size_t(n), sizeof msg - 1));
+      (void)ignored;
+    }
+  }
 }
 
 namespace {
@@ -268,9 +329,15 @@ void scheduler::unwind_all() {
 }
 
 void scheduler::request_exit() noexcept {
-  exit_.store(true, std::memory_order_release);  // pairs with worker::run()
+  exit_.store(true, std::memory_order_release);  // pairs with worker::run(), monitor()
   for (auto& w : workers_)
     if (w->driver_) w->driver_->wake();
+  {
+    // Under the lock, so the monitor is either before its exit_ check or
+    // waiting: it cannot miss this notification.
+    std::lock_guard g(monitor_mu_);
+  }
+  monitor_cv_.notify_all();
 }
 
 }  // namespace weft::sched

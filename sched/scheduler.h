@@ -21,6 +21,8 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -47,6 +49,11 @@ struct scheduler_options {
   driver_factory make_driver;  // default: make_futex_driver()
   std::size_t default_stack = alloc::stack_pool::kDefaultStackSize;
   bool deadlock_detection = true;
+  // The monitor (see monitor() in scheduler.cc) looks at every worker this
+  // often; a fiber that runs this long without parking or yielding is
+  // reported once on stderr (0: never).
+  std::chrono::milliseconds monitor_period{10};
+  std::chrono::milliseconds hog_warning{500};
 };
 
 struct fiber_attrs {
@@ -149,6 +156,8 @@ class scheduler {
   void exited(fiber* f, unsigned cache) noexcept;  // the last step of a fiber
   worker* pop_idle() noexcept;
   bool report_deadlock_if_stuck(worker& last) noexcept;  // under idle_mu_
+  void monitor();
+  void check_worker(worker& w);
 
   scheduler_options opts_;
   alloc::stack_pool stacks_;
@@ -163,6 +172,12 @@ class scheduler {
   std::atomic<int> outside_refs_{0};
   std::atomic<bool> unwinding_{false};
   std::atomic<bool> exit_{false};
+
+  // The monitor thread: sleeps on monitor_cv_ for monitor_period at a time;
+  // request_exit() wakes it to leave.
+  std::thread monitor_;
+  std::mutex monitor_mu_;
+  std::condition_variable monitor_cv_;
 
   fiber_registry registry_;  // shards: one per worker, then the plain threads
   const std::uint64_t run_id_;

@@ -156,10 +156,12 @@ void worker::run_fiber(fiber* f) {
   f->last_worker_.store(index_, std::memory_order_relaxed);  // relaxed: observability
   worker_counters::bump(counters_.fibers_run);
   if (!f->stack_) sched_.bind_stack(f, index_);  // its first run
+  running_id_.store(f->id_, std::memory_order_relaxed);  // relaxed: for the monitor
   // SAFETY: f is runnable and was taken from a queue only this worker
   // popped, so no other thread runs or resumes it (see sched/park.cc).
   switch_context(sched_ctx_, f->ctx_);
   current_ = nullptr;  // whichever fiber switched back (see *Hand-off*)
+  running_id_.store(0, std::memory_order_relaxed);
   finish_switch();
 }
 
@@ -182,6 +184,7 @@ void worker::switch_away(after_switch what, const park_request* req) {
     if (fiber* to = take_handoff(from)) {
       if (!to->stack_) sched_.bind_stack(to, index_);  // its first run
       current_ = to;
+      running_id_.store(to->id_, std::memory_order_relaxed);  // relaxed: for the monitor
       to->last_worker_.store(index_, std::memory_order_relaxed);  // relaxed: observability
       worker_counters::bump(counters_.fibers_run);
       // SAFETY: `to` was in the LIFO slot, which only this worker touches.
@@ -317,9 +320,15 @@ void worker::push_local(fiber* f) noexcept {
 void worker::schedule_local(fiber* f, bool hot, bool share) noexcept {
   if (hot) {
     std::uintptr_t v = reinterpret_cast<std::uintptr_t>(f) | (f->home_ ? kPinnedTag : 0);
-    // acq_rel: release publishes f to a thief's CAS (steal_lifo); acquire
-    // makes the displaced fiber ours to queue.
-    std::uintptr_t old = lifo_.exchange(v, std::memory_order_acq_rel);
+    // An empty slot stays empty until we fill it (thieves only empty it),
+    // so a store does; a full one may be emptied under us: exchange.
+    // release: publishes f to a thief's CAS (steal_lifo); acquire (the
+    // exchange): the displaced fiber is ours to queue.
+    std::uintptr_t old = 0;
+    if (lifo_.load(std::memory_order_relaxed) == 0)
+      lifo_.store(v, std::memory_order_release);
+    else
+      old = lifo_.exchange(v, std::memory_order_acq_rel);
     if (old) {
       push_local(reinterpret_cast<fiber*>(old & ~kPinnedTag));
     } else if (!share) {

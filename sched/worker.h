@@ -79,6 +79,12 @@ class worker {
   // yield() with nothing else to run here: true if the caller may simply
   // continue, because the loop would pick it again at once.
   bool yield_in_place() noexcept;
+  // Fibers another worker could take from here (the LIFO slot unless
+  // pinned, the local queue): any thread, a snapshot.
+  bool has_stealable_work() const noexcept {
+    std::uintptr_t l = lifo_.load(std::memory_order_relaxed);  // relaxed: a snapshot
+    return (l != 0 && !(l & kPinnedTag)) || !local_.empty_approx();
+  }
   // Another fiber is runnable here (LIFO slot, local or pinned queue):
   // owner only, a hint.
   bool has_local_work() const noexcept {
@@ -177,6 +183,12 @@ class worker {
   std::size_t io_when_idle_ = 0;
 
   worker_counters counters_;
+  // The id of the fiber running here, 0 while in the loop: written by the
+  // owner at each switch, read by the monitor (relaxed: a snapshot).
+  std::atomic<std::uint64_t> running_id_{0};
+  // The monitor's notes on this worker (monitor thread only).
+  std::uint64_t mon_runs_ = ~std::uint64_t{0}, mon_id_ = 0, mon_warned_id_ = 0;
+  unsigned mon_periods_ = 0;
   std::thread thread_;
 };
 
