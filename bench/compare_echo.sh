@@ -10,7 +10,8 @@
 # Each server runs pinned to CPU 0, the load generator (bench/echo_load.cc)
 # to CPU 1. Everything listens and connects on 127.0.0.1 only.
 #
-# Per server and connection count C: RUNS closed-loop runs of WARMUP+SECONDS;
+# Per server and connection count C: RUNS closed-loop runs of WARMUP+SECONDS,
+# in rounds (each round runs every server once, side by side);
 # from each run, req/s and p99 (from echo_load) and the server's CPU per
 # request: its utime+stime from /proc/PID/stat sampled around the echo_load
 # process, divided by every request echo_load completed (warmup included).
@@ -209,15 +210,20 @@ load_run() {
       }' >>"$RESULTS"
 }
 
-load_test() {
-  local name=$1 conns run
-  start_server "$name"
-  for conns in $CONNS; do
-    for ((run = 1; run <= RUNS; run++)); do
+# load_round RUN: one run of every server at every C, servers side by side,
+# so a slow phase of the machine (they last minutes here) hits every server
+# of the round, not all the runs of one server.
+load_round() {
+  local run=$1 name conns
+  for name in $SERVERS; do
+    available "$name" || continue
+    note "== $name, round $run"
+    start_server "$name"
+    for conns in $CONNS; do
       load_run "$name" "$conns" "$run"
     done
+    stop_server
   done
-  stop_server
 }
 
 # ---------------------------------------------------------------------------
@@ -292,6 +298,19 @@ ratio() {
   awk -v a="$1" -v b="$2" 'BEGIN {if (a == "n/a" || b == "n/a" || b == 0) print "n/a"; else printf "%.2f", a / b}'
 }
 
+# round_ratios A B C: CPU µs/req of A over B at C, per round (the same run
+# number: measured minutes apart at most), in round order.
+round_ratios() {
+  awk -v a="$1" -v b="$2" -v c="$3" '
+    $2 == c && $1 == a {x[$3] = $6}
+    $2 == c && $1 == b {y[$3] = $6}
+    END {
+      for (r = 1; r in x || r in y; r++)
+        out = out (out == "" ? "" : " ") ((r in x && r in y && y[r] > 0) ? sprintf("%.2f", x[r] / y[r]) : "n/a")
+      print (out == "" ? "n/a" : out)
+    }' "$RESULTS"
+}
+
 report() {
   local s c
   echo
@@ -319,11 +338,11 @@ report() {
   echo
   echo "ratios (CPU µs/req, medians):"
   for c in $CONNS; do
-    echo "- weft / go at C=$c: $(ratio "$(median 6 weft "$c")" "$(median 6 go "$c")")"
+    echo "- weft / go at C=$c: $(ratio "$(median 6 weft "$c")" "$(median 6 go "$c")") (per round: $(round_ratios weft go "$c"))"
   done
   echo "- threads / weft at C=1000: $(ratio "$(median 6 threads 1000)" "$(median 6 weft 1000)")"
   for c in $CONNS; do
-    echo "- weft-uring / weft-epoll at C=$c: $(ratio "$(median 6 weft "$c")" "$(median 6 weft-epoll "$c")")"
+    echo "- weft-uring / weft-epoll at C=$c: $(ratio "$(median 6 weft "$c")" "$(median 6 weft-epoll "$c")") (per round: $(round_ratios weft weft-epoll "$c"))"
   done
   local busy
   busy=$(awk '$12 >= 90 {print $1 " C=" $2}' "$RESULTS" | sort -u | paste -sd, -)
@@ -350,10 +369,14 @@ report() {
 ulimit -n "$(ulimit -Hn)" || note "could not raise the open-file limit: $(ulimit -n)"
 if (($(nproc) < 2)); then note "needs 2 CPUs (server on 0, load on 1)"; exit 1; fi
 build_all
-for server in $SERVERS; do
-  available "$server" || continue
-  note "== $server"
-  load_test "$server"
-  if ((IDLE > 0)); then idle_test "$server"; fi
+for ((round = 1; round <= RUNS; round++)); do
+  load_round "$round"
 done
+if ((IDLE > 0)); then
+  for server in $SERVERS; do
+    available "$server" || continue
+    note "== $server, idle connections"
+    idle_test "$server"
+  done
+fi
 report
