@@ -12,7 +12,9 @@
 //      a row, so a ping-pong pair cannot starve the queue), then the pinned
 //      queue and the local queue, alternating;
 //   3. the inject queue; a non-blocking poll of the driver;
-//   4. stealing half of another worker's queue, nearest victims first;
+//   4. stealing half of another worker's queue, nearest victims first (a
+//      lone queued fiber only after kLoneStealDelay), or the fiber in the
+//      LIFO slot of a worker stuck in one fiber (steal_lifo());
 //   5. sleeping in the driver until the next timer or a wake.
 //
 // *Spinning* (no lost wake-up, no thundering herd)
@@ -187,7 +189,8 @@ void worker::switch_away(after_switch what, const park_request* req) {
       running_id_.store(to->id_, std::memory_order_relaxed);  // relaxed: for the monitor
       to->last_worker_.store(index_, std::memory_order_relaxed);  // relaxed: observability
       worker_counters::bump(counters_.fibers_run);
-      // SAFETY: `to` was in the LIFO slot, which only this worker touches.
+      // SAFETY: `to` came out of the LIFO slot by our exchange, so no thief
+      // has it (see steal_lifo()).
       switch_context(from->ctx_, to->ctx_, what == after_switch::exit);
       // Resumed, possibly on another worker: `this` may not be ours now.
       current_worker()->finish_switch();
@@ -445,8 +448,8 @@ fiber* worker::steal() {
 // there, untouched, for kLoneStealDelay: long enough for a worker that
 // passes messages to get back to it (bounded by the LIFO streak), short
 // against any time slice a user would notice. Go waits ~3 µs before
-// stealing a runnext for the same reason; our LIFO slot is never stolen,
-// and this is the same idea one step down the queue.
+// stealing a runnext for the same reason; our LIFO slot gets the same
+// treatment (steal_lifo()).
 bool worker::worth_stealing(unsigned v, const worker& victim) noexcept {
   std::uint32_t n = victim.local_.size_approx();
   if (n != 1) return n > 1;
@@ -490,7 +493,8 @@ fiber* worker::steal_lifo(unsigned v, worker& victim) noexcept {
     return nullptr;
   }
   if (now - seen.lifo_since < kLifoStealDelay) return nullptr;
-  // acquire: pairs with the owner's release exchange in schedule_local().
+  // acquire: pairs with the owner's release store or exchange in
+  // schedule_local().
   if (!victim.lifo_.compare_exchange_strong(l, 0, std::memory_order_acquire,
                                             std::memory_order_relaxed))
     return nullptr;
