@@ -1,0 +1,345 @@
+// io/socket_edge_test.cc — sockets at their edges: peer resets, EPIPE,
+// EMFILE, bad addresses, IPv6, Unix and UDP sockets, name resolution,
+// 10,000 idle connections without receive buffers, pooled reads when the
+// pool runs out, and unwinding fibers parked in I/O. Every test runs over
+// worker counts {1, 2, 4} (tests/fixture.h) on 127.0.0.1 only.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "io/socket_test_util.h"
+#include "runtime/net.h"
+#include "runtime/weft.h"
+#include "sched/worker.h"
+#include "tests/fixture.h"
+
+namespace weft {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::Runtime;
+using testing::addr_of;
+using testing::spawn_echo_server;
+
+class Sockets : public Runtime {};
+WEFT_RUNTIME_TEST_SUITE(Sockets);
+
+TEST_P(Sockets, PeerResetMidReadIsAnError) {
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    auto c = tcp_stream::connect(addr_of(ln)).value();
+    auto s = ln.accept().value();
+    auto h = spawn([&] {
+      char buf[16];
+      auto r = c.read(buf, deadline(5s));
+      return r ? std::error_code() : r.error();
+    });
+    (void)this_fiber::sleep_for(20ms);
+    linger l{1, 0};  // close with RST
+    ASSERT_EQ(::setsockopt(s.native_handle(), SOL_SOCKET, SO_LINGER, &l, sizeof l), 0);
+    (void)s.close();
+    EXPECT_EQ(h.join(), std::errc::connection_reset);
+  });
+}
+
+TEST_P(Sockets, WriteToAClosedPeerReturnsEpipeNotASignal) {
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    auto c = tcp_stream::connect(addr_of(ln)).value();
+    (void)ln.accept().value().close();
+    std::vector<char> chunk(4096, 'x');
+    bool epipe = false;
+    for (int i = 0; i < 200 && !epipe; ++i) {
+      auto r = c.write_all(chunk, deadline(5s));
+      if (!r) {
+        epipe = r.error() == std::errc::broken_pipe;
+        ASSERT_TRUE(epipe || r.error() == std::errc::connection_reset) << r.error().message();
+      }
+      (void)this_fiber::sleep_for(1ms);
+    }
+    EXPECT_TRUE(epipe);
+  });
+}
+
+TEST_P(Sockets, AcceptUnderEmfileReturnsAnErrorAndRecovers) {
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    auto c = tcp_stream::connect(addr_of(ln)).value();  // waits in the accept queue
+    rlimit old{};
+    ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
+    rlimit low = old;
+    low.rlim_cur = std::min<rlim_t>(old.rlim_cur, 512);
+    ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+    std::vector<int> fillers;
+    for (int fd; (fd = ::dup(0)) >= 0;) fillers.push_back(fd);
+    auto r = ln.accept(deadline(5s));
+    for (int fd : fillers) ::close(fd);
+    ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error(), std::errc::too_many_files_open);
+    auto s = ln.accept(deadline(5s));
+    ASSERT_TRUE(s) << s.error().message();
+    ASSERT_TRUE(s->write_all({"ok", 2}));
+    char buf[2];
+    EXPECT_TRUE(c.read_exact(buf, deadline(5s)));
+  });
+}
+
+TEST_P(Sockets, BadAddressesAreInvalidArgument) {
+  Run([&] {
+    for (const char* a : {"", "127.0.0.1", "127.0.0.1:", "127.0.0.1:99999", "localhost:80",
+                          "::1:80", "[::1]80", "1.2.3:80", "127.0.0.1:8x", "unix:"}) {
+      auto l = tcp_listener::bind(a);
+      ASSERT_FALSE(l) << a;
+      EXPECT_EQ(l.error(), std::errc::invalid_argument) << a;
+      auto c = tcp_stream::connect(a);
+      ASSERT_FALSE(c) << a;
+      EXPECT_EQ(c.error(), std::errc::invalid_argument) << a;
+    }
+  });
+}
+
+TEST_P(Sockets, Ipv6LoopbackWorksWhereAvailable) {
+  Run([&] {
+    auto ln = tcp_listener::bind("[::1]:0");
+    if (!ln) GTEST_SKIP() << "no IPv6 loopback: " << ln.error().message();
+    auto server = spawn_echo_server(*ln);
+    auto c = tcp_stream::connect(addr_of(*ln), deadline(5s)).value();
+    ASSERT_TRUE(c.write_all({"six", 3}));
+    char buf[3];
+    ASSERT_TRUE(c.read_exact(buf, deadline(5s)));
+    EXPECT_EQ(std::string(buf, 3), "six");
+    (void)c.close();
+    server.request_stop();
+    server.join();
+  });
+}
+
+TEST_P(Sockets, UnixStreamSocketsEcho) {
+  // Not under TEST_TMPDIR: Bazel's output paths can exceed the 107
+  // characters a Unix socket path may have.
+  std::string path = "/tmp/weft-" + std::to_string(::getpid()) + "-" +
+                     std::to_string(workers()) + ".sock";
+  ::unlink(path.c_str());
+  Run([&] {
+    auto ln = tcp_listener::bind("unix:" + path);
+    ASSERT_TRUE(ln) << ln.error().message();
+    EXPECT_EQ(ln->local_address().value().to_string(), "unix:" + path);
+    auto server = spawn_echo_server(*ln);
+    auto c = tcp_stream::connect("unix:" + path, deadline(5s)).value();
+    ASSERT_TRUE(c.write_all({"local", 5}));
+    char buf[5];
+    ASSERT_TRUE(c.read_exact(buf, deadline(5s)));
+    EXPECT_EQ(std::string(buf, 5), "local");
+    (void)c.close();
+    server.request_stop();
+    server.join();
+  });
+  ::unlink(path.c_str());
+}
+
+// The client side of IdleConnections...: plain blocking sockets in a
+// child process (forked before any runtime thread starts), so each process
+// holds one end of every connection and stays under the fd hard limit.
+// Protocol over two pipes: port in; 'c' once all are connected; wait for
+// 'g'; one byte each way on every connection; close all; 'd'.
+[[noreturn]] void idle_clients(int conns, int from_parent, int to_parent) {
+  rlimit r{};
+  ::getrlimit(RLIMIT_NOFILE, &r);
+  r.rlim_cur = r.rlim_max;
+  ::setrlimit(RLIMIT_NOFILE, &r);
+  int port = 0;
+  if (::read(from_parent, &port, sizeof port) != sizeof port) ::_exit(3);
+  std::vector<int> fds;
+  for (int i = 0; i < conns; ++i) {
+    int s = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(static_cast<std::uint16_t>(port));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (s < 0 || ::connect(s, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) ::_exit(4);
+    fds.push_back(s);
+  }
+  char step = 'c';
+  if (::write(to_parent, &step, 1) != 1 || ::read(from_parent, &step, 1) != 1) ::_exit(5);
+  for (int s : fds) {
+    char b = 'p';
+    if (::write(s, &b, 1) != 1 || ::read(s, &b, 1) != 1) ::_exit(6);
+  }
+  for (int s : fds) ::close(s);
+  step = 'd';
+  ::_exit(::write(to_parent, &step, 1) == 1 ? 0 : 7);
+}
+
+TEST_P(Sockets, TenThousandIdleConnectionsHoldNoReceiveBuffers) {
+#if defined(WEFT_TSAN)
+  constexpr int kConns = 2'000;  // TSan tracks each fiber as a thread, 8128 at most
+#else
+  constexpr int kConns = 10'000;
+#endif
+  rlimit old{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
+  if (old.rlim_max < kConns + 200) GTEST_SKIP() << "RLIMIT_NOFILE hard limit too low";
+  int down[2], up[2];
+  ASSERT_EQ(::pipe(down), 0);
+  ASSERT_EQ(::pipe(up), 0);
+  pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) idle_clients(kConns, down[0], up[1]);
+  rlimit raised = old;
+  raised.rlim_cur = old.rlim_max;
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &raised), 0);
+  std::size_t idle_in_use = 1, end_in_use = 1;
+  auto step = [&](char want) {  // the pipe is read on the blocking pool
+    char got = 0;
+    ssize_t n = weft::blocking([&] { return ::read(up[0], &got, 1); });
+    return n == 1 && got == want;
+  };
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    auto server = spawn([&] {
+      for (int i = 0; i < kConns; ++i) {
+        auto c = ln.accept(deadline(30s));
+        ASSERT_TRUE(c) << c.error().message();
+        spawn([c = std::move(*c)]() mutable {
+          while (auto b = c.read_pooled(deadline(30s)))
+            if (b->empty() || !c.write_all(b->data())) break;
+        }, {.name = "pooled echo", .worker = i}).detach();
+      }
+    });
+    int port = ln.local_address().value().port();
+    ASSERT_EQ(::write(down[1], &port, sizeof port), ssize_t(sizeof port));
+    ASSERT_TRUE(step('c'));
+    server.join();
+    (void)this_fiber::sleep_for(100ms);  // every reader is parked in read_pooled
+    idle_in_use = pooled_buffer::in_use();
+    char go = 'g';
+    ASSERT_EQ(::write(down[1], &go, 1), 1);
+    ASSERT_TRUE(step('d'));
+    for (int i = 0; i < 400 && pooled_buffer::in_use() != 0; ++i)
+      (void)this_fiber::sleep_for(5ms);
+    end_in_use = pooled_buffer::in_use();
+  });
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  for (int fd : {down[0], down[1], up[0], up[1]}) ::close(fd);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "client status " << status;
+  EXPECT_EQ(idle_in_use, 0u) << "receive buffers held by idle connections";
+  EXPECT_EQ(end_in_use, 0u);
+}
+
+TEST_P(Sockets, ReadPooledKeepsWorkingWhenThePoolRunsOut) {
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    auto c = tcp_stream::connect(addr_of(ln)).value();
+    auto s = ln.accept().value();
+    constexpr std::size_t kBytes = 1500 * 4096;  // more than one worker's pool
+    auto w = spawn([&] {
+      std::vector<char> out(kBytes);
+      for (std::size_t i = 0; i < kBytes; ++i) out[i] = char(i * 7);
+      ASSERT_TRUE(s.write_all(out));
+    });
+    std::vector<pooled_buffer> held;  // never given back until the end
+    std::size_t got = 0;
+    while (got < kBytes) {
+      auto b = c.read_pooled(deadline(20s));
+      ASSERT_TRUE(b) << b.error().message();
+      ASSERT_FALSE(b->empty());
+      for (std::size_t k = 0; k < b->size(); ++k)
+        ASSERT_EQ(b->data()[k], char((got + k) * 7)) << "at " << got + k;
+      got += b->size();
+      held.push_back(std::move(*b));
+    }
+    w.join();
+    EXPECT_EQ(pooled_buffer::in_use(), held.size());
+    held.clear();
+    EXPECT_EQ(pooled_buffer::in_use(), 0u);
+  });
+}
+
+TEST_P(Sockets, PeerResetMidWriteIsAnError) {
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    auto c = tcp_stream::connect(addr_of(ln)).value();
+    auto s = ln.accept().value();
+    auto h = spawn([&] {
+      // The peer never reads: this fills both socket buffers and parks.
+      std::vector<char> chunk(1 << 20, 'w');
+      for (;;) {
+        auto r = c.write_all(chunk, deadline(10s));
+        if (!r) return r.error();
+      }
+    });
+    (void)this_fiber::sleep_for(50ms);
+    linger l{1, 0};  // close with RST
+    ASSERT_EQ(::setsockopt(s.native_handle(), SOL_SOCKET, SO_LINGER, &l, sizeof l), 0);
+    (void)s.close();
+    std::error_code e = h.join();
+    EXPECT_TRUE(e == std::errc::connection_reset || e == std::errc::broken_pipe) << e.message();
+  });
+}
+
+TEST_P(Sockets, UdpDatagramsRoundTrip) {
+  Run([&] {
+    auto a = udp_socket::bind("127.0.0.1:0").value();
+    auto b = udp_socket::bind("127.0.0.1:0").value();
+    auto b_addr = b.local_address().value();
+    auto h = spawn([&] {
+      char buf[64];
+      socket_address from;
+      auto n = b.recv_from(buf, &from, deadline(5s));
+      if (!n) return std::string("error: ") + n.error().message();
+      (void)b.send_to({buf, *n}, from, deadline(5s));
+      return std::string(buf, *n);
+    });
+    ASSERT_EQ(a.send_to({"datagram", 8}, b_addr).value(), 8u);
+    char buf[64];
+    socket_address from;
+    auto n = a.recv_from(buf, &from, deadline(5s));
+    ASSERT_TRUE(n) << n.error().message();
+    EXPECT_EQ(std::string(buf, *n), "datagram");
+    EXPECT_EQ(from.to_string(), b_addr.to_string());
+    EXPECT_EQ(h.join(), "datagram");
+    // A receive with nothing to read honours its deadline.
+    auto t = a.recv_from(buf, nullptr, deadline(20ms));
+    ASSERT_FALSE(t);
+    EXPECT_EQ(t.error(), std::errc::timed_out);
+  });
+}
+
+TEST_P(Sockets, ResolveFindsLocalhostAndReportsUnknownNames) {
+  Run([&] {
+    auto r = resolve("localhost", 80);
+    ASSERT_TRUE(r) << r.error().message();
+    ASSERT_FALSE(r->empty());
+    for (auto& a : *r) EXPECT_EQ(a.port(), 80);
+    auto n = resolve("127.0.0.1", 8080).value();
+    ASSERT_EQ(n.size(), 1u);
+    EXPECT_EQ(n[0].to_string(), "127.0.0.1:8080");
+    auto bad = resolve("no-such-host.invalid", 80);
+    ASSERT_FALSE(bad);
+    EXPECT_FALSE(bad.error().message().empty());
+    EXPECT_EQ(resolve("localhost", 70000).error(), std::errc::invalid_argument);
+  });
+}
+
+TEST_P(Sockets, MainReturningUnwindsFibersParkedInIo) {
+  Run([&] {
+    static tcp_listener ln;  // outlives the unwinding fibers
+    ln = tcp_listener::bind("127.0.0.1:0").value();
+    for (int i = 0; i < 8; ++i)
+      spawn([] { (void)ln.accept(); }).detach();
+    (void)this_fiber::sleep_for(20ms);
+  });
+}
+
+}  // namespace
+}  // namespace weft

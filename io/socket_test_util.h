@@ -1,0 +1,37 @@
+// io/socket_test_util.h — what the socket test files share: the address
+// of a listener and an echo server fiber. Test-only.
+#pragma once
+
+#include <string>
+#include <system_error>
+#include <vector>
+
+#include "runtime/net.h"
+#include "runtime/weft.h"
+
+namespace weft::testing {
+
+inline std::string addr_of(const tcp_listener& l) { return l.local_address().value().to_string(); }
+
+// Echoes every connection until EOF; stops accepting when its fiber is
+// asked to. The connection fibers are detached (a stopped fiber cannot
+// join): they end at their client's EOF, or the runtime unwinds them.
+inline join_handle<void> spawn_echo_server(tcp_listener& ln) {
+  return spawn([&ln] {
+    for (;;) {
+      auto c = ln.accept();
+      if (!c) {
+        if (c.error() == std::errc::operation_canceled) break;
+        continue;
+      }
+      spawn([c = std::move(*c)]() mutable {
+        std::vector<char> buf(16 * 1024);
+        while (auto n = c.read(buf)) {
+          if (*n == 0 || !c.write_all({buf.data(), *n})) break;
+        }
+      }, {.name = "echo conn"}).detach();
+    }
+  }, {.name = "echo server"});
+}
+
+}  // namespace weft::testing
