@@ -26,6 +26,7 @@ namespace {
 using namespace std::chrono_literals;
 using testing::Runtime;
 using testing::addr_of;
+using testing::expect_echo_of;
 using testing::spawn_echo_server;
 
 class Sockets : public Runtime {};
@@ -111,12 +112,7 @@ TEST_P(Sockets, Ipv6LoopbackWorksWhereAvailable) {
     auto ln = tcp_listener::bind("[::1]:0");
     if (!ln) GTEST_SKIP() << "no IPv6 loopback: " << ln.error().message();
     auto server = spawn_echo_server(*ln);
-    auto c = tcp_stream::connect(addr_of(*ln), deadline(5s)).value();
-    ASSERT_TRUE(c.write_all({"six", 3}));
-    char buf[3];
-    ASSERT_TRUE(c.read_exact(buf, deadline(5s)));
-    EXPECT_EQ(std::string(buf, 3), "six");
-    (void)c.close();
+    expect_echo_of(addr_of(*ln), "six");
     server.request_stop();
     server.join();
   });
@@ -133,12 +129,7 @@ TEST_P(Sockets, UnixStreamSocketsEcho) {
     ASSERT_TRUE(ln) << ln.error().message();
     EXPECT_EQ(ln->local_address().value().to_string(), "unix:" + path);
     auto server = spawn_echo_server(*ln);
-    auto c = tcp_stream::connect("unix:" + path, deadline(5s)).value();
-    ASSERT_TRUE(c.write_all({"local", 5}));
-    char buf[5];
-    ASSERT_TRUE(c.read_exact(buf, deadline(5s)));
-    EXPECT_EQ(std::string(buf, 5), "local");
-    (void)c.close();
+    expect_echo_of("unix:" + path, "local");
     server.request_stop();
     server.join();
   });

@@ -2,7 +2,10 @@
 // of a listener and an echo server fiber. Test-only.
 #pragma once
 
+#include <gtest/gtest.h>
+
 #include <string>
+#include <string_view>
 #include <system_error>
 #include <vector>
 
@@ -32,6 +35,18 @@ inline join_handle<void> spawn_echo_server(tcp_listener& ln) {
       }, {.name = "echo conn"}).detach();
     }
   }, {.name = "echo server"});
+}
+
+// Connects to an echo server at `addr`, sends `msg`, expects it back.
+inline void expect_echo_of(const std::string& addr, std::string_view msg) {
+  using namespace std::chrono_literals;
+  auto c = tcp_stream::connect(addr, deadline(5s));
+  ASSERT_TRUE(c) << c.error().message();
+  ASSERT_TRUE(c->write_all({msg.data(), msg.size()}));
+  std::string back(msg.size(), '\0');
+  ASSERT_TRUE(c->read_exact({back.data(), back.size()}, deadline(5s)));
+  EXPECT_EQ(back, msg);
+  (void)c->close();
 }
 
 }  // namespace weft::testing
