@@ -382,11 +382,16 @@ TEST(FiberMonitor, AFiberThatHogsItsWorkerIsReportedOnce) {
   o.workers = 1;
   o.hog_warning = 100ms;
   weft::run([] {
-    auto until = std::chrono::steady_clock::now() + 400ms;
-    while (std::chrono::steady_clock::now() < until) {
-    }
+    spawn([] {
+      (void)this_fiber::sleep_for(1ms);
+      auto until = std::chrono::steady_clock::now() + 400ms;
+      while (std::chrono::steady_clock::now() < until) {
+      }
+    }, {.name = "cruncher"}).join();
   }, o);
   std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find("\"cruncher\" (last parked at "), std::string::npos) << err;
+  EXPECT_NE(err.find("fiber_test.cc:"), std::string::npos) << err;
   auto first = err.find("has run for");
   EXPECT_NE(first, std::string::npos) << err;
   EXPECT_EQ(err.find("has run for", first + 1), std::string::npos) << "reported twice: " << err;

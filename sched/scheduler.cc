@@ -153,8 +153,9 @@ void scheduler::join() {
 //   - once the same fiber has run for hog_warning, it is reported once on
 //     stderr: its worker's timers and I/O wait for it too.
 // The monitor touches workers only through atomics (counters, LIFO slot,
-// queue indices, running_id_) and never dereferences a fiber. It costs one
-// wake-up per period; with every worker idle it looks ten times less often.
+// queue indices, running_id_); the one fiber it reads, a hog it reports,
+// it finds under the registry's locks. It costs one wake-up per period;
+// with every worker idle it looks ten times less often.
 
 void scheduler::monitor() {
   std::unique_lock lk(monitor_mu_);
@@ -185,18 +186,35 @@ void scheduler::check_worker(worker& w) {
   auto ran = w.mon_periods_ * opts_.monitor_period;
   if (opts_.hog_warning.count() > 0 && ran >= opts_.hog_warning && w.mon_warned_id_ != id) {
     w.mon_warned_id_ = id;
-    char msg[320];
-    int n = std::snprintf(
-        msg, sizeof msg,
-        "weft: fiber %llu has run for %lld ms on worker %u without parking or "
-        "yielding; fibers queued there wait (idle workers take them over), and "
-        "that worker's timers and I/O are late. Yield in long loops "
-        "(weft::this_fiber::yield()) or move the work to weft::blocking().\n",
-        static_cast<unsigned long long>(id), static_cast<long long>(ran.count()), w.index());
-    if (n > 0) {
-      ssize_t ignored = ::write(2, msg, std::min<std::size_t>(std::size_t(n), sizeof msg - 1));
-      (void)ignored;
-    }
+    report_hog(id, ran, w.index());
+  }
+}
+
+// Names the hog and where it last parked. The fiber may exit meanwhile: it
+// is looked up by id under the registry's locks, which keep it alive while
+// visited (rare: once per hog, so the scan's cost does not matter).
+void scheduler::report_hog(std::uint64_t id, std::chrono::milliseconds ran, unsigned worker) {
+  char name[64] = "?", site[192] = "never parked";
+  registry_.for_each([&](const fiber* f) {
+    if (f->id_ != id) return;
+    std::snprintf(name, sizeof name, "%s", f->name_);
+    // relaxed: a diagnostic snapshot (see fiber.h).
+    if (unsigned line = f->park_line_.load(std::memory_order_relaxed))
+      std::snprintf(site, sizeof site, "last parked at %s:%u",
+                    f->park_file_.load(std::memory_order_relaxed), line);
+  });
+  char msg[512];
+  int n = std::snprintf(
+      msg, sizeof msg,
+      "weft: fiber %llu \"%s\" (%s) has run for %lld ms on worker %u without "
+      "parking or yielding; fibers queued there wait (idle workers take them "
+      "over), and that worker's timers and I/O are late. Yield in long loops "
+      "(weft::this_fiber::yield()) or move the work to weft::blocking().\n",
+      static_cast<unsigned long long>(id), name, site, static_cast<long long>(ran.count()),
+      worker);
+  if (n > 0) {
+    ssize_t ignored = ::write(2, msg, std::min<std::size_t>(std::size_t(n), sizeof msg - 1));
+    (void)ignored;
   }
 }
 

@@ -158,6 +158,7 @@ class scheduler {
   bool report_deadlock_if_stuck(worker& last) noexcept;  // under idle_mu_
   void monitor();
   void check_worker(worker& w);
+  void report_hog(std::uint64_t id, std::chrono::milliseconds ran, unsigned worker);
 
   scheduler_options opts_;
   alloc::stack_pool stacks_;
