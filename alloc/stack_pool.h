@@ -7,7 +7,8 @@
 // one size class each. A slot is [guard page][usable stack]; pages of the
 // usable part are committed lazily by the first touch, so an idle fiber that
 // touched only the top of its stack costs about one page. The stack grows
-// down from `hi`; the fiber control block is placed at the top by sched/.
+// down from `hi`; sched/ keeps a pointer to the owning fiber in its top
+// 64 bytes (for the overflow message).
 //
 // Guards. One guard page below each stack of a guarded class, installed with
 // madvise(MADV_GUARD_INSTALL) (Linux 6.13+), which does not split the VMA, so

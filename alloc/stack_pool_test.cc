@@ -142,7 +142,7 @@ TEST(StackPool, PagesAreCommittedLazilyByTouch) {
   const std::size_t before = resident_bytes();
   for (std::size_t i = 0; i < kStacks; ++i) {
     stacks.push_back(pool.allocate(stack_pool::kDefaultStackSize, 0));
-    *(stacks.back().hi - 64) = std::byte{1};  // a fiber's control block
+    *(stacks.back().hi - 64) = std::byte{1};  // a fiber's first touch, at the top
   }
   const std::size_t grown = resident_bytes() - before;
   const std::size_t one_page_each = kStacks * kPage;  // ~40 MB, not 640 MB

@@ -137,7 +137,7 @@ void worker::after_park(fiber* f, const park_request& on_stack) {
 
 // The last touch of f by its old worker. Once a waker has claimed f (which
 // can happen right after publish()), another worker may already run it; f
-// must not finish and free its stack while we still read its control block,
+// must not finish and free its control block while we still read it,
 // so park() waits for this store before returning.
 void worker::finish_after_park(fiber* f, std::uint64_t gen) noexcept {
   f->after_park_gen_.store(gen, std::memory_order_release);  // pairs with park()'s acquire
