@@ -50,6 +50,7 @@ struct region_header {
   std::size_t guard_bytes = 0;    // 0 (tiny classes) or kPage
   std::size_t stack_bytes = 0;    // the class size
   std::uint32_t size_class = 0;
+  std::uint32_t node = 0;         // the pool's NUMA node index (see stack_pool.h)
   guard_kind kind = guard_kind::canary;
 
   // True if the page below each stack really faults.

@@ -11,6 +11,9 @@
 //     no read-modify-write); stats() reads them relaxed.
 //   - A class_state's lists and carving cursor are guarded by its mu_;
 //     listed_ is written under mu_ and read by stats() without it.
+//   - Each NUMA node has its own class_states and regions. A stack belongs
+//     to the node of its region (region_header::node) and returns to that
+//     node's shared lists (drain, put, trim) whichever cache released it.
 //   - mode_ only ever degrades: madvise_guard -> mprotect -> canary.
 //   - A guard is installed once, when its slot is carved; every stack in a
 //     free list keeps its guard (MADV_DONTNEED leaves guards in place).
@@ -21,7 +24,10 @@
 // Who calls what: see stack_pool.h.
 #include "alloc/stack_pool.h"
 
+#include <linux/mempolicy.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -174,6 +180,7 @@ void check_reserved(const std::byte* base, std::size_t span, unsigned cls,
 // One per worker: LIFO lists of stack `lo`s, one per class.
 struct alignas(64) cache {
   std::array<std::vector<std::byte*>, kClasses> free_;  // owner only
+  unsigned node = 0;  // its NUMA node (set at construction)
   // Written only by the owner thread (bump()), read by stats().
   std::atomic<std::uint64_t> count_{0};  // entries over all of free_
   std::atomic<std::uint64_t> allocs_{0};
@@ -204,8 +211,13 @@ struct stack_pool::impl {
   stack refill(cache& c, unsigned cls);
   void drain(cache& c, unsigned cls);
   std::byte* take_listed(class_state& k, unsigned cls);
-  std::byte* carve(class_state& k, unsigned cls);
-  void open_region(class_state& k, unsigned cls);
+  std::byte* carve(class_state& k, unsigned node, unsigned cls);
+  void open_region(class_state& k, unsigned node, unsigned cls);
+  void bind_to_node(std::byte* base, std::size_t span, unsigned node);
+  class_state& state(unsigned node, unsigned cls) { return nodes_[node][cls]; }
+  unsigned node_of(const std::byte* lo, unsigned cls) const {
+    return detail::header_of(lo, span_[cls])->node;
+  }
   bool install_guard(const region_header& r, std::byte* slot);
   bool take_mprotect_budget();
   void degrade(guard_kind to, const std::string& why);
@@ -217,7 +229,9 @@ struct stack_pool::impl {
   const stack_pool_options opts_;
   std::array<std::size_t, kClasses> span_{};  // region bytes per class
   std::unique_ptr<cache[]> caches_;
-  std::array<class_state, kClasses> classes_;
+  unsigned node_count_ = 1;
+  // Per NUMA node, per class: the shared lists and the regions.
+  std::unique_ptr<std::array<class_state, kClasses>[]> nodes_;
   // Read and degraded by carving threads under their class's mu_ (different
   // classes, different mutexes). relaxed everywhere: it is a policy, not a
   // publication; a stale read costs one abandoned region (see carve()).
@@ -227,6 +241,7 @@ struct stack_pool::impl {
   std::atomic<std::uint64_t> regions_{0};
   std::atomic<std::uint64_t> reserved_{0};
   std::atomic<std::uint64_t> returned_{0};
+  std::atomic<std::uint64_t> bind_failures_{0};
   std::atomic<std::uint64_t> shared_allocs_{0};
   std::atomic<std::uint64_t> shared_releases_{0};
   // Committed stacks of guarded classes in the warm_ lists; bounds what
@@ -238,6 +253,14 @@ stack_pool::impl::impl(const stack_pool_options& o)
     : opts_(o), caches_(new cache[o.caches]) {
   WEFT_CHECK(o.region_bytes > 0 && o.region_bytes <= (std::size_t{1} << 40),
              "stack_pool: region_bytes must be in (0, 1 TiB]");
+  WEFT_CHECK(o.cache_nodes.empty() || o.cache_nodes.size() == o.caches,
+             "stack_pool: cache_nodes must name a node for every cache");
+  for (unsigned c = 0; c < o.caches; ++c) {
+    caches_[c].node = o.cache_nodes.empty() ? 0 : o.cache_nodes[c];
+    node_count_ = std::max(node_count_, caches_[c].node + 1);
+  }
+  node_count_ = std::max<unsigned>(node_count_, static_cast<unsigned>(o.node_os.size()));
+  nodes_.reset(new std::array<class_state, kClasses>[node_count_]);
   for (unsigned c = 0; c < kClasses; ++c) {
     const std::size_t need = kPage + guard_bytes(c) + class_bytes(c);
     span_[c] = std::bit_ceil(std::max(o.region_bytes, need));
@@ -259,13 +282,15 @@ void stack_pool::impl::choose_initial_mode() {
 }
 
 stack_pool::impl::~impl() {
-  for (class_state& k : classes_) {
-    for (region_header* r : k.regions_) {
+  for (unsigned n = 0; n < node_count_; ++n) {
+    for (class_state& k : nodes_[n]) {
+      for (region_header* r : k.regions_) {
       detail::unregister_region(r);
       const std::size_t span = r->span;  // r lives in the mapping
       // SAFETY: ~stack_pool checked that every stack was released, so no
       // fiber runs on this memory any more.
       munmap(r, span);
+      }
     }
   }
 }
@@ -283,12 +308,12 @@ stack stack_pool::impl::hand_out(std::byte* lo, unsigned cls) const {
 }
 
 stack stack_pool::impl::allocate_slow(unsigned cls) {
-  class_state& k = classes_[cls];
+  class_state& k = state(0, cls);  // kSharedCache: node 0
   std::byte* lo = nullptr;
   {
     std::lock_guard lock(k.mu_);
     lo = take_listed(k, cls);
-    if (lo == nullptr) lo = carve(k, cls);
+    if (lo == nullptr) lo = carve(k, 0, cls);
   }
   return hand_out(lo, cls);
 }
@@ -300,12 +325,12 @@ stack stack_pool::impl::allocate_slow(unsigned cls) {
 // warm rather than fresh pages that fault on first touch.
 stack stack_pool::impl::refill(cache& c, unsigned cls) {
   std::vector<std::byte*>& list = c.free_[cls];
-  class_state& k = classes_[cls];
+  class_state& k = state(c.node, cls);
   {
     std::lock_guard lock(k.mu_);
     for (unsigned i = 0; i < kTransferBatch; ++i) {
       std::byte* lo = take_listed(k, cls);
-      if (lo == nullptr) lo = carve(k, cls);
+      if (lo == nullptr) lo = carve(k, c.node, cls);
       list.push_back(lo);
     }
   }
@@ -316,8 +341,10 @@ stack stack_pool::impl::refill(cache& c, unsigned cls) {
 }
 
 // A worker's cache is over its watermark: half of its stacks of `cls` go to
-// the shared warm list in one lock (still committed: the next refill, on
-// any worker, reuses them warm). trim() returns pages beyond the limit.
+// the shared warm lists in one lock per node (still committed: the next
+// refill, on any worker of that node, reuses them warm). Each stack goes to
+// the list of the node its region belongs to, whichever worker released
+// it (fibers migrate). trim() returns pages beyond the limit.
 void stack_pool::impl::drain(cache& c, unsigned cls) {
   std::vector<std::byte*>& list = c.free_[cls];
   std::size_t n = std::max<std::size_t>(1, list.size() / 2);
@@ -325,12 +352,22 @@ void stack_pool::impl::drain(cache& c, unsigned cls) {
   std::vector<std::byte*> moving(list.begin(), list.begin() + n);
   list.erase(list.begin(), list.begin() + n);
   bump(c.count_, -static_cast<std::int64_t>(n));
-  class_state& k = classes_[cls];
-  std::lock_guard lock(k.mu_);
-  k.warm_.insert(k.warm_.end(), moving.begin(), moving.end());
-  // relaxed: an approximate bound (see trim()) and a statistic, under k.mu_.
-  if (cls >= kTinyClasses) shared_warm_.fetch_add(n, std::memory_order_relaxed);
-  k.listed_.store(k.listed_.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+  for (unsigned node = 0; node < node_count_ && !moving.empty(); ++node) {
+    auto mine = std::stable_partition(moving.begin(), moving.end(),
+                                      [&](std::byte* lo) { return node_of(lo, cls) == node; });
+    std::size_t m = static_cast<std::size_t>(mine - moving.begin());
+    if (m == 0) continue;
+    class_state& k = state(node, cls);
+    {
+      std::lock_guard lock(k.mu_);
+      k.warm_.insert(k.warm_.end(), moving.begin(), mine);
+      // relaxed: an approximate bound (see trim()) and a statistic, under k.mu_.
+      if (cls >= kTinyClasses) shared_warm_.fetch_add(m, std::memory_order_relaxed);
+      k.listed_.store(k.listed_.load(std::memory_order_relaxed) + m,
+                      std::memory_order_relaxed);
+    }
+    moving.erase(moving.begin(), mine);
+  }
 }
 
 // k.mu_ held. Warm stacks first (committed pages), newest first.
@@ -351,11 +388,11 @@ std::byte* stack_pool::impl::take_listed(class_state& k, unsigned cls) {
 
 // k.mu_ held. Cuts the next slot, installing its guard; opens a new region
 // when the current one is full or was abandoned because the pool degraded.
-std::byte* stack_pool::impl::carve(class_state& k, unsigned cls) {
+std::byte* stack_pool::impl::carve(class_state& k, unsigned node, unsigned cls) {
   for (;;) {
     region_header* r = k.carving_;
     if (r == nullptr || k.next_slot_ == r->slots) {
-      open_region(k, cls);
+      open_region(k, node, cls);
       continue;
     }
     auto* slot = reinterpret_cast<std::byte*>(r->first_slot +
@@ -370,11 +407,12 @@ std::byte* stack_pool::impl::carve(class_state& k, unsigned cls) {
 }
 
 // k.mu_ held.
-void stack_pool::impl::open_region(class_state& k, unsigned cls) {
+void stack_pool::impl::open_region(class_state& k, unsigned node, unsigned cls) {
   const std::size_t span = span_[cls];
   int err = 0;
   std::byte* base = reserve_aligned(span, &err);
   check_reserved(base, span, cls, err);
+  bind_to_node(base, span, node);  // before the header page is touched
   // SAFETY: base starts a fresh private read-write mapping aligned to span
   // (>= one page); nothing else refers to it until register_region().
   auto* r = new (base) region_header{};
@@ -387,6 +425,7 @@ void stack_pool::impl::open_region(class_state& k, unsigned cls) {
   r->slots = (span - kPage) / r->slot_bytes;
   r->slots_end = r->first_slot + r->slots * r->slot_bytes;
   r->size_class = cls;
+  r->node = node;
   r->kind = cls < kTinyClasses ? guard_kind::canary
                                : mode_.load(std::memory_order_relaxed);
   // Stacks below a page are packed densely and used whole, so transparent
@@ -399,6 +438,26 @@ void stack_pool::impl::open_region(class_state& k, unsigned cls) {
   k.next_slot_ = 0;
   regions_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
   reserved_.fetch_add(span, std::memory_order_relaxed);
+}
+
+// Pages of the region, when first touched, come from the node's memory if
+// it has any free (MPOL_PREFERRED, not BIND: a full node falls back
+// rather than failing the touch with SIGBUS). The binding is advice; a
+// failure (no such node, a seccomp filter) is counted and reported once.
+void stack_pool::impl::bind_to_node(std::byte* base, std::size_t span, unsigned node) {
+  if (node >= opts_.node_os.size() || opts_.node_os[node] < 0) return;
+  const unsigned os = static_cast<unsigned>(opts_.node_os[node]);
+  constexpr unsigned kMaskBits = 1024;
+  unsigned long mask[kMaskBits / (8 * sizeof(unsigned long))] = {};
+  if (os >= kMaskBits) return;
+  mask[os / (8 * sizeof(unsigned long))] |= 1UL << (os % (8 * sizeof(unsigned long)));
+  if (syscall(SYS_mbind, base, span, MPOL_PREFERRED, mask, kMaskBits + 1, 0) == 0) return;
+  const int err = errno;
+  // relaxed: statistic; the first failure also says so on stderr.
+  if (bind_failures_.fetch_add(1, std::memory_order_relaxed) == 0)
+    std::fprintf(stderr, "weft: stacks: cannot prefer NUMA node %u for stack memory (%s); "
+                         "stacks use the default placement\n",
+                 os, errno_text(err).c_str());
 }
 
 bool stack_pool::impl::install_guard(const region_header& r, std::byte* slot) {
@@ -457,8 +516,10 @@ void stack_pool::impl::release_shared(const stack& s) { put(s, /*returned=*/fals
 // about to sleep.
 std::size_t stack_pool::impl::trim(std::size_t budget) {
   std::size_t done = 0;
-  for (unsigned cls = kTinyClasses; cls < kClasses && done < budget; ++cls) {
-    class_state& k = classes_[cls];
+  for (unsigned i = 0; i < node_count_ * (kClasses - kTinyClasses) && done < budget; ++i) {
+    const unsigned node = i / (kClasses - kTinyClasses);
+    const unsigned cls = kTinyClasses + i % (kClasses - kTinyClasses);
+    class_state& k = state(node, cls);
     std::vector<std::byte*> batch;
     {
       std::lock_guard lock(k.mu_);
@@ -494,7 +555,7 @@ bool stack_pool::impl::return_pages(const stack& s) {
 }
 
 void stack_pool::impl::put(const stack& s, bool returned) {
-  class_state& k = classes_[s.size_class];
+  class_state& k = state(node_of(s.lo, s.size_class), s.size_class);
   std::lock_guard lock(k.mu_);
   (returned ? k.cold_ : k.warm_).push_back(s.lo);
   if (!returned && s.size_class >= kTinyClasses)
@@ -565,6 +626,10 @@ bool stack_pool::needs_trim() const noexcept {
   return impl_->shared_warm_.load(std::memory_order_relaxed) > impl_->opts_.shared_warm_limit;
 }
 
+unsigned stack_pool::node_of(const stack& s) const {
+  return impl_->node_of(s.lo, s.size_class);
+}
+
 bool stack_pool::check_canary(const stack& s) const {
   WEFT_DCHECK(s, "stack_pool::check_canary: empty stack");
   if (!impl_->has_canary(s.lo, s.size_class)) return true;
@@ -586,12 +651,13 @@ stack_pool_stats stack_pool::stats() const {
     releases += c.releases_.load(relaxed);
     st.cached += c.count_.load(relaxed);
   }
-  for (const class_state& k : impl_->classes_)
-    st.cached += k.listed_.load(relaxed);
+  for (unsigned n = 0; n < impl_->node_count_; ++n)
+    for (const class_state& k : impl_->nodes_[n]) st.cached += k.listed_.load(relaxed);
   st.live = allocs > releases ? allocs - releases : 0;
   st.regions = impl_->regions_.load(relaxed);
   st.reserved_bytes = impl_->reserved_.load(relaxed);
   st.returned_to_os = impl_->returned_.load(relaxed);
+  st.bind_failures = impl_->bind_failures_.load(relaxed);
   st.guard = impl_->mode_.load(relaxed);
   return st;
 }

@@ -34,6 +34,12 @@
 // (keeping the guard) by trim(), which idle workers call before sleeping:
 // never on the spawn/exit path.
 //
+// NUMA. Each node (stack_pool_options::cache_nodes) has its own regions
+// and shared lists; a cache carves and refills from its node, and a stack
+// goes back to its own region's node whichever cache releases it. A node's
+// regions can be bound to the kernel's node (mbind MPOL_PREFERRED, before
+// any page is touched); a refusal is counted and said once.
+//
 // Who calls what:
 //   allocate(), release()   cache c: only the one thread that owns cache c
 //                           (a worker and its index); kSharedCache: any thread
@@ -44,6 +50,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace weft::alloc {
 
@@ -80,6 +87,14 @@ struct stack_pool_options {
   unsigned mprotect_budget = 16384;
   // Testing: pretend MADV_GUARD_INSTALL is unavailable.
   bool force_no_madvise_guard = false;
+  // NUMA: the node (0..n-1) of each cache; empty: every cache on node 0.
+  // Each node has its own regions and shared lists, so stacks carved for a
+  // worker come from its node and warm stacks flow only between workers of
+  // one node. kSharedCache is node 0.
+  std::vector<unsigned> cache_nodes;
+  // The kernel's node number to prefer for each node's regions
+  // (mbind(MPOL_PREFERRED)); empty, or -1 for a node: no binding.
+  std::vector<int> node_os;
 };
 
 struct stack_pool_stats {
@@ -88,6 +103,7 @@ struct stack_pool_stats {
   std::uint64_t live = 0;             // stacks handed out, not released
   std::uint64_t cached = 0;           // stacks in caches and free lists
   std::uint64_t returned_to_os = 0;   // MADV_DONTNEED calls on release
+  std::uint64_t bind_failures = 0;    // regions whose NUMA binding failed
   guard_kind guard = guard_kind::madvise_guard;  // what default stacks got
 };
 
@@ -117,6 +133,10 @@ class stack_pool {
   // CPU the process runs on.
   std::size_t trim(std::size_t budget);
   bool needs_trim() const noexcept;
+
+  // The NUMA node index (as in stack_pool_options::cache_nodes) whose
+  // regions s came from.
+  unsigned node_of(const stack& s) const;
 
   // False if the canary at s.lo was overwritten (stack overflow on a stack
   // without a guard page). Always true for stacks with a guard page.

@@ -7,11 +7,14 @@
 #include "alloc/stack_pool.h"
 
 #include <gtest/gtest.h>
+#include <linux/mempolicy.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <ucontext.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
@@ -390,6 +393,83 @@ TEST(StackPool, WorkerCachesAndTheSharedCacheWorkSideBySide) {
   w0.join();
   w1.join();
   EXPECT_EQ(pool.stats().live, 0u);
+}
+
+// --- NUMA nodes ------------------------------------------------------------
+
+TEST(StackPoolNuma, EachCacheGetsStacksFromItsOwnNode) {
+  stack_pool_options opts;
+  opts.caches = 4;
+  opts.cache_nodes = {0, 1, 0, 1};
+  stack_pool pool(opts);
+  std::vector<std::pair<stack, unsigned>> held;
+  for (unsigned c = 0; c < 4; ++c)
+    for (int i = 0; i < 40; ++i)  // past one refill batch
+      held.emplace_back(pool.allocate(stack_pool::kDefaultStackSize, c), c);
+  for (auto& [s, c] : held) EXPECT_EQ(pool.node_of(s), opts.cache_nodes[c]);
+  for (auto& [s, c] : held) pool.release(s, c);
+  EXPECT_EQ(pool.stats().live, 0u);
+}
+
+TEST(StackPoolNuma, WarmStacksGoBackToTheirNodeWhereverTheyAreReleased) {
+  stack_pool_options opts;
+  opts.caches = 4;
+  opts.cache_nodes = {0, 1, 0, 1};
+  opts.cache_watermark = 4;
+  stack_pool pool(opts);
+  std::vector<stack> node1;
+  std::set<std::byte*> node1_lo;
+  for (int i = 0; i < 32; ++i) {
+    node1.push_back(pool.allocate(stack_pool::kDefaultStackSize, 1));
+    node1_lo.insert(node1.back().lo);
+  }
+  // Their fibers exit on a worker of node 0: its cache spills them.
+  for (const stack& s : node1) pool.release(s, 0);
+  std::vector<std::pair<stack, unsigned>> again;
+  int node1_reused = 0;
+  for (int i = 0; i < 32; ++i) {
+    again.emplace_back(pool.allocate(stack_pool::kDefaultStackSize, 2), 2u);  // node 0
+    EXPECT_EQ(pool.node_of(again.back().first), 0u);
+    EXPECT_EQ(node1_lo.count(again.back().first.lo), 0u) << "a node-1 stack reached node 0";
+    again.emplace_back(pool.allocate(stack_pool::kDefaultStackSize, 3), 3u);  // node 1
+    EXPECT_EQ(pool.node_of(again.back().first), 1u);
+    node1_reused += static_cast<int>(node1_lo.count(again.back().first.lo));
+  }
+  EXPECT_GT(node1_reused, 0) << "node 1's spilled stacks were not reused on node 1";
+  for (auto& [s, c] : again) pool.release(s, c);
+}
+
+// mbind(MPOL_PREFERRED) on node 0, which every Linux machine has.
+TEST(StackPoolNuma, RegionsPreferTheirNodesMemory) {
+  stack_pool_options opts;
+  opts.node_os = {0};
+  stack_pool pool(opts);
+  stack s = pool.allocate(stack_pool::kDefaultStackSize, 0);
+  *(s.hi - 1) = std::byte{1};
+  if (pool.stats().bind_failures != 0) GTEST_SKIP() << "mbind refused here (no NUMA support?)";
+  int mode = -1;
+  unsigned long mask[16] = {};
+  ASSERT_EQ(syscall(SYS_get_mempolicy, &mode, mask, 16 * 8 * sizeof(unsigned long),
+                    static_cast<void*>(s.hi - 1), MPOL_F_ADDR),
+            0)
+      << std::strerror(errno);
+  EXPECT_EQ(mode, MPOL_PREFERRED);
+  EXPECT_EQ(mask[0] & 1UL, 1UL);
+  pool.release(s, 0);
+}
+
+TEST(StackPoolNuma, ANodeTheKernelDoesNotHaveIsReportedAndStacksStillWork) {
+  ::testing::internal::CaptureStderr();
+  stack_pool_options opts;
+  opts.node_os = {1000};  // no machine here has it
+  stack_pool pool(opts);
+  stack s = pool.allocate(stack_pool::kDefaultStackSize, 0);
+  *(s.hi - 1) = std::byte{7};
+  EXPECT_EQ(*(s.hi - 1), std::byte{7});
+  pool.release(s, 0);
+  std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_GE(pool.stats().bind_failures, 1u);
+  EXPECT_NE(err.find("cannot prefer NUMA node 1000"), std::string::npos) << err;
 }
 
 }  // namespace

@@ -73,6 +73,7 @@ std::vector<pu> collect_pus(hwloc_topology_t t) {
     p.l2 = ancestor_index(t, obj, HWLOC_OBJ_L2CACHE, p.core);
     p.l3 = ancestor_index(t, obj, HWLOC_OBJ_L3CACHE, p.package);
     p.numa = numa_index(t, obj);
+    p.numa_os = obj->nodeset != nullptr ? hwloc_bitmap_first(obj->nodeset) : -1;
     out.push_back(p);
   }
   std::sort(out.begin(), out.end(),

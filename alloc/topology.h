@@ -29,6 +29,7 @@ struct pu {
   unsigned l2 = 0;        // logical index of its L2 (or its core if none)
   unsigned l3 = 0;        // logical index of its L3 (or its package if none)
   unsigned numa = 0;      // logical index of its NUMA node
+  int numa_os = -1;       // the kernel's number for that node (-1: unknown)
   unsigned package = 0;   // logical index of its package
 };
 

@@ -75,6 +75,23 @@ scheduler::plain_use::~plain_use() {
   g_plain_inside.fetch_sub(1, std::memory_order_release);
 }
 
+// One stack cache per worker, on the NUMA node of the worker's processing
+// unit (worker i runs on the topology's PU i): stacks are carved from, and
+// flow warm within, the worker's node. One node: no binding at all.
+alloc::stack_pool_options stack_pool_options_for(const scheduler_options& o) {
+  alloc::stack_pool_options p;
+  p.caches = o.workers ? o.workers : unsigned(o.topology.pus().size());
+  const alloc::topology t = o.topology.first(p.caches);
+  if (t.numa_nodes() > 1 && t.pus().size() == p.caches) {
+    for (const alloc::pu& pu : t.pus()) {
+      p.cache_nodes.push_back(pu.numa);
+      if (p.node_os.size() <= pu.numa) p.node_os.resize(pu.numa + 1, -1);
+      p.node_os[pu.numa] = pu.numa_os;
+    }
+  }
+  return p;
+}
+
 unsigned scheduler::workers_wanted(const scheduler_options& o) {
   unsigned n = o.workers ? o.workers : unsigned(o.topology.pus().size());
   WEFT_CHECK(n >= 1, "scheduler: zero workers");
@@ -83,11 +100,7 @@ unsigned scheduler::workers_wanted(const scheduler_options& o) {
 
 scheduler::scheduler(scheduler_options opts)
     : opts_(std::move(opts)),
-      stacks_([&] {
-        alloc::stack_pool_options o;
-        o.caches = workers_wanted(opts_);
-        return o;
-      }()),
+      stacks_(stack_pool_options_for(opts_)),
       registry_(workers_wanted(opts_) + 1),
       run_id_(g_next_run_id.fetch_add(1, std::memory_order_relaxed)) {
   const unsigned count = workers_wanted(opts_);

@@ -74,6 +74,10 @@ struct scheduler_stats {
   std::string driver;
 };
 
+// The stack pool a scheduler with these options uses: one cache per worker,
+// each on the NUMA node of its worker's processing unit (scheduler.cc).
+alloc::stack_pool_options stack_pool_options_for(const scheduler_options& o);
+
 class scheduler {
  public:
   explicit scheduler(scheduler_options opts);
