@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdio>
 #include <mutex>
 #include <set>
 #include <stdexcept>
@@ -319,6 +320,24 @@ TEST_P(Fibers, GoRunsAFiberWithoutAHandle) {
   EXPECT_GT(id, 0u);
 }
 
+TEST_P(Fibers, GoTakesTheSameOptionsAsSpawn) {
+  std::string name;
+  unsigned ran_on = ~0u;
+  Run([&] {
+    weft::wait_group wg;
+    wg.add(1);
+    weft::go([&] {
+      name = std::string(this_fiber::name());
+      ran_on = this_fiber::worker_index();
+      wg.done();
+    }, {.name = "errand", .stack_size = weft::kSmallStack, .pinned = true,
+        .worker = static_cast<int>(workers() - 1)});
+    ASSERT_TRUE(wg.wait());
+  });
+  EXPECT_EQ(name, "errand");
+  EXPECT_EQ(ran_on, workers() - 1);
+}
+
 TEST_P(Fibers, AnExceptionEscapingAGoFiberIsReported) {
   ::testing::internal::CaptureStderr();
   Run([] {
@@ -405,6 +424,20 @@ void Recurse(int depth) {
   pad[0] = static_cast<char>(depth);
   if (depth > 0) Recurse(depth - 1);
   (void)pad[0];
+}
+
+// Stacks are bound when a fiber first runs, but the size is checked at
+// spawn: the spawner hears about it, not some worker later.
+TEST(FiberDeath, AStackSizeAboveTheLargestClassFailsAtSpawn) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(weft::run([] {
+                 std::fprintf(stderr, "spawning\n");
+                 (void)spawn([] {}, {.stack_size = std::size_t{1} << 30});
+                 std::fprintf(stderr, "spawned\n");
+               }),
+               // The line after "spawning" is the abort, not "spawned".
+               "spawning\n[^\n]*a stack of 1073741824 bytes was requested; the largest "
+               "class is 8388608 bytes");
 }
 
 TEST(FiberDeath, StackOverflowNamesTheFiberAndItsStackSize) {
