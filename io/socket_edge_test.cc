@@ -26,6 +26,7 @@ namespace {
 using namespace std::chrono_literals;
 using testing::Runtime;
 using testing::addr_of;
+using testing::connected_pair;
 using testing::expect_echo_of;
 using testing::spawn_echo_server;
 
@@ -34,9 +35,7 @@ WEFT_RUNTIME_TEST_SUITE(Sockets);
 
 TEST_P(Sockets, PeerResetMidReadIsAnError) {
   Run([&] {
-    auto ln = tcp_listener::bind("127.0.0.1:0").value();
-    auto c = tcp_stream::connect(addr_of(ln)).value();
-    auto s = ln.accept().value();
+    auto [c, s] = connected_pair();
     auto h = spawn([&] {
       char buf[16];
       auto r = c.read(buf, deadline(5s));
@@ -229,9 +228,7 @@ TEST_P(Sockets, TenThousandIdleConnectionsHoldNoReceiveBuffers) {
 
 TEST_P(Sockets, ReadPooledKeepsWorkingWhenThePoolRunsOut) {
   Run([&] {
-    auto ln = tcp_listener::bind("127.0.0.1:0").value();
-    auto c = tcp_stream::connect(addr_of(ln)).value();
-    auto s = ln.accept().value();
+    auto [c, s] = connected_pair();
     constexpr std::size_t kBytes = 1500 * 4096;  // more than one worker's pool
     auto w = spawn([&] {
       std::vector<char> out(kBytes);
@@ -258,9 +255,7 @@ TEST_P(Sockets, ReadPooledKeepsWorkingWhenThePoolRunsOut) {
 
 TEST_P(Sockets, PeerResetMidWriteIsAnError) {
   Run([&] {
-    auto ln = tcp_listener::bind("127.0.0.1:0").value();
-    auto c = tcp_stream::connect(addr_of(ln)).value();
-    auto s = ln.accept().value();
+    auto [c, s] = connected_pair();
     auto h = spawn([&] {
       // The peer never reads: this fills both socket buffers and parks.
       std::vector<char> chunk(1 << 20, 'w');

@@ -22,6 +22,7 @@ namespace {
 using namespace std::chrono_literals;
 using testing::Runtime;
 using testing::addr_of;
+using testing::connected_pair;
 using testing::spawn_echo_server;
 
 class Sockets : public Runtime {};
@@ -34,9 +35,7 @@ TEST_P(Sockets, RunsOnTheDriverThatWeftIoAsksFor) {
   io_stats st;
   Run([&] {
     got = sched::current_worker()->io()->name();
-    auto ln = tcp_listener::bind("127.0.0.1:0").value();
-    auto c = tcp_stream::connect(addr_of(ln)).value();
-    auto s = ln.accept().value();
+    auto [c, s] = connected_pair();
     ASSERT_TRUE(s.write_all({"x", 1}));
     char b;
     ASSERT_EQ(c.read({&b, 1}, deadline(5s)).value(), 1u);
@@ -176,9 +175,7 @@ TEST_P(Sockets, IoCompletesWhileAnotherFiberKeepsTheWorkerBusy) {
 
 TEST_P(Sockets, AReaderWhoseDataIsAlwaysThereStillLetsOthersRun) {
   Run([&] {
-    auto ln = tcp_listener::bind("127.0.0.1:0").value();
-    auto c = tcp_stream::connect(addr_of(ln)).value();
-    auto s = ln.accept().value();
+    auto [c, s] = connected_pair();
     constexpr std::size_t kBytes = 128 * 1024;  // fits the socket buffers: reads need not wait
     auto w = spawn([&] { ASSERT_TRUE(s.write_all(std::vector<char>(kBytes, 'd'), deadline(5s))); });
     (void)this_fiber::sleep_for(50ms);
@@ -243,9 +240,7 @@ TEST_P(Sockets, ReadvAndWritevMoveScatteredBuffers) {
 
 TEST_P(Sockets, ReadDeadlineFiresWithTimedOut) {
   Run([&] {
-    auto ln = tcp_listener::bind("127.0.0.1:0").value();
-    auto c = tcp_stream::connect(addr_of(ln)).value();
-    auto s = ln.accept().value();  // never writes
+    auto [c, s] = connected_pair();  // never writes
     char buf[16];
     auto t0 = clock::now();
     auto r = c.read(buf, deadline(100ms));
@@ -260,9 +255,7 @@ TEST_P(Sockets, ReadDeadlineFiresWithTimedOut) {
 
 TEST_P(Sockets, AFarReadDeadlineFiresToo) {
   Run([&] {
-    auto ln = tcp_listener::bind("127.0.0.1:0").value();
-    auto c = tcp_stream::connect(addr_of(ln)).value();
-    auto s = ln.accept().value();
+    auto [c, s] = connected_pair();
     char buf[16];
     // Beyond the driver's in-kernel timeout range: the scheduler's timer.
     auto r = c.read(buf, deadline(1200ms));
@@ -275,9 +268,7 @@ TEST_P(Sockets, AFarReadDeadlineFiresToo) {
 
 TEST_P(Sockets, StopCancelsAFiberParkedInRead) {
   Run([&] {
-    auto ln = tcp_listener::bind("127.0.0.1:0").value();
-    auto c = tcp_stream::connect(addr_of(ln)).value();
-    auto s = ln.accept().value();
+    auto [c, s] = connected_pair();
     auto h = spawn([&] {
       char buf[16];
       auto r = c.read(buf);

@@ -37,6 +37,17 @@ inline join_handle<void> spawn_echo_server(tcp_listener& ln) {
   }, {.name = "echo server"});
 }
 
+// Two ends of one loopback TCP connection: the connecting side and the
+// accepted side.
+struct tcp_pair {
+  tcp_stream client, server;
+};
+inline tcp_pair connected_pair() {
+  auto ln = tcp_listener::bind("127.0.0.1:0").value();
+  auto c = tcp_stream::connect(addr_of(ln)).value();
+  return {std::move(c), ln.accept().value()};
+}
+
 // Connects to an echo server at `addr`, sends `msg`, expects it back.
 inline void expect_echo_of(const std::string& addr, std::string_view msg) {
   using namespace std::chrono_literals;

@@ -61,8 +61,6 @@ namespace weft {
 
 namespace detail {
 
-struct wake_ticket;  // runtime/waiter.h
-
 // How the type-erased core moves elements of T.
 struct elem_ops {
   void (*move_construct)(void* dst, void* src);

@@ -135,17 +135,21 @@ void mutex::unlock() noexcept {
   wake_one();
 }
 
-void mutex::wake_one() noexcept {
-  detail::wake_ticket t;
-  lk_.lock();
+// lk_ held. Unlinks waiters from the front until one is claimed (the others
+// timed out or are being unwound); nwaiters_ counts every record unlinked.
+detail::waiter* mutex::pop_waiter(detail::wake_ticket& t) noexcept {
   while (detail::waiter* w = q_.head_) {
     detail::unlink(q_, w);
     nwaiters_.fetch_sub(1, std::memory_order_relaxed);  // relaxed: under lk_
-    if ((t = w->p->claim(detail::wake_reason::notified))) {
-      woken_.store(true, std::memory_order_seq_cst);  // see *Unlocking*
-      break;
-    }
+    if ((t = w->p->claim(detail::wake_reason::notified))) return w;
   }
+  return nullptr;
+}
+
+void mutex::wake_one() noexcept {
+  detail::wake_ticket t;
+  lk_.lock();
+  if (pop_waiter(t)) woken_.store(true, std::memory_order_seq_cst);  // see *Unlocking*
   lk_.unlock();
   detail::ready(t);
 }
@@ -154,17 +158,13 @@ void mutex::wake_one() noexcept {
 void mutex::hand_off() noexcept {
   detail::wake_ticket t;
   lk_.lock();
-  while (detail::waiter* w = q_.head_) {
-    detail::unlink(q_, w);
-    nwaiters_.fetch_sub(1, std::memory_order_relaxed);  // relaxed: under lk_
-    if ((t = w->p->claim(detail::wake_reason::notified))) {
-      w->handed = true;
-      if (q_.empty() || clock::now() - w->p->since < kStarvationThreshold)
-        starving_.store(false, std::memory_order_seq_cst);  // back to normal mode
-      lk_.unlock();
-      detail::ready(t);
-      return;
-    }
+  if (detail::waiter* w = pop_waiter(t)) {
+    w->handed = true;
+    if (q_.empty() || clock::now() - w->p->since < kStarvationThreshold)
+      starving_.store(false, std::memory_order_seq_cst);  // back to normal mode
+    lk_.unlock();
+    detail::ready(t);
+    return;
   }
   // Nobody to hand to: release normally. Under lk_, so no locker is
   // between its increment of nwaiters_ and its park.

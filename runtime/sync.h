@@ -59,6 +59,7 @@ class mutex {
   void lock_slow(const std::source_location& where);
   bool spin_then_try() noexcept;
   bool park_once(bool requeue, clock::time_point since, const std::source_location& where);
+  detail::waiter* pop_waiter(detail::wake_ticket& t) noexcept;
   void wake_one() noexcept;
   void hand_off() noexcept;
   std::atomic<std::uint32_t> state_{0};     // 1: locked; see runtime/mutex.cc

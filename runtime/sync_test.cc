@@ -239,9 +239,19 @@ struct wait_kind {
   std::function<result<void>(deadline d)> wait;
 };
 
-std::vector<wait_kind> AllWaits(channel<int>& ch, channel<int>& full, mutex& mu,
-                                condition_variable& cv, semaphore& sem, latch& l,
-                                wait_group& wg) {
+// Something of each kind to wait on, none of which will be satisfied.
+struct unsatisfiable_waits {
+  channel<int> ch{0}, full{0};
+  mutex mu;
+  condition_variable cv;
+  semaphore sem{0};
+  latch l{1};
+  wait_group wg;
+  unsatisfiable_waits() { wg.add(1); }
+  std::vector<wait_kind> all();
+};
+
+std::vector<wait_kind> unsatisfiable_waits::all() {
   return {
       {"chan recv",
        [&](deadline d) -> result<void> {
@@ -272,14 +282,8 @@ std::vector<wait_kind> AllWaits(channel<int>& ch, channel<int>& full, mutex& mu,
 
 TEST_P(Sync, AStopRequestWakesEveryKindOfWaitWithOperationCanceled) {
   Run([] {
-    channel<int> ch(0), full(0);
-    mutex mu;
-    condition_variable cv;
-    semaphore sem(0);
-    latch l(1);
-    wait_group wg;
-    wg.add(1);
-    for (auto& k : AllWaits(ch, full, mu, cv, sem, l, wg)) {
+    unsatisfiable_waits w;
+    for (auto& k : w.all()) {
       auto h = spawn([&] { return k.wait(deadline::never()); });
       (void)this_fiber::sleep_for(2ms);
       h.request_stop();
@@ -292,14 +296,8 @@ TEST_P(Sync, AStopRequestWakesEveryKindOfWaitWithOperationCanceled) {
 
 TEST_P(Sync, ADeadlineWakesEveryKindOfWaitWithTimedOut) {
   Run([] {
-    channel<int> ch(0), full(0);
-    mutex mu;
-    condition_variable cv;
-    semaphore sem(0);
-    latch l(1);
-    wait_group wg;
-    wg.add(1);
-    for (auto& k : AllWaits(ch, full, mu, cv, sem, l, wg)) {
+    unsatisfiable_waits w;
+    for (auto& k : w.all()) {
       if (std::string_view(k.name) == "sleep") continue;  // a sleep's deadline is success
       auto t0 = clock::now();
       result<void> r = k.wait(deadline(3ms));

@@ -17,7 +17,8 @@
 
 namespace weft::detail {
 
-struct waiter;  // runtime/waiter.h
+struct waiter;       // runtime/waiter.h
+struct wake_ticket;  // runtime/waiter.h
 
 struct wait_list {
   waiter* head_ = nullptr;  // guarded by the owner's spinlock
