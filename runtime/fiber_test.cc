@@ -140,6 +140,43 @@ TEST_P(Fibers, AFiberWokenBehindALongComputationIsTakenOver) {
   EXPECT_TRUE(ran_in_parallel) << "the woken fiber waited for its waker to park";
 }
 
+// A fiber sleeping on a worker whose next fiber then computes for seconds:
+// the sleep's timer is in that worker's heap, which the worker does not
+// look at while it computes. Another worker fires it (steal_timers), so the
+// sleeper wakes about on time instead of when the computation ends.
+TEST_P(Fibers, ASleeperBehindALongComputationWakesOnTime) {
+  if (workers() < 2) GTEST_SKIP() << "needs a second worker";
+  std::chrono::steady_clock::duration slept{};
+  unsigned slept_on = ~0u, hogged = ~0u;
+  std::uint64_t timer_steals = 0;
+  Run([&] {
+    auto sleeper = spawn([&] {
+      std::atomic<bool> woke{false};
+      slept_on = this_fiber::worker_index();
+      // Pinned here, so it cannot be taken over itself; it runs when the
+      // sleeper parks, after the sleep's timer is armed on this worker.
+      auto hog = spawn([&] {
+        hogged = this_fiber::worker_index();
+        auto until = std::chrono::steady_clock::now() + 5s;
+        while (!woke.load(std::memory_order_acquire) &&
+               std::chrono::steady_clock::now() < until) {
+        }
+      }, {.pinned = true});
+      auto t0 = std::chrono::steady_clock::now();
+      (void)this_fiber::sleep_for(30ms);
+      slept = std::chrono::steady_clock::now() - t0;
+      woke.store(true, std::memory_order_release);
+      hog.join();
+    });
+    sleeper.join();
+    timer_steals = weft::stats().timer_steals;
+  });
+  ASSERT_EQ(slept_on, hogged) << "the scenario needs both on one worker";
+  EXPECT_LT(slept, 2s) << "the sleeper waited for the computation to end";
+  EXPECT_GE(slept, 30ms);
+  EXPECT_GE(timer_steals, 1u);
+}
+
 TEST_P(Fibers, PinnedFibersNeverChangeWorker) {
   std::atomic<int> moved{0};
   Run([&] {

@@ -172,6 +172,7 @@ runtime_stats stats() {
   r.wakeups = s.wakeups;
   r.lifo_runs = s.lifo_runs;
   r.inject_pops = s.inject_pops;
+  r.timer_steals = s.timer_steals;
   r.live_fibers = s.live_fibers;
   r.stacks_live = s.stacks.live;
   r.stacks_cached = s.stacks.cached;

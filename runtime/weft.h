@@ -97,6 +97,9 @@ struct runtime_stats {
   std::vector<worker_stats> workers;
   std::uint64_t spawned = 0, parks = 0, yields = 0, sleeps = 0, wakeups = 0,
                 lifo_runs = 0, inject_pops = 0, live_fibers = 0;
+  // Fibers woken by timers that another worker fired for a worker stuck in
+  // one fiber (see "Fibers are not preempted" in README.md).
+  std::uint64_t timer_steals = 0;
   std::uint64_t stacks_live = 0, stacks_cached = 0, stack_bytes_reserved = 0,
                 stacks_returned_to_os = 0;
   std::string stack_guard;  // "madvise_guard", "mprotect" or "canary"

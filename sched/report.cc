@@ -113,6 +113,7 @@ scheduler_stats scheduler::stats() const {
     st.wakeups += get(c.wakeups);
     st.lifo_runs += get(c.lifo_runs);
     st.inject_pops += get(c.inject_pops);
+    st.timer_steals += get(c.timer_steals);
   }
   st.live_fibers = live();
   st.stacks = stacks_.stats();

@@ -159,12 +159,13 @@ void scheduler::join() {
 // A thread that looks at every worker each monitor_period (Go's sysmon,
 // in small). A worker that has run the same fiber since the previous look
 // is stuck in it: a fiber computing without parking. Then
-//   - if fibers wait on that worker that another could take (its queue, or
-//     an unpinned fiber in its LIFO slot), an idle worker is woken to take
-//     them (steal() / steal_lifo()): without this, with every other worker
-//     asleep, they would wait for the stuck fiber to park;
+//   - if fibers wait on that worker that another could take (its queue, an
+//     unpinned fiber in its LIFO slot, or overdue timers), an idle worker
+//     is woken to take them (steal(), steal_lifo(), steal_timers()):
+//     without this, with every other worker asleep, they would wait for the
+//     stuck fiber to park;
 //   - once the same fiber has run for hog_warning, it is reported once on
-//     stderr: its worker's timers and I/O wait for it too.
+//     stderr: its worker's I/O waits for it too.
 // The monitor touches workers only through atomics (counters, LIFO slot,
 // queue indices, running_id_); the one fiber it reads, a hog it reports,
 // it finds under the registry's locks. It costs one wake-up per period;
@@ -172,16 +173,36 @@ void scheduler::join() {
 
 void scheduler::monitor() {
   std::unique_lock lk(monitor_mu_);
+  bool woken = false;  // the last doze was cut short
   // acquire: pairs with request_exit().
   while (!exit_.load(std::memory_order_acquire)) {
-    // relaxed: a hint for the period only.
-    bool all_idle = nidle_.load(std::memory_order_relaxed) == worker_count();
-    monitor_cv_.wait_for(lk, all_idle ? 10 * opts_.monitor_period : opts_.monitor_period);
+    // A doze cut short by a worker is followed by a normal period: at most
+    // one such wake-up per period (see wake_dozing_monitor()). relaxed
+    // (nidle_): a hint for the period only.
+    bool doze = !woken && nidle_.load(std::memory_order_relaxed) == worker_count();
+    monitor_dozing_.store(doze, std::memory_order_relaxed);  // see the member
+    monitor_cv_.wait_for(lk, doze ? 10 * opts_.monitor_period : opts_.monitor_period);
+    woken = doze && !monitor_dozing_.exchange(false, std::memory_order_relaxed);
     if (exit_.load(std::memory_order_acquire)) break;
     lk.unlock();  // the checks take idle_mu_; never both
     for (auto& w : workers_) check_worker(*w);
     lk.lock();
   }
+}
+
+// A worker that wakes while the monitor dozes would otherwise be watched
+// only after up to ten periods: a fiber that starts to compute right after
+// an idle spell would hold its worker's queue and timers that long. Costs
+// a relaxed load per wake-up, and one notify per doze. No lost wake-up:
+// the monitor sets the flag and starts waiting without releasing
+// monitor_mu_, so a notifier that saw the flag and then takes the mutex
+// finds it waiting.
+void scheduler::wake_dozing_monitor() noexcept {
+  if (!monitor_dozing_.load(std::memory_order_relaxed) ||
+      !monitor_dozing_.exchange(false, std::memory_order_relaxed))
+    return;
+  { std::lock_guard g(monitor_mu_); }
+  monitor_cv_.notify_one();
 }
 
 void scheduler::check_worker(worker& w) {
@@ -195,7 +216,8 @@ void scheduler::check_worker(worker& w) {
     return;
   }
   ++w.mon_periods_;
-  if (w.has_stealable_work()) wake_idle_worker(/*fenced=*/true);
+  if (w.has_stealable_work() || w.has_overdue_timers(clock::now()))
+    wake_idle_worker(/*fenced=*/true);
   auto ran = w.mon_periods_ * opts_.monitor_period;
   if (opts_.hog_warning.count() > 0 && ran >= opts_.hog_warning && w.mon_warned_id_ != id) {
     w.mon_warned_id_ = id;
@@ -220,8 +242,8 @@ void scheduler::report_hog(std::uint64_t id, std::chrono::milliseconds ran, unsi
   int n = std::snprintf(
       msg, sizeof msg,
       "weft: fiber %llu \"%s\" (%s) has run for %lld ms on worker %u without "
-      "parking or yielding; fibers queued there wait (idle workers take them "
-      "over), and that worker's timers and I/O are late. Yield in long loops "
+      "parking or yielding; the fibers queued there and the timers due there "
+      "are taken over by other workers, but its I/O waits. Yield in long loops "
       "(weft::this_fiber::yield()) or move the work to weft::blocking().\n",
       static_cast<unsigned long long>(id), name, site, static_cast<long long>(ran.count()),
       worker);

@@ -68,7 +68,7 @@ struct scheduler_stats {
   std::vector<std::uint64_t> fibers_run;  // per worker
   std::vector<std::uint64_t> steals;      // fibers taken from others, per worker
   std::uint64_t spawned = 0, parks = 0, yields = 0, sleeps = 0, wakeups = 0,
-                lifo_runs = 0, inject_pops = 0;
+                lifo_runs = 0, inject_pops = 0, timer_steals = 0;
   std::uint64_t live_fibers = 0;
   alloc::stack_pool_stats stacks;
   std::string driver;
@@ -161,6 +161,7 @@ class scheduler {
   worker* pop_idle() noexcept;
   bool report_deadlock_if_stuck(worker& last) noexcept;  // under idle_mu_
   void monitor();
+  void wake_dozing_monitor() noexcept;  // any worker
   void check_worker(worker& w);
   void report_hog(std::uint64_t id, std::chrono::milliseconds ran, unsigned worker);
 
@@ -178,11 +179,16 @@ class scheduler {
   std::atomic<bool> unwinding_{false};
   std::atomic<bool> exit_{false};
 
-  // The monitor thread: sleeps on monitor_cv_ for monitor_period at a time;
-  // request_exit() wakes it to leave.
+  // The monitor thread: sleeps on monitor_cv_ for monitor_period at a time
+  // (ten while every worker is idle: it "dozes"); request_exit() wakes it
+  // to leave, and a worker waking from idle wakes a dozing monitor
+  // (wake_dozing_monitor()).
   std::thread monitor_;
   std::mutex monitor_mu_;
   std::condition_variable monitor_cv_;
+  // Set by the monitor under monitor_mu_ before a long wait, cleared by
+  // whoever wakes it (relaxed: monitor_mu_ orders the wait and the notify).
+  std::atomic<bool> monitor_dozing_{false};
 
   fiber_registry registry_;  // shards: one per worker, then the plain threads
   const std::uint64_t run_id_;

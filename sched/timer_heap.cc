@@ -20,11 +20,24 @@ timer_heap::~timer_heap() {
 }
 
 timer_node* timer_heap::arm(clock::time_point deadline, wake_token t) {
-  auto* n = new timer_node;
+  auto* n = new timer_node;  // outside the lock
   n->token = t;
   n->owner = this;
+  lock_.lock();
   push({deadline, n});
+  publish_snapshot();
+  lock_.unlock();
   return n;
+}
+
+void timer_heap::publish_snapshot() noexcept {
+  // relaxed: snapshots (see next_deadline()); the heap itself is read only
+  // under lock_.
+  next_due_.store((heap_.empty() ? clock::time_point::max() : heap_.front().when)
+                      .time_since_epoch()
+                      .count(),
+                  std::memory_order_relaxed);
+  size_.store(heap_.size(), std::memory_order_relaxed);
 }
 
 fiber* timer_heap::fire(timer_node* n) noexcept {

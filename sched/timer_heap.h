@@ -7,25 +7,40 @@
 // they are the majority.
 //
 // The timer handshake (why a node is freed by two different parties):
-//   node state: armed -> firing -> fired     (the worker fires it)
+//   node state: armed -> firing -> fired     (a worker fires it)
 //               armed -> cancelled           (the fiber cancels it)
-//   - The worker CASes armed->firing, calls claim(token, timed_out), then
-//     stores fired. It never touches the node again: the fiber frees it.
+//   - The firing worker (the owner, or a thief; see below) pops the node
+//     under the heap's lock, CASes armed->firing, calls
+//     claim(token, timed_out), then stores fired. It never touches the node again: the fiber frees it.
 //   - The fiber, after resuming, CASes armed->cancelled; on success the heap
 //     frees the node later. Otherwise it waits until `fired` (the worker is
 //     inside a few instructions) and frees it. This is what makes claim()
 //     on the node's token safe: the fiber cannot finish its cleanup, and so
 //     cannot exit, while the worker is firing.
 //
+// Taking over a stuck worker's timers: a worker whose fiber computes
+// without parking fires none of its timers, so another worker fires the
+// overdue ones for it (worker::steal_timers; Go's stealWork runs other Ps'
+// timers the same way). The heap is therefore guarded by a spinlock that
+// the owner takes to arm and fire (uncontended but for a thief, ~5 ns),
+// and a thief only tries. next_deadline() and size() are snapshots
+// published under the lock, readable without it.
+//
 // Who calls what:
-//   arm(), fire_expired(), next_deadline(), size()   the owning worker
-//   finish()                                          the parked fiber, once
+//   arm()                        the owning worker
+//   fire_expired()               the owning worker; a thief with try_only
+//   next_deadline(), size()      any thread (snapshots; the owner never sees
+//                                a later deadline or a smaller size than the
+//                                truth, since only the owner adds: it may
+//                                wake early, never late)
+//   finish()                     the parked fiber, once
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 #include <vector>
 
+#include "alloc/spinlock.h"
 #include "sched/park.h"
 
 namespace weft::sched {
@@ -48,14 +63,18 @@ class timer_heap {
 
   timer_node* arm(clock::time_point deadline, wake_token t);
   // Fires every node whose deadline is <= now; claimed fibers are passed to
-  // on_ready. Returns how many fibers it claimed.
+  // on_ready (under the heap's lock: keep it short). Returns how many
+  // fibers it claimed. With try_only, gives up at once if the lock is held.
   template <typename F>
-  unsigned fire_expired(clock::time_point now, F&& on_ready);
-  // The earliest deadline, or time_point::max() if none.
-  clock::time_point next_deadline() const {
-    return heap_.empty() ? clock::time_point::max() : heap_.front().when;
+  unsigned fire_expired(clock::time_point now, F&& on_ready, bool try_only = false);
+  // The earliest deadline, or time_point::max() if none (a snapshot).
+  clock::time_point next_deadline() const noexcept {
+    // relaxed: a snapshot published under lock_; see *Who calls what*.
+    return clock::time_point(clock::duration(next_due_.load(std::memory_order_relaxed)));
   }
-  std::size_t size() const { return heap_.size(); }
+  std::size_t size() const noexcept {
+    return size_.load(std::memory_order_relaxed);  // relaxed: as next_deadline()
+  }
 
   // The fiber's side of the handshake; frees or hands over the node.
   static void finish(timer_node* n) noexcept;
@@ -71,15 +90,26 @@ class timer_heap {
   void sift_down(std::size_t i);
   void compact();
   fiber* fire(timer_node* n) noexcept;
+  void publish_snapshot() noexcept;  // under lock_
 
-  std::vector<entry> heap_;
+  spinlock lock_;
+  std::vector<entry> heap_;  // guarded by lock_
+  // Snapshots of heap_'s top deadline and size, stored under lock_.
+  std::atomic<clock::rep> next_due_{clock::time_point::max().time_since_epoch().count()};
+  std::atomic<std::size_t> size_{0};
   // Cancelled nodes still in heap_; incremented by fibers on any thread
   // (relaxed: a compaction heuristic; may lag or lead by a few).
   std::atomic<std::ptrdiff_t> cancelled_{0};
 };
 
 template <typename F>
-unsigned timer_heap::fire_expired(clock::time_point now, F&& on_ready) {
+unsigned timer_heap::fire_expired(clock::time_point now, F&& on_ready, bool try_only) {
+  if (next_deadline() > now) return 0;  // the common case: nothing due, no lock
+  if (try_only) {
+    if (!lock_.try_lock()) return 0;
+  } else {
+    lock_.lock();
+  }
   unsigned n = 0;
   while (!heap_.empty() && heap_.front().when <= now) {
     entry e = pop();
@@ -91,6 +121,8 @@ unsigned timer_heap::fire_expired(clock::time_point now, F&& on_ready) {
   // relaxed: a heuristic; a stale count only moves the compaction.
   std::ptrdiff_t dead = cancelled_.load(std::memory_order_relaxed);
   if (dead > 64 && static_cast<std::size_t>(dead) * 2 > heap_.size()) compact();
+  publish_snapshot();
+  lock_.unlock();
   return n;
 }
 

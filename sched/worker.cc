@@ -14,7 +14,8 @@
 //   3. the inject queue; a non-blocking poll of the driver;
 //   4. stealing half of another worker's queue, nearest victims first (a
 //      lone queued fiber only after kLoneStealDelay), or the fiber in the
-//      LIFO slot of a worker stuck in one fiber (steal_lifo());
+//      LIFO slot of a worker stuck in one fiber (steal_lifo()), or the
+//      overdue timers of such a worker (steal_timers());
 //   5. sleeping in the driver until the next timer or a wake.
 //
 // *Spinning* (no lost wake-up, no thundering herd)
@@ -69,6 +70,8 @@ constexpr std::size_t kHandoffMinStack = 8 * 1024;
 constexpr auto kLoneStealDelay = std::chrono::microseconds(100);
 // See steal_lifo().
 constexpr auto kLifoStealDelay = std::chrono::microseconds(20);
+// See steal_timers().
+constexpr auto kTimerStealDelay = std::chrono::microseconds(200);
 // A busy worker still polls its driver this often, so I/O completions are
 // not held back by a long queue of runnable fibers.
 constexpr std::uint32_t kPollInterval = 61;
@@ -394,6 +397,39 @@ void worker::fire_timers() {
   timers_.fire_expired(clock::now(), [this](fiber* f) { push_local(f); });
 }
 
+bool worker::has_overdue_timers(clock::time_point now) const noexcept {
+  return timers_.next_deadline() <= now - kTimerStealDelay;
+}
+
+// A worker stuck in one fiber (computing without parking) fires none of
+// its timers: a sleep, a deadline or select's weft::after on it would wait
+// for that fiber to park, however long. So a thief fires the timers that
+// are overdue by kTimerStealDelay — more than a worker that gets back to
+// its loop ever leaves them, even one that was asleep and woke late — and
+// runs the fibers they wake (pinned ones go home). The monitor wakes an
+// idle worker for this when no one spins. The heap's lock is only tried:
+// an owner holding it is not stuck.
+fiber* worker::steal_timers(worker& victim) noexcept {
+  clock::time_point now = clock::now();
+  if (!victim.has_overdue_timers(now)) return nullptr;
+  fiber* first = nullptr;
+  unsigned n = victim.timers_.fire_expired(
+      now,
+      [&](fiber* f) {
+        if (f->home_ && f->home_ != this)
+          f->home_->push_inbox(f);
+        else if (!first)
+          first = f;
+        else
+          push_local(f);
+      },
+      /*try_only=*/true);
+  if (n == 0) return first;
+  worker_counters::bump(counters_.timer_steals, n);
+  if (n > 1) sched_.wake_idle_worker();  // more than we run next
+  return first;
+}
+
 // ---- Stealing and spinning ----------------------------------------------------
 
 bool worker::try_spin() noexcept {
@@ -433,6 +469,7 @@ fiber* worker::steal() {
           }
         }
         if (fiber* f = steal_lifo(v, victim)) return f;
+        if (fiber* f = steal_timers(victim)) return f;
       }
     }
     if (fiber* f = take_inject()) return f;
@@ -552,6 +589,7 @@ void worker::sleep() {
     }
   }
   worker_counters::bump(counters_.wakeups);
+  sched_.wake_dozing_monitor();
 }
 
 // A yield is a trip through the loop; when that trip would find no other

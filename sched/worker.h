@@ -43,7 +43,7 @@ class scheduler;
 // any thread without a lock.
 struct worker_counters {
   std::atomic<std::uint64_t> fibers_run{0}, steals{0}, spawned{0}, parks{0},
-      yields{0}, sleeps{0}, wakeups{0}, lifo_runs{0}, inject_pops{0};
+      yields{0}, sleeps{0}, wakeups{0}, lifo_runs{0}, inject_pops{0}, timer_steals{0};
   static void bump(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) {
     c.store(c.load(std::memory_order_relaxed) + n,
             std::memory_order_relaxed);  // relaxed: statistic, single writer
@@ -120,6 +120,8 @@ class worker {
   fiber* take_handoff(const fiber* from) noexcept;
   fiber* take_lifo() noexcept;
   fiber* steal_lifo(unsigned v, worker& victim) noexcept;
+  fiber* steal_timers(worker& victim) noexcept;
+  bool has_overdue_timers(clock::time_point now) const noexcept;  // any thread
   static void finish_after_park(fiber* f, std::uint64_t gen) noexcept;
   void push_local(fiber* f) noexcept;
   void drain_inbox() noexcept;
