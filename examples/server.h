@@ -3,7 +3,10 @@
 //   --port N     (127.0.0.1 only)
 //   --workers N  (0 or absent: one per processing unit)
 //   --idle S     (servers that drop silent peers: after S seconds)
+// and how they stop: SIGINT or SIGTERM shuts them down gracefully.
 #pragma once
+
+#include <signal.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -51,10 +54,12 @@ inline bool parse_flags(int argc, char** argv, flags& f) {
 }
 
 // Inside weft::run: listens on 127.0.0.1:f.port and starts a copy of
-// on_conn(stream) on a fiber of its own for every connection, each on the next worker in
-// turn (connections spread evenly; only this fiber waits in accept, so no
-// thundering herd). Returns the exit status: 1 if bind fails, 0 once the
-// fiber is asked to stop.
+// on_conn(stream) on a fiber of its own for every connection, each on the
+// next worker in turn (connections spread evenly; only one fiber waits in
+// accept, so no thundering herd). On SIGINT or SIGTERM it stops accepting
+// and returns 0; weft::run then unwinds the connections' fibers, whose
+// destructors close their sockets (a graceful shutdown). Returns 1 if bind
+// fails.
 template <typename F>
 int listen_and_serve(const char* who, const flags& f, F on_conn) {
   using namespace std::chrono_literals;
@@ -63,21 +68,37 @@ int listen_and_serve(const char* who, const flags& f, F on_conn) {
     std::fprintf(stderr, "%s: bind 127.0.0.1:%d: %s\n", who, f.port, ln.error().message().c_str());
     return 1;
   }
+  // Watched before the first connection, so a signal never finds the
+  // default disposition (which would kill the process mid-write).
+  auto stop = weft::signal_set::watch({SIGINT, SIGTERM});
+  if (!stop)
+    std::fprintf(stderr, "%s: SIGINT/SIGTERM not handled: %s\n", who,
+                 stop.error().message().c_str());
   std::fprintf(stderr, "%s: listening on 127.0.0.1:%d\n", who, f.port);
-  for (int next = 0;;) {
-    auto c = ln->accept();
-    if (!c) {
-      if (c.error() == std::errc::operation_canceled) return 0;
-      // EMFILE and friends: the listener keeps working. Give the other
-      // fibers a moment to close descriptors instead of spinning.
-      (void)weft::this_fiber::sleep_for(1ms);
-      continue;
+  auto acceptor = weft::spawn([&] {
+    for (int next = 0;;) {
+      auto c = ln->accept();
+      if (!c) {
+        if (c.error() == std::errc::operation_canceled) return;
+        // EMFILE and friends: the listener keeps working. Give the other
+        // fibers a moment to close descriptors instead of spinning.
+        (void)weft::this_fiber::sleep_for(1ms);
+        continue;
+      }
+      weft::spawn([c = std::move(*c), on_conn]() mutable { on_conn(std::move(c)); },
+                  {.name = who, .worker = next})
+          .detach();
+      next = (next + 1) % int(weft::worker_count());
     }
-    weft::spawn([c = std::move(*c), on_conn]() mutable { on_conn(std::move(c)); },
-                {.name = who, .worker = next})
-        .detach();
-    next = (next + 1) % int(weft::worker_count());
+  }, {.name = "acceptor"});
+  if (stop) {
+    auto sig = stop->wait();
+    if (sig)
+      std::fprintf(stderr, "%s: SIG%s, shutting down\n", who, sigabbrev_np(*sig));
+    acceptor.request_stop();
   }
+  acceptor.join();
+  return 0;
 }
 
 }  // namespace examples

@@ -75,6 +75,9 @@ enum class op_kind : std::uint8_t {
   fsync,     // fd, flags (nonzero: data only, as fdatasync)
   openat,    // buf (a NUL-terminated path), flags, offset (the mode); AT_FDCWD
   close,     // fd
+  read,      // fd, buf, len: read(2) on a pollable fd left in blocking mode
+             // with a single reader (weft's signal eventfds): io_uring polls
+             // it on every kernel; epoll reads only once poll(2) says ready
 };
 
 struct op {

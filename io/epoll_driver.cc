@@ -29,6 +29,7 @@
 //   perform(), poll(), flush(), wait(), pending()   owner thread
 //   wake(), cancel(), evict()                       any thread
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -115,6 +116,15 @@ int try_once(const op& o) {
       r = ::close(o.fd);
       if (r < 0 && errno == EINTR) r = 0;  // Linux closed it anyway
       break;
+    case op_kind::read: {
+      // The fd stays in blocking mode (io_uring needs that on older
+      // kernels), so read only once it is readable; its single reader is us.
+      pollfd p{.fd = o.fd, .events = POLLIN, .revents = 0};
+      r = ::poll(&p, 1, 0);
+      if (r == 0) return -EAGAIN;
+      if (r > 0) r = ::read(o.fd, o.buf, o.len);
+      break;
+    }
   }
   if (r < 0) return -errno;  // errno read right after the call
   return static_cast<int>(r);

@@ -254,6 +254,9 @@ void uring_driver::prep(io_uring_sqe* sqe, const op& o) {
     case op_kind::close:
       io_uring_prep_close(sqe, o.fd);
       break;
+    case op_kind::read:
+      io_uring_prep_read(sqe, o.fd, o.buf, len, ~std::uint64_t{0});  // -1: no offset
+      break;
   }
 }
 

@@ -45,8 +45,23 @@ class server {
     EXPECT_EQ(::posix_spawn(&pid_, bin.c_str(), nullptr, nullptr, const_cast<char**>(argv), environ), 0);
   }
   ~server() {
+    if (pid_ < 0) return;
     ::kill(pid_, SIGKILL);
     ::waitpid(pid_, nullptr, 0);
+  }
+  // Sends `sig` and waits up to 10 s for the exit: the wait status, or -1
+  // if it did not exit (it is killed then).
+  int stop_with(int sig) {
+    ::kill(pid_, sig);
+    for (int i = 0; i < 1000; ++i) {
+      int status = 0;
+      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return status;
+      }
+      std::this_thread::sleep_for(10ms);
+    }
+    return -1;
   }
   // A connected client socket, retrying while the server starts.
   int connect() const {
@@ -119,6 +134,27 @@ TEST(ChatServer, ASilentPeerIsDisconnectedAfterTheIdleTimeout) {
   EXPECT_EQ(n, 0) << "expected the server to end the connection";
   EXPECT_GE(std::chrono::steady_clock::now() - t0, 500ms);
   ::close(s);
+}
+
+// SIGTERM (and SIGINT) stop the server gracefully: it stops accepting,
+// unwinds its connection fibers, whose sockets close, and exits with 0.
+TEST(ChatServer, SigtermShutsTheServerDownCleanly) {
+  for (int sig : {SIGTERM, SIGINT}) {
+    server srv(free_port(), "60");
+    int s = srv.connect();
+    ASSERT_GE(s, 0);
+    ASSERT_TRUE(read_until(s, "joined\n"));
+    int status = srv.stop_with(sig);
+    ASSERT_NE(status, -1) << "the server did not exit on signal " << sig;
+    ASSERT_TRUE(WIFEXITED(status)) << "killed by signal " << WTERMSIG(status);
+    EXPECT_EQ(WEXITSTATUS(status), 0);
+    char tmp[64];
+    ssize_t n;
+    while ((n = ::recv(s, tmp, sizeof tmp, 0)) > 0) {
+    }
+    EXPECT_EQ(n, 0) << "the connection should end with EOF";
+    ::close(s);
+  }
 }
 
 }  // namespace

@@ -1,0 +1,186 @@
+// io/signal_test.cc — weft::signal_set: fibers and plain threads waiting
+// for signals sent to the process, every watcher seeing each delivery,
+// deadlines and stop requests, refused signals, and the previous
+// disposition restored. Runs on both drivers (see io/BUILD.bazel) over
+// worker counts {1, 2, 4}.
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <thread>
+
+#include "runtime/net.h"
+#include "runtime/sync.h"
+#include "runtime/weft.h"
+#include "tests/fixture.h"
+
+namespace weft {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::Runtime;
+
+class Signals : public Runtime {};
+WEFT_RUNTIME_TEST_SUITE(Signals);
+
+// Sends `sig` to the process from a plain thread that never touched the
+// runtime, after `delay`: the waiting fiber is all the runtime has, and it
+// must count as I/O in flight (no deadlock report).
+std::thread send_later(int sig, std::chrono::milliseconds delay) {
+  return std::thread([=] {
+    std::this_thread::sleep_for(delay);
+    ::kill(::getpid(), sig);
+  });
+}
+
+struct sigaction disposition_of(int sig) {
+  struct sigaction sa {};
+  ::sigaction(sig, nullptr, &sa);
+  return sa;
+}
+
+TEST_P(Signals, AFiberWaitsForASignalSentByAnotherThread) {
+  Run([&] {
+    auto set = signal_set::watch({SIGUSR1, SIGUSR2});
+    ASSERT_TRUE(set) << set.error().message();
+    std::thread t = send_later(SIGUSR2, 50ms);
+    auto s = set->wait();
+    t.join();
+    ASSERT_TRUE(s) << s.error().message();
+    EXPECT_EQ(*s, SIGUSR2);
+  });
+}
+
+TEST_P(Signals, EachDeliveryIsReturnedOnceAndThenWaitTimesOut) {
+  Run([&] {
+    auto set = signal_set::watch({SIGUSR1, SIGUSR2});
+    ASSERT_TRUE(set);
+    // raise() sends to the calling thread, which does not block the
+    // signal: each is handled before raise returns, so none is merged.
+    ASSERT_EQ(::raise(SIGUSR1), 0);
+    ASSERT_EQ(::raise(SIGUSR2), 0);
+    ASSERT_EQ(::raise(SIGUSR1), 0);
+    int usr1 = 0, usr2 = 0;
+    for (int i = 0; i < 3; ++i) {
+      auto s = set->wait(deadline(5s));
+      ASSERT_TRUE(s) << s.error().message();
+      (*s == SIGUSR1 ? usr1 : usr2) += 1;
+    }
+    EXPECT_EQ(usr1, 2);
+    EXPECT_EQ(usr2, 1);
+    auto t0 = std::chrono::steady_clock::now();
+    auto none = set->wait(deadline(30ms));
+    ASSERT_FALSE(none);
+    EXPECT_EQ(none.error(), std::errc::timed_out);
+    EXPECT_GE(std::chrono::steady_clock::now() - t0, 30ms);
+    auto again = set->try_wait();
+    ASSERT_FALSE(again);
+    EXPECT_EQ(again.error(), std::errc::resource_unavailable_try_again);
+  });
+}
+
+TEST_P(Signals, EveryWatcherSeesEachDelivery) {
+  Run([&] {
+    constexpr int kWatchers = 8;
+    std::vector<join_handle<int>> hs;
+    weft::latch watching(kWatchers);
+    for (int i = 0; i < kWatchers; ++i)
+      hs.push_back(spawn([&] {
+        auto set = signal_set::watch({SIGUSR1});
+        watching.count_down();
+        if (!set) return -1;
+        auto s = set->wait(deadline(10s));
+        return s ? *s : -2;
+      }));
+    watching.wait();
+    std::thread t = send_later(SIGUSR1, 20ms);
+    for (auto& h : hs) EXPECT_EQ(h.join(), SIGUSR1);
+    t.join();
+  });
+}
+
+TEST_P(Signals, AStopRequestWakesAWaitingFiber) {
+  Run([&] {
+    auto waiter = spawn([] {
+      auto set = signal_set::watch({SIGUSR1});
+      if (!set) return std::error_code();
+      auto s = set->wait();
+      return s ? std::error_code() : s.error();
+    });
+    (void)this_fiber::sleep_for(20ms);
+    waiter.request_stop();
+    EXPECT_EQ(waiter.join(), std::errc::operation_canceled);
+  });
+}
+
+TEST_P(Signals, APlainThreadCanWaitToo) {
+  Run([&] {
+    auto set = signal_set::watch({SIGUSR1});
+    ASSERT_TRUE(set);
+    int got = 0;
+    std::thread waiter([&] {
+      auto s = set->wait(deadline(10s));
+      got = s ? *s : -1;
+    });
+    std::thread t = send_later(SIGUSR1, 30ms);
+    t.join();
+    waiter.join();
+    EXPECT_EQ(got, SIGUSR1);
+  });
+}
+
+TEST_P(Signals, SignalsThatCannotBeWaitedForAreRefused) {
+  Run([&] {
+    for (int sig : {0, -1, 65, SIGKILL, SIGSTOP, SIGSEGV, SIGBUS, SIGILL, SIGFPE}) {
+      auto set = signal_set::watch({SIGUSR1, sig});
+      ASSERT_FALSE(set) << sig;
+      EXPECT_EQ(set.error(), std::errc::invalid_argument) << sig;
+    }
+    auto empty = signal_set::watch({});
+    ASSERT_FALSE(empty);
+    EXPECT_EQ(empty.error(), std::errc::invalid_argument);
+    // A refusal changed no disposition.
+    EXPECT_EQ(disposition_of(SIGUSR1).sa_handler, SIG_DFL);
+  });
+}
+
+TEST_P(Signals, TheLastSetGoneRestoresThePreviousDisposition) {
+  struct sigaction ignore {};
+  ignore.sa_handler = SIG_IGN;
+  struct sigaction before {};
+  ASSERT_EQ(::sigaction(SIGUSR2, &ignore, &before), 0);
+  Run([&] {
+    {
+      auto a = signal_set::watch({SIGUSR2});
+      auto b = signal_set::watch({SIGUSR2});
+      ASSERT_TRUE(a && b);
+      EXPECT_NE(disposition_of(SIGUSR2).sa_handler, SIG_IGN);
+      a = std::move(*b);  // a's old set goes; b's lives on in a
+      EXPECT_NE(disposition_of(SIGUSR2).sa_handler, SIG_IGN);
+    }
+    EXPECT_EQ(disposition_of(SIGUSR2).sa_handler, SIG_IGN);
+  });
+  ::sigaction(SIGUSR2, &before, nullptr);
+}
+
+TEST_P(Signals, SixtyFiveSetsAtOnceFailWithENOSPC) {
+  Run([&] {
+    std::vector<signal_set> sets;
+    std::error_code last;
+    for (int i = 0; i < 65; ++i) {
+      auto s = signal_set::watch({SIGUSR1});
+      if (!s) {
+        last = s.error();
+        break;
+      }
+      sets.push_back(std::move(*s));
+    }
+    EXPECT_EQ(sets.size(), 64u);
+    EXPECT_EQ(last, std::errc::no_space_on_device);
+    sets.clear();
+    EXPECT_TRUE(signal_set::watch({SIGUSR1}));  // slots are reused
+  });
+}
+
+}  // namespace
+}  // namespace weft
