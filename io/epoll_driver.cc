@@ -51,11 +51,9 @@ namespace {
 // in the kernel, in order). Kept below the local run queue's 256 slots for
 // the reason given at *Fairness* in io/uring_driver.cc.
 constexpr int kMaxEvents = 64;
-// *Coop budget*: a fiber whose calls keep succeeding at once (a fast peer,
-// a full receive buffer) never parks, so after this many immediate
-// successes on a worker the caller yields (Tokio's coop budget). io_uring
-// parks on every operation and needs none.
-constexpr unsigned kCoopBudget = 32;
+// A fiber whose calls keep succeeding at once (a fast peer, a full receive
+// buffer) never parks: each success spends its coop budget (sched/park.h),
+// so it yields now and then. io_uring parks on every operation.
 
 // A readiness wait on a fiber's stack.
 struct wait_slot : completion {
@@ -174,12 +172,10 @@ class epoll_driver final : public io_driver {
   static result<int> recv_pooled(op& o, clock::time_point deadline, const char* what,
                                  std::source_location where);
   void arm(wait_slot& s);
-  // See *Coop budget*. Owner thread, from the fiber that just succeeded.
+  // Owner thread, from the fiber whose call just succeeded without a wait.
   void spend_budget() {
     io_counters::bump(counters_.ops);
-    if (++immediate_ < kCoopBudget) return;
-    immediate_ = 0;
-    sched::yield();
+    sched::spend_budget();  // *Coop budget* in sched/park.h
   }
   void update(int fd, fd_entry& e);
   void cancel_now(wait_slot& s);
@@ -195,7 +191,6 @@ class epoll_driver final : public io_driver {
   const int efd_;
   std::vector<fd_entry> table_;  // by fd; owner only
   std::size_t waiting_ = 0;      // owner only: armed wait slots
-  unsigned immediate_ = 0;       // owner only: successes since a wait (*Coop budget*)
   // Owner only: a wake() was consumed by poll() and no wait() has returned
   // since. wake() is sticky (sched/driver.h): the next wait() returns at once.
   bool woken_ = false;
@@ -212,7 +207,6 @@ class epoll_driver final : public io_driver {
 void epoll_driver::arm(wait_slot& s) {
   if (static_cast<std::size_t>(s.fd) >= table_.size()) table_.resize(s.fd + 64);
   fd_entry& e = table_[s.fd];
-  immediate_ = 0;  // a fiber waits: the worker goes round the loop anyway
   io_counters::bump(counters_.ops);
   io_counters::bump(counters_.parked);
   wait_slot*& list = s.write ? e.writer : e.reader;

@@ -184,8 +184,9 @@ TEST_P(Sockets, AReaderWhoseDataIsAlwaysThereStillLetsOthersRun) {
     long during = 0;
     // The reader and its competitor are pinned to the same worker, so the
     // competitor runs only when the reader gives the worker away (its
-    // operations complete at once; the driver makes it yield after a
-    // budget). The competitor waits on a timer, so the loop keeps polling.
+    // operations complete at once; its coop budget makes it yield once per
+    // 100 µs slice, and 4-byte reads of 128 KiB take milliseconds). The
+    // competitor waits on a timer, so the loop keeps polling.
     auto other = spawn([&] {
       while (!done.load()) {
         ticks.fetch_add(1);
@@ -195,7 +196,7 @@ TEST_P(Sockets, AReaderWhoseDataIsAlwaysThereStillLetsOthersRun) {
     auto reader = spawn([&] {
       (void)this_fiber::sleep_for(1ms);
       long before = ticks.load();
-      char buf[64];
+      char buf[4];
       for (std::size_t got = 0; got < kBytes;) got += c.read(buf, deadline(5s)).value();
       during = ticks.load() - before;
       done.store(true);

@@ -140,6 +140,7 @@ chan_status chan_core::send(void* v, clock::time_point dl, bool may_block,
   if (s != chan_status::would_block || !may_block) {
     lk_.unlock();
     if (t) ready(t);
+    if (may_block) sched::spend_budget();  // completed without parking
     return s;
   }
   parker p;
@@ -156,6 +157,7 @@ chan_status chan_core::recv(void* out, void (*deliver)(void*, void*), clock::tim
   if (s != chan_status::would_block || !may_block) {
     lk_.unlock();
     if (t) ready(t);
+    if (may_block) sched::spend_budget();  // completed without parking
     return s;
   }
   parker p;

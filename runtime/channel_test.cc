@@ -161,6 +161,39 @@ TEST_P(Channel, MoveOnlyValuesPassThroughBufferAndRendezvous) {
   });
 }
 
+// A receiver whose receives all complete at once (the buffer never runs
+// dry) never parks; its coop budget makes it yield now and then, so a
+// fiber pinned beside it still runs (see spend_budget() in sched/park.h).
+TEST_P(Channel, AReceiverThatNeverParksStillLetsItsNeighboursRun) {
+  long during = 0;
+  Run([&] {
+    constexpr int kValues = 500'000;  // ~10 ms of receives: many slices
+    channel<int> ch(kValues);
+    for (int i = 0; i < kValues; ++i) ASSERT_TRUE(ch.try_send(i));
+    std::atomic<bool> done{false};
+    std::atomic<long> ticks{0};
+    auto neighbour = spawn([&] {
+      while (!done.load()) {
+        ticks.fetch_add(1);
+        this_fiber::yield();
+      }
+    }, {.pinned = true, .worker = 0});
+    auto receiver = spawn([&] {
+      (void)this_fiber::sleep_for(1ms);  // the neighbour is running by now
+      long before = ticks.load();
+      long long sum = 0;
+      for (int i = 0; i < kValues; ++i) sum += ch.recv().value();
+      during = ticks.load() - before;
+      done.store(true);
+      EXPECT_EQ(sum, 1LL * kValues * (kValues - 1) / 2);
+    }, {.pinned = true, .worker = 0});
+    receiver.join();
+    neighbour.join();
+  });
+  // One yield per 100 µs slice; the receives take 10 ms or more.
+  EXPECT_GT(during, 10) << "the receiver never gave the worker away";
+}
+
 TEST_P(Channel, DeadlinesMakeRecvAndSendReturnTimedOut) {
   Run([] {
     channel<int> ch(0);

@@ -166,11 +166,16 @@ int select_impl(select_case* cs, std::size_t n, const std::source_location& wher
   locks.lock();
   wake_ticket t;
   int fired = poll_cases(cs, n, t);
-  if (fired < 0) fired = find_kind(cs, n, case_kind::dflt);
   if (fired >= 0) {
     locks.unlock();
     ready(t);
+    sched::spend_budget();  // a ready case: completed without parking
     return fired;
+  }
+  fired = find_kind(cs, n, case_kind::dflt);
+  if (fired >= 0) {
+    locks.unlock();
+    return fired;  // t is empty: no case fired
   }
   return park_on_cases(cs, n, locks, where);
 }

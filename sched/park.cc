@@ -202,11 +202,28 @@ void ready(fiber* f) noexcept {
   }
 }
 
+void spend_budget() noexcept {
+  // The thread_local directly: this frame reads it once, before any switch
+  // (see current_worker()); one call fewer on every channel operation.
+  worker* w = tls_worker;
+  if (!w || !w->current() || w->take_budget() || !w->coop_slice_over(clock::now())) return;
+  // No unwind_point(): see park.h. A yield that stays in place (nothing
+  // else runnable here) just starts a new budget.
+  if (w->yield_in_place()) {
+    w->refill_budget();
+    return;
+  }
+  w->switch_away(after_switch::yield, nullptr);
+}
+
 void yield(std::source_location where) {
   worker* w = current_worker();
   WEFT_CHECK(w && w->current(), "yield: called outside a fiber");
   unwind_point();
-  if (w->yield_in_place()) return;
+  if (w->yield_in_place()) {
+    w->refill_budget();
+    return;
+  }
   w->current()->park_file_.store(where.file_name(), std::memory_order_relaxed);  // relaxed: diagnostic
   w->current()->park_line_.store(where.line(), std::memory_order_relaxed);
   w->switch_away(after_switch::yield, nullptr);

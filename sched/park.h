@@ -68,6 +68,23 @@ wake_reason park(const park_request& req);
 // Gives the worker to other runnable fibers; the caller stays runnable.
 void yield(std::source_location where = std::source_location::current());
 
+// *Coop budget*: every operation that could have parked but completed at
+// once (a channel send or receive with room or values, a select with a
+// ready case, a socket call under epoll) calls this after completing. A
+// fiber whose operations keep completing at once would otherwise never
+// give its worker away, and the fibers queued behind it would wait (a
+// consumer that producers on other workers keep busy). So once a fiber has
+// done kCoopBudget such operations since it switched in, and has run for
+// kCoopSlice, it yields (Tokio's coop budget, with a time slice: yielding
+// after a fixed count alone would also break up producer/consumer pairs
+// that take turns every few microseconds, and a yielded fiber can be
+// stolen, which splits the pair over two cores). The clock is read once
+// per kCoopBudget operations. Never throws, so it is safe in destructors;
+// does nothing on a plain thread.
+inline constexpr unsigned kCoopBudget = 128;
+inline constexpr std::chrono::microseconds kCoopSlice{100};
+void spend_budget() noexcept;
+
 // The first claim of a park wins and returns the fiber, which the caller must
 // then pass to ready() (possibly after dropping its own locks); later claims
 // of the same park return nullptr.

@@ -158,6 +158,7 @@ fiber* worker::spin_before_sleep() {
 void worker::run_fiber(fiber* f) {
   if (spinning_) stop_spinning();
   current_ = f;
+  refill_budget();
   f->last_worker_.store(index_, std::memory_order_relaxed);  // relaxed: observability
   worker_counters::bump(counters_.fibers_run);
   if (!f->stack_) sched_.bind_stack(f, index_);  // its first run
@@ -189,6 +190,7 @@ void worker::switch_away(after_switch what, const park_request* req) {
     if (fiber* to = take_handoff(from)) {
       if (!to->stack_) sched_.bind_stack(to, index_);  // its first run
       current_ = to;
+      refill_budget();
       running_id_.store(to->id_, std::memory_order_relaxed);  // relaxed: for the monitor
       to->last_worker_.store(index_, std::memory_order_relaxed);  // relaxed: observability
       worker_counters::bump(counters_.fibers_run);

@@ -97,6 +97,23 @@ class worker {
   fiber* current() const noexcept { return current_; }
   driver* io() noexcept { return driver_.get(); }
   timer_heap& timers() noexcept { return timers_; }
+  // The coop budget of the running fiber (see spend_budget() in park.h).
+  // Owner only. take_budget(): false once kCoopBudget operations are spent.
+  // coop_slice_over(): starts a new count; true if the fiber has run for
+  // kCoopSlice since its first spent budget (which starts the slice).
+  bool take_budget() noexcept { return --coop_left_ != 0; }
+  bool coop_slice_over(clock::time_point now) noexcept {
+    coop_left_ = kCoopBudget;
+    if (coop_since_ == clock::time_point{}) {
+      coop_since_ = now;
+      return false;
+    }
+    return now - coop_since_ >= kCoopSlice;
+  }
+  void refill_budget() noexcept {
+    coop_left_ = kCoopBudget;
+    coop_since_ = {};
+  }
   worker_counters& counters() noexcept { return counters_; }
   const worker_counters& counters() const noexcept { return counters_; }
   std::thread& thread() noexcept { return thread_; }
@@ -153,6 +170,8 @@ class worker {
   std::unique_ptr<driver> driver_;
   exec_context sched_ctx_;
   fiber* current_ = nullptr;
+  unsigned coop_left_ = kCoopBudget;  // owner only: see take_budget()
+  clock::time_point coop_since_{};     // owner only: see coop_slice_over()
   struct pending_switch {
     after_switch what = after_switch::none;
     fiber* from = nullptr;
