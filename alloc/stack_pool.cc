@@ -24,9 +24,7 @@
 // Who calls what: see stack_pool.h.
 #include "alloc/stack_pool.h"
 
-#include <linux/mempolicy.h>
 #include <sys/mman.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -42,6 +40,7 @@
 #include <system_error>
 #include <vector>
 
+#include "alloc/arena.h"
 #include "alloc/check.h"
 #include "alloc/region.h"
 
@@ -447,17 +446,13 @@ void stack_pool::impl::open_region(class_state& k, unsigned node, unsigned cls) 
 void stack_pool::impl::bind_to_node(std::byte* base, std::size_t span, unsigned node) {
   if (node >= opts_.node_os.size() || opts_.node_os[node] < 0) return;
   const unsigned os = static_cast<unsigned>(opts_.node_os[node]);
-  constexpr unsigned kMaskBits = 1024;
-  unsigned long mask[kMaskBits / (8 * sizeof(unsigned long))] = {};
-  if (os >= kMaskBits) return;
-  mask[os / (8 * sizeof(unsigned long))] |= 1UL << (os % (8 * sizeof(unsigned long)));
-  if (syscall(SYS_mbind, base, span, MPOL_PREFERRED, mask, kMaskBits + 1, 0) == 0) return;
-  const int err = errno;
+  const std::error_code ec = prefer_node(base, span, os);  // alloc/arena.h
+  if (!ec) return;
   // relaxed: statistic; the first failure also says so on stderr.
   if (bind_failures_.fetch_add(1, std::memory_order_relaxed) == 0)
     std::fprintf(stderr, "weft: stacks: cannot prefer NUMA node %u for stack memory (%s); "
                          "stacks use the default placement\n",
-                 os, errno_text(err).c_str());
+                 os, ec.message().c_str());
 }
 
 bool stack_pool::impl::install_guard(const region_header& r, std::byte* slot) {

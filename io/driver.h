@@ -149,6 +149,9 @@ struct io_counters {
 struct io_stats {
   std::uint64_t ops = 0, parked = 0, submits = 0, completions = 0, multishot_accepts = 0;
   std::string driver;  // the first worker's driver name ("io_uring", "epoll")
+  // The first worker's receive-buffer backing: "hugetlb", "thp",
+  // "small_pages" (alloc/arena.h) or "heap".
+  std::string buffer_backing;
 };
 io_stats stats();
 
@@ -206,6 +209,9 @@ class io_driver : public sched::driver {
     (void)id;
     delete[] static_cast<char*>(p);
   }
+  // How the receive-buffer pool's memory is backed (alloc/arena.h): a
+  // page_backing name, or "heap" (buffers from the heap, per receive).
+  virtual const char* buffer_backing() const noexcept { return "heap"; }
 
  protected:
   io_counters counters_;
@@ -232,7 +238,9 @@ io_driver* current_driver() noexcept;
 
 // Driver factories (io/uring_driver.cc, io/epoll_driver.cc). Each returns
 // nullptr and sets `why` when its facility is unavailable.
-std::unique_ptr<io_driver> make_uring_driver(unsigned worker, std::error_code& why);
+// node_os: the NUMA node the worker runs on, for its buffer pool (-1: no
+// preference).
+std::unique_ptr<io_driver> make_uring_driver(unsigned worker, int node_os, std::error_code& why);
 std::unique_ptr<io_driver> make_epoll_driver(unsigned worker, std::error_code& why);
 
 // Calls evict(fd) on every worker's driver (socket_base::close()).

@@ -96,7 +96,10 @@ io_stats stats() {
     st.submits += get(c.submits);
     st.completions += get(c.completions);
     st.multishot_accepts += get(c.multishot_accepts);
-    if (st.driver.empty()) st.driver = d->name();
+    if (st.driver.empty()) {
+      st.driver = d->name();
+      st.buffer_backing = d->buffer_backing();
+    }
   }
   return st;
 }

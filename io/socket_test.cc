@@ -10,6 +10,7 @@
 #include <numeric>
 #include <vector>
 
+#include "alloc/arena.h"
 #include "io/socket_test_util.h"
 #include "runtime/net.h"
 #include "runtime/weft.h"
@@ -48,6 +49,15 @@ TEST_P(Sockets, RunsOnTheDriverThatWeftIoAsksFor) {
   EXPECT_GE(st.completions, 1u);
   if (got == "io_uring") {
     EXPECT_GE(st.submits, 1u);
+    // The provided-buffer pool is an arena (alloc/arena.h) and says how
+    // it is backed; with THP available that is huge pages.
+    EXPECT_TRUE(st.buffer_backing == "hugetlb" || st.buffer_backing == "thp" ||
+                st.buffer_backing == "small_pages")
+        << st.buffer_backing;
+    if (alloc::thp_backing() == alloc::page_backing::thp)
+      EXPECT_NE(st.buffer_backing, "small_pages");
+  } else {
+    EXPECT_EQ(st.buffer_backing, "heap");
   }
 }
 

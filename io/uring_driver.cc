@@ -56,6 +56,7 @@
 #include <utility>
 #include <vector>
 
+#include "alloc/arena.h"
 #include "alloc/check.h"
 #include "io/driver.h"
 #include "sched/worker.h"
@@ -101,10 +102,10 @@ constexpr unsigned kFlagChoices[] = {
 
 class uring_driver final : public io_driver {
  public:
-  uring_driver(io_uring& ring, unsigned flags, int efd)
+  uring_driver(io_uring& ring, unsigned flags, int efd, int node_os)
       : ring_(ring), flags_(flags), efd_(efd), ts_(ring.sq.ring_entries) {
     (void)io_uring_register_ring_fd(&ring_);  // optional: saves an fd lookup per enter
-    setup_buffer_ring();
+    setup_buffer_ring(node_os);
     arm_wake_read();
     io_uring_submit(&ring_);
   }
@@ -117,7 +118,10 @@ class uring_driver final : public io_driver {
     for (multishot_sink* s : armed_) s->on_driver_gone();
     ::close(efd_);
     if (br_) ::munmap(br_, kBufCount * sizeof(io_uring_buf));
-    if (bufs_) ::munmap(bufs_, kBufCount * kPooledBufferSize);
+    alloc::unmap_arena(bufs_arena_);
+  }
+  const char* buffer_backing() const noexcept override {
+    return br_ ? alloc::to_string(bufs_arena_.backing) : "heap";
   }
 
   result<int> perform(op& o, clock::time_point deadline, const char* what,
@@ -144,7 +148,7 @@ class uring_driver final : public io_driver {
                           std::source_location where, std::uint32_t* cqe_flags);
   result<int> recv_pooled(op& o, clock::time_point deadline, const char* what,
                           std::source_location where);
-  void setup_buffer_ring();
+  void setup_buffer_ring(int node_os);
   void recycle(std::uint32_t bid);
   void drain_released();
   io_uring_sqe* get_sqe(unsigned need);
@@ -178,7 +182,8 @@ class uring_driver final : public io_driver {
 
   // Pooled receive buffers: the ring and the memory (owner and kernel).
   io_uring_buf_ring* br_ = nullptr;
-  char* bufs_ = nullptr;
+  char* bufs_ = nullptr;          // bufs_arena_'s memory
+  alloc::arena_block bufs_arena_;
   // Buffers released on other threads, recycled by the owner at its next
   // flush/poll/wait.
   weft::spinlock release_lock_;
@@ -314,23 +319,31 @@ result<int> uring_driver::perform_one(op& o, clock::time_point deadline, const c
 
 // ---- Pooled receive buffers --------------------------------------------------
 
-void uring_driver::setup_buffer_ring() {
+// The buffers are an arena (alloc/arena.h): huge pages where the machine
+// gives them, on the worker's NUMA node; every connection's receives land
+// there, so its TLB reach matters.
+void uring_driver::setup_buffer_ring(int node_os) {
   void* ring = ::mmap(nullptr, kBufCount * sizeof(io_uring_buf), PROT_READ | PROT_WRITE,
                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  void* mem = ::mmap(nullptr, kBufCount * kPooledBufferSize, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  auto mem = alloc::map_arena(kBufCount * kPooledBufferSize, node_os);
   io_uring_buf_reg reg{};
   reg.ring_addr = reinterpret_cast<std::uintptr_t>(ring);
   reg.ring_entries = kBufCount;
   reg.bgid = kBufGroup;
-  if (ring == MAP_FAILED || mem == MAP_FAILED || io_uring_register_buf_ring(&ring_, &reg, 0) < 0) {
+  if (ring == MAP_FAILED || !mem || io_uring_register_buf_ring(&ring_, &reg, 0) < 0) {
     // Older kernel: recv_pooled falls back to a heap buffer per receive.
     if (ring != MAP_FAILED) ::munmap(ring, kBufCount * sizeof(io_uring_buf));
-    if (mem != MAP_FAILED) ::munmap(mem, kBufCount * kPooledBufferSize);
+    if (mem) alloc::unmap_arena(*mem);
     return;
   }
+  static std::atomic<bool> told{false};  // relaxed: only deduplicates a log line
+  if (mem->bind_error && !told.exchange(true, std::memory_order_relaxed))
+    std::fprintf(stderr, "weft: io_uring buffers: cannot prefer NUMA node %d (%s); "
+                         "they use the default placement\n",
+                 node_os, mem->bind_error.message().c_str());
+  bufs_arena_ = *mem;
   br_ = static_cast<io_uring_buf_ring*>(ring);
-  bufs_ = static_cast<char*>(mem);
+  bufs_ = reinterpret_cast<char*>(bufs_arena_.base);
   io_uring_buf_ring_init(br_);
   for (unsigned i = 0; i < kBufCount; ++i)
     io_uring_buf_ring_add(br_, bufs_ + i * kPooledBufferSize, kPooledBufferSize, i,
@@ -561,7 +574,8 @@ void uring_driver::wait(sched::clock::time_point deadline) {
 
 }  // namespace
 
-std::unique_ptr<io_driver> make_uring_driver(unsigned worker, std::error_code& why) {
+std::unique_ptr<io_driver> make_uring_driver(unsigned worker, int node_os,
+                                             std::error_code& why) {
   (void)worker;
   io_uring ring;
   int r = -EINVAL;
@@ -587,7 +601,7 @@ std::unique_ptr<io_driver> make_uring_driver(unsigned worker, std::error_code& w
     io_uring_queue_exit(&ring);
     return nullptr;
   }
-  return std::make_unique<uring_driver>(ring, used, efd);
+  return std::make_unique<uring_driver>(ring, used, efd, node_os);
 }
 
 }  // namespace weft::io

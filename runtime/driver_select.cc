@@ -40,12 +40,12 @@ void log_once(const char* msg, const std::error_code& ec) {
     std::fprintf(stderr, "weft: %s%s%s\n", msg, ec ? ": " : "", ec ? ec.message().c_str() : "");
 }
 
-std::unique_ptr<sched::driver> make_driver(io_choice c, unsigned worker) {
+std::unique_ptr<sched::driver> make_driver(io_choice c, unsigned worker, int node_os) {
   io::ignore_sigpipe_once();
   if (c == io_choice::none) return sched::make_futex_driver();
   std::error_code why;
   if (c != io_choice::epoll) {
-    if (auto d = io::make_uring_driver(worker, why)) return d;
+    if (auto d = io::make_uring_driver(worker, node_os, why)) return d;
     WEFT_CHECK(c != io_choice::uring, "WEFT_IO=uring but io_uring_setup failed");
     log_once("io_uring unavailable, using epoll", why);
   }
@@ -56,9 +56,11 @@ std::unique_ptr<sched::driver> make_driver(io_choice c, unsigned worker) {
 
 }  // namespace
 
-sched::driver_factory runtime_driver_factory() {
+sched::driver_factory runtime_driver_factory(std::vector<int> node_os) {
   io_choice c = choice_from_env();
-  return [c](unsigned worker) { return make_driver(c, worker); };
+  return [c, node_os = std::move(node_os)](unsigned worker) {
+    return make_driver(c, worker, worker < node_os.size() ? node_os[worker] : -1);
+  };
 }
 
 }  // namespace weft

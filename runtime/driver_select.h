@@ -5,8 +5,12 @@
 // returns runs on each worker thread.
 #pragma once
 
+#include <vector>
+
 #include "sched/driver.h"
 
 namespace weft {
-sched::driver_factory runtime_driver_factory();
+// node_os[i]: the NUMA node worker i runs on, for its I/O buffers (empty,
+// or -1: no preference; see sched::worker_node_os()).
+sched::driver_factory runtime_driver_factory(std::vector<int> node_os);
 }  // namespace weft

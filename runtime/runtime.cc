@@ -47,7 +47,7 @@ int run_main(std::function<int()> main_fn, const options& opts) {
   so.default_stack = opts.stack_size;
   so.deadlock_detection = opts.deadlock_detection;
   so.hog_warning = opts.hog_warning;
-  so.make_driver = runtime_driver_factory();
+  so.make_driver = runtime_driver_factory(sched::worker_node_os(so));
   sched::scheduler s(std::move(so));
   quit_dumper quit;  // before the workers start: they inherit its signal mask
   s.start();

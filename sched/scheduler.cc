@@ -92,6 +92,13 @@ alloc::stack_pool_options stack_pool_options_for(const scheduler_options& o) {
   return p;
 }
 
+std::vector<int> worker_node_os(const scheduler_options& o) {
+  alloc::stack_pool_options p = stack_pool_options_for(o);
+  std::vector<int> r;
+  for (unsigned node : p.cache_nodes) r.push_back(p.node_os[node]);
+  return r;
+}
+
 unsigned scheduler::workers_wanted(const scheduler_options& o) {
   unsigned n = o.workers ? o.workers : unsigned(o.topology.pus().size());
   WEFT_CHECK(n >= 1, "scheduler: zero workers");

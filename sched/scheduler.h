@@ -77,6 +77,9 @@ struct scheduler_stats {
 // The stack pool a scheduler with these options uses: one cache per worker,
 // each on the NUMA node of its worker's processing unit (scheduler.cc).
 alloc::stack_pool_options stack_pool_options_for(const scheduler_options& o);
+// The kernel's NUMA node of each worker's PU, by worker index, on machines
+// with more than one node; empty otherwise (nothing to prefer).
+std::vector<int> worker_node_os(const scheduler_options& o);
 
 class scheduler {
  public:

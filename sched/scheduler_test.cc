@@ -40,5 +40,13 @@ TEST(SchedulerStacks, OneNodeMeansNoNumaLayoutAndNoBinding) {
   EXPECT_TRUE(p.node_os.empty());
 }
 
+// Each worker's I/O buffer pool prefers the node its PU is on.
+TEST(SchedulerBuffers, EachWorkerGetsItsPusNode) {
+  EXPECT_EQ(worker_node_os(on("pack:2 numa:1 core:2 pu:1", 4)), (std::vector<int>{0, 0, 1, 1}));
+  EXPECT_EQ(worker_node_os(on("pack:2 numa:2 core:1 pu:2", 8)),
+            (std::vector<int>{0, 0, 1, 1, 2, 2, 3, 3}));
+  EXPECT_TRUE(worker_node_os(on("pack:1 numa:1 core:4 pu:2", 8)).empty());
+}
+
 }  // namespace
 }  // namespace weft::sched
