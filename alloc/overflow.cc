@@ -109,7 +109,9 @@ struct line_buf {
   }
 };
 
-[[noreturn]] void report_overflow(const stack& s) {
+}  // namespace
+
+[[noreturn]] void report_stack_overflow(const stack& s) {
   char who[160] = {};
   // acquire: pairs with the release store in install_overflow_handler(),
   // publishing whatever state the describer reads.
@@ -126,6 +128,8 @@ struct line_buf {
   (void)ignored;
   std::abort();
 }
+
+namespace {
 
 // Not ours: hand the fault to whoever handled SIGSEGV before us.
 void forward(int sig, siginfo_t* info, void* uctx) {
@@ -154,7 +158,7 @@ void on_segv(int sig, siginfo_t* info, void* uctx) {
   const int saved_errno = errno;  // the interrupted code may be reading it
   stack s;
   if (find_guard_hit(reinterpret_cast<std::uintptr_t>(info->si_addr), &s))
-    report_overflow(s);
+    report_stack_overflow(s);
   forward(sig, info, uctx);
   errno = saved_errno;
 }
@@ -209,7 +213,7 @@ void detail::unregister_region(const region_header* r) {
 
 void install_overflow_handler(overflow_describer describe) {
   // release: publishes the describer's state; pairs with the acquire in
-  // report_overflow().
+  // report_stack_overflow().
   describer.store(describe, std::memory_order_release);
   static std::once_flag once;
   std::call_once(once, [] {

@@ -625,6 +625,10 @@ unsigned stack_pool::node_of(const stack& s) const {
   return impl_->node_of(s.lo, s.size_class);
 }
 
+bool stack_pool::has_canary(const stack& s) const {
+  return impl_->has_canary(s.lo, s.size_class);
+}
+
 bool stack_pool::check_canary(const stack& s) const {
   WEFT_DCHECK(s, "stack_pool::check_canary: empty stack");
   if (!impl_->has_canary(s.lo, s.size_class)) return true;

@@ -141,6 +141,8 @@ class stack_pool {
   // False if the canary at s.lo was overwritten (stack overflow on a stack
   // without a guard page). Always true for stacks with a guard page.
   bool check_canary(const stack& s) const;
+  // True if `s` has no guard page and relies on its canary.
+  bool has_canary(const stack& s) const;
 
   stack_pool_stats stats() const;
 
@@ -159,6 +161,10 @@ using overflow_describer = void (*)(const stack& s, char* buf, std::size_t len);
 // Process-wide; idempotent. The pool registers its regions with the handler
 // so a fault address can be mapped to its stack.
 void install_overflow_handler(overflow_describer describe);
+// Prints the overflow message for `s` (through the describer) and aborts:
+// the guard-page handler's report, also used when a canary is found
+// overwritten. Async-signal-safe.
+[[noreturn]] void report_stack_overflow(const stack& s);
 // Per thread that runs fibers: a sigaltstack for the handler. Idempotent.
 void enable_altstack();
 void disable_altstack();

@@ -8,11 +8,12 @@
 //
 //   handler                                   unregistering a set
 //   -------                                   -------------------
-//   inside += 1                (seq_cst)      efd_plus_1[slot] = 0  (seq_cst)
-//   delivered[sig] += 1        (release)      wait until inside == 0 (seq_cst)
-//   for each slot: f = efd_plus_1 (seq_cst)   close(efd)
-//     if f and mask has sig: write(f)
-//   inside -= 1
+//   delivered[sig] += 1        (release)      efd_plus_1[slot] = 0  (seq_cst)
+//   for each slot:                            wait until inside[slot] == 0
+//     inside[slot] += 1        (seq_cst)        (seq_cst)
+//     f = efd_plus_1[slot]     (seq_cst)      close(efd)
+//     if f and mask[slot] has sig: write(f)
+//     inside[slot] -= 1
 // Both sides store and then load (StoreLoad, seq_cst): either the handler
 // sees the slot empty, or the closer sees the handler inside and waits, so
 // a handler never writes to a closed (perhaps already reused) descriptor.
@@ -42,10 +43,12 @@ struct handler_state {
   // Deliveries per signal (index: the signal) while weft's handler was
   // installed for it.
   std::atomic<std::uint64_t> delivered[kMaxSignal + 1];
-  // Per registry slot: the set's eventfd + 1 (0: free), and its mask.
+  // Per registry slot: the set's eventfd + 1 (0: free), its mask, and how
+  // many handlers are using the slot now (per slot, so that a set closing
+  // waits only for handlers writing to its own eventfd).
   std::atomic<int> efd_plus_1[kMaxSets];
   std::atomic<std::uint64_t> mask[kMaxSets];
-  std::atomic<int> inside;  // handlers running now
+  std::atomic<int> inside[kMaxSets];
 };
 constinit handler_state g{};
 
@@ -64,20 +67,22 @@ install_state& installs() {
 
 extern "C" void on_signal(int sig) {
   const int saved = errno;
-  g.inside.fetch_add(1, std::memory_order_seq_cst);  // see the table above
   // release: pairs with take_delivered()'s acquire; the eventfd write
   // below is what wakes the waiter.
   g.delivered[sig].fetch_add(1, std::memory_order_release);
   const std::uint64_t bit = bit_of(sig);
   for (int i = 0; i < kMaxSets; ++i) {
-    int f = g.efd_plus_1[i].load(std::memory_order_seq_cst) - 1;  // see the table
-    // relaxed: the mask was stored before the slot's fd was published.
-    if (f < 0 || !(g.mask[i].load(std::memory_order_relaxed) & bit)) continue;
-    std::uint64_t one = 1;
-    ssize_t ignored = ::write(f, &one, sizeof one);  // never blocks: the count cannot overflow
-    (void)ignored;
+    g.inside[i].fetch_add(1, std::memory_order_seq_cst);  // see the table above
+    int f = g.efd_plus_1[i].load(std::memory_order_seq_cst) - 1;
+    // relaxed: the mask was stored before the slot's fd was published, and
+    // the load above saw that fd.
+    if (f >= 0 && (g.mask[i].load(std::memory_order_relaxed) & bit)) {
+      std::uint64_t one = 1;
+      ssize_t ignored = ::write(f, &one, sizeof one);  // never blocks: the count cannot overflow
+      (void)ignored;
+    }
+    g.inside[i].fetch_sub(1, std::memory_order_seq_cst);
   }
-  g.inside.fetch_sub(1, std::memory_order_seq_cst);
   errno = saved;
 }
 
@@ -124,7 +129,10 @@ result<signal_set> signal_set::watch(std::initializer_list<int> signals) {
     struct sigaction sa {};
     sa.sa_handler = &on_signal;
     sigemptyset(&sa.sa_mask);
-    sa.sa_flags = SA_RESTART;
+    // SA_ONSTACK: on a worker the frame goes on its sigaltstack, not on the
+    // running fiber's stack (which may be 1 KiB; the frame is ~3 KiB with
+    // AVX-512 state). Other threads have no altstack and use their own.
+    sa.sa_flags = SA_RESTART | SA_ONSTACK;
     if (::sigaction(s, &sa, &st.previous[s]) != 0) {  // validated above: not expected
       int e = errno;
       --st.watchers[s];
@@ -163,7 +171,7 @@ void signal_set::reset() noexcept {
       if ((mask_ & bit_of(s)) && --st.watchers[s] == 0)
         ::sigaction(s, &st.previous[s], nullptr);  // the last watcher: restore
     g.efd_plus_1[slot_].store(0, std::memory_order_seq_cst);  // see the table
-    while (g.inside.load(std::memory_order_seq_cst) != 0) sched_yield();
+    while (g.inside[slot_].load(std::memory_order_seq_cst) != 0) sched_yield();
     g.mask[slot_].store(0, std::memory_order_relaxed);
     st.slots_used &= ~(std::uint64_t{1} << slot_);
     slot_ = -1;

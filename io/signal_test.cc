@@ -4,6 +4,7 @@
 // disposition restored. Runs on both drivers (see io/BUILD.bazel) over
 // worker counts {1, 2, 4}.
 #include <signal.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -96,6 +97,26 @@ TEST_P(Signals, EveryWatcherSeesEachDelivery) {
     std::thread t = send_later(SIGUSR1, 20ms);
     for (auto& h : hs) EXPECT_EQ(h.join(), SIGUSR1);
     t.join();
+  });
+}
+
+// A signal that lands on a worker while a fiber with a 2 KiB stack runs:
+// its frame (~3 KiB with AVX-512 state) must go on the worker's
+// sigaltstack (SA_ONSTACK), not over the fiber's stack and its
+// neighbour's; the canary check at the fiber's next switch would abort.
+TEST_P(Signals, TheHandlerNeverRunsOnAFibersStack) {
+  Run([&] {
+    auto set = signal_set::watch({SIGUSR1});
+    ASSERT_TRUE(set);
+    auto small = spawn([] {
+      // tgkill: delivered to this thread before it returns; a raw system
+      // call, so the fiber's own frames stay small.
+      ::syscall(SYS_tgkill, ::getpid(), ::gettid(), SIGUSR1);
+    }, {.stack_size = kSmallStack});
+    small.join();
+    auto s = set->wait(deadline(5s));
+    ASSERT_TRUE(s) << s.error().message();
+    EXPECT_EQ(*s, SIGUSR1);
   });
 }
 

@@ -85,8 +85,11 @@ constexpr unsigned kCqEntries = 4096;
 // order for the next poll; wait() returns at once while it holds any.
 constexpr unsigned kMaxReap = 64;
 // *Pooled receive buffers* (io/driver.h): a provided buffer ring of
-// kBufCount buffers of kPooledBufferSize bytes, group kBufGroup. The memory
-// is mapped, not touched, so only buffers that held data cost RSS.
+// kBufCount buffers of kPooledBufferSize bytes, group kBufGroup, in an
+// arena (alloc/arena.h; see setup_buffer_ring()). Mapped, not touched: on
+// small pages only buffers that held data cost RSS; on huge pages the
+// first receive into a 2 MiB half commits it whole (4 MiB per worker at
+// most), and hugetlb takes both halves from the reserve at start.
 constexpr unsigned kBufCount = 1024;  // a power of two, as the kernel requires
 constexpr int kBufGroup = 0;
 

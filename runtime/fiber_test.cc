@@ -486,6 +486,24 @@ TEST(FiberDeath, StackOverflowNamesTheFiberAndItsStackSize) {
                "stack overflow in fiber [0-9]+ \"deep\" \\(stack size 16384");
 }
 
+// Fills a frame larger than a kSmallStack stack has left: it runs past the
+// stack's low end, over its canary, into the neighbouring slot.
+[[gnu::noinline]] void Scribble() {
+  volatile char buf[2304];
+  for (auto& c : buf) c = 1;
+  (void)buf[0];
+}
+
+// kSmallStack stacks have no guard page: the canary at their low end is
+// checked each time the fiber switches away (here: as it exits).
+TEST(FiberDeath, AnOverflowOfAStackWithoutAGuardPageIsCaughtAtItsNextSwitch) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(weft::run([] {
+                 spawn([] { Scribble(); }, {.name = "tiny", .stack_size = kSmallStack}).join();
+               }),
+               "stack overflow in fiber [0-9]+ \"tiny\" \\(stack size 2048");
+}
+
 TEST(FiberDeath, AllFibersAsleepIsReportedAsADeadlock) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   // Two fibers park where nothing can ever wake them (no timer, no I/O, no

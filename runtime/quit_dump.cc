@@ -13,17 +13,30 @@
 namespace weft::detail {
 namespace {
 
-// The handler's only state: written before the handler is installed and
-// cleared after it is removed (relaxed: sigaction orders both).
+// The handler's state: the dumper's eventfd (-1: none), and how many
+// handlers run now. ~quit_dumper clears the fd and then waits for
+// g_inside to reach zero before closing it; the handler counts itself in
+// and then loads the fd. All seq_cst (store, then load, on both sides), so
+// a handler never writes to a closed, perhaps reused, descriptor.
 std::atomic<int> g_quit_fd{-1};
+std::atomic<int> g_inside{0};
 
-void on_sigquit(int) {
-  int saved = errno;  // async-signal-safe: write(2) only
-  std::uint64_t one = 1;
-  int fd = g_quit_fd.load(std::memory_order_relaxed);
+void on_sigquit(int sig) {
+  int saved = errno;  // async-signal-safe: write(2), signal(2), raise(3) only
+  g_inside.fetch_add(1, std::memory_order_seq_cst);
+  int fd = g_quit_fd.load(std::memory_order_seq_cst);
   if (fd >= 0) {
+    std::uint64_t one = 1;
     ssize_t ignored = ::write(fd, &one, sizeof one);
     (void)ignored;
+  }
+  g_inside.fetch_sub(1, std::memory_order_seq_cst);
+  if (fd < 0) {
+    // No dumper any more, yet this handler is still installed: a
+    // weft::signal_set that watched SIGQUIT put it back when it went away
+    // after run() returned. Act as the default action would.
+    ::signal(sig, SIG_DFL);
+    ::raise(sig);
   }
   errno = saved;
 }
@@ -34,7 +47,7 @@ quit_dumper::quit_dumper() {
   if (sigaction(SIGQUIT, nullptr, &old_) != 0 || old_.sa_handler != SIG_DFL) return;
   efd_ = ::eventfd(0, EFD_CLOEXEC);
   if (efd_ < 0) return;
-  g_quit_fd.store(efd_, std::memory_order_relaxed);  // see g_quit_fd
+  g_quit_fd.store(efd_, std::memory_order_seq_cst);  // see g_quit_fd
   thread_ = std::thread([this] {
     for (;;) {
       std::uint64_t n = 0;
@@ -49,14 +62,21 @@ quit_dumper::quit_dumper() {
   struct sigaction sa {};
   sa.sa_handler = &on_sigquit;
   sigemptyset(&sa.sa_mask);
-  sa.sa_flags = SA_RESTART;
+  // SA_ONSTACK: a worker's signal frame goes on its sigaltstack, never on
+  // a fiber's stack, which may be 1 KiB.
+  sa.sa_flags = SA_RESTART | SA_ONSTACK;
   sigaction(SIGQUIT, &sa, nullptr);
 }
 
 quit_dumper::~quit_dumper() {
   if (efd_ < 0) return;
-  sigaction(SIGQUIT, &old_, nullptr);
-  g_quit_fd.store(-1, std::memory_order_relaxed);  // see g_quit_fd
+  // Put the default back unless someone replaced our handler meanwhile (a
+  // weft::signal_set watching SIGQUIT restores it later; see on_sigquit).
+  struct sigaction now {};
+  if (sigaction(SIGQUIT, nullptr, &now) == 0 && now.sa_handler == &on_sigquit)
+    sigaction(SIGQUIT, &old_, nullptr);
+  g_quit_fd.store(-1, std::memory_order_seq_cst);  // see g_quit_fd
+  while (g_inside.load(std::memory_order_seq_cst) != 0) sched_yield();
   stopping_.store(true, std::memory_order_release);  // pairs with the thread's acquire
   std::uint64_t one = 1;
   ssize_t ignored = ::write(efd_, &one, sizeof one);

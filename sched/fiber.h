@@ -90,6 +90,7 @@ struct fiber {
   // home_ then, before anyone else can read it.
   bool unpin_on_start_ = false;
   std::uint8_t callable_align_ = 0;  // log2 of the callable's alignment
+  bool canary_ = false;  // its stack has no guard page: check the canary at switches
 
   // --- queues
   fiber* next_ = nullptr;  // link in a worker's inbox or pinned queue; guarded by that queue

@@ -153,7 +153,8 @@ fiber* claim(wake_token t, wake_reason r) noexcept {
     // release: publishes what the waker handed over (pairs with the acquire
     // load in park()). No acquire: what the waker needs of the parked
     // fiber (its saved context) reached it through the publish step's
-    // unlock and the waker's lock, or the timer firing on the same thread.
+    // unlock and the waker's lock, or, for a timer, through the heap's lock
+    // (arm() released it after the switch; the firing worker took it).
     if (t.f->state_.compare_exchange_weak(
             s, pack_state(t.gen, park_phase::woken, cancellable_of(s), r),
             std::memory_order_release, std::memory_order_relaxed))

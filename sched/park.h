@@ -73,9 +73,10 @@ void yield(std::source_location where = std::source_location::current());
 // ready case, a socket call under epoll) calls this after completing. A
 // fiber whose operations keep completing at once would otherwise never
 // give its worker away, and the fibers queued behind it would wait (a
-// consumer that producers on other workers keep busy). So once a fiber has
-// done kCoopBudget such operations since it switched in, and has run for
-// kCoopSlice, it yields (Tokio's coop budget, with a time slice: yielding
+// consumer that producers on other workers keep busy). So a fiber that has
+// done kCoopBudget such operations since it switched in starts a time
+// slice, and once the slice is kCoopSlice old it yields at its next
+// kCoopBudget-th such operation (Tokio's coop budget, with a slice: yielding
 // after a fixed count alone would also break up producer/consumer pairs
 // that take turns every few microseconds, and a yielded fiber can be
 // stolen, which splits the pair over two cores). The clock is read once

@@ -187,7 +187,17 @@ void scheduler::monitor() {
     // one such wake-up per period (see wake_dozing_monitor()). relaxed
     // (nidle_): a hint for the period only.
     bool doze = !woken && nidle_.load(std::memory_order_relaxed) == worker_count();
-    monitor_dozing_.store(doze, std::memory_order_relaxed);  // see the member
+    if (doze) {
+      // seq_cst store, then seq_cst load of nidle_: the StoreLoad against a
+      // waking worker, which leaves nidle_ and then loads the flag (see
+      // wake_dozing_monitor()): either it sees the flag and notifies, or we
+      // see it busy and do not doze.
+      monitor_dozing_.store(true, std::memory_order_seq_cst);
+      if (nidle_.load(std::memory_order_seq_cst) != worker_count()) {
+        doze = false;
+        monitor_dozing_.store(false, std::memory_order_relaxed);
+      }
+    }
     monitor_cv_.wait_for(lk, doze ? 10 * opts_.monitor_period : opts_.monitor_period);
     woken = doze && !monitor_dozing_.exchange(false, std::memory_order_relaxed);
     if (exit_.load(std::memory_order_acquire)) break;
@@ -200,12 +210,14 @@ void scheduler::monitor() {
 // A worker that wakes while the monitor dozes would otherwise be watched
 // only after up to ten periods: a fiber that starts to compute right after
 // an idle spell would hold its worker's queue and timers that long. Costs
-// a relaxed load per wake-up, and one notify per doze. No lost wake-up:
-// the monitor sets the flag and starts waiting without releasing
-// monitor_mu_, so a notifier that saw the flag and then takes the mutex
-// finds it waiting.
+// a load per wake-up, and one notify per doze. No lost wake-up: the
+// worker's seq_cst decrement of nidle_ (its own, or its waker's, which
+// happens before this) precedes the seq_cst load of the flag, against the
+// monitor's store-then-load (see monitor()); and the monitor sets the flag
+// and starts waiting without releasing monitor_mu_, so a notifier that saw
+// the flag and then takes the mutex finds it waiting.
 void scheduler::wake_dozing_monitor() noexcept {
-  if (!monitor_dozing_.load(std::memory_order_relaxed) ||
+  if (!monitor_dozing_.load(std::memory_order_seq_cst) ||
       !monitor_dozing_.exchange(false, std::memory_order_relaxed))
     return;
   { std::lock_guard g(monitor_mu_); }
@@ -305,6 +317,7 @@ void scheduler::bind_stack(fiber* f, unsigned cache) {
   alloc::stack s = stacks_.allocate(f->stack_want_, cache);
   prepare_stack(s.lo, s.hi);
   f->stack_ = s;
+  f->canary_ = stacks_.has_canary(s);
   fiber_of_stack(s) = f;
   make_fiber_context(f->ctx_, s.lo, s.hi - kStackTopReserve, &fiber_main, f);
 }

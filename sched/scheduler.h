@@ -126,6 +126,11 @@ class scheduler {
   // Gives a fiber that has never run its stack, from `cache`; called only
   // by the worker (cache) that is about to switch to it.
   void bind_stack(fiber* f, unsigned cache);
+  // A stack without a guard page: aborts with the overflow report if its
+  // canary was overwritten. Called as the fiber switches away.
+  void check_canary(const fiber* f) const noexcept {
+    if (f->canary_ && !stacks_.check_canary(f->stack_)) alloc::report_stack_overflow(f->stack_);
+  }
 
   // Makes a runnable fiber visible to every worker.
   void submit(fiber* f) noexcept;
@@ -190,7 +195,8 @@ class scheduler {
   std::mutex monitor_mu_;
   std::condition_variable monitor_cv_;
   // Set by the monitor under monitor_mu_ before a long wait, cleared by
-  // whoever wakes it (relaxed: monitor_mu_ orders the wait and the notify).
+  // whoever wakes it (see monitor() and wake_dozing_monitor() for the
+  // orders).
   std::atomic<bool> monitor_dozing_{false};
 
   fiber_registry registry_;  // shards: one per worker, then the plain threads

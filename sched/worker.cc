@@ -185,6 +185,7 @@ void worker::run_fiber(fiber* f) {
 
 void worker::switch_away(after_switch what, const park_request* req) {
   fiber* from = current_;
+  sched_.check_canary(from);  // a stack without a guard page (kSmallStack)
   pending_ = {what, from, req};
   if (what != after_switch::yield) {
     if (fiber* to = take_handoff(from)) {
