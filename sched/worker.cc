@@ -413,6 +413,7 @@ bool worker::has_overdue_timers(clock::time_point now) const noexcept {
 // idle worker for this when no one spins. The heap's lock is only tried:
 // an owner holding it is not stuck.
 fiber* worker::steal_timers(worker& victim) noexcept {
+  if (victim.timers_.size() == 0) return nullptr;  // the common case: no clock read
   clock::time_point now = clock::now();
   if (!victim.has_overdue_timers(now)) return nullptr;
   fiber* first = nullptr;
