@@ -54,8 +54,9 @@ TEST_P(Sockets, RunsOnTheDriverThatWeftIoAsksFor) {
     EXPECT_TRUE(st.buffer_backing == "hugetlb" || st.buffer_backing == "thp" ||
                 st.buffer_backing == "small_pages")
         << st.buffer_backing;
-    if (alloc::thp_backing() == alloc::page_backing::thp)
+    if (alloc::thp_backing() == alloc::page_backing::thp) {
       EXPECT_NE(st.buffer_backing, "small_pages");
+    }
   } else {
     EXPECT_EQ(st.buffer_backing, "heap");
   }
