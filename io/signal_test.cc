@@ -10,7 +10,9 @@
 #include <chrono>
 #include <thread>
 
+#include "runtime/channel.h"
 #include "runtime/net.h"
+#include "runtime/select.h"
 #include "runtime/sync.h"
 #include "runtime/weft.h"
 #include "tests/fixture.h"
@@ -131,6 +133,24 @@ TEST_P(Signals, AStopRequestWakesAWaitingFiber) {
     (void)this_fiber::sleep_for(20ms);
     waiter.request_stop();
     EXPECT_EQ(waiter.join(), std::errc::operation_canceled);
+  });
+}
+
+// The README's way to select on a signal: a fiber forwards it to a channel.
+TEST_P(Signals, ASignalCanBeSelectedThroughAForwardingFiber) {
+  Run([&] {
+    auto stop = signal_set::watch({SIGUSR1});
+    ASSERT_TRUE(stop);
+    channel<int> sigs(1), jobs(0);
+    weft::go([&] {
+      if (auto s = stop->wait()) (void)sigs.try_send(*s);
+    });
+    std::thread t = send_later(SIGUSR1, 20ms);
+    std::optional<int> sig, job;
+    int fired = weft::select(sigs.on_recv(sig), jobs.on_recv(job), weft::after(10s));
+    t.join();
+    EXPECT_EQ(fired, 0);
+    EXPECT_EQ(sig, SIGUSR1);
   });
 }
 

@@ -504,6 +504,14 @@ TEST(FiberDeath, AnOverflowOfAStackWithoutAGuardPageIsCaughtAtItsNextSwitch) {
                "stack overflow in fiber [0-9]+ \"tiny\" \\(stack size 2048");
 }
 
+// weft::run inside a running runtime (here: from a fiber) is refused with
+// a message, not a second set of workers fighting over the first's state.
+TEST(FiberDeath, ARunInsideARunIsRefusedClearly) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(weft::run([] { return weft::run([] { return 0; }); }),
+               "only one weft runtime may run at a time");
+}
+
 TEST(FiberDeath, AllFibersAsleepIsReportedAsADeadlock) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   // Two fibers park where nothing can ever wake them (no timer, no I/O, no
