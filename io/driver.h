@@ -78,6 +78,8 @@ enum class op_kind : std::uint8_t {
   read,      // fd, buf, len: read(2) on a pollable fd left in blocking mode
              // with a single reader (weft's signal eventfds): io_uring polls
              // it on every kernel; epoll reads only once poll(2) says ready
+  poll,      // fd, flags (POLLIN or POLLOUT): waits until ready, as poll(2)
+             // (an error or hang-up counts); the result is the revents mask
 };
 
 struct op {

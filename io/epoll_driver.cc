@@ -123,6 +123,14 @@ int try_once(const op& o) {
       if (r > 0) r = ::read(o.fd, o.buf, o.len);
       break;
     }
+    case op_kind::poll: {
+      pollfd p{.fd = o.fd, .events = static_cast<short>(o.flags), .revents = 0};
+      int n = ::poll(&p, 1, 0);
+      if (n < 0) return -errno;  // errno right after the call
+      if (n == 0) return -EAGAIN;
+      if (p.revents & POLLNVAL) return -EBADF;  // not an open descriptor
+      return p.revents;
+    }
   }
   if (r < 0) return -errno;  // errno read right after the call
   return static_cast<int>(r);
@@ -138,8 +146,9 @@ bool is_file_op(op_kind k) {
          k == op_kind::openat || k == op_kind::close;
 }
 
-bool wants_write(op_kind k) {
-  return k == op_kind::send || k == op_kind::sendmsg || k == op_kind::connect;
+bool wants_write(const op& o) {
+  return o.kind == op_kind::send || o.kind == op_kind::sendmsg || o.kind == op_kind::connect ||
+         (o.kind == op_kind::poll && (o.flags & POLLOUT));
 }
 
 class epoll_driver final : public io_driver {
@@ -278,7 +287,7 @@ result<int> epoll_driver::perform(op& o, clock::time_point deadline, const char*
     }
     if (clock::now() >= deadline)
       return std::unexpected(std::make_error_code(std::errc::timed_out));
-    if (auto w = wait_ready(o.fd, wants_write(o.kind), deadline, what, where); !w)
+    if (auto w = wait_ready(o.fd, wants_write(o), deadline, what, where); !w)
       return std::unexpected(w.error());
   }
 }

@@ -265,6 +265,9 @@ void uring_driver::prep(io_uring_sqe* sqe, const op& o) {
     case op_kind::read:
       io_uring_prep_read(sqe, o.fd, o.buf, len, ~std::uint64_t{0});  // -1: no offset
       break;
+    case op_kind::poll:
+      io_uring_prep_poll_add(sqe, o.fd, static_cast<unsigned>(o.flags));
+      break;
   }
 }
 

@@ -2,7 +2,8 @@
 // io/ (see io/socket.h, io/file.h and io/blocking.h for the contracts):
 // weft::tcp_listener, weft::tcp_stream, weft::udp_socket, weft::resolve,
 // weft::socket_address, weft::pooled_buffer, weft::file, weft::blocking,
-// weft::signal_set (io/signal.h),
+// weft::signal_set (io/signal.h), weft::wait_readable/wait_writable
+// (io/readiness.h),
 // and weft::get_io_stats() (the I/O drivers' counters, summed).
 // Include it beside runtime/weft.h (which does not include it, so programs
 // without I/O do not pull in the socket headers).
@@ -10,6 +11,7 @@
 
 #include "io/blocking.h"
 #include "io/file.h"
+#include "io/readiness.h"
 #include "io/signal.h"
 #include "io/socket.h"
 
@@ -25,4 +27,6 @@ using io::tcp_stream;
 using io::udp_socket;
 using io::resolve;
 using io::signal_set;
+using io::wait_readable;
+using io::wait_writable;
 }  // namespace weft

@@ -1,0 +1,53 @@
+// io/readiness.cc — see io/readiness.h.
+#include "io/readiness.h"
+
+#include <poll.h>
+
+#include <cerrno>
+#include <chrono>
+
+#include "sched/park.h"
+
+namespace weft::io {
+namespace {
+
+std::unexpected<std::error_code> error_of(int e) {
+  return std::unexpected(std::error_code(e, std::system_category()));
+}
+
+// A plain thread: poll(2) until ready or the deadline.
+result<void> wait_plain(int fd, short events, clock::time_point deadline) {
+  for (;;) {
+    int ms = -1;
+    if (deadline != clock::time_point::max()) {
+      auto left = deadline - clock::now();
+      if (left <= clock::duration::zero())
+        return std::unexpected(std::make_error_code(std::errc::timed_out));
+      ms = static_cast<int>(std::chrono::ceil<std::chrono::milliseconds>(left).count());
+    }
+    pollfd p{.fd = fd, .events = events, .revents = 0};
+    int n = ::poll(&p, 1, ms);
+    if (n < 0 && errno != EINTR) return error_of(errno);  // errno right after the call
+    if (n > 0) return (p.revents & POLLNVAL) ? error_of(EBADF) : result<void>{};
+  }
+}
+
+result<void> wait_for_event(int fd, short events, clock::time_point deadline, const char* what) {
+  if (fd < 0) return error_of(EBADF);
+  if (!sched::current_fiber()) return wait_plain(fd, events, deadline);
+  op o{.kind = op_kind::poll, .fd = fd, .flags = events};
+  if (auto r = perform(o, deadline, what); !r) return std::unexpected(r.error());
+  return {};
+}
+
+}  // namespace
+
+result<void> wait_readable(int fd, deadline_arg d) {
+  return wait_for_event(fd, POLLIN, d.when, "fd readable");
+}
+
+result<void> wait_writable(int fd, deadline_arg d) {
+  return wait_for_event(fd, POLLOUT, d.when, "fd writable");
+}
+
+}  // namespace weft::io

@@ -1,0 +1,159 @@
+// io/readiness_test.cc — wait_readable / wait_writable on descriptors weft
+// does not own (pipes here): a fiber parks until another makes the pipe
+// ready; a full pipe parks a writer until it drains; a hang-up counts as
+// readable; deadlines, stop requests, a bad descriptor, a reused
+// descriptor number and a plain thread. Runs on both drivers (see
+// io/BUILD.bazel) over worker counts {1, 2, 4}.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <thread>
+#include <vector>
+
+#include "runtime/net.h"
+#include "runtime/weft.h"
+#include "tests/fixture.h"
+
+namespace weft {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::Runtime;
+
+class Readiness : public Runtime {};
+WEFT_RUNTIME_TEST_SUITE(Readiness);
+
+struct pipe_fds {
+  int r = -1, w = -1;
+  pipe_fds() {
+    int fds[2];
+    EXPECT_EQ(::pipe2(fds, O_CLOEXEC | O_NONBLOCK), 0);
+    r = fds[0];
+    w = fds[1];
+  }
+  ~pipe_fds() {
+    if (r >= 0) ::close(r);
+    if (w >= 0) ::close(w);
+  }
+};
+
+TEST_P(Readiness, AReaderParksUntilAnotherFiberWrites) {
+  Run([&] {
+    pipe_fds p;
+    auto reader = spawn([&] {
+      auto t0 = std::chrono::steady_clock::now();
+      auto r = wait_readable(p.r, deadline(10s));
+      EXPECT_TRUE(r) << r.error().message();
+      EXPECT_GE(std::chrono::steady_clock::now() - t0, 20ms) << "returned before the write";
+      char c = 0;
+      EXPECT_EQ(::read(p.r, &c, 1), 1);
+      return c;
+    });
+    (void)this_fiber::sleep_for(20ms);
+    ASSERT_EQ(::write(p.w, "x", 1), 1);
+    EXPECT_EQ(reader.join(), 'x');
+  });
+}
+
+TEST_P(Readiness, AWriterToAFullPipeParksUntilItDrains) {
+  Run([&] {
+    pipe_fds p;
+    std::vector<char> chunk(4096, 'f');
+    std::size_t filled = 0;
+    for (ssize_t n; (n = ::write(p.w, chunk.data(), chunk.size())) > 0;) filled += std::size_t(n);
+    ASSERT_EQ(errno, EAGAIN);
+    EXPECT_TRUE(wait_readable(p.r, deadline(1s)));  // data there: at once
+    auto none = wait_writable(p.w, deadline(30ms));
+    ASSERT_FALSE(none);
+    EXPECT_EQ(none.error(), std::errc::timed_out);
+    auto writer = spawn([&] { return wait_writable(p.w, deadline(10s)).has_value(); });
+    (void)this_fiber::sleep_for(10ms);
+    for (std::size_t drained = 0; drained < filled;) {
+      ssize_t n = ::read(p.r, chunk.data(), chunk.size());
+      ASSERT_GT(n, 0);
+      drained += std::size_t(n);
+    }
+    EXPECT_TRUE(writer.join());
+  });
+}
+
+TEST_P(Readiness, AHangUpCountsAsReadable) {
+  Run([&] {
+    pipe_fds p;
+    auto reader = spawn([&] { return wait_readable(p.r, deadline(10s)).has_value(); });
+    (void)this_fiber::sleep_for(10ms);
+    ::close(std::exchange(p.w, -1));
+    EXPECT_TRUE(reader.join());
+    char c;
+    EXPECT_EQ(::read(p.r, &c, 1), 0);  // end of file
+  });
+}
+
+TEST_P(Readiness, AStopRequestWakesAWaitingFiber) {
+  Run([&] {
+    pipe_fds p;
+    auto waiter = spawn([&] {
+      auto r = wait_readable(p.r);
+      return r ? std::error_code() : r.error();
+    });
+    (void)this_fiber::sleep_for(10ms);
+    waiter.request_stop();
+    EXPECT_EQ(waiter.join(), std::errc::operation_canceled);
+  });
+}
+
+TEST_P(Readiness, ADescriptorThatIsNotOpenIsEBADF) {
+  Run([&] {
+    pipe_fds p;
+    int closed = p.r;
+    ::close(std::exchange(p.r, -1));
+    for (int fd : {-1, closed}) {
+      auto r = wait_readable(fd, deadline(1s));
+      ASSERT_FALSE(r) << fd;
+      EXPECT_EQ(r.error(), std::errc::bad_file_descriptor) << fd;
+    }
+  });
+}
+
+// The same descriptor number, closed and reused by a new pipe between two
+// waits: the second wait is on the new file (epoll: the stale registration
+// is replaced).
+TEST_P(Readiness, AReusedDescriptorNumberIsWaitedOnAfresh) {
+  Run([&] {
+    int number;
+    {
+      pipe_fds p;
+      number = p.r;
+      ASSERT_EQ(::write(p.w, "a", 1), 1);
+      ASSERT_TRUE(wait_readable(p.r, deadline(1s)));
+    }
+    pipe_fds q;  // lowest free numbers: q.r takes the old one back
+    if (q.r != number) GTEST_SKIP() << "the descriptor number was not reused";
+    auto none = wait_readable(q.r, deadline(20ms));
+    ASSERT_FALSE(none);
+    EXPECT_EQ(none.error(), std::errc::timed_out);
+    auto reader = spawn([&] { return wait_readable(q.r, deadline(10s)).has_value(); });
+    (void)this_fiber::sleep_for(10ms);
+    ASSERT_EQ(::write(q.w, "b", 1), 1);
+    EXPECT_TRUE(reader.join());
+  });
+}
+
+TEST_P(Readiness, APlainThreadCanWaitToo) {
+  Run([&] {
+    pipe_fds p;
+    bool ready = false;
+    std::thread t([&] { ready = wait_readable(p.r, deadline(10s)).has_value(); });
+    (void)this_fiber::sleep_for(20ms);
+    ASSERT_EQ(::write(p.w, "y", 1), 1);
+    t.join();
+    EXPECT_TRUE(ready);
+    auto none = wait_readable(-1);
+    EXPECT_FALSE(none);
+  });
+}
+
+}  // namespace
+}  // namespace weft
