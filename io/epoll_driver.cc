@@ -126,7 +126,7 @@ int try_once(const op& o) {
     case op_kind::poll: {
       pollfd p{.fd = o.fd, .events = static_cast<short>(o.flags), .revents = 0};
       int n = ::poll(&p, 1, 0);
-      if (n < 0) return -errno;  // errno right after the call
+      if (n < 0) return errno == EINTR ? -EAGAIN : -errno;  // errno right after the call
       if (n == 0) return -EAGAIN;
       if (p.revents & POLLNVAL) return -EBADF;  // not an open descriptor
       return p.revents;

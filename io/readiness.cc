@@ -3,8 +3,10 @@
 
 #include <poll.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <climits>
 
 #include "sched/park.h"
 
@@ -15,20 +17,22 @@ std::unexpected<std::error_code> error_of(int e) {
   return std::unexpected(std::error_code(e, std::system_category()));
 }
 
-// A plain thread: poll(2) until ready or the deadline.
+// A plain thread: poll(2) until ready or the deadline. A deadline already
+// past still looks once, as the fiber path does.
 result<void> wait_plain(int fd, short events, clock::time_point deadline) {
   for (;;) {
     int ms = -1;
+    bool last = false;
     if (deadline != clock::time_point::max()) {
-      auto left = deadline - clock::now();
-      if (left <= clock::duration::zero())
-        return std::unexpected(std::make_error_code(std::errc::timed_out));
-      ms = static_cast<int>(std::chrono::ceil<std::chrono::milliseconds>(left).count());
+      auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - clock::now()).count();
+      last = left <= 0;
+      ms = static_cast<int>(std::clamp<long long>(left, 0, INT_MAX));
     }
     pollfd p{.fd = fd, .events = events, .revents = 0};
     int n = ::poll(&p, 1, ms);
     if (n < 0 && errno != EINTR) return error_of(errno);  // errno right after the call
     if (n > 0) return (p.revents & POLLNVAL) ? error_of(EBADF) : result<void>{};
+    if (last) return std::unexpected(std::make_error_code(std::errc::timed_out));
   }
 }
 

@@ -20,6 +20,13 @@
 // flags, nor closes it. On io_uring a wait is one IORING_OP_POLL_ADD; on
 // epoll a poll(2) and, if not ready, a one-shot registration. From a plain
 // thread it blocks in poll(2).
+//
+// Rule (Tokio's AsyncFd has the same): close the descriptor only when no
+// fiber waits on it — wake the waiter first (request_stop(), or shutdown()
+// on a socket, which makes it readable). A close under a waiter wakes
+// nothing: io_uring's pending poll keeps the file open, and epoll drops
+// the registration silently, so the waiter stays parked until its
+// deadline.
 #pragma once
 
 #include "io/driver.h"

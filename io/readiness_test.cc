@@ -25,6 +25,15 @@ using testing::Runtime;
 class Readiness : public Runtime {};
 WEFT_RUNTIME_TEST_SUITE(Readiness);
 
+// Until `flag` is set, then a little longer: the fiber that set it just
+// before its wait has most likely parked by then. The tests do not rely on
+// it (they check order through flags, not time); it makes them exercise
+// the parked path rather than the ready-at-once one.
+void until_set_then_settle(const std::atomic<bool>& flag) {
+  while (!flag.load()) (void)this_fiber::sleep_for(1ms);
+  (void)this_fiber::sleep_for(10ms);
+}
+
 struct pipe_fds {
   int r = -1, w = -1;
   pipe_fds() {
@@ -42,16 +51,18 @@ struct pipe_fds {
 TEST_P(Readiness, AReaderParksUntilAnotherFiberWrites) {
   Run([&] {
     pipe_fds p;
+    std::atomic<bool> waiting{false}, written{false};
     auto reader = spawn([&] {
-      auto t0 = std::chrono::steady_clock::now();
+      waiting.store(true);
       auto r = wait_readable(p.r, deadline(10s));
       EXPECT_TRUE(r) << r.error().message();
-      EXPECT_GE(std::chrono::steady_clock::now() - t0, 20ms) << "returned before the write";
+      EXPECT_TRUE(written.load()) << "returned before the write";
       char c = 0;
       EXPECT_EQ(::read(p.r, &c, 1), 1);
       return c;
     });
-    (void)this_fiber::sleep_for(20ms);
+    until_set_then_settle(waiting);
+    written.store(true);
     ASSERT_EQ(::write(p.w, "x", 1), 1);
     EXPECT_EQ(reader.join(), 'x');
   });
@@ -68,8 +79,15 @@ TEST_P(Readiness, AWriterToAFullPipeParksUntilItDrains) {
     auto none = wait_writable(p.w, deadline(30ms));
     ASSERT_FALSE(none);
     EXPECT_EQ(none.error(), std::errc::timed_out);
-    auto writer = spawn([&] { return wait_writable(p.w, deadline(10s)).has_value(); });
-    (void)this_fiber::sleep_for(10ms);
+    std::atomic<bool> waiting{false}, draining{false};
+    auto writer = spawn([&] {
+      waiting.store(true);
+      bool ok = wait_writable(p.w, deadline(10s)).has_value();
+      EXPECT_TRUE(draining.load()) << "returned before the pipe had room";
+      return ok;
+    });
+    until_set_then_settle(waiting);
+    draining.store(true);
     for (std::size_t drained = 0; drained < filled;) {
       ssize_t n = ::read(p.r, chunk.data(), chunk.size());
       ASSERT_GT(n, 0);
@@ -82,8 +100,12 @@ TEST_P(Readiness, AWriterToAFullPipeParksUntilItDrains) {
 TEST_P(Readiness, AHangUpCountsAsReadable) {
   Run([&] {
     pipe_fds p;
-    auto reader = spawn([&] { return wait_readable(p.r, deadline(10s)).has_value(); });
-    (void)this_fiber::sleep_for(10ms);
+    std::atomic<bool> waiting{false};
+    auto reader = spawn([&] {
+      waiting.store(true);
+      return wait_readable(p.r, deadline(10s)).has_value();
+    });
+    until_set_then_settle(waiting);
     ::close(std::exchange(p.w, -1));
     EXPECT_TRUE(reader.join());
     char c;
@@ -94,11 +116,13 @@ TEST_P(Readiness, AHangUpCountsAsReadable) {
 TEST_P(Readiness, AStopRequestWakesAWaitingFiber) {
   Run([&] {
     pipe_fds p;
+    std::atomic<bool> waiting{false};
     auto waiter = spawn([&] {
+      waiting.store(true);
       auto r = wait_readable(p.r);
       return r ? std::error_code() : r.error();
     });
-    (void)this_fiber::sleep_for(10ms);
+    until_set_then_settle(waiting);
     waiter.request_stop();
     EXPECT_EQ(waiter.join(), std::errc::operation_canceled);
   });
@@ -118,27 +142,53 @@ TEST_P(Readiness, ADescriptorThatIsNotOpenIsEBADF) {
 }
 
 // The same descriptor number, closed and reused by a new pipe between two
-// waits: the second wait is on the new file (epoll: the stale registration
-// is replaced).
+// waits that both park, on one worker: the second wait is on the new file
+// (epoll: MOD of the stale registration fails with ENOENT, and the driver
+// adds the new file instead).
 TEST_P(Readiness, AReusedDescriptorNumberIsWaitedOnAfresh) {
+  bool reused = true;
   Run([&] {
-    int number;
-    {
-      pipe_fds p;
-      number = p.r;
-      ASSERT_EQ(::write(p.w, "a", 1), 1);
-      ASSERT_TRUE(wait_readable(p.r, deadline(1s)));
+    // 1: the first wait is about to park; 2: the second; 3: no reuse.
+    std::atomic<int> stage{0};
+    std::atomic<int> write_to{-1};
+    auto waits = spawn([&] {
+      int number;
+      {
+        pipe_fds p;
+        number = p.r;
+        write_to.store(p.w);
+        stage.store(1);
+        EXPECT_TRUE(wait_readable(p.r, deadline(10s)));
+      }
+      pipe_fds q;  // lowest free numbers: q.r takes the old one back
+      if (q.r != number) {
+        stage.store(3);
+        return;
+      }
+      auto none = wait_readable(q.r, deadline(20ms));  // parks on the new file, times out
+      EXPECT_FALSE(none);
+      if (!none) {
+        EXPECT_EQ(none.error(), std::errc::timed_out);
+      }
+      write_to.store(q.w);
+      stage.store(2);
+      EXPECT_TRUE(wait_readable(q.r, deadline(10s)));
+    }, {.pinned = true, .worker = 0});
+    auto settle_at = [&](int want) {
+      while (stage.load() < want) (void)this_fiber::sleep_for(1ms);
+      (void)this_fiber::sleep_for(10ms);
+    };
+    settle_at(1);
+    ASSERT_EQ(::write(write_to.load(), "a", 1), 1);
+    settle_at(2);
+    if (stage.load() == 3) {
+      reused = false;
+    } else {
+      ASSERT_EQ(::write(write_to.load(), "b", 1), 1);
     }
-    pipe_fds q;  // lowest free numbers: q.r takes the old one back
-    if (q.r != number) GTEST_SKIP() << "the descriptor number was not reused";
-    auto none = wait_readable(q.r, deadline(20ms));
-    ASSERT_FALSE(none);
-    EXPECT_EQ(none.error(), std::errc::timed_out);
-    auto reader = spawn([&] { return wait_readable(q.r, deadline(10s)).has_value(); });
-    (void)this_fiber::sleep_for(10ms);
-    ASSERT_EQ(::write(q.w, "b", 1), 1);
-    EXPECT_TRUE(reader.join());
+    waits.join();
   });
+  if (!reused) GTEST_SKIP() << "the descriptor number was not reused";
 }
 
 TEST_P(Readiness, APlainThreadCanWaitToo) {
