@@ -132,17 +132,19 @@ chan_status finish_wait(wake_reason r, const waiter& w) {
 
 }  // namespace
 
+chan_status chan_core::finish_at_once(chan_status s, wake_ticket t, bool may_block) noexcept {
+  lk_.unlock();
+  if (t) ready(t);
+  if (may_block) sched::spend_budget();  // completed without parking
+  return s;
+}
+
 chan_status chan_core::send(void* v, clock::time_point dl, bool may_block,
                             const std::source_location& where) {
   lk_.lock();
   wake_ticket t;
   chan_status s = try_send_locked(v, t);
-  if (s != chan_status::would_block || !may_block) {
-    lk_.unlock();
-    if (t) ready(t);
-    if (may_block) sched::spend_budget();  // completed without parking
-    return s;
-  }
+  if (s != chan_status::would_block || !may_block) return finish_at_once(s, t, may_block);
   parker p;
   waiter w{.slot = v};
   wake_reason r = wait_on(lk_, sendq_, w, p, {.deadline = dl, .what = "chan send", .where = where});
@@ -154,12 +156,7 @@ chan_status chan_core::recv(void* out, void (*deliver)(void*, void*), clock::tim
   lk_.lock();
   wake_ticket t;
   chan_status s = try_recv_locked(out, deliver, t);
-  if (s != chan_status::would_block || !may_block) {
-    lk_.unlock();
-    if (t) ready(t);
-    if (may_block) sched::spend_budget();  // completed without parking
-    return s;
-  }
+  if (s != chan_status::would_block || !may_block) return finish_at_once(s, t, may_block);
   parker p;
   waiter w{.slot = out, .deliver = deliver};
   wake_reason r =

@@ -98,6 +98,9 @@ class chan_core {
   chan_status try_recv_locked(void* out, void (*deliver)(void*, void*),
                               wake_ticket& t) noexcept;
   void* slot(std::size_t i) const noexcept;
+  // The end of an operation that did not park: drops lk_, wakes the
+  // fiber it handed a value to, spends the coop budget (blocking kinds).
+  chan_status finish_at_once(chan_status s, wake_ticket t, bool may_block) noexcept;
 
   mutable short_lock lk_;
   wait_list recvq_;  // parked receivers; guarded by lk_
