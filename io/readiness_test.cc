@@ -159,6 +159,8 @@ TEST_P(Readiness, AReusedDescriptorNumberIsWaitedOnAfresh) {
         write_to.store(p.w);
         stage.store(1);
         EXPECT_TRUE(wait_readable(p.r, deadline(10s)));
+        char c;
+        EXPECT_EQ(::read(p.r, &c, 1), 1);  // also orders main's write before our close (TSan)
       }
       pipe_fds q;  // lowest free numbers: q.r takes the old one back
       if (q.r != number) {
@@ -173,6 +175,8 @@ TEST_P(Readiness, AReusedDescriptorNumberIsWaitedOnAfresh) {
       write_to.store(q.w);
       stage.store(2);
       EXPECT_TRUE(wait_readable(q.r, deadline(10s)));
+      char c;
+      EXPECT_EQ(::read(q.r, &c, 1), 1);
     }, {.pinned = true, .worker = 0});
     auto settle_at = [&](int want) {
       while (stage.load() < want) (void)this_fiber::sleep_for(1ms);
