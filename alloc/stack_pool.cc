@@ -631,7 +631,10 @@ bool stack_pool::has_canary(const stack& s) const {
 
 bool stack_pool::check_canary(const stack& s) const {
   WEFT_DCHECK(s, "stack_pool::check_canary: empty stack");
-  if (!impl_->has_canary(s.lo, s.size_class)) return true;
+  return !impl_->has_canary(s.lo, s.size_class) || canary_intact(s);
+}
+
+bool stack_pool::canary_intact(const stack& s) noexcept {
   std::uint64_t word;
   std::memcpy(&word, s.lo, sizeof word);
   return word == detail::kCanaryMagic;

@@ -141,6 +141,9 @@ class stack_pool {
   // False if the canary at s.lo was overwritten (stack overflow on a stack
   // without a guard page). Always true for stacks with a guard page.
   bool check_canary(const stack& s) const;
+  // As check_canary() for a stack known to have a canary (has_canary()):
+  // one word compared, no lookup. For the per-switch check.
+  static bool canary_intact(const stack& s) noexcept;
   // True if `s` has no guard page and relies on its canary.
   bool has_canary(const stack& s) const;
 

@@ -44,7 +44,14 @@ void on_sigquit(int sig) {
 }  // namespace
 
 quit_dumper::quit_dumper() {
-  if (sigaction(SIGQUIT, nullptr, &old_) != 0 || old_.sa_handler != SIG_DFL) return;
+  if (sigaction(SIGQUIT, nullptr, &old_) != 0) return;
+  // Our own handler, left by a weft::signal_set that outlived an earlier
+  // run (see on_sigquit), stands for the default it replaced.
+  if (old_.sa_handler == &on_sigquit) {
+    old_ = {};
+    old_.sa_handler = SIG_DFL;
+  }
+  if (old_.sa_handler != SIG_DFL) return;
   efd_ = ::eventfd(0, EFD_CLOEXEC);
   if (efd_ < 0) return;
   g_quit_fd.store(efd_, std::memory_order_seq_cst);  // see g_quit_fd

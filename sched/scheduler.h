@@ -127,9 +127,11 @@ class scheduler {
   // by the worker (cache) that is about to switch to it.
   void bind_stack(fiber* f, unsigned cache);
   // A stack without a guard page: aborts with the overflow report if its
-  // canary was overwritten. Called as the fiber switches away.
+  // canary was overwritten. Called right after the fiber switched away
+  // (worker::finish_switch()).
   void check_canary(const fiber* f) const noexcept {
-    if (f->canary_ && !stacks_.check_canary(f->stack_)) alloc::report_stack_overflow(f->stack_);
+    if (f->canary_ && !alloc::stack_pool::canary_intact(f->stack_))
+      alloc::report_stack_overflow(f->stack_);
   }
 
   // Makes a runnable fiber visible to every worker.

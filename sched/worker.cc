@@ -185,7 +185,6 @@ void worker::run_fiber(fiber* f) {
 
 void worker::switch_away(after_switch what, const park_request* req) {
   fiber* from = current_;
-  sched_.check_canary(from);  // a stack without a guard page (kSmallStack)
   pending_ = {what, from, req};
   if (what != after_switch::yield) {
     if (fiber* to = take_handoff(from)) {
@@ -243,6 +242,12 @@ fiber* worker::take_lifo() noexcept {
 
 void worker::finish_switch() {
   pending_switch p = std::exchange(pending_, pending_switch{});
+  // A stack without a guard page (kSmallStack): its canary, checked here,
+  // on the next context's stack (the loop's, or a hand-off target's of at
+  // least kHandoffMinStack), after the switch's own pushes, and before the
+  // fiber is published or its stack freed. Reporting on the overflowed
+  // stack itself would write further into its neighbours.
+  if (p.from) sched_.check_canary(p.from);
   switch (p.what) {
     case after_switch::none:
       break;
