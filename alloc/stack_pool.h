@@ -14,7 +14,8 @@
 // madvise(MADV_GUARD_INSTALL) (Linux 6.13+), which does not split the VMA, so
 // a million guarded stacks stay far under vm.max_map_count. If the kernel
 // refuses it: mprotect(PROT_NONE) while under a budget of mappings, then a
-// canary word at `lo` that sched/ checks at every switch (check_canary), with
+// canary word at `lo` that sched/ checks after every switch away from the
+// fiber (has_canary() once at binding, then canary_intact()), with
 // one warning line saying so. Classes below one page (the "tiny" classes for
 // fibers that need very little stack) are packed densely without a guard
 // page and always rely on the canary.
@@ -43,7 +44,7 @@
 // Who calls what:
 //   allocate(), release()   cache c: only the one thread that owns cache c
 //                           (a worker and its index); kSharedCache: any thread
-//   check_canary()          any thread
+//   check_canary(), has_canary(), canary_intact()   any thread
 //   stats()                 any thread (relaxed snapshot)
 #pragma once
 
