@@ -35,6 +35,7 @@
 //   multishot_sink::on_result()  the driver that armed it, on its thread
 #pragma once
 
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 
@@ -141,6 +142,9 @@ struct io_counters {
   std::atomic<std::uint64_t> submits{0};    // io_uring_submit/enter calls that submitted
   std::atomic<std::uint64_t> completions{0};  // CQEs or readiness events handled
   std::atomic<std::uint64_t> multishot_accepts{0};  // multishot accept SQEs armed (io_uring)
+  // Completions (or cancels) handed to other workers while the owner was
+  // stuck in one fiber; written by the monitor's rescue() only.
+  std::atomic<std::uint64_t> rescued{0};
   static void bump(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
     c.store(c.load(std::memory_order_relaxed) + n,
             std::memory_order_relaxed);  // relaxed: statistic, single writer
@@ -149,7 +153,8 @@ struct io_counters {
 
 // A snapshot of every worker's counters (io::stats()).
 struct io_stats {
-  std::uint64_t ops = 0, parked = 0, submits = 0, completions = 0, multishot_accepts = 0;
+  std::uint64_t ops = 0, parked = 0, submits = 0, completions = 0, multishot_accepts = 0,
+                rescued = 0;
   std::string driver;  // the first worker's driver name ("io_uring", "epoll")
   // The first worker's receive-buffer backing: "hugetlb", "thp",
   // "small_pages" (alloc/arena.h) or "heap".
@@ -251,6 +256,13 @@ void evict_everywhere(int fd) noexcept;
 // Called once per process by the driver factory: SIGPIPE ignored, so a
 // write to a closed peer is an EPIPE value, never a signal.
 void ignore_sigpipe_once() noexcept;
+
+// weft's own SIGURG, sent by the monitor to a worker stuck in one fiber
+// (see *Rescue* in io/uring_driver.cc): flushes that worker's ring and
+// returns true. Returns false and does nothing for any other signal.
+// Async-signal-safe. A handler that replaces weft's SIGURG handler
+// (io/signal.cc's, while a signal_set watches SIGURG) calls it first.
+bool handle_rescue_signal(int sig, const siginfo_t* info) noexcept;
 
 // Requests other threads hand to a driver's owner thread (cancel an
 // operation submitted on its ring, evict an fd from its epoll set). Any

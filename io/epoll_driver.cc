@@ -6,9 +6,14 @@
 // (edge-triggered, EPOLLONESHOT, as libtorque does) and tries again.
 //
 // Invariants:
-//   - table_ and the epoll registrations are touched only by the owning
-//     worker's thread: a fiber arms a wait only while it runs there;
-//     other threads reach the driver through wake() and cancel() only.
+//   - table_, waiting_ and woken_ are guarded by lock_, which the owning
+//     worker's thread takes (a fiber arms a wait only while it runs
+//     there; poll() and wait() hold it, wait() through its epoll_pwait2),
+//     and rescue() tries: the monitor's thread, while the owner is stuck
+//     in one fiber, takes the cancels and readiness events the owner cannot
+//     and completes their waits (their fibers go to the inject queue and
+//     run on other workers). Other threads reach the driver through wake(),
+//     cancel() and evict() only.
 //   - table_[fd] lists the fibers of this worker waiting to read and to
 //     write fd; each is a wait_slot on its fiber's stack, counted in
 //     waiting_ until complete() ran for it (see *Completion slots* in
@@ -28,6 +33,7 @@
 // Who calls what:
 //   perform(), poll(), flush(), wait(), pending()   owner thread
 //   wake(), cancel(), evict()                       any thread
+//   rescue()                                        the monitor
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/epoll.h>
@@ -165,9 +171,16 @@ class epoll_driver final : public io_driver {
   void evict(int fd) noexcept override;
   void wait(sched::clock::time_point deadline) override;
   void poll() override;
-  void flush() override { drain_cancels(); }
+  void flush() override {
+    std::lock_guard g(lock_);
+    drain_cancels();
+  }
   void wake() noexcept override;
-  std::size_t pending() const noexcept override { return waiting_; }
+  std::size_t pending() const noexcept override {
+    std::lock_guard g(lock_);
+    return waiting_;
+  }
+  void rescue() noexcept override;
   const char* name() const noexcept override { return "epoll"; }
 
  private:
@@ -181,6 +194,7 @@ class epoll_driver final : public io_driver {
   static result<int> recv_pooled(op& o, clock::time_point deadline, const char* what,
                                  std::source_location where);
   void arm(wait_slot& s);
+  // The rest under lock_.
   // Owner thread, from the fiber whose call just succeeded without a wait.
   void spend_budget() {
     io_counters::bump(counters_.ops);
@@ -198,10 +212,12 @@ class epoll_driver final : public io_driver {
 
   const int epfd_;
   const int efd_;
-  std::vector<fd_entry> table_;  // by fd; owner only
-  std::size_t waiting_ = 0;      // owner only: armed wait slots
-  // Owner only: a wake() was consumed by poll() and no wait() has returned
-  // since. wake() is sticky (sched/driver.h): the next wait() returns at once.
+  mutable weft::spinlock lock_;  // see the invariants
+  std::vector<fd_entry> table_;  // by fd; guarded by lock_
+  std::size_t waiting_ = 0;      // guarded by lock_: armed wait slots
+  // Guarded by lock_: a wake() was consumed by poll() or rescue() and no
+  // wait() has returned since. wake() is sticky (sched/driver.h): the next
+  // wait() returns at once.
   bool woken_ = false;
 
   // release in wake() publishes the waker's work; pairs with the acq_rel
@@ -214,6 +230,7 @@ class epoll_driver final : public io_driver {
 // ---- Waiting for readiness ---------------------------------------------------
 
 void epoll_driver::arm(wait_slot& s) {
+  std::lock_guard g(lock_);
   if (static_cast<std::size_t>(s.fd) >= table_.size()) table_.resize(s.fd + 64);
   fd_entry& e = table_[s.fd];
   io_counters::bump(counters_.ops);
@@ -335,6 +352,7 @@ void epoll_driver::cancel_now(wait_slot& s) {
 void epoll_driver::cancel(completion& c) noexcept {
   auto& s = static_cast<wait_slot&>(c);  // every slot this driver holds is one
   if (on_owner_thread()) {
+    std::lock_guard g(lock_);
     cancel_now(s);
     return;
   }
@@ -342,6 +360,7 @@ void epoll_driver::cancel(completion& c) noexcept {
   wake();
 }
 
+// Under lock_ (the owner's poll() and wait(), or rescue()).
 void epoll_driver::drain_cancels() {
   std::vector<wait_slot*> todo;
   std::vector<int> fds;
@@ -363,6 +382,7 @@ void epoll_driver::evict_now(int fd) {
 
 void epoll_driver::evict(int fd) noexcept {
   if (on_owner_thread()) {
+    std::lock_guard g(lock_);
     evict_now(fd);
     return;
   }
@@ -406,22 +426,46 @@ void epoll_driver::dispatch(const epoll_event* ev, int n) {
 }
 
 void epoll_driver::poll() {
+  if (!lock_.try_lock()) return;  // rescue() is at work for us
   drain_cancels();
-  if (waiting_ == 0) return;  // nothing to learn without a syscall
-  epoll_event ev[kMaxEvents];
-  int n = ::epoll_wait(epfd_, ev, kMaxEvents, 0);
-  if (n > 0) dispatch(ev, n);
+  if (waiting_ > 0) {  // else nothing to learn without a syscall
+    epoll_event ev[kMaxEvents];
+    int n = ::epoll_wait(epfd_, ev, kMaxEvents, 0);
+    if (n > 0) dispatch(ev, n);
+  }
+  lock_.unlock();
 }
 
 void epoll_driver::wait(sched::clock::time_point deadline) {
+  if (!lock_.try_lock()) return;  // rescue() is at work: a spurious return
   drain_cancels();
   if (std::exchange(woken_, false)) deadline = sched::clock::now();  // see woken_
   timespec ts{};
   timespec* tsp = sched::relative_timeout(deadline, ts);
   epoll_event ev[kMaxEvents];
+  // lock_ stays held: a worker waiting here is not stuck.
   int n = ::epoll_pwait2(epfd_, ev, kMaxEvents, tsp, nullptr);  // EINTR: a plain return
   if (n > 0) dispatch(ev, n);
   woken_ = false;  // this wait returns: any wake seen so far is delivered
+  lock_.unlock();
+}
+
+// The monitor, while the owner is stuck in one fiber (see the invariants):
+// what the owner's poll() would do, until the kernel has no more events.
+void epoll_driver::rescue() noexcept {
+  if (!lock_.try_lock()) return;  // the owner is in poll() or wait(): not stuck
+  const std::size_t before = waiting_;
+  drain_cancels();
+  for (int round = 0; round < 64 && waiting_ > 0; ++round) {
+    epoll_event ev[kMaxEvents];
+    int n = ::epoll_wait(epfd_, ev, kMaxEvents, 0);
+    if (n > 0) dispatch(ev, n);
+    if (n < kMaxEvents) break;
+  }
+  // Waits completed here (events or cancels; a wait armed meanwhile cannot
+  // be: arming takes lock_). Single writer: the monitor.
+  io_counters::bump(counters_.rescued, before - waiting_);
+  lock_.unlock();
 }
 
 void epoll_driver::wake() noexcept {

@@ -96,6 +96,7 @@ io_stats stats() {
     st.submits += get(c.submits);
     st.completions += get(c.completions);
     st.multishot_accepts += get(c.multishot_accepts);
+    st.rescued += get(c.rescued);
     if (st.driver.empty()) {
       st.driver = d->name();
       st.buffer_backing = d->buffer_backing();

@@ -65,7 +65,9 @@ install_state& installs() {
   return *s;
 }
 
-extern "C" void on_signal(int sig) {
+extern "C" void on_signal(int sig, siginfo_t* info, void*) {
+  // weft's own SIGURG (a stuck worker's rescue) is not a delivery.
+  if (handle_rescue_signal(sig, info)) return;  // keeps errno itself
   const int saved = errno;
   // release: pairs with take_delivered()'s acquire; the eventfd write
   // below is what wakes the waiter.
@@ -127,12 +129,12 @@ result<signal_set> signal_set::watch(std::initializer_list<int> signals) {
     set.seen_[s] = g.delivered[s].load(std::memory_order_acquire);
     if (st.watchers[s]++ > 0) continue;
     struct sigaction sa {};
-    sa.sa_handler = &on_signal;
+    sa.sa_sigaction = &on_signal;
     sigemptyset(&sa.sa_mask);
     // SA_ONSTACK: on a worker the frame goes on its sigaltstack, not on the
     // running fiber's stack (which may be 1 KiB; the frame is ~3 KiB with
     // AVX-512 state). Other threads have no altstack and use their own.
-    sa.sa_flags = SA_RESTART | SA_ONSTACK;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
     if (::sigaction(s, &sa, &st.previous[s]) != 0) {  // validated above: not expected
       int e = errno;
       --st.watchers[s];

@@ -37,13 +37,43 @@
 // at all times. Either way a sleeping wait() returns; wake_pending_ keeps
 // repeated wakes down to one until the owner has seen it.
 //
+// *Rescue* (a worker stuck in one fiber that computes without parking):
+// with DEFER_TASKRUN or COOP_TASKRUN the kernel posts completions only
+// when the owner enters it, and SQEs a fiber prepared just before the
+// stuck fiber started (a hand-off runs it without a loop turn) are not
+// even submitted. The monitor (sched/scheduler.cc) calls rescue() on its
+// own thread, which
+//   1. if the ring holds deferred completions or unsubmitted SQEs,
+//      interrupts the owner's thread with SIGURG (as Go preempts a
+//      goroutine; its default action is to ignore it, so a stray one is
+//      harmless). The handler, on the owner's thread, submits the
+//      prepared SQEs — unless the signal landed inside this driver's SQ
+//      code (sq_busy_), where it only enters the kernel for the deferred
+//      completions, which never touches the SQ;
+//   2. reaps the CQ ring itself and makes the fibers runnable from its
+//      thread: they go to the inject queue and other workers run them.
+// reap_lock_ keeps the owner and rescue() from reaping at once: the owner
+// holds it in poll() and wait() (through its kernel wait: a waiting owner
+// is not stuck), rescue() only tries it. It guards the CQ ring's head,
+// woken_, rearm_wake_ and armed_. inflight_ stays the owner's; rescue()
+// counts what it reaped in rescued_, which the owner subtracts. Not
+// rescued: a cancel asked for meanwhile (a far deadline, a stop request)
+// is an SQE, which only the owner may submit; it waits for the stuck
+// fiber. A program that installs its own SIGURG handler turns step 1 off
+// (completions the kernel has posted are still rescued).
+//
 // Who calls what:
 //   perform(), poll(), poll_now(), flush(), wait(), pending()  owner thread
 //   wake(), cancel(), release_buffer()                         any thread
+//   rescue()                                                   the monitor
+//   flush_from_signal()                                        the owner's SIGURG handler
 #include <fcntl.h>
 #include <liburing.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -53,6 +83,7 @@
 #include <cstdio>
 #include <cstring>
 #include <mutex>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -103,14 +134,35 @@ constexpr unsigned kFlagChoices[] = {
     0,
 };
 
+// si_value of weft's own SIGURG (see *Rescue*), so that a program's own
+// SIGURG (out-of-band data, another library) is passed on, not taken.
+constexpr int kRescueMagic = 0x77656674;  // "weft"
+// Handler runs on any thread so far: rescue() waits for a change.
+constinit std::atomic<std::uint64_t> g_rescue_flushes{0};
+struct sigaction g_prev_sigurg;  // the disposition before weft's; set once, before installing
+
+class uring_driver;
+// The driver of the worker running on this thread, for the SIGURG
+// handler. initial-exec: reading it in a handler must not allocate.
+[[gnu::tls_model("initial-exec")]] thread_local uring_driver* tls_driver = nullptr;
+
 class uring_driver final : public io_driver {
  public:
   uring_driver(io_uring& ring, unsigned flags, int efd, int node_os)
-      : ring_(ring), flags_(flags), efd_(efd), ts_(ring.sq.ring_entries) {
+      : ring_(ring), flags_(flags), efd_(efd), ts_(ring.sq.ring_entries),
+        owner_(::pthread_self()) {
     (void)io_uring_register_ring_fd(&ring_);  // optional: saves an fd lookup per enter
     setup_buffer_ring(node_os);
     arm_wake_read();
     io_uring_submit(&ring_);
+    unsubmitted_.store(false, std::memory_order_relaxed);
+    // A program that blocks signals before weft::run() blocks them in its
+    // workers too: the rescue signal must get through.
+    sigset_t urg;
+    sigemptyset(&urg);
+    sigaddset(&urg, SIGURG);
+    ::pthread_sigmask(SIG_UNBLOCK, &urg, nullptr);
+    tls_driver = this;
   }
   ~uring_driver() override {
     // After every worker joined: nothing runs on the ring any more.
@@ -139,7 +191,11 @@ class uring_driver final : public io_driver {
     if (io_uring_sq_ready(&ring_) > 0) submit();
   }
   void wake() noexcept override;
-  std::size_t pending() const noexcept override { return inflight_; }
+  std::size_t pending() const noexcept override {
+    return inflight_ - rescued_.load(std::memory_order_relaxed);  // relaxed: see rescued_
+  }
+  void rescue() noexcept override;
+  void flush_from_signal() noexcept;
   bool has_multishot_accept() const noexcept override { return true; }
   void arm_multishot_accept(int fd, multishot_sink& s) override;
   void cancel_multishot(multishot_sink& s) noexcept override;
@@ -159,11 +215,32 @@ class uring_driver final : public io_driver {
   void prep(io_uring_sqe* sqe, const op& o);
   void prep_cancel(std::uint64_t tag);
   void cancel_tag(std::uint64_t tag) noexcept;
-  void on_multishot_cqe(std::uint64_t tag, int res, std::uint32_t flags);
+  bool on_multishot_cqe(std::uint64_t tag, int res, std::uint32_t flags);
   void arm_wake_read();
   bool send_ring_wake() noexcept;
   void drain_cancels();
-  void reap();
+  void reap(bool owner);
+  // Marks the owner thread's SQ code for its own signal handler (see
+  // *Rescue*). Nests.
+  class sq_section {
+   public:
+    explicit sq_section(uring_driver& d) : d_(d) {
+      // relaxed + signal fences: only this thread's handler reads it.
+      d_.sq_busy_.store(d_.sq_busy_.load(std::memory_order_relaxed) + 1,
+                        std::memory_order_relaxed);
+      std::atomic_signal_fence(std::memory_order_seq_cst);
+    }
+    ~sq_section() {
+      std::atomic_signal_fence(std::memory_order_seq_cst);
+      d_.sq_busy_.store(d_.sq_busy_.load(std::memory_order_relaxed) - 1,
+                        std::memory_order_relaxed);
+    }
+    sq_section(const sq_section&) = delete;
+    sq_section& operator=(const sq_section&) = delete;
+
+   private:
+    uring_driver& d_;
+  };
   bool on_owner_thread() const noexcept {
     sched::worker* w = sched::current_worker();
     return w && w->io() == this;
@@ -175,9 +252,25 @@ class uring_driver final : public io_driver {
   std::uint64_t wake_buf_ = 0;  // the armed eventfd read's target (owner, kernel)
   std::vector<__kernel_timespec> ts_;  // link timeouts by SQE index (see *Deadlines*)
   std::size_t inflight_ = 0;  // owner only: operations started, CQE not yet seen
-  // Owner only: a wake() was consumed by poll() and no wait() has returned
+  // Guarded by reap_lock_: a wake() was reaped and no wait() has returned
   // since. wake() is sticky (sched/driver.h): the next wait() returns at once.
   bool woken_ = false;
+
+  // *Rescue*. reap_lock_: see there.
+  weft::spinlock reap_lock_;
+  // Guarded by reap_lock_: the eventfd read completed; the owner re-arms
+  // it (an SQE) at its next poll() or wait().
+  bool rearm_wake_ = false;
+  // CQEs of counted operations that rescue() reaped, not yet subtracted
+  // from inflight_. relaxed: a count; pending() may read it late, which
+  // only overstates what is in flight (the deadlock check stays safe).
+  std::atomic<std::size_t> rescued_{0};
+  // SQEs prepared since the last submit. Owner stores, the monitor reads a
+  // hint (relaxed: the signal it sends is what orders the submit).
+  std::atomic<bool> unsubmitted_{false};
+  // Owner thread only, and its signal handler: inside SQ code (sq_section).
+  std::atomic<int> sq_busy_{0};
+  const pthread_t owner_;
 
   // release in wake() publishes the waker's work; pairs with the acq_rel
   // exchange in reap() that clears it (see *Waking*).
@@ -202,14 +295,18 @@ class uring_driver final : public io_driver {
   std::vector<multishot_sink*> armed_;
 };
 
+// The callers hold an sq_section until the SQE is filled in.
 io_uring_sqe* uring_driver::get_sqe(unsigned need) {
   if (io_uring_sq_space_left(&ring_) < need) submit();
   io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
   WEFT_CHECK(sqe, "uring_driver: no SQE after submitting");
+  unsubmitted_.store(true, std::memory_order_relaxed);  // relaxed: see unsubmitted_
   return sqe;
 }
 
 void uring_driver::submit() {
+  sq_section busy(*this);
+  unsubmitted_.store(false, std::memory_order_relaxed);  // relaxed: see unsubmitted_
   int r = io_uring_submit(&ring_);
   if (r > 0) io_counters::bump(counters_.submits);
   // -EBUSY/-EAGAIN: CQ overflow backlog or memory pressure; the SQEs stay
@@ -272,6 +369,7 @@ void uring_driver::prep(io_uring_sqe* sqe, const op& o) {
 }
 
 void uring_driver::start(op& o, completion& c, clock::time_point deadline) {
+  sq_section busy(*this);
   const bool timed = deadline != clock::time_point::max();
   io_uring_sqe* sqe = get_sqe(timed ? 2 : 1);
   prep(sqe, o);
@@ -425,6 +523,7 @@ result<int> uring_driver::recv_pooled(op& o, clock::time_point deadline, const c
 // ---- Cancelling --------------------------------------------------------------
 
 void uring_driver::prep_cancel(std::uint64_t tag) {
+  sq_section busy(*this);
   io_uring_sqe* sqe = get_sqe(1);
   io_uring_prep_cancel64(sqe, tag, 0);
   io_uring_sqe_set_data64(sqe, kIgnoreTag);
@@ -453,12 +552,16 @@ void uring_driver::drain_cancels() {
 
 void uring_driver::arm_multishot_accept(int fd, multishot_sink& s) {
   WEFT_DCHECK(on_owner_thread(), "arm_multishot_accept: not on the owner's thread");
+  sq_section busy(*this);
   io_uring_sqe* sqe = get_sqe(1);
   io_uring_prep_multishot_accept(sqe, fd, nullptr, nullptr, SOCK_CLOEXEC);
   // SAFETY: s is on the heap and stays alive until its last on_result()
   // (or on_driver_gone()); see *Multishot operations* in io/driver.h.
   io_uring_sqe_set_data64(sqe, reinterpret_cast<std::uintptr_t>(&s) | kMultishotBit);
-  armed_.push_back(&s);
+  {
+    std::lock_guard g(reap_lock_);  // armed_ (see *Rescue*); held briefly by rescue()
+    armed_.push_back(&s);
+  }
   ++inflight_;
   io_counters::bump(counters_.ops);
   io_counters::bump(counters_.multishot_accepts);
@@ -470,11 +573,12 @@ void uring_driver::cancel_multishot(multishot_sink& s) noexcept {
   cancel_tag(reinterpret_cast<std::uintptr_t>(&s) | kMultishotBit);
 }
 
-void uring_driver::on_multishot_cqe(std::uint64_t tag, int res, std::uint32_t flags) {
+// Under reap_lock_. Returns whether this was the multishot's last CQE
+// (it then no longer counts in flight).
+bool uring_driver::on_multishot_cqe(std::uint64_t tag, int res, std::uint32_t flags) {
   auto* s = reinterpret_cast<multishot_sink*>(tag & ~kMultishotBit);
   const bool more = flags & IORING_CQE_F_MORE;
   if (!more) {
-    --inflight_;
     auto it = std::find(armed_.begin(), armed_.end(), s);
     WEFT_CHECK(it != armed_.end(), "uring_driver: last CQE of a multishot not armed here");
     *it = armed_.back();
@@ -482,10 +586,13 @@ void uring_driver::on_multishot_cqe(std::uint64_t tag, int res, std::uint32_t fl
   }
   // SAFETY: the sink holds a share of its own state for the armed SQE and
   // drops it only in this last call (more == false); see io/accept.cc.
+  // Thread-safe: rescue() calls it from the monitor.
   s->on_result(res, more);
+  return !more;
 }
 
 void uring_driver::arm_wake_read() {
+  sq_section busy(*this);
   io_uring_sqe* sqe = get_sqe(1);
   io_uring_prep_read(sqe, efd_, &wake_buf_, sizeof wake_buf_, 0);
   io_uring_sqe_set_data64(sqe, kWakeTag);
@@ -509,6 +616,7 @@ bool uring_driver::send_ring_wake() noexcept {
   sched::worker* w = sched::current_worker();
   auto* from = w ? dynamic_cast<uring_driver*>(w->io()) : nullptr;
   if (!from || from == this) return false;
+  sq_section busy(*from);  // from's owner is this thread
   io_uring_sqe* sqe = io_uring_get_sqe(&from->ring_);
   if (!sqe) return false;  // its SQ ring is full: the eventfd serves
   io_uring_prep_msg_ring(sqe, ring_.ring_fd, 0, kRingWakeTag, 0);
@@ -517,11 +625,14 @@ bool uring_driver::send_ring_wake() noexcept {
   return true;
 }
 
-void uring_driver::reap() {
+// Under reap_lock_. The owner (poll(), wait()) takes at most kMaxReap (see
+// *Fairness*); rescue() takes everything, into the inject queue.
+void uring_driver::reap(bool owner) {
   unsigned head, n = 0;
+  std::size_t done = 0;  // counted operations that completed
   io_uring_cqe* cqe;
   io_uring_for_each_cqe(&ring_, head, cqe) {
-    if (n == kMaxReap) break;  // see *Fairness*
+    if (owner && n == kMaxReap) break;
     ++n;
     std::uint64_t tag = cqe->user_data;
     if (tag == kIgnoreTag) continue;
@@ -529,25 +640,40 @@ void uring_driver::reap() {
       // acq_rel: pairs with wake()'s exchange; wakes after this one write again.
       wake_pending_.exchange(false, std::memory_order_acq_rel);
       woken_ = true;
-      if (tag == kWakeTag) arm_wake_read();  // a MSG_RING consumed nothing
+      if (tag == kWakeTag) rearm_wake_ = true;  // a MSG_RING consumed nothing
       continue;
     }
     if (tag & kMultishotBit) {
-      on_multishot_cqe(tag, cqe->res, cqe->flags);
+      if (on_multishot_cqe(tag, cqe->res, cqe->flags)) ++done;
       continue;
     }
-    --inflight_;
+    ++done;
     // SAFETY: the fiber that owns this slot is parked (or about to park)
     // until complete() ran; see *Completion slots* in io/driver.h.
     reinterpret_cast<completion*>(tag)->complete(cqe->res, cqe->flags);
   }
   io_uring_cq_advance(&ring_, n);
-  if (n) io_counters::bump(counters_.completions, n);
+  if (n) io_counters::bump(counters_.completions, n);  // single writer: under reap_lock_
+  if (!owner) {
+    if (done) rescued_.fetch_add(done, std::memory_order_relaxed);  // relaxed: see rescued_
+    io_counters::bump(counters_.rescued, done);  // single writer: the monitor
+    return;
+  }
+  inflight_ -= done;
+  if (rescued_.load(std::memory_order_relaxed) != 0)
+    inflight_ -= rescued_.exchange(0, std::memory_order_relaxed);  // relaxed: see rescued_
+  if (std::exchange(rearm_wake_, false)) arm_wake_read();
 }
 
 void uring_driver::poll() {
+  sq_section busy(*this);
   drain_cancels();
   drain_released();
+  if (!reap_lock_.try_lock()) {  // rescue() is reaping for us (see *Rescue*)
+    if (io_uring_sq_ready(&ring_) > 0) submit();
+    return;
+  }
+  if (std::exchange(rearm_wake_, false)) arm_wake_read();
   bool enter = io_uring_sq_ready(&ring_) > 0;
   if (!enter) {
     // relaxed: a hint the kernel sets when deferred completions wait for
@@ -556,29 +682,118 @@ void uring_driver::poll() {
     enter = (sqf & IORING_SQ_CQ_OVERFLOW) ||
             ((flags_ & IORING_SETUP_TASKRUN_FLAG) && (sqf & IORING_SQ_TASKRUN));
   }
-  if (enter && io_uring_submit_and_get_events(&ring_) > 0) io_counters::bump(counters_.submits);
-  reap();
+  if (enter) {
+    unsubmitted_.store(false, std::memory_order_relaxed);  // relaxed: see unsubmitted_
+    if (io_uring_submit_and_get_events(&ring_) > 0) io_counters::bump(counters_.submits);
+  }
+  reap(/*owner=*/true);
+  reap_lock_.unlock();
 }
 
 void uring_driver::wait(sched::clock::time_point deadline) {
+  sq_section busy(*this);
   drain_cancels();
   drain_released();
+  if (!reap_lock_.try_lock()) {  // rescue() is reaping: a spurious return
+    if (io_uring_sq_ready(&ring_) > 0) submit();
+    return;
+  }
+  if (std::exchange(rearm_wake_, false)) arm_wake_read();
   if (!std::exchange(woken_, false) && io_uring_cq_ready(&ring_) == 0) {
     __kernel_timespec ts{};
     __kernel_timespec* tsp = sched::relative_timeout(deadline, ts);
     io_uring_cqe* cqe = nullptr;
     // -ETIME at the deadline, -EINTR on a signal: both are a plain return.
+    // reap_lock_ stays held: a worker waiting here is not stuck.
     bool submitting = io_uring_sq_ready(&ring_) > 0;
+    unsubmitted_.store(false, std::memory_order_relaxed);  // relaxed: see unsubmitted_
     (void)io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, tsp, nullptr);
     if (submitting) io_counters::bump(counters_.submits);
   } else if (io_uring_sq_ready(&ring_) > 0) {
     submit();
   }
-  reap();
+  reap(/*owner=*/true);
   woken_ = false;  // this wait returns: any wake reaped so far is delivered
+  reap_lock_.unlock();
+}
+
+// ---- Rescue --------------------------------------------------------------------
+
+void uring_driver::rescue() noexcept {
+  // acquire: the kernel's flags word; what the handler posts is ordered by
+  // g_rescue_flushes below.
+  unsigned sqf = __atomic_load_n(ring_.sq.kflags, __ATOMIC_ACQUIRE);
+  if ((sqf & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)) ||
+      unsubmitted_.load(std::memory_order_relaxed)) {
+    // acquire: pairs with the handler's release increment, so the CQEs it
+    // made the kernel post are visible to the reap below.
+    std::uint64_t before = g_rescue_flushes.load(std::memory_order_acquire);
+    sigval v{};
+    v.sival_int = kRescueMagic;
+    if (::pthread_sigqueue(owner_, SIGURG, v) == 0) {
+      // A running thread takes a signal within microseconds; give up on
+      // this look after 2 ms (the next look tries again).
+      for (int i = 0; i < 100 && g_rescue_flushes.load(std::memory_order_acquire) == before; ++i)
+        std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
+  }
+  if (!reap_lock_.try_lock()) return;  // the owner is reaping: not stuck after all
+  reap(/*owner=*/false);
+  reap_lock_.unlock();
+}
+
+// On the owner's thread, between any two of its instructions (the SIGURG
+// handler). Async-signal-safe: liburing's submit is memory operations and
+// one system call, and it runs only when the thread was not in SQ code.
+void uring_driver::flush_from_signal() noexcept {
+  if (sq_busy_.load(std::memory_order_relaxed) == 0) {  // relaxed: our own thread's
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    unsubmitted_.store(false, std::memory_order_relaxed);
+    (void)io_uring_submit_and_get_events(&ring_);  // prepared SQEs in, deferred CQEs out
+  } else {
+    // Deferred completions only: to_submit 0 never reads the SQ ring.
+    (void)::syscall(__NR_io_uring_enter, ring_.ring_fd, 0, 0, IORING_ENTER_GETEVENTS,
+                    nullptr, 0);
+  }
+  g_rescue_flushes.fetch_add(1, std::memory_order_release);  // pairs with rescue()
+}
+
+// weft's SIGURG handler. Ours (SI_QUEUE from this process with the magic)
+// flushes the worker's ring; any other is passed to the handler that was
+// installed before, as if weft were not there (the default ignores it).
+extern "C" void on_sigurg(int sig, siginfo_t* info, void* uc) {
+  if (handle_rescue_signal(sig, info)) return;  // keeps errno itself
+  if (g_prev_sigurg.sa_flags & SA_SIGINFO) {
+    if (g_prev_sigurg.sa_sigaction) g_prev_sigurg.sa_sigaction(sig, info, uc);
+  } else if (g_prev_sigurg.sa_handler != SIG_DFL && g_prev_sigurg.sa_handler != SIG_IGN) {
+    g_prev_sigurg.sa_handler(sig);
+  }
+}
+
+void install_sigurg_handler() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    ::sigaction(SIGURG, nullptr, &g_prev_sigurg);  // before ours can run
+    struct sigaction sa {};
+    sa.sa_sigaction = &on_sigurg;
+    sigemptyset(&sa.sa_mask);
+    // SA_ONSTACK: a stuck fiber's stack may be small (see io/signal.cc).
+    sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
+    ::sigaction(SIGURG, &sa, nullptr);
+  });
 }
 
 }  // namespace
+
+bool handle_rescue_signal(int sig, const siginfo_t* info) noexcept {
+  if (sig != SIGURG || !info || info->si_code != SI_QUEUE || info->si_pid != ::getpid() ||
+      info->si_value.sival_int != kRescueMagic)
+    return false;
+  const int saved = errno;
+  if (uring_driver* d = tls_driver) d->flush_from_signal();
+  errno = saved;
+  return true;
+}
 
 std::unique_ptr<io_driver> make_uring_driver(unsigned worker, int node_os,
                                              std::error_code& why) {
@@ -601,6 +816,7 @@ std::unique_ptr<io_driver> make_uring_driver(unsigned worker, int node_os,
     why = std::error_code(-r, std::system_category());
     return nullptr;
   }
+  install_sigurg_handler();
   int efd = ::eventfd(0, EFD_CLOEXEC);  // blocking: the ring arms a poll for it
   if (efd < 0) {
     why = std::error_code(errno, std::system_category());  // read right after the call

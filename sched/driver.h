@@ -19,6 +19,14 @@
 //   - pending() counts operations in flight whose completion can wake a
 //     fiber (the deadlock detector treats a worker with pending() > 0 as able
 //     to make progress).
+//   - rescue() is the exception to "that thread only": the runtime's
+//     monitor calls it from its own thread while the driver's worker is
+//     stuck in one fiber (the same fiber ran for a whole monitor period).
+//     It makes the fibers whose operations have completed runnable through
+//     sched::ready() from the calling thread (so other workers run them),
+//     as far as the driver can without its owner, and never waits for the
+//     owner. Its state is then shared with the monitor: an implementation
+//     guards what rescue() touches (see io/uring_driver.cc *Rescue*).
 #pragma once
 
 #include <cstddef>
@@ -37,6 +45,7 @@ class driver {
   virtual void flush() {}
   virtual void wake() noexcept = 0;
   virtual std::size_t pending() const noexcept { return 0; }
+  virtual void rescue() noexcept {}
   virtual const char* name() const noexcept = 0;
 };
 

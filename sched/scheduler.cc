@@ -171,10 +171,13 @@ void scheduler::join() {
 //     is woken to take them (steal(), steal_lifo(), steal_timers()):
 //     without this, with every other worker asleep, they would wait for the
 //     stuck fiber to park;
+//   - the worker's driver hands the I/O that has completed there to other
+//     workers (driver::rescue());
 //   - once the same fiber has run for hog_warning, it is reported once on
-//     stderr: its worker's I/O waits for it too.
+//     stderr.
 // The monitor touches workers only through atomics (counters, LIFO slot,
-// queue indices, running_id_); the one fiber it reads, a hog it reports,
+// queue indices, running_id_) and the stuck worker's driver through
+// rescue(), which guards what it shares; the one fiber it reads, a hog it reports,
 // it finds under the registry's locks. It costs one wake-up per period;
 // with every worker idle it looks ten times less often.
 
@@ -235,6 +238,9 @@ void scheduler::check_worker(worker& w) {
     return;
   }
   ++w.mon_periods_;
+  // Completed I/O parked on the stuck worker: the driver hands the fibers
+  // to the inject queue (ready() from this thread wakes an idle worker).
+  w.driver_->rescue();
   if (w.has_stealable_work() || w.has_overdue_timers(clock::now()))
     wake_idle_worker(/*fenced=*/true);
   auto ran = w.mon_periods_ * opts_.monitor_period;
@@ -261,9 +267,9 @@ void scheduler::report_hog(std::uint64_t id, std::chrono::milliseconds ran, unsi
   int n = std::snprintf(
       msg, sizeof msg,
       "weft: fiber %llu \"%s\" (%s) has run for %lld ms on worker %u without "
-      "parking or yielding; the fibers queued there and the timers due there "
-      "are taken over by other workers, but its I/O waits. Yield in long loops "
-      "(weft::this_fiber::yield()) or move the work to weft::blocking().\n",
+      "parking or yielding; other workers take over the fibers queued there, "
+      "its timers and its completed I/O, at some cost in latency. Yield in long "
+      "loops (weft::this_fiber::yield()) or move the work to weft::blocking().\n",
       static_cast<unsigned long long>(id), name, site, static_cast<long long>(ran.count()),
       worker);
   if (n > 0) {

@@ -1,0 +1,176 @@
+// io/rescue_test.cc — I/O parked on a worker that is stuck in one fiber
+// (a computation that never parks) completes on another worker: the
+// monitor's driver::rescue() (io/uring_driver.cc *Rescue*, and the epoll
+// driver's). Runs once per driver (BUILD.bazel).
+//
+// Each test parks an operation on worker W and then runs, on W, a fiber
+// pinned there that computes until the operation has completed (or 5 s
+// pass). Without the rescue the operation completes only when the
+// computation ends, after 5 s.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+#include "io/socket_test_util.h"
+#include "runtime/net.h"
+#include "runtime/weft.h"
+
+namespace weft {
+namespace {
+
+using namespace std::chrono_literals;
+using steady = std::chrono::steady_clock;
+using testing::addr_of;
+using testing::connected_pair;
+
+constexpr auto kHogFor = 5s;  // the computation's bound
+constexpr auto kPromptly = 2s;  // what the rescued operation must beat
+
+options two_workers() {
+  options o;
+  o.workers = 2;
+  return o;
+}
+
+// Spawns, pinned to the caller's worker, a fiber that computes until
+// `done` or kHogFor. It runs when the caller parks next.
+join_handle<unsigned> spawn_hog(const std::atomic<bool>& done) {
+  return spawn([&done] {
+    auto until = steady::now() + kHogFor;
+    while (!done.load(std::memory_order_acquire) && steady::now() < until) {
+    }
+    return this_fiber::worker_index();
+  }, {.name = "hog", .pinned = true});
+}
+
+TEST(Rescue, AReadParkedOnAStuckWorkerCompletesOnAnother) {
+  steady::duration waited{};
+  unsigned read_on = ~0u, hogged = ~1u, resumed_on = ~0u;
+  std::string got;
+  std::uint64_t rescued = 0;
+  run([&] {
+    auto [client, server] = connected_pair();
+    auto reader = spawn([&, &server = server] {
+      std::atomic<bool> done{false};
+      read_on = this_fiber::worker_index();
+      auto hog = spawn_hog(done);
+      char buf[16];
+      auto t0 = steady::now();
+      auto n = server.read(buf);  // parks; the hog runs next on this worker
+      waited = steady::now() - t0;
+      resumed_on = this_fiber::worker_index();
+      done.store(true, std::memory_order_release);
+      if (n) got.assign(buf, *n);
+      hogged = hog.join();
+    });
+    (void)this_fiber::sleep_for(50ms);
+    ASSERT_TRUE(client.write_all({"hello", 5}));
+    reader.join();
+    // The monitor counts after it handed the fibers over: allow it a moment.
+    for (int i = 0; i < 100 && (rescued = get_io_stats().rescued) == 0; ++i)
+      (void)this_fiber::sleep_for(10ms);
+  }, two_workers());
+  ASSERT_EQ(read_on, hogged) << "the scenario needs the read parked on the hog's worker";
+  EXPECT_EQ(got, "hello");
+  EXPECT_GE(rescued, 1u);
+  EXPECT_LT(waited, kPromptly) << "the read waited for the computation to end";
+  EXPECT_NE(resumed_on, hogged);
+}
+
+TEST(Rescue, AnAcceptParkedOnAStuckWorkerCompletesOnAnother) {
+  steady::duration waited{};
+  unsigned accepted_on = ~0u, hogged = ~1u;
+  bool accepted = false;
+  run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    auto acceptor = spawn([&] {
+      std::atomic<bool> done{false};
+      accepted_on = this_fiber::worker_index();
+      auto hog = spawn_hog(done);
+      auto t0 = steady::now();
+      auto c = ln.accept();
+      waited = steady::now() - t0;
+      done.store(true, std::memory_order_release);
+      accepted = c.has_value();
+      hogged = hog.join();
+    });
+    (void)this_fiber::sleep_for(50ms);
+    auto c = tcp_stream::connect(addr_of(ln), deadline(5s));
+    ASSERT_TRUE(c) << c.error().message();
+    acceptor.join();
+  }, two_workers());
+  ASSERT_EQ(accepted_on, hogged) << "the scenario needs the accept parked on the hog's worker";
+  EXPECT_TRUE(accepted);
+  EXPECT_LT(waited, kPromptly) << "the accept waited for the computation to end";
+}
+
+// A read deadline on the stuck worker: under io_uring a linked timeout in
+// the kernel (whose completion is rescued), under epoll the scheduler's
+// timer (fired by another worker) and a cancel the rescue carries out.
+TEST(Rescue, AReadDeadlineOnAStuckWorkerFiresOnTime) {
+  steady::duration waited{};
+  unsigned read_on = ~0u, hogged = ~1u;
+  std::error_code err;
+  run([&] {
+    auto [client, server] = connected_pair();
+    auto reader = spawn([&, &server = server] {
+      std::atomic<bool> done{false};
+      read_on = this_fiber::worker_index();
+      auto hog = spawn_hog(done);
+      char buf[16];
+      auto t0 = steady::now();
+      auto n = server.read(buf, deadline(100ms));
+      waited = steady::now() - t0;
+      done.store(true, std::memory_order_release);
+      if (!n) err = n.error();
+      hogged = hog.join();
+    });
+    reader.join();
+  }, two_workers());
+  ASSERT_EQ(read_on, hogged) << "the scenario needs the read parked on the hog's worker";
+  EXPECT_EQ(err, std::errc::timed_out);
+  EXPECT_GE(waited, 100ms);
+  EXPECT_LT(waited, kPromptly) << "the deadline waited for the computation to end";
+}
+
+// The rescued fibers keep working on their new worker: an echo server
+// whose connections all started on the stuck worker still serves them.
+TEST(Rescue, ConnectionsOfAStuckWorkerKeepBeingServed) {
+  steady::duration took{};
+  unsigned served_on = ~0u, hogged = ~1u;
+  run([&] {
+    auto [client, server] = connected_pair();
+    auto echo = spawn([&, &server = server] {
+      std::atomic<bool> done{false};
+      served_on = this_fiber::worker_index();
+      auto hog = spawn_hog(done);
+      char buf[64];
+      while (auto n = server.read(buf)) {
+        if (*n == 0 || !server.write_all({buf, *n})) break;
+      }
+      done.store(true, std::memory_order_release);
+      hogged = hog.join();
+    });
+    (void)this_fiber::sleep_for(20ms);
+    auto t0 = steady::now();
+    for (int i = 0; i < 100; ++i) {
+      std::string msg = "ping " + std::to_string(i);
+      ASSERT_TRUE(client.write_all({msg.data(), msg.size()}));
+      std::string back(msg.size(), '\0');
+      auto r = client.read_exact({back.data(), back.size()}, deadline(5s));
+      ASSERT_TRUE(r) << r.error().message();
+      ASSERT_EQ(back, msg);
+    }
+    took = steady::now() - t0;
+    (void)client.shutdown();
+    echo.join();
+  }, two_workers());
+  ASSERT_EQ(served_on, hogged) << "the scenario needs the server parked on the hog's worker";
+  EXPECT_LT(took, kPromptly) << "the round trips waited for the computation to end";
+}
+
+}  // namespace
+}  // namespace weft
