@@ -220,6 +220,14 @@ class uring_driver final : public io_driver {
   bool send_ring_wake() noexcept;
   void drain_cancels();
   void reap(bool owner);
+  // Owner thread, just before an enter that submits.
+  void note_submit() noexcept {
+    unsubmitted_.store(false, std::memory_order_relaxed);  // relaxed: see unsubmitted_
+    // Single writer, so a store, not a locked add: the owner calls this
+    // inside an sq_section, its signal handler only outside any.
+    submits_.store(submits_.load(std::memory_order_relaxed) + 1,
+                   std::memory_order_release);  // see submits_
+  }
   // Marks the owner thread's SQ code for its own signal handler (see
   // *Rescue*). Nests.
   class sq_section {
@@ -268,6 +276,13 @@ class uring_driver final : public io_driver {
   // SQEs prepared since the last submit. Owner stores, the monitor reads a
   // hint (relaxed: the signal it sends is what orders the submit).
   std::atomic<bool> unsubmitted_{false};
+  // Bumped by the owner just before each submitting enter (release); loaded
+  // by rescue() before it completes a CQE (acquire). What a fiber wrote
+  // before its SQE went in (its completion slot, a multishot's sink) then
+  // happens-before the monitor's use of it. The kernel orders this already
+  // (the SQ and CQ rings' barriers); the pair states it, also to TSan,
+  // which cannot see the kernel.
+  std::atomic<std::uint64_t> submits_{0};
   // Owner thread only, and its signal handler: inside SQ code (sq_section).
   std::atomic<int> sq_busy_{0};
   const pthread_t owner_;
@@ -306,7 +321,7 @@ io_uring_sqe* uring_driver::get_sqe(unsigned need) {
 
 void uring_driver::submit() {
   sq_section busy(*this);
-  unsubmitted_.store(false, std::memory_order_relaxed);  // relaxed: see unsubmitted_
+  note_submit();
   int r = io_uring_submit(&ring_);
   if (r > 0) io_counters::bump(counters_.submits);
   // -EBUSY/-EAGAIN: CQ overflow backlog or memory pressure; the SQEs stay
@@ -636,6 +651,7 @@ void uring_driver::reap(bool owner) {
     ++n;
     std::uint64_t tag = cqe->user_data;
     if (tag == kIgnoreTag) continue;
+    if (!owner) (void)submits_.load(std::memory_order_acquire);  // see submits_
     if (tag == kWakeTag || tag == kRingWakeTag) {
       // acq_rel: pairs with wake()'s exchange; wakes after this one write again.
       wake_pending_.exchange(false, std::memory_order_acq_rel);
@@ -683,7 +699,7 @@ void uring_driver::poll() {
             ((flags_ & IORING_SETUP_TASKRUN_FLAG) && (sqf & IORING_SQ_TASKRUN));
   }
   if (enter) {
-    unsubmitted_.store(false, std::memory_order_relaxed);  // relaxed: see unsubmitted_
+    note_submit();
     if (io_uring_submit_and_get_events(&ring_) > 0) io_counters::bump(counters_.submits);
   }
   reap(/*owner=*/true);
@@ -706,7 +722,7 @@ void uring_driver::wait(sched::clock::time_point deadline) {
     // -ETIME at the deadline, -EINTR on a signal: both are a plain return.
     // reap_lock_ stays held: a worker waiting here is not stuck.
     bool submitting = io_uring_sq_ready(&ring_) > 0;
-    unsubmitted_.store(false, std::memory_order_relaxed);  // relaxed: see unsubmitted_
+    note_submit();
     (void)io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, tsp, nullptr);
     if (submitting) io_counters::bump(counters_.submits);
   } else if (io_uring_sq_ready(&ring_) > 0) {
@@ -748,7 +764,7 @@ void uring_driver::rescue() noexcept {
 void uring_driver::flush_from_signal() noexcept {
   if (sq_busy_.load(std::memory_order_relaxed) == 0) {  // relaxed: our own thread's
     std::atomic_signal_fence(std::memory_order_seq_cst);
-    unsubmitted_.store(false, std::memory_order_relaxed);
+    note_submit();
     (void)io_uring_submit_and_get_events(&ring_);  // prepared SQEs in, deferred CQEs out
   } else {
     // Deferred completions only: to_submit 0 never reads the SQ ring.
