@@ -23,8 +23,10 @@
 // Who calls what:
 //   perform()                 a fiber only
 //   completion::complete()    the driver that owns the operation, on its
-//                             worker thread, or a blocking-pool thread
-//                             (never while holding the slot lock)
+//                             worker thread or, while that worker is stuck
+//                             in one fiber, the monitor's (driver::rescue());
+//                             or a blocking-pool thread (never while
+//                             holding the slot lock)
 //   io_driver::cancel(), evict(), release_buffer(), wake()
 //                             any thread (the fiber may have migrated)
 //   io_driver::perform(), poll_now(), the sched::driver steps
@@ -33,6 +35,7 @@
 //   arm_multishot_accept()    a fiber, on the driver's own worker thread
 //   cancel_multishot()        any thread
 //   multishot_sink::on_result()  the driver that armed it, on its thread
+//                             or the monitor's (as complete())
 #pragma once
 
 #include <signal.h>
@@ -132,8 +135,10 @@ class completion {
   sched::wake_token waiter_;  // guarded by lock_
 };
 
-// Per-driver counters: written by the owner thread only (relaxed: single
-// writer, statistics), summed by io::stats() from any thread.
+// Per-driver counters: each has a single writer at a time — the owner
+// thread, or for `rescued` the monitor, and `completions` under the
+// driver's reap lock (relaxed: statistics) — summed by io::stats() from
+// any thread.
 struct io_counters {
   // io_uring: operations submitted, all parked for. epoll: calls that
   // succeeded at once plus readiness waits (parked).
@@ -263,10 +268,17 @@ void ignore_sigpipe_once() noexcept;
 // Async-signal-safe. A handler that replaces weft's SIGURG handler
 // (io/signal.cc's, while a signal_set watches SIGURG) calls it first.
 bool handle_rescue_signal(int sig, const siginfo_t* info) noexcept;
+// Whether a SIGURG sent to a worker reaches handle_rescue_signal(): weft's
+// handler or a signal_set's is installed. Installs weft's where SIGURG has
+// its default disposition (or is ignored); false where the program
+// handles SIGURG itself, which weft then leaves alone (io/signal.cc).
+bool sigurg_reaches_rescue() noexcept;
 
 // Requests other threads hand to a driver's owner thread (cancel an
 // operation submitted on its ring, evict an fd from its epoll set). Any
-// thread push()es; only the owner take()s, in one swap under the lock.
+// thread push()es; take() moves everything in one swap under the lock, so
+// several takers (the epoll driver's owner and its rescue()) each get a
+// disjoint share.
 template <typename T>
 class handoff_list {
  public:

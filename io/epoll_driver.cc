@@ -65,7 +65,19 @@ constexpr int kMaxEvents = 64;
 struct wait_slot : completion {
   int fd = -1;
   bool write = false;
-  wait_slot* next = nullptr;  // the fd's list of waiters (owner only)
+  std::uint64_t seq = 0;      // set by arm(): tells this arming from a later one at the same address
+  wait_slot* next = nullptr;  // the fd's list of waiters (under the driver's lock_)
+};
+
+// A cancel asked for by a fiber that has moved to another worker. By
+// value: by the time the owner or rescue() drains it, the wait may have
+// completed and its slot's stack been reused (even by a new slot at the
+// same address), so only armed slots, found in table_, are ever read.
+struct cancel_req {
+  wait_slot* slot;
+  int fd;
+  bool write;
+  std::uint64_t seq;
 };
 
 int set_nonblocking(int fd) {
@@ -194,14 +206,14 @@ class epoll_driver final : public io_driver {
   static result<int> recv_pooled(op& o, clock::time_point deadline, const char* what,
                                  std::source_location where);
   void arm(wait_slot& s);
-  // The rest under lock_.
   // Owner thread, from the fiber whose call just succeeded without a wait.
   void spend_budget() {
     io_counters::bump(counters_.ops);
     sched::spend_budget();  // *Coop budget* in sched/park.h
   }
+  // From here to dispatch(): under lock_.
   void update(int fd, fd_entry& e);
-  void cancel_now(wait_slot& s);
+  void cancel_now(const cancel_req& r);
   void evict_now(int fd);
   void drain_cancels();
   void dispatch(const epoll_event* ev, int n);
@@ -223,7 +235,8 @@ class epoll_driver final : public io_driver {
   // release in wake() publishes the waker's work; pairs with the acq_rel
   // exchange in dispatch() that clears it (as in io/uring_driver.cc).
   std::atomic<bool> wake_pending_{false};
-  handoff_list<wait_slot*> cancels_;  // from other threads (cancel())
+  handoff_list<cancel_req> cancels_;  // from other threads (cancel())
+  std::uint64_t next_seq_ = 0;        // guarded by lock_: see wait_slot::seq
   handoff_list<int> evicts_;          // from other threads (evict())
 };
 
@@ -236,6 +249,7 @@ void epoll_driver::arm(wait_slot& s) {
   io_counters::bump(counters_.ops);
   io_counters::bump(counters_.parked);
   wait_slot*& list = s.write ? e.writer : e.reader;
+  s.seq = next_seq_++;
   s.next = list;
   list = &s;
   ++waiting_;
@@ -337,12 +351,15 @@ result<int> epoll_driver::recv_pooled(op& o, clock::time_point deadline, const c
 
 // ---- Cancelling ----------------------------------------------------------------
 
-void epoll_driver::cancel_now(wait_slot& s) {
-  if (static_cast<std::size_t>(s.fd) >= table_.size()) return;
-  fd_entry& e = table_[s.fd];
-  wait_slot** link = s.write ? &e.writer : &e.reader;
-  while (*link && *link != &s) link = &(*link)->next;
+void epoll_driver::cancel_now(const cancel_req& r) {
+  if (static_cast<std::size_t>(r.fd) >= table_.size()) return;
+  fd_entry& e = table_[r.fd];
+  wait_slot** link = r.write ? &e.writer : &e.reader;
+  // Compares the address before reading anything through it: a slot in
+  // the list is armed, so alive.
+  while (*link && !(*link == r.slot && (*link)->seq == r.seq)) link = &(*link)->next;
   if (!*link) return;  // already completed
+  wait_slot& s = **link;
   *link = s.next;
   --waiting_;
   s.complete(-ECANCELED);
@@ -351,21 +368,23 @@ void epoll_driver::cancel_now(wait_slot& s) {
 
 void epoll_driver::cancel(completion& c) noexcept {
   auto& s = static_cast<wait_slot&>(c);  // every slot this driver holds is one
+  // The caller owns the slot (it is on its stack), so it may read it.
+  const cancel_req r{&s, s.fd, s.write, s.seq};
   if (on_owner_thread()) {
     std::lock_guard g(lock_);
-    cancel_now(s);
+    cancel_now(r);
     return;
   }
-  cancels_.push(&s);
+  cancels_.push(r);
   wake();
 }
 
 // Under lock_ (the owner's poll() and wait(), or rescue()).
 void epoll_driver::drain_cancels() {
-  std::vector<wait_slot*> todo;
+  std::vector<cancel_req> todo;
   std::vector<int> fds;
   if (cancels_.take(todo))
-    for (wait_slot* s : todo) cancel_now(*s);
+    for (const cancel_req& r : todo) cancel_now(r);
   if (evicts_.take(fds))
     for (int fd : fds) evict_now(fd);
 }

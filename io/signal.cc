@@ -103,7 +103,33 @@ std::unexpected<std::error_code> error_of(int e) {
   return std::unexpected(std::error_code(e, std::system_category()));
 }
 
+// weft's SIGURG handler, installed only where nobody handles SIGURG (its
+// default action ignores it): flushes a stuck worker's ring for the
+// monitor (handle_rescue_signal()), and ignores any other SIGURG, as the
+// disposition it replaced would have.
+extern "C" void on_sigurg(int sig, siginfo_t* info, void*) {
+  (void)handle_rescue_signal(sig, info);  // keeps errno itself
+}
+
 }  // namespace
+
+bool sigurg_reaches_rescue() noexcept {
+  install_state& st = installs();
+  std::lock_guard lk(st.mu);  // against watch() and reset() changing it meanwhile
+  struct sigaction cur {};
+  if (::sigaction(SIGURG, nullptr, &cur) != 0) return false;
+  if (cur.sa_flags & SA_SIGINFO)
+    return cur.sa_sigaction == &on_sigurg || cur.sa_sigaction == &on_signal;
+  if (cur.sa_handler != SIG_DFL && cur.sa_handler != SIG_IGN) return false;  // the program's
+  // Nobody handles it (at first, or a signal_set restored the default it
+  // found before weft's was installed): install weft's.
+  struct sigaction sa {};
+  sa.sa_sigaction = &on_sigurg;
+  sigemptyset(&sa.sa_mask);
+  // SA_ONSTACK: the stuck fiber's stack may be small (see watch()).
+  sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
+  return ::sigaction(SIGURG, &sa, nullptr) == 0;
+}
 
 result<signal_set> signal_set::watch(std::initializer_list<int> signals) {
   std::uint64_t mask = 0;

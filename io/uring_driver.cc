@@ -43,24 +43,31 @@
 // stuck fiber started (a hand-off runs it without a loop turn) are not
 // even submitted. The monitor (sched/scheduler.cc) calls rescue() on its
 // own thread, which
-//   1. if the ring holds deferred completions or unsubmitted SQEs,
-//      interrupts the owner's thread with SIGURG (as Go preempts a
-//      goroutine; its default action is to ignore it, so a stray one is
-//      harmless). The handler, on the owner's thread, submits the
-//      prepared SQEs — unless the signal landed inside this driver's SQ
-//      code (sq_busy_), where it only enters the kernel for the deferred
-//      completions, which never touches the SQ;
+//   1. if the ring holds deferred completions or unsubmitted SQEs, and the
+//      owner's thread is on a CPU (not asleep in a system call, which the
+//      signal would cut short with EINTR), interrupts it with SIGURG (as
+//      Go preempts a goroutine). The handler (io/signal.cc installs it
+//      where SIGURG has its default disposition, which ignores it; a
+//      program's own SIGURG handler turns this step off), on the owner's
+//      thread, submits the prepared SQEs — unless the signal landed
+//      inside this driver's SQ code (sq_busy_), where it only enters the
+//      kernel for the deferred completions, which never touches the SQ;
 //   2. reaps the CQ ring itself and makes the fibers runnable from its
 //      thread: they go to the inject queue and other workers run them.
+//      It takes every CQE (*Fairness* bounds the owner's reap, whose
+//      fibers go to its local queue; these all go to the global queue).
 // reap_lock_ keeps the owner and rescue() from reaping at once: the owner
-// holds it in poll() and wait() (through its kernel wait: a waiting owner
-// is not stuck), rescue() only tries it. It guards the CQ ring's head,
-// woken_, rearm_wake_ and armed_. inflight_ stays the owner's; rescue()
-// counts what it reaped in rescued_, which the owner subtracts. Not
+// holds it in poll() and wait() — through its kernel wait, unlike other
+// spinlocks (a waiting owner is not stuck, and the only other taker,
+// rescue(), just tries) — and arm_multishot_accept() for armed_. It guards
+// the CQ ring's head, woken_, rearm_wake_ and armed_. inflight_ stays the
+// owner's; rescue() counts what it reaped in rescued_, which the owner
+// subtracts. What reap() calls (completion::complete(),
+// multishot_sink::on_result()) must not call back into this driver. Not
 // rescued: a cancel asked for meanwhile (a far deadline, a stop request)
 // is an SQE, which only the owner may submit; it waits for the stuck
-// fiber. A program that installs its own SIGURG handler turns step 1 off
-// (completions the kernel has posted are still rescued).
+// fiber, as does everything deferred while the stuck fiber sleeps in a
+// system call.
 //
 // Who calls what:
 //   perform(), poll(), poll_now(), flush(), wait(), pending()  owner thread
@@ -135,11 +142,8 @@ constexpr unsigned kFlagChoices[] = {
 };
 
 // si_value of weft's own SIGURG (see *Rescue*), so that a program's own
-// SIGURG (out-of-band data, another library) is passed on, not taken.
+// SIGURG (out-of-band data, another library) is told apart.
 constexpr int kRescueMagic = 0x77656674;  // "weft"
-// Handler runs on any thread so far: rescue() waits for a change.
-constinit std::atomic<std::uint64_t> g_rescue_flushes{0};
-struct sigaction g_prev_sigurg;  // the disposition before weft's; set once, before installing
 
 class uring_driver;
 // The driver of the worker running on this thread, for the SIGURG
@@ -150,7 +154,7 @@ class uring_driver final : public io_driver {
  public:
   uring_driver(io_uring& ring, unsigned flags, int efd, int node_os)
       : ring_(ring), flags_(flags), efd_(efd), ts_(ring.sq.ring_entries),
-        owner_(::pthread_self()) {
+        owner_(::pthread_self()), tid_(::gettid()) {
     (void)io_uring_register_ring_fd(&ring_);  // optional: saves an fd lookup per enter
     setup_buffer_ring(node_os);
     arm_wake_read();
@@ -196,6 +200,7 @@ class uring_driver final : public io_driver {
   }
   void rescue() noexcept override;
   void flush_from_signal() noexcept;
+  bool owner_on_cpu() const noexcept;
   bool has_multishot_accept() const noexcept override { return true; }
   void arm_multishot_accept(int fd, multishot_sink& s) override;
   void cancel_multishot(multishot_sink& s) noexcept override;
@@ -285,7 +290,11 @@ class uring_driver final : public io_driver {
   std::atomic<std::uint64_t> submits_{0};
   // Owner thread only, and its signal handler: inside SQ code (sq_section).
   std::atomic<int> sq_busy_{0};
+  // Bumped by the owner's SIGURG handler after it flushed (release);
+  // rescue() waits for a change (acquire) before it reaps.
+  std::atomic<std::uint64_t> flushes_{0};
   const pthread_t owner_;
+  const pid_t tid_;  // the owner's thread id, for owner_on_cpu()
 
   // release in wake() publishes the waker's work; pairs with the acq_rel
   // exchange in reap() that clears it (see *Waking*).
@@ -324,6 +333,7 @@ void uring_driver::submit() {
   note_submit();
   int r = io_uring_submit(&ring_);
   if (r > 0) io_counters::bump(counters_.submits);
+  if (r < 0) unsubmitted_.store(true, std::memory_order_relaxed);  // still queued
   // -EBUSY/-EAGAIN: CQ overflow backlog or memory pressure; the SQEs stay
   // queued and the next turn submits them again.
   if (r < 0 && r != -EBUSY && r != -EAGAIN && r != -EINTR)
@@ -566,7 +576,7 @@ void uring_driver::drain_cancels() {
 // ---- Multishot operations ----------------------------------------------------
 
 void uring_driver::arm_multishot_accept(int fd, multishot_sink& s) {
-  WEFT_DCHECK(on_owner_thread(), "arm_multishot_accept: not on the owner's thread");
+  WEFT_CHECK(on_owner_thread(), "arm_multishot_accept: not on the owner's thread");
   sq_section busy(*this);
   io_uring_sqe* sqe = get_sqe(1);
   io_uring_prep_multishot_accept(sqe, fd, nullptr, nullptr, SOCK_CLOEXEC);
@@ -736,26 +746,46 @@ void uring_driver::wait(sched::clock::time_point deadline) {
 // ---- Rescue --------------------------------------------------------------------
 
 void uring_driver::rescue() noexcept {
-  // acquire: the kernel's flags word; what the handler posts is ordered by
-  // g_rescue_flushes below.
+  // acquire: the kernel's flags word.
   unsigned sqf = __atomic_load_n(ring_.sq.kflags, __ATOMIC_ACQUIRE);
-  if ((sqf & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)) ||
-      unsubmitted_.load(std::memory_order_relaxed)) {
+  if (((sqf & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)) ||
+       unsubmitted_.load(std::memory_order_relaxed)) &&
+      owner_on_cpu() && sigurg_reaches_rescue()) {
     // acquire: pairs with the handler's release increment, so the CQEs it
     // made the kernel post are visible to the reap below.
-    std::uint64_t before = g_rescue_flushes.load(std::memory_order_acquire);
+    std::uint64_t before = flushes_.load(std::memory_order_acquire);
     sigval v{};
     v.sival_int = kRescueMagic;
     if (::pthread_sigqueue(owner_, SIGURG, v) == 0) {
-      // A running thread takes a signal within microseconds; give up on
+      // A thread on a CPU takes a signal within microseconds; give up on
       // this look after 2 ms (the next look tries again).
-      for (int i = 0; i < 100 && g_rescue_flushes.load(std::memory_order_acquire) == before; ++i)
+      auto give_up = clock::now() + std::chrono::milliseconds(2);
+      while (flushes_.load(std::memory_order_acquire) == before && clock::now() < give_up)
         std::this_thread::sleep_for(std::chrono::microseconds(20));
     }
   }
   if (!reap_lock_.try_lock()) return;  // the owner is reaping: not stuck after all
   reap(/*owner=*/false);
   reap_lock_.unlock();
+}
+
+// Whether the owner's thread is running or runnable (state R), not asleep
+// in a system call: a stuck fiber blocked in poll(2), sleep(3) or a
+// database client's read would see EINTR from the signal (SA_RESTART does
+// not restart those). Then only what the kernel has posted is rescued.
+bool uring_driver::owner_on_cpu() const noexcept {
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/self/task/%d/stat", static_cast<int>(tid_));
+  int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  char buf[512];
+  ssize_t n = ::read(fd, buf, sizeof buf - 1);
+  ::close(fd);
+  if (n <= 0) return false;
+  buf[n] = '\0';
+  // "tid (comm) S ...": the state follows the last ')' (comm may hold one).
+  const char* p = std::strrchr(buf, ')');
+  return p && p[1] == ' ' && p[2] == 'R';
 }
 
 // On the owner's thread, between any two of its instructions (the SIGURG
@@ -771,32 +801,7 @@ void uring_driver::flush_from_signal() noexcept {
     (void)::syscall(__NR_io_uring_enter, ring_.ring_fd, 0, 0, IORING_ENTER_GETEVENTS,
                     nullptr, 0);
   }
-  g_rescue_flushes.fetch_add(1, std::memory_order_release);  // pairs with rescue()
-}
-
-// weft's SIGURG handler. Ours (SI_QUEUE from this process with the magic)
-// flushes the worker's ring; any other is passed to the handler that was
-// installed before, as if weft were not there (the default ignores it).
-extern "C" void on_sigurg(int sig, siginfo_t* info, void* uc) {
-  if (handle_rescue_signal(sig, info)) return;  // keeps errno itself
-  if (g_prev_sigurg.sa_flags & SA_SIGINFO) {
-    if (g_prev_sigurg.sa_sigaction) g_prev_sigurg.sa_sigaction(sig, info, uc);
-  } else if (g_prev_sigurg.sa_handler != SIG_DFL && g_prev_sigurg.sa_handler != SIG_IGN) {
-    g_prev_sigurg.sa_handler(sig);
-  }
-}
-
-void install_sigurg_handler() {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    ::sigaction(SIGURG, nullptr, &g_prev_sigurg);  // before ours can run
-    struct sigaction sa {};
-    sa.sa_sigaction = &on_sigurg;
-    sigemptyset(&sa.sa_mask);
-    // SA_ONSTACK: a stuck fiber's stack may be small (see io/signal.cc).
-    sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
-    ::sigaction(SIGURG, &sa, nullptr);
-  });
+  flushes_.fetch_add(1, std::memory_order_release);  // pairs with rescue()
 }
 
 }  // namespace
@@ -832,7 +837,6 @@ std::unique_ptr<io_driver> make_uring_driver(unsigned worker, int node_os,
     why = std::error_code(-r, std::system_category());
     return nullptr;
   }
-  install_sigurg_handler();
   int efd = ::eventfd(0, EFD_CLOEXEC);  // blocking: the ring arms a poll for it
   if (efd < 0) {
     why = std::error_code(errno, std::system_category());  // read right after the call

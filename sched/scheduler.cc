@@ -156,9 +156,11 @@ void scheduler::start() {
 }
 
 void scheduler::join() {
+  // The monitor first: it may be signalling a worker's thread (the I/O
+  // rescue, io/uring_driver.cc), which must not be joined meanwhile.
+  if (monitor_.joinable()) monitor_.join();
   for (auto& w : workers_)
     if (w->thread().joinable()) w->thread().join();
-  if (monitor_.joinable()) monitor_.join();
 }
 
 // ---- The monitor ------------------------------------------------------------
