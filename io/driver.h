@@ -291,7 +291,11 @@ class handoff_list {
     // hint: the list itself is read under the lock.)
     nonempty_.store(true, std::memory_order_release);
   }
-  // Owner: moves everything pushed so far into `out`; false if nothing.
+  // Whether something was pushed and not yet taken (relaxed: a hint).
+  bool nonempty() const noexcept { return nonempty_.load(std::memory_order_relaxed); }
+  // Moves everything pushed so far into `out`, which must be empty, by a
+  // swap (no allocation: `out`'s buffer becomes the list's); false if
+  // nothing.
   bool take(std::vector<T>& out) {
     if (!nonempty_.load(std::memory_order_acquire)) return false;  // pairs with push()
     std::lock_guard g(lock_);

@@ -143,6 +143,65 @@ TEST(Rescue, AReadDeadlineOnAStuckWorkerFiresOnTime) {
   EXPECT_LT(waited, kPromptly) << "the deadline waited for the computation to end";
 }
 
+// A deadline beyond the kernel's range (io/uring_driver.cc *Deadlines*)
+// is the scheduler's timer: another worker fires it, and the operation's
+// cancel, an SQE only the stuck worker's thread may submit, goes in
+// through the rescue signal (io_uring) or the rescue's drain (epoll).
+TEST(Rescue, AFarReadDeadlineOnAStuckWorkerFiresOnTime) {
+  steady::duration waited{};
+  unsigned read_on = ~0u, hogged = ~1u;
+  std::error_code err;
+  run([&] {
+    auto [client, server] = connected_pair();
+    auto reader = spawn([&, &server = server] {
+      std::atomic<bool> done{false};
+      read_on = this_fiber::worker_index();
+      auto hog = spawn_hog(done);
+      char buf[16];
+      auto t0 = steady::now();
+      auto n = server.read(buf, deadline(1200ms));
+      waited = steady::now() - t0;
+      done.store(true, std::memory_order_release);
+      if (!n) err = n.error();
+      hogged = hog.join();
+    });
+    reader.join();
+  }, two_workers());
+  ASSERT_EQ(read_on, hogged) << "the scenario needs the read parked on the hog's worker";
+  EXPECT_EQ(err, std::errc::timed_out);
+  EXPECT_GE(waited, 1200ms);
+  EXPECT_LT(waited, 1200ms + kPromptly) << "the deadline waited for the computation to end";
+}
+
+// A stop request to a fiber whose read is parked on a stuck worker.
+TEST(Rescue, AStopRequestToAReadOnAStuckWorkerIsPrompt) {
+  steady::duration took{};
+  unsigned read_on = ~0u, hogged = ~1u;
+  std::error_code err;
+  std::atomic<bool> done{false};
+  run([&] {
+    auto [client, server] = connected_pair();
+    join_handle<unsigned> hog;
+    auto reader = spawn([&, &server = server] {
+      read_on = this_fiber::worker_index();
+      hog = spawn_hog(done);
+      char buf[16];
+      auto n = server.read(buf);
+      if (!n) err = n.error();
+    });
+    (void)this_fiber::sleep_for(50ms);
+    auto t0 = steady::now();
+    reader.request_stop();
+    reader.join();
+    took = steady::now() - t0;
+    done.store(true, std::memory_order_release);
+    hogged = hog.join();
+  }, two_workers());
+  ASSERT_EQ(read_on, hogged);
+  EXPECT_EQ(err, std::errc::operation_canceled);
+  EXPECT_LT(took, kPromptly) << "the stop waited for the computation to end";
+}
+
 // The rescued fibers keep working on their new worker: an echo server
 // whose connections all started on the stuck worker still serves them.
 TEST(Rescue, ConnectionsOfAStuckWorkerKeepBeingServed) {

@@ -49,9 +49,11 @@
 //      Go preempts a goroutine). The handler (io/signal.cc installs it
 //      where SIGURG has its default disposition, which ignores it; a
 //      program's own SIGURG handler turns this step off), on the owner's
-//      thread, submits the prepared SQEs — unless the signal landed
-//      inside this driver's SQ code (sq_busy_), where it only enters the
-//      kernel for the deferred completions, which never touches the SQ;
+//      thread, submits the prepared SQEs and the cancels other threads
+//      asked for (a far deadline that another worker's timer fired, a stop
+//      request) — unless the signal landed inside this driver's SQ code
+//      (sq_busy_), where it only enters the kernel for the deferred
+//      completions, which never touches the SQ;
 //   2. reaps the CQ ring itself and makes the fibers runnable from its
 //      thread: they go to the inject queue and other workers run them.
 //      It takes every CQE (*Fairness* bounds the owner's reap, whose
@@ -64,10 +66,9 @@
 // owner's; rescue() counts what it reaped in rescued_, which the owner
 // subtracts. What reap() calls (completion::complete(),
 // multishot_sink::on_result()) must not call back into this driver. Not
-// rescued: a cancel asked for meanwhile (a far deadline, a stop request)
-// is an SQE, which only the owner may submit; it waits for the stuck
-// fiber, as does everything deferred while the stuck fiber sleeps in a
-// system call.
+// rescued: what the kernel defers while the stuck fiber sleeps in a
+// system call, and whatever the handler cannot do because SIGURG has a
+// handler of the program's own.
 //
 // Who calls what:
 //   perform(), poll(), poll_now(), flush(), wait(), pending()  owner thread
@@ -190,6 +191,7 @@ class uring_driver final : public io_driver {
   void wait(sched::clock::time_point deadline) override;
   void poll() override;
   void flush() override {
+    sq_section busy(*this);  // drain_cancels() uses cancel_scratch_
     drain_cancels();
     drain_released();
     if (io_uring_sq_ready(&ring_) > 0) submit();
@@ -315,6 +317,10 @@ class uring_driver final : public io_driver {
   // Cancels asked for by fibers that have moved to another worker, and of
   // multishots by any thread: the user_data to cancel.
   handoff_list<std::uint64_t> cancels_;  // from other threads (cancel_tag())
+  // Owner thread, inside an sq_section, or its signal handler outside any:
+  // drain_cancels() swaps the list into it, so that draining allocates and
+  // frees nothing (the handler may not).
+  std::vector<std::uint64_t> cancel_scratch_;
   // Owner only: the sinks of the multishots armed on this ring.
   std::vector<multishot_sink*> armed_;
 };
@@ -568,9 +574,9 @@ void uring_driver::cancel(completion& c) noexcept {
 }
 
 void uring_driver::drain_cancels() {
-  std::vector<std::uint64_t> todo;
-  if (!cancels_.take(todo)) return;
-  for (std::uint64_t tag : todo) prep_cancel(tag);
+  if (!cancels_.take(cancel_scratch_)) return;
+  for (std::uint64_t tag : cancel_scratch_) prep_cancel(tag);
+  cancel_scratch_.clear();  // keeps the capacity: the next take() swaps it back
 }
 
 // ---- Multishot operations ----------------------------------------------------
@@ -749,7 +755,7 @@ void uring_driver::rescue() noexcept {
   // acquire: the kernel's flags word.
   unsigned sqf = __atomic_load_n(ring_.sq.kflags, __ATOMIC_ACQUIRE);
   if (((sqf & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)) ||
-       unsubmitted_.load(std::memory_order_relaxed)) &&
+       unsubmitted_.load(std::memory_order_relaxed) || cancels_.nonempty()) &&
       owner_on_cpu() && sigurg_reaches_rescue()) {
     // acquire: pairs with the handler's release increment, so the CQEs it
     // made the kernel post are visible to the reap below.
@@ -794,6 +800,7 @@ bool uring_driver::owner_on_cpu() const noexcept {
 void uring_driver::flush_from_signal() noexcept {
   if (sq_busy_.load(std::memory_order_relaxed) == 0) {  // relaxed: our own thread's
     std::atomic_signal_fence(std::memory_order_seq_cst);
+    drain_cancels();  // a far deadline or a stop request of a fiber parked here
     note_submit();
     (void)io_uring_submit_and_get_events(&ring_);  // prepared SQEs in, deferred CQEs out
   } else {
