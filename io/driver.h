@@ -119,6 +119,11 @@ class completion {
                        std::source_location where, sched::wake_reason* why = nullptr);
   int res() const noexcept { return res_; }  // valid once done
   std::uint32_t flags() const noexcept { return flags_; }  // valid once done
+  // The key the driver filed the operation under (io_uring: its
+  // user_data), set by the driver when it starts it; only the fiber that
+  // owns the slot reads it, to cancel.
+  std::uint64_t key() const noexcept { return key_; }
+  void set_key(std::uint64_t k) noexcept { key_ = k; }
   bool is_done() noexcept {
     lock_.lock();
     bool d = done_;
@@ -133,6 +138,7 @@ class completion {
   int res_ = 0;               // written before done_ under lock_
   std::uint32_t flags_ = 0;   // the CQE flags (io_uring), as res_
   sched::wake_token waiter_;  // guarded by lock_
+  std::uint64_t key_ = 0;     // the owning fiber's (see key())
 };
 
 // Per-driver counters: each has a single writer at a time — the owner

@@ -42,15 +42,42 @@ options two_workers() {
   return o;
 }
 
-// Spawns, pinned to the caller's worker, a fiber that computes until
-// `done` or kHogFor. It runs when the caller parks next.
-join_handle<unsigned> spawn_hog(const std::atomic<bool>& done) {
-  return spawn([&done] {
-    auto until = steady::now() + kHogFor;
-    while (!done.load(std::memory_order_acquire) && steady::now() < until) {
-    }
+// The stuck worker's computation: runs until `done` (or kHogFor), and
+// says it started, which also tells that the fiber that spawned it has
+// parked (it runs only once that fiber parks, and is pinned beside it).
+struct stuck_state {
+  std::atomic<bool> started{false}, done{false};
+  // A fiber elsewhere: waits until the computation runs.
+  void wait_started() const {
+    for (int i = 0; i < 1000 && !started.load(std::memory_order_acquire); ++i)
+      (void)this_fiber::sleep_for(5ms);
+    ASSERT_TRUE(started.load(std::memory_order_acquire)) << "the computation never started";
+  }
+  void finish() { done.store(true, std::memory_order_release); }
+};
+
+void compute(stuck_state& st) {
+  st.started.store(true, std::memory_order_release);
+  auto until = steady::now() + kHogFor;
+  while (!st.done.load(std::memory_order_acquire) && steady::now() < until) {
+  }
+}
+
+// Spawns the computation pinned to the caller's worker; it runs when the
+// caller parks next. Joining it returns that worker.
+join_handle<unsigned> spawn_hog(stuck_state& st) {
+  return spawn([&st] {
+    compute(st);
     return this_fiber::worker_index();
   }, {.name = "hog", .pinned = true});
+}
+
+// The monitor counts after it handed the fibers over: allow it a moment.
+std::uint64_t rescued_so_far() {
+  std::uint64_t n = 0;
+  for (int i = 0; i < 100 && (n = get_io_stats().rescued) == 0; ++i)
+    (void)this_fiber::sleep_for(10ms);
+  return n;
 }
 
 TEST(Rescue, AReadParkedOnAStuckWorkerCompletesOnAnother) {
@@ -58,169 +85,151 @@ TEST(Rescue, AReadParkedOnAStuckWorkerCompletesOnAnother) {
   unsigned read_on = ~0u, hogged = ~1u, resumed_on = ~0u;
   std::string got;
   std::uint64_t rescued = 0;
+  stuck_state st;
   run([&] {
     auto [client, server] = connected_pair();
     auto reader = spawn([&, &server = server] {
-      std::atomic<bool> done{false};
       read_on = this_fiber::worker_index();
-      auto hog = spawn_hog(done);
+      auto hog = spawn_hog(st);
       char buf[16];
       auto t0 = steady::now();
       auto n = server.read(buf);  // parks; the hog runs next on this worker
       waited = steady::now() - t0;
       resumed_on = this_fiber::worker_index();
-      done.store(true, std::memory_order_release);
+      st.finish();
       if (n) got.assign(buf, *n);
       hogged = hog.join();
     });
-    (void)this_fiber::sleep_for(50ms);
+    st.wait_started();
     ASSERT_TRUE(client.write_all({"hello", 5}));
     reader.join();
-    // The monitor counts after it handed the fibers over: allow it a moment.
-    for (int i = 0; i < 100 && (rescued = get_io_stats().rescued) == 0; ++i)
-      (void)this_fiber::sleep_for(10ms);
+    rescued = rescued_so_far();
   }, two_workers());
   ASSERT_EQ(read_on, hogged) << "the scenario needs the read parked on the hog's worker";
   EXPECT_EQ(got, "hello");
-  EXPECT_GE(rescued, 1u);
   EXPECT_LT(waited, kPromptly) << "the read waited for the computation to end";
   EXPECT_NE(resumed_on, hogged);
+  EXPECT_GE(rescued, 1u);
 }
 
 TEST(Rescue, AnAcceptParkedOnAStuckWorkerCompletesOnAnother) {
   steady::duration waited{};
   unsigned accepted_on = ~0u, hogged = ~1u;
   bool accepted = false;
+  std::uint64_t rescued = 0;
+  stuck_state st;
   run([&] {
     auto ln = tcp_listener::bind("127.0.0.1:0").value();
     auto acceptor = spawn([&] {
-      std::atomic<bool> done{false};
       accepted_on = this_fiber::worker_index();
-      auto hog = spawn_hog(done);
+      auto hog = spawn_hog(st);
       auto t0 = steady::now();
       auto c = ln.accept();
       waited = steady::now() - t0;
-      done.store(true, std::memory_order_release);
+      st.finish();
       accepted = c.has_value();
       hogged = hog.join();
     });
-    (void)this_fiber::sleep_for(50ms);
+    st.wait_started();
     auto c = tcp_stream::connect(addr_of(ln), deadline(5s));
     ASSERT_TRUE(c) << c.error().message();
     acceptor.join();
+    rescued = rescued_so_far();
   }, two_workers());
   ASSERT_EQ(accepted_on, hogged) << "the scenario needs the accept parked on the hog's worker";
   EXPECT_TRUE(accepted);
   EXPECT_LT(waited, kPromptly) << "the accept waited for the computation to end";
+  EXPECT_GE(rescued, 1u);
 }
 
-// A read deadline on the stuck worker: under io_uring a linked timeout in
-// the kernel (whose completion is rescued), under epoll the scheduler's
-// timer (fired by another worker) and a cancel the rescue carries out.
-TEST(Rescue, AReadDeadlineOnAStuckWorkerFiresOnTime) {
+// A read with a deadline, parked on the stuck worker. Near deadlines are
+// the kernel's (io_uring: a linked timeout, whose completion is rescued);
+// far ones the scheduler's timer, fired by another worker, and a cancel
+// that the rescue submits (io_uring, from the signal handler) or carries
+// out (epoll). See *Deadlines* in io/uring_driver.cc.
+void expect_deadline_fires_on_time(std::chrono::milliseconds after) {
   steady::duration waited{};
   unsigned read_on = ~0u, hogged = ~1u;
   std::error_code err;
+  std::uint64_t rescued = 0;
+  stuck_state st;
   run([&] {
     auto [client, server] = connected_pair();
     auto reader = spawn([&, &server = server] {
-      std::atomic<bool> done{false};
       read_on = this_fiber::worker_index();
-      auto hog = spawn_hog(done);
+      auto hog = spawn_hog(st);
       char buf[16];
       auto t0 = steady::now();
-      auto n = server.read(buf, deadline(100ms));
+      auto n = server.read(buf, deadline(after));
       waited = steady::now() - t0;
-      done.store(true, std::memory_order_release);
+      st.finish();
       if (!n) err = n.error();
       hogged = hog.join();
     });
     reader.join();
+    rescued = rescued_so_far();
   }, two_workers());
   ASSERT_EQ(read_on, hogged) << "the scenario needs the read parked on the hog's worker";
   EXPECT_EQ(err, std::errc::timed_out);
-  EXPECT_GE(waited, 100ms);
-  EXPECT_LT(waited, kPromptly) << "the deadline waited for the computation to end";
+  EXPECT_GE(waited, after);
+  EXPECT_LT(waited, after + kPromptly) << "the deadline waited for the computation to end";
+  EXPECT_GE(rescued, 1u);
 }
 
-// A deadline beyond the kernel's range (io/uring_driver.cc *Deadlines*)
-// is the scheduler's timer: another worker fires it, and the operation's
-// cancel, an SQE only the stuck worker's thread may submit, goes in
-// through the rescue signal (io_uring) or the rescue's drain (epoll).
-TEST(Rescue, AFarReadDeadlineOnAStuckWorkerFiresOnTime) {
-  steady::duration waited{};
-  unsigned read_on = ~0u, hogged = ~1u;
-  std::error_code err;
-  run([&] {
-    auto [client, server] = connected_pair();
-    auto reader = spawn([&, &server = server] {
-      std::atomic<bool> done{false};
-      read_on = this_fiber::worker_index();
-      auto hog = spawn_hog(done);
-      char buf[16];
-      auto t0 = steady::now();
-      auto n = server.read(buf, deadline(1200ms));
-      waited = steady::now() - t0;
-      done.store(true, std::memory_order_release);
-      if (!n) err = n.error();
-      hogged = hog.join();
-    });
-    reader.join();
-  }, two_workers());
-  ASSERT_EQ(read_on, hogged) << "the scenario needs the read parked on the hog's worker";
-  EXPECT_EQ(err, std::errc::timed_out);
-  EXPECT_GE(waited, 1200ms);
-  EXPECT_LT(waited, 1200ms + kPromptly) << "the deadline waited for the computation to end";
-}
+TEST(Rescue, ANearReadDeadlineOnAStuckWorkerFiresOnTime) { expect_deadline_fires_on_time(100ms); }
+TEST(Rescue, AFarReadDeadlineOnAStuckWorkerFiresOnTime) { expect_deadline_fires_on_time(1200ms); }
 
 // A stop request to a fiber whose read is parked on a stuck worker.
 TEST(Rescue, AStopRequestToAReadOnAStuckWorkerIsPrompt) {
   steady::duration took{};
   unsigned read_on = ~0u, hogged = ~1u;
   std::error_code err;
-  std::atomic<bool> done{false};
+  std::uint64_t rescued = 0;
+  stuck_state st;
   run([&] {
     auto [client, server] = connected_pair();
     join_handle<unsigned> hog;
     auto reader = spawn([&, &server = server] {
       read_on = this_fiber::worker_index();
-      hog = spawn_hog(done);
+      hog = spawn_hog(st);
       char buf[16];
       auto n = server.read(buf);
       if (!n) err = n.error();
     });
-    (void)this_fiber::sleep_for(50ms);
+    st.wait_started();
     auto t0 = steady::now();
     reader.request_stop();
     reader.join();
     took = steady::now() - t0;
-    done.store(true, std::memory_order_release);
+    st.finish();
     hogged = hog.join();
+    rescued = rescued_so_far();
   }, two_workers());
   ASSERT_EQ(read_on, hogged);
   EXPECT_EQ(err, std::errc::operation_canceled);
   EXPECT_LT(took, kPromptly) << "the stop waited for the computation to end";
+  EXPECT_GE(rescued, 1u);
 }
 
 // The rescued fibers keep working on their new worker: an echo server
-// whose connections all started on the stuck worker still serves them.
+// whose connection started on the stuck worker still serves it.
 TEST(Rescue, ConnectionsOfAStuckWorkerKeepBeingServed) {
   steady::duration took{};
   unsigned served_on = ~0u, hogged = ~1u;
+  stuck_state st;
   run([&] {
     auto [client, server] = connected_pair();
     auto echo = spawn([&, &server = server] {
-      std::atomic<bool> done{false};
       served_on = this_fiber::worker_index();
-      auto hog = spawn_hog(done);
+      auto hog = spawn_hog(st);
       char buf[64];
       while (auto n = server.read(buf)) {
         if (*n == 0 || !server.write_all({buf, *n})) break;
       }
-      done.store(true, std::memory_order_release);
+      st.finish();
       hogged = hog.join();
     });
-    (void)this_fiber::sleep_for(20ms);
+    st.wait_started();
     auto t0 = steady::now();
     for (int i = 0; i < 100; ++i) {
       std::string msg = "ping " + std::to_string(i);
@@ -239,25 +248,27 @@ TEST(Rescue, ConnectionsOfAStuckWorkerKeepBeingServed) {
 }
 
 // Reads "hello" on a fiber parked on the worker that `stuck_body` then
-// holds: the common scenario of the tests below. Returns how long the read
-// waited.
+// holds. Returns how long the read waited.
 template <typename Stuck>
 steady::duration read_behind(Stuck stuck_body) {
   steady::duration waited{};
+  stuck_state st;
   run([&] {
     auto [client, server] = connected_pair();
     auto reader = spawn([&, &server = server] {
-      std::atomic<bool> done{false};
-      auto stuck = spawn([&] { stuck_body(done); }, {.name = "stuck", .pinned = true});
+      auto stuck = spawn([&] {
+        st.started.store(true, std::memory_order_release);
+        stuck_body(st);
+      }, {.name = "stuck", .pinned = true});
       char buf[16];
       auto t0 = steady::now();
       auto n = server.read(buf);
       waited = steady::now() - t0;
-      done.store(true, std::memory_order_release);
+      st.finish();
       EXPECT_TRUE(n && *n == 5);
       stuck.join();
     });
-    (void)this_fiber::sleep_for(50ms);
+    st.wait_started();
     EXPECT_TRUE(client.write_all({"hello", 5}));
     reader.join();
   }, two_workers());
@@ -269,7 +280,7 @@ steady::duration read_behind(Stuck stuck_body) {
 // signal would cut them short with EINTR.
 TEST(Rescue, ABlockingCallInTheStuckFiberIsNotInterrupted) {
   int poll_rc = 0, poll_errno = 0, sleep_rc = 0, sleep_errno = 0;
-  (void)read_behind([&](const std::atomic<bool>&) {
+  (void)read_behind([&](stuck_state&) {
     poll_rc = ::poll(nullptr, 0, 300);
     poll_errno = errno;
     timespec ts{0, 300'000'000};
@@ -280,54 +291,39 @@ TEST(Rescue, ABlockingCallInTheStuckFiberIsNotInterrupted) {
   EXPECT_EQ(sleep_rc, 0) << "nanosleep: " << std::strerror(sleep_errno);
 }
 
-void compute(const std::atomic<bool>& done) {
-  auto until = steady::now() + kHogFor;
-  while (!done.load(std::memory_order_acquire) && steady::now() < until) {
-  }
-}
-
-// A signal_set that watched SIGURG before the runtime started and is
-// dropped while it runs restores the default disposition it found, over
-// weft's handler: the next rescue installs weft's again.
+// A signal_set that watched SIGURG while it had its default disposition
+// and is dropped during a run restores that default over weft's handler:
+// the next rescue installs weft's again.
 TEST(Rescue, ASignalSetDroppedDuringTheRunLeavesTheRescueWorking) {
+  struct sigaction dfl {};
+  dfl.sa_handler = SIG_DFL;
+  ASSERT_EQ(::sigaction(SIGURG, &dfl, nullptr), 0);  // as in a fresh process
   auto set = signal_set::watch({SIGURG});
   ASSERT_TRUE(set) << set.error().message();
   std::optional<signal_set> held(std::move(*set));
-  steady::duration waited{};
-  {
-    // Dropped from inside the run, once the drivers exist.
-    auto drop_then_stuck = [&](const std::atomic<bool>& done) {
-      held.reset();
-      compute(done);
-    };
-    waited = read_behind(drop_then_stuck);
-  }
+  auto waited = read_behind([&](stuck_state& st) {
+    held.reset();  // restores SIG_DFL
+    compute(st);
+  });
   EXPECT_LT(waited, kPromptly) << "the read waited for the computation to end";
 }
 
 // While a signal_set watches SIGURG, weft's own SIGURGs reach the rescue
 // through its handler and are not counted as deliveries.
 TEST(Rescue, ASignalSetWatchingSigurgSeesNoneOfWeftsOwn) {
-  std::optional<signal_set> set;
-  steady::duration waited{};
-  bool saw_one = true;
-  run([&] {
-    auto s = signal_set::watch({SIGURG});
-    ASSERT_TRUE(s) << s.error().message();
-    set.emplace(std::move(*s));
-  }, two_workers());
-  waited = read_behind(compute);
-  saw_one = set->try_wait().has_value();
-  set.reset();
+  auto set = signal_set::watch({SIGURG});
+  ASSERT_TRUE(set) << set.error().message();
+  auto waited = read_behind(compute);
+  bool saw_one = set->try_wait().has_value();
   EXPECT_LT(waited, kPromptly) << "the read waited for the computation to end";
   EXPECT_FALSE(saw_one) << "weft's rescue signal was counted as a delivery";
 }
 
 // Worker 0 keeps getting stuck (30 ms computations between short
 // sleeps) while its fibers serve echo connections, some with deadlines in
-// the kernel's range, some with far ones (the scheduler's timers and
-// cancels), some with none; clients on the other workers check every
-// echo. Under --config=tsan this is the race hunt for the rescue paths.
+// the kernel's range, some with far ones, some with none; clients on the
+// other workers check every echo. Under --config=tsan this is the race
+// hunt for the rescue's completion paths.
 TEST(Rescue, AWorkerThatKeepsGettingStuckServesItsConnections) {
   constexpr int kConns = 12, kMessages = 40;
   std::atomic<int> echoes{0};
@@ -385,6 +381,57 @@ TEST(Rescue, AWorkerThatKeepsGettingStuckServesItsConnections) {
     hog.join();
   }, o);
   EXPECT_GE(echoes.load(), kConns * kMessages);
+}
+
+// Idle readers on a worker that keeps getting stuck, with far deadlines
+// (the scheduler's timers: their cancels cross threads) and then stop
+// requests: the race hunt for the rescue's cancel paths (the signal
+// handler's drain under io_uring, the monitor's under epoll).
+TEST(Rescue, FarDeadlinesAndStopsOnAWorkerThatKeepsGettingStuck) {
+  constexpr int kReaders = 16;
+  std::atomic<int> timeouts{0}, stops{0};
+  options o;
+  o.workers = 3;
+  run([&] {
+    std::atomic<bool> stop{false};
+    auto hog = spawn([&] {
+      while (!stop.load(std::memory_order_acquire)) {
+        auto until = steady::now() + 40ms;
+        while (steady::now() < until) {
+        }
+        (void)this_fiber::sleep_for(1ms);
+      }
+    }, {.name = "hog", .pinned = true, .worker = 0});
+    std::vector<testing::tcp_pair> pairs;
+    for (int i = 0; i < kReaders; ++i) pairs.push_back(connected_pair());
+    std::vector<join_handle<void>> readers;
+    for (int i = 0; i < kReaders; ++i)
+      readers.push_back(spawn([&, i] {
+        char buf[16];
+        while (!stop.load(std::memory_order_acquire)) {
+          auto n = pairs[i].server.read(buf, deadline(1000ms + std::chrono::milliseconds(7 * i)));
+          if (!n && n.error() == std::errc::timed_out) {
+            timeouts.fetch_add(1, std::memory_order_relaxed);
+            continue;
+          }
+          if (!n && n.error() == std::errc::operation_canceled) {
+            stops.fetch_add(1, std::memory_order_relaxed);
+            return;
+          }
+          ASSERT_TRUE(n) << n.error().message();
+          if (*n == 0) return;
+        }
+      }, {.name = "reader", .worker = 0}));
+    (void)this_fiber::sleep_for(2200ms);
+    for (int i = 0; i < kReaders; i += 2) readers[i].request_stop();
+    (void)this_fiber::sleep_for(200ms);
+    stop.store(true, std::memory_order_release);
+    for (auto& p : pairs) (void)p.client.shutdown();
+    for (auto& r : readers) r.join();
+    hog.join();
+  }, o);
+  EXPECT_GE(timeouts.load(), kReaders);  // each timed out at least once
+  EXPECT_EQ(stops.load(), kReaders / 2);
 }
 
 }  // namespace

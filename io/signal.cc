@@ -28,6 +28,7 @@
 #include <atomic>
 #include <cerrno>
 #include <mutex>
+#include <system_error>
 
 #include "sched/park.h"
 
@@ -115,7 +116,12 @@ extern "C" void on_sigurg(int sig, siginfo_t* info, void*) {
 
 bool sigurg_reaches_rescue() noexcept {
   install_state& st = installs();
-  std::lock_guard lk(st.mu);  // against watch() and reset() changing it meanwhile
+  std::unique_lock lk(st.mu, std::defer_lock);  // against watch() and reset() meanwhile
+  try {
+    lk.lock();
+  } catch (const std::system_error&) {
+    return false;  // not expected; no rescue signal this time
+  }
   struct sigaction cur {};
   if (::sigaction(SIGURG, nullptr, &cur) != 0) return false;
   if (cur.sa_flags & SA_SIGINFO)

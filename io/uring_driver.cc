@@ -9,8 +9,9 @@
 //     owner, between io::perform()'s start() and its park; other threads
 //     reach the ring only through wake() and cancel(), which queue work and
 //     write the eventfd.
-//   - Every CQE's user_data is either a completion* (an operation started
-//     by start(), counted in inflight_ until its CQE), kWakeTag (the
+//   - Every CQE's user_data is either a completion* with a generation in
+//     its top 16 bits (an operation started by start(), counted in
+//     inflight_ until its CQE; see *Cancel keys*), kWakeTag (the
 //     eventfd read, always armed), kRingWakeTag (a wake-up sent by another
 //     worker's ring), kIgnoreTag (linked timeouts, cancels, the sender's
 //     own CQE of a MSG_RING) or a multishot_sink* with kMultishotBit set
@@ -19,6 +20,13 @@
 //     IORING_CQE_F_MORE.
 //   - SQEs are submitted in one io_uring_submit per scheduler turn (flush(),
 //     poll(), wait()); start() submits early only when the SQ ring is full.
+//
+// *Cancel keys*: a cancel from another thread names the operation by its
+// user_data, and may be drained after the operation completed and its
+// fiber's stack was reused by a new operation with a slot at the same
+// address (rescue() makes that likely: it completes operations while the
+// cancels wait for the owner). A 16-bit generation per driver in the
+// user_data's top bits (user addresses fit in 48) tells the two apart.
 //
 // *Deadlines*: an operation whose deadline is near (kKernelDeadline) is
 // linked to an IORING_OP_LINK_TIMEOUT; the kernel cancels the operation at
@@ -109,6 +117,9 @@ constexpr std::uint64_t kRingWakeTag = 2;  // an IORING_OP_MSG_RING from another
 // Marks a multishot_sink* in user_data; completion* and multishot_sink*
 // are at least 8-aligned, and the small tags above are checked first.
 constexpr std::uint64_t kMultishotBit = 1;
+// See *Cancel keys*.
+constexpr int kGenShift = 48;
+constexpr std::uint64_t kAddressMask = (std::uint64_t{1} << kGenShift) - 1;
 // SQ ring entries: a turn rarely queues more; start() submits early when full.
 constexpr unsigned kSqEntries = 256;
 // See *Deadlines*: nearer than this, the kernel times the operation out.
@@ -267,6 +278,7 @@ class uring_driver final : public io_driver {
   std::uint64_t wake_buf_ = 0;  // the armed eventfd read's target (owner, kernel)
   std::vector<__kernel_timespec> ts_;  // link timeouts by SQE index (see *Deadlines*)
   std::size_t inflight_ = 0;  // owner only: operations started, CQE not yet seen
+  std::uint16_t gen_ = 0;     // owner only: see *Cancel keys*
   // Guarded by reap_lock_: a wake() was reaped and no wait() has returned
   // since. wake() is sticky (sched/driver.h): the next wait() returns at once.
   bool woken_ = false;
@@ -292,6 +304,7 @@ class uring_driver final : public io_driver {
   std::atomic<std::uint64_t> submits_{0};
   // Owner thread only, and its signal handler: inside SQ code (sq_section).
   std::atomic<int> sq_busy_{0};
+  bool in_handler_ = false;  // owner thread: flush_from_signal() is running
   // Bumped by the owner's SIGURG handler after it flushed (release);
   // rescue() waits for a change (acquire) before it reaps.
   std::atomic<std::uint64_t> flushes_{0};
@@ -342,7 +355,8 @@ void uring_driver::submit() {
   if (r < 0) unsubmitted_.store(true, std::memory_order_relaxed);  // still queued
   // -EBUSY/-EAGAIN: CQ overflow backlog or memory pressure; the SQEs stay
   // queued and the next turn submits them again.
-  if (r < 0 && r != -EBUSY && r != -EAGAIN && r != -EINTR)
+  // Not from the signal handler, where stdio is not safe.
+  if (r < 0 && r != -EBUSY && r != -EAGAIN && r != -EINTR && !in_handler_)
     std::fprintf(stderr, "weft: io_uring_submit: %s\n", std::strerror(-r));
 }
 
@@ -406,7 +420,12 @@ void uring_driver::start(op& o, completion& c, clock::time_point deadline) {
   prep(sqe, o);
   // SAFETY: &c lives on the parked fiber's stack until its CQE arrived
   // (see *Completion slots* in io/driver.h).
-  io_uring_sqe_set_data64(sqe, reinterpret_cast<std::uintptr_t>(&c));
+  std::uint64_t key = reinterpret_cast<std::uintptr_t>(&c);
+  WEFT_CHECK((key & ~kAddressMask) == 0,
+             "uring_driver: a completion slot above 2^48 (see *Cancel keys*)");
+  key |= std::uint64_t{++gen_} << kGenShift;  // see *Cancel keys*
+  c.set_key(key);
+  io_uring_sqe_set_data64(sqe, key);
   ++inflight_;
   io_counters::bump(counters_.ops);
   io_counters::bump(counters_.parked);  // every io_uring operation parks
@@ -414,11 +433,14 @@ void uring_driver::start(op& o, completion& c, clock::time_point deadline) {
     sqe->flags |= IOSQE_IO_LINK;
     io_uring_sqe* t = io_uring_get_sqe(&ring_);  // get_sqe(2) left room for it
     __kernel_timespec& ts = ts_[t - ring_.sq.sqes];
-    auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - clock::now()).count();
-    if (ns < 1) ns = 1;  // already due: the kernel still tries the operation once
+    // Absolute, on CLOCK_MONOTONIC (steady_clock's): the kernel counts a
+    // relative timeout from the submission, which may come later (the
+    // next turn, or a rescue). One already past: the kernel still tries
+    // the operation once.
+    auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline.time_since_epoch()).count();
     ts.tv_sec = ns / 1'000'000'000;
     ts.tv_nsec = ns % 1'000'000'000;
-    io_uring_prep_link_timeout(t, &ts, 0);
+    io_uring_prep_link_timeout(t, &ts, IORING_TIMEOUT_ABS);
     io_uring_sqe_set_data64(t, kIgnoreTag);
   }
 }
@@ -570,7 +592,7 @@ void uring_driver::cancel_tag(std::uint64_t tag) noexcept {
 }
 
 void uring_driver::cancel(completion& c) noexcept {
-  cancel_tag(reinterpret_cast<std::uintptr_t>(&c));
+  cancel_tag(c.key());  // the caller owns c (see *Cancel keys*)
 }
 
 void uring_driver::drain_cancels() {
@@ -660,7 +682,8 @@ bool uring_driver::send_ring_wake() noexcept {
 // *Fairness*); rescue() takes everything, into the inject queue.
 void uring_driver::reap(bool owner) {
   unsigned head, n = 0;
-  std::size_t done = 0;  // counted operations that completed
+  std::size_t done = 0;    // counted operations that completed
+  std::uint64_t handed = 0;  // completions and multishot results delivered
   io_uring_cqe* cqe;
   io_uring_for_each_cqe(&ring_, head, cqe) {
     if (owner && n == kMaxReap) break;
@@ -677,18 +700,20 @@ void uring_driver::reap(bool owner) {
     }
     if (tag & kMultishotBit) {
       if (on_multishot_cqe(tag, cqe->res, cqe->flags)) ++done;
+      ++handed;
       continue;
     }
     ++done;
+    ++handed;
     // SAFETY: the fiber that owns this slot is parked (or about to park)
     // until complete() ran; see *Completion slots* in io/driver.h.
-    reinterpret_cast<completion*>(tag)->complete(cqe->res, cqe->flags);
+    reinterpret_cast<completion*>(tag & kAddressMask)->complete(cqe->res, cqe->flags);
   }
   io_uring_cq_advance(&ring_, n);
   if (n) io_counters::bump(counters_.completions, n);  // single writer: under reap_lock_
   if (!owner) {
     if (done) rescued_.fetch_add(done, std::memory_order_relaxed);  // relaxed: see rescued_
-    io_counters::bump(counters_.rescued, done);  // single writer: the monitor
+    io_counters::bump(counters_.rescued, handed);  // single writer: the monitor
     return;
   }
   inflight_ -= done;
@@ -754,9 +779,12 @@ void uring_driver::wait(sched::clock::time_point deadline) {
 void uring_driver::rescue() noexcept {
   // acquire: the kernel's flags word.
   unsigned sqf = __atomic_load_n(ring_.sq.kflags, __ATOMIC_ACQUIRE);
+  // owner_on_cpu() last, right before the signal: the window in which the
+  // thread may enter a blocking system call (and see EINTR) stays a few
+  // microseconds, as Go's.
   if (((sqf & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)) ||
        unsubmitted_.load(std::memory_order_relaxed) || cancels_.nonempty()) &&
-      owner_on_cpu() && sigurg_reaches_rescue()) {
+      sigurg_reaches_rescue() && owner_on_cpu()) {
     // acquire: pairs with the handler's release increment, so the CQEs it
     // made the kernel post are visible to the reap below.
     std::uint64_t before = flushes_.load(std::memory_order_acquire);
@@ -800,9 +828,12 @@ bool uring_driver::owner_on_cpu() const noexcept {
 void uring_driver::flush_from_signal() noexcept {
   if (sq_busy_.load(std::memory_order_relaxed) == 0) {  // relaxed: our own thread's
     std::atomic_signal_fence(std::memory_order_seq_cst);
+    in_handler_ = true;
     drain_cancels();  // a far deadline or a stop request of a fiber parked here
     note_submit();
     (void)io_uring_submit_and_get_events(&ring_);  // prepared SQEs in, deferred CQEs out
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    in_handler_ = false;
   } else {
     // Deferred completions only: to_submit 0 never reads the SQ ring.
     (void)::syscall(__NR_io_uring_enter, ring_.ring_fd, 0, 0, IORING_ENTER_GETEVENTS,
