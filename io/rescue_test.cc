@@ -18,6 +18,8 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -42,104 +44,111 @@ options two_workers() {
   return o;
 }
 
-// The stuck worker's computation: runs until `done` (or kHogFor), and
-// says it started, which also tells that the fiber that spawned it has
-// parked (it runs only once that fiber parks, and is pinned beside it).
+// The stuck worker's computation and how the others see it.
 struct stuck_state {
   std::atomic<bool> started{false}, done{false};
-  // A fiber elsewhere: waits until the computation runs.
+  // A fiber elsewhere: waits until the stuck fiber runs.
   void wait_started() const {
     for (int i = 0; i < 1000 && !started.load(std::memory_order_acquire); ++i)
       (void)this_fiber::sleep_for(5ms);
-    ASSERT_TRUE(started.load(std::memory_order_acquire)) << "the computation never started";
+    ASSERT_TRUE(started.load(std::memory_order_acquire)) << "the stuck fiber never ran";
   }
   void finish() { done.store(true, std::memory_order_release); }
 };
 
+// Computes until `done`, or for kHogFor.
 void compute(stuck_state& st) {
-  st.started.store(true, std::memory_order_release);
   auto until = steady::now() + kHogFor;
   while (!st.done.load(std::memory_order_acquire) && steady::now() < until) {
   }
 }
 
-// Spawns the computation pinned to the caller's worker; it runs when the
-// caller parks next. Joining it returns that worker.
-join_handle<unsigned> spawn_hog(stuck_state& st) {
-  return spawn([&st] {
-    compute(st);
-    return this_fiber::worker_index();
-  }, {.name = "hog", .pinned = true});
+// What a scenario saw (see behind_stuck()).
+struct seen {
+  steady::duration waited{};  // how long op() took
+  unsigned parked_on = ~0u;   // op's worker as it started
+  unsigned stuck_on = ~1u;    // the stuck fiber's worker
+  unsigned resumed_on = ~0u;  // op's worker as it ended
+  std::uint64_t rescued = 0;  // get_io_stats().rescued afterwards
+};
+
+// What a scenario does, made by its setup inside the run (sockets need
+// the drivers): op() runs on a fiber and parks; trigger(fiber), if any,
+// runs on the main fiber once the stuck fiber runs.
+struct plan {
+  std::function<void()> op;
+  std::function<void(join_handle<void>&)> trigger;
+};
+
+// On two workers: a fiber runs op(); beside it, pinned to its worker,
+// `stuck` runs once op() parked (a pinned fiber spawned by op's fiber
+// runs only when that one parks), until op() is over (or kHogFor).
+// Without the rescue, whatever op() waits for arrives when `stuck` ends.
+template <typename Setup>
+seen behind_stuck(Setup setup, std::function<void(stuck_state&)> stuck = compute) {
+  seen out;
+  stuck_state st;
+  run([&] {
+    plan p = setup();
+    join_handle<unsigned> stuck_fiber;  // joined here: op's fiber may be stopped
+    auto fiber = spawn([&] {
+      out.parked_on = this_fiber::worker_index();
+      stuck_fiber = spawn([&] {
+        st.started.store(true, std::memory_order_release);
+        stuck(st);
+        return this_fiber::worker_index();
+      }, {.name = "stuck", .pinned = true});
+      auto t0 = steady::now();
+      p.op();
+      out.waited = steady::now() - t0;
+      out.resumed_on = this_fiber::worker_index();
+      st.finish();
+    });
+    st.wait_started();
+    if (p.trigger) p.trigger(fiber);
+    fiber.join();
+    out.stuck_on = stuck_fiber.join();
+    // The monitor counts after it handed the fibers over: allow it a moment.
+    for (int i = 0; i < 100 && (out.rescued = get_io_stats().rescued) == 0; ++i)
+      (void)this_fiber::sleep_for(10ms);
+  }, two_workers());
+  EXPECT_EQ(out.parked_on, out.stuck_on) << "the scenario needs op() parked on the stuck worker";
+  return out;
 }
 
-// The monitor counts after it handed the fibers over: allow it a moment.
-std::uint64_t rescued_so_far() {
-  std::uint64_t n = 0;
-  for (int i = 0; i < 100 && (n = get_io_stats().rescued) == 0; ++i)
-    (void)this_fiber::sleep_for(10ms);
-  return n;
+// op(): reads into `got` from a connected pair; trigger: the peer writes.
+plan read_hello(std::string& got) {
+  auto pair = std::make_shared<testing::tcp_pair>(connected_pair());
+  return {[pair, &got] {
+            char buf[16];
+            auto n = pair->server.read(buf);
+            if (n) got.assign(buf, *n);
+          },
+          [pair](join_handle<void>&) { ASSERT_TRUE(pair->client.write_all({"hello", 5})); }};
 }
 
 TEST(Rescue, AReadParkedOnAStuckWorkerCompletesOnAnother) {
-  steady::duration waited{};
-  unsigned read_on = ~0u, hogged = ~1u, resumed_on = ~0u;
   std::string got;
-  std::uint64_t rescued = 0;
-  stuck_state st;
-  run([&] {
-    auto [client, server] = connected_pair();
-    auto reader = spawn([&, &server = server] {
-      read_on = this_fiber::worker_index();
-      auto hog = spawn_hog(st);
-      char buf[16];
-      auto t0 = steady::now();
-      auto n = server.read(buf);  // parks; the hog runs next on this worker
-      waited = steady::now() - t0;
-      resumed_on = this_fiber::worker_index();
-      st.finish();
-      if (n) got.assign(buf, *n);
-      hogged = hog.join();
-    });
-    st.wait_started();
-    ASSERT_TRUE(client.write_all({"hello", 5}));
-    reader.join();
-    rescued = rescued_so_far();
-  }, two_workers());
-  ASSERT_EQ(read_on, hogged) << "the scenario needs the read parked on the hog's worker";
+  seen s = behind_stuck([&] { return read_hello(got); });
   EXPECT_EQ(got, "hello");
-  EXPECT_LT(waited, kPromptly) << "the read waited for the computation to end";
-  EXPECT_NE(resumed_on, hogged);
-  EXPECT_GE(rescued, 1u);
+  EXPECT_LT(s.waited, kPromptly) << "the read waited for the computation to end";
+  EXPECT_NE(s.resumed_on, s.stuck_on);
+  EXPECT_GE(s.rescued, 1u);
 }
 
 TEST(Rescue, AnAcceptParkedOnAStuckWorkerCompletesOnAnother) {
-  steady::duration waited{};
-  unsigned accepted_on = ~0u, hogged = ~1u;
   bool accepted = false;
-  std::uint64_t rescued = 0;
-  stuck_state st;
-  run([&] {
-    auto ln = tcp_listener::bind("127.0.0.1:0").value();
-    auto acceptor = spawn([&] {
-      accepted_on = this_fiber::worker_index();
-      auto hog = spawn_hog(st);
-      auto t0 = steady::now();
-      auto c = ln.accept();
-      waited = steady::now() - t0;
-      st.finish();
-      accepted = c.has_value();
-      hogged = hog.join();
-    });
-    st.wait_started();
-    auto c = tcp_stream::connect(addr_of(ln), deadline(5s));
-    ASSERT_TRUE(c) << c.error().message();
-    acceptor.join();
-    rescued = rescued_so_far();
-  }, two_workers());
-  ASSERT_EQ(accepted_on, hogged) << "the scenario needs the accept parked on the hog's worker";
+  seen s = behind_stuck([&] {
+    auto ln = std::make_shared<tcp_listener>(tcp_listener::bind("127.0.0.1:0").value());
+    return plan{[ln, &accepted] { accepted = ln->accept().has_value(); },
+                [ln](join_handle<void>&) {
+                  auto c = tcp_stream::connect(addr_of(*ln), deadline(5s));
+                  ASSERT_TRUE(c) << c.error().message();
+                }};
+  });
   EXPECT_TRUE(accepted);
-  EXPECT_LT(waited, kPromptly) << "the accept waited for the computation to end";
-  EXPECT_GE(rescued, 1u);
+  EXPECT_LT(s.waited, kPromptly) << "the accept waited for the computation to end";
+  EXPECT_GE(s.rescued, 1u);
 }
 
 // A read with a deadline, parked on the stuck worker. Near deadlines are
@@ -148,131 +157,64 @@ TEST(Rescue, AnAcceptParkedOnAStuckWorkerCompletesOnAnother) {
 // that the rescue submits (io_uring, from the signal handler) or carries
 // out (epoll). See *Deadlines* in io/uring_driver.cc.
 void expect_deadline_fires_on_time(std::chrono::milliseconds after) {
-  steady::duration waited{};
-  unsigned read_on = ~0u, hogged = ~1u;
   std::error_code err;
-  std::uint64_t rescued = 0;
-  stuck_state st;
-  run([&] {
-    auto [client, server] = connected_pair();
-    auto reader = spawn([&, &server = server] {
-      read_on = this_fiber::worker_index();
-      auto hog = spawn_hog(st);
+  seen s = behind_stuck([&] {
+    auto pair = std::make_shared<testing::tcp_pair>(connected_pair());
+    return plan{[pair, &err, after] {
       char buf[16];
-      auto t0 = steady::now();
-      auto n = server.read(buf, deadline(after));
-      waited = steady::now() - t0;
-      st.finish();
+      auto n = pair->server.read(buf, deadline(after));
       if (!n) err = n.error();
-      hogged = hog.join();
-    });
-    reader.join();
-    rescued = rescued_so_far();
-  }, two_workers());
-  ASSERT_EQ(read_on, hogged) << "the scenario needs the read parked on the hog's worker";
+    }, {}};
+  });
   EXPECT_EQ(err, std::errc::timed_out);
-  EXPECT_GE(waited, after);
-  EXPECT_LT(waited, after + kPromptly) << "the deadline waited for the computation to end";
-  EXPECT_GE(rescued, 1u);
+  EXPECT_GE(s.waited, after);
+  EXPECT_LT(s.waited, after + kPromptly) << "the deadline waited for the computation to end";
+  EXPECT_GE(s.rescued, 1u);
 }
 
 TEST(Rescue, ANearReadDeadlineOnAStuckWorkerFiresOnTime) { expect_deadline_fires_on_time(100ms); }
 TEST(Rescue, AFarReadDeadlineOnAStuckWorkerFiresOnTime) { expect_deadline_fires_on_time(1200ms); }
 
-// A stop request to a fiber whose read is parked on a stuck worker.
 TEST(Rescue, AStopRequestToAReadOnAStuckWorkerIsPrompt) {
-  steady::duration took{};
-  unsigned read_on = ~0u, hogged = ~1u;
   std::error_code err;
-  std::uint64_t rescued = 0;
-  stuck_state st;
-  run([&] {
-    auto [client, server] = connected_pair();
-    join_handle<unsigned> hog;
-    auto reader = spawn([&, &server = server] {
-      read_on = this_fiber::worker_index();
-      hog = spawn_hog(st);
-      char buf[16];
-      auto n = server.read(buf);
-      if (!n) err = n.error();
-    });
-    st.wait_started();
-    auto t0 = steady::now();
-    reader.request_stop();
-    reader.join();
-    took = steady::now() - t0;
-    st.finish();
-    hogged = hog.join();
-    rescued = rescued_so_far();
-  }, two_workers());
-  ASSERT_EQ(read_on, hogged);
+  seen s = behind_stuck([&] {
+    auto pair = std::make_shared<testing::tcp_pair>(connected_pair());
+    return plan{[pair, &err] {
+                  char buf[16];
+                  auto n = pair->server.read(buf);
+                  if (!n) err = n.error();
+                },
+                [](join_handle<void>& reader) { reader.request_stop(); }};
+  });
   EXPECT_EQ(err, std::errc::operation_canceled);
-  EXPECT_LT(took, kPromptly) << "the stop waited for the computation to end";
-  EXPECT_GE(rescued, 1u);
+  EXPECT_LT(s.waited, kPromptly) << "the stop waited for the computation to end";
+  EXPECT_GE(s.rescued, 1u);
 }
 
-// The rescued fibers keep working on their new worker: an echo server
-// whose connection started on the stuck worker still serves it.
-TEST(Rescue, ConnectionsOfAStuckWorkerKeepBeingServed) {
-  steady::duration took{};
-  unsigned served_on = ~0u, hogged = ~1u;
-  stuck_state st;
-  run([&] {
-    auto [client, server] = connected_pair();
-    auto echo = spawn([&, &server = server] {
-      served_on = this_fiber::worker_index();
-      auto hog = spawn_hog(st);
-      char buf[64];
-      while (auto n = server.read(buf)) {
-        if (*n == 0 || !server.write_all({buf, *n})) break;
-      }
-      st.finish();
-      hogged = hog.join();
-    });
-    st.wait_started();
-    auto t0 = steady::now();
-    for (int i = 0; i < 100; ++i) {
-      std::string msg = "ping " + std::to_string(i);
-      ASSERT_TRUE(client.write_all({msg.data(), msg.size()}));
-      std::string back(msg.size(), '\0');
-      auto r = client.read_exact({back.data(), back.size()}, deadline(5s));
-      ASSERT_TRUE(r) << r.error().message();
-      ASSERT_EQ(back, msg);
-    }
-    took = steady::now() - t0;
-    (void)client.shutdown();
-    echo.join();
-  }, two_workers());
-  ASSERT_EQ(served_on, hogged) << "the scenario needs the server parked on the hog's worker";
-  EXPECT_LT(took, kPromptly) << "the round trips waited for the computation to end";
-}
-
-// Reads "hello" on a fiber parked on the worker that `stuck_body` then
-// holds. Returns how long the read waited.
-template <typename Stuck>
-steady::duration read_behind(Stuck stuck_body) {
-  steady::duration waited{};
-  stuck_state st;
-  run([&] {
-    auto [client, server] = connected_pair();
-    auto reader = spawn([&, &server = server] {
-      auto stuck = spawn([&] {
-        st.started.store(true, std::memory_order_release);
-        stuck_body(st);
-      }, {.name = "stuck", .pinned = true});
-      char buf[16];
-      auto t0 = steady::now();
-      auto n = server.read(buf);
-      waited = steady::now() - t0;
-      st.finish();
-      EXPECT_TRUE(n && *n == 5);
-      stuck.join();
-    });
-    st.wait_started();
-    EXPECT_TRUE(client.write_all({"hello", 5}));
-    reader.join();
-  }, two_workers());
-  return waited;
+// The rescued fiber keeps working on its new worker: an echo server whose
+// connection started on the stuck worker still serves it.
+TEST(Rescue, AConnectionOfAStuckWorkerKeepsBeingServed) {
+  seen s = behind_stuck([&] {
+    auto pair = std::make_shared<testing::tcp_pair>(connected_pair());
+    return plan{[pair] {
+                  char buf[64];
+                  while (auto n = pair->server.read(buf))
+                    if (*n == 0 || !pair->server.write_all({buf, *n})) break;
+                },
+                [pair](join_handle<void>&) {
+                  for (int i = 0; i < 100; ++i) {
+                    std::string msg = "ping " + std::to_string(i);
+                    ASSERT_TRUE(pair->client.write_all({msg.data(), msg.size()}));
+                    std::string back(msg.size(), '\0');
+                    auto r = pair->client.read_exact({back.data(), back.size()}, deadline(5s));
+                    ASSERT_TRUE(r) << r.error().message();
+                    ASSERT_EQ(back, msg);
+                  }
+                  (void)pair->client.shutdown();
+                }};
+  });
+  EXPECT_LT(s.waited, kPromptly) << "the round trips waited for the computation to end";
+  EXPECT_GE(s.rescued, 1u);
 }
 
 // A stuck fiber asleep in blocking system calls is never interrupted by
@@ -280,13 +222,15 @@ steady::duration read_behind(Stuck stuck_body) {
 // signal would cut them short with EINTR.
 TEST(Rescue, ABlockingCallInTheStuckFiberIsNotInterrupted) {
   int poll_rc = 0, poll_errno = 0, sleep_rc = 0, sleep_errno = 0;
-  (void)read_behind([&](stuck_state&) {
+  std::string got;
+  (void)behind_stuck([&] { return read_hello(got); }, [&](stuck_state&) {
     poll_rc = ::poll(nullptr, 0, 300);
     poll_errno = errno;
     timespec ts{0, 300'000'000};
     sleep_rc = ::nanosleep(&ts, nullptr);
     sleep_errno = errno;
   });
+  EXPECT_EQ(got, "hello");
   EXPECT_EQ(poll_rc, 0) << "poll: " << std::strerror(poll_errno);
   EXPECT_EQ(sleep_rc, 0) << "nanosleep: " << std::strerror(sleep_errno);
 }
@@ -301,11 +245,13 @@ TEST(Rescue, ASignalSetDroppedDuringTheRunLeavesTheRescueWorking) {
   auto set = signal_set::watch({SIGURG});
   ASSERT_TRUE(set) << set.error().message();
   std::optional<signal_set> held(std::move(*set));
-  auto waited = read_behind([&](stuck_state& st) {
+  std::string got;
+  seen s = behind_stuck([&] { return read_hello(got); }, [&](stuck_state& st) {
     held.reset();  // restores SIG_DFL
     compute(st);
   });
-  EXPECT_LT(waited, kPromptly) << "the read waited for the computation to end";
+  EXPECT_EQ(got, "hello");
+  EXPECT_LT(s.waited, kPromptly) << "the read waited for the computation to end";
 }
 
 // While a signal_set watches SIGURG, weft's own SIGURGs reach the rescue
@@ -313,10 +259,11 @@ TEST(Rescue, ASignalSetDroppedDuringTheRunLeavesTheRescueWorking) {
 TEST(Rescue, ASignalSetWatchingSigurgSeesNoneOfWeftsOwn) {
   auto set = signal_set::watch({SIGURG});
   ASSERT_TRUE(set) << set.error().message();
-  auto waited = read_behind(compute);
-  bool saw_one = set->try_wait().has_value();
-  EXPECT_LT(waited, kPromptly) << "the read waited for the computation to end";
-  EXPECT_FALSE(saw_one) << "weft's rescue signal was counted as a delivery";
+  std::string got;
+  seen s = behind_stuck([&] { return read_hello(got); });
+  EXPECT_EQ(got, "hello");
+  EXPECT_LT(s.waited, kPromptly) << "the read waited for the computation to end";
+  EXPECT_FALSE(set->try_wait().has_value()) << "weft's rescue signal was counted as a delivery";
 }
 
 // Worker 0 keeps getting stuck (30 ms computations between short
