@@ -266,6 +266,20 @@ TEST(Rescue, ASignalSetWatchingSigurgSeesNoneOfWeftsOwn) {
   EXPECT_FALSE(set->try_wait().has_value()) << "weft's rescue signal was counted as a delivery";
 }
 
+// On worker 0, pinned: computations of `burst` (longer than a monitor
+// period) between 1 ms sleeps, until `stop`.
+join_handle<void> spawn_on_and_off_hog(const std::atomic<bool>& stop,
+                                       std::chrono::milliseconds burst) {
+  return spawn([&stop, burst] {
+    while (!stop.load(std::memory_order_acquire)) {
+      auto until = steady::now() + burst;
+      while (steady::now() < until) {
+      }
+      (void)this_fiber::sleep_for(1ms);
+    }
+  }, {.name = "hog", .pinned = true, .worker = 0});
+}
+
 // Worker 0 keeps getting stuck (30 ms computations between short
 // sleeps) while its fibers serve echo connections, some with deadlines in
 // the kernel's range, some with far ones, some with none; clients on the
@@ -280,14 +294,7 @@ TEST(Rescue, AWorkerThatKeepsGettingStuckServesItsConnections) {
     auto ln = tcp_listener::bind("127.0.0.1:0").value();
     std::string addr = addr_of(ln);
     std::atomic<bool> stop{false};
-    auto hog = spawn([&] {
-      while (!stop.load(std::memory_order_acquire)) {
-        auto until = steady::now() + 30ms;
-        while (steady::now() < until) {
-        }
-        (void)this_fiber::sleep_for(1ms);
-      }
-    }, {.name = "hog", .pinned = true, .worker = 0});
+    auto hog = spawn_on_and_off_hog(stop, 30ms);
     auto server = spawn([&] {
       std::vector<join_handle<void>> conns;
       for (int i = 0; i < kConns; ++i) {
@@ -341,14 +348,7 @@ TEST(Rescue, FarDeadlinesAndStopsOnAWorkerThatKeepsGettingStuck) {
   o.workers = 3;
   run([&] {
     std::atomic<bool> stop{false};
-    auto hog = spawn([&] {
-      while (!stop.load(std::memory_order_acquire)) {
-        auto until = steady::now() + 40ms;
-        while (steady::now() < until) {
-        }
-        (void)this_fiber::sleep_for(1ms);
-      }
-    }, {.name = "hog", .pinned = true, .worker = 0});
+    auto hog = spawn_on_and_off_hog(stop, 40ms);
     std::vector<testing::tcp_pair> pairs;
     for (int i = 0; i < kReaders; ++i) pairs.push_back(connected_pair());
     std::vector<join_handle<void>> readers;
