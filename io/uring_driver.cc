@@ -4,11 +4,13 @@
 // The only file that includes liburing.h.
 //
 // Invariants:
-//   - Only the owning worker's thread touches ring_ (SINGLE_ISSUER where
-//     the kernel has it). A fiber prepares SQEs only while it runs on the
-//     owner, between io::perform()'s start() and its park; other threads
-//     reach the ring only through wake() and cancel(), which queue work and
-//     write the eventfd.
+//   - Only the owning worker's thread submits to ring_ (SINGLE_ISSUER
+//     where the kernel has it), on its loop or in its SIGURG handler. A
+//     fiber prepares SQEs only while it runs on the owner, between
+//     io::perform()'s start() and its park; other threads reach the ring
+//     only through wake() and cancel(), which queue work and write the
+//     eventfd, and the monitor's rescue() reaps its CQ ring under
+//     reap_lock_ (see *Rescue*).
 //   - Every CQE's user_data is either a completion* with a generation in
 //     its top 16 bits (an operation started by start(), counted in
 //     inflight_ until its CQE; see *Cancel keys*), kWakeTag (the
@@ -334,7 +336,7 @@ class uring_driver final : public io_driver {
   // drain_cancels() swaps the list into it, so that draining allocates and
   // frees nothing (the handler may not).
   std::vector<std::uint64_t> cancel_scratch_;
-  // Owner only: the sinks of the multishots armed on this ring.
+  // Guarded by reap_lock_: the sinks of the multishots armed on this ring.
   std::vector<multishot_sink*> armed_;
 };
 
