@@ -17,11 +17,17 @@
 //   - armed_ <=> a multishot SQE on owner_'s ring names this state and
 //     holds one share of refs_. Only its last CQE (more == false) or
 //     on_driver_gone() clears armed_, and drops that share after.
-//   - refs_ = 1 for the listener until close_accept_state() + 1 while
-//     armed + 1 per accept() call in progress. The last unref() deletes
+//   - refs_ = 1 for the listener (held by its fd_state until that is
+//     deleted) + 1 while armed + 1 per accept() call in progress. The last unref() deletes
 //     the state, closing the descriptors still in ready_.
 //   - Once closed_, nothing arms again, accept() fails with EBADF and
 //     descriptors that still arrive are closed at once.
+//   - Back-pressure: the multishot accepts only while someone wants
+//     connections. It is cancelled (stopping_) once ready_ holds cap_
+//     descriptors nobody took, and when an accept() gives up (deadline,
+//     stop) leaving no acceptor parked; the kernel's listen queue then
+//     holds further connections, as its backlog says. The next accept()
+//     that finds ready_ empty arms it again.
 //   - waiters_ holds the wake tokens of parked acceptors; a waker pops a
 //     token and claims it under lock_ (the lock an acceptor takes to
 //     retract its token after a timeout or cancel: the rule on
@@ -29,7 +35,8 @@
 //
 // Who calls what:
 //   accept()               a fiber, any worker
-//   close_accept_state()   socket_base::close(), any thread
+//   shut_accept_state()    fd_state::close(), any thread
+//   close_accept_state()   fd_state's destructor, any thread
 //   on_result()            the arming driver, on its worker thread
 //   on_driver_gone()       the arming driver's destructor
 #include <unistd.h>
@@ -41,12 +48,16 @@
 
 #include "io/accept.h"
 #include "io/driver.h"
+#include "io/fd_state.h"
 #include "io/socket.h"
 
 namespace weft::io {
 
 class accept_state final : public multishot_sink {
  public:
+  // cap: the listen backlog (see *Back-pressure*).
+  explicit accept_state(int cap) : cap_(cap < 1 ? 1 : cap > kMaxReady ? kMaxReady : cap) {}
+
   // relaxed: the caller already holds a share, so the count cannot reach
   // zero meanwhile; nothing is published by taking one.
   void ref() noexcept { refs_.fetch_add(1, std::memory_order_relaxed); }
@@ -73,12 +84,19 @@ class accept_state final : public multishot_sink {
   static void publish(void* self, sched::wake_token t);
   void retract() noexcept;
   void claim_locked(std::vector<sched::fiber*>& out, bool all) noexcept;
+  io_driver* stop_locked() noexcept;
+
+  // At most this many accepted descriptors wait in ready_ (a listener with
+  // a larger backlog keeps the rest in the kernel's queue).
+  static constexpr int kMaxReady = 64;
+  const std::size_t cap_;
 
   weft::spinlock lock_;
   std::deque<int> ready_;                  // guarded by lock_: fds, or -errno
   std::deque<sched::wake_token> waiters_;  // guarded by lock_
   io_driver* owner_ = nullptr;             // guarded by lock_: the arming driver
   bool armed_ = false;                     // guarded by lock_
+  bool stopping_ = false;                  // guarded by lock_: a cancel of the armed multishot was sent
   bool closed_ = false;                    // guarded by lock_
   std::atomic<int> refs_{1};
 };
@@ -90,11 +108,9 @@ std::unexpected<std::error_code> sys_error(int e) {
 }
 
 // One IORING_OP_ACCEPT, or epoll's readiness wait and accept4.
-result<tcp_stream> accept_once(int fd, clock::time_point deadline) {
-  op o{.kind = op_kind::accept, .fd = fd};
-  auto r = perform(o, deadline, "tcp accept");
-  if (!r) return std::unexpected(r.error());
-  return tcp_stream(*r);
+result<int> accept_once(fd_guard& g, clock::time_point deadline) {
+  op o{.kind = op_kind::accept, .fd = g.fd(), .use = g.use()};
+  return perform(o, deadline, "tcp accept");
 }
 
 }  // namespace
@@ -109,12 +125,23 @@ void accept_state::publish(void* self, sched::wake_token t) {
 
 // After a park that was not a notify: forgets this fiber's token if no
 // waker popped it. A fiber parks once at a time, so its token is the one
-// naming it.
+// naming it. The last acceptor to give up stops the multishot
+// (*Back-pressure*).
 void accept_state::retract() noexcept {
   sched::fiber* me = sched::current_fiber();
   lock_.lock();
   std::erase_if(waiters_, [me](const sched::wake_token& t) { return t.f == me; });
+  io_driver* stop = waiters_.empty() ? stop_locked() : nullptr;
   lock_.unlock();
+  if (stop) stop->cancel_multishot(*this);
+}
+
+// Under lock_: the driver to ask to cancel the armed multishot, unless no
+// multishot is armed or a cancel is on its way.
+io_driver* accept_state::stop_locked() noexcept {
+  if (!armed_ || stopping_ || closed_) return nullptr;
+  stopping_ = true;
+  return owner_;
 }
 
 // Under lock_: claims one parked acceptor (or all), skipping tokens whose
@@ -152,6 +179,7 @@ result<int> accept_state::take(int listen_fd, clock::time_point deadline) {
         return std::unexpected(std::make_error_code(std::errc::not_supported));
       }
       armed_ = true;
+      stopping_ = false;
       owner_ = d;
       ref();  // the armed SQE's share, dropped by its last on_result()
       lock_.unlock();
@@ -177,9 +205,11 @@ result<int> accept_state::take(int listen_fd, clock::time_point deadline) {
 void accept_state::on_result(int res, bool more) noexcept {
   std::vector<sched::fiber*> wake;
   int stray = -1;
+  io_driver* stop = nullptr;
   lock_.lock();
   if (!more) {
     armed_ = false;
+    stopping_ = false;
     owner_ = nullptr;
   }
   if (closed_) {
@@ -192,10 +222,13 @@ void accept_state::on_result(int res, bool more) noexcept {
     // on its worker and the others park again behind it.
     if (!more) claim_locked(wake, /*all=*/true);
     else if (res != -ECANCELED) claim_locked(wake, /*all=*/false);
+    if (more && ready_.size() >= cap_) stop = stop_locked();  // *Back-pressure*
   }
   lock_.unlock();
   for (sched::fiber* f : wake) sched::ready(f);
   if (stray >= 0) ::close(stray);
+  // The armed SQE's share keeps *this alive: its last CQE is still to come.
+  if (stop) stop->cancel_multishot(*this);
   // SAFETY: the armed SQE's share: after this, *this may be gone.
   if (!more) unref();
 }
@@ -221,7 +254,9 @@ void accept_state::shut() noexcept {
   if (owner) owner->cancel_multishot(*this);
 }
 
-accept_state* new_accept_state() { return new accept_state(); }
+accept_state* new_accept_state(int backlog) { return new accept_state(backlog); }
+
+void shut_accept_state(accept_state* s) noexcept { s->shut(); }
 
 void close_accept_state(accept_state* s) noexcept {
   s->shut();
@@ -229,16 +264,24 @@ void close_accept_state(accept_state* s) noexcept {
 }
 
 result<tcp_stream> tcp_listener::accept(deadline_arg d) {
-  accept_state* s = accept_;
+  // The guard keeps the descriptor number ours, and the accept state
+  // alive, until this call returns, even if another fiber closes the
+  // listener meanwhile (io/fd_state.h).
+  fd_guard g(st_);
+  if (!g) return sys_error(EBADF);
+  accept_state* s = g.accept();  // null: adopted, not made by bind()
   io_driver* here = current_driver();
-  if (!s || !here || !here->has_multishot_accept()) return accept_once(fd_, d.when);
-  s->ref();  // this call's share; the listener may be closed meanwhile
-  struct share {
-    accept_state* s;
-    ~share() { s->unref(); }  // also when the runtime unwinds this fiber
-  } held{s};
-  auto r = s->take(fd_, d.when);
-  if (!r && r.error() == std::errc::not_supported) return accept_once(fd_, d.when);
+  result<int> r = std::unexpected(std::make_error_code(std::errc::not_supported));
+  if (s && here && here->has_multishot_accept()) {
+    s->ref();  // this call's share, for the multishot's bookkeeping
+    struct share {
+      accept_state* s;
+      ~share() { s->unref(); }  // also when the runtime unwinds this fiber
+    } held{s};
+    r = s->take(g.fd(), d.when);
+  }
+  if (!r && r.error() == std::errc::not_supported) r = accept_once(g, d.when);
+  if (!r && g.closed()) return sys_error(EBADF);
   if (!r) return std::unexpected(r.error());
   return tcp_stream(*r);
 }

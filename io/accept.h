@@ -6,10 +6,13 @@ namespace weft::io {
 
 class accept_state;
 
-// A new state holding one share, the listener's.
-accept_state* new_accept_state();
-// The listener closes: wakes its parked acceptors (they fail with EBADF),
-// cancels its multishot accept, and gives back the listener's share.
+// A new state holding one share, the listener's; `backlog` as listen(2)
+// took it (it bounds the connections accepted ahead of accept() calls).
+accept_state* new_accept_state(int backlog);
+// The listener closes: wakes its parked acceptors (they fail with EBADF)
+// and cancels its multishot accept. Idempotent.
+void shut_accept_state(accept_state* s) noexcept;
+// shut_accept_state(), then gives back the listener's share.
 void close_accept_state(accept_state* s) noexcept;
 
 }  // namespace weft::io

@@ -19,10 +19,13 @@
 
 #include <sched.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
 #include <mutex>
+#include <system_error>
 #include <thread>
 
 #include "sched/scheduler.h"
@@ -43,18 +46,32 @@ unsigned max_threads_from_env() {
 
 class pool {
  public:
-  void submit(blocking_job* j) {
+  // Queues j; false if the pool has no thread and cannot start one (then j
+  // is not queued and the caller runs it itself).
+  bool submit(blocking_job* j) {
     std::lock_guard g(mu_);
+    if (queued_ + 1 > idle_ && threads_ < max_threads_) {
+      ++threads_;
+      try {
+        std::thread([this] { loop(); }).detach();
+      } catch (const std::system_error& e) {  // EAGAIN: RLIMIT_NPROC, pids.max, memory
+        --threads_;
+        if (!told_.exchange(true, std::memory_order_relaxed))  // relaxed: dedupes a log line
+          std::fprintf(stderr,
+                       "weft: blocking pool: cannot start a thread (%s); %s\n",
+                       e.what(),
+                       threads_ ? "calls queue for the pool's running threads"
+                                : "calls run on the calling worker instead");
+        if (threads_ == 0) return false;
+      }
+    }
     j->next = nullptr;
     if (tail_) tail_->next = j;
     else head_ = j;
     tail_ = j;
     ++queued_;
-    if (queued_ > idle_ && threads_ < max_threads_) {
-      ++threads_;
-      std::thread([this] { loop(); }).detach();
-    }
     cv_.notify_one();
+    return true;
   }
 
  private:
@@ -91,6 +108,7 @@ class pool {
   unsigned threads_ = 0;          // guarded by mu_
   unsigned idle_ = 0;             // guarded by mu_
   const unsigned max_threads_ = max_threads_from_env();
+  std::atomic<bool> told_{false};  // the thread-start failure was reported
 };
 
 pool& the_pool() {
@@ -102,10 +120,14 @@ pool& the_pool() {
 
 void run_on_pool(blocking_job& job, std::source_location where) {
   sched::scheduler* s = sched::scheduler::instance();
-  s->add_outside_ref(+1);
   // SAFETY: job lives on this fiber's stack; the pool holds it until
   // complete(), and this fiber does not return before that.
-  the_pool().submit(&job);
+  if (!the_pool().submit(&job)) {
+    // No pool thread at all: better a blocked worker than a lost call.
+    job.run(&job);
+    return;
+  }
+  s->add_outside_ref(+1);
   if (!job.done.park_until_done(/*cancellable=*/false, clock::time_point::max(), "blocking",
                                 where)) {
     // Only the unwinder wakes a non-cancellable park early: parks now return

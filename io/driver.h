@@ -27,7 +27,7 @@
 //                             in one fiber, the monitor's (driver::rescue());
 //                             or a blocking-pool thread (never while
 //                             holding the slot lock)
-//   io_driver::cancel(), evict(), release_buffer(), wake()
+//   io_driver::cancel(), release_buffer(), wake()
 //                             any thread (the fiber may have migrated)
 //   io_driver::perform(), poll_now(), the sched::driver steps
 //                             the driver's own worker thread
@@ -86,6 +86,27 @@ enum class op_kind : std::uint8_t {
              // (an error or hang-up counts); the result is the revents mask
 };
 
+class io_driver;
+class completion;
+class fd_state;  // io/fd_state.h
+
+// One operation in flight on a socket, on the calling fiber's stack: how a
+// close() from another fiber finds the operation's completion slot to
+// cancel it (io/fd_state.h). The socket's call enters it before the
+// operation and leaves it after; the driver's perform() attaches the slot
+// once the operation is started, before it parks, and detaches it once the
+// slot has completed. attach() cancels at once if the socket was closed in
+// between.
+struct fd_use {
+  fd_state* st = nullptr;
+  io_driver* owner = nullptr;  // guarded by st's lock: the driver holding slot
+  completion* slot = nullptr;  // guarded by st's lock: null while not attached
+  fd_use* prev = nullptr;      // st's list of attached uses (guarded by its lock)
+  fd_use* next = nullptr;
+  void attach(io_driver& d, completion& c) noexcept;
+  void detach() noexcept;
+};
+
 struct op {
   op_kind kind;
   int fd = -1;
@@ -97,6 +118,7 @@ struct op {
   std::uint64_t offset = 0;
   int flags = 0;
   std::uint32_t buf_id = 0;  // out, recv_pooled only
+  fd_use* use = nullptr;     // a socket's operation: attach the slot to it
 };
 
 // *Pooled receive buffers*: recv_pooled takes a buffer from the driver's
@@ -207,11 +229,6 @@ class io_driver : public sched::driver {
   // owning worker thread calls it (see *Waiting while unwinding* in
   // io/perform.cc).
   virtual void poll_now() { poll(); }
-  // fd is about to be closed (after a shutdown): wakes this driver's fibers
-  // waiting for it, so they try their call again and get its error. Any
-  // thread. A completion driver has nothing to do: the shutdown completes
-  // its operations.
-  virtual void evict(int fd) noexcept { (void)fd; }
   // Whether arm_multishot_accept() can succeed on this driver.
   virtual bool has_multishot_accept() const noexcept { return false; }
   // Arms a multishot accept on listening socket `fd` whose results go to
@@ -261,9 +278,6 @@ io_driver* current_driver() noexcept;
 std::unique_ptr<io_driver> make_uring_driver(unsigned worker, int node_os, std::error_code& why);
 std::unique_ptr<io_driver> make_epoll_driver(unsigned worker, std::error_code& why);
 
-// Calls evict(fd) on every worker's driver (socket_base::close()).
-void evict_everywhere(int fd) noexcept;
-
 // Called once per process by the driver factory: SIGPIPE ignored, so a
 // write to a closed peer is an EPIPE value, never a signal.
 void ignore_sigpipe_once() noexcept;
@@ -281,7 +295,7 @@ bool handle_rescue_signal(int sig, const siginfo_t* info) noexcept;
 bool sigurg_reaches_rescue() noexcept;
 
 // Requests other threads hand to a driver's owner thread (cancel an
-// operation submitted on its ring, evict an fd from its epoll set). Any
+// operation submitted on its ring or waiting in its epoll set). Any
 // thread push()es; take() moves everything in one swap under the lock, so
 // several takers (the epoll driver's owner and its rescue()) each get a
 // disjoint share.

@@ -12,8 +12,8 @@
 //     and rescue() tries: the monitor's thread, while the owner is stuck
 //     in one fiber, takes the cancels and readiness events the owner cannot
 //     and completes their waits (their fibers go to the inject queue and
-//     run on other workers). Other threads reach the driver through wake(),
-//     cancel() and evict() only.
+//     run on other workers). Other threads reach the driver through wake()
+//     and cancel() only.
 //   - table_[fd] lists the fibers of this worker waiting to read and to
 //     write fd; each is a wait_slot on its fiber's stack, counted in
 //     waiting_ until complete() ran for it (see *Completion slots* in
@@ -32,7 +32,7 @@
 //
 // Who calls what:
 //   perform(), poll(), flush(), wait(), pending()   owner thread
-//   wake(), cancel(), evict()                       any thread
+//   wake(), cancel()                                any thread
 //   rescue()                                        the monitor
 #include <fcntl.h>
 #include <poll.h>
@@ -40,6 +40,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <mutex>
@@ -180,7 +181,6 @@ class epoll_driver final : public io_driver {
   result<int> perform(op& o, clock::time_point deadline, const char* what,
                       std::source_location where) override;
   void cancel(completion& c) noexcept override;
-  void evict(int fd) noexcept override;
   void wait(sched::clock::time_point deadline) override;
   void poll() override;
   void flush() override {
@@ -201,7 +201,7 @@ class epoll_driver final : public io_driver {
     wait_slot* writer = nullptr;
     bool registered = false;  // added to epfd_ (it may since have been closed)
   };
-  static result<void> wait_ready(int fd, bool write, clock::time_point deadline,
+  static result<void> wait_ready(int fd, fd_use* use, bool write, clock::time_point deadline,
                                  const char* what, std::source_location where);
   static result<int> recv_pooled(op& o, clock::time_point deadline, const char* what,
                                  std::source_location where);
@@ -214,9 +214,9 @@ class epoll_driver final : public io_driver {
   // From here to dispatch(): under lock_.
   void update(int fd, fd_entry& e);
   void cancel_now(const cancel_req& r);
-  void evict_now(int fd);
   void drain_cancels();
   void dispatch(const epoll_event* ev, int n);
+  int wait_events(epoll_event* ev, const timespec* tsp);
   bool on_owner_thread() const noexcept {
     sched::worker* w = sched::current_worker();
     return w && w->io() == this;
@@ -237,7 +237,6 @@ class epoll_driver final : public io_driver {
   std::atomic<bool> wake_pending_{false};
   handoff_list<cancel_req> cancels_;  // from other threads (cancel())
   std::uint64_t next_seq_ = 0;        // guarded by lock_: see wait_slot::seq
-  handoff_list<int> evicts_;          // from other threads (evict())
 };
 
 // ---- Waiting for readiness ---------------------------------------------------
@@ -277,8 +276,9 @@ void epoll_driver::update(int fd, fd_entry& e) {
   dispatch(&fake, 1);
 }
 
-result<void> epoll_driver::wait_ready(int fd, bool write, clock::time_point deadline,
-                                      const char* what, std::source_location where) {
+result<void> epoll_driver::wait_ready(int fd, fd_use* use, bool write,
+                                      clock::time_point deadline, const char* what,
+                                      std::source_location where) {
   // The current worker's driver: the fiber may have moved since its last try.
   auto* d = dynamic_cast<epoll_driver*>(current_driver());
   if (!d) return std::unexpected(std::make_error_code(std::errc::not_supported));
@@ -287,7 +287,12 @@ result<void> epoll_driver::wait_ready(int fd, bool write, clock::time_point dead
   s.write = write;
   // SAFETY: d holds &s until it completes it; wait_for() returns only then.
   d->arm(s);
+  if (use) use->attach(*d, s);  // a close() of the socket cancels the wait
   sched::wake_reason why = wait_for(*d, s, deadline, what, where);
+  if (use) use->detach();
+  // A wait cancelled by close() (-ECANCELED) is not readiness: no retry.
+  if (why == sched::wake_reason::notified && s.res() < 0)
+    return std::unexpected(std::error_code(-s.res(), std::system_category()));
   if (why == sched::wake_reason::notified) return {};
   if (why == sched::wake_reason::timed_out)
     return std::unexpected(std::make_error_code(std::errc::timed_out));
@@ -301,12 +306,20 @@ result<int> epoll_driver::perform(op& o, clock::time_point deadline, const char*
     if (int e = set_nonblocking(o.fd)) return to_result(e);
     int r = try_once(o);
     if (r != -EINPROGRESS) return to_result(r);
-    if (auto w = wait_ready(o.fd, true, deadline, what, where); !w)
-      return std::unexpected(w.error());
-    int err = 0;
-    socklen_t len = sizeof err;
-    if (::getsockopt(o.fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) return to_result(-errno);
-    return to_result(-err);
+    for (;;) {
+      if (auto w = wait_ready(o.fd, o.use, true, deadline, what, where); !w)
+        return std::unexpected(w.error());
+      int err = 0;
+      socklen_t len = sizeof err;
+      if (::getsockopt(o.fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) return to_result(-errno);
+      if (err != 0) return to_result(-err);
+      // A wake is not proof of a connection (a stale event for the fd
+      // number): connected only once the socket has a peer.
+      sockaddr_storage peer{};
+      socklen_t plen = sizeof peer;
+      if (::getpeername(o.fd, reinterpret_cast<sockaddr*>(&peer), &plen) == 0) return 0;
+      if (errno != ENOTCONN) return to_result(-errno);  // errno right after the call
+    }
   }
   if (o.kind == op_kind::recv_pooled) return recv_pooled(o, deadline, what, where);
   if (is_file_op(o.kind)) return to_result(blocking([&] { return try_once(o); }, where));
@@ -318,7 +331,7 @@ result<int> epoll_driver::perform(op& o, clock::time_point deadline, const char*
     }
     if (clock::now() >= deadline)
       return std::unexpected(std::make_error_code(std::errc::timed_out));
-    if (auto w = wait_ready(o.fd, wants_write(o), deadline, what, where); !w)
+    if (auto w = wait_ready(o.fd, o.use, wants_write(o), deadline, what, where); !w)
       return std::unexpected(w.error());
   }
 }
@@ -344,7 +357,7 @@ result<int> epoll_driver::recv_pooled(op& o, clock::time_point deadline, const c
     if (e != EAGAIN) return to_result(-e);
     if (clock::now() >= deadline)
       return std::unexpected(std::make_error_code(std::errc::timed_out));
-    if (auto w = wait_ready(o.fd, false, deadline, what, where); !w)
+    if (auto w = wait_ready(o.fd, o.use, false, deadline, what, where); !w)
       return std::unexpected(w.error());
   }
 }
@@ -382,31 +395,8 @@ void epoll_driver::cancel(completion& c) noexcept {
 // Under lock_ (the owner's poll() and wait(), or rescue()).
 void epoll_driver::drain_cancels() {
   std::vector<cancel_req> todo;
-  std::vector<int> fds;
   if (cancels_.take(todo))
     for (const cancel_req& r : todo) cancel_now(r);
-  if (evicts_.take(fds))
-    for (int fd : fds) evict_now(fd);
-}
-
-// A closed file leaves the epoll sets before its shutdown event may be
-// delivered: wake the waiters here instead. (A waiter woken after the fd
-// number was reused retries on the new file: closing a socket while other
-// fibers use it is outside the contract of io/socket.h, except for this
-// listener case, where the retry fails or finds nothing and waits again.)
-void epoll_driver::evict_now(int fd) {
-  epoll_event fake{.events = EPOLLIN | EPOLLOUT, .data = {.fd = fd}};
-  dispatch(&fake, 1);
-}
-
-void epoll_driver::evict(int fd) noexcept {
-  if (on_owner_thread()) {
-    std::lock_guard g(lock_);
-    evict_now(fd);
-    return;
-  }
-  evicts_.push(fd);
-  wake();
 }
 
 // ---- The loop's side -------------------------------------------------------------
@@ -463,10 +453,30 @@ void epoll_driver::wait(sched::clock::time_point deadline) {
   timespec* tsp = sched::relative_timeout(deadline, ts);
   epoll_event ev[kMaxEvents];
   // lock_ stays held: a worker waiting here is not stuck.
-  int n = ::epoll_pwait2(epfd_, ev, kMaxEvents, tsp, nullptr);  // EINTR: a plain return
+  int n = wait_events(ev, tsp);  // EINTR: a plain return
   if (n > 0) dispatch(ev, n);
   woken_ = false;  // this wait returns: any wake seen so far is delivered
   lock_.unlock();
+}
+
+// epoll_pwait2 (nanosecond timeouts) where the kernel has it (Linux 5.11)
+// and a seccomp profile allows it; epoll_wait with the timeout rounded up
+// to whole milliseconds elsewhere. Without this, an idle worker there would
+// spin: every wait would return at once.
+int epoll_driver::wait_events(epoll_event* ev, const timespec* tsp) {
+  // relaxed: each thread may find out for itself; the answer never changes.
+  static std::atomic<bool> no_pwait2{false};
+  if (!no_pwait2.load(std::memory_order_relaxed)) {
+    int n = ::epoll_pwait2(epfd_, ev, kMaxEvents, tsp, nullptr);
+    if (n >= 0 || (errno != ENOSYS && errno != EPERM)) return n;  // errno right after the call
+    no_pwait2.store(true, std::memory_order_relaxed);
+  }
+  int ms = -1;
+  if (tsp) {
+    std::int64_t ns = std::int64_t{tsp->tv_sec} * 1'000'000'000 + tsp->tv_nsec;
+    ms = static_cast<int>(std::min<std::int64_t>((ns + 999'999) / 1'000'000, INT32_MAX));
+  }
+  return ::epoll_wait(epfd_, ev, kMaxEvents, ms);
 }
 
 // The monitor, while the owner is stuck in one fiber (see the invariants):

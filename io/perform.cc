@@ -73,13 +73,6 @@ bool completion::park_until_done(bool cancellable, clock::time_point deadline,
   return done;
 }
 
-void evict_everywhere(int fd) noexcept {
-  sched::scheduler* s = sched::scheduler::instance();
-  if (!s) return;
-  for (unsigned i = 0; i < s->worker_count(); ++i)
-    if (auto* d = dynamic_cast<io_driver*>(s->worker_at(i).io())) d->evict(fd);
-}
-
 io_stats stats() {
   io_stats st;
   sched::scheduler* s = sched::scheduler::instance();

@@ -7,6 +7,7 @@
 
 #include "io/accept.h"
 #include "io/blocking.h"
+#include "io/fd_state.h"
 
 #include <netdb.h>
 #include <netinet/tcp.h>
@@ -70,23 +71,60 @@ std::size_t pooled_buffer::in_use() noexcept {
 
 // ---- socket_base --------------------------------------------------------------
 
+namespace {
+
+std::unexpected<std::error_code> bad_fd() { return sys_error(EBADF); }
+
+// Performs o as one call on the socket whose state is st (see
+// io/fd_state.h): EBADF when it is empty or closed, or when close() cut the
+// operation short.
+result<int> perform_on(fd_state* st, op& o, deadline_arg d, const char* what,
+                       std::source_location where = std::source_location::current()) {
+  fd_guard g(st);
+  if (!g) return bad_fd();
+  o.fd = g.fd();
+  o.use = g.use();
+  auto r = perform(o, d.when, what, where);
+  if (!r && g.closed()) return bad_fd();
+  return r;
+}
+
+// f(fd), a call that does not wait, on the socket whose state is st.
+template <typename F>
+auto on_fd(fd_state* st, F&& f) -> decltype(f(0)) {
+  fd_guard g(st);
+  if (!g) return bad_fd();
+  return f(g.fd());
+}
+
+}  // namespace
+
+socket_base::socket_base(int fd) : st_(fd >= 0 ? new fd_state(fd) : nullptr) {}
+
+socket_base::socket_base(int fd, accept_state* accept) : st_(new fd_state(fd, accept)) {}
+
+bool socket_base::is_open() const noexcept { return st_ && !st_->closed(); }
+
+int socket_base::native_handle() const noexcept { return is_open() ? st_->fd() : -1; }
+
 result<void> socket_base::close() noexcept {
-  if (accept_) close_accept_state(std::exchange(accept_, nullptr));  // wakes its acceptors
-  if (fd_ < 0) return {};
-  if (wake_on_close_) {
-    (void)::shutdown(fd_, SHUT_RDWR);  // completes parked io_uring accepts
-    evict_everywhere(fd_);             // wakes parked epoll waiters
-  }
-  int r = ::close(std::exchange(fd_, -1));
-  if (r < 0 && errno != EINTR) return sys_error(errno);  // EINTR: Linux closed it anyway
-  return {};
+  if (!st_) return {};
+  return st_->close();
+}
+
+void socket_base::drop() noexcept {
+  if (!st_) return;
+  (void)st_->close();
+  std::exchange(st_, nullptr)->release();
 }
 
 result<socket_address> socket_base::local_address() const {
-  sockaddr_storage ss{};
-  socklen_t len = sizeof ss;
-  if (::getsockname(fd_, reinterpret_cast<sockaddr*>(&ss), &len) < 0) return sys_error(errno);
-  return socket_address::from(reinterpret_cast<sockaddr*>(&ss), len);
+  return on_fd(st_, [](int fd) -> result<socket_address> {
+    sockaddr_storage ss{};
+    socklen_t len = sizeof ss;
+    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len) < 0) return sys_error(errno);
+    return socket_address::from(reinterpret_cast<sockaddr*>(&ss), len);
+  });
 }
 
 // ---- tcp_stream ---------------------------------------------------------------
@@ -104,15 +142,15 @@ result<tcp_stream> tcp_stream::connect(const socket_address& addr, deadline_arg 
   sockaddr_storage sa{};
   std::memcpy(&sa, addr.get(), addr.size());
   socklen_t len = addr.size();
-  op o{.kind = op_kind::connect, .fd = fd, .addr = reinterpret_cast<sockaddr*>(&sa), .addrlen = &len};
-  auto r = perform(o, d.when, "tcp connect");
+  op o{.kind = op_kind::connect, .addr = reinterpret_cast<sockaddr*>(&sa), .addrlen = &len};
+  auto r = perform_on(s.st_, o, d, "tcp connect");
   if (!r) return std::unexpected(r.error());
   return s;
 }
 
 result<std::size_t> tcp_stream::read(std::span<char> buf, deadline_arg d) {
-  op o{.kind = op_kind::recv, .fd = fd_, .buf = buf.data(), .len = buf.size()};
-  auto r = perform(o, d.when, "tcp read");
+  op o{.kind = op_kind::recv, .buf = buf.data(), .len = buf.size()};
+  auto r = perform_on(st_, o, d, "tcp read");
   if (!r) return std::unexpected(r.error());
   return static_cast<std::size_t>(*r);
 }
@@ -121,8 +159,8 @@ result<pooled_buffer> tcp_stream::read_pooled(deadline_arg d) {
   // The driver that lends the buffer is the one that performs the receive:
   // the worker the fiber is on now.
   io_driver* owner = current_driver();
-  op o{.kind = op_kind::recv_pooled, .fd = fd_};
-  auto r = perform(o, d.when, "tcp read");
+  op o{.kind = op_kind::recv_pooled};
+  auto r = perform_on(st_, o, d, "tcp read");
   if (!r) return std::unexpected(r.error());
   if (!o.buf) return pooled_buffer();  // end of stream, nothing lent
   // A heap buffer (kHeapBufferId) may come from any driver: each frees it.
@@ -143,8 +181,8 @@ result<std::size_t> tcp_stream::read_exact(std::span<char> buf, deadline_arg d) 
 result<std::size_t> tcp_stream::write(std::span<const char> buf, deadline_arg d) {
   // SAFETY: send only reads the buffer; the const_cast is for op's one
   // buffer field.
-  op o{.kind = op_kind::send, .fd = fd_, .buf = const_cast<char*>(buf.data()), .len = buf.size()};
-  auto r = perform(o, d.when, "tcp write");
+  op o{.kind = op_kind::send, .buf = const_cast<char*>(buf.data()), .len = buf.size()};
+  auto r = perform_on(st_, o, d, "tcp write");
   if (!r) return std::unexpected(r.error());
   return static_cast<std::size_t>(*r);
 }
@@ -162,8 +200,8 @@ result<std::size_t> tcp_stream::readv(std::span<const iovec> bufs, deadline_arg 
   msghdr m{};
   m.msg_iov = const_cast<iovec*>(bufs.data());  // the kernel only reads the array
   m.msg_iovlen = bufs.size();
-  op o{.kind = op_kind::recvmsg, .fd = fd_, .msg = &m};
-  auto r = perform(o, d.when, "tcp readv");
+  op o{.kind = op_kind::recvmsg, .msg = &m};
+  auto r = perform_on(st_, o, d, "tcp readv");
   if (!r) return std::unexpected(r.error());
   return static_cast<std::size_t>(*r);
 }
@@ -172,28 +210,34 @@ result<std::size_t> tcp_stream::writev(std::span<const iovec> bufs, deadline_arg
   msghdr m{};
   m.msg_iov = const_cast<iovec*>(bufs.data());  // the kernel only reads the array
   m.msg_iovlen = bufs.size();
-  op o{.kind = op_kind::sendmsg, .fd = fd_, .msg = &m};
-  auto r = perform(o, d.when, "tcp writev");
+  op o{.kind = op_kind::sendmsg, .msg = &m};
+  auto r = perform_on(st_, o, d, "tcp writev");
   if (!r) return std::unexpected(r.error());
   return static_cast<std::size_t>(*r);
 }
 
 result<void> tcp_stream::shutdown(int how) noexcept {
-  if (::shutdown(fd_, how) < 0) return sys_error(errno);
-  return {};
+  return on_fd(st_, [how](int fd) -> result<void> {
+    if (::shutdown(fd, how) < 0) return sys_error(errno);
+    return {};
+  });
 }
 
 result<void> tcp_stream::set_nodelay(bool on) noexcept {
-  int v = on ? 1 : 0;
-  if (::setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &v, sizeof v) < 0) return sys_error(errno);
-  return {};
+  return on_fd(st_, [on](int fd) -> result<void> {
+    int v = on ? 1 : 0;
+    if (::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &v, sizeof v) < 0) return sys_error(errno);
+    return {};
+  });
 }
 
 result<socket_address> tcp_stream::peer_address() const {
-  sockaddr_storage ss{};
-  socklen_t len = sizeof ss;
-  if (::getpeername(fd_, reinterpret_cast<sockaddr*>(&ss), &len) < 0) return sys_error(errno);
-  return socket_address::from(reinterpret_cast<sockaddr*>(&ss), len);
+  return on_fd(st_, [](int fd) -> result<socket_address> {
+    sockaddr_storage ss{};
+    socklen_t len = sizeof ss;
+    if (::getpeername(fd, reinterpret_cast<sockaddr*>(&ss), &len) < 0) return sys_error(errno);
+    return socket_address::from(reinterpret_cast<sockaddr*>(&ss), len);
+  });
 }
 
 // ---- tcp_listener -------------------------------------------------------------
@@ -208,9 +252,7 @@ result<tcp_listener> tcp_listener::bind(const socket_address& addr, int backlog)
   if (backlog < 0) return std::unexpected(std::make_error_code(std::errc::invalid_argument));
   int fd = new_socket(addr.family());
   if (fd < 0) return sys_error(-fd);
-  tcp_listener l(fd);  // closes fd on every error path
-  l.wake_on_close_ = true;
-  l.accept_ = new_accept_state();
+  tcp_listener l(fd, new_accept_state(backlog));  // closes fd on every error path
   int one = 1;
   if (addr.family() != AF_UNIX &&
       ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0)
@@ -248,8 +290,8 @@ result<std::size_t> udp_socket::send_to(std::span<const char> buf, const socket_
   m.msg_namelen = to.size();
   m.msg_iov = &v;
   m.msg_iovlen = 1;
-  op o{.kind = op_kind::sendmsg, .fd = fd_, .msg = &m};
-  auto r = perform(o, d.when, "udp send");
+  op o{.kind = op_kind::sendmsg, .msg = &m};
+  auto r = perform_on(st_, o, d, "udp send");
   if (!r) return std::unexpected(r.error());
   return static_cast<std::size_t>(*r);
 }
@@ -263,8 +305,8 @@ result<std::size_t> udp_socket::recv_from(std::span<char> buf, socket_address* f
   m.msg_namelen = sizeof sa;
   m.msg_iov = &v;
   m.msg_iovlen = 1;
-  op o{.kind = op_kind::recvmsg, .fd = fd_, .msg = &m};
-  auto r = perform(o, d.when, "udp receive");
+  op o{.kind = op_kind::recvmsg, .msg = &m};
+  auto r = perform_on(st_, o, d, "udp receive");
   if (!r) return std::unexpected(r.error());
   if (from) *from = socket_address::from(reinterpret_cast<sockaddr*>(&sa), m.msg_namelen);
   return static_cast<std::size_t>(*r);

@@ -16,13 +16,15 @@
 // address is std::errc::invalid_argument.
 //
 // Invariants:
-//   - A socket object owns its descriptor (-1 when empty or closed); moving
-//     transfers it; the destructor closes it.
+//   - A socket object owns its descriptor through a heap fd_state
+//     (io/fd_state.h) that the calls in flight share; moving transfers it;
+//     the destructor closes it.
 //   - One fiber uses a socket object at a time, except that one reader and
-//     one writer fiber may use the same tcp_stream concurrently, and any
-//     number of fibers may accept() on one tcp_listener (and one close it).
-//   - A listener owns a heap accept state (io/accept.cc) from bind() until
-//     close(); io_uring's multishot accept feeds it.
+//     one writer fiber may use the same tcp_stream concurrently, any number
+//     of fibers may accept() on one tcp_listener, and any fiber may close()
+//     a socket others are using (not destroy or move it).
+//   - A listener made by bind() has a heap accept state (io/accept.cc),
+//     released with its fd_state; io_uring's multishot accept feeds it.
 #pragma once
 
 #include <netinet/in.h>
@@ -115,41 +117,42 @@ class pooled_buffer {
 };
 
 class accept_state;  // io/accept.cc
+class fd_state;      // io/fd_state.h
 
-// What both socket types share: the descriptor and addresses.
+// What every socket type shares: the descriptor, held through a state that
+// the operations in flight share (io/fd_state.h), and close().
 class socket_base {
  public:
   socket_base() = default;
-  explicit socket_base(int fd) noexcept : fd_(fd) {}
-  socket_base(socket_base&& o) noexcept
-      : fd_(std::exchange(o.fd_, -1)), wake_on_close_(o.wake_on_close_),
-        accept_(std::exchange(o.accept_, nullptr)) {}
+  // Adopts fd (-1: an empty socket), a socket made elsewhere (inherited,
+  // passed over a Unix socket, activated by systemd).
+  explicit socket_base(int fd);
+  socket_base(socket_base&& o) noexcept : st_(std::exchange(o.st_, nullptr)) {}
   socket_base& operator=(socket_base&& o) noexcept {
     if (this != &o) {
-      (void)close();
-      fd_ = std::exchange(o.fd_, -1);
-      wake_on_close_ = o.wake_on_close_;
-      accept_ = std::exchange(o.accept_, nullptr);
+      drop();
+      st_ = std::exchange(o.st_, nullptr);
     }
     return *this;
   }
-  ~socket_base() { (void)close(); }
+  ~socket_base() { drop(); }
 
-  bool is_open() const noexcept { return fd_ >= 0; }
-  int native_handle() const noexcept { return fd_; }
-  // Closes the descriptor. A listener is shut down first, so fibers parked
-  // in its accept() wake with an error instead of waiting forever (an
-  // in-flight io_uring operation keeps a closed file open).
+  bool is_open() const noexcept;
+  int native_handle() const noexcept;  // -1 when empty or closed
+  // Closes the socket; another fiber may call it while fibers are parked
+  // in this socket's calls (a timeout fiber dropping an idle peer). Those
+  // calls, and any made after, fail with std::errc::bad_file_descriptor —
+  // unless their result came first, which they return. The descriptor is
+  // closed once the last of them has left (the peer sees the end of the
+  // stream then), so none of them can touch a file that reuses its number.
+  // A listener stops accepting at once.
   [[nodiscard]] result<void> close() noexcept;
   [[nodiscard]] result<socket_address> local_address() const;
 
  protected:
-  int fd_ = -1;
-  bool wake_on_close_ = false;  // listeners: shutdown(2) before close(2)
-  // Listeners only: the accept state (io/accept.cc); one share of it is
-  // this object's, given back by close(). Written by bind() and close(),
-  // read by accept() (which takes its own share first).
-  accept_state* accept_ = nullptr;
+  socket_base(int fd, accept_state* accept);  // listeners (bind())
+  void drop() noexcept;
+  fd_state* st_ = nullptr;  // null when empty
 };
 
 class tcp_stream : public socket_base {

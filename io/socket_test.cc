@@ -4,6 +4,8 @@
 // parked calls. Errors, other socket kinds and idle connections are in
 // io/socket_edge_test.cc. Every test runs over worker counts {1, 2, 4}
 // (tests/fixture.h) on 127.0.0.1 only.
+#include <dirent.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -320,6 +322,48 @@ TEST_P(Sockets, ClosingAListenerWakesItsAcceptors) {
     ASSERT_TRUE(ln.close());
     for (auto& h : hs) EXPECT_TRUE(h.join());  // each got an error
     EXPECT_LT(clock::now() - t0, 5s);          // and not from its deadline
+  });
+}
+
+// Accepting ahead of accept() (io_uring's multishot) must not defeat the
+// listen backlog: a server that stopped accepting (or limits how many
+// connections it serves) holds no descriptors for connections it did not
+// ask for, and clients beyond the backlog wait in the kernel.
+TEST_P(Sockets, AListenerNobodyAcceptsFromKeepsToItsBacklog) {
+  auto open_fds = [] {
+    int n = 0;
+    DIR* d = ::opendir("/proc/self/fd");
+    while (dirent* e = ::readdir(d)) n += e->d_name[0] != '.';
+    ::closedir(d);
+    return n;
+  };
+  Run([&] {
+    constexpr int kBacklog = 4, kClients = 32;
+    auto ln = tcp_listener::bind("127.0.0.1:0", kBacklog).value();
+    // An accept that gave up: on io_uring it armed the multishot.
+    EXPECT_EQ(ln.accept(deadline(20ms)).error(), std::errc::timed_out);
+    // Its cancel reaches the ring at that worker's next turn; a connection
+    // arriving before that may still be taken.
+    (void)this_fiber::sleep_for(20ms);
+    const int before = open_fds();
+    std::vector<tcp_stream> clients(kClients);
+    std::vector<join_handle<void>> hs;
+    for (int i = 0; i < kClients; ++i)
+      hs.push_back(spawn([&, i] {
+        // Shorter than a SYN retransmission: a dropped SYN times out.
+        if (auto c = tcp_stream::connect(addr_of(ln), deadline(300ms))) clients[i] = std::move(*c);
+      }));
+    for (auto& h : hs) h.join();
+    int connected = 0;
+    for (auto& c : clients) connected += c.is_open();
+    // The kernel completes backlog + 1 handshakes (+ 1 when two race; the
+    // epoll driver, which never accepts ahead, sees 6 too); nothing beyond
+    // that may have been accepted into the process (28 more without the
+    // back-pressure, on io_uring).
+    EXPECT_LE(connected, kBacklog + 2);
+    EXPECT_LE(open_fds() - before - connected, 0) << "descriptors taken for connections nobody accepted";
+    // The queued ones are still there for accept().
+    for (int i = 0; i < connected; ++i) EXPECT_TRUE(ln.accept(deadline(5s)));
   });
 }
 

@@ -461,7 +461,9 @@ result<int> uring_driver::perform_one(op& o, clock::time_point deadline, const c
   // SAFETY: from start() on, the kernel holds &c and o's buffers:
   // wait_for() returns only once the CQE arrived (see *Completion slots*).
   start(o, c, in_kernel ? deadline : never);
+  if (o.use) o.use->attach(*this, c);  // a close() of the socket cancels it now
   sched::wake_reason why = wait_for(*this, c, in_kernel ? never : deadline, what, where);
+  if (o.use) o.use->detach();
   int r = c.res();
   if (cqe_flags) *cqe_flags = c.flags();
   if (r >= 0) return r;
@@ -564,7 +566,8 @@ result<int> uring_driver::recv_pooled(op& o, clock::time_point deadline, const c
   // No ring, or every buffer is out: a heap buffer for this receive. The
   // fiber may have moved since the park above: perform on its worker now.
   auto* buf = new char[kPooledBufferSize];
-  op plain{.kind = op_kind::recv, .fd = o.fd, .buf = buf, .len = kPooledBufferSize, .flags = o.flags};
+  op plain{.kind = op_kind::recv, .fd = o.fd, .buf = buf, .len = kPooledBufferSize, .flags = o.flags,
+           .use = o.use};
   auto r = io::perform(plain, deadline, what, where);
   if (!r) {
     delete[] buf;

@@ -1,0 +1,206 @@
+// io/close_test.cc — close() on a socket that other fibers are using (see
+// io/fd_state.h): their parked calls wake with EBADF (or their result, if
+// it came first), later calls fail with EBADF, the peer sees the end of
+// the stream, and no call ever acts on a file that reused the number.
+// Every test runs over worker counts {1, 2, 4} (tests/fixture.h), on both
+// drivers (io/BUILD.bazel), on 127.0.0.1 only.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <vector>
+
+#include "io/socket_test_util.h"
+#include "runtime/net.h"
+#include "runtime/weft.h"
+#include "tests/fixture.h"
+
+namespace weft {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::Runtime;
+using testing::addr_of;
+using testing::connected_pair;
+
+class Close : public Runtime {};
+WEFT_RUNTIME_TEST_SUITE(Close);
+
+template <typename T>
+std::error_code error_of(const result<T>& r) {
+  return r ? std::error_code() : r.error();
+}
+
+TEST_P(Close, ClosingAStreamWakesItsParkedReaderAndThePeerSeesTheEnd) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    auto reader = spawn([&c] {
+      char buf[16];
+      return error_of(c.read(buf, deadline(10s)));
+    });
+    (void)this_fiber::sleep_for(30ms);  // parked in read
+    auto t0 = clock::now();
+    ASSERT_TRUE(c.close());
+    EXPECT_EQ(reader.join(), std::errc::bad_file_descriptor);
+    char b[4];
+    auto end = s.read(b, deadline(5s));
+    ASSERT_TRUE(end) << end.error().message();
+    EXPECT_EQ(*end, 0u);  // the descriptor was closed once the reader left
+    EXPECT_LT(clock::now() - t0, 2s);  // neither waited for a deadline
+  });
+}
+
+TEST_P(Close, ClosingAStreamWakesAWriterBlockedOnAFullBuffer) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    std::atomic<long> sent{0};
+    auto writer = spawn([&] {
+      std::vector<char> chunk(64 * 1024, 'x');
+      for (;;) {  // the peer never reads: the buffers fill, then it parks
+        auto n = c.write(chunk, deadline(10s));
+        if (!n) return n.error();
+        sent += static_cast<long>(*n);
+      }
+    });
+    long seen = -1;
+    for (int i = 0; i < 500 && seen != sent.load(); ++i) {  // until it stops making progress
+      seen = sent.load();
+      (void)this_fiber::sleep_for(10ms);
+    }
+    auto t0 = clock::now();
+    ASSERT_TRUE(c.close());
+    EXPECT_EQ(writer.join(), std::errc::bad_file_descriptor);
+    EXPECT_LT(clock::now() - t0, 2s);
+  });
+}
+
+TEST_P(Close, CallsOnAClosedSocketFailWithEbadf) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    ASSERT_TRUE(c.is_open());
+    ASSERT_TRUE(c.close());
+    EXPECT_FALSE(c.is_open());
+    EXPECT_EQ(c.native_handle(), -1);
+    EXPECT_TRUE(c.close());  // closing twice is harmless
+    char buf[8];
+    EXPECT_EQ(error_of(c.read(buf)), std::errc::bad_file_descriptor);
+    EXPECT_EQ(error_of(c.read_pooled()), std::errc::bad_file_descriptor);
+    EXPECT_EQ(error_of(c.write_all({buf, sizeof buf})), std::errc::bad_file_descriptor);
+    EXPECT_EQ(error_of(c.shutdown()), std::errc::bad_file_descriptor);
+    EXPECT_EQ(error_of(c.set_nodelay(true)), std::errc::bad_file_descriptor);
+    EXPECT_EQ(error_of(c.peer_address()), std::errc::bad_file_descriptor);
+    EXPECT_EQ(error_of(c.local_address()), std::errc::bad_file_descriptor);
+
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    ASSERT_TRUE(ln.close());
+    EXPECT_EQ(error_of(ln.accept(deadline(1s))), std::errc::bad_file_descriptor);
+
+    tcp_stream empty;
+    EXPECT_EQ(error_of(empty.read(buf)), std::errc::bad_file_descriptor);
+  });
+}
+
+// The closing fiber binds a new listener before the woken acceptor runs:
+// the new socket may get the old number. The old acceptor must fail, not
+// take (or wait for) the new listener's connection.
+TEST_P(Close, AClosedListenersAcceptorNeverTakesTheNextListenersConnection) {
+  Run([&] {
+    auto ln1 = tcp_listener::bind("127.0.0.1:0").value();
+    auto acceptor = spawn([&ln1] { return error_of(ln1.accept(deadline(10s))); });
+    (void)this_fiber::sleep_for(30ms);  // parked in accept
+    auto t0 = clock::now();
+    ASSERT_TRUE(ln1.close());
+    auto ln2 = tcp_listener::bind("127.0.0.1:0").value();  // no park in between
+    auto c = tcp_stream::connect(addr_of(ln2), deadline(5s));
+    ASSERT_TRUE(c) << c.error().message();
+    EXPECT_EQ(acceptor.join(), std::errc::bad_file_descriptor);
+    EXPECT_LT(clock::now() - t0, 2s);
+    auto got = ln2.accept(deadline(5s));  // the connection is still there for ln2
+    EXPECT_TRUE(got) << got.error().message();
+  });
+}
+
+// A listener made elsewhere (inherited, passed, socket-activated) and
+// adopted by descriptor.
+TEST_P(Close, ClosingAnAdoptedListenerWakesItsAcceptor) {
+  Run([&] {
+    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    ASSERT_GE(fd, 0);
+    sockaddr_in sa{};
+    sa.sin_family = AF_INET;
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa), 0);
+    ASSERT_EQ(::listen(fd, 16), 0);
+    tcp_listener ln(fd);
+    auto acceptor = spawn([&ln] { return error_of(ln.accept(deadline(10s))); });
+    (void)this_fiber::sleep_for(30ms);
+    auto t0 = clock::now();
+    ASSERT_TRUE(ln.close());
+    EXPECT_EQ(acceptor.join(), std::errc::bad_file_descriptor);
+    EXPECT_LT(clock::now() - t0, 2s);
+  });
+}
+
+TEST_P(Close, ClosingAUdpSocketWakesItsReceiver) {
+  Run([&] {
+    auto u = udp_socket::bind("127.0.0.1:0").value();
+    auto receiver = spawn([&u] {
+      char buf[64];
+      return error_of(u.recv_from(buf, nullptr, deadline(10s)));
+    });
+    (void)this_fiber::sleep_for(30ms);
+    auto t0 = clock::now();
+    ASSERT_TRUE(u.close());
+    EXPECT_EQ(receiver.join(), std::errc::bad_file_descriptor);
+    EXPECT_LT(clock::now() - t0, 2s);
+  });
+}
+
+// A race hunt (for --config=tsan): a reader and a writer on one stream,
+// closed by a third fiber at varying moments. Each call returns data or
+// an error at once — nothing hangs — and the reader never gets more bytes
+// than the peer sent.
+TEST_P(Close, CloseRacingAReaderAndAWriterNeitherHangsNorInventsData) {
+  Run([&] {
+    for (int round = 0; round < 60; ++round) {
+      auto [c, s] = connected_pair();
+      std::atomic<long> got{0};
+      auto reader = spawn([&] {
+        char buf[256];
+        for (;;) {
+          auto n = c.read(buf, deadline(10s));
+          if (!n || *n == 0) return error_of(n);
+          got += static_cast<long>(*n);
+        }
+      });
+      long put = 0;
+      auto echo = spawn([&] {  // the peer: sends, then waits for the end
+        char msg[100] = {};
+        for (int i = 0; i < 20; ++i)
+          if (s.write_all(msg)) put += sizeof msg;
+        char b[8];
+        while (auto n = s.read(b, deadline(10s)))
+          if (*n == 0) break;
+      });
+      auto writer = spawn([&] {
+        char msg[64] = {};
+        for (;;)
+          if (auto r = c.write_all(msg, deadline(10s)); !r) return r.error();
+      });
+      (void)this_fiber::sleep_for(std::chrono::microseconds(100 * (round % 10)));
+      auto t0 = clock::now();
+      ASSERT_TRUE(c.close());
+      auto re = reader.join();
+      EXPECT_TRUE(!re || re == std::errc::bad_file_descriptor) << re.message();
+      EXPECT_EQ(writer.join(), std::errc::bad_file_descriptor);
+      echo.join();
+      EXPECT_LE(got.load(), put);
+      EXPECT_LT(clock::now() - t0, 5s);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace weft

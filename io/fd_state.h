@@ -1,0 +1,106 @@
+// io/fd_state.h — internal: what a socket shares with the operations in
+// flight on it, so that close() from one fiber works while others are
+// parked on the same socket (as Go's fdMutex and pollDesc, and Tokio's
+// ScheduledIo).
+//
+// close() marks the socket closed, cancels every operation in flight on it
+// (each wakes with an error, or with its result if that came first: nothing
+// received is lost), wakes the listener's parked acceptors, and closes the
+// descriptor once the last operation has left. Until then the descriptor
+// number stays taken, so an operation can never act on a new file that
+// reused the number (a connection accepted or a file opened meanwhile).
+// Operations that start after close() fail with EBADF without a system
+// call.
+//
+// Invariants:
+//   - lock_ guards closed_, owned_, users_ and uses_.
+//   - users_ counts the operations between enter() and leave(); uses_ lists
+//     those whose wait is attached (a completion slot the driver may still
+//     fill), so close() can cancel them. An attached fd_use's slot is
+//     alive: the driver detaches it, under lock_, before the slot's frame
+//     is gone.
+//   - fd_ is immutable; close(2) runs exactly once, by close() if no
+//     operation is in flight, else by the leave() that makes users_ zero.
+//   - The state is deleted when the socket object has released it and
+//     users_ is zero (whichever comes last).
+//
+// Who calls what:
+//   enter(), leave()      a fiber, around one operation (socket.cc, accept.cc)
+//   fd_use::attach(), detach()   the driver's perform(), on the fiber
+//   close(), release()    the socket object's owner; close() also from
+//                         another fiber while operations are in flight
+#pragma once
+
+#include "alloc/spinlock.h"
+#include "io/driver.h"
+
+namespace weft::io {
+
+class accept_state;
+
+class fd_state {
+ public:
+  // Adopts fd; `accept` (listeners from bind(), may be null) is the
+  // listener's accept state, whose listener share this state now holds.
+  explicit fd_state(int fd, accept_state* accept = nullptr) noexcept
+      : fd_(fd), accept_(accept) {}
+  fd_state(const fd_state&) = delete;
+  fd_state& operator=(const fd_state&) = delete;
+
+  int fd() const noexcept { return fd_; }
+  accept_state* accept() const noexcept { return accept_; }
+  bool closed() const noexcept;
+
+  // An operation begins: false (and nothing to undo) once closed.
+  [[nodiscard]] bool enter(fd_use& u) noexcept;
+  // The operation is over; its slot is detached. May close the descriptor.
+  void leave(fd_use& u) noexcept;
+
+  // Marks the socket closed and cancels what is in flight; closes the
+  // descriptor now if nothing is (then returns close(2)'s error, if any).
+  result<void> close() noexcept;
+  // The socket object lets go (its destructor, after close()). May delete
+  // *this.
+  void release() noexcept;
+
+ private:
+  friend struct fd_use;
+  ~fd_state();
+  void attach(fd_use& u, io_driver& owner, completion& c) noexcept;
+  void detach(fd_use& u) noexcept;
+  void close_fd() noexcept;
+
+  const int fd_;
+  accept_state* const accept_;
+  mutable weft::spinlock lock_;
+  bool closed_ = false;      // guarded by lock_
+  bool owned_ = true;        // guarded by lock_: the socket object holds it
+  unsigned users_ = 0;       // guarded by lock_
+  fd_use* uses_ = nullptr;   // guarded by lock_: attached operations
+};
+
+// One call on a socket, from enter() to leave() (also when the fiber is
+// unwound out of it).
+class fd_guard {
+ public:
+  explicit fd_guard(fd_state* st) noexcept : st_(st && st->enter(use_) ? st : nullptr) {}
+  ~fd_guard() {
+    if (st_) st_->leave(use_);
+  }
+  fd_guard(const fd_guard&) = delete;
+  fd_guard& operator=(const fd_guard&) = delete;
+
+  explicit operator bool() const noexcept { return st_ != nullptr; }  // entered
+  int fd() const noexcept { return st_->fd(); }
+  fd_use* use() noexcept { return &use_; }
+  accept_state* accept() const noexcept { return st_->accept(); }
+  // The call failed: whether close() cut it short (the caller then reports
+  // EBADF instead of what the cancelled operation returned).
+  bool closed() const noexcept { return st_->closed(); }
+
+ private:
+  fd_use use_;
+  fd_state* const st_;
+};
+
+}  // namespace weft::io

@@ -1,0 +1,139 @@
+// io/limits_test.cc — the runtime where the system says no: the blocking
+// pool when no thread can be started (RLIMIT_NPROC, a cgroup's pids.max),
+// and the epoll driver where epoll_pwait2 is missing (Linux < 5.11) or
+// denied (a container's seccomp profile). Each case runs in a forked child,
+// so the limits and filters it sets stay there; a hang ends the child by
+// SIGALRM.
+#include <gtest/gtest.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <signal.h>
+#include <stddef.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+
+#include "runtime/net.h"
+#include "runtime/weft.h"
+
+namespace weft {
+namespace {
+
+using namespace std::chrono_literals;
+
+constexpr int kSkip = 77;  // the child could not set up its limits
+
+// Runs fn in a forked child that must exit 0 within 10 s.
+template <typename F>
+void in_child(F fn) {
+  std::fflush(nullptr);
+  pid_t p = ::fork();
+  ASSERT_GE(p, 0);
+  if (p == 0) {
+    ::alarm(10);
+    ::_exit(fn());
+  }
+  int st = 0;
+  ASSERT_EQ(::waitpid(p, &st, 0), p);
+  if (WIFSIGNALED(st)) {
+    FAIL() << "child killed by signal " << WTERMSIG(st)
+           << (WTERMSIG(st) == SIGALRM ? " (it hung)" : "");
+  }
+  if (WEXITSTATUS(st) == kSkip) GTEST_SKIP() << "cannot lower RLIMIT_NPROC here";
+  EXPECT_EQ(WEXITSTATUS(st), 0);
+}
+
+int tasks_now() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("Threads:", 0) == 0) return std::atoi(line.c_str() + 8);
+  return -1;
+}
+
+// Lowers the soft RLIMIT_NPROC so that no thread can start; returns the
+// old limit. Root is exempt from the limit: the child drops to nobody.
+bool forbid_new_threads(rlimit& old) {
+  if (::getuid() == 0 && (::setgid(65534) != 0 || ::setuid(65534) != 0)) return false;
+  if (::getrlimit(RLIMIT_NPROC, &old) != 0) return false;
+  rlimit low = old;
+  low.rlim_cur = static_cast<rlim_t>(tasks_now());
+  return ::setrlimit(RLIMIT_NPROC, &low) == 0;
+}
+
+// The pool has no thread and cannot start one: the call runs on the
+// worker instead (with one line on stderr), rather than throwing or
+// waiting forever; once threads can start again, the pool works.
+void blocking_without_threads(const char* max_threads) {
+  in_child([max_threads] {
+    ::setenv("WEFT_BLOCKING_THREADS", max_threads, 1);
+    int code = 0;
+    weft::run([&] {
+      rlimit old{};
+      if (!forbid_new_threads(old)) {
+        code = kSkip;
+        return;
+      }
+      int v = 0;
+      try {
+        v = blocking([] { return 6; });
+      } catch (...) {
+        code = 1;  // an exception nobody documented
+        return;
+      }
+      if (v != 6) code = 2;
+      ::setrlimit(RLIMIT_NPROC, &old);
+      if (blocking([] { return 7; }) != 7) code = 3;  // a pool thread now
+    }, {.workers = 1});
+    return code;
+  });
+}
+
+TEST(Limits, BlockingRunsTheCallWhenNoPoolThreadCanStart) { blocking_without_threads("64"); }
+TEST(Limits, BlockingRecoversWhenItsOnlyThreadCouldNotStart) { blocking_without_threads("1"); }
+
+double cpu_seconds() {
+  rusage u{};
+  ::getrusage(RUSAGE_SELF, &u);
+  return u.ru_utime.tv_sec + u.ru_stime.tv_sec + (u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6;
+}
+
+// epoll_pwait2 answers ENOSYS, as on Linux < 5.11 or under an older
+// container profile: idle workers must still sleep, not spin.
+TEST(Limits, IdleEpollWorkersSleepWithoutEpollPwait2) {
+  in_child([] {
+    ::setenv("WEFT_IO", "epoll", 1);
+    sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_epoll_pwait2, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (ENOSYS & SECCOMP_RET_DATA)),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    sock_fprog prog{sizeof f / sizeof f[0], f};
+    if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
+        ::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) != 0)
+      return 4;
+    double used = 1;
+    weft::run([&] {
+      auto ln = tcp_listener::bind("127.0.0.1:0").value();
+      (void)ln.accept(deadline(10ms));  // epoll waits happened
+      double t0 = cpu_seconds();
+      (void)this_fiber::sleep_for(500ms);  // every worker idle
+      used = cpu_seconds() - t0;
+    }, {.workers = 2});
+    std::fprintf(stderr, "CPU while idle for 0.5 s: %.3f s\n", used);
+    return used < 0.1 ? 0 : 5;
+  });
+}
+
+}  // namespace
+}  // namespace weft
