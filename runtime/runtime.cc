@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <system_error>
 
 #include "alloc/check.h"
 #include "runtime/driver_select.h"
@@ -69,13 +70,34 @@ int run_main(std::function<int()> main_fn, const options& opts) {
   return rc;
 }
 
+[[noreturn]] void throw_shut_down() {
+  throw std::system_error(std::make_error_code(std::errc::operation_canceled),
+                          "weft::spawn: no runtime is running (main returned)");
+}
+
+// fn(scheduler&). A plain thread brackets its use of the scheduler
+// (scheduler::plain_use): the runtime may be ending meanwhile, and its
+// destructor waits for the bracket instead of freeing what fn touches. A
+// plain thread cannot know when the runtime ends, so finding none is an
+// error it can handle, not a crash. Workers need no bracket (and pay for
+// none).
+template <typename F>
+decltype(auto) with_scheduler(F&& fn) {
+  if (sched::current_worker()) return fn(the_scheduler());
+  sched::scheduler::plain_use use;
+  if (!use.get()) throw_shut_down();
+  return fn(*use.get());
+}
+
 std::pair<void*, void*> spawn_create(const spawn_request& r) {
-  sched::fiber* f = the_scheduler().create(
-      {.name = r.opts.name,
-       .stack_size = r.opts.stack_size,
-       .pinned = r.opts.pinned,
-       .worker = r.opts.worker},
-      r.size, r.align);
+  sched::fiber* f = with_scheduler([&](sched::scheduler& s) {
+    return s.create({.name = r.opts.name,
+                     .stack_size = r.opts.stack_size,
+                     .pinned = r.opts.pinned,
+                     .worker = r.opts.worker},
+                    r.size, r.align);
+  });
+  if (!f) throw_shut_down();
   f->body_ = r.body;
   f->discard_ = r.discard;
   return {f, f->callable_};
@@ -84,7 +106,8 @@ std::pair<void*, void*> spawn_create(const spawn_request& r) {
 std::uint64_t spawn_start(void* fib) {
   auto* f = static_cast<sched::fiber*>(fib);
   std::uint64_t id = f->id_;  // read before start: f may run and exit at once
-  the_scheduler().start_fiber(f);
+  // The runtime is still up: f, created and not yet started, keeps it.
+  with_scheduler([f](sched::scheduler& s) { s.start_fiber(f); });
   return id;
 }
 

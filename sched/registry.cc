@@ -55,7 +55,7 @@ std::vector<std::uint32_t> fiber_registry::take_block() {
   return block;
 }
 
-void fiber_registry::add(fiber* f, unsigned shard_index) {
+bool fiber_registry::add(fiber* f, unsigned shard_index) {
   shard& s = shards_[shard_index];
   s.lock.lock();
   if (s.free.empty()) {  // refill outside the spinlock (see take_block)
@@ -63,6 +63,10 @@ void fiber_registry::add(fiber* f, unsigned shard_index) {
     std::vector<std::uint32_t> block = take_block();
     s.lock.lock();
     s.free.insert(s.free.end(), block.begin(), block.end());
+  }
+  if (closed_) {
+    s.lock.unlock();
+    return false;
   }
   if (s.next_id == s.end_id) {
     // relaxed: ids need only be unique.
@@ -76,6 +80,15 @@ void fiber_registry::add(fiber* f, unsigned shard_index) {
   s.added.store(s.added.load(std::memory_order_relaxed) + 1,
                 std::memory_order_relaxed);  // relaxed: under s.lock
   s.lock.unlock();
+  return true;
+}
+
+bool fiber_registry::close_if_empty() {
+  for (unsigned i = 0; i < nshards_; ++i) shards_[i].lock.lock();
+  if (live_approx() == 0) closed_ = true;  // exact: every lock is held
+  bool closed = closed_;
+  for (unsigned i = 0; i < nshards_; ++i) shards_[i].lock.unlock();
+  return closed;
 }
 
 void fiber_registry::remove(fiber* f, unsigned shard_index) noexcept {

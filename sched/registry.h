@@ -14,6 +14,9 @@
 //     the lock of the calling shard. for_each() holds every shard's lock,
 //     so no fiber can be removed (and its stack freed) while visited.
 //   - live() == sum(added) - sum(removed) when read with every lock held.
+//   - Once closed_ (set with every lock held, when live() was 0), add()
+//     fails: the exit decision and a concurrent add are ordered by the
+//     locks.
 //
 // Who calls what:
 //   add(), remove()   any thread, passing its own shard
@@ -38,8 +41,13 @@ class fiber_registry {
   fiber_registry(const fiber_registry&) = delete;
   fiber_registry& operator=(const fiber_registry&) = delete;
 
-  // Gives f its id and a slot.
-  void add(fiber* f, unsigned shard);
+  // Gives f its id and a slot; false (f not added) once closed.
+  [[nodiscard]] bool add(fiber* f, unsigned shard);
+  // Closes the registry if it is empty: no add() succeeds after. Returns
+  // whether it is closed (the runtime's last fiber has exited: a plain
+  // thread spawning at that moment must fail, not leave a fiber no worker
+  // will run).
+  bool close_if_empty();
   void remove(fiber* f, unsigned shard) noexcept;
 
   // fn(fiber*) for every registered fiber, with every shard locked.
@@ -78,6 +86,8 @@ class fiber_registry {
   std::mutex grow_mu_;                       // serializes chunk allocation
   std::atomic<std::uint32_t> next_slot_{0};  // slots never handed out yet
   std::atomic<std::uint64_t> next_id_{1};
+  // Set under every shard lock, read under any one: see close_if_empty().
+  bool closed_ = false;
   std::mutex spare_mu_;
   std::vector<std::uint32_t> spare_;         // guarded by spare_mu_
 };

@@ -60,12 +60,14 @@ void scheduler::dump(int fd) const {
   for (const auto& l : lines) write_all(fd, l.second.data(), l.second.size());
 }
 
-// Called by the worker that has just registered as idle, under idle_mu_.
+// Called under idle_mu_ by the worker that has just registered as idle,
+// and by the monitor while every worker sleeps (a plain thread that drops
+// the last outside reference, or exits, wakes no worker).
 // When every worker is idle, no worker has a timer or an operation in
 // flight, no plain thread holds an outside reference and no queue holds a
 // fiber, then nothing can ever wake the fibers that are still alive: print
 // them and exit with status 2, as Go does.
-bool scheduler::report_deadlock_if_stuck(worker&) noexcept {
+bool scheduler::report_deadlock_if_stuck() noexcept {
   if (!opts_.deadlock_detection || unwinding()) return false;
   // relaxed loads: every worker published its state before taking
   // idle_mu_, which we hold, and outside references are taken before the
@@ -74,7 +76,7 @@ bool scheduler::report_deadlock_if_stuck(worker&) noexcept {
   if (outside_refs_.load(std::memory_order_acquire) > 0) return false;
   if (!inject_.empty_hint()) return false;
   for (const auto& w : workers_) {
-    if (w->timers_when_idle_ || w->io_when_idle_) return false;
+    if (w->timers_.armed() || w->io_when_idle_) return false;
     if (!w->local_.empty_approx() ||
         w->inbox_nonempty_.load(std::memory_order_seq_cst))
       return false;

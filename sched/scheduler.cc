@@ -208,6 +208,13 @@ void scheduler::monitor() {
     if (exit_.load(std::memory_order_acquire)) break;
     lk.unlock();  // the checks take idle_mu_; never both
     for (auto& w : workers_) check_worker(*w);
+    if (doze && !woken) {
+      // Every worker slept through the doze: what could wake a fiber may
+      // have gone meanwhile without waking a worker to notice (the last
+      // outside reference dropped), so look for a deadlock again.
+      std::lock_guard g(idle_mu_);
+      report_deadlock_if_stuck();
+    }
     lk.lock();
   }
 }
@@ -317,7 +324,13 @@ fiber* scheduler::create(const fiber_attrs& a, std::size_t callable_size,
     WEFT_CHECK(w, "spawn: a pinned fiber spawned outside the workers needs a worker index");
     f->home_ = w;
   }
-  registry_.add(f, w ? w->index() : worker_count());
+  if (!registry_.add(f, w ? w->index() : worker_count())) {
+    // Only a plain thread can get here: the last fiber has exited and the
+    // runtime is shutting down.
+    f->~fiber();
+    ::operator delete(mem, block_align(callable_align));
+    return nullptr;
+  }
   return f;
 }
 
@@ -398,7 +411,7 @@ void scheduler::exited(fiber* f, unsigned cache) noexcept {
   f->~fiber();
   ::operator delete(f, align);
   // The last fiber to exit after the main fiber returned stops the workers.
-  if (unwinding() && registry_.live_exact() == 0) request_exit();
+  if (unwinding() && registry_.close_if_empty()) request_exit();
 }
 
 void scheduler::unwind_all() {

@@ -120,6 +120,8 @@ class scheduler {
   // bytes after it; the caller constructs the callable at f->callable_,
   // sets body_ and discard_, then start_fiber(). The stack comes later:
   // bind_stack(), by the worker about to run the fiber for the first time.
+  // Null if the runtime has shut down (a plain thread spawning as the last
+  // fiber exits).
   fiber* create(const fiber_attrs& a, std::size_t callable_size,
                 std::size_t callable_align);
   void start_fiber(fiber* f);
@@ -169,7 +171,7 @@ class scheduler {
   static unsigned workers_wanted(const scheduler_options& o);
   void exited(fiber* f, unsigned cache) noexcept;  // the last step of a fiber
   worker* pop_idle() noexcept;
-  bool report_deadlock_if_stuck(worker& last) noexcept;  // under idle_mu_
+  bool report_deadlock_if_stuck() noexcept;  // under idle_mu_
   void monitor();
   void wake_dozing_monitor() noexcept;  // any worker
   void check_worker(worker& w);

@@ -29,7 +29,7 @@
 // Who calls what:
 //   arm()                        the owning worker
 //   fire_expired()               the owning worker; a thief with try_only
-//   next_deadline(), size()      any thread (snapshots; the owner never sees
+//   next_deadline(), size(), armed()   any thread (snapshots; the owner never sees
 //                                a later deadline or a smaller size than the
 //                                truth, since only the owner adds: it may
 //                                wake early, never late)
@@ -74,6 +74,15 @@ class timer_heap {
   }
   std::size_t size() const noexcept {
     return size_.load(std::memory_order_relaxed);  // relaxed: as next_deadline()
+  }
+  // Nodes still armed (size() less the cancelled ones). Exact when read by
+  // the deadlock detector: every worker is idle then, and each party
+  // published its change before taking the idle lock the detector holds.
+  std::size_t armed() const noexcept {
+    // relaxed: as size(); see above for when it is exact.
+    std::ptrdiff_t live = static_cast<std::ptrdiff_t>(size()) -
+                          cancelled_.load(std::memory_order_relaxed);
+    return live > 0 ? static_cast<std::size_t>(live) : 0;
   }
 
   // The fiber's side of the handshake; frees or hands over the node.

@@ -402,7 +402,10 @@ fiber* worker::take_inject() {
 
 void worker::fire_timers() {
   if (timers_.size() == 0) return;
-  timers_.fire_expired(clock::now(), [this](fiber* f) { push_local(f); });
+  unsigned n = timers_.fire_expired(clock::now(), [this](fiber* f) { push_local(f); });
+  // More fibers than this worker runs next: as Go's timers wake a P, so
+  // sleepers due together run in parallel (stealable from local_).
+  if (n > 1) sched_.wake_idle_worker(/*fenced=*/true);
 }
 
 bool worker::has_overdue_timers(clock::time_point now) const noexcept {
@@ -571,14 +574,13 @@ void worker::sleep() {
   }
   // Idle: the moment to return surplus stack pages (see stack_pool::trim).
   if (sched_.stacks_.needs_trim()) sched_.stacks_.trim(kTrimBudget);
-  timers_when_idle_ = timers_.size();
   io_when_idle_ = driver_->pending();
   {
     std::lock_guard g(sched_.idle_mu_);
     sched_.idle_.push_back(this);
     in_idle_ = true;
     sched_.nidle_.fetch_add(1, std::memory_order_seq_cst);  // see *Spinning*
-    if (sched_.report_deadlock_if_stuck(*this)) return;
+    if (sched_.report_deadlock_if_stuck()) return;
   }
   sleeping_.store(true, std::memory_order_seq_cst);  // see push_inbox()
   if (!has_work_hint()) {

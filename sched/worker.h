@@ -199,8 +199,9 @@ class worker {
   bool spinning_ = false;
   bool in_idle_ = false;  // guarded by scheduler::idle_mu_
   // Published for the deadlock detector before registering idle; read by
-  // the last worker to go idle under idle_mu_ (which orders them).
-  std::size_t timers_when_idle_ = 0;
+  // the last worker to go idle under idle_mu_ (which orders them). (Its
+  // timers are read live instead: a fiber elsewhere may cancel one while
+  // this worker sleeps, which wakes nobody.)
   std::size_t io_when_idle_ = 0;
 
   worker_counters counters_;

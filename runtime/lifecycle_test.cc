@@ -1,0 +1,157 @@
+// runtime/lifecycle_test.cc — the runtime at the edges of its life and of
+// its workers' time: the deadlock report where a cancelled timer or a
+// plain thread's last outside reference used to hide it, plain threads
+// spawning while weft::run returns, sleepers that come due together, and
+// a stack frame larger than the guard page.
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdio>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+#include "runtime/channel.h"
+#include "runtime/sync.h"
+#include "runtime/weft.h"
+#include "sched/fiber.h"
+#include "sched/park.h"
+#include "sched/scheduler.h"
+#include "tests/fixture.h"
+
+namespace weft {
+namespace {
+
+using namespace std::chrono_literals;
+
+// A hang would make a deadlock test time out without saying why.
+void exit_42_after(std::chrono::seconds s) {
+  std::thread([s] {
+    std::this_thread::sleep_for(s);
+    std::fprintf(stderr, "no deadlock report after %lld s\n", static_cast<long long>(s.count()));
+    std::_Exit(42);
+  }).detach();
+}
+
+// A sleep ended early by a stop request leaves its timer node in the heap
+// (cancelled, dropped lazily): it must not count as a pending timer.
+TEST(LifecycleDeath, ACancelledTimerDoesNotHideADeadlock) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        exit_42_after(5s);
+        weft::run([] {
+          auto sleeper = spawn([] { return this_fiber::sleep_for(1h); });
+          (void)this_fiber::sleep_for(2ms);
+          sleeper.request_stop();
+          (void)sleeper.join();
+          spawn([] { sched::park({.what = "nothing"}); }, {.name = "stuck"}).join();
+        }, {.workers = 1});
+      },
+      ::testing::ExitedWithCode(2), "all fibers are asleep - deadlock!");
+}
+
+// A plain thread that may wake a fiber holds an outside reference; when it
+// drops it without waking anyone, every worker is already asleep.
+TEST(LifecycleDeath, DroppingTheLastOutsideReferenceReportsTheDeadlock) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        exit_42_after(5s);
+        weft::run([] {
+          channel<int> ch(0);
+          outside_ref ref;
+          std::thread([r = std::move(ref)] { std::this_thread::sleep_for(50ms); }).detach();
+          (void)ch.recv();  // the thread never sends
+        }, {.workers = 1});
+      },
+      ::testing::ExitedWithCode(2), "all fibers are asleep - deadlock!");
+}
+
+// A plain thread spawning while main returns: each spawn either runs (the
+// runtime waits for it) or fails with operation_canceled once the last
+// fiber has exited — never a fiber left that no worker will run.
+TEST(Lifecycle, APlainThreadSpawningWhileRunReturnsGetsAnErrorOrARun) {
+  for (int round = 0; round < 20; ++round) {
+    std::atomic<long> spawned{0};
+    std::thread t;
+    weft::run([&] {
+      t = std::thread([&] {
+        for (;;) {
+          // Keeps the runtime from being destroyed while we call it (the
+          // bracket weft's own plain-thread paths use); null once it is.
+          sched::scheduler::plain_use use;
+          if (!use.get()) return;
+          try {
+            go([] {});
+            spawned.fetch_add(1);
+          } catch (const std::system_error& e) {
+            EXPECT_EQ(e.code(), std::errc::operation_canceled);
+            return;
+          }
+        }
+      });
+      while (spawned.load() < 100) this_fiber::yield();
+    }, {.workers = 2});
+    t.join();  // and no "destroyed with live fibers" abort
+    EXPECT_GE(spawned.load(), 100);
+  }
+}
+
+// Two sleepers due at the same moment on one worker, each then computing:
+// the worker that fires both timers wakes an idle one, so the second does
+// not wait for the first to finish (or for the monitor, ~10 ms).
+TEST(Lifecycle, SleepersDueTogetherRunInParallel) {
+  long best = 1'000'000;
+  for (int attempt = 0; attempt < 3 && best >= 5'000; ++attempt) {
+    std::atomic<long> late_us[2] = {0, 0};
+    weft::run([&] {
+      auto due = clock::now() + 20ms;
+      std::vector<join_handle<void>> hs;
+      for (int k = 0; k < 2; ++k)
+        hs.push_back(spawn([&, k] {
+          (void)this_fiber::sleep_until(due);
+          late_us[k] =
+              std::chrono::duration_cast<std::chrono::microseconds>(clock::now() - due).count();
+          auto end = clock::now() + 50ms;  // compute
+          while (clock::now() < end) {}
+        }, {.worker = 0}));
+      for (auto& h : hs) h.join();
+    }, {.workers = 2});
+    best = std::min(best, std::max(late_us[0].load(), late_us[1].load()));
+  }
+  EXPECT_LT(best, 5'000) << "the second sleeper (µs late) waited for the first or the monitor";
+}
+
+// A frame larger than the guard page below a stack: with stack-clash
+// protection (.bazelrc) the frame is touched page by page, so it hits the
+// guard and is reported as an overflow instead of writing silently into
+// the neighbouring fiber's stack.
+[[gnu::noinline]] void BigFrame() {
+  volatile char buf[8192];
+  buf[0] = 1;  // the low end first, as an array initialised from its start
+  (void)buf[0];
+}
+// Recurses until 2 KiB of the stack are left, then calls BigFrame.
+[[gnu::noinline]] void DescendToTheBottom(const std::byte* lo) {
+  volatile char pad[256];
+  pad[0] = 1;
+  if (static_cast<const std::byte*>(__builtin_frame_address(0)) - lo > 2048)
+    DescendToTheBottom(lo);
+  else
+    BigFrame();
+  (void)pad[0];
+}
+
+TEST(LifecycleDeath, AFrameLargerThanTheGuardPageIsReportedAsAnOverflow) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(weft::run([] {
+                 spawn([] { DescendToTheBottom(sched::current_fiber()->stack_.lo); },
+                       {.name = "big", .stack_size = 16 * 1024})
+                     .join();
+               }),
+               "stack overflow in fiber [0-9]+ \"big\" \\(stack size 16384");
+}
+
+}  // namespace
+}  // namespace weft
