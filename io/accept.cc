@@ -44,6 +44,7 @@
 #include <atomic>
 #include <cerrno>
 #include <deque>
+#include <string>
 #include <vector>
 
 #include "io/accept.h"
@@ -75,6 +76,7 @@ class accept_state final : public multishot_sink {
   void shut() noexcept;
   void on_result(int res, bool more) noexcept override;
   void on_driver_gone() noexcept override;
+  void unlink_on_close(std::string path);
 
  private:
   ~accept_state() {
@@ -98,6 +100,7 @@ class accept_state final : public multishot_sink {
   bool armed_ = false;                     // guarded by lock_
   bool stopping_ = false;                  // guarded by lock_: a cancel of the armed multishot was sent
   bool closed_ = false;                    // guarded by lock_
+  std::string unlink_path_;                // set before any accept(); used by shut() once
   std::atomic<int> refs_{1};
 };
 
@@ -244,6 +247,7 @@ void accept_state::on_driver_gone() noexcept {
 void accept_state::shut() noexcept {
   std::vector<sched::fiber*> wake;
   lock_.lock();
+  bool first = !closed_;
   closed_ = true;
   io_driver* owner = armed_ ? owner_ : nullptr;
   claim_locked(wake, /*all=*/true);
@@ -252,11 +256,16 @@ void accept_state::shut() noexcept {
   // The listener's share keeps *this alive across the call; the cancel
   // only uses its address as a key. The last CQE (-ECANCELED) follows.
   if (owner) owner->cancel_multishot(*this);
+  if (first && !unlink_path_.empty()) ::unlink(unlink_path_.c_str());
 }
+
+void accept_state::unlink_on_close(std::string path) { unlink_path_ = std::move(path); }
 
 accept_state* new_accept_state(int backlog) { return new accept_state(backlog); }
 
 void shut_accept_state(accept_state* s) noexcept { s->shut(); }
+
+void unlink_on_close(accept_state* s, std::string path) { s->unlink_on_close(std::move(path)); }
 
 void close_accept_state(accept_state* s) noexcept {
   s->shut();

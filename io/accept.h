@@ -2,6 +2,8 @@
 // socket.cc creates and releases it. Not a public header.
 #pragma once
 
+#include <string>
+
 namespace weft::io {
 
 class accept_state;
@@ -12,6 +14,9 @@ accept_state* new_accept_state(int backlog);
 // The listener closes: wakes its parked acceptors (they fail with EBADF)
 // and cancels its multishot accept. Idempotent.
 void shut_accept_state(accept_state* s) noexcept;
+// The listener is a Unix socket bound to `path`: its close() removes the
+// file, so the path can be bound again (as Go's UnixListener does).
+void unlink_on_close(accept_state* s, std::string path);
 // shut_accept_state(), then gives back the listener's share.
 void close_accept_state(accept_state* s) noexcept;
 

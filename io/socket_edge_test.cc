@@ -131,6 +131,11 @@ TEST_P(Sockets, UnixStreamSocketsEcho) {
     expect_echo_of("unix:" + path, "local");
     server.request_stop();
     server.join();
+    // close() removes the socket file it created: the path binds again.
+    ASSERT_TRUE(ln->close());
+    EXPECT_NE(::access(path.c_str(), F_OK), 0);
+    auto again = tcp_listener::bind("unix:" + path);
+    EXPECT_TRUE(again) << again.error().message();
   });
   ::unlink(path.c_str());
 }
