@@ -158,8 +158,15 @@ TEST_P(Sockets, OneMultishotAcceptServesManyConnectionsOnIoUring) {
     armed = st.multishot_accepts - before;
     driver = st.driver;
   });
-  // io_uring: one armed SQE yielded every connection; epoll: none armed.
-  EXPECT_EQ(armed, driver == "io_uring" ? 1u : 0u);
+  // io_uring: an armed SQE yields connections until 64 wait unaccepted
+  // (*Back-pressure* in io/accept.cc), so 100 take one arming, or two when
+  // the acceptor falls behind (as under TSan); epoll: none armed.
+  if (driver == "io_uring") {
+    EXPECT_GE(armed, 1u);
+    EXPECT_LE(armed, 3u);
+  } else {
+    EXPECT_EQ(armed, 0u);
+  }
 }
 
 TEST_P(Sockets, IoCompletesWhileAnotherFiberKeepsTheWorkerBusy) {
