@@ -14,6 +14,9 @@
 //     under lk_; the release store of 2 pairs with call_once's acquire load.
 //   - shared_mutex: a parked record is granted (handed = true) with the
 //     lock already counted for it (writer_ or readers_).
+#include <sched.h>
+
+#include <climits>
 #include <vector>
 
 #include "alloc/check.h"
@@ -133,43 +136,182 @@ void semaphore::release(std::ptrdiff_t n) {
 
 namespace detail {
 
-// The count is a lone atomic, so add() away from zero is one RMW with no
-// lock (as Go's WaitGroup). Only the step that reaches zero takes lk_, to
-// wake the waiters. Why no waiter is missed: wait() reads the count and
-// enqueues itself under lk_; the adder that reached zero takes lk_ after
-// its RMW. If the waiter held lk_ first, it is enqueued when the adder
-// looks; if the adder held it first, the waiter's lock acquires the
-// adder's unlock, which follows the RMW, so the waiter reads zero.
+// *Counting to zero* (after Go's WaitGroup). The count and the number of
+// registered waiters share one 64-bit word, state_, so that the add() that
+// reaches zero learns in the same RMW whether anyone waits:
+//
+//   - No waiter counted: that RMW is add()'s last touch of the object. A
+//     waiter that then sees zero (the lock-free fast path, or under lk_)
+//     may return and free it at once, and nobody touches it after.
+//   - Waiters counted: the RMW also zeroes the waiter count and sets
+//     kClosing; the adder (the closer) then owes those waiters a wake. It
+//     takes lk_, claims every record in q_, clears kClosing and unlocks lk_:
+//     that unlock is its last touch. A counted waiter cannot have returned
+//     before it (see *Leaving* below), so the object is still alive.
+//
+// Registering: a waiter increments the waiter count with a CAS that sees a
+// non-zero count and no kClosing, under lk_, and links its record before it
+// releases lk_ (in the publish step of its park). So a closer whose RMW saw
+// the registration finds the record when it takes lk_: had the closer's lk_
+// section come first, its RMW would precede the registration CAS in state_'s
+// modification order and could not have seen it.
+//
+// Phases (a wait_group reused): while kClosing is set nobody registers, so
+// every record the closer finds is of the phase it closed; a waiter of the
+// next phase (the count already up again) waits for the closer to finish
+// before registering, and is never woken by an earlier phase's zero.
+//
+// *Leaving* on a deadline or a stop request, under lk_:
+//   - record unlinked: a closer claimed it (its claim lost to ours) and, in
+//     the same lk_ section, cleared kClosing. It is done with the object:
+//     the count reached zero, and the wait succeeds.
+//   - record linked, no kClosing: the registration still counts; a CAS
+//     takes it back and the wait returns timed_out or cancelled. Nobody
+//     owes this waiter anything, so nobody touches the object for it.
+//   - record linked, kClosing: a closer consumed this registration and is on
+//     its way to lk_. The waiter leaves the record for it to unlink and
+//     waits for that, as in the first case.
+//
+// Invariants:
+//   - kClosing set => the waiter count is 0 and a closer is between its RMW
+//     and its unlock of lk_; every record in q_ belongs to it.
+//   - A record is linked while its registration is counted or kClosing is
+//     set; only the waiter (counted) or the closer (kClosing) unlinks it.
+namespace {
+constexpr std::int64_t count_of(std::uint64_t s) { return static_cast<std::int64_t>(s >> 32); }
+constexpr std::uint64_t with_count(std::uint64_t s, std::int64_t n) {
+  return (static_cast<std::uint64_t>(n) << 32) | (s & 0xffff'ffffu);
+}
+// A closer is between its RMW and its unlock of lk_ (a few list
+// operations, no park: it cannot be a fiber of this worker), unless its
+// thread was preempted: spin, then give the CPU away.
+void wait_for_closer(int& round) noexcept {
+  if (++round < 64) __builtin_ia32_pause(); else sched_yield();
+}
+}  // namespace
+
+zero_waiter::zero_waiter(std::ptrdiff_t n) : state_(with_count(0, n)) {
+  WEFT_CHECK(n >= 0 && n <= INT32_MAX, "latch/wait_group: count out of range");
+}
+
 void zero_waiter::add(std::ptrdiff_t delta, const char* who) {
-  // acq_rel: the work before a count_down is visible to whoever sees zero
-  // (pairs with the acquire loads in wait() and is_zero()).
-  std::ptrdiff_t now = count_.fetch_add(delta, std::memory_order_acq_rel) + delta;
-  WEFT_CHECK(now >= 0, who);  // counted below zero
-  if (now != 0) return;
+  // relaxed: a first guess; the CAS below validates it.
+  std::uint64_t s = state_.load(std::memory_order_relaxed);
+  std::uint64_t next;
+  for (;;) {
+    std::int64_t now = count_of(s) + delta;
+    WEFT_CHECK(now >= 0, who);  // counted below zero
+    WEFT_CHECK(now <= INT32_MAX, who);
+    bool closes = now == 0 && (s & kWaiterMask) != 0;
+    next = closes ? kClosing : with_count(s, now);
+    // release: the work before a count-down is visible to whoever sees
+    // zero (pairs with the acquire loads in is_zero() and block(), and,
+    // through the closer's lk_ and claim, with the woken waiters).
+    // acquire: a closer reads the records of waiters registered before.
+    if (state_.compare_exchange_weak(s, next, std::memory_order_acq_rel,
+                                     std::memory_order_relaxed))
+      break;
+  }
+  if (next == kClosing) wake_closed();  // else: the RMW was the last touch
+}
+
+// The closer's half of *Counting to zero*.
+void zero_waiter::wake_closed() noexcept {
   std::vector<wake_ticket> ts;
   lk_.lock();
-  claim_all(q_, ts);
-  lk_.unlock();
+  claim_all(q_, ts);  // unlinks every record, also those whose claim lost
+  // relaxed: kClosing is read under lk_ (registration, leaving), and the
+  // count bits may change concurrently (the next phase), hence an RMW.
+  state_.fetch_and(~kClosing, std::memory_order_relaxed);
+  lk_.unlock();  // the last touch of the object
   ready_all(ts);
 }
 
 bool zero_waiter::is_zero() noexcept {
-  return count_.load(std::memory_order_acquire) == 0;  // pairs with add()
+  return count_of(state_.load(std::memory_order_acquire)) == 0;  // pairs with add()
+}
+
+zero_waiter::ending zero_waiter::block(deadline d, const char* what,
+                                       const std::source_location& where, bool cancellable) {
+  if (is_zero()) return ending::zero;
+  lk_.lock();
+  // acquire: pairs with add() when it reads zero.
+  std::uint64_t s = state_.load(std::memory_order_acquire);
+  for (int round = 0;;) {
+    if (count_of(s) == 0) {
+      lk_.unlock();
+      return ending::zero;
+    }
+    if (s & kClosing) {  // a closer of the previous phase is not done yet
+      lk_.unlock();
+      wait_for_closer(round);
+      lk_.lock();
+      s = state_.load(std::memory_order_acquire);  // as above
+      continue;
+    }
+    // relaxed: registration is ordered with the closer by lk_ (see
+    // *Counting to zero*). acquire on failure: the reload may read zero.
+    if (state_.compare_exchange_weak(s, s + kOneWaiter, std::memory_order_relaxed,
+                                     std::memory_order_acquire))
+      break;
+  }
+  parker p;
+  waiter w;
+  w.p = &p;
+  struct ctx {
+    zero_waiter* z;
+    waiter* w;
+  } c{this, &w};
+  wake_reason r = p.block(
+      [](void* a) {
+        auto* c = static_cast<ctx*>(a);
+        push_back(c->z->q_, c->w);
+        c->z->lk_.unlock();  // taken above; the record is findable now
+      },
+      &c, {.deadline = d.when, .cancellable = cancellable, .what = what, .where = where});
+  if (r == wake_reason::notified) return ending::zero;
+  // *Leaving*.
+  for (int round = 0;;) {
+    lk_.lock();
+    if (!w.linked) {  // a closer unlinked it and is done: see *Leaving*
+      lk_.unlock();
+      return ending::zero;
+    }
+    s = state_.load(std::memory_order_relaxed);  // relaxed: the CAS below validates it
+    if (!(s & kClosing)) {
+      // relaxed: only takes our registration back; an add() that races
+      // with it either saw it (then it sets kClosing and this CAS fails)
+      // or does not see it (and touches nothing for us).
+      if (state_.compare_exchange_strong(s, s - kOneWaiter, std::memory_order_relaxed,
+                                         std::memory_order_relaxed)) {
+        unlink(q_, &w);
+        lk_.unlock();
+        return r == wake_reason::timed_out ? ending::timed_out : ending::cancelled;
+      }
+      lk_.unlock();
+      continue;  // the count changed; look again
+    }
+    lk_.unlock();
+    wait_for_closer(round);
+  }
 }
 
 result<void> zero_waiter::wait(deadline d, const char* what,
                                const std::source_location& where, bool cancellable) {
-  if (is_zero()) return {};
-  lk_.lock();
-  if (count_.load(std::memory_order_acquire) == 0) {  // see add()
-    lk_.unlock();
-    return {};
+  switch (block(d, what, where, cancellable)) {
+    case ending::zero: return {};
+    case ending::timed_out: return to_result(wake_reason::timed_out);
+    case ending::cancelled: break;
   }
-  parker p;
-  waiter w;
-  return to_result(wait_on(lk_, q_, w, p,
-                           {.deadline = d.when, .cancellable = cancellable, .what = what,
-                            .where = where}));
+  return to_result(wake_reason::cancelled);  // throws fiber_unwind when unwinding
+}
+
+// While the runtime unwinds the caller, every park returns `cancelled` at
+// once, after a trip through the scheduler: the loop then yields to the
+// other fibers (the ones being counted down among them) until zero.
+void zero_waiter::wait_noexcept(const char* what, const std::source_location& where) noexcept {
+  while (block({}, what, where, false) != ending::zero) {
+  }
 }
 
 }  // namespace detail

@@ -140,19 +140,33 @@ class semaphore {
 };
 
 namespace detail {
-// A count and the waiters for it to reach zero: latch and wait_group.
+// A count and the waiters for it to reach zero: latch, wait_group and
+// task_group. See *Counting to zero* in runtime/sync.cc.
 class zero_waiter {
  public:
-  explicit zero_waiter(std::ptrdiff_t n) : count_(n) {}
+  explicit zero_waiter(std::ptrdiff_t n);
   void add(std::ptrdiff_t delta, const char* who);  // wakes everyone at zero
   result<void> wait(deadline d, const char* what, const std::source_location& where,
                     bool cancellable = true);
+  // Waits for zero without a deadline, without honouring stop requests and
+  // without throwing, even while the runtime unwinds the caller: for
+  // destructors (~task_group).
+  void wait_noexcept(const char* what, const std::source_location& where) noexcept;
   bool is_zero() noexcept;
 
  private:
+  enum class ending { zero, timed_out, cancelled };
+  ending block(deadline d, const char* what, const std::source_location& where,
+               bool cancellable);
+  void wake_closed() noexcept;
+  // state_: the count in the high 32 bits (never negative); kClosing; the
+  // number of registered waiters in the low 31 bits.
+  static constexpr std::uint64_t kOneWaiter = 1;
+  static constexpr std::uint64_t kClosing = std::uint64_t{1} << 31;
+  static constexpr std::uint64_t kWaiterMask = kClosing - 1;
   short_lock lk_;
   wait_list q_;  // guarded by lk_
-  std::atomic<std::ptrdiff_t> count_;  // any thread; see add() in sync.cc
+  std::atomic<std::uint64_t> state_;  // any thread; see sync.cc
 };
 }  // namespace detail
 

@@ -177,6 +177,34 @@ TEST_P(Sync, LatchAndWaitGroupReleaseWaitersAtZero) {
   });
 }
 
+// The done() that brings the count to zero must not touch the wait_group
+// after its waiter may have returned: here the waiter frees it at once, as
+// soon as wait() returns. Short deadlines on every other round also make
+// waiters leave just as the count reaches zero (*Leaving* in sync.cc).
+// Without the shared count-and-waiters word, ASan reports a
+// heap-use-after-free in done().
+TEST_P(Sync, TheLastDoneLeavesAWaitGroupItsWaiterFreesAtOnce) {
+  Run([] {
+    std::atomic<wait_group*> slot{nullptr};
+    std::atomic<bool> stop{false};
+    std::thread t([&, ref = outside_ref()] {
+      while (!stop.load(std::memory_order_relaxed))
+        if (wait_group* wg = slot.exchange(nullptr)) wg->done();
+    });
+    for (int i = 0; i < 50'000; ++i) {
+      auto* wg = new wait_group;
+      wg->add(1);
+      slot.store(wg);
+      auto patience = i % 2 ? clock::duration(1s) : clock::duration(20us);
+      while (!wg->wait(deadline(patience))) {
+      }
+      delete wg;
+    }
+    stop = true;
+    t.join();
+  });
+}
+
 TEST_P(Sync, CallOnceRunsItsFunctionOnceForManyFibers) {
   Run([] {
     once_flag flag;
