@@ -291,6 +291,62 @@ TEST_P(Fibers, FiberLocalStorageStaysWithItsFiberAcrossMigration) {
   }
 }
 
+// A T whose constructor uses a newer fiber_local (one whose key lies past
+// the end of the fiber's table, which then grows and moves): the T must
+// land in its slot, once.
+struct fls_inner {
+  int v = 7;
+};
+fiber_local<fls_inner>* g_fls_inner = nullptr;
+std::atomic<int> g_fls_outer_made{0};
+struct fls_outer {
+  int x;
+  fls_outer() : x(g_fls_inner->get().v) { g_fls_outer_made.fetch_add(1); }
+};
+
+TEST_P(Fibers, AFiberLocalWhoseConstructorUsesANewerOneIsBuiltOnce) {
+  static fiber_local<fls_outer> outer;              // the older key
+  static std::vector<fiber_local<int>> pad(200);    // pushes the next key far out
+  static fiber_local<fls_inner> inner;              // the newer key
+  g_fls_inner = &inner;
+  g_fls_outer_made = 0;
+  Run([] {
+    spawn([] {
+      fls_outer& a = outer.get();  // fls_outer() grows the table
+      fls_outer& b = outer.get();
+      EXPECT_EQ(&a, &b);
+      EXPECT_EQ(a.x, 7);
+    }).join();
+  });
+  EXPECT_EQ(g_fls_outer_made.load(), 1);
+}
+
+// At fiber exit, a destructor that uses a newer fiber_local grows the table
+// being destroyed: every value is still destroyed exactly once.
+fiber_local<fls_inner>* g_fls_inner_at_exit = nullptr;
+std::atomic<int> g_fls_destroyed{0};
+struct fls_uses_newer_at_exit {
+  ~fls_uses_newer_at_exit() {
+    g_fls_destroyed.fetch_add(1);
+    g_fls_inner_at_exit->get().v = 1;
+  }
+};
+
+TEST_P(Fibers, AFiberLocalWhoseDestructorUsesANewerOneIsDestroyedOnce) {
+  static fiber_local<fls_uses_newer_at_exit> d;     // the older key
+  static std::vector<fiber_local<int>> pad(200);
+  static fiber_local<fls_inner> inner;              // the newer key, unused until exit
+  g_fls_inner_at_exit = &inner;
+  g_fls_destroyed = 0;
+  Run([] {
+    spawn([] {
+      (void)d.get();
+      (void)pad[0].get();  // a slot after d's, visited after d's destructor ran
+    }).join();
+  });
+  EXPECT_EQ(g_fls_destroyed.load(), 1);
+}
+
 TEST_P(Fibers, FibersStillAliveWhenMainReturnsAreUnwound) {
   static std::atomic<int> constructed, destroyed;
   constructed = 0;
@@ -316,6 +372,53 @@ TEST_P(Fibers, FibersStillAliveWhenMainReturnsAreUnwound) {
   });
   EXPECT_EQ(destroyed.load(), constructed.load());
   EXPECT_GE(destroyed.load(), 20);
+}
+
+// While the runtime unwinds, an ordinary exception escaping a fiber is
+// that fiber's result as at any other time (reported, or kept for join),
+// not std::terminate: only fiber_unwind goes on up to the runtime.
+TEST(FiberUnwind, AnExceptionEscapingAFiberWhileTheRuntimeUnwindsIsNotFatal) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        int rc = weft::run(
+            [] {
+              static std::atomic<int> started{0};
+              auto compute_then_fail = [] {
+                started.fetch_add(1);
+                while (!this_fiber::stop_requested()) {
+                }  // computing when main returns
+                throw std::runtime_error("late failure");
+              };
+              go(compute_then_fail);
+              spawn(compute_then_fail).detach();
+              while (started.load() < 2) this_fiber::yield();
+              return 7;
+            },
+            {.workers = 3});
+        std::_Exit(rc);
+      },
+      ::testing::ExitedWithCode(7), "nobody joined: late failure");
+}
+
+// A child the runtime unwound produced no value: joining it must not
+// return one (it used to return an empty optional's contents), and the
+// joiner, unwound as well, must not run on past join().
+TEST_P(Fibers, JoiningAChildThatWasUnwoundReturnsNoValue) {
+  static std::atomic<int> after_join;
+  after_join = 0;
+  Run([] {
+    go([] {
+      auto c = spawn([] {
+        (void)this_fiber::sleep_for(1h);
+        return 42;
+      });
+      (void)c.join();  // parked here when main returns; both get unwound
+      after_join.fetch_add(1);
+    });
+    (void)this_fiber::sleep_for(5ms);
+  });
+  EXPECT_EQ(after_join.load(), 0);
 }
 
 TEST_P(Fibers, RequestStopCancelsASleep) {

@@ -7,9 +7,14 @@
 //     parked joiner (claim) happens under lock_, so the joiner, which takes
 //     lock_ to retract its record after a cancel, cannot exit while a
 //     completer still holds its token (the rule on claim() in park.h).
+//   - error_, unwound_ and the value are written by the fiber before
+//     complete() and read by the joiner after wait(): lock_ orders them. A
+//     fiber that was unwound has no value; join() throws (take()).
 //   - fiber_ is non-null until complete(): request_stop() through the
 //     handle touches the fiber only then, under lock_.
 #include <sched.h>
+
+#include <system_error>
 
 #include "runtime/weft.h"
 #include "sched/park.h"
@@ -79,6 +84,24 @@ void join_state_base::release() noexcept {
   if (refs_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
   if (error_) warn_unobserved(id_, error_);
   delete this;
+}
+
+// Called from a catch handler, so `throw;` rethrows the exception being
+// handled; the handlers here only classify it.
+bool handling_fiber_unwind() noexcept {
+  try {
+    throw;
+  } catch (const sched::fiber_unwind&) {
+    return true;
+  } catch (...) {
+    return false;
+  }
+}
+
+void unwound_joined() {
+  sched::unwind_point();  // the joiner is being unwound as well
+  throw std::system_error(std::make_error_code(std::errc::operation_canceled),
+                          "weft::join_handle::join: the fiber was unwound");
 }
 
 }  // namespace weft::detail

@@ -112,6 +112,13 @@ namespace detail {
 
 int run_main(std::function<int()> main_fn, const options& opts);
 
+// Only inside a catch handler: true if the exception being handled is the
+// runtime's fiber_unwind (which must be rethrown), false for any other.
+bool handling_fiber_unwind() noexcept;
+// join() of a fiber that was unwound: throws fiber_unwind if the joiner is
+// being unwound too, else std::system_error(operation_canceled).
+[[noreturn]] void unwound_joined();
+
 // The shared state between a fiber and its join_handle. Out of line in
 // runtime/join.cc; see the invariants there.
 class join_state_base {
@@ -157,8 +164,11 @@ class join_state final : public join_state_base {
   }
   void set_exception(std::exception_ptr e) { error_ = std::move(e); }
   void set_unwound() { unwound_ = true; }
+  // The joiner, after wait(). A fiber the runtime unwound produced no
+  // value: unwound_joined() throws instead of returning one.
   T take() {
     if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+    if (unwound_) unwound_joined();
     if constexpr (!std::is_void_v<T>) return std::move(*value_);
   }
   bool failed() const { return error_ != nullptr; }
@@ -196,7 +206,10 @@ struct spawned {
         st->set_value(self->fn());
       }
     } catch (...) {
-      if (current_fiber_unwinding()) {  // the runtime unwinds this fiber
+      // Only fiber_unwind goes on up (to fiber_main, which expects it); any
+      // other exception is the fiber's result, also while the runtime
+      // unwinds (a destructor or handler may throw one).
+      if (handling_fiber_unwind()) {  // the runtime unwinds this fiber
         st->set_unwound();
         finish(self, st);
         throw;
@@ -231,7 +244,8 @@ struct detached {
     try {
       self->fn();
     } catch (...) {
-      if (current_fiber_unwinding()) throw;  // the runtime unwinds this fiber
+      // As in spawned::body: only fiber_unwind goes on up.
+      if (handling_fiber_unwind()) throw;  // the runtime unwinds this fiber
       warn_unobserved(current_fiber_id(), std::current_exception());
     }
   }
@@ -350,6 +364,8 @@ bool stop_requested();
 
 namespace detail {
 std::size_t fls_key();
+// The calling fiber's slot for key. The reference is good only until the
+// fiber's next fls_value() with a key it has not used yet (the table grows).
 void*& fls_value(std::size_t key, void (*destroy)(void*));
 }  // namespace detail
 
@@ -360,14 +376,19 @@ class fiber_local {
  public:
   fiber_local() : key_(detail::fls_key()) {}
   T& get() {
-    void*& v = detail::fls_value(key_, [](void* p) { delete static_cast<T*>(p); });
-    if (!v) v = new T();
-    return *static_cast<T*>(v);
+    if (void* v = detail::fls_value(key_, &destroy)) return *static_cast<T*>(v);
+    // T() may use a newer fiber_local, whose first use grows this fiber's
+    // table and moves its slots: construct first, then store through a
+    // fresh lookup (never a reference held across the constructor).
+    T* p = new T();
+    detail::fls_value(key_, &destroy) = p;
+    return *p;
   }
   T* operator->() { return &get(); }
   T& operator*() { return get(); }
 
  private:
+  static void destroy(void* p) { delete static_cast<T*>(p); }
   std::size_t key_;
 };
 

@@ -30,15 +30,19 @@ fls_slot& fls_get(std::size_t key) {
 void fls_destroy_all(fiber* f) noexcept {
   auto* t = static_cast<table*>(f->fls_);
   if (!t) return;
-  // A destructor may itself use fiber-local storage: loop until empty.
+  // A destructor may itself use fiber-local storage: loop until empty. By
+  // index, re-reading the size, never holding a reference across a
+  // destructor: one that uses a newer fiber_local grows (reallocates) *t.
   while (true) {
     bool any = false;
-    for (fls_slot& s : *t)
-      if (s.value) {
-        any = true;
-        void* v = std::exchange(s.value, nullptr);
-        s.destroy(v);
-      }
+    for (std::size_t i = 0; i < t->size(); ++i) {
+      fls_slot& s = (*t)[i];
+      if (!s.value) continue;
+      any = true;
+      void* v = std::exchange(s.value, nullptr);
+      void (*destroy)(void*) = s.destroy;
+      destroy(v);  // may resize *t: s is dead from here
+    }
     if (!any) break;
   }
   delete t;

@@ -22,6 +22,8 @@ struct fls_slot {
   void* value = nullptr;
   void (*destroy)(void*) = nullptr;
 };
+// The reference is good until the fiber's next fls_get() of a key beyond
+// the table's end (which grows it).
 fls_slot& fls_get(std::size_t key);
 void fls_destroy_all(fiber* f) noexcept;
 
