@@ -1,8 +1,10 @@
 // runtime/task_group.cc — see runtime/task_group.h.
 //
 // Invariants:
-//   - pending_ counts children whose body has not finished; a child counts
-//     itself down as the last thing its body does.
+//   - pending_ counts children not yet finished: spawn() counts one up
+//     before the fiber exists; the child counts itself down after its
+//     callable was destroyed, as its last touch of the group, whether its
+//     body ran or the runtime discarded it unrun (task_group::child).
 //   - mu_ guards children_, error_, exception_, stopping_ and failed_. A
 //     child adopted after stopping_ was set is asked to stop at once, so a
 //     failure racing with spawn() cannot miss a child.
@@ -10,11 +12,14 @@
 
 namespace weft {
 
+// Children must not outlive the group, and a destructor must not throw:
+// wait_noexcept() waits even while the runtime unwinds this fiber. The
+// runtime then unwinds every fiber, the children too, so they finish
+// without a stop request from us (request_stop() takes mu_, which could
+// park, and a park while unwinding throws).
 task_group::~task_group() {
-  bool running = !pending_.is_zero();
-  if (running) request_stop();
-  // Not cancellable: children must not outlive the group.
-  (void)pending_.wait({}, "task_group", std::source_location::current(), false);
+  if (!pending_.is_zero() && !detail::current_fiber_unwinding()) request_stop();
+  pending_.wait_noexcept("task_group", std::source_location::current());
 }
 
 void task_group::adopt(join_handle<void> h) {

@@ -15,7 +15,10 @@
 //     stop, it requests stop on the children, still waits for all of them,
 //     and returns operation_canceled (unless a child failed first).
 //   - The destructor requests stop on the children still running and waits
-//     for them: no child outlives its group.
+//     for them: no child outlives its group. It never throws, also when the
+//     runtime unwinds the owner (the children are unwound too).
+//   - A child's callable (and what it captured) is destroyed before the
+//     child counts as finished: when wait() returns, it is gone.
 //
 // Who calls what: spawn(), request_stop() from any fiber; wait() and the
 // destructor from a fiber (the owner), once.
@@ -23,6 +26,7 @@
 
 #include <exception>
 #include <mutex>
+#include <optional>
 #include <system_error>
 #include <type_traits>
 #include <utility>
@@ -43,15 +47,8 @@ class task_group {
   template <typename F>
   void spawn(F&& fn, spawn_options opts = {}) {
     pending_.add(1, "weft::task_group::spawn");
-    auto h = weft::spawn(
-        [this, fn = std::forward<F>(fn)]() mutable {
-          struct done_guard {
-            task_group* g;
-            ~done_guard() { g->pending_.add(-1, "weft::task_group: child"); }
-          } done{this};
-          run_child(fn);
-        },
-        opts);
+    // If spawn throws, the child object dies here and counts itself down.
+    auto h = weft::spawn(child<std::decay_t<F>>(this, std::forward<F>(fn)), opts);
     adopt(std::move(h));
   }
 
@@ -61,6 +58,39 @@ class task_group {
   void request_stop();
 
  private:
+  // What a child fiber runs: the user's callable, then the count-down.
+  // Either the body ran (operator()) or the runtime discarded the child
+  // unrun while unwinding (spawned::discard destroys it): both count down,
+  // once. The callable is destroyed first, so that its captures are gone
+  // when wait() or the destructor returns, and the count-down is the last
+  // touch of the group (see *Counting to zero* in runtime/sync.cc).
+  template <typename F>
+  class child {
+   public:
+    template <typename G>
+    child(task_group* g, G&& fn) : g_(g), fn_(std::in_place, std::forward<G>(fn)) {}
+    child(child&& o) noexcept(std::is_nothrow_move_constructible_v<F>)
+        : g_(std::exchange(o.g_, nullptr)), fn_(std::move(o.fn_)) {}
+    child& operator=(child&&) = delete;
+    ~child() { finish(); }
+    void operator()() {
+      struct at_exit {
+        child* c;
+        ~at_exit() { c->finish(); }  // also when the runtime unwinds the child
+      } end{this};
+      g_->run_child(*fn_);
+    }
+
+   private:
+    void finish() noexcept {
+      if (!g_) return;  // moved from, or already counted down
+      fn_.reset();
+      std::exchange(g_, nullptr)->pending_.add(-1, "weft::task_group: child");
+    }
+    task_group* g_;
+    std::optional<F> fn_;
+  };
+
   template <typename F>
   void run_child(F& fn) {
     try {
@@ -71,7 +101,7 @@ class task_group {
         if (!r.has_value()) fail(r.error(), nullptr);
       }
     } catch (...) {
-      if (detail::current_fiber_unwinding()) throw;  // the runtime unwinds it
+      if (detail::handling_fiber_unwind()) throw;  // the runtime unwinds it
       fail({}, std::current_exception());
     }
   }
