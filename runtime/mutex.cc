@@ -1,34 +1,53 @@
 // runtime/mutex.cc — weft::mutex (after Go's sync.Mutex).
 //
-// State:
-//   state_     1 while someone owns the lock. Set by a successful CAS 0->1
-//              (try_lock), or kept at 1 by an unlocker that hands the lock
-//              to a waiter (starvation mode).
-//   nwaiters_  the number of records in q_. Incremented under lk_ by a
-//              locker before its last try; decremented under lk_ by whoever
-//              unlinks a record.
-//   woken_     an unlocker woke a waiter that has not yet either taken the
-//              lock or parked again: later unlocks wake nobody (no
-//              thundering herd: at most one woken waiter at a time).
-//   starving_  hand-off mode: unlock gives the lock directly to the oldest
+// State: one word, state_, so that unlock() with nobody waiting is one RMW
+// and that RMW is its last touch of the mutex: POSIX lets a thread destroy
+// a mutex as soon as it can lock and unlock it (`lock; last = --refs == 0;
+// unlock; if (last) delete`), and whoever takes the lock right after our
+// release may do just that.
+//   kLocked    someone owns the lock. Set by a CAS that sees it clear, or
+//              kept by an unlocker that hands the lock to a waiter
+//              (starvation mode).
+//   kWoken     an unlocker woke a waiter that has not yet either taken the
+//              lock or registered again: later unlocks wake nobody (no
+//              thundering herd: at most one woken waiter at a time). The
+//              woken waiter clears it in the CAS that takes the lock or
+//              registers it again.
+//   kStarving  hand-off mode: unlock gives the lock directly to the oldest
 //              waiter instead of releasing it.
+//   waiters    (state_ / kOneWaiter) the records in q_. Incremented under lk_
+//              by a locker in the CAS that sees the lock held, before it
+//              links its record (still under lk_); decremented under lk_ by
+//              whoever unlinks a record.
 //   q_         parked lockers, FIFO; a woken locker that lost the race goes
 //              back to the front, keeping its `since`.
 //
-// *Unlocking*: the unlocker stores state_ = 0 and then loads nwaiters_ and
-// woken_; a locker increments nwaiters_ (and, if it was the woken one,
-// clears woken_) and then tries the CAS on state_. All are seq_cst (a
-// StoreLoad pattern on each side): either the locker's CAS sees 0 and takes
-// the lock, or the unlocker sees a waiter and no pending woken one, and
-// wakes one — which it finds in q_, because the locker holds lk_ from the
-// increment until its record is published.
+// Invariants:
+//   - kStarving implies kLocked: it is set only by a CAS that sees the lock
+//     held, cleared only by an unlocker that still holds it, and an unlocker
+//     in starvation mode never releases (it hands over).
+//   - A locker registers (waiters + 1) only in a CAS that sees kLocked, so
+//     some holder's unlock comes after it and sees it.
+//
+// *Unlocking*: the release and the decision to wake are one RMW. With no
+// waiters, that RMW is the last touch. With waiters and no kWoken, the same
+// RMW sets kWoken: this unlocker alone owes a wake. The waiters it counted
+// are parked (or about to be, under lk_) and cannot leave lock() until
+// someone wakes them, and nobody else does while kWoken is set; so whoever
+// may free the mutex must first get the lock after them, and the mutex
+// outlives this unlocker's wake_one(). A waiter's record is in q_ when the
+// unlocker takes lk_: the unlocker's RMW saw the registration CAS, which
+// the locker made under lk_ and kept lk_ until its record was linked.
+// (Exception: a waiter the runtime unwinds leaves lock() unwoken; a mutex
+// freed by the unwinding code while another fiber unlocks it is not
+// covered.)
 //
 // *Starvation*: a woken waiter that fails to take the lock after having
-// waited more than kStarvationThreshold sets starving_. From then on
-// unlock hands the lock to the oldest waiter (state_ stays 1, so newcomers
-// cannot barge), until the queue empties or a waiter is served within the
-// threshold. Normal mode is much faster (the running fiber keeps the lock
-// hot); starvation mode bounds the wait.
+// waited more than kStarvationThreshold sets kStarving. From then on
+// unlock hands the lock to the oldest waiter (kLocked stays set, so
+// newcomers cannot barge), until the queue empties or a waiter is served
+// within the threshold. Normal mode is much faster (the running fiber keeps
+// the lock hot); starvation mode bounds the wait.
 #include "runtime/sync.h"
 #include "runtime/waiter.h"
 
@@ -45,40 +64,55 @@ constexpr int kSpins = 100;
 }  // namespace
 
 // No spinning in starvation mode: the lock goes to the head of the queue
-// and state_ never drops to 0 while anyone waits, so spinning is futile;
-// parking at once lets the handed-to fiber run (it is in this worker's LIFO
-// slot when this worker handed it the lock).
+// and is never free while anyone waits, so spinning is futile; parking at
+// once lets the handed-to fiber run (it is in this worker's LIFO slot when
+// this worker handed it the lock).
 //
 // Nor when other fibers are runnable on this worker (Go's sync_runtime_
 // canSpin asks the same of the local run queue): the holder is then on
 // another worker, and spinning only delays this worker's own fibers while
 // the lock's cache line bounces between the two.
-bool mutex::spin_then_try() noexcept {
-  if (sched::others_runnable_here()) return try_lock();
+//
+// `woken`: the caller is the woken waiter; taking the lock clears kWoken.
+bool mutex::spin_then_try(bool woken) noexcept {
+  std::uint32_t clear = woken ? kWoken : 0;
+  // relaxed: a first guess; try_acquire's CAS is the real test.
+  if (sched::others_runnable_here())
+    return try_acquire(state_.load(std::memory_order_relaxed), clear);
   for (int i = 0; i < kSpins; ++i) {
     // relaxed: a hint; a stale value only costs a few spins.
-    if (starving_.load(std::memory_order_relaxed)) return false;
+    if (state_.load(std::memory_order_relaxed) & kStarving) return false;
     __builtin_ia32_pause();
-    // relaxed: a hint; try_lock() is the real test.
-    if (state_.load(std::memory_order_relaxed) == 0 && try_lock()) return true;
+    std::uint32_t s = state_.load(std::memory_order_relaxed);  // relaxed: as above
+    if (!(s & kLocked) && try_acquire(s, clear)) return true;
   }
   return false;
 }
 
-// Parks once. True if the lock was handed over (or taken) meanwhile.
+// Registers and parks once. True if the lock was handed over or taken.
+// `requeue`: the caller is the woken waiter, which lost the race.
 bool mutex::park_once(bool requeue, clock::time_point since,
                       const std::source_location& where) {
+  std::uint32_t clear = requeue ? kWoken : 0;
+  bool starving = requeue && clock::now() - since > kStarvationThreshold;
   lk_.lock();
-  nwaiters_.fetch_add(1, std::memory_order_seq_cst);  // see *Unlocking*
-  if (requeue) {
-    woken_.store(false, std::memory_order_seq_cst);  // see *Unlocking*
-    if (clock::now() - since > kStarvationThreshold)
-      starving_.store(true, std::memory_order_seq_cst);  // read by unlock()
-  }
-  if (try_lock()) {
-    nwaiters_.fetch_sub(1, std::memory_order_relaxed);  // relaxed: under lk_
-    lk_.unlock();
-    return true;
+  std::uint32_t s = state_.load(std::memory_order_relaxed);  // relaxed: the CASes validate it
+  for (;;) {
+    if (!(s & kLocked)) {
+      if (try_acquire(s, clear)) {
+        lk_.unlock();
+        return true;
+      }
+      s = state_.load(std::memory_order_relaxed);  // relaxed: as above
+      continue;
+    }
+    std::uint32_t next = (s + kOneWaiter) & ~clear;
+    if (starving) next |= kStarving;  // s has kLocked: see *Invariants*
+    // relaxed: the registration reaches the unlocker through lk_ (see
+    // *Unlocking*); nothing else is published by it.
+    if (state_.compare_exchange_weak(s, next, std::memory_order_relaxed,
+                                     std::memory_order_relaxed))
+      break;
   }
   detail::parker p;
   p.since = since;
@@ -101,7 +135,7 @@ bool mutex::park_once(bool requeue, clock::time_point since,
   lk_.lock();
   if (w.linked) {
     detail::unlink(q_, &w);
-    nwaiters_.fetch_sub(1, std::memory_order_relaxed);  // relaxed: under lk_
+    state_.fetch_sub(kOneWaiter, std::memory_order_relaxed);  // relaxed: under lk_
   }
   lk_.unlock();
   sched::unwind_point();
@@ -109,68 +143,78 @@ bool mutex::park_once(bool requeue, clock::time_point since,
 }
 
 void mutex::lock_slow(const std::source_location& where) {
-  if (spin_then_try()) return;
+  if (spin_then_try(false)) return;
   auto since = clock::now();
   bool requeue = false;
   for (;;) {
     if (park_once(requeue, since, where)) return;
-    // Woken to compete (woken_ is set for us).
-    if (spin_then_try()) {
-      woken_.store(false, std::memory_order_seq_cst);  // see *Unlocking*
-      return;
-    }
+    // Woken to compete (kWoken is set for us).
+    if (spin_then_try(true)) return;
     requeue = true;
   }
 }
 
-void mutex::unlock() noexcept {
-  if (starving_.load(std::memory_order_seq_cst)) {
-    hand_off();
-    return;
+// unlock() found someone waiting, or kWoken or kStarving set. s: the
+// current state, kLocked set (ours).
+void mutex::unlock_slow(std::uint32_t s) noexcept {
+  bool wake;
+  for (;;) {
+    if (s & kStarving) {
+      hand_off();
+      return;
+    }
+    wake = s >= kOneWaiter && !(s & kWoken);
+    // release: as in unlock(). The RMW that releases also takes the duty
+    // to wake (see *Unlocking*).
+    if (state_.compare_exchange_weak(s, (s & ~kLocked) | (wake ? kWoken : 0),
+                                     std::memory_order_release, std::memory_order_relaxed))
+      break;
   }
-  state_.store(0, std::memory_order_seq_cst);  // releases the section; see *Unlocking*
-  if (nwaiters_.load(std::memory_order_seq_cst) == 0 ||
-      woken_.load(std::memory_order_seq_cst))
-    return;
-  wake_one();
+  if (wake) wake_one();  // else: the CAS was the last touch
 }
 
 // lk_ held. Unlinks waiters from the front until one is claimed (the others
-// timed out or are being unwound); nwaiters_ counts every record unlinked.
+// are being unwound); the waiter count drops for every record unlinked.
 detail::waiter* mutex::pop_waiter(detail::wake_ticket& t) noexcept {
   while (detail::waiter* w = q_.head_) {
     detail::unlink(q_, w);
-    nwaiters_.fetch_sub(1, std::memory_order_relaxed);  // relaxed: under lk_
+    state_.fetch_sub(kOneWaiter, std::memory_order_relaxed);  // relaxed: under lk_
     if ((t = w->p->claim(detail::wake_reason::notified))) return w;
   }
   return nullptr;
 }
 
+// The unlocker that set kWoken.
 void mutex::wake_one() noexcept {
   detail::wake_ticket t;
   lk_.lock();
-  if (pop_waiter(t)) woken_.store(true, std::memory_order_seq_cst);  // see *Unlocking*
+  if (!pop_waiter(t)) {
+    // Only waiters being unwound were left: nobody is woken, so kWoken must
+    // go. Under lk_: nobody registers meanwhile.
+    state_.fetch_and(~kWoken, std::memory_order_relaxed);  // relaxed: a flag; see *Unlocking*
+  }
   lk_.unlock();
   detail::ready(t);
 }
 
-// Starvation mode: the lock goes to the oldest waiter; state_ stays 1.
+// Starvation mode: the lock goes to the oldest waiter; kLocked stays set,
+// so the mutex is alive (held, on the waiter's behalf) until ready().
 void mutex::hand_off() noexcept {
   detail::wake_ticket t;
   lk_.lock();
   if (detail::waiter* w = pop_waiter(t)) {
     w->handed = true;
     if (q_.empty() || clock::now() - w->p->since < kStarvationThreshold)
-      starving_.store(false, std::memory_order_seq_cst);  // back to normal mode
+      state_.fetch_and(~kStarving, std::memory_order_relaxed);  // relaxed: under lk_; back to normal mode
     lk_.unlock();
     detail::ready(t);
     return;
   }
-  // Nobody to hand to: release normally. Under lk_, so no locker is
-  // between its increment of nwaiters_ and its park.
-  starving_.store(false, std::memory_order_seq_cst);
-  state_.store(0, std::memory_order_seq_cst);  // releases the section
+  // Nobody to hand to (only unwound waiters were left): leave starvation
+  // mode, still holding the lock, then release it as a normal unlock does.
+  state_.fetch_and(~kStarving, std::memory_order_relaxed);  // relaxed: we hold the lock
   lk_.unlock();
+  unlock_slow(state_.load(std::memory_order_relaxed));  // relaxed: its CAS validates it
 }
 
 }  // namespace weft

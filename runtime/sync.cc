@@ -10,8 +10,11 @@
 //     wait() must tolerate).
 //   - semaphore: count_ > 0 implies q_ is empty; release() hands units to
 //     parked acquirers first, in FIFO order.
-//   - once_flag::state_: 0 new, 1 running, 2 done. Moves 0->1 and 1->0/2
-//     under lk_; the release store of 2 pairs with call_once's acquire load.
+//   - once_flag::state_: kNew, kRunning (| kWaiting once someone parked),
+//     kDone. kNew->kRunning and kRunning->|kWaiting under lk_; finish()
+//     moves it to kDone or kNew with one exchange, which pairs with
+//     call_once's acquire load.
+//   - latch, wait_group: see *Counting to zero*.
 //   - shared_mutex: a parked record is granted (handed = true) with the
 //     lock already counted for it (writer_ or readers_).
 #include <sched.h>
@@ -318,18 +321,36 @@ void zero_waiter::wait_noexcept(const char* what, const std::source_location& wh
 
 // --- once_flag -------------------------------------------------------------------
 
+// The finisher's store of kDone (or kNew) and its decision to wake are one
+// RMW, as in *Unlocking* in runtime/mutex.cc: a caller that sees kDone on
+// call_once's lock-free path may return and free the flag at once, so with
+// nobody parked that exchange is finish()'s last touch. A waiter sets
+// kWaiting with a CAS under lk_ and links its record before releasing lk_;
+// a finisher that saw kWaiting finds the record under lk_, and the waiters
+// it found cannot leave (nor the flag be freed) before it wakes them.
 bool once_flag::begin() {
   for (;;) {
     lk_.lock();
-    std::uint32_t s = state_.load(std::memory_order_relaxed);  // relaxed: under lk_
-    if (s == 2) {  // fn's effects are visible: finish() stored 2 under lk_
+    // acquire: pairs with the release in finish(); fn's effects are visible.
+    std::uint32_t s = state_.load(std::memory_order_acquire);
+    if (s == kDone) {
       lk_.unlock();
       return false;
     }
-    if (s == 0) {
-      state_.store(1, std::memory_order_relaxed);  // relaxed: under lk_; 2 is what readers await
+    if (s == kNew) {
+      // relaxed: under lk_; nothing but this moves it from kNew, and 2 is
+      // what the lock-free readers await.
+      state_.store(kRunning, std::memory_order_relaxed);
       lk_.unlock();
       return true;
+    }
+    // relaxed: reaches finish() through lk_ (see above). Fails if finish()
+    // moved on meanwhile: look again.
+    if (!(s & kWaiting) &&
+        !state_.compare_exchange_strong(s, s | kWaiting, std::memory_order_relaxed,
+                                        std::memory_order_relaxed)) {
+      lk_.unlock();
+      continue;
     }
     detail::parker p;
     detail::waiter w;
@@ -340,10 +361,12 @@ bool once_flag::begin() {
 }
 
 void once_flag::finish(bool ran) noexcept {
+  // release: publishes fn's effects; pairs with the acquire in call_once()
+  // and begin(). The last touch unless someone parked (see above).
+  std::uint32_t s = state_.exchange(ran ? kDone : kNew, std::memory_order_release);
+  if (!(s & kWaiting)) return;
   std::vector<wake_ticket> ts;
   lk_.lock();
-  // release: publishes fn's effects; pairs with the acquire in call_once().
-  state_.store(ran ? 2 : 0, std::memory_order_release);
   claim_all(q_, ts);
   lk_.unlock();
   ready_all(ts);

@@ -46,26 +46,46 @@ class mutex {
     if (!try_lock()) lock_slow(where);
   }
   bool try_lock() noexcept {
-    std::uint32_t e = 0;
-    // acquire: pairs with the release in unlock(); seq_cst because the
-    // unlocker's store of 0 and nwaiters_ form a StoreLoad pattern with the
-    // slow path (see *Unlocking* in runtime/mutex.cc).
-    return state_.compare_exchange_strong(e, 1, std::memory_order_seq_cst,
-                                          std::memory_order_relaxed);
+    // relaxed: a first guess; try_acquire's CAS validates it. Looking first
+    // (rather than a CAS from 0) saves a failing CAS when the lock is free
+    // but others are parked (bench/micro.cc `mutex`).
+    return try_acquire(state_.load(std::memory_order_relaxed), 0);
   }
-  void unlock() noexcept;
+  void unlock() noexcept {
+    // relaxed: a first guess; the CAS validates it. Looking first saves a
+    // failing CAS when others wait (bench/micro.cc `mutex`).
+    std::uint32_t s = state_.load(std::memory_order_relaxed);
+    // release: publishes the section; pairs with the acquire in try_lock()
+    // and the slow paths. Nobody waiting: this RMW is the last touch of the
+    // mutex (see *Unlocking* in runtime/mutex.cc).
+    if (s != kLocked || !state_.compare_exchange_strong(s, 0, std::memory_order_release,
+                                                        std::memory_order_relaxed))
+      unlock_slow(s);
+  }
 
  private:
+  // state_ bits; see runtime/mutex.cc.
+  static constexpr std::uint32_t kLocked = 1;    // someone owns the lock
+  static constexpr std::uint32_t kWoken = 2;     // a woken waiter is on its way
+  static constexpr std::uint32_t kStarving = 4;  // hand-off mode
+  static constexpr std::uint32_t kOneWaiter = 8; // the rest: records in q_
+  bool try_acquire(std::uint32_t s, std::uint32_t clear) noexcept {
+    while (!(s & kLocked))
+      // acquire: pairs with the release in unlock(); the previous holder's
+      // section is visible.
+      if (state_.compare_exchange_weak(s, (s | kLocked) & ~clear, std::memory_order_acquire,
+                                       std::memory_order_relaxed))
+        return true;
+    return false;
+  }
   void lock_slow(const std::source_location& where);
-  bool spin_then_try() noexcept;
+  void unlock_slow(std::uint32_t s) noexcept;
+  bool spin_then_try(bool woken) noexcept;
   bool park_once(bool requeue, clock::time_point since, const std::source_location& where);
   detail::waiter* pop_waiter(detail::wake_ticket& t) noexcept;
   void wake_one() noexcept;
   void hand_off() noexcept;
-  std::atomic<std::uint32_t> state_{0};     // 1: locked; see runtime/mutex.cc
-  std::atomic<std::uint32_t> nwaiters_{0};  // records in q_; see runtime/mutex.cc
-  std::atomic<bool> woken_{false};     // a woken waiter is on its way; see mutex.cc
-  std::atomic<bool> starving_{false};  // hand-off mode; see mutex.cc
+  std::atomic<std::uint32_t> state_{0};  // see runtime/mutex.cc
   detail::short_lock lk_;
   detail::wait_list q_;  // guarded by lk_
 };
@@ -214,7 +234,9 @@ class once_flag {
   friend void call_once(once_flag& flag, F&& fn);
   bool begin();              // true: the caller must run fn, then finish()
   void finish(bool ran) noexcept;  // false: fn threw; another caller retries
-  std::atomic<std::uint32_t> state_{0};  // 0 new, 1 running, 2 done; see sync.cc
+  static constexpr std::uint32_t kNew = 0, kRunning = 1, kDone = 2;
+  static constexpr std::uint32_t kWaiting = 4;  // with kRunning: someone parked
+  std::atomic<std::uint32_t> state_{kNew};  // see sync.cc
   detail::short_lock lk_;
   detail::wait_list q_;  // guarded by lk_
 };
@@ -224,7 +246,7 @@ class once_flag {
 template <typename F>
 void call_once(once_flag& flag, F&& fn) {
   // acquire: pairs with the release in finish(); fn's effects are visible.
-  if (flag.state_.load(std::memory_order_acquire) == 2) return;
+  if (flag.state_.load(std::memory_order_acquire) == once_flag::kDone) return;
   if (!flag.begin()) return;
   try {
     std::forward<F>(fn)();

@@ -191,7 +191,7 @@ TEST_P(Sync, TheLastDoneLeavesAWaitGroupItsWaiterFreesAtOnce) {
       while (!stop.load(std::memory_order_relaxed))
         if (wait_group* wg = slot.exchange(nullptr)) wg->done();
     });
-    for (int i = 0; i < 50'000; ++i) {
+    for (int i = 0; i < 20'000; ++i) {
       auto* wg = new wait_group;
       wg->add(1);
       slot.store(wg);
@@ -334,6 +334,55 @@ TEST_P(Sync, ADeadlineWakesEveryKindOfWaitWithTimedOut) {
       EXPECT_GE(clock::now() - t0, 3ms) << k.name;
     }
   });
+}
+
+// POSIX lets a thread free a mutex as soon as it has locked and unlocked
+// it (`lock; last = --refs == 0; unlock; if (last) delete`), and a
+// once_flag as soon as call_once returned: unlock() and call_once's finish
+// must not touch the object after the store that lets the other owner in.
+// Two owners, a fiber and a plain thread, drop their references at once,
+// many times; threads that keep the cores busy make a preemption inside
+// unlock() or finish() likely. Without the one-word states, ASan reports a
+// heap-use-after-free in mutex::unlock or once_flag::finish.
+TEST(SyncThreads, AMutexOrOnceFlagFreedByTheNextOwnerIsNotTouchedAgain) {
+  struct shared_obj {
+    mutex mu;
+    once_flag once;
+    int refs = 2;  // guarded by mu
+  };
+  auto drop = [](shared_obj* o) {
+    call_once(o->once, [] {});
+    o->mu.lock();
+    bool last = --o->refs == 0;
+    o->mu.unlock();
+    if (last) delete o;
+  };
+  weft::run(
+      [&] {
+        std::atomic<shared_obj*> slot{nullptr};
+        std::atomic<bool> stop{false};
+        std::vector<std::thread> hogs;
+        for (int i = 0; i < 3; ++i)
+          hogs.emplace_back([&] {
+            while (!stop.load(std::memory_order_relaxed)) {
+            }
+          });
+        std::thread t([&, ref = outside_ref()] {
+          while (!stop.load(std::memory_order_relaxed))
+            if (shared_obj* o = slot.exchange(nullptr)) drop(o);
+        });
+        for (auto t0 = clock::now(); clock::now() - t0 < 4s;) {
+          auto* o = new shared_obj;
+          slot.store(o);
+          drop(o);
+          while (slot.load() != nullptr) {
+          }
+        }
+        stop = true;
+        t.join();
+        for (auto& h : hogs) h.join();
+      },
+      {.workers = 1});
 }
 
 TEST(SyncThreads, PlainThreadsWaitWithDeadlinesWithoutARuntime) {
