@@ -307,8 +307,15 @@ auto spawn(F&& fn, spawn_options opts = {})
   using R = std::invoke_result_t<std::decay_t<F>&>;
   using S = detail::spawned<std::decay_t<F>, R>;
   auto* st = new detail::join_state<R>;
+  struct drop_if_thrown {  // spawn_create() may throw (no runtime any more)
+    detail::join_state_base* st;
+    ~drop_if_thrown() {
+      if (st) st->release(), st->release();  // both references: deleted
+    }
+  } guard{st};
   auto [fib, slot] = detail::spawn_create(
       {opts, sizeof(S), alignof(S), &S::body, &S::discard});
+  guard.st = nullptr;
   // SAFETY: slot is storage reserved for S on the new fiber's stack.
   new (slot) S{std::forward<F>(fn), st};
   st->bind(fib);
