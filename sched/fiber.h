@@ -31,7 +31,9 @@
 namespace weft::sched {
 
 class worker;
+class stop_state;  // sched/park.h
 struct timer_node;
+void release_stop_state(stop_state* s) noexcept;  // sched/park.cc
 
 enum class park_phase : std::uint8_t {
   running = 0,  // on a worker, or runnable in a queue
@@ -95,6 +97,20 @@ struct fiber {
   // --- queues
   fiber* next_ = nullptr;  // link in a worker's inbox or pinned queue; guarded by that queue
   void* fls_ = nullptr;    // fiber-local storage table; owner only
+
+  // Null until the fiber hands out its first stop token; then the state it
+  // shares with its tokens (it holds one reference). Written once, by the
+  // owner; read by request_stop() from any thread. seq_cst, see *Stop
+  // states* in park.cc.
+  std::atomic<stop_state*> stop_state_{nullptr};
+
+  // Run by scheduler::exited(): nobody can request a stop any more (the
+  // join state dropped its pointer at completion), so the fiber's
+  // reference goes; its tokens keep the state, with its last flag.
+  ~fiber() {
+    if (stop_state* s = stop_state_.load(std::memory_order_relaxed))  // relaxed: the owner wrote it
+      release_stop_state(s);
+  }
 };
 
 // Phase and reason packing of fiber::state_.

@@ -39,6 +39,21 @@
 // publish step has run, a woken fiber would find no waiter record to
 // remove and the publish step would then add a record pointing at a stack
 // that has moved on.
+//
+// *Stop states* (see park.h for the waiter protocol): request_stop() sets
+// the fiber's flag first, then its stop_state (if it has one), then claims
+// the parked fiber, so the selects parked on its tokens are claimed for
+// their stop case before the fiber itself is cancelled. (A fiber may still
+// see its own flag before its state: its park's own check can run between
+// the two stores. So select recognises a stop case on the caller's own
+// token by identity, not by the flag; see *Stop cases* in
+// runtime/select.cc.)
+// The state is created lazily by the owner, which can race a request on
+// another thread: the owner stores stop_state_ and then loads
+// stop_requested_; request_stop() stores stop_requested_ and then loads
+// stop_state_. Both seq_cst (StoreLoad): at least one sees the other, so
+// a request is never lost between the fiber's flag and a new state (both
+// may see each other; stop_state::request_stop() is idempotent).
 #include "sched/park.h"
 
 #include <sched.h>
@@ -178,15 +193,120 @@ static fiber* claim_parked(fiber* f, bool only_cancellable) noexcept {
   return nullptr;
 }
 
+// The store half of *Stop states* is the flag store before the call.
+static void stop_tokens_of(fiber* f) noexcept {
+  // seq_cst: the load half of *Stop states* (partner: the store in
+  // stop_state_of_current()); also acquires the state's construction.
+  if (stop_state* s = f->stop_state_.load(std::memory_order_seq_cst)) s->request_stop();
+}
+
 void request_stop(fiber* f) noexcept {
   f->stop_requested_.store(true, std::memory_order_seq_cst);
+  stop_tokens_of(f);
   if (fiber* g = claim_parked(f, /*only_cancellable=*/true)) ready(g);
 }
 
 void force_unwind(fiber* f) noexcept {
   f->stop_requested_.store(true, std::memory_order_seq_cst);
   f->unwinding_.store(true, std::memory_order_seq_cst);
+  stop_tokens_of(f);
   if (fiber* g = claim_parked(f, /*only_cancellable=*/false)) ready(g);
+}
+
+// --- stop states (see *Stop states* in park.h and above) ---------------------
+
+stop_state* stop_state_of_current() {
+  fiber* f = current_fiber();
+  if (!f) return nullptr;
+  // relaxed: only the owner (we) ever stores it.
+  stop_state* s = f->stop_state_.load(std::memory_order_relaxed);
+  if (!s) {
+    s = new stop_state;  // refs_ = 1: the fiber's
+    // seq_cst: the store half of *Stop states*; also publishes the
+    // construction to request_stop()'s load.
+    f->stop_state_.store(s, std::memory_order_seq_cst);
+    // seq_cst: the load half (partner: request_stop()'s flag store).
+    if (f->stop_requested_.load(std::memory_order_seq_cst)) s->request_stop();
+  }
+  s->acquire();  // the caller's
+  return s;
+}
+
+stop_state* own_stop_state() noexcept {
+  fiber* f = current_fiber();
+  // relaxed: only the owner (we) ever stores it.
+  return f ? f->stop_state_.load(std::memory_order_relaxed) : nullptr;
+}
+
+void release_stop_state(stop_state* s) noexcept { s->release(); }
+
+void stop_state::acquire() noexcept {
+  // relaxed: the caller already holds a reference, which keeps the state
+  // alive; the count itself orders nothing (as std::shared_ptr).
+  refs_.fetch_add(1, std::memory_order_relaxed);
+}
+
+void stop_state::release() noexcept {
+  // acq_rel: the last holder sees every other holder's use before the
+  // delete (release by each, acquire by the last).
+  if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
+}
+
+bool stop_state::stop_requested() const noexcept {
+  // acquire: pairs with the release store in request_stop(): what the
+  // requester did before asking is visible to whoever sees the stop.
+  return stopped_.load(std::memory_order_acquire);
+}
+
+void stop_state::request_stop() noexcept {
+  lk_.lock();
+  // relaxed: stopped_ is written only under lk_, which we hold.
+  if (stopped_.load(std::memory_order_relaxed)) {
+    lk_.unlock();
+    return;
+  }
+  stopped_.store(true, std::memory_order_release);  // pairs with stop_requested()
+  stop_waiter* won = nullptr;  // the claimed waiters, chained through next
+  while (stop_waiter* w = head_) {
+    head_ = w->next;
+    if (head_) head_->prev = nullptr;
+    w->linked = false;
+    if (w->claim(w)) {
+      w->next = won;
+      won = w;
+    }
+  }
+  lk_.unlock();
+  while (won) {
+    stop_waiter* next = won->next;  // read before ready(): the blocker may then free won
+    won->ready(won);
+    won = next;
+  }
+}
+
+bool stop_state::add(stop_waiter* w) noexcept {
+  lk_.lock();
+  // relaxed: written only under lk_, which we hold.
+  bool stopped = stopped_.load(std::memory_order_relaxed);
+  if (!stopped) {
+    w->prev = nullptr;
+    w->next = head_;
+    if (head_) head_->prev = w;
+    head_ = w;
+    w->linked = true;
+  }
+  lk_.unlock();
+  return !stopped;
+}
+
+void stop_state::remove(stop_waiter* w) noexcept {
+  lk_.lock();
+  if (w->linked) {
+    if (w->prev) w->prev->next = w->next; else head_ = w->next;
+    if (w->next) w->next->prev = w->prev;
+    w->linked = false;
+  }
+  lk_.unlock();
 }
 
 void ready(fiber* f) noexcept {

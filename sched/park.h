@@ -17,12 +17,15 @@
 //   park(), yield(), current_fiber()  a fiber only
 //   claim(), ready(), wake()          any thread, under the rule on claim()
 //   request_stop()                    any thread
+//   stop_state_of_current()           a fiber only
+//   stop_state members                any thread holding a reference
 #pragma once
 
 #include <chrono>
 #include <cstdint>
 #include <source_location>
 
+#include "alloc/spinlock.h"
 #include "sched/fiber.h"
 
 namespace weft::sched {
@@ -103,7 +106,8 @@ inline bool wake(wake_token t, wake_reason r = wake_reason::notified) noexcept {
 }
 
 // Asks `f` to stop: its current and future cancellable parks return
-// `cancelled`. `f` must be alive (its join handle keeps it so).
+// `cancelled`, and its stop_state (if it has one) is set. `f` must be alive
+// (its join handle keeps it so).
 void request_stop(fiber* f) noexcept;
 // The unwinder's version: every park of `f`, cancellable or not, returns
 // `cancelled`, and later parks throw fiber_unwind.
@@ -112,6 +116,86 @@ void force_unwind(fiber* f) noexcept;
 // Throws fiber_unwind if the runtime is unwinding the calling fiber. For
 // operations that cannot report cancellation as a value.
 void unwind_point();
+
+// *Stop states* — what a weft::stop_token points at: a fiber's stop flag
+// that outlives the fiber, and the list of blockers (selects) to wake when
+// the fiber is asked to stop. A fiber gets one the first time it hands out
+// a token (stop_state_of_current()), so a fiber that never does pays one
+// null pointer. The fiber and every token hold a reference; the last
+// release frees it.
+//
+// A blocker links a stop_waiter, whose two hooks it provides:
+//   claim(w)  called by request_stop() with the state's lock held, after it
+//             unlinked w: claims the blocker (the park protocol's claim, or
+//             a plain thread's word) and returns true if this claim won. A
+//             won claim keeps the blocker from running, so w stays valid
+//             until ready(w).
+//   ready(w)  called once per won claim, after the lock is dropped: makes
+//             the blocker runnable. The last touch of w.
+//
+//   blocker                              request_stop() (any thread)
+//   -------                              ---------------------------
+//   publish step: add(w)                 lock; stopped = true
+//     (false if already stopped:          unlink every w; claim(w)
+//      the blocker wakes itself)          unlock; ready(w) for each won claim
+//   wakes, for whatever reason
+//   remove(w): lock; unlink if linked
+//
+// Invariants:
+//   - lk_ guards head_ and every linked record's links; stopped_ changes
+//     from false to true once, under lk_, so add() and request_stop()
+//     cannot miss each other (no lost wake-up).
+//   - A record is claimed only under lk_ and only while linked; remove()
+//     takes lk_, so the blocker cannot leave (and free w) while a claimer
+//     holds w (the rule on claim() above).
+struct stop_waiter {
+  bool (*claim)(stop_waiter* w) noexcept = nullptr;
+  void (*ready)(stop_waiter* w) noexcept = nullptr;
+  stop_waiter* prev = nullptr;  // guarded by the state's lk_
+  stop_waiter* next = nullptr;  // guarded by lk_; request_stop() reuses it after unlinking
+  bool linked = false;          // guarded by lk_
+};
+
+class stop_state {
+ public:
+  stop_state(const stop_state&) = delete;
+  stop_state& operator=(const stop_state&) = delete;
+
+  // Reference counting: acquire() for a new holder, release() when one
+  // lets go (the last one frees the state).
+  void acquire() noexcept;
+  void release() noexcept;
+
+  bool stop_requested() const noexcept;
+  // Sets the flag (once) and wakes every linked waiter.
+  void request_stop() noexcept;
+  // Links w, unless a stop was already requested: then returns false and
+  // leaves w unlinked.
+  bool add(stop_waiter* w) noexcept;
+  // Unlinks w if it is still linked.
+  void remove(stop_waiter* w) noexcept;
+
+ private:
+  friend stop_state* stop_state_of_current();
+  stop_state() = default;
+  ~stop_state() = default;
+
+  std::atomic<std::uint32_t> refs_{1};  // see acquire()/release()
+  std::atomic<bool> stopped_{false};    // written under lk_; read anywhere (acquire)
+  weft::spinlock lk_;
+  stop_waiter* head_ = nullptr;         // guarded by lk_
+};
+
+// The calling fiber's stop state, created on first use (the fiber holds
+// one reference, dropped when its control block is destroyed). Returns a
+// state on which the caller holds a fresh reference; nullptr on a plain
+// thread.
+stop_state* stop_state_of_current();
+// The calling fiber's stop state if it has one yet, without taking a
+// reference (for identity checks); nullptr otherwise.
+stop_state* own_stop_state() noexcept;
+// Drops the reference a fiber holds (fiber's destructor).
+void release_stop_state(stop_state* s) noexcept;
 
 fiber* current_fiber() noexcept;  // nullptr on a plain thread
 // True if the calling fiber's worker has other runnable fibers (a hint,
