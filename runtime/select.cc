@@ -7,16 +7,30 @@
 //   2. Poll the cases in a random order; the first ready one fires: it is
 //      completed under the locks, exactly as a non-blocking send/recv.
 //   3. Nothing ready, with a default case: fire the default.
-//   4. Otherwise link one waiter record per channel case (all sharing one
-//      parker), and park once; the publish step unlocks the channels. The
-//      earliest after() case is the park's deadline. The first waker to
-//      claim the parker wins and records its case in parker::chosen; every
-//      later claim fails, so exactly one case fires.
+//   4. Otherwise link one waiter record per channel case and one stop
+//      record per stop case with a token (all sharing one parker), and
+//      park once; the publish step links them, then unlocks the channels.
+//      The earliest after() case is the park's deadline. The first waker
+//      to claim the parker wins and records its case in parker::chosen;
+//      every later claim fails, so exactly one case fires.
 //   5. After waking, lock the channels again and unlink the records that
-//      are still linked.
+//      are still linked; take the stop records out of their states.
 //
-// Invariant: a record's payload (slot, closed) is written only by the
-// claimer that won, under the lock of the record's channel.
+// *Stop cases*: a stop case watches the stop_state of its token's fiber
+// (see *Stop states* in sched/park.h), not the caller. Its record is a
+// sched::stop_waiter whose claim hook claims the parker for the case;
+// request_stop() on that fiber runs it under the state's lock. A token
+// already stopped when the publish step links the record (the stop came
+// between step 2 and the park) is claimed by the publish step itself, so
+// no stop goes unseen. The caller's own stop request is separate: it
+// cancels the park like any other, and then fires a stop case on the
+// caller's own token if there is one, else returns kSelectCancelled.
+//
+// Invariants:
+//   - A record's payload (slot, closed) is written only by the claimer
+//     that won, under the lock of the record's channel.
+//   - parker::chosen is written only by the claimer that won, under the
+//     lock of the list (channel or stop state) that held its record.
 #include <algorithm>
 #include <array>
 #include <new>
@@ -46,6 +60,14 @@ select_case make_send_case(chan_core* c, void* v) {
   return {.kind = case_kind::send, .ch = c, .slot = v};
 }
 
+// A stop case's record in its token's stop state (see *Stop cases*).
+// Lives in park_on_cases()'s frame, like the channel records.
+struct stop_rec : sched::stop_waiter {
+  parker* p = nullptr;
+  int case_index = -1;
+  wake_ticket won{};  // set by claim_stop() when its claim wins
+};
+
 namespace {
 
 // Bounds the stack a select uses for its bookkeeping (order and lock
@@ -54,6 +76,19 @@ constexpr std::size_t kMaxCases = 32;
 
 bool is_chan(const select_case& c) {
   return c.kind == case_kind::recv || c.kind == case_kind::send;
+}
+bool watches_stop(const select_case& c) { return c.kind == case_kind::stop && c.stop; }
+
+// The stop_waiter hooks (the claim hook runs under the state's lock).
+bool claim_stop(sched::stop_waiter* w) noexcept {
+  auto* r = static_cast<stop_rec*>(w);
+  r->won = r->p->claim(wake_reason::notified);
+  if (!r->won) return false;  // another case, the timer or a cancel won
+  r->p->chosen = r->case_index;
+  return true;
+}
+void ready_stop(sched::stop_waiter* w) noexcept {
+  ready(static_cast<stop_rec*>(w)->won);  // copies the ticket: the record may go now
 }
 
 // The distinct channels of a select, in lock order.
@@ -95,7 +130,7 @@ int poll_cases(const select_case* cs, std::size_t n, wake_ticket& t) {
         if (now == clock::time_point{}) now = clock::now();
         fired = c.when <= now;
         break;
-      case case_kind::stop: fired = this_fiber::stop_requested(); break;
+      case case_kind::stop: fired = c.stop && c.stop->stop_requested(); break;
       case case_kind::dflt: break;
     }
     if (fired) return order[k];
@@ -107,16 +142,26 @@ struct park_ctx {
   const select_case* cs;
   std::size_t n;
   waiter* recs;
+  stop_rec* stops;
   const lock_set* locks;
 };
 
-// The publish step of step 4: link every record, then drop the locks.
+// The publish step of step 4: link every record, then drop the locks. A
+// stop record whose token is already stopped is not linked: the select
+// claims itself for that case (and the claim loses if a channel waker,
+// free to act once the records are linked, was faster).
 void publish_records(void* a) {
   auto* c = static_cast<park_ctx*>(a);
-  for (std::size_t i = 0; i < c->n; ++i)
-    if (is_chan(c->cs[i]))
-      push_back(chan_access::queue(c->cs[i].ch, c->cs[i].kind), &c->recs[i]);
+  wake_ticket self;
+  for (std::size_t i = 0; i < c->n; ++i) {
+    const select_case& sc = c->cs[i];
+    if (is_chan(sc)) push_back(chan_access::queue(sc.ch, sc.kind), &c->recs[i]);
+    if (watches_stop(sc) && !sc.stop->add(&c->stops[i]) && !self &&
+        claim_stop(&c->stops[i]))
+      self = c->stops[i].won;
+  }
   c->locks->unlock();
+  ready(self);  // no-op when empty
 }
 
 int find_kind(const select_case* cs, std::size_t n, case_kind k) {
@@ -125,37 +170,74 @@ int find_kind(const select_case* cs, std::size_t n, case_kind k) {
   return -1;
 }
 
-// Steps 4 and 5, entered with the locks held.
-int park_on_cases(const select_case* cs, std::size_t n, const lock_set& locks,
-                  const std::source_location& where) {
-  // SAFETY: alloca'd storage for n records, freed when this frame returns,
-  // which is after every record was unlinked (step 5).
-  auto* recs = static_cast<waiter*>(__builtin_alloca(n * sizeof(waiter)));
-  parker p;
+// After a cancelled park: the stop case that fires instead of
+// kSelectCancelled — one on the caller's own token, or one whose token is
+// stopped anyway; -1 if none.
+int stop_case_after_cancel(const select_case* cs, std::size_t n) {
+  sched::stop_state* own = sched::own_stop_state();
+  for (std::size_t i = 0; i < n; ++i)
+    if (watches_stop(cs[i]) && (cs[i].stop == own || cs[i].stop->stop_requested()))
+      return static_cast<int>(i);
+  return -1;
+}
+
+// Builds the records of step 4 in caller-provided storage; returns the
+// index of the earliest after() case, or -1.
+int make_records(const select_case* cs, std::size_t n, parker& p, waiter* recs,
+                 stop_rec* stops) {
   int earliest = -1;
   for (std::size_t i = 0; i < n; ++i) {
     ::new (&recs[i]) waiter{.p = &p, .slot = cs[i].slot, .deliver = cs[i].deliver,
                      .case_index = static_cast<int>(i)};
+    ::new (&stops[i]) stop_rec{};
+    stops[i].claim = &claim_stop;
+    stops[i].ready = &ready_stop;
+    stops[i].p = &p;
+    stops[i].case_index = static_cast<int>(i);
     if (cs[i].kind == case_kind::after && (earliest < 0 || cs[i].when < cs[earliest].when))
       earliest = static_cast<int>(i);
   }
-  park_ctx ctx{cs, n, recs, &locks};
+  return earliest;
+}
+
+// Step 5: unlinks every record that is still linked somewhere.
+void retract_records(const select_case* cs, std::size_t n, const lock_set& locks,
+                     waiter* recs, stop_rec* stops) {
+  locks.lock();
+  for (std::size_t i = 0; i < n; ++i)
+    if (is_chan(cs[i])) unlink(chan_access::queue(cs[i].ch, cs[i].kind), &recs[i]);
+  locks.unlock();
+  for (std::size_t i = 0; i < n; ++i)
+    if (watches_stop(cs[i])) cs[i].stop->remove(&stops[i]);
+}
+
+// Steps 4 and 5, entered with the locks held.
+int park_on_cases(const select_case* cs, std::size_t n, const lock_set& locks,
+                  const std::source_location& where) {
+  // SAFETY: alloca'd storage for n records of each kind, freed when this
+  // frame returns, which is after every record was unlinked (step 5).
+  auto* recs = static_cast<waiter*>(__builtin_alloca(n * sizeof(waiter)));
+  auto* stops = static_cast<stop_rec*>(__builtin_alloca(n * sizeof(stop_rec)));
+  parker p;
+  int earliest = make_records(cs, n, p, recs, stops);
+  park_ctx ctx{cs, n, recs, stops, &locks};
   wake_reason r = p.block(&publish_records, &ctx,
                           {.deadline = earliest >= 0 ? cs[earliest].when
                                                      : clock::time_point::max(),
                            .what = "select",
                            .where = where});
-  locks.lock();
-  for (std::size_t i = 0; i < n; ++i)
-    if (is_chan(cs[i])) unlink(chan_access::queue(cs[i].ch, cs[i].kind), &recs[i]);
-  locks.unlock();
+  retract_records(cs, n, locks, recs, stops);
   switch (r) {
-    case wake_reason::notified: return p.chosen;
+    case wake_reason::notified:
+      // A stop case that fired while the runtime unwinds this fiber ends
+      // in fiber_unwind, as a cancelled park does.
+      if (cs[p.chosen].kind == case_kind::stop) sched::unwind_point();
+      return p.chosen;
     case wake_reason::timed_out: return earliest;
     case wake_reason::cancelled: break;
   }
   sched::unwind_point();
-  return find_kind(cs, n, case_kind::stop);  // -1 (kSelectCancelled) if none
+  return stop_case_after_cancel(cs, n);  // -1 is kSelectCancelled
 }
 
 }  // namespace
@@ -182,14 +264,20 @@ int select_impl(select_case* cs, std::size_t n, const std::source_location& wher
 
 }  // namespace detail
 
+stop_token::stop_token(const stop_token& o) noexcept : state_(o.state_) {
+  if (state_) state_->acquire();
+}
+
+stop_token::~stop_token() {
+  if (state_) state_->release();
+}
+
 bool stop_token::stop_requested() const noexcept {
-  auto* f = static_cast<sched::fiber*>(fiber_);
-  // seq_cst: pairs with request_stop()'s store (see park.cc).
-  return f && f->stop_requested_.load(std::memory_order_seq_cst);
+  return state_ && state_->stop_requested();  // acquire inside; see park.cc
 }
 
 namespace this_fiber {
-weft::stop_token stop_token() noexcept { return weft::stop_token(sched::current_fiber()); }
+weft::stop_token stop_token() { return weft::stop_token(sched::stop_state_of_current()); }
 }  // namespace this_fiber
 
 }  // namespace weft

@@ -1,5 +1,5 @@
 // runtime/select.h — weft::select: wait for the first of several channel
-// operations, a timer, the fiber's own stop request, or none (default).
+// operations, a timer, a fiber's stop request, or none (default).
 //
 //   std::optional<job> j;
 //   result r;
@@ -17,9 +17,15 @@
 //   - weft::select_default makes the select non-blocking: it fires only when
 //     no other case is ready.
 //   - Exactly one case fires; the others leave their arguments untouched.
-//   - Without a stop case, a stop request makes select return
-//     kSelectCancelled (-1): cancellation never goes unnoticed.
-//   - Plain OS threads may select too (stop cases never fire there).
+//   - A stop case fires when the fiber its token belongs to is asked to
+//     stop — the calling fiber's own token, or any other fiber's (a
+//     parent's token handed to a child). A null token never fires.
+//   - The calling fiber's own stop request always ends a parked select: it
+//     fires a stop case on its own token if there is one, and otherwise
+//     makes select return kSelectCancelled (-1), even when other fibers'
+//     tokens are among the cases: cancellation never goes unnoticed.
+//   - Plain OS threads may select too (their own token is null; another
+//     fiber's token fires there as anywhere).
 //
 // The value converts to int (the index of the fired case), so it can be
 // switched on directly.
@@ -28,10 +34,15 @@
 #include <chrono>
 #include <cstddef>
 #include <source_location>
+#include <utility>
 
 #include "runtime/weft.h"
 
 namespace weft {
+
+namespace sched {
+class stop_state;  // sched/park.h: *Stop states*
+}  // namespace sched
 
 namespace detail {
 class chan_core;
@@ -47,6 +58,7 @@ struct select_case {
   void* slot = nullptr;                              // recv: the optional; send: the value
   void (*deliver)(void*, void*) = nullptr;           // recv: builds the value in slot
   clock::time_point when = clock::time_point::max();  // after: the deadline
+  sched::stop_state* stop = nullptr;                 // stop: the token's state; null: never
 };
 
 inline constexpr int kSelectCancelled = -1;
@@ -65,22 +77,46 @@ inline select_case after(deadline d) {
 // The non-blocking case: fires when nothing else is ready.
 inline constexpr select_case select_default{.kind = detail::case_kind::dflt};
 
-// A fiber's stop state, as a value: query it, or select on it.
+class stop_token;
+namespace this_fiber {
+// The calling fiber's stop token (a null one, which never stops, on a plain
+// thread). The first call in a fiber allocates the state the fiber shares
+// with its tokens.
+weft::stop_token stop_token();
+}  // namespace this_fiber
+
+// A fiber's stop state, as a value (std::stop_token's contract): cheap to
+// copy, valid after its fiber has exited (it then reports the fiber's last
+// state), and usable from any fiber or thread: query it, or select on it.
+// A default-constructed token never stops.
 class stop_token {
  public:
-  stop_token() = default;
-  explicit stop_token(void* fiber) : fiber_(fiber) {}
+  stop_token() noexcept = default;
+  stop_token(const stop_token& o) noexcept;
+  stop_token(stop_token&& o) noexcept : state_(o.state_) { o.state_ = nullptr; }
+  stop_token& operator=(stop_token o) noexcept {
+    std::swap(state_, o.state_);
+    return *this;
+  }
+  ~stop_token();
+
   bool stop_requested() const noexcept;
-  operator select_case() const { return {.kind = detail::case_kind::stop}; }
+  // Same fiber's state (or both null).
+  friend bool operator==(const stop_token& a, const stop_token& b) noexcept {
+    return a.state_ == b.state_;
+  }
+  // The select case borrows the state: the token must outlive the select
+  // call, as an argument of it does.
+  operator select_case() const noexcept {
+    return {.kind = detail::case_kind::stop, .stop = state_};
+  }
 
  private:
-  void* fiber_ = nullptr;  // the fiber it belongs to; null: never stops
-};
+  friend weft::stop_token this_fiber::stop_token();
+  explicit stop_token(sched::stop_state* adopted) noexcept : state_(adopted) {}
 
-namespace this_fiber {
-// The calling fiber's stop token (one that never stops on a plain thread).
-weft::stop_token stop_token() noexcept;
-}  // namespace this_fiber
+  sched::stop_state* state_ = nullptr;  // one reference held; null: never stops
+};
 
 namespace detail {
 int select_impl(select_case* cases, std::size_t n, const std::source_location& where);

@@ -180,5 +180,160 @@ TEST_P(Select, APlainThreadCanSelect) {
   });
 }
 
+// *Stop tokens* (see runtime/select.h): a token names one fiber's stop
+// state, whoever holds it.
+
+// A token handed from a parent to its child: the child's select fires the
+// stop case when the parent (not the child) is asked to stop.
+TEST_P(Select, AStopCaseOnAParentsTokenFiresWhenTheParentIsAskedToStop) {
+  Run([] {
+    channel<int> never(0), fired(1);
+    auto parent = spawn([&] {
+      stop_token mine = this_fiber::stop_token();
+      spawn([&, mine] {
+        std::optional<int> v;
+        int i = select(never.on_recv(v), mine, after(10s));  // 2: the wake-up was lost
+        ASSERT_TRUE(fired.send(i));
+        EXPECT_FALSE(this_fiber::stop_requested());
+      }).detach();
+      (void)this_fiber::sleep_for(1h);  // until asked to stop
+    });
+    (void)this_fiber::sleep_for(5ms);
+    parent.request_stop();
+    parent.join();
+    EXPECT_EQ(fired.recv(), 1);
+  });
+}
+
+// A default-constructed token never stops: its case never fires, and the
+// caller's own stop request cancels the select instead of firing it.
+TEST_P(Select, ANullStopTokenNeverFires) {
+  Run([] {
+    EXPECT_FALSE(stop_token{}.stop_requested());
+    EXPECT_EQ(select(stop_token{}, select_default), 1);
+    EXPECT_EQ(select(stop_token{}, after(2ms)), 1);
+    auto parked = spawn([] { return int(select(stop_token{}, after(10s))); });
+    auto already = spawn([] {
+      (void)this_fiber::sleep_for(1h);  // returns once asked to stop
+      return int(select(stop_token{}, select_default));
+    });
+    (void)this_fiber::sleep_for(5ms);
+    parked.request_stop();
+    already.request_stop();
+    EXPECT_EQ(parked.join(), kSelectCancelled);
+    EXPECT_EQ(already.join(), 1);
+  });
+}
+
+// A token is a value: it stays valid after its fiber has exited and its
+// control block was freed (and reused), and reports the fiber's last stop
+// state. Run under --config=asan: the old token read the freed block.
+TEST_P(Select, AStopTokenOutlivesItsFiber) {
+  Run([] {
+    auto stopped = spawn([] {
+      (void)this_fiber::sleep_for(1h);  // returns once asked to stop
+      return this_fiber::stop_token();
+    });
+    auto never = spawn([] { return this_fiber::stop_token(); });
+    (void)this_fiber::sleep_for(2ms);
+    stopped.request_stop();
+    stop_token a = stopped.join();
+    stop_token b = never.join();
+    for (int i = 0; i < 64; ++i) spawn([] {}).join();  // reuse the freed blocks
+    EXPECT_TRUE(a.stop_requested());
+    EXPECT_FALSE(b.stop_requested());
+    stop_token c = a;
+    c = b;
+    c = std::move(a);
+    EXPECT_TRUE(c.stop_requested());
+    EXPECT_EQ(select(b, c, select_default), 1);
+    EXPECT_EQ(select(b, after(1ms)), 1);
+  });
+}
+
+// Many selectors parked on one token, on every worker and on a plain
+// thread, are all woken by the one stop request, none through its timer.
+TEST_P(Select, AStopRequestWakesEverySelectorParkedOnTheToken) {
+  Run([] {
+    channel<stop_token> toks(1);
+    auto target = spawn([&] {
+      ASSERT_TRUE(toks.send(this_fiber::stop_token()));
+      (void)this_fiber::sleep_for(1h);  // until asked to stop
+    });
+    stop_token tok = *toks.recv();
+    channel<int> never(0);
+    auto wait = [&never, tok] {
+      std::optional<int> v;
+      return int(select(never.on_recv(v), after(10s), tok));  // 1: the wake-up was lost
+    };
+    std::vector<join_handle<int>> fibers;
+    for (int i = 0; i < 32; ++i) fibers.push_back(spawn(wait));
+    std::atomic<int> on_thread{-2};
+    std::thread t([&, ref = outside_ref()] { on_thread = wait(); });
+    (void)this_fiber::sleep_for(10ms);
+    EXPECT_FALSE(tok.stop_requested());
+    target.request_stop();
+    target.join();
+    for (auto& f : fibers) EXPECT_EQ(f.join(), 2);
+    t.join();
+    EXPECT_EQ(on_thread.load(), 2);
+    EXPECT_TRUE(tok.stop_requested());
+  });
+}
+
+// The stop request races with selectors entering and leaving selects on
+// the token while values move through a channel: every value sent is
+// received exactly once, every selector sees the stop case fire, none
+// times out. Bounded; meant for --config=tsan as well.
+TEST_P(Select, AStopRequestRacingSelectsLosesNoWakeUpAndNoValue) {
+  Run([] {
+    std::atomic<bool> failed{false};
+    for (int round = 0; round < 60 && !failed.load(std::memory_order_relaxed); ++round) {
+      channel<stop_token> toks(1);
+      auto target = spawn([&] {
+        ASSERT_TRUE(toks.send(this_fiber::stop_token()));
+        (void)this_fiber::sleep_for(1h);  // until asked to stop
+      });
+      stop_token tok = *toks.recv();
+      channel<int> ch(round % 2);
+      std::atomic<long> sent{0}, received{0};
+      std::vector<join_handle<void>> hs;
+      for (int r = 0; r < 4; ++r)
+        hs.push_back(spawn([&, tok] {
+          for (;;) {
+            std::optional<int> v;
+            int i = select(ch.on_recv(v), tok, after(10s));
+            if (i == 2) failed.store(true, std::memory_order_relaxed);  // relaxed: test flag
+            if (i != 0) break;
+            received.fetch_add(*v, std::memory_order_relaxed);  // relaxed: read after join
+          }
+        }));
+      hs.push_back(spawn([&, tok] {
+        int i = 0;
+        for (int x = 1; x <= 100'000 && i == 0; ++x) {
+          i = select(ch.on_send(x), tok, after(10s));
+          if (i == 0) sent.fetch_add(x, std::memory_order_relaxed);  // relaxed: read after join
+        }
+        if (i == 0) i = 1 + select(tok, after(10s));  // sent them all: wait for the stop
+        if (i == 2) failed.store(true, std::memory_order_relaxed);  // relaxed: test flag
+      }));
+      switch (round % 3) {  // stop as the selects start, amid traffic, or parked
+        case 0: for (int y = 0; y < round % 7; ++y) this_fiber::yield(); break;
+        case 1:
+          while (sent.load(std::memory_order_relaxed) < round * 25) this_fiber::yield();
+          break;
+        case 2: (void)this_fiber::sleep_for(1ms); break;
+      }
+      target.request_stop();
+      target.join();
+      for (auto& h : hs) h.join();
+      while (auto v = ch.try_recv()) received += *v;  // left in the buffer
+      EXPECT_EQ(sent.load(), received.load());
+      EXPECT_TRUE(tok.stop_requested());
+    }
+    EXPECT_FALSE(failed.load()) << "a select on the token timed out: a lost wake-up";
+  });
+}
+
 }  // namespace
 }  // namespace weft
