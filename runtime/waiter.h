@@ -89,7 +89,8 @@ class parker {
   wake_ticket claim(wake_reason r) noexcept;
 
   // select: the case that fired; written by the winning claimer under the
-  // lock of that case's list, read by the blocker after block().
+  // lock of that case's list (a channel's, or for a stop case the token's
+  // stop_state's), read by the blocker after block().
   int chosen = -1;
   // mutex: when this operation started waiting (starvation hand-off).
   wclock::time_point since{};
