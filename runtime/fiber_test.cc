@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "runtime/channel.h"
+#include "runtime/net.h"
 #include "runtime/sync.h"
 #include "runtime/weft.h"
 #include "sched/park.h"
@@ -259,6 +260,36 @@ TEST_P(Fibers, AnExceptionCrossesJoin) {
     } catch (const std::runtime_error& e) {
       EXPECT_STREQ(e.what(), "boom");
     }
+  });
+}
+
+// A plain thread may join a fiber (it blocks on a futex): it gets the
+// value, or the exception, whether the fiber is still running or done.
+TEST_P(Fibers, APlainThreadJoinsAFiber) {
+  Run([] {
+    auto slow = spawn([] {
+      (void)this_fiber::sleep_for(30ms);
+      return 42;
+    });
+    auto failing = spawn([]() -> int { throw std::runtime_error("boom"); });
+    auto done = spawn([] { return 7; });
+    (void)this_fiber::sleep_for(5ms);  // `done` has most likely finished
+    int got = 0, got_done = 0;
+    bool threw = false;
+    std::thread t([&] {
+      got = slow.join();  // still sleeping: the thread waits
+      got_done = done.join();
+      try {
+        (void)failing.join();
+      } catch (const std::runtime_error&) {
+        threw = true;
+      }
+    });
+    // The worker must stay free for `slow`: wait for the thread off it.
+    blocking([&] { t.join(); });
+    EXPECT_EQ(got, 42);
+    EXPECT_EQ(got_done, 7);
+    EXPECT_TRUE(threw);
   });
 }
 

@@ -12,10 +12,15 @@
 //     fiber that was unwound has no value; join() throws (take()).
 //   - fiber_ is non-null until complete(): request_stop() through the
 //     handle touches the fiber only then, under lock_.
+//   - A plain thread joins by storing thread_word_ = 1 under lock_ (if not
+//     done_) and sleeping on it; complete(), seeing 1 under lock_, stores 2
+//     after its unlock and wakes the word. The fiber's reference keeps the
+//     state alive across that (it is released after complete()).
 #include <sched.h>
 
 #include <system_error>
 
+#include "runtime/waiter.h"
 #include "runtime/weft.h"
 #include "sched/park.h"
 
@@ -39,8 +44,30 @@ void join_state_base::complete() noexcept {
     claimed = sched::claim({static_cast<sched::fiber*>(waiter_), waiter_gen_},
                            sched::wake_reason::notified);
   waiter_ = nullptr;
+  // relaxed: written under lock_, which we hold.
+  bool thread_waits = thread_word_.load(std::memory_order_relaxed) == 1;
   unlock();
   if (claimed) sched::ready(claimed);
+  if (thread_waits) {
+    // release: the value or exception written before complete() is
+    // visible to the thread once it sees 2 (pairs with wait_thread()).
+    thread_word_.store(2, std::memory_order_release);
+    futex_wake_all(&thread_word_);
+  }
+}
+
+// join() from a plain thread (not a fiber): no park, a futex. Not
+// cancellable (a thread has no stop token) and no deadlock suspect: a
+// thread waiting for a fiber wakes no fiber.
+void join_state_base::wait_thread() noexcept {
+  lock();
+  bool done = done_;
+  if (!done) thread_word_.store(1, std::memory_order_relaxed);  // relaxed: under lock_
+  unlock();
+  if (done) return;  // lock_ ordered the fiber's writes before done_
+  // acquire: pairs with complete()'s release store of 2.
+  while (thread_word_.load(std::memory_order_acquire) != 2)
+    futex_wait(&thread_word_, 1, wclock::time_point::max());
 }
 
 void join_state_base::publish_waiter(void* self, void* f, std::uint64_t gen) {
@@ -51,6 +78,10 @@ void join_state_base::publish_waiter(void* self, void* f, std::uint64_t gen) {
 }
 
 bool join_state_base::wait(std::source_location where) {
+  if (!sched::current_fiber()) {
+    wait_thread();
+    return true;
+  }
   lock();
   if (done_) {
     unlock();

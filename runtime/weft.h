@@ -129,7 +129,8 @@ class join_state_base {
 
   void bind(void* fiber) noexcept { fiber_ = fiber; }
   void complete() noexcept;  // the fiber: done; wakes a joiner
-  // The joiner: parks until done. False if its own stop was requested.
+  // The joiner: parks until done (a plain thread blocks on a futex). False
+  // if its own stop was requested.
   bool wait(std::source_location where);
   void request_stop() noexcept;
   void release() noexcept;   // drops one of the two references
@@ -144,6 +145,9 @@ class join_state_base {
  private:
   friend struct join_access;
   std::atomic<int> refs_{2};
+  // A joining plain thread's futex word: 0 none, 1 waiting (stored under
+  // lock_), 2 done (stored by complete()). See join.cc.
+  std::atomic<std::uint32_t> thread_word_{0};
   std::atomic<bool> lock_{false};  // guards fields below; see join.cc
   bool done_ = false;
   void* fiber_ = nullptr;          // the running fiber, until complete()
@@ -153,6 +157,7 @@ class join_state_base {
   void lock() noexcept;
   void unlock() noexcept;
   static void publish_waiter(void* self, void* fiber, std::uint64_t gen);
+  void wait_thread() noexcept;
 };
 
 template <typename T>
