@@ -130,6 +130,36 @@ TEST_P(Close, AClosedListenersAcceptorNeverTakesTheNextListenersConnection) {
   });
 }
 
+// An accept() that gave up at once (its deadline already past) may have
+// armed io_uring's multishot accept on its way; closing the listener and
+// binding a new one at the same number right after must not let that
+// SQE, if submitted late, take the new listener's connection.
+TEST_P(Close, AnAcceptThatGaveUpLeavesNothingBehindForTheNextListener) {
+  Run([&] {
+    int reused = 0;
+    for (int round = 0; round < 10; ++round) {
+      auto ln1 = tcp_listener::bind("127.0.0.1:0").value();
+      const int number = ln1.native_handle();
+      EXPECT_EQ(error_of(ln1.accept(deadline(clock::now() - 1ms))), std::errc::timed_out);
+      ASSERT_TRUE(ln1.close());
+      auto ln2 = tcp_listener::bind("127.0.0.1:0").value();  // no park in between
+      if (ln2.native_handle() != number) continue;
+      ++reused;
+      // A plain blocking connect: the connection is queued on ln2 before
+      // this worker submits anything again (a fiber's connect would let
+      // the loop submit first).
+      auto a = ln2.local_address().value();
+      int c = ::socket(a.family(), SOCK_STREAM | SOCK_CLOEXEC, 0);
+      ASSERT_GE(c, 0);
+      ASSERT_EQ(::connect(c, a.get(), a.size()), 0);
+      auto got = ln2.accept(deadline(2s));
+      EXPECT_TRUE(got) << "the connection went elsewhere: " << got.error().message();
+      ::close(c);
+    }
+    EXPECT_GT(reused, 0) << "the number was never reused: nothing was tested";
+  });
+}
+
 // A listener made elsewhere (inherited, passed, socket-activated) and
 // adopted by descriptor.
 TEST_P(Close, ClosingAnAdoptedListenerWakesItsAcceptor) {

@@ -75,7 +75,9 @@
 // the CQ ring's head, woken_, rearm_wake_ and armed_. inflight_ stays the
 // owner's; rescue() counts what it reaped in rescued_, which the owner
 // subtracts. What reap() calls (completion::complete(),
-// multishot_sink::on_result()) must not call back into this driver. Not
+// multishot_sink::on_result()) must not reap or wait on this driver; it
+// may ask it to cancel (accept's back-pressure does), which only prepares
+// an SQE on the owner's thread or queues the cancel from another. Not
 // rescued: what the kernel defers while the stuck fiber sleeps in a
 // system call, and whatever the handler cannot do because SIGURG has a
 // handler of the program's own.
@@ -623,6 +625,10 @@ void uring_driver::arm_multishot_accept(int fd, multishot_sink& s) {
   ++inflight_;
   io_counters::bump(counters_.ops);
   io_counters::bump(counters_.multishot_accepts);
+  // Submitted now, not at the loop's next turn: the accept() that armed it
+  // may return first (a deadline already past), and its listener be closed
+  // and the number reused; the kernel must hold the listener's file by then.
+  submit();
 }
 
 void uring_driver::cancel_multishot(multishot_sink& s) noexcept {

@@ -293,6 +293,28 @@ TEST_P(Fibers, APlainThreadJoinsAFiber) {
   });
 }
 
+// A plain thread that joined a fiber may go on to wake others: until it
+// exits it counts as a possible waker, and the deadlock detector must not
+// kill a program whose main fiber waits for it.
+TEST_P(Fibers, APlainThreadThatJoinedAFiberMayStillWakeOthers) {
+  int got = -1;
+  Run([&] {
+    channel<int> ch(0);
+    auto short_job = spawn([] {
+      (void)this_fiber::sleep_for(10ms);
+      return 1;
+    });
+    std::thread t([&ch, h = std::move(short_job)]() mutable {
+      (void)h.join();
+      std::this_thread::sleep_for(200ms);  // plain work, say a database call
+      (void)ch.send(7);
+    });
+    got = ch.recv().value_or(-1);  // every worker idles meanwhile
+    blocking([&] { t.join(); });
+  });
+  EXPECT_EQ(got, 7);
+}
+
 TEST_P(Fibers, FiberLocalStorageStaysWithItsFiberAcrossMigration) {
   static fiber_local<int> slot;
   std::atomic<int> wrong{0}, migrations{0};

@@ -57,9 +57,11 @@ void join_state_base::complete() noexcept {
 }
 
 // join() from a plain thread (not a fiber): no park, a futex. Not
-// cancellable (a thread has no stop token) and no deadlock suspect: a
-// thread waiting for a fiber wakes no fiber.
+// cancellable (a thread has no stop token). The thread counts as a possible
+// waker from now until it exits, as any plain thread that blocks on weft
+// (what it does after the join may wake a fiber).
 void join_state_base::wait_thread() noexcept {
+  note_plain_thread();
   lock();
   bool done = done_;
   if (!done) thread_word_.store(1, std::memory_order_relaxed);  // relaxed: under lock_
