@@ -69,8 +69,9 @@ TEST(LifecycleDeath, DroppingTheLastOutsideReferenceReportsTheDeadlock) {
 }
 
 // A plain thread spawning while main returns: each spawn either runs (the
-// runtime waits for it) or fails with operation_canceled once the last
-// fiber has exited — never a fiber left that no worker will run.
+// runtime waits for it) or, from main's return on, fails with
+// operation_canceled — never a fiber left that no worker will run, and a
+// thread spawning in a loop does not keep the runtime alive.
 TEST(Lifecycle, APlainThreadSpawningWhileRunReturnsGetsAnErrorOrARun) {
   for (int round = 0; round < 20; ++round) {
     std::atomic<long> spawned{0};

@@ -324,9 +324,13 @@ fiber* scheduler::create(const fiber_attrs& a, std::size_t callable_size,
     WEFT_CHECK(w, "spawn: a pinned fiber spawned outside the workers needs a worker index");
     f->home_ = w;
   }
-  if (!registry_.add(f, w ? w->index() : worker_count())) {
-    // Only a plain thread can get here: the last fiber has exited and the
-    // runtime is shutting down.
+  // A plain thread's spawn after main returned is refused: it would only
+  // be unwound at once, and a thread spawning in a loop would keep the
+  // runtime from ever ending. (A fiber's, say from a destructor running
+  // as it unwinds, goes ahead and is unwound: see start_fiber().)
+  if ((!w && unwinding()) || !registry_.add(f, w ? w->index() : worker_count())) {
+    // Only a plain thread can get here: main returned, or even the last
+    // fiber has exited.
     f->~fiber();
     ::operator delete(mem, block_align(callable_align));
     return nullptr;

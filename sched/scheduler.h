@@ -120,8 +120,8 @@ class scheduler {
   // bytes after it; the caller constructs the callable at f->callable_,
   // sets body_ and discard_, then start_fiber(). The stack comes later:
   // bind_stack(), by the worker about to run the fiber for the first time.
-  // Null if the runtime has shut down (a plain thread spawning as the last
-  // fiber exits).
+  // Null for a plain thread once main has returned (the runtime is
+  // shutting down).
   fiber* create(const fiber_attrs& a, std::size_t callable_size,
                 std::size_t callable_align);
   void start_fiber(fiber* f);
