@@ -82,9 +82,9 @@ void writer(std::shared_ptr<weft::tcp_stream> c, std::shared_ptr<peer> me) {
   (void)c->shutdown(SHUT_RDWR);  // a dead writer ends the reader too
 }
 
-void timeout(std::shared_ptr<weft::tcp_stream> c, weft::channel<bool>& alive) {
+void timeout(std::shared_ptr<weft::tcp_stream> c, std::shared_ptr<weft::channel<bool>> alive) {
   for (;;) {
-    auto a = alive.recv(weft::deadline(g_idle));
+    auto a = alive->recv(weft::deadline(g_idle));
     if (a) continue;
     if (a.error() == std::errc::timed_out) (void)c->shutdown(SHUT_RDWR);
     return;  // timed out, or the reader closed `alive`
@@ -98,12 +98,14 @@ void serve(weft::tcp_stream s, weft::channel<event>& events) {
   auto me = std::make_shared<peer>();
   auto addr = c->peer_address();
   me->name = addr ? addr->to_string() : "someone";
-  weft::channel<bool> alive(1);
+  // Shared, not on this frame: when the runtime unwinds this fiber, its
+  // frame goes before the other two are joined.
+  auto alive = std::make_shared<weft::channel<bool>>(1);
   auto w = weft::spawn([c, me] { writer(c, me); }, {.name = "chat writer"});
-  auto t = weft::spawn([c, &alive] { timeout(c, alive); }, {.name = "chat timeout"});
+  auto t = weft::spawn([c, alive] { timeout(c, alive); }, {.name = "chat timeout"});
   if (!events.send(joined{me})) {  // the room is gone: we are shutting down
     me->outbox.close();
-    alive.close();
+    alive->close();
     w.join();
     t.join();
     return;
@@ -112,7 +114,7 @@ void serve(weft::tcp_stream s, weft::channel<event>& events) {
   char buf[1024];
   while (auto n = c->read(buf)) {
     if (*n == 0) break;
-    (void)alive.try_send(true);  // full means a sign of life is already queued
+    (void)alive->try_send(true);  // full means a sign of life is already queued
     pending.append(buf, *n);
     for (std::size_t nl; (nl = pending.find('\n')) != std::string::npos || pending.size() > kMaxLine;) {
       std::size_t end = nl == std::string::npos ? kMaxLine : nl;
@@ -120,7 +122,7 @@ void serve(weft::tcp_stream s, weft::channel<event>& events) {
       pending.erase(0, end + (nl == std::string::npos ? 0 : 1));
     }
   }
-  alive.close();
+  alive->close();
   (void)events.send(left{me});  // the room closes our outbox: the writer ends
   w.join();
   t.join();
