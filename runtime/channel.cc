@@ -62,7 +62,16 @@ chan_core::chan_core(std::size_t capacity, const elem_ops& ops) : cap_(capacity)
 }
 
 chan_core::~chan_core() {
-  WEFT_CHECK(recvq_.empty() && sendq_.empty(), "channel destroyed while in use");
+  // Under lk_: a fiber still retracting its record (woken by a deadline or
+  // a stop request) is done with the channel once we hold it. One still
+  // linked is a fiber parked on a channel that is going away: a bug in the
+  // program (a channel on a frame that the runtime unwinds before the
+  // fibers using it), said here instead of a hang or a corrupted heap.
+  lk_.lock();
+  bool idle = recvq_.empty() && sendq_.empty();
+  lk_.unlock();
+  WEFT_CHECK(idle, "channel destroyed while fibers wait on it (keep it alive until they are "
+                   "done: own it by a shared_ptr, or join them first)");
   for (std::size_t i = 0; i < count_; ++i) ops_.destroy(slot(i));
   if (buf_) ::operator delete(buf_, std::align_val_t{ops_.align});
 }

@@ -291,5 +291,19 @@ TEST(ChannelDeath, AChannelCycleIsReportedAsADeadlockWithItsWaitReason) {
               ".*channel_test.cc:[0-9]+(.|\n)*\"y\" \\[chan receive\\]");
 }
 
+// A channel on a frame that goes away while a fiber still waits on it (as
+// when the runtime unwinds the owner first): a clear error, not a fiber
+// spinning on freed memory.
+TEST(ChannelDeath, AChannelDestroyedWhileAFiberWaitsOnItIsReported) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(weft::run([] {
+                 auto ch = std::make_unique<channel<int>>(0);
+                 auto waiter = spawn([&ch] { (void)ch->recv(); });
+                 (void)this_fiber::sleep_for(20ms);  // parked in recv
+                 ch.reset();
+               }),
+               "channel destroyed while fibers wait on it");
+}
+
 }  // namespace
 }  // namespace weft
