@@ -30,6 +30,7 @@
 //   register_region(), unregister_region()  stack_pool (any thread)
 #include <signal.h>
 #include <sys/mman.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -131,18 +132,38 @@ struct line_buf {
 
 namespace {
 
-// Not ours: hand the fault to whoever handled SIGSEGV before us.
+// Not ours: hand the fault to whoever handled SIGSEGV before us, as the
+// kernel would have run it: its flags and mask honoured.
 void forward(int sig, siginfo_t* info, void* uctx) {
   const struct sigaction& prev = previous_action;
-  // SAFETY: a handler installed before ours expects exactly these arguments;
-  // it may itself return to re-execute the fault, as ours does.
-  if ((prev.sa_flags & SA_SIGINFO) != 0 && prev.sa_sigaction != nullptr) {
-    prev.sa_sigaction(sig, info, uctx);
-    return;
-  }
-  if ((prev.sa_flags & SA_SIGINFO) == 0 && prev.sa_handler != SIG_DFL &&
-      prev.sa_handler != SIG_IGN) {
-    prev.sa_handler(sig);
+  const bool siginfo = (prev.sa_flags & SA_SIGINFO) != 0;
+  const bool handler = siginfo ? prev.sa_sigaction != nullptr
+                               : prev.sa_handler != SIG_DFL && prev.sa_handler != SIG_IGN;
+  if (handler) {
+    if (prev.sa_flags & SA_RESETHAND) {
+      // A one-shot handler (a crash logger): the disposition goes back to
+      // the default before it runs, so the re-executed fault kills the
+      // process instead of calling it forever.
+      struct sigaction dfl {};
+      dfl.sa_handler = SIG_DFL;
+      sigemptyset(&dfl.sa_mask);
+      sigaction(SIGSEGV, &dfl, nullptr);
+    }
+    // Its mask on top of ours (ours blocks SIGSEGV, as the kernel would
+    // for it unless it asked for SA_NODEFER).
+    sigset_t old;
+    sigprocmask(SIG_BLOCK, &prev.sa_mask, &old);
+    if (prev.sa_flags & SA_NODEFER) {
+      sigset_t self;
+      sigemptyset(&self);
+      sigaddset(&self, sig);
+      sigprocmask(SIG_UNBLOCK, &self, nullptr);
+    }
+    // SAFETY: a handler installed before ours expects exactly these
+    // arguments; it may itself return to re-execute the fault, as ours does.
+    if (siginfo) prev.sa_sigaction(sig, info, uctx);
+    else prev.sa_handler(sig);
+    sigprocmask(SIG_SETMASK, &old, nullptr);
     return;
   }
   struct sigaction dfl {};
@@ -154,11 +175,41 @@ void forward(int sig, siginfo_t* info, void* uctx) {
   if (info->si_code <= 0) raise(sig);
 }
 
+// The interrupted stack pointer, or 0 where we cannot tell.
+std::uintptr_t interrupted_sp(void* uctx) {
+  const auto* uc = static_cast<const ucontext_t*>(uctx);
+#if defined(__x86_64__)
+  return static_cast<std::uintptr_t>(uc->uc_mcontext.gregs[REG_RSP]);
+#elif defined(__aarch64__)
+  return static_cast<std::uintptr_t>(uc->uc_mcontext.sp);
+#else
+  (void)uc;
+  return 0;
+#endif
+}
+
+void say(const char* text) {
+  ssize_t ignored = ::write(STDERR_FILENO, text, std::strlen(text));
+  (void)ignored;
+}
+
 void on_segv(int sig, siginfo_t* info, void* uctx) {
   const int saved_errno = errno;  // the interrupted code may be reading it
   stack s;
-  if (find_guard_hit(reinterpret_cast<std::uintptr_t>(info->si_addr), &s))
-    report_stack_overflow(s);
+  // si_code > 0: a fault (a kill() carries a pid where si_addr would be).
+  if (info->si_code > 0 &&
+      find_guard_hit(reinterpret_cast<std::uintptr_t>(info->si_addr), &s)) {
+    // An overflow of s moves the stack pointer to the bottom of s or into
+    // its guard (by less than a page at a time: -fstack-clash-protection).
+    // A fault there with the stack pointer elsewhere is a stray write, for
+    // example a buffer overrun upward from the stack below, whose top
+    // touches this guard: not s's overflow, and s's fiber may be long gone.
+    const std::uintptr_t sp = interrupted_sp(uctx);
+    const auto lo = reinterpret_cast<std::uintptr_t>(s.lo);
+    if (sp == 0 || (sp >= lo - kPage && sp <= lo + kPage)) report_stack_overflow(s);
+    say("weft: SIGSEGV in the guard page below a fiber's stack, with the stack pointer "
+        "elsewhere: a buffer overrun or a stray pointer, not a stack overflow\n");
+  }
   forward(sig, info, uctx);
   errno = saved_errno;
 }

@@ -246,6 +246,8 @@ struct stack_pool::impl {
   // Committed stacks of guarded classes in the warm_ lists; bounds what
   // kSharedCache keeps warm (relaxed: an approximate bound).
   std::atomic<std::uint64_t> shared_warm_{0};
+  // MADV_DONTNEED was refused (locked memory): trim() gives nothing back.
+  std::atomic<bool> trim_off_{false};
 };
 
 stack_pool::impl::impl(const stack_pool_options& o)
@@ -531,9 +533,12 @@ std::size_t stack_pool::impl::trim(std::size_t budget) {
     }
     for (std::byte* lo : batch) {
       const stack st{lo, lo + class_bytes(cls), cls};
-      put(st, return_pages(st));
+      const bool returned = return_pages(st);
+      put(st, returned);
+      done += returned;
     }
-    done += batch.size();
+    // relaxed: a policy flag (see return_pages()).
+    if (trim_off_.load(std::memory_order_relaxed)) return done;
   }
   return done;
 }
@@ -543,8 +548,15 @@ bool stack_pool::impl::return_pages(const stack& s) {
   if (s.size_class < kTinyClasses) return false;  // less than a page: keep
   // SAFETY: the stack was released, so its contents are dead; the pages read
   // back as zeros when it is next used. The guard below is not in the range.
-  const int rc = madvise(s.lo, s.size(), MADV_DONTNEED);
-  WEFT_CHECK(rc == 0, "stack_pool: madvise(MADV_DONTNEED) failed on a stack");
+  if (madvise(s.lo, s.size(), MADV_DONTNEED) != 0) {
+    // EINVAL on locked memory (mlockall): giving pages back is advice, so
+    // the stack stays committed and trimming stops, said once.
+    const int e = errno;  // read right after the call
+    if (!trim_off_.exchange(true, std::memory_order_relaxed))  // relaxed: a policy flag
+      std::fprintf(stderr, "weft: stack_pool: madvise(MADV_DONTNEED): %s; idle stacks stay committed\n",
+                   std::strerror(e));
+    return false;
+  }
   returned_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
   return true;
 }
@@ -618,7 +630,8 @@ std::size_t stack_pool::trim(std::size_t budget) { return impl_->trim(budget); }
 
 bool stack_pool::needs_trim() const noexcept {
   // relaxed: a hint for an idle worker; trim() re-checks under the locks.
-  return impl_->shared_warm_.load(std::memory_order_relaxed) > impl_->opts_.shared_warm_limit;
+  return !impl_->trim_off_.load(std::memory_order_relaxed) &&  // relaxed: a policy flag
+         impl_->shared_warm_.load(std::memory_order_relaxed) > impl_->opts_.shared_warm_limit;
 }
 
 unsigned stack_pool::node_of(const stack& s) const {

@@ -18,6 +18,7 @@
 #include "io/blocking.h"
 
 #include <sched.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -132,8 +133,26 @@ void run_on_pool(blocking_job& job, std::source_location where) {
                                 where)) {
     // Only the unwinder wakes a non-cancellable park early: parks now return
     // at once, so wait without parking (see *Waiting while unwinding* in
-    // io/perform.cc).
-    while (!job.done.is_done()) sched_yield();
+    // io/perform.cc) — the call runs on the caller's data and cannot be
+    // abandoned. Sleeping, not spinning, once it takes long, and saying
+    // once what the shutdown waits for (a call that never returns, such as
+    // an open of a FIFO nobody opens, keeps weft::run from returning).
+    auto t0 = clock::now();
+    bool told = false;
+    for (int i = 0; !job.done.is_done(); ++i) {
+      if (i < 1000) {
+        sched_yield();
+        continue;
+      }
+      ::usleep(1000);
+      if (!told && clock::now() - t0 > std::chrono::seconds(1)) {
+        told = true;
+        std::fprintf(stderr,
+                     "weft: shutdown waits for a blocking call (weft::blocking, or file I/O under "
+                     "epoll) made at %s:%u\n",
+                     where.file_name(), static_cast<unsigned>(where.line()));
+      }
+    }
   }
   // The pool thread is at most a few instructions from its last touch.
   while (!job.finished.load(std::memory_order_acquire)) sched_yield();  // pairs with loop()

@@ -256,8 +256,13 @@ class io_driver : public sched::driver {
 // `deadline` if not max), and if the park ends without a result, cancels
 // through `owner` and waits, not cancellable, for the slot to complete.
 // Returns why the first park ended (notified: the result came first).
+// A non-cancellable wait (an operation that must run to its end once
+// started: a close, whose cancel would leave the descriptor open with its
+// number forgotten) neither wakes on a stop request nor cancels when the
+// runtime unwinds the fiber.
 sched::wake_reason wait_for(io_driver& owner, completion& c, clock::time_point deadline,
-                            const char* what, std::source_location where);
+                            const char* what, std::source_location where,
+                            bool cancellable = true);
 
 // Performs `o` on the calling fiber's worker, parking the fiber until it
 // completes. Returns the system call's non-negative result, or:
@@ -278,8 +283,9 @@ io_driver* current_driver() noexcept;
 std::unique_ptr<io_driver> make_uring_driver(unsigned worker, int node_os, std::error_code& why);
 std::unique_ptr<io_driver> make_epoll_driver(unsigned worker, std::error_code& why);
 
-// Called once per process by the driver factory: SIGPIPE ignored, so a
-// write to a closed peer is an EPIPE value, never a signal.
+// Called once per process by the driver factory: SIGPIPE gets an empty
+// handler (not SIG_IGN, which child processes would inherit), so a write
+// to a closed peer is an EPIPE value, never a signal.
 void ignore_sigpipe_once() noexcept;
 
 // weft's own SIGURG, sent by the monitor to a worker stuck in one fiber

@@ -17,6 +17,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -132,6 +133,32 @@ TEST(Limits, IdleEpollWorkersSleepWithoutEpollPwait2) {
     }, {.workers = 2});
     std::fprintf(stderr, "CPU while idle for 0.5 s: %.3f s\n", used);
     return used < 0.1 ? 0 : 5;
+  });
+}
+
+// weft keeps SIGPIPE from killing the program (a plain write() to a closed
+// peer gets EPIPE), but child processes must start with the default:
+// `yes | head` in a shell started by the program ends quietly by SIGPIPE.
+bool child_dies_of_sigpipe() {
+  int st = std::system("kill -PIPE $$");  // the shell system() starts signals itself
+  return st != -1 && WIFSIGNALED(st) && WTERMSIG(st) == SIGPIPE;
+}
+
+TEST(Limits, ChildProcessesStartWithTheDefaultSigpipe) {
+  in_child([] {
+    // The test runner may have left SIGPIPE ignored or blocked: a known start.
+    std::signal(SIGPIPE, SIG_DFL);
+    sigset_t pipe_only;
+    sigemptyset(&pipe_only);
+    sigaddset(&pipe_only, SIGPIPE);
+    sigprocmask(SIG_UNBLOCK, &pipe_only, nullptr);
+    if (!child_dies_of_sigpipe()) return 6;  // the control: before any runtime
+    int code = 0;
+    weft::run([&] {
+      if (!child_dies_of_sigpipe()) code = 7;
+    });
+    if (code == 0 && !child_dies_of_sigpipe()) code = 8;  // and after
+    return code;
   });
 }
 

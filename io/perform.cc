@@ -134,11 +134,11 @@ void wait_after_cancel(completion& c, std::source_location where) {
 }  // namespace
 
 sched::wake_reason wait_for(io_driver& owner, completion& c, clock::time_point deadline,
-                            const char* what, std::source_location where) {
+                            const char* what, std::source_location where, bool cancellable) {
   sched::wake_reason why = sched::wake_reason::notified;
-  if (c.park_until_done(/*cancellable=*/true, deadline, what, where, &why))
+  if (c.park_until_done(cancellable, deadline, what, where, &why))
     return sched::wake_reason::notified;
-  owner.cancel(c);  // the owner, even if this fiber now runs elsewhere
+  if (cancellable) owner.cancel(c);  // the owner, even if this fiber now runs elsewhere
   wait_after_cancel(c, where);
   return why == sched::wake_reason::notified ? sched::wake_reason::cancelled : why;
 }

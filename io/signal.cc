@@ -25,6 +25,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <mutex>
@@ -250,7 +251,10 @@ result<int> signal_set::wait(deadline_arg d) {
       auto left = d.when - clock::now();
       if (left <= clock::duration::zero())
         return std::unexpected(std::make_error_code(std::errc::timed_out));
-      ms = static_cast<int>(std::chrono::ceil<std::chrono::milliseconds>(left).count());
+      // Clamped: beyond INT_MAX ms (~24.8 days) the int would wrap, and a
+      // negative timeout means "forever" to poll(2); the loop waits again.
+      ms = static_cast<int>(std::min<std::int64_t>(
+          std::chrono::ceil<std::chrono::milliseconds>(left).count(), INT32_MAX));
     }
     pollfd p{.fd = efd_, .events = POLLIN, .revents = 0};
     int r = ::poll(&p, 1, ms);

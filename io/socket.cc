@@ -36,14 +36,28 @@ int new_socket(int family, int type = SOCK_STREAM) {
 
 }  // namespace
 
+namespace {
+void on_sigpipe(int) {}  // see ignore_sigpipe_once()
+}  // namespace
+
 void ignore_sigpipe_once() noexcept {
   static std::once_flag once;
   std::call_once(once, [] {
-    // Sends use MSG_NOSIGNAL already; this covers a user's plain write().
-    // A program that installed its own handler keeps it.
+    // Sends use MSG_NOSIGNAL already; this covers a user's plain write(),
+    // which then fails with EPIPE. An empty handler, not SIG_IGN: an
+    // ignored signal stays ignored across exec, so every child process
+    // (a shell pipeline started with popen()) would inherit it; a handler
+    // goes back to the default there (Go does the same). A program that
+    // installed its own handler keeps it.
     struct sigaction old {};
-    if (sigaction(SIGPIPE, nullptr, &old) == 0 && old.sa_handler == SIG_DFL)
-      signal(SIGPIPE, SIG_IGN);
+    if (sigaction(SIGPIPE, nullptr, &old) == 0 && !(old.sa_flags & SA_SIGINFO) &&
+        old.sa_handler == SIG_DFL) {
+      struct sigaction sa {};
+      sa.sa_handler = on_sigpipe;
+      sa.sa_flags = SA_RESTART;
+      sigemptyset(&sa.sa_mask);
+      sigaction(SIGPIPE, &sa, nullptr);
+    }
   });
 }
 

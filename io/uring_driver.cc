@@ -464,7 +464,9 @@ result<int> uring_driver::perform_one(op& o, clock::time_point deadline, const c
   // wait_for() returns only once the CQE arrived (see *Completion slots*).
   start(o, c, in_kernel ? deadline : never);
   if (o.use) o.use->attach(*this, c);  // a close() of the socket cancels it now
-  sched::wake_reason why = wait_for(*this, c, in_kernel ? never : deadline, what, where);
+  // A close runs to its end (see wait_for()).
+  sched::wake_reason why = wait_for(*this, c, in_kernel ? never : deadline, what, where,
+                                    /*cancellable=*/o.kind != op_kind::close);
   if (o.use) o.use->detach();
   int r = c.res();
   if (cqe_flags) *cqe_flags = c.flags();

@@ -6,6 +6,8 @@
 //          io_uring_setup fails (seccomp, kernel.io_uring_disabled, old
 //          kernels);
 //   epoll  the readiness driver (io/epoll_driver.cc);
+//   (a worker that can get no I/O driver at all under these is a fatal
+//   error with the reason, not a worker without I/O beside others with it)
 //   none   the futex driver of sched/, without I/O.
 #include "runtime/driver_select.h"
 
@@ -32,12 +34,20 @@ io_choice choice_from_env() {
   return io_choice::automatic;
 }
 
-// One log line per process, however many workers fall back.
-void log_once(const char* msg, const std::error_code& ec) {
+// The fall-back line, once per process however many workers fall back.
+void log_fallback_once(const std::error_code& ec) {
   static std::atomic<bool> logged{false};
   // relaxed: only deduplicates a log line.
   if (!logged.exchange(true, std::memory_order_relaxed))
-    std::fprintf(stderr, "weft: %s%s%s\n", msg, ec ? ": " : "", ec ? ec.message().c_str() : "");
+    std::fprintf(stderr, "weft: io_uring unavailable, using epoll: %s\n", ec.message().c_str());
+}
+
+[[noreturn]] void no_io(unsigned worker, const char* what, const std::error_code& ec) {
+  std::fprintf(stderr,
+               "weft: fatal: worker %u has no I/O driver: %s: %s (raise the descriptor limit, "
+               "or run with WEFT_IO=none if the program does no I/O)\n",
+               worker, what, ec.message().c_str());
+  std::abort();
 }
 
 std::unique_ptr<sched::driver> make_driver(io_choice c, unsigned worker, int node_os) {
@@ -46,12 +56,13 @@ std::unique_ptr<sched::driver> make_driver(io_choice c, unsigned worker, int nod
   std::error_code why;
   if (c != io_choice::epoll) {
     if (auto d = io::make_uring_driver(worker, node_os, why)) return d;
-    WEFT_CHECK(c != io_choice::uring, "WEFT_IO=uring but io_uring_setup failed");
-    log_once("io_uring unavailable, using epoll", why);
+    if (c == io_choice::uring) no_io(worker, "WEFT_IO=uring but io_uring_setup failed", why);
+    log_fallback_once(why);
   }
   if (auto d = io::make_epoll_driver(worker, why)) return d;
-  log_once("epoll unavailable, running without I/O", why);
-  return sched::make_futex_driver();
+  // Not a silent fall-back to no I/O: the other workers may have it, and
+  // a fiber's I/O would then work or fail depending on where it runs.
+  no_io(worker, "epoll_create1/eventfd failed", why);
 }
 
 }  // namespace

@@ -3,6 +3,10 @@
 // plain thread's last outside reference used to hide it, plain threads
 // spawning while weft::run returns, sleepers that come due together, and
 // a stack frame larger than the guard page.
+#include <signal.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstddef>
@@ -153,6 +157,56 @@ TEST(LifecycleDeath, AFrameLargerThanTheGuardPageIsReportedAsAnOverflow) {
                      .join();
                }),
                "stack overflow in fiber [0-9]+ \"big\" \\(stack size 16384");
+}
+
+// A program's one-shot crash logger (SA_RESETHAND), installed before weft:
+// weft's SIGSEGV handler forwards a fault that is not a stack overflow to
+// it as the kernel would have — once — and the re-executed fault then
+// kills the process (before, the logger ran again and again, forever).
+std::atomic<int> crash_logs{0};
+void log_crash(int) {
+  static const char kMsg[] = "crash logged\n";
+  ssize_t ignored = ::write(2, kMsg, sizeof kMsg - 1);
+  (void)ignored;
+  if (crash_logs.fetch_add(1) > 0) ::_exit(42);  // called again: the old loop
+}
+
+TEST(LifecycleDeath, AOneShotCrashHandlerRunsOnceAndTheFaultKills) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        struct sigaction sa {};
+        sa.sa_handler = log_crash;
+        sa.sa_flags = SA_RESETHAND;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGSEGV, &sa, nullptr);
+        weft::run([] {
+          spawn([] {
+            volatile int* nowhere = nullptr;
+            *nowhere = 1;
+          }).join();
+        });
+      },
+      ::testing::KilledBySignal(SIGSEGV), "crash logged");
+}
+
+// Every worker gets an I/O driver or the run stops with the reason: with
+// one free descriptor neither io_uring nor epoll can be set up (each needs
+// two), which used to leave workers silently without I/O.
+void run_with_one_free_descriptor() {
+  ::setenv("WEFT_IO", "auto", 1);
+  int probe = ::dup(0);  // the lowest free number, then freed
+  ::close(probe);
+  rlimit lim{};
+  lim.rlim_cur = lim.rlim_max = static_cast<rlim_t>(probe + 1);
+  ::setrlimit(RLIMIT_NOFILE, &lim);
+  weft::run([] {}, {.workers = 2});
+}
+
+TEST(LifecycleDeath, AWorkerWithoutAnyIoDriverIsAFatalErrorWithTheReason) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(run_with_one_free_descriptor(),
+               "worker [0-9]+ has no I/O driver: .*Too many open files");
 }
 
 }  // namespace

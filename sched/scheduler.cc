@@ -29,7 +29,8 @@ std::atomic<std::uint64_t> g_next_run_id{1};
 // The overflow handler asks us who owned a stack. Async-signal context:
 // only reads the control block and formats into buf.
 void describe_stack(const alloc::stack& s, char* buf, std::size_t len) {
-  fiber* f = fiber_of_stack(s);
+  fiber* f = fiber_of_stack(s);  // null: no fiber owns it now (see exited())
+  if (!f) return;
   std::snprintf(buf, len, "fiber %llu \"%s\"",
                 static_cast<unsigned long long>(f->id_), f->name_);
 }
@@ -408,6 +409,9 @@ worker* scheduler::pop_idle() noexcept {
 void scheduler::exited(fiber* f, unsigned cache) noexcept {
   registry_.remove(f, cache);
   release_fiber_context(f->ctx_);
+  // The stack no longer names this block, which is about to be freed (the
+  // overflow handler reads the name of a stack's fiber).
+  fiber_of_stack(f->stack_) = nullptr;
   // SAFETY: the fiber made its final switch; nothing references its stack
   // or (the registry entry gone) its control block.
   stacks_.release(f->stack_, cache);
