@@ -309,6 +309,26 @@ TEST(StackPool, TheCacheHandsBackTheMostRecentlyReleasedStack) {
   pool.release(second, 0);
 }
 
+// A pool that keeps one warm stack in its shared lists, holding two: a, then
+// b, each with a byte written at its top (so each has a committed page).
+struct two_warm_stacks {
+  static constexpr unsigned kShared = stack_pool::kSharedCache;
+  stack_pool pool{[] {
+    stack_pool_options o;
+    o.shared_warm_limit = 1;
+    return o;
+  }()};
+  stack a, b;
+  two_warm_stacks() {
+    a = pool.allocate(stack_pool::kDefaultStackSize, kShared);
+    b = pool.allocate(stack_pool::kDefaultStackSize, kShared);
+    *(a.hi - 1) = std::byte{0x77};
+    *(b.hi - 1) = std::byte{0x77};
+    pool.release(a, kShared);
+    pool.release(b, kShared);
+  }
+};
+
 // Under mlockall the kernel refuses MADV_DONTNEED (EINVAL). Giving pages
 // back is advice: trimming stops (one stderr line), the stacks stay usable,
 // and the process goes on (it used to abort from an idle worker).
@@ -319,16 +339,9 @@ void trim_under_mlockall() {
     std::fprintf(stderr, "mlockall refused here: nothing to test\n");
     std::exit(0);
   }
-  stack_pool_options opts;
-  opts.shared_warm_limit = 1;
-  stack_pool pool(opts);
-  constexpr unsigned kShared = stack_pool::kSharedCache;
-  stack a = pool.allocate(stack_pool::kDefaultStackSize, kShared);
-  stack b = pool.allocate(stack_pool::kDefaultStackSize, kShared);
-  *(a.hi - 1) = std::byte{0x77};
-  *(b.hi - 1) = std::byte{0x77};
-  pool.release(a, kShared);
-  pool.release(b, kShared);
+  two_warm_stacks w;
+  auto& pool = w.pool;
+  constexpr unsigned kShared = two_warm_stacks::kShared;
   if (pool.trim(100) != 0 || pool.needs_trim() || pool.stats().returned_to_os != 0)
     std::exit(3);
   stack again = pool.allocate(stack_pool::kDefaultStackSize, kShared);
@@ -344,16 +357,9 @@ TEST(StackPoolDeathTest, TrimUnderLockedMemoryKeepsTheStacksAndGoesOn) {
 }
 
 TEST(StackPool, TrimReturnsThePagesOfTheOldestStacksPastTheLimit) {
-  stack_pool_options opts;
-  opts.shared_warm_limit = 1;
-  stack_pool pool(opts);
-  constexpr unsigned kShared = stack_pool::kSharedCache;
-  stack a = pool.allocate(stack_pool::kDefaultStackSize, kShared);
-  stack b = pool.allocate(stack_pool::kDefaultStackSize, kShared);
-  *(a.hi - 1) = std::byte{0x77};
-  *(b.hi - 1) = std::byte{0x77};
-  pool.release(a, kShared);
-  pool.release(b, kShared);
+  two_warm_stacks w;
+  auto& pool = w.pool;
+  constexpr unsigned kShared = two_warm_stacks::kShared;
   EXPECT_EQ(pool.stats().returned_to_os, 0u) << "release never calls madvise";
   EXPECT_TRUE(pool.needs_trim());
   EXPECT_EQ(pool.trim(100), 1u);  // down to the limit: the oldest (a) goes
@@ -361,9 +367,9 @@ TEST(StackPool, TrimReturnsThePagesOfTheOldestStacksPastTheLimit) {
   EXPECT_EQ(pool.stats().returned_to_os, 1u);
   stack first = pool.allocate(stack_pool::kDefaultStackSize, kShared);
   stack second = pool.allocate(stack_pool::kDefaultStackSize, kShared);
-  EXPECT_EQ(first.lo, b.lo) << "warm stacks are handed out first";
+  EXPECT_EQ(first.lo, w.b.lo) << "warm stacks are handed out first";
   EXPECT_EQ(*(first.hi - 1), std::byte{0x77});
-  EXPECT_EQ(second.lo, a.lo);
+  EXPECT_EQ(second.lo, w.a.lo);
   EXPECT_EQ(*(second.hi - 1), std::byte{0}) << "its pages went back to the OS";
   pool.release(first, kShared);
   pool.release(second, kShared);
