@@ -103,6 +103,12 @@ std::pair<void*, void*> spawn_create(const spawn_request& r) {
   return {f, f->callable_};
 }
 
+void spawn_abandon(void* fib) noexcept {
+  auto* f = static_cast<sched::fiber*>(fib);
+  // The runtime is still up: f, created and not yet started, keeps it.
+  with_scheduler([f](sched::scheduler& s) { s.abandon(f); });
+}
+
 std::uint64_t spawn_start(void* fib) {
   auto* f = static_cast<sched::fiber*>(fib);
   std::uint64_t id = f->id_;  // read before start: f may run and exit at once

@@ -5,7 +5,8 @@
 //     before the fiber exists; the child counts itself down after its
 //     callable was destroyed, as its last touch of the group, whether its
 //     body ran or the runtime discarded it unrun (task_group::child).
-//   - mu_ guards children_, error_, exception_, stopping_ and failed_. A
+//   - mu_ (a spinlock; nothing under it parks) guards children_, error_,
+//     exception_, stopping_ and failed_. A
 //     child adopted after stopping_ was set is asked to stop at once, so a
 //     failure racing with spawn() cannot miss a child.
 #include "runtime/task_group.h"
@@ -15,8 +16,9 @@ namespace weft {
 // Children must not outlive the group, and a destructor must not throw:
 // wait_noexcept() waits even while the runtime unwinds this fiber. The
 // runtime then unwinds every fiber, the children too, so they finish
-// without a stop request from us (request_stop() takes mu_, which could
-// park, and a park while unwinding throws).
+// without a stop request from us (request_stop() takes only mu_, a
+// spinlock: nothing here parks, so an unwind starting meanwhile cannot
+// throw out of this destructor).
 task_group::~task_group() {
   if (!pending_.is_zero() && !detail::current_fiber_unwinding()) request_stop();
   pending_.wait_noexcept("task_group", std::source_location::current());

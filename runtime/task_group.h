@@ -32,6 +32,7 @@
 #include <utility>
 #include <vector>
 
+#include "alloc/spinlock.h"
 #include "runtime/sync.h"
 #include "runtime/weft.h"
 
@@ -47,9 +48,18 @@ class task_group {
   template <typename F>
   void spawn(F&& fn, spawn_options opts = {}) {
     pending_.add(1, "weft::task_group::spawn");
-    // If spawn throws, the child object dies here and counts itself down.
-    auto h = weft::spawn(child<std::decay_t<F>>(this, std::forward<F>(fn)), opts);
-    adopt(std::move(h));
+    // The count-up is undone by whoever owns it: this guard until the
+    // child exists (a callable whose copy throws leaves none), then the
+    // child (its destructor counts down if weft::spawn throws).
+    struct undo {
+      task_group* g;
+      ~undo() {
+        if (g) g->pending_.add(-1, "weft::task_group::spawn");
+      }
+    } guard{this};
+    child<std::decay_t<F>> c(this, std::forward<F>(fn));
+    guard.g = nullptr;
+    adopt(weft::spawn(std::move(c), opts));
   }
 
   // Waits for every child; the first failure, operation_canceled, or ok.
@@ -69,8 +79,12 @@ class task_group {
    public:
     template <typename G>
     child(task_group* g, G&& fn) : g_(g), fn_(std::in_place, std::forward<G>(fn)) {}
+    // The count-down moves only once the callable has: if its move throws,
+    // the source still owns it.
     child(child&& o) noexcept(std::is_nothrow_move_constructible_v<F>)
-        : g_(std::exchange(o.g_, nullptr)), fn_(std::move(o.fn_)) {}
+        : g_(nullptr), fn_(std::move(o.fn_)) {
+      g_ = std::exchange(o.g_, nullptr);
+    }
     child& operator=(child&&) = delete;
     ~child() { finish(); }
     void operator()() {
@@ -109,7 +123,10 @@ class task_group {
   void fail(std::error_code ec, std::exception_ptr e);
 
   detail::zero_waiter pending_{0};  // children not yet finished
-  mutex mu_;                         // guards the fields below
+  // Guards the fields below. A spinlock, not a weft::mutex: nothing under
+  // it parks, so the destructor (which must not throw) cannot be caught in
+  // a park when the runtime starts unwinding its fiber.
+  weft::spinlock mu_;
   std::vector<join_handle<void>> children_;
   std::error_code error_;
   std::exception_ptr exception_;

@@ -192,6 +192,19 @@ struct spawn_request {
 // Creates a fiber with room for the callable; returns (fiber, callable slot).
 std::pair<void*, void*> spawn_create(const spawn_request& r);
 std::uint64_t spawn_start(void* fiber);
+// Frees a fiber created and never started (its callable was not built).
+void spawn_abandon(void* fiber) noexcept;
+// Builds the callable into a created fiber; if that throws (a capture's
+// copy), the fiber goes too and the exception goes on to the spawner.
+template <typename Build>
+void construct_or_abandon(void* fiber, Build&& build) {
+  try {
+    build();
+  } catch (...) {
+    spawn_abandon(fiber);
+    throw;
+  }
+}
 bool current_fiber_unwinding() noexcept;
 std::uint64_t current_fiber_id() noexcept;
 void warn_unobserved(std::uint64_t id, std::exception_ptr e) noexcept;
@@ -320,9 +333,9 @@ auto spawn(F&& fn, spawn_options opts = {})
   } guard{st};
   auto [fib, slot] = detail::spawn_create(
       {opts, sizeof(S), alignof(S), &S::body, &S::discard});
-  guard.st = nullptr;
   // SAFETY: slot is storage reserved for S on the new fiber's stack.
-  new (slot) S{std::forward<F>(fn), st};
+  detail::construct_or_abandon(fib, [&] { new (slot) S{std::forward<F>(fn), st}; });
+  guard.st = nullptr;
   st->bind(fib);
   st->set_id(detail::spawn_start(fib));
   return join_handle<R>(st);
@@ -338,7 +351,7 @@ std::uint64_t go(F&& fn, spawn_options opts = {}) {
   auto [fib, slot] = detail::spawn_create(
       {opts, sizeof(S), alignof(S), &S::body, &S::discard});
   // SAFETY: slot is sized and aligned for S (spawn_create).
-  new (slot) S{std::forward<F>(fn)};
+  detail::construct_or_abandon(fib, [&] { new (slot) S{std::forward<F>(fn)}; });
   return detail::spawn_start(fib);
 }
 

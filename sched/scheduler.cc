@@ -348,6 +348,16 @@ void scheduler::bind_stack(fiber* f, unsigned cache) {
   make_fiber_context(f->ctx_, s.lo, s.hi - kStackTopReserve, &fiber_main, f);
 }
 
+void scheduler::abandon(fiber* f) noexcept {
+  worker* w = current_worker();
+  registry_.remove(f, w ? w->index() : worker_count());
+  std::align_val_t align = block_align(std::size_t{1} << f->callable_align_);
+  f->~fiber();
+  ::operator delete(f, align);
+  // As in exited(): it may have been the last fiber after main returned.
+  if (unwinding() && registry_.close_if_empty()) request_exit();
+}
+
 void scheduler::start_fiber(fiber* f) {
   worker* w = current_worker();
   // A fiber spawned while the runtime unwinds is unwound too.

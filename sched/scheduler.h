@@ -125,6 +125,9 @@ class scheduler {
   fiber* create(const fiber_attrs& a, std::size_t callable_size,
                 std::size_t callable_align);
   void start_fiber(fiber* f);
+  // Undoes create() for a fiber never started (its callable's construction
+  // threw): unregisters and frees it.
+  void abandon(fiber* f) noexcept;
   // Gives a fiber that has never run its stack, from `cache`; called only
   // by the worker (cache) that is about to switch to it.
   void bind_stack(fiber* f, unsigned cache);
