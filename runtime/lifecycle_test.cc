@@ -43,7 +43,7 @@ TEST(LifecycleDeath, ACancelledTimerDoesNotHideADeadlock) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   EXPECT_EXIT(
       {
-        exit_42_after(5s);
+        exit_42_after(30s);  // generous: sanitizer builds on a busy machine
         weft::run([] {
           auto sleeper = spawn([] { return this_fiber::sleep_for(1h); });
           (void)this_fiber::sleep_for(2ms);
@@ -61,7 +61,7 @@ TEST(LifecycleDeath, DroppingTheLastOutsideReferenceReportsTheDeadlock) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   EXPECT_EXIT(
       {
-        exit_42_after(5s);
+        exit_42_after(30s);  // generous: sanitizer builds on a busy machine
         weft::run([] {
           channel<int> ch(0);
           outside_ref ref;
