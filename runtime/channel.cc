@@ -16,7 +16,6 @@
 #include <cstdlib>
 #include <new>
 #include <string>
-#include <vector>
 
 #include "alloc/check.h"
 #include "runtime/channel.h"
@@ -174,7 +173,7 @@ chan_status chan_core::recv(void* out, void (*deliver)(void*, void*), clock::tim
 }
 
 void chan_core::close() noexcept {
-  std::vector<wake_ticket> woken;
+  wake_batch woken;
   lk_.lock();
   if (!closed_) {
     closed_ = true;
@@ -183,12 +182,12 @@ void chan_core::close() noexcept {
       while (waiter* w = pop_claimed(*q, t)) {
         w->closed = true;
         w->p->chosen = w->case_index;
-        woken.push_back(t);
+        woken.add(w, t);
       }
     }
   }
   lk_.unlock();
-  for (wake_ticket t : woken) ready(t);
+  woken.ready_all();
 }
 
 bool chan_core::closed() const noexcept {

@@ -20,7 +20,6 @@
 #include <sched.h>
 
 #include <climits>
-#include <vector>
 
 #include "alloc/check.h"
 #include "runtime/sync.h"
@@ -43,16 +42,6 @@ result<void> to_result(wake_reason r) {
   return make_error(std::errc::operation_canceled);
 }
 
-// Claims every waiter of q (under its lock) into `out`.
-void claim_all(detail::wait_list& q, std::vector<wake_ticket>& out) {
-  wake_ticket t;
-  while (detail::pop_claimed(q, t)) out.push_back(t);
-}
-
-void ready_all(const std::vector<wake_ticket>& ts) {
-  for (wake_ticket t : ts) detail::ready(t);
-}
-
 }  // namespace
 
 // --- condition_variable ------------------------------------------------------
@@ -67,12 +56,12 @@ void condition_variable::notify_one() noexcept {
 }
 
 void condition_variable::notify_all() noexcept {
-  std::vector<wake_ticket> ts;
+  detail::wake_batch woken;
   lk_.lock();
   ++seq_;
-  claim_all(q_, ts);
+  woken.claim_all(q_);
   lk_.unlock();
-  ready_all(ts);
+  woken.ready_all();
 }
 
 result<void> condition_variable::wait(std::unique_lock<mutex>& ulk, deadline d,
@@ -123,16 +112,18 @@ result<void> semaphore::acquire(deadline d, std::source_location where) {
 
 void semaphore::release(std::ptrdiff_t n) {
   WEFT_CHECK(n >= 0, "semaphore::release: negative count");
-  std::vector<wake_ticket> ts;
+  detail::wake_batch woken;
   lk_.lock();
   wake_ticket t;
-  while (n > 0 && detail::pop_claimed(q_, t)) {
-    ts.push_back(t);
+  while (n > 0) {
+    detail::waiter* w = detail::pop_claimed(q_, t);
+    if (!w) break;
+    woken.add(w, t);
     --n;
   }
   count_ += n;
   lk_.unlock();
-  ready_all(ts);
+  woken.ready_all();
 }
 
 // --- latch, wait_group ------------------------------------------------------------
@@ -220,14 +211,14 @@ void zero_waiter::add(std::ptrdiff_t delta, const char* who) {
 
 // The closer's half of *Counting to zero*.
 void zero_waiter::wake_closed() noexcept {
-  std::vector<wake_ticket> ts;
+  detail::wake_batch woken;
   lk_.lock();
-  claim_all(q_, ts);  // unlinks every record, also those whose claim lost
+  woken.claim_all(q_);  // unlinks every record, also those whose claim lost
   // relaxed: kClosing is read under lk_ (registration, leaving), and the
   // count bits may change concurrently (the next phase), hence an RMW.
   state_.fetch_and(~kClosing, std::memory_order_relaxed);
   lk_.unlock();  // the last touch of the object
-  ready_all(ts);
+  woken.ready_all();
 }
 
 bool zero_waiter::is_zero() noexcept {
@@ -365,19 +356,18 @@ void once_flag::finish(bool ran) noexcept {
   // and begin(). The last touch unless someone parked (see above).
   std::uint32_t s = state_.exchange(ran ? kDone : kNew, std::memory_order_release);
   if (!(s & kWaiting)) return;
-  std::vector<wake_ticket> ts;
+  detail::wake_batch woken;
   lk_.lock();
-  claim_all(q_, ts);
+  woken.claim_all(q_);
   lk_.unlock();
-  ready_all(ts);
+  woken.ready_all();
 }
 
 // --- shared_mutex ------------------------------------------------------------------
 
 // Grants the lock to the waiters at the front of q_ that can have it now:
 // one writer, or every reader up to the next writer. Under lk_.
-void shared_mutex::grant_locked(void* tickets) {
-  auto& ts = *static_cast<std::vector<wake_ticket>*>(tickets);
+void shared_mutex::grant_locked(detail::wake_batch& woken) noexcept {
   while (detail::waiter* h = q_.head_) {
     bool wr = h->aux == 1;
     if (writer_ || (wr && readers_ > 0)) return;
@@ -386,7 +376,7 @@ void shared_mutex::grant_locked(void* tickets) {
     if (!t) continue;  // unwound meanwhile
     h->handed = true;
     if (wr) writer_ = true; else ++readers_;
-    ts.push_back(t);
+    woken.add(h, t);
   }
 }
 
@@ -431,21 +421,21 @@ bool shared_mutex::try_lock_shared() noexcept {
 }
 
 void shared_mutex::unlock() noexcept {
-  std::vector<wake_ticket> ts;
+  detail::wake_batch woken;
   lk_.lock();
   writer_ = false;
-  grant_locked(&ts);
+  grant_locked(woken);
   lk_.unlock();
-  ready_all(ts);
+  woken.ready_all();
 }
 
 void shared_mutex::unlock_shared() noexcept {
-  std::vector<wake_ticket> ts;
+  detail::wake_batch woken;
   lk_.lock();
   WEFT_CHECK(readers_ > 0, "shared_mutex::unlock_shared: not locked shared");
-  if (--readers_ == 0) grant_locked(&ts);
+  if (--readers_ == 0) grant_locked(woken);
   lk_.unlock();
-  ready_all(ts);
+  woken.ready_all();
 }
 
 // --- outside_ref ---------------------------------------------------------------------

@@ -105,7 +105,7 @@ class shared_mutex {
 
  private:
   void acquire(bool writer, const std::source_location& where);
-  void grant_locked(void* tickets);
+  void grant_locked(detail::wake_batch& woken) noexcept;
   detail::short_lock lk_;
   detail::wait_list q_;       // guarded by lk_; waiter::aux 1 = writer
   std::size_t readers_ = 0;   // guarded by lk_

@@ -19,6 +19,7 @@ namespace weft::detail {
 
 struct waiter;       // runtime/waiter.h
 struct wake_ticket;  // runtime/waiter.h
+class wake_batch;   // runtime/waiter.h
 
 struct wait_list {
   waiter* head_ = nullptr;  // guarded by the owner's spinlock

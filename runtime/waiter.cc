@@ -10,6 +10,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <utility>
 
 #include "alloc/check.h"
 #include "sched/scheduler.h"
@@ -193,6 +194,34 @@ waiter* pop_claimed(wait_list& q, wake_ticket& t, wake_reason r) noexcept {
     if (t) return w;
   }
   return nullptr;
+}
+
+wake_batch::~wake_batch() {
+  WEFT_DCHECK(head_ == nullptr, "wake_batch: claimed blockers never made runnable");
+}
+
+void wake_batch::add(waiter* w, wake_ticket t) noexcept {
+  w->ticket = t;
+  w->next = nullptr;
+  if (tail_) tail_->next = w; else head_ = w;
+  tail_ = w;
+}
+
+void wake_batch::claim_all(wait_list& q, wake_reason r) noexcept {
+  wake_ticket t;
+  while (waiter* w = pop_claimed(q, t, r)) add(w, t);
+}
+
+void wake_batch::ready_all() noexcept {
+  waiter* w = std::exchange(head_, nullptr);
+  tail_ = nullptr;
+  while (w) {
+    // SAFETY: read the record before ready(): its blocker may return and
+    // pop its frame as soon as it is runnable.
+    wake_ticket t = w->ticket;
+    w = w->next;
+    ready(t);
+  }
 }
 
 wake_reason wait_on(short_lock& lk, wait_list& q, waiter& w, parker& p,

@@ -115,6 +115,35 @@ struct waiter {
   bool handed = false;     // mutex, shared_mutex: ownership was handed over
   int case_index = 0;      // select: which case this record belongs to
   std::uint32_t aux = 0;   // shared_mutex: 1 = writer; semaphore: units wanted
+  wake_ticket ticket{};    // wake_batch: the claim, kept until ready_all()
+};
+
+// The blockers one waker claims at once (close, notify_all, an unlock that
+// grants several readers), made runnable after it drops the list's lock.
+// Allocates nothing, so the wakers stay noexcept and cheap: the claimed
+// records themselves hold the chain and their tickets. A claimed record is
+// unlinked and cannot be freed by its blocker before ready(), so the waker
+// owns its links and `ticket` until then.
+//
+// Who calls what: the waker, on its own stack; add() and claim_all() under
+// the list's lock, ready_all() after dropping it, before the batch ends.
+class wake_batch {
+ public:
+  wake_batch() = default;
+  wake_batch(const wake_batch&) = delete;
+  wake_batch& operator=(const wake_batch&) = delete;
+  ~wake_batch();  // checks that ready_all() ran
+
+  // `w` was unlinked from its list and claimed with ticket `t`.
+  void add(waiter* w, wake_ticket t) noexcept;
+  // Claims and adds every record of `q`; records whose claim fails are
+  // dropped from the list, as by pop_claimed().
+  void claim_all(wait_list& q, wake_reason r = wake_reason::notified) noexcept;
+  void ready_all() noexcept;
+
+ private:
+  waiter* head_ = nullptr;
+  waiter* tail_ = nullptr;
 };
 
 void push_back(wait_list& q, waiter* w) noexcept;

@@ -1,0 +1,143 @@
+// runtime/wake_alloc_test.cc — a waker that wakes many blockers at once
+// (channel close, notify_all, semaphore release, shared_mutex unlock,
+// wait_group done) allocates nothing: those calls are noexcept, so an
+// allocation there would turn memory pressure into std::terminate, and it
+// would cost a malloc on every broadcast. A separate binary, because it
+// replaces the global operator new to count.
+#include <atomic>
+#include <cstdlib>
+#include <functional>
+#include <mutex>
+#include <new>
+#include <vector>
+
+#include "runtime/channel.h"
+#include "runtime/sync.h"
+#include "tests/fixture.h"
+
+namespace {
+thread_local bool counting = false;
+std::atomic<long> counted{0};
+
+void* counted_alloc(std::size_t n, std::size_t align) {
+  // relaxed: a plain tally, read after the counting thread cleared its flag.
+  if (counting) counted.fetch_add(1, std::memory_order_relaxed);
+  if (align > alignof(std::max_align_t))
+    return std::aligned_alloc(align, (n + align - 1) / align * align);
+  return std::malloc(n ? n : 1);
+}
+}  // namespace
+
+void* operator new(std::size_t n) {
+  if (void* p = counted_alloc(n, 0)) return p;
+  throw std::bad_alloc();
+}
+void* operator new[](std::size_t n) { return operator new(n); }
+void* operator new(std::size_t n, std::align_val_t a) {
+  if (void* p = counted_alloc(n, static_cast<std::size_t>(a))) return p;
+  throw std::bad_alloc();
+}
+void* operator new[](std::size_t n, std::align_val_t a) { return operator new(n, a); }
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept { return counted_alloc(n, 0); }
+void* operator new[](std::size_t n, const std::nothrow_t&) noexcept { return counted_alloc(n, 0); }
+// The library's operator delete (all forms) calls free(), which matches.
+
+namespace weft {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::Runtime;
+
+class WakeAlloc : public Runtime {};
+WEFT_RUNTIME_TEST_SUITE(WakeAlloc);
+
+constexpr int kBlockers = 64;
+
+// Spawns kBlockers fibers running `block`, waits until each has announced
+// itself and then long enough to be parked, runs `wake` with allocations
+// counted, joins them, and returns how many allocations `wake` made.
+long allocations_of_wake(const std::function<void()>& block, const std::function<void()>& wake) {
+  std::atomic<int> started{0};
+  std::vector<join_handle<void>> hs;
+  for (int i = 0; i < kBlockers; ++i)
+    hs.push_back(spawn([&] {
+      started.fetch_add(1);
+      block();
+    }));
+  while (started.load() < kBlockers) this_fiber::sleep_for(1ms);
+  this_fiber::sleep_for(50ms);  // from announced to parked: a few instructions
+  counted.store(0);
+  counting = true;  // no park between here and the reset: same thread
+  wake();
+  counting = false;
+  long n = counted.load();
+  for (auto& h : hs) h.join();
+  return n;
+}
+
+TEST_P(WakeAlloc, ChannelCloseWakesEveryReceiverWithoutAllocating) {
+  Run([] {
+    channel<int> ch(0);
+    std::atomic<int> empty{0};
+    long n = allocations_of_wake([&] { if (!ch.recv()) empty.fetch_add(1); },
+                                 [&] { ch.close(); });
+    EXPECT_EQ(n, 0);
+    EXPECT_EQ(empty.load(), kBlockers);
+  });
+}
+
+TEST_P(WakeAlloc, NotifyAllWithoutAllocating) {
+  Run([] {
+    mutex mu;
+    condition_variable cv;
+    bool go = false;
+    long n = allocations_of_wake(
+        [&] {
+          std::unique_lock lk(mu);
+          while (!go) (void)cv.wait(lk);
+        },
+        [&] {
+          {
+            std::lock_guard g(mu);
+            go = true;
+          }
+          cv.notify_all();
+        });
+    EXPECT_EQ(n, 0);
+  });
+}
+
+TEST_P(WakeAlloc, SemaphoreReleaseOfManyWithoutAllocating) {
+  Run([] {
+    semaphore sem(0);
+    long n = allocations_of_wake([&] { EXPECT_TRUE(sem.acquire()); },
+                                 [&] { sem.release(kBlockers); });
+    EXPECT_EQ(n, 0);
+  });
+}
+
+TEST_P(WakeAlloc, SharedMutexUnlockGrantsEveryReaderWithoutAllocating) {
+  Run([] {
+    shared_mutex mu;
+    mu.lock();
+    long n = allocations_of_wake(
+        [&] {
+          mu.lock_shared();
+          mu.unlock_shared();
+        },
+        [&] { mu.unlock(); });
+    EXPECT_EQ(n, 0);
+  });
+}
+
+TEST_P(WakeAlloc, WaitGroupDoneWakesEveryWaiterWithoutAllocating) {
+  Run([] {
+    wait_group wg;
+    wg.add(1);
+    long n = allocations_of_wake([&] { EXPECT_TRUE(wg.wait()); }, [&] { wg.done(); });
+    EXPECT_EQ(n, 0);
+  });
+}
+
+}  // namespace
+}  // namespace weft
