@@ -64,7 +64,8 @@ void fd_state::detach(fd_use& u) noexcept {
   u.prev = u.next = nullptr;
 }
 
-result<void> fd_state::close() noexcept {
+result<void> fd_state::close(int* take_fd) noexcept {
+  if (take_fd) *take_fd = -1;
   lock_.lock();
   if (closed_) {
     lock_.unlock();
@@ -84,6 +85,11 @@ result<void> fd_state::close() noexcept {
   // cancelled. The listener's share keeps the accept state alive.
   if (accept_) shut_accept_state(accept_);
   if (!idle) return {};  // the last operation to leave closes it
+  // Idle and closed: no enter() succeeds any more, so nobody else closes it.
+  if (take_fd) {
+    *take_fd = fd_;
+    return {};
+  }
   if (::close(fd_) < 0 && errno != EINTR)  // EINTR: Linux closed it anyway
     return std::unexpected(std::error_code(errno, std::system_category()));
   return {};
@@ -97,6 +103,17 @@ void fd_state::release() noexcept {
   bool gone = users_ == 0;
   lock_.unlock();
   if (gone) delete this;  // SAFETY: as in leave()
+}
+
+result<int> perform_on(fd_state* st, op& o, clock::time_point deadline, const char* what,
+                       std::source_location where) {
+  fd_guard g(st);
+  if (!g) return bad_fd_error();
+  o.fd = g.fd();
+  o.use = g.use();
+  auto r = perform(o, deadline, what, where);
+  if (!r && g.closed()) return bad_fd_error();
+  return r;
 }
 
 void fd_use::attach(io_driver& d, completion& c) noexcept {

@@ -1,9 +1,9 @@
-// io/fd_state.h — internal: what a socket shares with the operations in
-// flight on it, so that close() from one fiber works while others are
-// parked on the same socket (as Go's fdMutex and pollDesc, and Tokio's
-// ScheduledIo).
+// io/fd_state.h — internal: what a socket or file shares with the
+// operations in flight on it, so that close() from one fiber works while
+// others are parked on, or calling into, the same descriptor (as Go's
+// fdMutex and pollDesc, and Tokio's ScheduledIo).
 //
-// close() marks the socket closed, cancels every operation in flight on it
+// close() marks the descriptor closed, cancels every operation in flight on it
 // (each wakes with an error, or with its result if that came first: nothing
 // received is lost), wakes the listener's parked acceptors, and closes the
 // descriptor once the last operation has left. Until then the descriptor
@@ -21,15 +21,20 @@
 //     is gone.
 //   - fd_ is immutable; close(2) runs exactly once, by close() if no
 //     operation is in flight, else by the leave() that makes users_ zero.
-//   - The state is deleted when the socket object has released it and
-//     users_ is zero (whichever comes last).
+//   - The state is deleted when the socket or file object has released it
+//     and users_ is zero (whichever comes last).
 //
 // Who calls what:
-//   enter(), leave()      a fiber, around one operation (socket.cc, accept.cc)
+//   enter(), leave()      a fiber, around one operation (fd_guard: socket.cc,
+//                         accept.cc, file.cc)
 //   fd_use::attach(), detach()   the driver's perform(), on the fiber
-//   close(), release()    the socket object's owner; close() also from
-//                         another fiber while operations are in flight
+//   close(), release()    the object's owner; close() also from another
+//                         fiber while operations are in flight
 #pragma once
+
+#include <cerrno>
+#include <source_location>
+#include <system_error>
 
 #include "alloc/spinlock.h"
 #include "io/driver.h"
@@ -56,11 +61,12 @@ class fd_state {
   // The operation is over; its slot is detached. May close the descriptor.
   void leave(fd_use& u) noexcept;
 
-  // Marks the socket closed and cancels what is in flight; closes the
-  // descriptor now if nothing is (then returns close(2)'s error, if any).
-  result<void> close() noexcept;
-  // The socket object lets go (its destructor, after close()). May delete
-  // *this.
+  // Marks the descriptor closed and cancels what is in flight; closes it
+  // now if nothing is (then returns close(2)'s error, if any). With
+  // `take_fd`, an idle descriptor is handed to the caller instead (which
+  // closes it through its driver: files); *take_fd stays -1 otherwise.
+  result<void> close(int* take_fd = nullptr) noexcept;
+  // The object lets go (its destructor, after close()). May delete *this.
   void release() noexcept;
 
  private:
@@ -79,8 +85,8 @@ class fd_state {
   fd_use* uses_ = nullptr;   // guarded by lock_: attached operations
 };
 
-// One call on a socket, from enter() to leave() (also when the fiber is
-// unwound out of it).
+// One call on a socket or file, from enter() to leave() (also when the
+// fiber is unwound out of it).
 class fd_guard {
  public:
   explicit fd_guard(fd_state* st) noexcept : st_(st && st->enter(use_) ? st : nullptr) {}
@@ -102,5 +108,22 @@ class fd_guard {
   fd_use use_;
   fd_state* const st_;
 };
+
+inline std::unexpected<std::error_code> bad_fd_error() {
+  return std::unexpected(std::error_code(EBADF, std::system_category()));
+}
+
+// Performs o as one call on the descriptor whose state is st: EBADF when it
+// is empty or closed, or when close() cut the operation short.
+result<int> perform_on(fd_state* st, op& o, clock::time_point deadline, const char* what,
+                       std::source_location where = std::source_location::current());
+
+// f(fd), a call that does not wait, on the descriptor whose state is st.
+template <typename F>
+auto on_fd(fd_state* st, F&& f) -> decltype(f(0)) {
+  fd_guard g(st);
+  if (!g) return bad_fd_error();
+  return f(g.fd());
+}
 
 }  // namespace weft::io

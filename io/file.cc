@@ -1,21 +1,30 @@
 // io/file.cc — io::file over io::perform(); see io/file.h.
 #include "io/file.h"
 
-#include <unistd.h>
+
+#include "io/fd_state.h"
 
 namespace weft::io {
 
+file::file(int fd) : st_(fd >= 0 ? new fd_state(fd) : nullptr) {}
+
 file& file::operator=(file&& o) noexcept {
   if (this != &o) {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = std::exchange(o.fd_, -1);
+    drop();
+    st_ = std::exchange(o.st_, nullptr);
   }
   return *this;
 }
 
-file::~file() {
-  if (fd_ >= 0) ::close(fd_);
+void file::drop() noexcept {
+  if (!st_) return;
+  (void)st_->close();
+  std::exchange(st_, nullptr)->release();
 }
+
+bool file::is_open() const noexcept { return st_ && !st_->closed(); }
+
+int file::native_handle() const noexcept { return is_open() ? st_->fd() : -1; }
 
 result<file> file::open(const std::string& path, int flags, int mode) {
   if (path.find('\0') != std::string::npos)
@@ -30,8 +39,8 @@ result<file> file::open(const std::string& path, int flags, int mode) {
 }
 
 result<std::size_t> file::read_at(std::span<char> buf, std::uint64_t offset) {
-  op o{.kind = op_kind::read_at, .fd = fd_, .buf = buf.data(), .len = buf.size(), .offset = offset};
-  auto r = perform(o, clock::time_point::max(), "file read");
+  op o{.kind = op_kind::read_at, .buf = buf.data(), .len = buf.size(), .offset = offset};
+  auto r = perform_on(st_, o, clock::time_point::max(), "file read");
   if (!r) return std::unexpected(r.error());
   return static_cast<std::size_t>(*r);
 }
@@ -39,11 +48,10 @@ result<std::size_t> file::read_at(std::span<char> buf, std::uint64_t offset) {
 result<void> file::write_at(std::span<const char> buf, std::uint64_t offset) {
   while (!buf.empty()) {
     op o{.kind = op_kind::write_at,
-         .fd = fd_,
          .buf = const_cast<char*>(buf.data()),  // read only
          .len = buf.size(),
          .offset = offset};
-    auto r = perform(o, clock::time_point::max(), "file write");
+    auto r = perform_on(st_, o, clock::time_point::max(), "file write");
     if (!r) return std::unexpected(r.error());
     if (*r == 0) return std::unexpected(std::make_error_code(std::errc::io_error));
     buf = buf.subspan(static_cast<std::size_t>(*r));
@@ -53,15 +61,17 @@ result<void> file::write_at(std::span<const char> buf, std::uint64_t offset) {
 }
 
 result<void> file::fsync(bool data_only) {
-  op o{.kind = op_kind::fsync, .fd = fd_, .flags = data_only ? 1 : 0};
-  auto r = perform(o, clock::time_point::max(), "file fsync");
+  op o{.kind = op_kind::fsync, .flags = data_only ? 1 : 0};
+  auto r = perform_on(st_, o, clock::time_point::max(), "file fsync");
   if (!r) return std::unexpected(r.error());
   return {};
 }
 
 result<void> file::close() {
-  if (fd_ < 0) return {};
-  op o{.kind = op_kind::close, .fd = std::exchange(fd_, -1)};
+  if (!st_) return {};
+  int fd = -1;
+  if (auto c = st_->close(&fd); !c || fd < 0) return c;  // closed already, or by the last call
+  op o{.kind = op_kind::close, .fd = fd};
   auto r = perform(o, clock::time_point::max(), "file close");
   if (!r) return std::unexpected(r.error());
   return {};

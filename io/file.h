@@ -9,9 +9,16 @@
 //   f->write_at(data, 0); f->fsync(); f->read_at(buf, 0);
 //
 // Invariants:
-//   - A file owns its descriptor (-1 when closed); moving transfers it; the
-//     destructor closes it with a plain close(2) (a destructor cannot park
-//     on an unwinding fiber); close() goes through the driver.
+//   - A file owns its descriptor through an fd_state (io/fd_state.h), as a
+//     socket does, so close() may run while other fibers are in read_at(),
+//     write_at() or fsync() on it: calls that start after it fail with
+//     std::errc::bad_file_descriptor; calls in flight finish (or are
+//     cancelled where the kernel can), and the descriptor is closed when the
+//     last of them has left, so none of them ever acts on a file that
+//     reused its number. write_at() stops between its partial writes.
+//   - close() with nothing in flight goes through the driver; the last call
+//     to leave, and the destructor (which cannot park on an unwinding fiber),
+//     use a plain close(2). Moving transfers the state.
 #pragma once
 
 #include <fcntl.h>
@@ -25,13 +32,15 @@
 
 namespace weft::io {
 
+class fd_state;
+
 class file {
  public:
   file() = default;
-  explicit file(int fd) noexcept : fd_(fd) {}
-  file(file&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  explicit file(int fd);  // adopts fd (-1: an empty file)
+  file(file&& o) noexcept : st_(std::exchange(o.st_, nullptr)) {}
   file& operator=(file&& o) noexcept;
-  ~file();
+  ~file() { drop(); }
 
   // flags as open(2) (O_CLOEXEC is always added); mode for O_CREAT.
   [[nodiscard]] static result<file> open(const std::string& path, int flags, int mode = 0644);
@@ -43,11 +52,12 @@ class file {
   [[nodiscard]] result<void> fsync(bool data_only = false);
   [[nodiscard]] result<void> close();
 
-  bool is_open() const noexcept { return fd_ >= 0; }
-  int native_handle() const noexcept { return fd_; }
+  bool is_open() const noexcept;
+  int native_handle() const noexcept;  // -1 when empty or closed
 
  private:
-  int fd_ = -1;
+  void drop() noexcept;
+  fd_state* st_ = nullptr;  // null when empty
 };
 
 }  // namespace weft::io

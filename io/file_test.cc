@@ -1,9 +1,13 @@
 // io/file_test.cc — files through the driver: a write/read round trip at
 // offsets, fsync, end of file, open errors. Runs on both drivers (see
 // io/BUILD.bazel) over worker counts {1, 2, 4}.
+#include <fcntl.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
+#include <string_view>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -59,6 +63,53 @@ TEST_P(Files, WriteAtThenReadAtRoundTripsManyFibersAtOnce) {
     EXPECT_FALSE(f->is_open());
   });
   ::unlink(path.c_str());
+}
+
+// close() while fibers on every worker read the file, then the descriptor
+// number is reused at once by new opens: no read may ever return the new
+// files' bytes (a read that raced close() returns the old file's data or
+// bad_file_descriptor), as Go's os.File and weft's sockets promise.
+TEST_P(Files, CloseWhileOthersReadNeverTouchesAFileThatReusesTheNumber) {
+  const std::string old_path = temp_path("reuse-old"), new_path = temp_path("reuse-new");
+  for (auto [path, c] : {std::pair{&old_path, 'o'}, std::pair{&new_path, 'n'}}) {
+    int fd = ::open(path->c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    ASSERT_GE(fd, 0);
+    std::string bytes(4096, c);
+    ASSERT_EQ(::write(fd, bytes.data(), bytes.size()), ssize_t(bytes.size()));
+    ::close(fd);
+  }
+  Run([&] {
+    std::atomic<int> wrong_reads{0}, unexpected{0};
+    for (int round = 0; round < 200; ++round) {
+      auto f = file::open(old_path, O_RDONLY).value();
+      std::atomic<int> reading{0};
+      std::vector<join_handle<void>> readers;
+      for (unsigned w = 0; w < 2 * worker_count(); ++w)
+        readers.push_back(spawn([&] {
+          char buf[256];
+          reading.fetch_add(1);
+          for (;;) {
+            auto n = f.read_at(buf, 0);
+            if (!n) {
+              if (n.error() != std::errc::bad_file_descriptor) unexpected.fetch_add(1);
+              return;
+            }
+            if (std::string_view(buf, *n).find('n') != std::string_view::npos)
+              wrong_reads.fetch_add(1);
+            this_fiber::yield();
+          }
+        }, {.worker = static_cast<int>(w)}));
+      while (reading.load() < static_cast<int>(readers.size())) this_fiber::yield();
+      ASSERT_TRUE(f.close());
+      std::vector<file> reuse;  // likely to get the closed number
+      for (int i = 0; i < 4; ++i) reuse.push_back(file::open(new_path, O_RDONLY).value());
+      for (auto& h : readers) h.join();
+    }
+    EXPECT_EQ(wrong_reads.load(), 0) << "reads returned the bytes of a file opened after close()";
+    EXPECT_EQ(unexpected.load(), 0);
+  });
+  ::unlink(old_path.c_str());
+  ::unlink(new_path.c_str());
 }
 
 TEST_P(Files, OpenErrorsAreValues) {

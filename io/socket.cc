@@ -86,34 +86,6 @@ std::size_t pooled_buffer::in_use() noexcept {
 
 // ---- socket_base --------------------------------------------------------------
 
-namespace {
-
-std::unexpected<std::error_code> bad_fd() { return sys_error(EBADF); }
-
-// Performs o as one call on the socket whose state is st (see
-// io/fd_state.h): EBADF when it is empty or closed, or when close() cut the
-// operation short.
-result<int> perform_on(fd_state* st, op& o, deadline_arg d, const char* what,
-                       std::source_location where = std::source_location::current()) {
-  fd_guard g(st);
-  if (!g) return bad_fd();
-  o.fd = g.fd();
-  o.use = g.use();
-  auto r = perform(o, d.when, what, where);
-  if (!r && g.closed()) return bad_fd();
-  return r;
-}
-
-// f(fd), a call that does not wait, on the socket whose state is st.
-template <typename F>
-auto on_fd(fd_state* st, F&& f) -> decltype(f(0)) {
-  fd_guard g(st);
-  if (!g) return bad_fd();
-  return f(g.fd());
-}
-
-}  // namespace
-
 socket_base::socket_base(int fd) : st_(fd >= 0 ? new fd_state(fd) : nullptr) {}
 
 socket_base::socket_base(int fd, accept_state* accept) : st_(new fd_state(fd, accept)) {}
@@ -158,14 +130,14 @@ result<tcp_stream> tcp_stream::connect(const socket_address& addr, deadline_arg 
   std::memcpy(&sa, addr.get(), addr.size());
   socklen_t len = addr.size();
   op o{.kind = op_kind::connect, .addr = reinterpret_cast<sockaddr*>(&sa), .addrlen = &len};
-  auto r = perform_on(s.st_, o, d, "tcp connect");
+  auto r = perform_on(s.st_, o, d.when, "tcp connect");
   if (!r) return std::unexpected(r.error());
   return s;
 }
 
 result<std::size_t> tcp_stream::read(std::span<char> buf, deadline_arg d) {
   op o{.kind = op_kind::recv, .buf = buf.data(), .len = buf.size()};
-  auto r = perform_on(st_, o, d, "tcp read");
+  auto r = perform_on(st_, o, d.when, "tcp read");
   if (!r) return std::unexpected(r.error());
   return static_cast<std::size_t>(*r);
 }
@@ -175,7 +147,7 @@ result<pooled_buffer> tcp_stream::read_pooled(deadline_arg d) {
   // the worker the fiber is on now.
   io_driver* owner = current_driver();
   op o{.kind = op_kind::recv_pooled};
-  auto r = perform_on(st_, o, d, "tcp read");
+  auto r = perform_on(st_, o, d.when, "tcp read");
   if (!r) return std::unexpected(r.error());
   if (!o.buf) return pooled_buffer();  // end of stream, nothing lent
   // A heap buffer (kHeapBufferId) may come from any driver: each frees it.
@@ -197,7 +169,7 @@ result<std::size_t> tcp_stream::write(std::span<const char> buf, deadline_arg d)
   // SAFETY: send only reads the buffer; the const_cast is for op's one
   // buffer field.
   op o{.kind = op_kind::send, .buf = const_cast<char*>(buf.data()), .len = buf.size()};
-  auto r = perform_on(st_, o, d, "tcp write");
+  auto r = perform_on(st_, o, d.when, "tcp write");
   if (!r) return std::unexpected(r.error());
   return static_cast<std::size_t>(*r);
 }
@@ -216,7 +188,7 @@ result<std::size_t> tcp_stream::readv(std::span<const iovec> bufs, deadline_arg 
   m.msg_iov = const_cast<iovec*>(bufs.data());  // the kernel only reads the array
   m.msg_iovlen = bufs.size();
   op o{.kind = op_kind::recvmsg, .msg = &m};
-  auto r = perform_on(st_, o, d, "tcp readv");
+  auto r = perform_on(st_, o, d.when, "tcp readv");
   if (!r) return std::unexpected(r.error());
   return static_cast<std::size_t>(*r);
 }
@@ -226,7 +198,7 @@ result<std::size_t> tcp_stream::writev(std::span<const iovec> bufs, deadline_arg
   m.msg_iov = const_cast<iovec*>(bufs.data());  // the kernel only reads the array
   m.msg_iovlen = bufs.size();
   op o{.kind = op_kind::sendmsg, .msg = &m};
-  auto r = perform_on(st_, o, d, "tcp writev");
+  auto r = perform_on(st_, o, d.when, "tcp writev");
   if (!r) return std::unexpected(r.error());
   return static_cast<std::size_t>(*r);
 }
@@ -312,7 +284,7 @@ result<std::size_t> udp_socket::send_to(std::span<const char> buf, const socket_
   m.msg_iov = &v;
   m.msg_iovlen = 1;
   op o{.kind = op_kind::sendmsg, .msg = &m};
-  auto r = perform_on(st_, o, d, "udp send");
+  auto r = perform_on(st_, o, d.when, "udp send");
   if (!r) return std::unexpected(r.error());
   return static_cast<std::size_t>(*r);
 }
@@ -327,7 +299,7 @@ result<std::size_t> udp_socket::recv_from(std::span<char> buf, socket_address* f
   m.msg_iov = &v;
   m.msg_iovlen = 1;
   op o{.kind = op_kind::recvmsg, .msg = &m};
-  auto r = perform_on(st_, o, d, "udp receive");
+  auto r = perform_on(st_, o, d.when, "udp receive");
   if (!r) return std::unexpected(r.error());
   if (from) *from = socket_address::from(reinterpret_cast<sockaddr*>(&sa), m.msg_namelen);
   return static_cast<std::size_t>(*r);
