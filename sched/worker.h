@@ -135,6 +135,8 @@ class worker {
   void run_fiber(fiber* f);
   void after_park(fiber* f, const park_request& req);
   fiber* take_handoff(const fiber* from) noexcept;
+  fiber* take_yield_target(const fiber* from) noexcept;
+  bool handoff_stack_ok(const fiber* from, const fiber* to) const noexcept;
   fiber* take_lifo() noexcept;
   fiber* steal_lifo(unsigned v, worker& victim) noexcept;
   fiber* steal_timers(worker& victim) noexcept;
