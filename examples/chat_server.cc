@@ -4,19 +4,22 @@
 //   reader   reads lines and hands them to the room; each read is also a
 //            sign of life for the timeout fiber;
 //   writer   takes the lines meant for this peer from its outbox channel and
-//            writes them, so a slow peer never blocks the room;
+//            writes them (all that are queued, in one write), so a slow
+//            peer never blocks the room;
 //   timeout  waits for signs of life; after `idle` without one it shuts the
 //            socket down, which ends the reader, which ends the rest;
 //
 // and one room fiber owns the list of peers: it is the only fiber that
 // touches it, so it needs no lock. Every line a peer sends is broadcast to
-// all connected peers as "<name>: <line>".
+// all connected peers as "<name>: <line>"; a peer that stops reading is
+// dropped (see kSlowPeer), and the others are told it left.
 //
 //   chat_server --port 7001 --workers 2 --idle 60   (127.0.0.1 only)
 #include <sys/socket.h>
 
 #include <chrono>
 #include <cstdio>
+#include <deque>
 #include <map>
 #include <memory>
 #include <string>
@@ -32,12 +35,29 @@ namespace {
 using namespace std::chrono_literals;
 using line = std::shared_ptr<const std::string>;  // shared by every outbox
 
-constexpr std::size_t kOutbox = 256;    // lines queued for a slow peer before we drop it
 constexpr std::size_t kMaxLine = 4096;  // longer lines are cut
+
+// A slow peer is one that stops taking what it is sent, not one whose
+// writer fiber has not run for a moment: the room can broadcast hundreds of
+// lines in one turn, more than any fixed outbox holds. So what the outbox
+// has no room for waits, in order, in the peer's backlog (the room's own),
+// and the room retries it every kCatchUp; a peer that has been behind for
+// kSlowPeer, or whose backlog passes kMaxBacklog lines, is dropped. The
+// room never waits for a peer.
+constexpr std::size_t kOutbox = 256;  // lines handed to a peer's writer
+constexpr auto kSlowPeer = 2s;
+constexpr std::size_t kMaxBacklog = 65536;  // ~1 MiB of line pointers, while behind
+constexpr auto kCatchUp = 1ms;
+constexpr std::size_t kMaxBatch = 64 * 1024;  // bytes a writer gathers into one write
 
 struct peer {
   std::string name;
+  std::shared_ptr<weft::tcp_stream> conn;  // the room shuts it down to drop the peer
   weft::channel<line> outbox{kOutbox};
+  // The room's alone: lines the outbox had no room for, oldest first, and
+  // since when it has had some.
+  std::deque<line> backlog;
+  weft::clock::time_point behind_since;
 };
 
 // What the connections tell the room.
@@ -46,29 +66,61 @@ struct left { std::shared_ptr<peer> who; };
 struct said { std::string text; };
 using event = std::variant<joined, left, said>;
 
-void broadcast(std::map<peer*, std::shared_ptr<peer>>& peers, const std::string& text) {
+using peer_map = std::map<peer*, std::shared_ptr<peer>>;
+
+// Ends a slow peer's connection: its writer stops, its reader sees the end
+// of the stream and tells the room it left (which then says so).
+void drop(peer& p) {
+  p.outbox.close();
+  p.backlog.clear();
+  (void)p.conn->shutdown(SHUT_RDWR);
+}
+
+// Moves what fits of p's backlog to its outbox; drops p if it is too slow.
+// Returns whether p is still behind.
+bool catch_up(peer& p, weft::clock::time_point now) {
+  while (!p.backlog.empty() && p.outbox.try_send(p.backlog.front())) p.backlog.pop_front();
+  if (p.backlog.empty()) return false;
+  if (now - p.behind_since < kSlowPeer && p.backlog.size() <= kMaxBacklog) return true;
+  drop(p);
+  return false;
+}
+
+// Returns whether some peer is behind.
+bool broadcast(peer_map& peers, const std::string& text) {
   auto l = std::make_shared<const std::string>(text);
-  for (auto it = peers.begin(); it != peers.end();) {
-    if (it->first->outbox.try_send(l)) {
-      ++it;
-    } else {  // its outbox is full: it cannot keep up; drop it
-      it->first->outbox.close();
-      it = peers.erase(it);
-    }
+  const auto now = weft::clock::now();
+  bool behind = false;
+  for (auto& [p, keep] : peers) {
+    if (p->outbox.closed()) continue;  // dropped; its reader will tell us it left
+    if (p->backlog.empty() && p->outbox.try_send(l)) continue;
+    if (p->backlog.empty()) p->behind_since = now;
+    p->backlog.push_back(l);
+    behind |= catch_up(*p, now);
   }
+  return behind;
 }
 
 void room(weft::channel<event>& events) {
-  std::map<peer*, std::shared_ptr<peer>> peers;
-  while (auto e = events.recv()) {
+  peer_map peers;
+  bool behind = false;
+  for (;;) {
+    auto e = events.recv(behind ? weft::deadline(kCatchUp) : weft::deadline::never());
+    if (!e && e.error() == std::errc::timed_out) {
+      behind = false;
+      const auto now = weft::clock::now();
+      for (auto& [p, keep] : peers) behind |= catch_up(*p, now);
+      continue;
+    }
+    if (!e) break;  // closed: we are shutting down
     if (auto* j = std::get_if<joined>(&*e)) {
       peers.emplace(j->who.get(), j->who);
-      broadcast(peers, "* " + j->who->name + " joined\n");
+      behind = broadcast(peers, "* " + j->who->name + " joined\n");
     } else if (auto* l = std::get_if<left>(&*e)) {
-      if (peers.erase(l->who.get())) broadcast(peers, "* " + l->who->name + " left\n");
       l->who->outbox.close();
+      if (peers.erase(l->who.get())) behind = broadcast(peers, "* " + l->who->name + " left\n");
     } else {
-      broadcast(peers, std::get<said>(*e).text);
+      behind = broadcast(peers, std::get<said>(*e).text);
     }
   }
   for (auto& [p, keep] : peers) p->outbox.close();
@@ -77,8 +129,13 @@ void room(weft::channel<event>& events) {
 std::chrono::seconds g_idle{60};  // --idle; set before any connection
 
 void writer(std::shared_ptr<weft::tcp_stream> c, std::shared_ptr<peer> me) {
-  while (auto l = me->outbox.recv())
-    if (!c->write_all(**l, weft::deadline(g_idle))) break;
+  std::string batch;
+  while (auto l = me->outbox.recv()) {
+    batch.assign(**l);  // and whatever else is queued, in one write
+    while (batch.size() < kMaxBatch)
+      if (auto more = me->outbox.try_recv()) batch += **more; else break;
+    if (!c->write_all(batch, weft::deadline(g_idle))) break;
+  }
   (void)c->shutdown(SHUT_RDWR);  // a dead writer ends the reader too
 }
 
@@ -96,6 +153,7 @@ void timeout(std::shared_ptr<weft::tcp_stream> c, std::shared_ptr<weft::channel<
 void serve(weft::tcp_stream s, weft::channel<event>& events) {
   auto c = std::make_shared<weft::tcp_stream>(std::move(s));
   auto me = std::make_shared<peer>();
+  me->conn = c;
   auto addr = c->peer_address();
   me->name = addr ? addr->to_string() : "someone";
   // Shared, not on this frame: when the runtime unwinds this fiber, its

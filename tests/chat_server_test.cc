@@ -64,9 +64,11 @@ class server {
     return -1;
   }
   // A connected client socket, retrying while the server starts.
-  int connect() const {
+  // rcvbuf: SO_RCVBUF for the socket (0: the default), set before connecting.
+  int connect(int rcvbuf = 0) const {
     for (int i = 0; i < 200; ++i) {
       int s = ::socket(AF_INET, SOCK_STREAM, 0);
+      if (rcvbuf) ::setsockopt(s, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
       sockaddr_in a{};
       a.sin_family = AF_INET;
       a.sin_port = htons(port_);
@@ -88,16 +90,21 @@ class server {
 };
 
 // Reads until `want` has arrived (true), or EOF / timeout (false).
+// Each piece is searched once (with the end of the one before), so a
+// reader of megabytes keeps up with the server even under TSan.
 bool read_until(int s, const std::string& want, std::string* got = nullptr) {
   std::string buf;
-  char tmp[512];
-  while (buf.find(want) == std::string::npos) {
-    ssize_t n = ::recv(s, tmp, sizeof tmp, 0);
+  std::vector<char> tmp(64 * 1024);
+  bool found = false;
+  while (!found) {
+    ssize_t n = ::recv(s, tmp.data(), tmp.size(), 0);
     if (n <= 0) break;
-    buf.append(tmp, static_cast<std::size_t>(n));
+    std::size_t from = buf.size() >= want.size() ? buf.size() - want.size() + 1 : 0;
+    buf.append(tmp.data(), static_cast<std::size_t>(n));
+    found = buf.find(want, from) != std::string::npos;
   }
-  if (got) *got = buf;
-  return buf.find(want) != std::string::npos;
+  if (got) *got = std::move(buf);
+  return found;
 }
 
 TEST(ChatServer, EveryConnectedPeerSeesEveryLine) {
@@ -119,6 +126,90 @@ TEST(ChatServer, EveryConnectedPeerSeesEveryLine) {
   ::close(peers[2]);
   EXPECT_TRUE(read_until(peers[0], " left\n"));
   for (int i = 0; i < 2; ++i) ::close(peers[i]);
+}
+
+// A peer is dropped for being slow only if it stops taking what it is
+// sent, never because the room got ahead of its writer fiber for a moment:
+// one peer sends a burst of short lines as fast as it can, and it and a
+// second peer, both reading all the while, each get every line. (With the
+// outbox's 256-line bound alone, both were dropped within a few hundred
+// lines on either driver: the room broadcasts many lines per turn, faster
+// than a writer fiber wrote them one send at a time.)
+TEST(ChatServer, PeersThatKeepReadingAreNotDroppedDuringABurst) {
+  server srv(free_port(), "60");
+  int s[2] = {srv.connect(), -1};
+  ASSERT_GE(s[0], 0);
+  ASSERT_TRUE(read_until(s[0], "joined\n"));
+  s[1] = srv.connect();
+  ASSERT_GE(s[1], 0);
+  ASSERT_TRUE(read_until(s[1], "joined\n"));
+  ASSERT_TRUE(read_until(s[0], "joined\n"));  // the second peer's, seen by the first
+  constexpr int kLines = 20000;
+  const std::string last = ": burst " + std::to_string(kLines - 1) + "\n";
+  bool got_all[2] = {false, false};
+  std::vector<std::thread> readers;
+  for (int i = 0; i < 2; ++i)
+    readers.emplace_back([&, i] { got_all[i] = read_until(s[i], last); });
+  std::string burst;
+  for (int i = 0; i < kLines; ++i) burst += "burst " + std::to_string(i) + "\n";
+  // Sent whole; the readers drain meanwhile, so this never waits on us.
+  ssize_t sent = 0;
+  while (sent < ssize_t(burst.size())) {
+    ssize_t n = ::send(s[0], burst.data() + sent, burst.size() - std::size_t(sent), MSG_NOSIGNAL);
+    if (n <= 0) break;
+    sent += n;
+  }
+  EXPECT_EQ(sent, ssize_t(burst.size())) << "the server ended the sender's connection";
+  for (auto& t : readers) t.join();
+  EXPECT_TRUE(got_all[0]) << "the sender was dropped before its last line came back";
+  EXPECT_TRUE(got_all[1]) << "the other peer was dropped before the last line";
+  for (int fd : s) ::close(fd);
+}
+
+// A peer that stops reading is dropped (its outbox and the kernel's
+// buffers full for the server's kSlowPeer, 2 s), the others are told it
+// left, and the room never waited for it meanwhile: the sender, reading
+// all the while, gets its whole burst back.
+TEST(ChatServer, APeerThatStopsReadingIsDroppedAndTheOthersAreTold) {
+  server srv(free_port(), "60");
+  int slow = srv.connect(4096);  // a small receive window: the server's writes back up soon
+  ASSERT_GE(slow, 0);
+  ASSERT_TRUE(read_until(slow, "joined\n"));
+  int s = srv.connect();
+  ASSERT_GE(s, 0);
+  ASSERT_TRUE(read_until(s, "joined\n"));
+  constexpr int kLines = 5000;  // 10 MB in all: more than the kernel buffers hold
+  const std::string pad(2000, 'p');
+  const std::string last = ": burst " + std::to_string(kLines - 1) + " ";
+  bool got_all = false;
+  std::string got;  // what the sender read back
+  std::thread reader([&] { got_all = read_until(s, last, &got); });
+  std::string burst;
+  for (int i = 0; i < kLines; ++i) burst += "burst " + std::to_string(i) + " " + pad + "\n";
+  ssize_t sent = 0;
+  while (sent < ssize_t(burst.size())) {
+    ssize_t n = ::send(s, burst.data() + sent, burst.size() - std::size_t(sent), MSG_NOSIGNAL);
+    if (n <= 0) break;
+    sent += n;
+  }
+  reader.join();
+  EXPECT_EQ(sent, ssize_t(burst.size()));
+  EXPECT_TRUE(got_all) << "the sender did not get its whole burst back";
+  // The notice may have come during the burst (the slow peer was behind
+  // for long enough by then) or come later.
+  EXPECT_TRUE(got.find(" left\n") != std::string::npos || read_until(s, " left\n"))
+      << "nobody was told that the slow peer left";
+  // The slow peer, reading at last, finds its connection ended early.
+  timeval tv{10, 0};
+  ::setsockopt(slow, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  std::string rest;
+  char tmp[65536];
+  ssize_t n;
+  while ((n = ::recv(slow, tmp, sizeof tmp, 0)) > 0) rest.append(tmp, std::size_t(n));
+  EXPECT_EQ(n, 0) << "expected the end of the stream";
+  EXPECT_EQ(rest.find(last), std::string::npos) << "the slow peer was not dropped";
+  ::close(slow);
+  ::close(s);
 }
 
 TEST(ChatServer, ASilentPeerIsDisconnectedAfterTheIdleTimeout) {
