@@ -1,6 +1,6 @@
 // examples/server.h — what the example servers share: their command line
 //
-//   --port N     (127.0.0.1 only)
+//   --port N     (127.0.0.1 only; 0: any free port, named on stderr)
 //   --workers N  (0 or absent: one per processing unit)
 //   --idle S     (servers that drop silent peers: after S seconds)
 // and how they stop: SIGINT or SIGTERM shuts them down gracefully.
@@ -74,7 +74,9 @@ int listen_and_serve(const char* who, const flags& f, F on_conn) {
   if (!stop)
     std::fprintf(stderr, "%s: SIGINT/SIGTERM not handled: %s\n", who,
                  stop.error().message().c_str());
-  std::fprintf(stderr, "%s: listening on 127.0.0.1:%d\n", who, f.port);
+  // The port we got: --port 0 asks for any free one.
+  auto local = ln->local_address();
+  std::fprintf(stderr, "%s: listening on 127.0.0.1:%d\n", who, local ? local->port() : f.port);
   auto acceptor = weft::spawn([&] {
     for (int next = 0;;) {
       auto c = ln->accept();

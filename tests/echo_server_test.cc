@@ -1,0 +1,141 @@
+// tests/echo_server_test.cc — examples/echo_server end to end: the real
+// binary on 127.0.0.1 (started with --port 0; the port is the one its
+// "listening on" line names), driven by plain blocking sockets whose reads
+// are bounded by SO_RCVTIMEO, so a broken server fails the test instead of
+// hanging it. Runs on both drivers (WEFT_IO reaches the child).
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdlib>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+namespace {
+
+using namespace std::chrono_literals;
+
+// The server as a child process whose stderr the test reads; killed at the
+// end of the test.
+class server {
+ public:
+  // fd_limit: the child's RLIMIT_NOFILE (0: inherited).
+  explicit server(std::vector<std::string> args, rlim_t fd_limit = 0) {
+    std::string bin = std::string(std::getenv("TEST_SRCDIR")) + "/weft/examples/echo_server";
+    args.insert(args.begin(), bin);
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    int p[2];
+    if (::pipe2(p, O_CLOEXEC) != 0) return;
+    pid_ = ::fork();
+    if (pid_ == 0) {  // only async-signal-safe calls until exec
+      if (fd_limit) {
+        rlimit r{fd_limit, fd_limit};
+        ::setrlimit(RLIMIT_NOFILE, &r);
+      }
+      ::dup2(p[1], 2);
+      ::execv(argv[0], argv.data());
+      ::_exit(127);
+    }
+    ::close(p[1]);
+    err_ = p[0];
+  }
+  ~server() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
+    if (err_ >= 0) ::close(err_);
+  }
+  // Reads the child's stderr until it contains `want` or `limit` passes;
+  // everything read so far is kept in stderr_text().
+  bool wait_for_stderr(const std::string& want, std::chrono::milliseconds limit = 10s) {
+    auto end = std::chrono::steady_clock::now() + limit;
+    while (stderr_.find(want) == std::string::npos)
+      if (!read_some(end)) return false;
+    return true;
+  }
+  const std::string& stderr_text() const { return stderr_; }
+  // The port of the "listening on 127.0.0.1:N" line (-1 if none came).
+  int port() {
+    const std::string tag = "listening on 127.0.0.1:";
+    auto end = std::chrono::steady_clock::now() + 10s;
+    for (;;) {
+      auto at = stderr_.find(tag);
+      if (at != std::string::npos && stderr_.find('\n', at) != std::string::npos)
+        return std::atoi(stderr_.c_str() + at + tag.size());
+      if (!read_some(end)) return -1;
+    }
+  }
+  // A connected client socket to `port`, reads bounded by 5 s.
+  static int connect(int port) {
+    int s = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(std::uint16_t(port));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (::connect(s, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+      ::close(s);
+      return -1;
+    }
+    timeval tv{5, 0};
+    ::setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    return s;
+  }
+
+ private:
+  // Appends what the child wrote to stderr; false at `end` or its exit.
+  bool read_some(std::chrono::steady_clock::time_point end) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        end - std::chrono::steady_clock::now());
+    if (left <= 0ms) return false;
+    pollfd pfd{.fd = err_, .events = POLLIN, .revents = 0};
+    if (::poll(&pfd, 1, int(left.count()) + 1) <= 0) return true;  // the caller looks again
+    char buf[512];
+    ssize_t n = ::read(err_, buf, sizeof buf);
+    if (n <= 0) return false;
+    stderr_.append(buf, std::size_t(n));
+    return true;
+  }
+
+  pid_t pid_ = -1;
+  int err_ = -1;
+  std::string stderr_;
+};
+
+bool echoes(int s, const std::string& msg) {
+  if (::send(s, msg.data(), msg.size(), MSG_NOSIGNAL) != ssize_t(msg.size())) return false;
+  std::string got;
+  char buf[512];
+  while (got.size() < msg.size()) {
+    ssize_t n = ::recv(s, buf, sizeof buf, 0);
+    if (n <= 0) return false;
+    got.append(buf, std::size_t(n));
+  }
+  return got == msg;
+}
+
+// --port 0 binds a free port, and the "listening on" line says which one.
+TEST(EchoServer, PortZeroAnnouncesThePortItGot) {
+  server srv({"--port", "0", "--workers", "2"});
+  int port = srv.port();
+  ASSERT_GT(port, 0) << srv.stderr_text();
+  int s = server::connect(port);
+  ASSERT_GE(s, 0) << "nothing listens on the announced port " << port;
+  EXPECT_TRUE(echoes(s, "hello\n"));
+  ::close(s);
+}
+
+}  // namespace
