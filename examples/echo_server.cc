@@ -3,7 +3,8 @@
 //   echo_server --port 7000 --workers 1 [--idle 30]
 //
 // Listens on 127.0.0.1 only. Each connection's fiber reads and writes back
-// until EOF, an error, or --idle seconds (30) without a request.
+// until EOF, an error, or --idle seconds (30) without a request or without
+// the peer taking its reply.
 // bench/compare_echo.sh measures it against its peers (WEFT_IO picks the
 // I/O driver).
 #include <chrono>
@@ -22,10 +23,12 @@ std::chrono::seconds g_idle{30};
 
 // read_pooled() takes a receive buffer only once data has arrived, so an
 // idle connection holds none (see *Pooled receive buffers* in io/driver.h).
+// The write has the same deadline: a peer that sends but never reads would
+// otherwise hold its fiber and descriptor forever.
 void serve(weft::tcp_stream c) {
   (void)c.set_nodelay(true);
   while (auto b = c.read_pooled(weft::deadline(g_idle)))
-    if (b->empty() || !c.write_all(b->data())) break;
+    if (b->empty() || !c.write_all(b->data(), weft::deadline(g_idle))) break;
 }
 
 }  // namespace

@@ -79,9 +79,11 @@ class server {
       if (!read_some(end)) return -1;
     }
   }
-  // A connected client socket to `port`, reads bounded by 5 s.
-  static int connect(int port) {
+  // A connected client socket to `port`, reads bounded by 5 s; rcvbuf:
+  // its SO_RCVBUF (0: the default).
+  static int connect(int port, int rcvbuf = 0) {
     int s = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (rcvbuf) ::setsockopt(s, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
     sockaddr_in a{};
     a.sin_family = AF_INET;
     a.sin_port = htons(std::uint16_t(port));
@@ -135,6 +137,43 @@ TEST(EchoServer, PortZeroAnnouncesThePortItGot) {
   int s = server::connect(port);
   ASSERT_GE(s, 0) << "nothing listens on the announced port " << port;
   EXPECT_TRUE(echoes(s, "hello\n"));
+  ::close(s);
+}
+
+// A peer that sends but never reads stalls its echo in write_all once the
+// buffers between them are full; after --idle seconds of that the server
+// drops it, as it drops a silent one, instead of keeping its fiber and
+// descriptor forever. Seen from the peer: its sends fail (the server
+// closed with unread data, which resets the connection).
+TEST(EchoServer, APeerThatNeverReadsIsDroppedAfterTheIdleTimeout) {
+  server srv({"--port", "0", "--workers", "1", "--idle", "1"});
+  int port = srv.port();
+  ASSERT_GT(port, 0) << srv.stderr_text();
+  int s = server::connect(port, 4096);
+  ASSERT_GE(s, 0);
+  std::string chunk(64 * 1024, 'x');
+  // Until the server has stopped taking data (200 ms without room).
+  auto last_progress = std::chrono::steady_clock::now();
+  std::size_t sent = 0;
+  while (std::chrono::steady_clock::now() - last_progress < 200ms) {
+    ssize_t n = ::send(s, chunk.data(), chunk.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n > 0) {
+      sent += std::size_t(n);
+      last_progress = std::chrono::steady_clock::now();
+    } else {
+      ASSERT_EQ(errno, EAGAIN) << "the connection ended while it was still reading";
+      std::this_thread::sleep_for(5ms);
+    }
+    ASSERT_LT(sent, std::size_t(1) << 30) << "the server never stopped taking data";
+  }
+  bool dropped = false;
+  for (auto end = std::chrono::steady_clock::now() + 10s;
+       !dropped && std::chrono::steady_clock::now() < end;) {
+    std::this_thread::sleep_for(50ms);
+    ssize_t n = ::send(s, "y", 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+    dropped = n < 0 && errno != EAGAIN;
+  }
+  EXPECT_TRUE(dropped) << "still connected 10 s after the echo stalled (--idle 1)";
   ::close(s);
 }
 
