@@ -78,12 +78,27 @@ int listen_and_serve(const char* who, const flags& f, F on_conn) {
   auto local = ln->local_address();
   std::fprintf(stderr, "%s: listening on 127.0.0.1:%d\n", who, local ? local->port() : f.port);
   auto acceptor = weft::spawn([&] {
+    weft::clock::time_point reported{};  // the last accept error said on stderr
+    unsigned long failed = 0;            // accept errors since then
     for (int next = 0;;) {
       auto c = ln->accept();
       if (!c) {
         if (c.error() == std::errc::operation_canceled) return;
-        // EMFILE and friends: the listener keeps working. Give the other
+        // EMFILE and friends: the listener keeps working, and the
+        // connection waits in the backlog. Say so (at most once a second,
+        // so a flood of them is one line a second), and give the other
         // fibers a moment to close descriptors instead of spinning.
+        ++failed;
+        if (auto now = weft::clock::now(); now - reported >= 1s) {
+          const bool fds = c.error() == std::errc::too_many_files_open ||
+                           c.error() == std::errc::too_many_files_open_in_system;
+          std::string times = failed > 1 ? " (" + std::to_string(failed) + " times)" : "";
+          std::fprintf(stderr, "%s: accept: %s%s; still accepting%s\n", who,
+                       c.error().message().c_str(), times.c_str(),
+                       fds ? ": raise the open-files limit (ulimit -n)" : "");
+          reported = now;
+          failed = 0;
+        }
         (void)weft::this_fiber::sleep_for(1ms);
         continue;
       }

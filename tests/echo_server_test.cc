@@ -177,4 +177,26 @@ TEST(EchoServer, APeerThatNeverReadsIsDroppedAfterTheIdleTimeout) {
   ::close(s);
 }
 
+// Out of descriptors (RLIMIT_NOFILE 16: about six connections), the
+// server says so on stderr, with what to do, and keeps serving: once the
+// clients go, a new connection is echoed.
+TEST(EchoServer, RunningOutOfDescriptorsIsReportedAndSurvived) {
+  server srv({"--port", "0", "--workers", "2"}, /*fd_limit=*/16);
+  int port = srv.port();
+  ASSERT_GT(port, 0) << srv.stderr_text();
+  std::vector<int> clients;
+  for (int i = 0; i < 24; ++i) {
+    int s = server::connect(port);  // the kernel completes it; accept may not
+    ASSERT_GE(s, 0);
+    clients.push_back(s);
+  }
+  EXPECT_TRUE(srv.wait_for_stderr("Too many open files", 5s)) << srv.stderr_text();
+  EXPECT_NE(srv.stderr_text().find("ulimit -n"), std::string::npos) << srv.stderr_text();
+  for (int s : clients) ::close(s);
+  int s = server::connect(port);
+  ASSERT_GE(s, 0);
+  EXPECT_TRUE(echoes(s, "after the flood\n"));
+  ::close(s);
+}
+
 }  // namespace
