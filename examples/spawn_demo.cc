@@ -25,7 +25,16 @@ long rss_bytes() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const long n = argc > 1 ? std::atol(argv[1]) : 1'000'000;
+  long n = 1'000'000;
+  if (argc > 1) {
+    char* end = nullptr;
+    n = std::strtol(argv[1], &end, 10);
+    if (argc > 2 || end == argv[1] || *end != '\0' || n < 1 || n > 100'000'000) {
+      std::fprintf(stderr, "usage: %s [N]  (N fibers, 1 to 100000000; default 1000000)\n",
+                   argv[0]);
+      return 2;
+    }
+  }
   return weft::run([n] {
     using clk = std::chrono::steady_clock;
     long rss0 = rss_bytes();
