@@ -5,8 +5,9 @@
 // Guards against regressions in: spawning and joining (spawn_join,
 // spawn_join_handles), deep
 // fan-out/fan-in (skynet), the cost of a switch through the scheduler
-// (yield), memory per parked fiber (idle_memory, idle_memory_small), and
-// channels and locks (pingpong, fanin, mutex).
+// (yield, two fibers taking turns on one worker), memory per parked fiber
+// (idle_memory, idle_memory_small), and channels and locks (pingpong,
+// fanin, mutex).
 // bench/compare_micro.sh runs each beside its Go peer (bench/peers/go) and
 // prints the ratios. Semantics match bench/peers/go/micro.go exactly.
 #include <unistd.h>
@@ -112,8 +113,16 @@ int skynet() {
   return 0;
 }
 
+// yield: two fibers each yield n times, on one worker (Go: GOMAXPROCS=1),
+// so every yield switches to the other fiber through the scheduler. On two
+// workers each fiber would have a worker to itself, and a weft yield with
+// nothing else runnable continues in place (no switch at all), while Go's
+// Gosched always goes through its scheduler: the two would not measure the
+// same thing.
 int yield_bench(long n) {
   double ns = 0;
+  weft::options one_worker;
+  one_worker.workers = 1;
   weft::run([&] {
     auto t0 = bench_clock::now();
     auto body = [n] {
@@ -123,7 +132,7 @@ int yield_bench(long n) {
     a.join();
     b.join();
     ns = elapsed_ns(t0);
-  });
+  }, one_worker);
   report("yield", 2 * n, ns / (2 * n), "ns/yield");
   return 0;
 }

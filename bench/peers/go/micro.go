@@ -23,7 +23,8 @@
 //
 // Exit status: 0 on success, 1 when a workload's self-check fails, 2 on a
 // usage error (unknown workload, bad N). GOMAXPROCS is left at its default,
-// the number of CPUs.
+// the number of CPUs (as weft's worker count), except in yield, which runs
+// on one P as weft's runs on one worker.
 package main
 
 import (
@@ -153,9 +154,13 @@ func skynetNode(c chan<- int, num, size, div int) {
 	c <- sum
 }
 
-// yield: two goroutines each call runtime.Gosched() n times.
+// yield: two goroutines each call runtime.Gosched() n times, with
+// GOMAXPROCS=1 (weft: one worker), so that every yield switches to the
+// other goroutine. On more Ps each goroutine would have one to itself, and
+// weft's yield with nothing else runnable does not switch at all.
 func yield(n int) (int, float64, string) {
 	n = orDefault(n, 5_000_000)
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
 	const goroutines = 2
 	var wg sync.WaitGroup
 	start := time.Now()
