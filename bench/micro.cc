@@ -86,26 +86,33 @@ int spawn_join_handles(long n) {
   return 0;
 }
 
-long skynet_node(long num, long size, long div) {
-  if (size == 1) return num;
-  std::vector<weft::join_handle<long>> kids;
-  kids.reserve(div);
+// skynet: as the Go peer does it, a 10-ary tree of 1,111,111 fibers with
+// no handle (weft::go), each parent creating one rendezvous channel that
+// its ten children send their sums into; the root is a fiber too, and the
+// main fiber receives the total from it.
+void skynet_node(weft::channel<long>& out, long num, long size, long div) {
+  if (size == 1) {
+    (void)out.send(num);
+    return;
+  }
+  weft::channel<long> rc(0);
   long sub = size / div;
   for (long i = 0; i < div; ++i)
-    kids.push_back(weft::spawn(
-        [=] { return skynet_node(num + i * sub, sub, div); },
-        {.stack_size = 16 * 1024}));
+    weft::go([&rc, n = num + i * sub, sub, div] { skynet_node(rc, n, sub, div); },
+             {.stack_size = 16 * 1024});
   long sum = 0;
-  for (auto& k : kids) sum += k.join();
-  return sum;
+  for (long i = 0; i < div; ++i) sum += rc.recv().value_or(0);
+  (void)out.send(sum);
 }
 
 int skynet() {
   long sum = 0;
   double ns = 0;
   weft::run([&] {
+    weft::channel<long> c(0);
     auto t0 = bench_clock::now();
-    sum = skynet_node(0, 1'000'000, 10);
+    weft::go([&c] { skynet_node(c, 0, 1'000'000, 10); }, {.stack_size = 16 * 1024});
+    sum = c.recv().value_or(0);
     ns = elapsed_ns(t0);
   });
   if (sum != 499'999'500'000L) return 1;
