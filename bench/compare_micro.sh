@@ -26,8 +26,15 @@
 #                               with full-size runs)
 #
 # stdout carries only the report; progress and failures go to stderr.
+#
+# Both sides run with their default parallelism, one worker (weft) or P
+# (Go) per CPU of the affinity mask: WEFT_WORKERS and GOMAXPROCS are
+# removed from the environment, since either one set alone would give one
+# side more threads than the other. (yield runs on one worker and one P on
+# both sides by itself; see bench/micro.cc.)
 
 set -euo pipefail
+unset WEFT_WORKERS GOMAXPROCS
 
 readonly kRuns=3
 readonly kTimeoutS=300
@@ -154,6 +161,7 @@ echo "- date: $(date '+%Y-%m-%d %H:%M:%S %Z')"
 echo "- machine: Linux $(uname -r), $(nproc) CPUs, ${cpu:-unknown CPU}"
 echo "- weft: $weft_bin ($commit)"
 echo "- Go: $(go version | sed 's/^go version //')"
+echo "- parallelism: $(nproc) weft workers, GOMAXPROCS $(nproc) (yield: 1 and 1)"
 [[ -n "${MICRO_N:-}" ]] && echo "- N overridden: MICRO_N=$MICRO_N"
 echo
 echo "| workload | unit | weft (median of $kRuns) | Go (median of $kRuns) | ratio | better |"
