@@ -7,6 +7,8 @@
 #   weft-epoll  the same with WEFT_IO=epoll
 #   go          bench/peers/go/echo, goroutine per connection, GOMAXPROCS=1
 #   threads     bench/thread_echo_server, thread per connection (no runtime)
+# All four drop a peer after 30 s without a request (a deadline on every
+# read), so each pays for an idle timeout as a real server does.
 # Each server runs pinned to CPU 0, the load generator (bench/echo_load.cc)
 # to CPU 1. Everything listens and connects on 127.0.0.1 only.
 #

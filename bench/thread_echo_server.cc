@@ -6,7 +6,11 @@
 // connections and in memory per idle connection; a weft regression shows up
 // as the ratio to this server closing.
 //
-// Usage: thread_echo_server --port N      (listens on 127.0.0.1 only)
+// Usage: thread_echo_server --port N [--idle S]   (listens on 127.0.0.1 only)
+//
+// A peer that sends nothing for --idle seconds (30) is dropped, as
+// examples/echo_server and the Go peer do (SO_RCVTIMEO: a recv() that
+// waits that long fails with EAGAIN), so every server has an idle timeout.
 //
 // Invariants:
 //   - Each accepted socket is owned by exactly one detached thread, which
@@ -23,6 +27,7 @@
 #include <pthread.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -88,7 +93,7 @@ int listen_local(int port) {
 
 // Accepts forever. Running out of descriptors or threads drops that one
 // connection (reported once) rather than the server.
-[[noreturn]] void accept_loop(int listen_fd) {
+[[noreturn]] void accept_loop(int listen_fd, int idle_seconds) {
   pthread_attr_t attr;
   pthread_attr_init(&attr);
   pthread_attr_setstacksize(&attr, kStackBytes);
@@ -106,6 +111,8 @@ int listen_local(int port) {
     }
     int one = 1;
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    timeval idle{idle_seconds, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &idle, sizeof idle);
     pthread_t t;
     int err = pthread_create(&t, &attr, serve, reinterpret_cast<void*>(intptr_t(fd)));
     if (err != 0) {
@@ -119,11 +126,13 @@ int listen_local(int port) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  int port = 0;
-  for (int i = 1; i + 1 < argc; i += 2)
+  int port = 0, idle_seconds = 30;
+  for (int i = 1; i + 1 < argc; i += 2) {
     if (std::string(argv[i]) == "--port") port = std::atoi(argv[i + 1]);
-  if (port <= 0 || port > 65535) {
-    std::fprintf(stderr, "usage: thread_echo_server --port N\n");
+    if (std::string(argv[i]) == "--idle") idle_seconds = std::atoi(argv[i + 1]);
+  }
+  if (port <= 0 || port > 65535 || idle_seconds <= 0) {
+    std::fprintf(stderr, "usage: thread_echo_server --port N [--idle S]\n");
     return 2;
   }
   std::signal(SIGPIPE, SIG_IGN);
@@ -133,5 +142,5 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "thread_echo_server: listen on 127.0.0.1:%d: %s\n", port, std::strerror(errno));
     return 1;
   }
-  accept_loop(listen_fd);
+  accept_loop(listen_fd, idle_seconds);
 }

@@ -2,11 +2,14 @@
 //
 // The Go peer of the TCP echo comparison (bench/compare_echo.sh): one
 // goroutine per connection, each reading into its own 4 KiB buffer (the same
-// size as bench/thread_echo_server.cc) and writing back what it read. Go's
-// netpoller does what weft's io driver does, so weft's CPU per request and
-// memory per idle connection are read as ratios to this server's.
+// size as bench/thread_echo_server.cc) and writing back what it read, and
+// dropping a peer that sends nothing for --idle seconds (30), as
+// examples/echo_server does: each read has a deadline, so all three servers
+// pay for an idle timer per read. Go's netpoller does what weft's io driver
+// does, so weft's CPU per request and memory per idle connection are read
+// as ratios to this server's.
 //
-// Usage: GOMAXPROCS=1 echo_server --port N   (listens on 127.0.0.1 only)
+// Usage: GOMAXPROCS=1 echo_server --port N [--idle S]   (listens on 127.0.0.1 only)
 //
 // It uses the standard library only, so it builds offline:
 //
@@ -24,13 +27,18 @@ import (
 
 const bufferBytes = 4096
 
+// idleTimeout is the read deadline of every read (set once, in main).
+var idleTimeout = 30 * time.Second
+
 func main() {
 	port := flag.Int("port", 0, "TCP port on 127.0.0.1")
+	idle := flag.Int("idle", 30, "seconds without a request before a peer is dropped")
 	flag.Parse()
-	if *port <= 0 || *port > 65535 {
-		fmt.Fprintln(os.Stderr, "usage: echo_server --port N")
+	if *port <= 0 || *port > 65535 || *idle <= 0 {
+		fmt.Fprintln(os.Stderr, "usage: echo_server --port N [--idle S]")
 		os.Exit(2)
 	}
+	idleTimeout = time.Duration(*idle) * time.Second
 	ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", *port))
 	if err != nil {
 		log.Fatalf("echo_server: %v", err)
@@ -60,6 +68,9 @@ func serve(c net.Conn) {
 	defer c.Close()
 	buf := make([]byte, bufferBytes)
 	for {
+		if err := c.SetReadDeadline(time.Now().Add(idleTimeout)); err != nil {
+			return
+		}
 		n, err := c.Read(buf)
 		if n > 0 {
 			if _, werr := c.Write(buf[:n]); werr != nil {
