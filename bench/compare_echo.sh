@@ -156,6 +156,14 @@ start_server() {
 
 stop_server() { reap "$SERVER_PID"; }
 
+# server_failed NAME WHY: stops the script with the server's log, rather
+# than print a table with a broken run in it.
+server_failed() {
+  note "$1: $2; its log:"
+  cat "$WORK/$1.$PORT.log" >&2
+  exit 1
+}
+
 # utime+stime of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat;
 # the command name in field 2 may hold spaces, so split after its ')').
 cpu_ticks() {
@@ -194,10 +202,18 @@ load_run() {
   limit=$(awk -v s="$RUN_SECONDS" -v w="$WARMUP" 'BEGIN {printf "%d", s + w + 60}')
   c0=$(cpu_ticks "$SERVER_PID")
   s0=$(cpu_lines)
-  out=$(timeout "$limit" taskset -c 1 "$BIN/bench/echo_load" --port "$PORT" --conns "$conns" \
-        --seconds "$RUN_SECONDS" --warmup "$WARMUP" --size "$SIZE")
+  if ! out=$(timeout "$limit" taskset -c 1 "$BIN/bench/echo_load" --port "$PORT" --conns "$conns" \
+        --seconds "$RUN_SECONDS" --warmup "$WARMUP" --size "$SIZE"); then
+    server_failed "$name" "echo_load failed at C=$conns (run $run)"
+  fi
   s1=$(cpu_lines)
+  # A server that died during the run has no /proc entry to sample: its row
+  # would show a negative or zero CPU per request, not a failure.
+  kill -0 "$SERVER_PID" 2>/dev/null || server_failed "$name" "exited during the run at C=$conns"
   c1=$(cpu_ticks "$SERVER_PID")
+  if ! [[ $(field total_requests "$out") =~ ^[1-9][0-9]*$ ]]; then
+    server_failed "$name" "no request completed at C=$conns: ${out:-<no output>}"
+  fi
   echo "  $name run $run: $out" >&2
   awk -v n="$name" -v c="$conns" -v r="$run" -v rps="$(field rps "$out")" \
       -v p99="$(field p99_us "$out")" -v dc="$((c1 - c0))" -v tck="$CLK_TCK" \
