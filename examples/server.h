@@ -102,9 +102,10 @@ int listen_and_serve(const char* who, const flags& f, F on_conn) {
         (void)weft::this_fiber::sleep_for(1ms);
         continue;
       }
-      weft::spawn([c = std::move(*c), on_conn]() mutable { on_conn(std::move(c)); },
-                  {.name = who, .worker = next})
-          .detach();
+      // weft::go: nobody joins a connection's fiber, so it needs no join
+      // state (a goroutine per connection, as in bench/peers/go/echo).
+      weft::go([c = std::move(*c), on_conn]() mutable { on_conn(std::move(c)); },
+               {.name = who, .worker = next});
       next = (next + 1) % int(weft::worker_count());
     }
   }, {.name = "acceptor"});
