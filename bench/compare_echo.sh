@@ -36,6 +36,9 @@
 #
 # Quick run:  ECHO_SECONDS=1 ECHO_WARMUP=0.5 ECHO_RUNS=1 ECHO_IDLE=1000 bench/compare_echo.sh
 set -euo pipefail
+# WEFT_WORKERS overrides --workers (runtime/runtime.cc): one left in the
+# environment would give the weft servers more workers than Go's one P.
+unset WEFT_WORKERS
 
 cd "$(dirname "$0")/.."
 
