@@ -4,7 +4,7 @@
 //
 // Guards against regressions in: spawning and joining (spawn_join,
 // spawn_join_handles), deep
-// fan-out/fan-in (skynet), the cost of a switch through the scheduler
+// fan-out/fan-in (skynet, skynet_handles), the cost of a switch through the scheduler
 // (yield, two fibers taking turns on one worker), memory per parked fiber
 // (idle_memory, idle_memory_small), and channels and locks (pingpong,
 // fanin, mutex).
@@ -117,6 +117,35 @@ int skynet() {
   });
   if (sum != 499'999'500'000L) return 1;
   report("skynet", 1'000'000, ns / 1e6, "ms");
+  return 0;
+}
+
+// skynet_handles: the same tree the way weft code returns values: each
+// parent keeps a join_handle per child and sums what join() returns; the
+// root runs on the main fiber (no Go peer: a goroutine has no handle).
+long skynet_handles_node(long num, long size, long div) {
+  if (size == 1) return num;
+  std::vector<weft::join_handle<long>> kids;
+  kids.reserve(div);
+  long sub = size / div;
+  for (long i = 0; i < div; ++i)
+    kids.push_back(weft::spawn([=] { return skynet_handles_node(num + i * sub, sub, div); },
+                               {.stack_size = 16 * 1024}));
+  long sum = 0;
+  for (auto& k : kids) sum += k.join();
+  return sum;
+}
+
+int skynet_handles() {
+  long sum = 0;
+  double ns = 0;
+  weft::run([&] {
+    auto t0 = bench_clock::now();
+    sum = skynet_handles_node(0, 1'000'000, 10);
+    ns = elapsed_ns(t0);
+  });
+  if (sum != 499'999'500'000L) return 1;
+  report("skynet_handles", 1'000'000, ns / 1e6, "ms");
   return 0;
 }
 
@@ -271,6 +300,7 @@ int main(int argc, char** argv) {
   if (w == "spawn_join") return spawn_join(N(1'000'000));
   if (w == "spawn_join_handles") return spawn_join_handles(N(1'000'000));
   if (w == "skynet") return skynet();
+  if (w == "skynet_handles") return skynet_handles();
   if (w == "yield") return yield_bench(N(5'000'000));
   if (w == "pingpong") return pingpong(N(1'000'000));
   if (w == "fanin") return fanin(N(5'000'000));
