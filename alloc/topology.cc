@@ -88,6 +88,14 @@ std::size_t count_distinct(const std::vector<pu>& pus, Field field) {
   return seen.size();
 }
 
+// This system, discovered without moving the calling thread: hwloc's x86
+// backend binds the thread to each CPU in turn to run cpuid there, which on
+// a loaded machine waits for every CPU's run queue (up to seconds at start
+// of weft::run, measured under load); Linux's sysfs backend, which stays,
+// reports the same packages, caches, cores and NUMA nodes.
+constexpr unsigned long kDiscoveryFlags =
+    HWLOC_TOPOLOGY_FLAG_IS_THISSYSTEM | HWLOC_TOPOLOGY_FLAG_DONT_CHANGE_BINDING;
+
 std::string errno_text(int err) { return std::system_category().message(err); }
 
 std::string no_restriction(hwloc_topology_t) { return {}; }
@@ -150,7 +158,8 @@ hwloc_topology_t binding_topology() {
   static hwloc_topology_t t = [] {
     hwloc_topology_t topo = nullptr;
     if (hwloc_topology_init(&topo) != 0) return hwloc_topology_t{nullptr};
-    if (hwloc_topology_load(topo) != 0) {
+    if (hwloc_topology_set_flags(topo, kDiscoveryFlags) != 0 ||
+        hwloc_topology_load(topo) != 0) {
       hwloc_topology_destroy(topo);
       return hwloc_topology_t{nullptr};
     }
@@ -175,7 +184,7 @@ std::error_code pin_with_affinity(unsigned os_index) {
 topology topology::discover() {
   auto pus = load_pus(
       [](hwloc_topology_t t) -> std::string {
-        if (hwloc_topology_set_flags(t, HWLOC_TOPOLOGY_FLAG_IS_THISSYSTEM) != 0)
+        if (hwloc_topology_set_flags(t, kDiscoveryFlags) != 0)
           return "hwloc_topology_set_flags failed: " + errno_text(errno);
         return {};
       },
