@@ -305,5 +305,56 @@ TEST(ChannelDeath, AChannelDestroyedWhileAFiberWaitsOnItIsReported) {
                "channel destroyed while fibers wait on it");
 }
 
+// With one worker, a fiber that parks has run its whole park step (its
+// record is in the channel's queue) before the worker runs anything else;
+// so waiting, with yields, until the runtime's park count moves is a
+// deterministic "it has parked", with no sleep.
+void YieldUntilAnotherFiberParked(std::uint64_t parks_before) {
+  while (stats().parks == parks_before) this_fiber::yield();
+}
+
+// Parked senders are served first come, first served, as Go's sendq: the
+// slot each receive frees goes to the oldest parked sender. (Per-producer
+// FIFO does not show this: one producer has one parked send at a time.)
+TEST(ChannelOrder, ParkedSendersAreServedInTheOrderTheyParked) {
+  weft::run([] {
+    channel<int> ch(1);
+    ASSERT_TRUE(ch.send(0));  // the buffer is full from here on
+    std::vector<join_handle<void>> senders;
+    for (int i = 1; i <= 5; ++i) {
+      std::uint64_t parks = stats().parks;
+      senders.push_back(spawn([&ch, i] { EXPECT_TRUE(ch.send(i)); }));
+      YieldUntilAnotherFiberParked(parks);
+    }
+    for (int i = 0; i <= 5; ++i) EXPECT_EQ(ch.recv(), i);
+    for (auto& s : senders) s.join();
+  }, {.workers = 1});
+}
+
+// The receive that frees a slot moves the first parked sender's value into
+// it, and that send is complete then: it does not wait for a second
+// receive to take its value (Go's chanrecv does the same).
+TEST(ChannelOrder, AReceiveThatFreesASlotCompletesTheFirstParkedSend) {
+  weft::run([] {
+    channel<int> ch(1);
+    ASSERT_TRUE(ch.send(1));
+    std::atomic<bool> sent{false};
+    std::uint64_t parks = stats().parks;
+    auto s = spawn([&] {
+      EXPECT_TRUE(ch.send(2));
+      sent = true;
+    });
+    YieldUntilAnotherFiberParked(parks);
+    EXPECT_EQ(ch.recv(), 1);
+    EXPECT_EQ(ch.size(), 1u) << "the parked sender's value did not move into the freed slot";
+    for (int i = 0; i < 100 && !sent; ++i) this_fiber::yield();  // let the sender finish
+    EXPECT_TRUE(sent) << "the send still waits, though its value could be buffered";
+    auto v = ch.try_recv();
+    ASSERT_TRUE(v);
+    EXPECT_EQ(*v, 2);
+    s.join();
+  }, {.workers = 1});
+}
+
 }  // namespace
 }  // namespace weft
