@@ -729,5 +729,37 @@ TEST(FiberDeath, NoDeadlockReportWhileATimerIsPending) {
             3);
 }
 
+// A fiber woken by a plain thread goes to the inject queue. Every 61st
+// tick a worker looks there before its own queue (Go's schedtick % 61), so
+// that fiber runs even while the only worker's own queue never empties (a
+// fiber yielding in a loop). The bound, 10000 yields after the wake, is
+// far above 61 ticks; without the rule the yields would go on forever.
+TEST(FiberFairness, AFiberWokenByAPlainThreadRunsWhileItsWorkerNeverRunsDry) {
+  weft::run([] {
+    channel<int> ch(0);
+    std::atomic<bool> received{false};
+    std::uint64_t parks = stats().parks;
+    auto receiver = spawn([&] {
+      EXPECT_EQ(ch.recv(), 7);
+      received = true;
+    });
+    while (stats().parks == parks) this_fiber::yield();  // it is parked in recv
+    std::atomic<bool> sent{false};
+    std::thread waker([&, ref = outside_ref()] {
+      EXPECT_TRUE(ch.send(7));  // hands 7 over and readies the receiver
+      sent = true;
+    });
+    long yields_after_send = 0;
+    while (!received && yields_after_send < 10'000) {
+      this_fiber::yield();
+      if (sent) ++yields_after_send;
+    }
+    EXPECT_TRUE(received) << "the woken fiber did not run in " << yields_after_send
+                          << " yields of the only other fiber";
+    waker.join();
+    receiver.join();  // parks: now the worker runs dry and takes it anyway
+  }, {.workers = 1});
+}
+
 }  // namespace
 }  // namespace weft
