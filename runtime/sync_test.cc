@@ -3,6 +3,9 @@
 // kind of wait woken by a stop request and by a deadline.
 #include "runtime/sync.h"
 
+#include <pthread.h>
+#include <sched.h>
+
 #include <atomic>
 #include <deque>
 #include <functional>
@@ -406,6 +409,57 @@ TEST(SyncThreads, PlainThreadsWaitWithDeadlinesWithoutARuntime) {
     EXPECT_TRUE(cv.wait(lk, [&] { return ready; }, deadline(10s)));
   }
   t.join();
+}
+
+// condition_variable::wait releases the user's mutex before it parks. A
+// notify that lands between the two (no waiter is queued yet) must not be
+// lost: wait() reads seq_ before unlocking and compares it before parking.
+// To land a notify there every time, the waiter is a plain thread running
+// SCHED_IDLE on the CPU of the only worker, and the notifier a fiber parked
+// on the mutex: the waiter's unlock wakes the worker, which preempts it at
+// once and runs the notifier before the waiter gets to park. (Where the
+// scheduler does not preempt, the window is rarely hit and the test passes
+// without showing anything; it cannot fail on correct code.)
+TEST(SyncThreads, ANotifyBetweenTheWaitersUnlockAndItsParkIsNotLost) {
+  weft::run([] {
+    mutex mu;
+    condition_variable cv;
+    int turn = 0;  // guarded by mu: 1 once the fiber notified
+    std::atomic<int> holds{-1};  // the round in which the thread holds mu
+    int lost = 0;                // the thread's; read after join
+    constexpr int kRounds = 20;
+    int cpu = sched_getcpu();    // the worker's (pinned) CPU
+    std::thread waiter([&, ref = outside_ref()] {
+      cpu_set_t set;
+      CPU_ZERO(&set);
+      CPU_SET(cpu, &set);
+      (void)pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+      sched_param none{};
+      (void)pthread_setschedparam(pthread_self(), SCHED_IDLE, &none);
+      for (int r = 0; r < kRounds && lost == 0; ++r) {
+        std::unique_lock lk(mu);
+        turn = 0;
+        holds = r;
+        std::this_thread::sleep_for(5ms);  // the fiber parks on mu meanwhile
+        while (turn != 1)
+          if (!cv.wait(lk, deadline(1s))) {  // the notify came long ago
+            ++lost;
+            break;
+          }
+      }
+      holds = kRounds;  // done (or gave up at the first lost notify)
+    });
+    for (int r = 0; r < kRounds; ++r) {
+      while (holds.load() != r && holds.load() != kRounds) (void)this_fiber::sleep_for(1ms);
+      if (holds.load() == kRounds) break;
+      std::unique_lock lk(mu);  // parks until the waiter's wait() unlocks
+      turn = 1;
+      lk.unlock();
+      cv.notify_one();
+    }
+    waiter.join();
+    EXPECT_EQ(lost, 0) << "notifies lost between the waiter's unlock and its park";
+  }, {.workers = 1});
 }
 
 }  // namespace
