@@ -14,6 +14,7 @@
 
 #include "alloc/arena.h"
 #include "io/socket_test_util.h"
+#include "runtime/channel.h"
 #include "runtime/net.h"
 #include "runtime/weft.h"
 #include "sched/worker.h"
@@ -394,6 +395,33 @@ TEST_P(Sockets, StopCancelsAFiberParkedInConnect) {
     (void)this_fiber::sleep_for(20ms);
     h.request_stop();
     EXPECT_EQ(h.join(), std::errc::operation_canceled);
+  });
+}
+
+// A write that cannot complete (the peer never reads, so both socket
+// buffers fill) gives up at its deadline with timed_out, as a read does.
+TEST_P(Sockets, WriteDeadlineFiresWithTimedOut) {
+  Run([&] {
+    auto [c, s] = connected_pair();  // s never reads
+    channel<std::error_code> result(1);
+    auto writer = spawn([&] {
+      std::vector<char> chunk(64 * 1024, 'x');
+      for (;;) {  // each write has its own deadline; the one that parks times out
+        auto n = c.write(chunk, deadline(100ms));
+        if (!n) {
+          (void)result.try_send(n.error());
+          return;
+        }
+      }
+    });
+    auto r = result.recv(deadline(10s));
+    if (!r) {
+      ADD_FAILURE() << "a write parked on a full buffer ignored its deadline";
+      (void)c.close();  // wakes it with EBADF
+    } else {
+      EXPECT_EQ(*r, std::errc::timed_out);
+    }
+    writer.join();
   });
 }
 
