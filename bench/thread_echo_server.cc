@@ -8,9 +8,10 @@
 //
 // Usage: thread_echo_server --port N [--idle S]   (listens on 127.0.0.1 only)
 //
-// A peer that sends nothing for --idle seconds (30) is dropped, as
-// examples/echo_server and the Go peer do (SO_RCVTIMEO: a recv() that
-// waits that long fails with EAGAIN), so every server has an idle timeout.
+// A peer that sends nothing, or reads nothing, for --idle seconds (30) is
+// dropped, as examples/echo_server and the Go peer do (SO_RCVTIMEO and
+// SO_SNDTIMEO: a recv() or send() that waits that long fails with EAGAIN),
+// so every server has an idle timeout.
 //
 // Invariants:
 //   - Each accepted socket is owned by exactly one detached thread, which
@@ -113,6 +114,7 @@ int listen_local(int port) {
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     timeval idle{idle_seconds, 0};
     ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &idle, sizeof idle);
+    ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &idle, sizeof idle);
     pthread_t t;
     int err = pthread_create(&t, &attr, serve, reinterpret_cast<void*>(intptr_t(fd)));
     if (err != 0) {

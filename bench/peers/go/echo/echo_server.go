@@ -3,9 +3,9 @@
 // The Go peer of the TCP echo comparison (bench/compare_echo.sh): one
 // goroutine per connection, each reading into its own 4 KiB buffer (the same
 // size as bench/thread_echo_server.cc) and writing back what it read, and
-// dropping a peer that sends nothing for --idle seconds (30), as
-// examples/echo_server does: each read has a deadline, so all three servers
-// pay for an idle timer per read. Go's netpoller does what weft's io driver
+// dropping a peer that sends nothing, or reads nothing, for --idle seconds
+// (30), as examples/echo_server does: each read and each write has a
+// deadline, so all three servers pay for an idle timer per request. Go's netpoller does what weft's io driver
 // does, so weft's CPU per request and memory per idle connection are read
 // as ratios to this server's.
 //
@@ -27,7 +27,7 @@ import (
 
 const bufferBytes = 4096
 
-// idleTimeout is the read deadline of every read (set once, in main).
+// idleTimeout is the deadline of every read and write (set once, in main).
 var idleTimeout = 30 * time.Second
 
 func main() {
@@ -68,7 +68,8 @@ func serve(c net.Conn) {
 	defer c.Close()
 	buf := make([]byte, bufferBytes)
 	for {
-		if err := c.SetReadDeadline(time.Now().Add(idleTimeout)); err != nil {
+		// Read and write: a peer that sends but never reads is dropped too.
+		if err := c.SetDeadline(time.Now().Add(idleTimeout)); err != nil {
 			return
 		}
 		n, err := c.Read(buf)
