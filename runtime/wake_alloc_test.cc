@@ -40,7 +40,21 @@ void* operator new(std::size_t n, std::align_val_t a) {
 void* operator new[](std::size_t n, std::align_val_t a) { return operator new(n, a); }
 void* operator new(std::size_t n, const std::nothrow_t&) noexcept { return counted_alloc(n, 0); }
 void* operator new[](std::size_t n, const std::nothrow_t&) noexcept { return counted_alloc(n, 0); }
-// The library's operator delete (all forms) calls free(), which matches.
+// Every form of operator delete is replaced too, with free(), so that the
+// pairs match for sanitizers that check them (ASan's own operator delete
+// would see a malloc). GCC's -Wmismatched-new-delete cannot see that these
+// replacements belong together and warns at inlined library call sites.
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
 
 namespace weft {
 namespace {
