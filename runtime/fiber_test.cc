@@ -1,6 +1,7 @@
 // runtime/fiber_test.cc — fibers through the public API: spawn, join,
 // yield, sleep, pinning, fiber-local storage, unwinding, and the two fatal
 // reports (stack overflow, deadlock).
+#include <fenv.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -11,6 +12,10 @@
 #include <stdexcept>
 #include <thread>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
 
 #include "runtime/channel.h"
 #include "runtime/net.h"
@@ -283,6 +288,43 @@ TEST(FiberYield, FibersTakeTurnsInOrderOnOneWorker) {
   ASSERT_EQ(first.size(), std::size_t(kFibers));
   for (std::size_t k = kFibers; k < order.size(); ++k)
     ASSERT_EQ(order[k], order[k % kFibers]) << "at turn " << k << ": " << ::testing::PrintToString(std::vector<int>(order.begin(), order.begin() + std::min<std::size_t>(order.size(), 24)));
+}
+
+// The floating-point control state (rounding mode: the x87 control word
+// and MXCSR, callee-saved in the SysV ABI) belongs to each fiber: the
+// switch saves and restores it (see *The switch itself* in
+// sched/context.cc), by a direct switch and through the loop alike.
+// fegetround() reads the x87 control word only; on x86-64, MXCSR's rounding
+// bits (13-14, the x87 ones shifted by 3) must agree with it.
+int rounding() {
+  int m = std::fegetround();
+#if defined(__x86_64__)
+  if (static_cast<int>((_mm_getcsr() >> 3) & 0xc00) != m) return -1;
+#endif
+  return m;
+}
+
+TEST(FiberSwitch, EachFiberKeepsItsRoundingMode) {
+  options o;
+  o.workers = 1;
+  std::atomic<int> bad{0};
+  run([&] {
+    const int modes[] = {FE_UPWARD, FE_DOWNWARD, FE_TOWARDZERO, FE_TONEAREST};
+    std::vector<join_handle<void>> hs;
+    for (int m : modes)
+      hs.push_back(spawn([m, &bad] {
+        std::fesetround(m);
+        for (int r = 0; r < 100; ++r) {
+          this_fiber::yield();
+          if (rounding() != m) bad.fetch_add(1, std::memory_order_relaxed);
+        }
+        (void)this_fiber::sleep_for(1ms);  // through the loop
+        if (rounding() != m) bad.fetch_add(1, std::memory_order_relaxed);
+        std::fesetround(FE_TONEAREST);
+      }));
+    for (auto& h : hs) h.join();
+  }, o);
+  EXPECT_EQ(bad.load(), 0);
 }
 
 TEST_P(Fibers, AnExceptionCrossesJoin) {
