@@ -330,24 +330,14 @@ void spend_budget() noexcept {
   if (!w || !w->current() || w->take_budget() || !w->coop_slice_over(clock::now())) return;
   // No unwind_point(): see park.h. A yield that stays in place (nothing
   // else runnable here) just starts a new budget.
-  if (w->yield_in_place()) {
-    w->refill_budget();
-    return;
-  }
-  w->switch_away(after_switch::yield, nullptr);
+  w->yield_current(std::source_location::current());
 }
 
 void yield(std::source_location where) {
   worker* w = current_worker();
   WEFT_CHECK(w && w->current(), "yield: called outside a fiber");
   unwind_point();
-  if (w->yield_in_place()) {
-    w->refill_budget();
-    return;
-  }
-  w->current()->park_file_.store(where.file_name(), std::memory_order_relaxed);  // relaxed: diagnostic
-  w->current()->park_line_.store(where.line(), std::memory_order_relaxed);
-  w->switch_away(after_switch::yield, nullptr);
+  w->yield_current(where);
 }
 
 }  // namespace weft::sched

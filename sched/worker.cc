@@ -191,9 +191,12 @@ void worker::run_fiber(fiber* f) {
 // worker then cost one switch per yield instead of two plus a loop pass.
 
 void worker::switch_away(after_switch what, const park_request* req) {
+  switch_to(what, req, what == after_switch::yield ? nullptr : take_handoff(current_));
+}
+
+void worker::switch_to(after_switch what, const park_request* req, fiber* to) {
   fiber* from = current_;
   pending_ = {what, from, req};
-  fiber* to = what == after_switch::yield ? take_yield_target(from) : take_handoff(from);
   if (to) {
     if (!to->stack_) sched_.bind_stack(to, index_);  // its first run
     current_ = to;
@@ -221,29 +224,54 @@ bool worker::handoff_stack_ok(const fiber* from, const fiber* to) const noexcept
          (to->stack_ || from->stack_.size() >= kHandoffMinStack);
 }
 
-// The fiber a yield switches to directly (see *Direct yield*), or null:
-// then the yield goes through the loop.
-fiber* worker::take_yield_target(const fiber* from) noexcept {
+// yield(): one pass over what the loop would look at next (see *Direct
+// yield*). Nothing else runnable here: the caller continues in place (the
+// loop would pick it again at once). The local queue's head is next: a
+// direct switch to it. Anything else (a tick with periodic duties, a due
+// timer, the LIFO slot, pinned fibers, the inbox): through the loop, which
+// orders those. Returns when the caller runs again, possibly on another
+// worker.
+static void record_where(fiber* f, const std::source_location& where) noexcept {
+  f->park_file_.store(where.file_name(), std::memory_order_relaxed);  // relaxed: diagnostic
+  f->park_line_.store(where.line(), std::memory_order_relaxed);
+}
+
+void worker::yield_current(const std::source_location& where) {
+  fiber* from = current_;
   std::uint32_t next = tick_ + 1;
-  if (next % kInjectInterval == 0 || next % kPollInterval == 0) return nullptr;
-  // relaxed: our own slot; the inbox flag is a hint (drain_inbox() orders).
-  if (lifo_.load(std::memory_order_relaxed) || pinned_head_ ||
-      inbox_nonempty_.load(std::memory_order_relaxed))
-    return nullptr;
-  if (timers_.size() != 0 && timers_.next_deadline() <= clock::now()) return nullptr;
-  fiber* to = local_.pop();
-  if (!to) return nullptr;
-  if (!handoff_stack_ok(from, to)) {
-    // The loop runs it next from the LIFO slot: empty (checked above), and
-    // only this worker fills it. release: publishes it to a thief's CAS,
-    // as in schedule_local(). It was the queue's head, so no LIFO streak
-    // may send it to the tail instead.
-    lifo_.store(reinterpret_cast<std::uintptr_t>(to), std::memory_order_release);
-    lifo_streak_ = 0;
-    return nullptr;
+  // relaxed: our own slot; the inbox flag is a hint (drain_inbox() orders;
+  // a push racing with this check is seen at the next tick).
+  bool loop_first = next % kInjectInterval == 0 || next % kPollInterval == 0 ||
+                    lifo_.load(std::memory_order_relaxed) || pinned_head_ ||
+                    inbox_nonempty_.load(std::memory_order_relaxed) ||
+                    (timers_.size() != 0 && timers_.next_deadline() <= clock::now());
+  if (!loop_first) {
+    if (local_.empty_approx()) {
+      if (sched_.inject_.empty_hint()) {
+        // In place. A tick with periodic duties goes through the loop,
+        // which counts it itself: only this path advances tick_ here.
+        tick_ = next;
+        worker_counters::bump(counters_.yields);
+        refill_budget();
+        return;
+      }
+    } else if (fiber* to = local_.pop()) {
+      if (handoff_stack_ok(from, to)) {
+        tick_ = next;
+        record_where(from, where);
+        switch_to(after_switch::yield, nullptr, to);
+        return;
+      }
+      // The loop runs it next from the LIFO slot: empty (checked above),
+      // and only this worker fills it. release: publishes it to a thief's
+      // CAS, as in schedule_local(). It was the queue's head, so no LIFO
+      // streak may send it to the tail instead.
+      lifo_.store(reinterpret_cast<std::uintptr_t>(to), std::memory_order_release);
+      lifo_streak_ = 0;
+    }
   }
-  tick_ = next;
-  return to;
+  record_where(from, where);
+  switch_to(after_switch::yield, nullptr, nullptr);
 }
 
 // The hot fiber in the LIFO slot, if a hand-off to it is allowed now.
@@ -637,29 +665,6 @@ void worker::sleep() {
   }
   worker_counters::bump(counters_.wakeups);
   sched_.wake_dozing_monitor();
-}
-
-// A yield is a trip through the loop; when that trip would find no other
-// fiber (nothing local, no timer due, nothing injected, and not a tick on
-// which the loop has periodic duties), it would resume the caller at once,
-// so the caller continues without the two switches. Fairness is the same:
-// any other runnable fiber here, or any periodic duty, sends it through
-// the loop.
-bool worker::yield_in_place() noexcept {
-  // A tick with periodic duties goes through the loop, which counts it
-  // itself: only a yield that stays in place advances tick_ here.
-  std::uint32_t next = tick_ + 1;
-  if (next % kInjectInterval == 0 || next % kPollInterval == 0) return false;
-  // relaxed: our own slot.
-  if (lifo_.load(std::memory_order_relaxed) || pinned_head_ || !local_.empty_approx())
-    return false;
-  // relaxed: a hint; a push racing with this check is seen at the next tick.
-  if (inbox_nonempty_.load(std::memory_order_relaxed)) return false;
-  if (!sched_.inject_.empty_hint()) return false;
-  if (timers_.size() != 0 && timers_.next_deadline() <= clock::now()) return false;
-  tick_ = next;
-  worker_counters::bump(counters_.yields);
-  return true;
 }
 
 }  // namespace weft::sched

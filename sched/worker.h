@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <latch>
 #include <memory>
+#include <source_location>
 #include <thread>
 #include <vector>
 
@@ -76,9 +77,10 @@ class worker {
   // Runs the step a fiber left for after its switch; every context that
   // resumes on this worker calls it first.
   void finish_switch();
-  // yield() with nothing else to run here: true if the caller may simply
-  // continue, because the loop would pick it again at once.
-  bool yield_in_place() noexcept;
+  // The running fiber yields (see *Direct yield* in worker.cc): continues
+  // in place, switches to the local queue's head, or goes through the loop.
+  // Returns when it runs again, possibly on another worker.
+  void yield_current(const std::source_location& where);
   // Fibers another worker could take from here (the LIFO slot unless
   // pinned, the local queue): any thread, a snapshot.
   bool has_stealable_work() const noexcept {
@@ -135,7 +137,7 @@ class worker {
   void run_fiber(fiber* f);
   void after_park(fiber* f, const park_request& req);
   fiber* take_handoff(const fiber* from) noexcept;
-  fiber* take_yield_target(const fiber* from) noexcept;
+  void switch_to(after_switch what, const park_request* req, fiber* to);
   bool handoff_stack_ok(const fiber* from, const fiber* to) const noexcept;
   fiber* take_lifo() noexcept;
   fiber* steal_lifo(unsigned v, worker& victim) noexcept;
