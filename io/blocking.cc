@@ -29,6 +29,7 @@
 #include <system_error>
 #include <thread>
 
+#include "sched/park.h"
 #include "sched/scheduler.h"
 
 namespace weft::io::detail {
@@ -120,6 +121,14 @@ pool& the_pool() {
 }  // namespace
 
 void run_on_pool(blocking_job& job, std::source_location where) {
+  // Not on a fiber (a pool thread, where fn itself called blocking(), or
+  // a plain thread): this thread may block, so the call runs right here.
+  // Queuing it and parking is impossible off a fiber, and a pool thread
+  // that waited for another pool thread could deadlock a full pool.
+  if (!sched::current_fiber()) {
+    job.run(&job);
+    return;
+  }
   sched::scheduler* s = sched::scheduler::instance();
   // SAFETY: job lives on this fiber's stack; the pool holds it until
   // complete(), and this fiber does not return before that.

@@ -10,12 +10,17 @@
 // The pool (io/blocking.cc) is bounded: it grows to WEFT_BLOCKING_THREADS
 // (default 64) threads while calls wait, and a thread idle for 10 s exits.
 //
+// Called off a fiber — inside another blocking() call's fn (a pool
+// thread), or on a plain thread — fn runs on the calling thread, which may
+// block: nested calls never wait for a pool thread, so a full pool cannot
+// deadlock on them.
+//
 // The park is not cancellable: fn runs on the caller's data, so the fiber
 // waits for it even after request_stop() (a stopped fiber returns from
 // blocking() only when fn has returned).
 //
 // Who calls what:
-//   blocking()   a fiber only
+//   blocking()   any thread; it parks only a fiber (see above)
 #pragma once
 
 #include <atomic>

@@ -1,5 +1,5 @@
 // io/blocking_test.cc — weft::blocking: results and exceptions come back to
-// the fiber, calls run in parallel on the pool, and the worker keeps
+// the fiber, calls run in parallel on the pool, the worker keeps
 // running other fibers meanwhile. Over worker counts {1, 2, 4}.
 #include <atomic>
 #include <stdexcept>
@@ -71,6 +71,49 @@ TEST_P(Blocking, TheWorkerRunsOtherFibersWhileACallBlocks) {
     release.store(true);
     h.join();
   });
+}
+
+// A blocking fn that itself calls blocking() (a library that wraps its
+// own slow calls) runs the inner call on its own pool thread: the pool
+// thread may block, and there is no fiber to park. More callers than the
+// pool has threads (64): were the inner calls queued for a free pool
+// thread, a full pool would wait for itself. Before, the inner call
+// parked off a fiber and aborted the process ("park: called outside a
+// fiber").
+TEST_P(Blocking, ACallMadeInsideABlockingCallRunsOnThatPoolThread) {
+  constexpr int kCalls = 100;
+  std::atomic<int> same_thread{0};
+  Run([&] {
+    std::vector<join_handle<int>> hs;
+    for (int i = 0; i < kCalls; ++i)
+      hs.push_back(spawn([&, i] {
+        return blocking([&, i] {
+          auto outer = std::this_thread::get_id();
+          std::this_thread::sleep_for(2ms);  // the pool fills up
+          return blocking([&, i] {
+            if (std::this_thread::get_id() == outer) same_thread.fetch_add(1);
+            return i + 1;
+          });
+        });
+      }));
+    for (int i = 0; i < kCalls; ++i) EXPECT_EQ(hs[i].join(), i + 1);
+  });
+  EXPECT_EQ(same_thread.load(), kCalls);
+}
+
+// A plain thread (not a worker) may call blocking() too, while the runtime
+// runs and outside it: fn runs on that thread. Before, it aborted the same
+// way (or crashed on the missing scheduler outside a runtime).
+TEST_P(Blocking, APlainThreadCanCallIt) {
+  int in_run = 0;
+  Run([&] {
+    std::thread t([&] { in_run = blocking([] { return 41; }) + 1; });
+    t.join();
+  });
+  EXPECT_EQ(in_run, 42);
+  int outside = 0;
+  std::thread([&] { outside = blocking([] { return 7; }); }).join();
+  EXPECT_EQ(outside, 7);
 }
 
 }  // namespace
