@@ -1,13 +1,18 @@
 // io/address.cc — socket_address: parsing and printing numeric IPv4/IPv6
-// addresses with a port, and Unix socket paths ("unix:/path"). No name
-// lookup (that goes through the blocking pool, as weft::resolve).
+// addresses with a port (IPv6 with an optional zone), and Unix socket
+// paths ("unix:/path"). to_string() prints what parse() reads back. No
+// name lookup (that goes through the blocking pool, as weft::resolve); a
+// zone names an interface by if_nametoindex().
 #include <arpa/inet.h>
+#include <net/if.h>
 #include <sys/un.h>
 
 #include <cstddef>
 
 #include <charconv>
+#include <cstdint>
 #include <cstring>
+#include <optional>
 
 #include "io/socket.h"
 
@@ -16,6 +21,24 @@ namespace {
 
 std::unexpected<std::error_code> invalid() {
   return std::unexpected(std::make_error_code(std::errc::invalid_argument));
+}
+
+// An IPv6 zone: a decimal interface index, or the name of an interface
+// this host has. Nothing else (an empty or unknown zone is an error, not
+// scope 0, which would silently mean "no interface").
+std::optional<std::uint32_t> parse_zone(std::string_view z) {
+  if (z.empty() || z.size() >= IF_NAMESIZE) return std::nullopt;
+  std::uint32_t idx = 0;
+  auto [end, ec] = std::from_chars(z.data(), z.data() + z.size(), idx);
+  if (ec == std::errc{} && end == z.data() + z.size()) {
+    if (idx == 0) return std::nullopt;
+    return idx;
+  }
+  char name[IF_NAMESIZE] = {};
+  std::memcpy(name, z.data(), z.size());
+  idx = if_nametoindex(name);
+  if (idx == 0) return std::nullopt;
+  return idx;
 }
 
 }  // namespace
@@ -53,6 +76,15 @@ result<socket_address> socket_address::parse(std::string_view text) {
   auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), p);
   if (port.empty() || ec != std::errc{} || end != port.data() + port.size() || p > 65535)
     return invalid();
+  // "[fe80::1%eth0]:7000": a link-local address's zone, an interface name
+  // or index (sin6_scope_id), as Go's and getaddrinfo's.
+  std::uint32_t scope = 0;
+  if (auto pct = host.find('%'); v6 && pct != std::string_view::npos) {
+    auto s = parse_zone(host.substr(pct + 1));
+    if (!s) return invalid();
+    scope = *s;
+    host = host.substr(0, pct);
+  }
   if (host.empty() || host.size() >= INET6_ADDRSTRLEN) return invalid();
   char h[INET6_ADDRSTRLEN] = {};
   std::memcpy(h, host.data(), host.size());
@@ -63,6 +95,7 @@ result<socket_address> socket_address::parse(std::string_view text) {
     if (inet_pton(AF_INET6, h, &s6->sin6_addr) != 1) return invalid();
     s6->sin6_family = AF_INET6;
     s6->sin6_port = htons(static_cast<std::uint16_t>(p));
+    s6->sin6_scope_id = scope;
     a.len_ = sizeof(sockaddr_in6);
   } else {
     auto* s4 = reinterpret_cast<sockaddr_in*>(&a.storage_);
@@ -97,8 +130,15 @@ std::string socket_address::to_string() const {
     return std::string(h) + ":" + std::to_string(port());
   }
   if (family() == AF_INET6) {
-    inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6*>(&storage_)->sin6_addr, h, sizeof h);
-    return "[" + std::string(h) + "]:" + std::to_string(port());
+    const auto* s6 = reinterpret_cast<const sockaddr_in6*>(&storage_);
+    inet_ntop(AF_INET6, &s6->sin6_addr, h, sizeof h);
+    std::string zone;  // the scope parse() reads back: a name, else the index
+    if (s6->sin6_scope_id != 0) {
+      char name[IF_NAMESIZE] = {};
+      zone = "%" + (if_indextoname(s6->sin6_scope_id, name) ? std::string(name)
+                                                            : std::to_string(s6->sin6_scope_id));
+    }
+    return "[" + std::string(h) + zone + "]:" + std::to_string(port());
   }
   if (family() == AF_UNIX) {
     const auto* su = reinterpret_cast<const sockaddr_un*>(&storage_);

@@ -60,7 +60,8 @@ struct deadline_arg {
 class socket_address {
  public:
   socket_address() = default;
-  // "127.0.0.1:7000", "[::1]:7000", "unix:/run/app.sock". Numeric only: no
+  // "127.0.0.1:7000", "[::1]:7000", "[fe80::1%eth0]:7000" (a zone: an
+  // interface name or index), "unix:/run/app.sock". Numeric only: no
   // name lookup. tcp_listener and tcp_stream take a "unix:" address for a
   // Unix stream socket (set_nodelay then fails: it is a TCP option).
   static result<socket_address> parse(std::string_view text);
@@ -68,7 +69,9 @@ class socket_address {
 
   int family() const noexcept { return storage_.ss_family; }
   int port() const noexcept;
-  std::string to_string() const;  // "127.0.0.1:7000" / "[::1]:7000" / "unix:/path"
+  // "127.0.0.1:7000" / "[fe80::1%lo]:7000" / "unix:/path": what parse()
+  // reads back.
+  std::string to_string() const;
   const sockaddr* get() const noexcept { return reinterpret_cast<const sockaddr*>(&storage_); }
   socklen_t size() const noexcept { return len_; }
 
