@@ -1,8 +1,8 @@
 // io/address.cc — socket_address: parsing and printing numeric IPv4/IPv6
 // addresses with a port (IPv6 with an optional zone), and Unix socket
-// paths ("unix:/path"). to_string() prints what parse() reads back. No
-// name lookup (that goes through the blocking pool, as weft::resolve); a
-// zone names an interface by if_nametoindex().
+// paths ("unix:/path", "unix:@abstract"). to_string() prints what parse()
+// reads back. No name lookup (that goes through the blocking pool, as
+// weft::resolve); a zone names an interface by if_nametoindex().
 #include <arpa/inet.h>
 #include <net/if.h>
 #include <sys/un.h>
@@ -44,16 +44,22 @@ std::optional<std::uint32_t> parse_zone(std::string_view z) {
 }  // namespace
 
 result<socket_address> socket_address::parse(std::string_view text) {
-  if (text.starts_with("unix:")) {  // "unix:/run/x.sock"
+  if (text.starts_with("unix:")) {  // "unix:/run/x.sock", "unix:@name"
     std::string_view path = text.substr(5);
     socket_address a;
     auto* su = reinterpret_cast<sockaddr_un*>(&a.storage_);
-    if (path.empty() || path.size() >= sizeof su->sun_path ||
+    // A path needs room for its NUL; an abstract name (Linux: '@' stands
+    // for the leading NUL) has none, and its length is the address's.
+    const bool abstract = path.starts_with('@');
+    if (path.size() < (abstract ? 2u : 1u) ||
+        path.size() > sizeof su->sun_path - (abstract ? 0 : 1) ||
         path.find('\0') != std::string_view::npos)
       return invalid();
     su->sun_family = AF_UNIX;
     std::memcpy(su->sun_path, path.data(), path.size());
-    a.len_ = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
+    if (abstract) su->sun_path[0] = '\0';
+    a.len_ = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() +
+                                    (abstract ? 0 : 1));
     return a;
   }
   std::string_view host, port;
@@ -143,6 +149,8 @@ std::string socket_address::to_string() const {
   if (family() == AF_UNIX) {
     const auto* su = reinterpret_cast<const sockaddr_un*>(&storage_);
     std::size_t n = len_ > offsetof(sockaddr_un, sun_path) ? len_ - offsetof(sockaddr_un, sun_path) : 0;
+    if (n > 1 && su->sun_path[0] == '\0')  // abstract: the name is all n - 1 bytes
+      return "unix:@" + std::string(su->sun_path + 1, n - 1);
     return "unix:" + std::string(su->sun_path, strnlen(su->sun_path, n));
   }
   return "(unspecified)";

@@ -61,16 +61,19 @@ class socket_address {
  public:
   socket_address() = default;
   // "127.0.0.1:7000", "[::1]:7000", "[fe80::1%eth0]:7000" (a zone: an
-  // interface name or index), "unix:/run/app.sock". Numeric only: no
-  // name lookup. tcp_listener and tcp_stream take a "unix:" address for a
-  // Unix stream socket (set_nodelay then fails: it is a TCP option).
+  // interface name or index), "unix:/run/app.sock", "unix:@name" (Linux's
+  // abstract namespace: '@' stands for the leading NUL). Numeric only: no
+  // name lookup. A Unix path longer than sun_path holds (107 bytes, 108
+  // for an abstract name) is invalid_argument, never truncated.
+  // tcp_listener and tcp_stream take a "unix:" address for a Unix stream
+  // socket (set_nodelay then fails: it is a TCP option).
   static result<socket_address> parse(std::string_view text);
   static socket_address from(const sockaddr* sa, socklen_t len);
 
   int family() const noexcept { return storage_.ss_family; }
   int port() const noexcept;
-  // "127.0.0.1:7000" / "[fe80::1%lo]:7000" / "unix:/path": what parse()
-  // reads back.
+  // "127.0.0.1:7000" / "[fe80::1%lo]:7000" / "unix:/path" / "unix:@name":
+  // what parse() reads back (an unnamed Unix socket prints as "unix:").
   std::string to_string() const;
   const sockaddr* get() const noexcept { return reinterpret_cast<const sockaddr*>(&storage_); }
   socklen_t size() const noexcept { return len_; }

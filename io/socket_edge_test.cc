@@ -1,13 +1,14 @@
 // io/socket_edge_test.cc — sockets at their edges: peer resets, EPIPE,
-// EMFILE, bad addresses, IPv6 (with zones), Unix and UDP sockets, name
-// resolution, 10,000 idle connections without receive buffers, pooled
-// reads when the pool runs out, and unwinding fibers parked in I/O. Every
-// test runs over worker counts {1, 2, 4} (tests/fixture.h) on 127.0.0.1
-// only.
+// EMFILE, bad addresses, IPv6 (with zones), Unix (paths and abstract
+// names) and UDP sockets, name resolution, 10,000 idle connections without
+// receive buffers, pooled reads when the pool runs out, and unwinding
+// fibers parked in I/O. Every test runs over worker counts {1, 2, 4}
+// (tests/fixture.h) on 127.0.0.1 only.
 #include <arpa/inet.h>
 #include <net/if.h>
 #include <netinet/in.h>
 #include <sys/resource.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -148,6 +149,36 @@ TEST_P(Sockets, Ipv6ZonesParseAndPrintBack) {
     if (!r) GTEST_SKIP() << "resolve of a link-local address: " << r.error().message();
     ASSERT_FALSE(r->empty());
     EXPECT_EQ(r->front().to_string(), "[fe80::1%lo]:80");
+  });
+}
+
+// Linux's abstract Unix namespace: "unix:@name" (no file; '@' stands for
+// the leading NUL byte), printed back the same way. Before, "@name" was a
+// relative path (bind() created a file of that name in the working
+// directory), and an abstract address from the kernel printed as "unix:",
+// which parse() rejects. A path too long for sun_path is an error, never
+// truncated.
+TEST_P(Sockets, AbstractUnixAddressesParsePrintBackAndEcho) {
+  const std::string name = "weft-abstract-" + std::to_string(::getpid()) + "-" +
+                           std::to_string(workers());
+  Run([&] {
+    auto ln = tcp_listener::bind("unix:@" + name);
+    ASSERT_TRUE(ln) << ln.error().message();
+    EXPECT_NE(::access(("@" + name).c_str(), F_OK), 0) << "a file was created for @" << name;
+    auto local = ln->local_address().value();
+    const auto* su = reinterpret_cast<const sockaddr_un*>(local.get());
+    EXPECT_EQ(su->sun_path[0], '\0');
+    EXPECT_EQ(local.to_string(), "unix:@" + name);
+    auto server = spawn_echo_server(*ln);
+    expect_echo_of(local.to_string(), "abstract");
+    server.request_stop();
+    server.join();
+
+    EXPECT_TRUE(socket_address::parse("unix:/" + std::string(106, 'p')));   // 107 + NUL
+    EXPECT_FALSE(socket_address::parse("unix:/" + std::string(107, 'p')));  // no room for NUL
+    EXPECT_TRUE(socket_address::parse("unix:@" + std::string(107, 'a')));   // NUL + 107
+    EXPECT_FALSE(socket_address::parse("unix:@" + std::string(108, 'a')));
+    EXPECT_EQ(socket_address::parse("unix:@").error(), std::errc::invalid_argument);
   });
 }
 
