@@ -329,10 +329,19 @@ result<std::vector<socket_address>> resolve(const std::string& host, int port) {
     addrinfo hints{};
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_NUMERICSERV | AI_ADDRCONFIG;
+    // A numeric host ("::1", "10.0.0.1", "fe80::1%eth0") is its own answer.
+    // Only a name gets AI_ADDRCONFIG (answers of the families this host has
+    // addresses of): glibc counts no loopback address, so on a host with
+    // IPv4 addresses only (a default Docker network) it refused "::1" with
+    // EAI_ADDRFAMILY, though [::1] is there to connect to.
+    hints.ai_flags = AI_NUMERICSERV | AI_NUMERICHOST;
     addrinfo* res = nullptr;
     std::string service = std::to_string(port);
     int rc = ::getaddrinfo(host.c_str(), service.c_str(), &hints, &res);
+    if (rc == EAI_NONAME) {  // not a numeric address: a name to look up
+      hints.ai_flags = AI_NUMERICSERV | AI_ADDRCONFIG;
+      rc = ::getaddrinfo(host.c_str(), service.c_str(), &hints, &res);
+    }
     if (rc == EAI_SYSTEM) return sys_error(errno);  // errno read right after the call
     if (rc != 0) return std::unexpected(std::error_code(rc, resolve_category()));
     std::vector<socket_address> out;
