@@ -6,6 +6,10 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#if defined(WEFT_ASAN)
+#include <sanitizer/asan_interface.h>
+#endif
+
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -82,6 +86,12 @@ std::expected<arena_block, std::error_code> map_arena(std::size_t bytes, int nod
       b.backing = page_backing::thp;
   }
   if (node_os >= 0) b.bind_error = prefer_node(b.base, b.size, static_cast<unsigned>(node_os));
+#if defined(WEFT_ASAN)
+  // Fresh memory: whatever ASan's shadow still says about these addresses
+  // (a fiber stack unmapped here before, say) is stale. The kernel writes
+  // received data into the arena, which ASan never sees as a write.
+  __asan_unpoison_memory_region(b.base, b.size);
+#endif
   return b;
 }
 

@@ -27,6 +27,10 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#if defined(WEFT_ASAN)
+#include <sanitizer/asan_interface.h>
+#endif
+
 #include <algorithm>
 #include <array>
 #include <bit>
@@ -290,6 +294,14 @@ stack_pool::impl::~impl() {
       const std::size_t span = r->span;  // r lives in the mapping
       // SAFETY: ~stack_pool checked that every stack was released, so no
       // fiber runs on this memory any more.
+#if defined(WEFT_ASAN)
+      // The frames that ran here left their redzone markings in ASan's
+      // shadow, which outlives the mapping: the next mapping at these
+      // addresses (another run's buffer arena, which the kernel fills with
+      // received data ASan never sees written) would read as a stack
+      // underflow.
+      __asan_unpoison_memory_region(r, span);
+#endif
       munmap(r, span);
       }
     }
