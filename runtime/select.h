@@ -63,11 +63,11 @@ struct select_case {
 
 inline constexpr int kSelectCancelled = -1;
 
-// A timer case: fires once `d` has passed since the select began waiting.
+// A timer case: fires once `d` has passed since the select began waiting;
+// never, if `d` is too long for the clock (nanoseconds::max()).
 template <typename Rep, typename Period>
 select_case after(std::chrono::duration<Rep, Period> d) {
-  return {.kind = detail::case_kind::after,
-          .when = clock::now() + std::chrono::duration_cast<clock::duration>(d)};
+  return {.kind = detail::case_kind::after, .when = detail::time_after(d)};
 }
 // A timer case that fires at a deadline.
 inline select_case after(deadline d) {

@@ -69,6 +69,47 @@ TEST_P(Select, AfterFiresWhenNoChannelBecomesReady) {
   });
 }
 
+// A duration too long for steady_clock's range (nanoseconds::max(),
+// seconds::max(): the usual ways to say "forever") is a deadline that never
+// comes, as a Go timer's saturating `when` and Tokio's far_future make it.
+// now() + duration_cast<nanoseconds>(d) overflowed instead (undefined;
+// GCC wraps it into the past), so such an after() fired at once, a wait
+// with such a deadline timed out at once and such a sleep returned at once.
+TEST_P(Select, AnAfterOrADeadlineTooFarToRepresentNeverComes) {
+  Run([] {
+    channel<int> ch(0);
+    std::optional<int> v;
+    EXPECT_EQ(select(ch.on_recv(v), after(std::chrono::nanoseconds::max()), select_default), 2);
+    EXPECT_EQ(select(ch.on_recv(v), after(std::chrono::seconds::max()), select_default), 2);
+    EXPECT_EQ(select(ch.on_recv(v), after(std::chrono::duration<double>(1e300)), select_default),
+              2);
+    EXPECT_TRUE(deadline(std::chrono::hours::max()).is_never());
+    EXPECT_TRUE(deadline(std::chrono::duration<double>(1e300)).is_never());
+    // Ordinary and negative durations keep their meaning.
+    EXPECT_FALSE(deadline(1h).is_never());
+    EXPECT_EQ(select(ch.on_recv(v), after(-1s), select_default), 1);
+    EXPECT_EQ(select(ch.on_recv(v), after(std::chrono::seconds::min()), select_default), 1);
+    EXPECT_EQ(select(ch.on_recv(v), after(std::chrono::duration<double>(-1e300)),
+                     select_default),
+              1);
+    // A parked wait and a sleep with such a deadline wait for their event.
+    auto sender = spawn([&] {
+      (void)this_fiber::sleep_for(2ms);
+      return ch.send(7);
+    });
+    auto r = ch.recv(deadline(std::chrono::seconds::max()));
+    ASSERT_TRUE(r.has_value()) << r.error().message();
+    EXPECT_EQ(*r, 7);
+    EXPECT_TRUE(sender.join());
+    auto sleeper = spawn([] { return this_fiber::sleep_for(std::chrono::hours::max()); });
+    (void)this_fiber::sleep_for(2ms);
+    sleeper.request_stop();
+    result<void> slept = sleeper.join();
+    ASSERT_FALSE(slept.has_value()) << "the sleep ended before the stop request";
+    EXPECT_EQ(slept.error(), std::errc::operation_canceled);
+  });
+}
+
 TEST_P(Select, AParkedSelectIsWokenByASenderOrAReceiver) {
   Run([] {
     channel<int> in(0), out(0);

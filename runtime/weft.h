@@ -47,14 +47,37 @@ inline std::unexpected<std::error_code> make_error(std::errc e) {
 
 using clock = std::chrono::steady_clock;
 
+namespace detail {
+// now() + d, saturated: a duration beyond what is left of steady_clock's
+// range (nanoseconds::max() or seconds::max() meaning "forever", or a huge
+// floating-point count) is time_point::max(), "never", as Go's timers and
+// Tokio's far_future treat it; one reaching before the clock's start is
+// now (already passed). A plain now() + duration_cast overflows (undefined
+// behaviour; in practice a deadline in the past, so "forever" timed out at
+// once). The bounds are compared in long double, which holds any integer
+// count's magnitude without overflow; a second of margin covers its
+// rounding.
+template <typename Rep, typename Period>
+clock::time_point time_after(std::chrono::duration<Rep, Period> d) noexcept {
+  using ld_ns = std::chrono::duration<long double, std::nano>;
+  clock::time_point now = clock::now();
+  long double want = ld_ns(d).count();
+  long double room = ld_ns(clock::time_point::max() - now - std::chrono::seconds(1)).count();
+  if (!(want < room)) return clock::time_point::max();  // also NaN
+  long double back = ld_ns(now.time_since_epoch()).count();
+  if (want <= -back) return now;
+  return now + std::chrono::duration_cast<clock::duration>(d);
+}
+}  // namespace detail
+
 // A point in time after which a parked operation gives up with timed_out.
+// A duration too long for the clock (nanoseconds::max()) means never.
 struct deadline {
   clock::time_point when = clock::time_point::max();
   deadline() = default;
   explicit deadline(clock::time_point t) : when(t) {}
   template <typename Rep, typename Period>
-  explicit deadline(std::chrono::duration<Rep, Period> d)
-      : when(clock::now() + std::chrono::duration_cast<clock::duration>(d)) {}
+  explicit deadline(std::chrono::duration<Rep, Period> d) : when(detail::time_after(d)) {}
   static deadline never() { return {}; }
   bool is_never() const { return when == clock::time_point::max(); }
 };
@@ -379,7 +402,7 @@ result<void> sleep_until(clock::time_point t,
 template <typename Rep, typename Period>
 result<void> sleep_for(std::chrono::duration<Rep, Period> d,
                        std::source_location where = std::source_location::current()) {
-  return sleep_until(clock::now() + std::chrono::duration_cast<clock::duration>(d), where);
+  return sleep_until(detail::time_after(d), where);  // saturated: see detail::time_after
 }
 std::uint64_t id();          // 0 outside a fiber
 std::string_view name();     // "" outside a fiber
