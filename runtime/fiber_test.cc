@@ -7,8 +7,11 @@
 
 #include <atomic>
 #include <cstdio>
+#include <exception>
+#include <functional>
 #include <mutex>
 #include <set>
+#include <string>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -335,6 +338,71 @@ TEST_P(Fibers, AnExceptionCrossesJoin) {
       ADD_FAILURE() << "join did not rethrow";
     } catch (const std::runtime_error& e) {
       EXPECT_STREQ(e.what(), "boom");
+    }
+  });
+}
+
+// The C++ runtime keeps, per thread, the exceptions being handled (what
+// `throw;` and std::current_exception() use) and the count of exceptions in
+// flight (std::uncaught_exceptions()). A fiber may park inside a catch
+// block (to log, to write an error reply) or inside a destructor that an
+// exception is running, then resume on another thread, while other fibers
+// throw and catch on the thread it left: that state must go with the
+// fiber. Here half the fibers park in a catch block and half in a
+// destructor run by their throw, all at once; each must then still see its
+// own exception and its own count. With the state left per thread, the
+// fibers of one worker see each other's (the last one caught, the sum of
+// the counts), and those that moved see another thread's.
+TEST_P(Fibers, AnExceptionBeingHandledOrInFlightStaysWithItsFiberAcrossParks) {
+  Run([] {
+    constexpr int kFibers = 6;
+    auto what_of = [](std::exception_ptr p) -> std::string {
+      if (!p) return "(none)";
+      try {
+        std::rethrow_exception(p);
+      } catch (const std::exception& e) {
+        return e.what();
+      }
+    };
+    for (int round = 0; round < 10; ++round) {
+      latch inside(kFibers);  // every fiber is in its handler or destructor
+      std::vector<join_handle<void>> hs;
+      for (int i = 0; i < kFibers; ++i)
+        hs.push_back(spawn([&, i] {
+          std::string mine = "fiber " + std::to_string(i);
+          auto park_inside = [&] {
+            inside.count_down();
+            ASSERT_TRUE(inside.wait());
+            (void)this_fiber::sleep_for(std::chrono::microseconds(30 * (kFibers - i)));
+          };
+          if (i % 2 == 0) {
+            try {
+              throw std::runtime_error(mine);
+            } catch (...) {
+              park_inside();
+              EXPECT_EQ(what_of(std::current_exception()), mine);
+              EXPECT_EQ(std::uncaught_exceptions(), 0) << mine;
+            }
+          } else {
+            struct in_flight {
+              std::function<void()> check;
+              ~in_flight() { check(); }
+            };
+            try {
+              in_flight d{[&] {
+                park_inside();
+                EXPECT_EQ(std::uncaught_exceptions(), 1) << mine;
+                EXPECT_EQ(what_of(std::current_exception()), "(none)") << mine;
+              }};
+              throw std::runtime_error(mine);
+            } catch (const std::runtime_error& e) {
+              EXPECT_EQ(std::string(e.what()), mine);
+            }
+          }
+          EXPECT_EQ(std::uncaught_exceptions(), 0) << mine;
+          EXPECT_EQ(what_of(std::current_exception()), "(none)") << mine;
+        }));
+      for (auto& h : hs) h.join();
     }
   });
 }

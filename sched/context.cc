@@ -1,7 +1,22 @@
 // sched/context.cc — the only file that includes Boost.Context, and the only
 // place a stack switch happens. See sched/context.h.
+//
+// *Exception state*: the C++ runtime keeps the stack of exceptions being
+// handled and the count of exceptions in flight in a per-thread record
+// (__cxa_eh_globals, returned by __cxa_get_globals()). A fiber may switch
+// away inside a catch block or inside a destructor that an exception is
+// running (a park there is ordinary code: logging, an error reply, a lock),
+// then resume on another thread, while other fibers throw and catch on the
+// thread it left. Left per thread, that record would mix them: `throw;`
+// and std::current_exception() would see another fiber's exception (or
+// none: `throw;` then calls std::terminate), __cxa_end_catch would end
+// another fiber's handler and free its exception, and
+// std::uncaught_exceptions() would count other fibers' throws. So every
+// switch saves the record into the context it leaves and installs the one
+// of the context it resumes, as if each context had its own thread.
 #include "sched/context.h"
 
+#include <cxxabi.h>
 #include <pthread.h>
 
 #include <boost/context/detail/fcontext.hpp>
@@ -13,6 +28,12 @@
 #endif
 #if defined(WEFT_TSAN)
 #include <sanitizer/tsan_interface.h>
+#endif
+
+// eh_state (context.h) mirrors the two-field __cxa_eh_globals of the
+// generic Itanium ABI; the ARM EH ABI adds a field.
+#if defined(__ARM_EABI_UNWINDER__)
+#error "sched/context.cc: eh_state does not mirror __cxa_eh_globals under the ARM EH ABI"
 #endif
 
 namespace bctx = boost::context::detail;
@@ -135,6 +156,16 @@ void make_fiber_context(exec_context& ctx, std::byte* lo, std::byte* hi,
 void switch_context(exec_context& from, exec_context& to,
                     [[maybe_unused]] bool final) {
   switch_record rec{&from, &to};
+  // *Exception state*. Read once, before the jump (and before the sanitizer
+  // hooks, which want nothing between them and the jump): the function is
+  // declared const, so a call after the jump could be folded into this one
+  // and name the thread we left. Whoever resumes us installs ours on its
+  // thread in the same way.
+  // SAFETY: eh_state mirrors __cxa_eh_globals on this ABI (x86-64 Linux:
+  // no ARM EHABI propagating list), as the Itanium C++ ABI lays it out.
+  auto* eh = reinterpret_cast<eh_state*>(abi::__cxa_get_globals());
+  from.eh = *eh;
+  *eh = to.eh;
 #if defined(WEFT_ASAN)
   __sanitizer_start_switch_fiber(final ? nullptr : &from.asan_fake_stack,
                                  to.stack_lo, to.stack_size);

@@ -21,10 +21,21 @@
 
 namespace weft::sched {
 
+// The C++ runtime's per-thread exception state (the Itanium C++ ABI's
+// __cxa_eh_globals, 2.2.2: the exceptions being handled, which `throw;`
+// and std::current_exception() use, and std::uncaught_exceptions()). It
+// belongs to whatever runs on the thread, so each context keeps its own
+// while suspended: see *Exception state* in context.cc.
+struct eh_state {
+  void* caught = nullptr;    // __cxa_eh_globals::caughtExceptions
+  unsigned int uncaught = 0;  // __cxa_eh_globals::uncaughtExceptions
+};
+
 struct exec_context {
   void* fctx = nullptr;             // suspended Boost.Context handle
   void (*entry)(void*) = nullptr;   // a fiber's body, run on its first resume
   void* entry_arg = nullptr;
+  eh_state eh;                      // while suspended; see *Exception state*
   // Sanitizer state only in sanitizer builds: it is in every fiber's
   // control block, so it costs memory per fiber.
 #if defined(WEFT_ASAN)
@@ -48,8 +59,8 @@ void prepare_stack(std::byte* lo, std::byte* hi);
 void make_fiber_context(exec_context& ctx, std::byte* lo, std::byte* hi,
                         void (*entry)(void*), void* arg);
 
-// Suspends the running context into `from` and resumes `to`. Returns when
-// some thread switches back to `from`. `final` means `from` will never be
+// Suspends the running context into `from` and resumes `to`, each with its
+// own exception state. Returns when some thread switches back to `from`. `final` means `from` will never be
 // resumed (a fiber exiting): its sanitizer state is released.
 void switch_context(exec_context& from, exec_context& to, bool final = false);
 
