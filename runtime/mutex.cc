@@ -42,6 +42,15 @@
 // freed by the unwinding code while another fiber unlocks it is not
 // covered.)
 //
+// *Unwinding*: while the runtime unwinds a fiber (after main returned),
+// its parks end at once with `cancelled`, and a lock() that has to park
+// throws fiber_unwind, as any parking call does. Not inside a destructor
+// that an exception is running (the unwind itself runs the fiber's
+// destructors, and a session may lock a registry there to leave it): a
+// throw there is std::terminate, so lock() keeps waiting, as std::mutex
+// would, parking again and again (each park a trip through the scheduler,
+// so the holder, unwinding too or not a fiber, runs and unlocks).
+//
 // *Starvation*: a woken waiter that fails to take the lock after having
 // waited more than kStarvationThreshold sets kStarving. From then on
 // unlock hands the lock to the oldest waiter (kLocked stays set, so
@@ -89,10 +98,13 @@ bool mutex::spin_then_try(bool woken) noexcept {
   return false;
 }
 
-// Registers and parks once. True if the lock was handed over or taken.
+// Registers and parks once: acquired if the lock was handed over or taken;
+// woken if an unlocker woke us to compete (kWoken is ours); unwound if the
+// park ended because the runtime unwinds this fiber, inside a destructor
+// (elsewhere that throws fiber_unwind; see *Unwinding*).
 // `requeue`: the caller is the woken waiter, which lost the race.
-bool mutex::park_once(bool requeue, clock::time_point since,
-                      const std::source_location& where) {
+mutex::park_end mutex::park_once(bool requeue, clock::time_point since,
+                                 const std::source_location& where) {
   std::uint32_t clear = requeue ? kWoken : 0;
   bool starving = requeue && clock::now() - since > kStarvationThreshold;
   lk_.lock();
@@ -101,7 +113,7 @@ bool mutex::park_once(bool requeue, clock::time_point since,
     if (!(s & kLocked)) {
       if (try_acquire(s, clear)) {
         lk_.unlock();
-        return true;
+        return park_end::acquired;
       }
       s = state_.load(std::memory_order_relaxed);  // relaxed: as above
       continue;
@@ -130,8 +142,10 @@ bool mutex::park_once(bool requeue, clock::time_point since,
         c->m->lk_.unlock();
       },
       &c, {.cancellable = false, .what = "mutex lock", .where = where});
-  if (r == detail::wake_reason::notified) return w.handed;
-  // Only when the runtime unwinds (the park is not cancellable).
+  if (r == detail::wake_reason::notified) return w.handed ? park_end::acquired : park_end::woken;
+  // Only when the runtime unwinds (the park is not cancellable). The
+  // unwinder's claim won, so no unlocker woke us: kWoken is not ours (a
+  // requeued waiter gave it up in its registration CAS).
   lk_.lock();
   if (w.linked) {
     detail::unlink(q_, &w);
@@ -139,7 +153,7 @@ bool mutex::park_once(bool requeue, clock::time_point since,
   }
   lk_.unlock();
   sched::unwind_point();
-  return false;
+  return park_end::unwound;
 }
 
 void mutex::lock_slow(const std::source_location& where) {
@@ -147,10 +161,17 @@ void mutex::lock_slow(const std::source_location& where) {
   auto since = clock::now();
   bool requeue = false;
   for (;;) {
-    if (park_once(requeue, since, where)) return;
-    // Woken to compete (kWoken is set for us).
-    if (spin_then_try(true)) return;
-    requeue = true;
+    switch (park_once(requeue, since, where)) {
+      case park_end::acquired: return;
+      case park_end::woken:  // to compete: kWoken is set for us
+        if (spin_then_try(true)) return;
+        requeue = true;
+        break;
+      case park_end::unwound:  // a destructor the unwind runs: see *Unwinding*
+        if (spin_then_try(false)) return;
+        requeue = false;
+        break;
+    }
   }
 }
 

@@ -81,7 +81,8 @@ class mutex {
   void lock_slow(const std::source_location& where);
   void unlock_slow(std::uint32_t s) noexcept;
   bool spin_then_try(bool woken) noexcept;
-  bool park_once(bool requeue, clock::time_point since, const std::source_location& where);
+  enum class park_end : unsigned char { acquired, woken, unwound };
+  park_end park_once(bool requeue, clock::time_point since, const std::source_location& where);
   detail::waiter* pop_waiter(detail::wake_ticket& t) noexcept;
   void wake_one() noexcept;
   void hand_off() noexcept;

@@ -462,5 +462,52 @@ TEST(SyncThreads, ANotifyBetweenTheWaitersUnlockAndItsParkIsNotLost) {
   }, {.workers = 1});
 }
 
+
+// When main returns, the runtime unwinds the fibers still alive: their
+// parks throw fiber_unwind, so their destructors run. A destructor that
+// takes a lock someone else holds (a session leaving a shared registry)
+// must wait for it, as with std::mutex: lock(), lock_shared() and
+// call_once() cannot fail. Their parks return at once while the fiber
+// unwinds, and they threw fiber_unwind out of the destructor that this same
+// exception was running: std::terminate. Here the holder is a plain
+// thread, so the locks are held whatever order the runtime unwinds in.
+TEST(SyncThreads, DestructorsRunByTheUnwindWaitForLocksHeldElsewhere) {
+  mutex mu;
+  shared_mutex smu;
+  once_flag once;
+  std::atomic<bool> held{false};
+  std::atomic<int> done{0};  // destructors that got their lock
+  std::thread holder;
+  weft::run(
+      [&] {
+        holder = std::thread([&, ref = outside_ref()] {
+          std::lock_guard g(mu);
+          std::lock_guard g2(smu);
+          call_once(once, [&] {
+            held = true;
+            std::this_thread::sleep_for(20ms);
+          });
+        });
+        while (!held.load()) (void)this_fiber::sleep_for(100us);
+        for (int kind = 0; kind < 3; ++kind)
+          spawn([&, kind] {
+            struct session {
+              std::function<void()> leave;
+              ~session() { leave(); }
+            } s{[&, kind] {
+              if (kind == 0) std::lock_guard g(mu);
+              if (kind == 1) std::shared_lock g(smu);
+              if (kind == 2) call_once(once, [] { ADD_FAILURE() << "ran twice"; });
+              done.fetch_add(1);
+            }};
+            (void)this_fiber::sleep_for(1h);  // unwound from here
+          }).detach();
+        (void)this_fiber::sleep_for(1ms);  // the sessions park
+      },
+      {.workers = 1});
+  holder.join();
+  EXPECT_EQ(done.load(), 3);
+}
+
 }  // namespace
 }  // namespace weft

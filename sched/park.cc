@@ -58,6 +58,7 @@
 
 #include <sched.h>
 
+#include <exception>
 #include <utility>
 
 #include "alloc/check.h"
@@ -86,8 +87,11 @@ bool others_runnable_here() noexcept {
 void unwind_point() {
   fiber* f = current_fiber();
   // seq_cst: pairs with the store in force_unwind() / start_fiber(); see
-  // *Stopping a parked fiber*.
-  if (f && f->unwinding_.load(std::memory_order_seq_cst)) throw fiber_unwind{};
+  // *Stopping a parked fiber*. An exception already unwinding this fiber's
+  // stack (this is a destructor it runs; the count is the fiber's own, see
+  // *Exception state* in sched/context.cc): a throw would be std::terminate.
+  if (f && f->unwinding_.load(std::memory_order_seq_cst) && std::uncaught_exceptions() == 0)
+    throw fiber_unwind{};
 }
 
 wake_reason park(const park_request& req) {

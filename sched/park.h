@@ -65,7 +65,8 @@ struct fiber_unwind {};
 // record) and then call unwind_point() before returning
 // operation_canceled, so that a fiber the runtime is unwinding cannot loop
 // on a cancelled operation forever. A non-cancellable park can still return
-// `cancelled`, but only when the runtime unwinds.
+// `cancelled`, but only when the runtime unwinds; an operation that cannot
+// fail (a lock) then waits on, parking again, if unwind_point() returns.
 wake_reason park(const park_request& req);
 
 // Gives the worker to other runnable fibers; the caller stays runnable.
@@ -113,8 +114,11 @@ void request_stop(fiber* f) noexcept;
 // `cancelled`, and later parks throw fiber_unwind.
 void force_unwind(fiber* f) noexcept;
 
-// Throws fiber_unwind if the runtime is unwinding the calling fiber. For
-// operations that cannot report cancellation as a value.
+// Throws fiber_unwind if the runtime is unwinding the calling fiber, unless
+// an exception is already unwinding its stack (std::uncaught_exceptions():
+// the caller runs in a destructor, where a throw is std::terminate); the
+// operation then reports its cancellation as a value, or, if it cannot
+// fail, keeps waiting.
 void unwind_point();
 
 // *Stop states* — what a weft::stop_token points at: a fiber's stop flag
