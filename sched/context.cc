@@ -100,6 +100,19 @@ namespace weft::sched {
 
 namespace {
 
+// This thread's exception record (see *Exception state*), looked up once
+// per thread instead of calling into the C++ runtime at every switch. Read
+// only before a jump: a thread_local's address may be cached across the
+// jump by the compiler, and after it we may be on another thread.
+thread_local eh_state* tls_eh = nullptr;
+
+[[gnu::noinline]] eh_state* lookup_eh() noexcept {
+  // SAFETY: eh_state mirrors __cxa_eh_globals on this ABI (x86-64 Linux:
+  // no ARM EHABI propagating list), as the Itanium C++ ABI lays it out.
+  tls_eh = reinterpret_cast<eh_state*>(abi::__cxa_get_globals());
+  return tls_eh;
+}
+
 // Passed through every jump: the suspending side records its handle in
 // `from`; a fiber's first resume finds its body in `to`. Lives on the
 // switcher's stack, which stays intact until it is resumed.
@@ -156,14 +169,10 @@ void make_fiber_context(exec_context& ctx, std::byte* lo, std::byte* hi,
 void switch_context(exec_context& from, exec_context& to,
                     [[maybe_unused]] bool final) {
   switch_record rec{&from, &to};
-  // *Exception state*. Read once, before the jump (and before the sanitizer
-  // hooks, which want nothing between them and the jump): the function is
-  // declared const, so a call after the jump could be folded into this one
-  // and name the thread we left. Whoever resumes us installs ours on its
-  // thread in the same way.
-  // SAFETY: eh_state mirrors __cxa_eh_globals on this ABI (x86-64 Linux:
-  // no ARM EHABI propagating list), as the Itanium C++ ABI lays it out.
-  auto* eh = reinterpret_cast<eh_state*>(abi::__cxa_get_globals());
+  // *Exception state*: this thread's record, read before the jump (and
+  // before the sanitizer hooks, which want nothing between them and the
+  // jump); whoever resumes us installs ours on its thread the same way.
+  eh_state* eh = tls_eh ? tls_eh : lookup_eh();
   from.eh = *eh;
   *eh = to.eh;
 #if defined(WEFT_ASAN)
