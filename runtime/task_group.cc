@@ -5,11 +5,19 @@
 //     before the fiber exists; the child counts itself down after its
 //     callable was destroyed, as its last touch of the group, whether its
 //     body ran or the runtime discarded it unrun (task_group::child).
-//   - mu_ (a spinlock; nothing under it parks) guards children_, error_,
-//     exception_, stopping_ and failed_. A
-//     child adopted after stopping_ was set is asked to stop at once, so a
-//     failure racing with spawn() cannot miss a child.
+//   - mu_ (a spinlock; nothing under it parks) guards members_, error_,
+//     exception_, stopping_ and failed_.
+//   - members_ lists the children whose body is running: a child links its
+//     record (on its own stack) as its body starts and unlinks it as the
+//     body ends, before it counts down; so a fiber named in members_ is
+//     alive while mu_ is held, and request_stop() may act on it. A child
+//     that starts after stopping_ was set asks itself to stop at once, so
+//     a failure racing with spawn() cannot miss a child. Children never
+//     started hold no record: the runtime discards them only while it
+//     unwinds everything.
 #include "runtime/task_group.h"
+
+#include "sched/park.h"
 
 namespace weft {
 
@@ -24,16 +32,28 @@ task_group::~task_group() {
   pending_.wait_noexcept("task_group", std::source_location::current());
 }
 
-void task_group::adopt(join_handle<void> h) {
+void task_group::enter(member& m) noexcept {
+  auto* self = sched::current_fiber();
   std::lock_guard g(mu_);
-  if (stopping_) h.request_stop();
-  children_.push_back(std::move(h));
+  m.fiber = self;
+  m.next = members_;
+  if (members_) members_->prev = &m;
+  members_ = &m;
+  if (stopping_) sched::request_stop(self);
+}
+
+void task_group::leave(member& m) noexcept {
+  std::lock_guard g(mu_);
+  if (m.prev) m.prev->next = m.next; else members_ = m.next;
+  if (m.next) m.next->prev = m.prev;
 }
 
 void task_group::request_stop() {
   std::lock_guard g(mu_);
   stopping_ = true;
-  for (auto& h : children_) h.request_stop();
+  // SAFETY: a linked member's fiber is alive until it unlinks, under mu_.
+  for (member* m = members_; m; m = m->next)
+    sched::request_stop(static_cast<sched::fiber*>(m->fiber));
 }
 
 void task_group::fail(std::error_code ec, std::exception_ptr e) {
@@ -54,7 +74,6 @@ result<void> task_group::wait(std::source_location where) {
     (void)pending_.wait({}, "task_group", where, false);
   }
   std::lock_guard g(mu_);
-  children_.clear();  // every body has finished: dropping the handles detaches
   if (exception_) std::rethrow_exception(std::exchange(exception_, nullptr));
   if (failed_) return std::unexpected(error_);
   return r;

@@ -30,7 +30,6 @@
 #include <system_error>
 #include <type_traits>
 #include <utility>
-#include <vector>
 
 #include "alloc/spinlock.h"
 #include "runtime/sync.h"
@@ -59,7 +58,10 @@ class task_group {
     } guard{this};
     child<std::decay_t<F>> c(this, std::forward<F>(fn));
     guard.g = nullptr;
-    adopt(weft::spawn(std::move(c), opts));
+    // No join handle: the group keeps only its running children (members_),
+    // so a long-lived group (one child per connection) does not grow with
+    // every child it ever had.
+    (void)weft::go(std::move(c), opts);
   }
 
   // Waits for every child; the first failure, operation_canceled, or ok.
@@ -88,10 +90,16 @@ class task_group {
     child& operator=(child&&) = delete;
     ~child() { finish(); }
     void operator()() {
+      member m;
+      g_->enter(m);
       struct at_exit {
         child* c;
-        ~at_exit() { c->finish(); }  // also when the runtime unwinds the child
-      } end{this};
+        member* m;
+        ~at_exit() {  // also when the runtime unwinds the child
+          c->g_->leave(*m);
+          c->finish();
+        }
+      } end{this, &m};
       g_->run_child(*fn_);
     }
 
@@ -119,7 +127,14 @@ class task_group {
       fail({}, std::current_exception());
     }
   }
-  void adopt(join_handle<void> h);
+  // A child whose body is running, linked in members_ (on its own stack).
+  struct member {
+    void* fiber = nullptr;
+    member* prev = nullptr;
+    member* next = nullptr;
+  };
+  void enter(member& m) noexcept;  // the child, as its body starts
+  void leave(member& m) noexcept;  // the child, as its body ends
   void fail(std::error_code ec, std::exception_ptr e);
 
   detail::zero_waiter pending_{0};  // children not yet finished
@@ -127,7 +142,7 @@ class task_group {
   // it parks, so the destructor (which must not throw) cannot be caught in
   // a park when the runtime starts unwinding its fiber.
   weft::spinlock mu_;
-  std::vector<join_handle<void>> children_;
+  member* members_ = nullptr;  // running children
   std::error_code error_;
   std::exception_ptr exception_;
   bool stopping_ = false;
