@@ -31,6 +31,7 @@
 #include <source_location>
 #include <utility>
 
+#include "alloc/check.h"
 #include "runtime/wait_list.h"
 #include "runtime/weft.h"
 
@@ -145,7 +146,9 @@ class condition_variable {
 
 class semaphore {
  public:
-  explicit semaphore(std::ptrdiff_t initial = 0) : count_(initial) {}
+  explicit semaphore(std::ptrdiff_t initial = 0) : count_(initial) {
+    WEFT_CHECK(initial >= 0, "semaphore: negative initial count");
+  }
   semaphore(const semaphore&) = delete;
   semaphore& operator=(const semaphore&) = delete;
 
@@ -194,7 +197,10 @@ class zero_waiter {
 class latch {
  public:
   explicit latch(std::ptrdiff_t n) : z_(n) {}
-  void count_down(std::ptrdiff_t n = 1) { z_.add(-n, "weft::latch::count_down"); }
+  void count_down(std::ptrdiff_t n = 1) {
+    WEFT_CHECK(n >= 0, "latch::count_down: negative count (a latch only counts down)");
+    z_.add(-n, "weft::latch::count_down");
+  }
   bool try_wait() noexcept { return z_.is_zero(); }
   result<void> wait(deadline d = {},
                     std::source_location where = std::source_location::current()) {

@@ -511,3 +511,12 @@ TEST(SyncThreads, DestructorsRunByTheUnwindWaitForLocksHeldElsewhere) {
 
 }  // namespace
 }  // namespace weft
+
+// Counts that make no sense are refused with a message, not accepted (a
+// negative count_down would raise a latch; a negative semaphore would
+// need more releases than acquires to ever open).
+TEST(SyncDeath, NegativeCountsAreRefused) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH({ weft::latch l(1); l.count_down(-1); }, "latch::count_down: negative count");
+  EXPECT_DEATH({ weft::semaphore s(-1); }, "semaphore: negative initial count");
+}
