@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <string>
@@ -548,6 +549,31 @@ TEST_P(Fibers, AFiberLocalWhoseDestructorUsesANewerOneIsDestroyedOnce) {
     }).join();
   });
   EXPECT_EQ(g_fls_destroyed.load(), 1);
+}
+
+// A fiber_local that goes away gives its key back; the next one made takes
+// it over. A fiber that had a value for the old one never sees it through
+// the new one: the old value is destroyed when the new one is first used.
+std::atomic<int> g_fls_counted_destroyed{0};
+struct fls_counted {
+  int v = 0;
+  ~fls_counted() { g_fls_counted_destroyed.fetch_add(1); }
+};
+
+TEST_P(Fibers, AFiberLocalMadeAfterAnotherWentAwaySeesNoneOfItsValues) {
+  g_fls_counted_destroyed = 0;
+  Run([] {
+    spawn([] {
+      auto a = std::make_unique<fiber_local<fls_counted>>();
+      a->get().v = 42;
+      a.reset();
+      fiber_local<fls_counted> b;  // takes over a's key, a new generation
+      EXPECT_EQ(b.get().v, 0);
+      EXPECT_EQ(g_fls_counted_destroyed.load(), 1) << "a's value was not destroyed on reuse";
+      b.get().v = 5;
+    }).join();
+  });
+  EXPECT_EQ(g_fls_counted_destroyed.load(), 2);  // b's, at fiber exit
 }
 
 TEST_P(Fibers, FibersStillAliveWhenMainReturnsAreUnwound) {

@@ -143,9 +143,10 @@ void warn_unobserved(std::uint64_t id, std::exception_ptr e) noexcept {
                static_cast<unsigned long long>(id), what);
 }
 
-std::size_t fls_key() { return sched::fls_new_key(); }
+std::uint64_t fls_key() { return sched::fls_new_key(); }
+void fls_drop_key(std::uint64_t key) noexcept { sched::fls_free_key(key); }
 
-void*& fls_value(std::size_t key, void (*destroy)(void*)) {
+void*& fls_value(std::uint64_t key, void (*destroy)(void*)) {
   sched::fls_slot& s = sched::fls_get(key);
   if (!s.destroy) s.destroy = destroy;
   return s.value;

@@ -411,18 +411,25 @@ bool stop_requested();
 }  // namespace this_fiber
 
 namespace detail {
-std::size_t fls_key();
+std::uint64_t fls_key();
+void fls_drop_key(std::uint64_t key) noexcept;
 // The calling fiber's slot for key. The reference is good only until the
 // fiber's next fls_value() with a key it has not used yet (the table grows).
-void*& fls_value(std::size_t key, void (*destroy)(void*));
+void*& fls_value(std::uint64_t key, void (*destroy)(void*));
 }  // namespace detail
 
 // A value per fiber: each fiber sees its own T, created on first get(),
 // destroyed when the fiber exits. It follows the fiber across workers.
+// When the fiber_local itself goes away, each fiber's value for it is
+// destroyed at that fiber's exit, or earlier, when the fiber first uses a
+// fiber_local made later that took over its key (see sched/fls.h).
 template <typename T>
 class fiber_local {
  public:
   fiber_local() : key_(detail::fls_key()) {}
+  ~fiber_local() { detail::fls_drop_key(key_); }
+  fiber_local(const fiber_local&) = delete;
+  fiber_local& operator=(const fiber_local&) = delete;
   T& get() {
     if (void* v = detail::fls_value(key_, &destroy)) return *static_cast<T*>(v);
     // T() may use a newer fiber_local, whose first use grows this fiber's
@@ -437,7 +444,7 @@ class fiber_local {
 
  private:
   static void destroy(void* p) { delete static_cast<T*>(p); }
-  std::size_t key_;
+  std::uint64_t key_;
 };
 
 }  // namespace weft

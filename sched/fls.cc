@@ -1,7 +1,7 @@
 // sched/fls.cc — see sched/fls.h.
 #include "sched/fls.h"
 
-#include <atomic>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -10,21 +10,66 @@
 
 namespace weft::sched {
 namespace {
-std::atomic<std::size_t> g_next_key{0};
 using table = std::vector<fls_slot>;
-}  // namespace
 
-std::size_t fls_new_key() noexcept {
-  return g_next_key.fetch_add(1, std::memory_order_relaxed);  // relaxed: unique keys only
+// The key allocator. Keys are made and dropped where fiber_locals are
+// (static initialization, or objects that hold one): rare, so a mutex.
+struct key_space {
+  std::mutex mu;
+  std::vector<std::uint32_t> gens;  // guarded by mu: per index, the last generation given
+  std::vector<std::uint32_t> free;  // guarded by mu: indices no fiber_local holds
+};
+key_space& keys() {
+  static key_space* k = new key_space;  // never destroyed: fiber_locals may outlive main
+  return *k;
 }
 
-fls_slot& fls_get(std::size_t key) {
+constexpr std::uint32_t key_index(std::uint64_t key) { return static_cast<std::uint32_t>(key); }
+constexpr std::uint32_t key_gen(std::uint64_t key) { return static_cast<std::uint32_t>(key >> 32); }
+}  // namespace
+
+std::uint64_t fls_new_key() {
+  key_space& k = keys();
+  std::lock_guard g(k.mu);
+  std::uint32_t i;
+  if (!k.free.empty()) {
+    i = k.free.back();
+    k.free.pop_back();
+  } else {
+    i = static_cast<std::uint32_t>(k.gens.size());
+    k.gens.push_back(0);
+  }
+  // Generation 0 is a fresh slot's: never a key's.
+  if (++k.gens[i] == 0) k.gens[i] = 1;
+  return std::uint64_t{k.gens[i]} << 32 | i;
+}
+
+void fls_free_key(std::uint64_t key) noexcept {
+  key_space& k = keys();
+  std::lock_guard g(k.mu);
+  k.free.push_back(key_index(key));
+}
+
+fls_slot& fls_get(std::uint64_t key) {
   fiber* f = current_fiber();
   WEFT_CHECK(f, "fiber_local: used outside a fiber");
   if (!f->fls_) f->fls_ = new table;
   auto& t = *static_cast<table*>(f->fls_);
-  if (t.size() <= key) t.resize(key + 1);
-  return t[key];
+  const std::uint32_t i = key_index(key), gen = key_gen(key);
+  if (t.size() <= i) t.resize(i + 1);
+  for (;;) {
+    fls_slot& s = t[i];
+    if (s.gen == gen) return s;
+    if (!s.value) {
+      s = {.gen = gen};
+      return s;
+    }
+    // A value of the index's previous owner, which no longer exists. Its
+    // destructor may use fiber-local storage (and grow the table): take
+    // it out first, look the slot up again after.
+    void* v = std::exchange(s.value, nullptr);
+    std::exchange(s.destroy, nullptr)(v);
+  }
 }
 
 void fls_destroy_all(fiber* f) noexcept {

@@ -3,28 +3,42 @@
 // Fiber-local storage. A value belongs to the fiber, not to the worker that
 // happens to run it, so it stays with the fiber when it migrates (which
 // thread_local cannot do; see *Migration* in DESIGN.md). Each fiber_local
-// instance owns a key; each fiber has a table of (value, destructor) slots
-// allocated on first use and destroyed, with every value, when it exits.
+// instance owns a key while it exists; each fiber has a table of
+// (value, destructor) slots allocated on first use and destroyed, with
+// every value, when it exits.
 //
-// Who calls what: every function, only from the fiber whose storage it is.
+// Keys. A key is a table index and a generation. A fiber_local that goes
+// away gives its index back and the next one to be made reuses it with a
+// new generation, so a fiber's table is as long as the most fiber_locals
+// that ever existed at once, not as the number ever made. A slot remembers
+// the generation of its value: a value left by a fiber_local that no
+// longer exists (in a fiber that used it) is destroyed when the fiber
+// first uses the index's new owner, or at fiber exit, whichever comes
+// first; it is never seen through the new key.
+//
+// Who calls what: fls_new_key(), fls_free_key() any thread; fls_get() and
+// fls_destroy_all() only from (or, at exit, for) the fiber whose storage it is.
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 #include "sched/fiber.h"
 
 namespace weft::sched {
 
-std::size_t fls_new_key() noexcept;
+std::uint64_t fls_new_key();
+void fls_free_key(std::uint64_t key) noexcept;
 // The slot of `key` in the calling fiber's table (created on demand). A
 // fresh slot holds {nullptr, nullptr}.
 struct fls_slot {
   void* value = nullptr;
   void (*destroy)(void*) = nullptr;
+  std::uint32_t gen = 0;  // the generation of the key that value belongs to
 };
 // The reference is good until the fiber's next fls_get() of a key beyond
 // the table's end (which grows it).
-fls_slot& fls_get(std::size_t key);
+fls_slot& fls_get(std::uint64_t key);
 void fls_destroy_all(fiber* f) noexcept;
 
 }  // namespace weft::sched
