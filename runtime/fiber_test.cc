@@ -576,6 +576,30 @@ TEST_P(Fibers, AFiberLocalMadeAfterAnotherWentAwaySeesNoneOfItsValues) {
   EXPECT_EQ(g_fls_counted_destroyed.load(), 2);  // b's, at fiber exit
 }
 
+// A fiber's locals are destroyed as it exits, before join() returns (as a
+// thread's thread_locals are before std::thread::join returns): a joiner
+// may then free what their destructors use. Here the destructor parks, so
+// the joiner would run first if join() were completed before it.
+std::atomic<int> g_fls_parking_destroyed{0};
+struct fls_parks_at_exit {
+  ~fls_parks_at_exit() {
+    (void)this_fiber::sleep_for(2ms);
+    g_fls_parking_destroyed.fetch_add(1);
+  }
+};
+
+TEST_P(Fibers, FiberLocalsAreDestroyedBeforeJoinReturns) {
+  static fiber_local<fls_parks_at_exit> d;
+  g_fls_parking_destroyed = 0;
+  Run([] {
+    for (int i = 1; i <= 3; ++i) {
+      spawn([] { (void)d.get(); }).join();
+      EXPECT_EQ(g_fls_parking_destroyed.load(), i);
+    }
+  });
+  EXPECT_EQ(g_fls_parking_destroyed.load(), 3);
+}
+
 TEST_P(Fibers, FibersStillAliveWhenMainReturnsAreUnwound) {
   static std::atomic<int> constructed, destroyed;
   constructed = 0;

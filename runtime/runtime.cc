@@ -143,6 +143,10 @@ void warn_unobserved(std::uint64_t id, std::exception_ptr e) noexcept {
                static_cast<unsigned long long>(id), what);
 }
 
+void destroy_fiber_locals() noexcept {
+  if (sched::fiber* f = sched::current_fiber()) sched::fls_destroy_all(f);
+}
+
 std::uint64_t fls_key() { return sched::fls_new_key(); }
 void fls_drop_key(std::uint64_t key) noexcept { sched::fls_free_key(key); }
 

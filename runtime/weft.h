@@ -230,6 +230,10 @@ void construct_or_abandon(void* fiber, Build&& build) {
 }
 bool current_fiber_unwinding() noexcept;
 std::uint64_t current_fiber_id() noexcept;
+// Destroys the calling fiber's fiber_local values now (they would be at
+// its exit anyway): a spawned fiber does this before it completes its
+// join state, so a joiner never runs ahead of their destructors.
+void destroy_fiber_locals() noexcept;
 void warn_unobserved(std::uint64_t id, std::exception_ptr e) noexcept;
 
 template <typename F, typename R>
@@ -247,20 +251,24 @@ struct spawned {
         st->set_value(self->fn());
       }
     } catch (...) {
-      // Only fiber_unwind goes on up (to fiber_main, which expects it); any
-      // other exception is the fiber's result, also while the runtime
-      // unwinds (a destructor or handler may throw one).
-      if (handling_fiber_unwind()) {  // the runtime unwinds this fiber
+      // fiber_unwind (the runtime unwinds this fiber: its frames are gone
+      // now) ends the fiber with no value; any other exception is the
+      // fiber's result, also while the runtime unwinds (a destructor or
+      // handler may throw one). Either way the rest happens after the
+      // handler, since destructors below may park, and a fiber must not
+      // park (and perhaps move to another thread) inside a catch handler.
+      if (handling_fiber_unwind())
         st->set_unwound();
-        finish(self, st);
-        throw;
-      }
-      st->set_exception(std::current_exception());
+      else
+        st->set_exception(std::current_exception());
     }
     finish(self, st);
   }
+  // The callable and then the fiber's locals are destroyed before the
+  // joiner is woken: what they use may go once join() returns.
   static void finish(spawned* self, join_state<R>* st) {
     self->~spawned();
+    destroy_fiber_locals();
     st->complete();
     st->release();
   }
@@ -419,7 +427,9 @@ void*& fls_value(std::uint64_t key, void (*destroy)(void*));
 }  // namespace detail
 
 // A value per fiber: each fiber sees its own T, created on first get(),
-// destroyed when the fiber exits. It follows the fiber across workers.
+// destroyed when the fiber exits (for a spawned fiber, before its join()
+// returns, as a thread's thread_locals are before std::thread::join
+// returns). It follows the fiber across workers.
 // When the fiber_local itself goes away, each fiber's value for it is
 // destroyed at that fiber's exit, or earlier, when the fiber first uses a
 // fiber_local made later that took over its key (see sched/fls.h).
