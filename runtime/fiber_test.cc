@@ -23,6 +23,7 @@
 
 #include "runtime/channel.h"
 #include "runtime/net.h"
+#include "runtime/select.h"
 #include "runtime/sync.h"
 #include "runtime/weft.h"
 #include "sched/park.h"
@@ -240,6 +241,25 @@ TEST_P(Fibers, SleepLastsAtLeastItsDuration) {
     auto t0 = clock::now();
     EXPECT_TRUE(this_fiber::sleep_for(30ms).has_value());
     EXPECT_GE(clock::now() - t0, 30ms);
+  });
+}
+
+// A duration too long for a time_point (nanoseconds) saturates: the
+// sleep lasts "forever", not a wrapped-around deadline in the past.
+TEST_P(Fibers, ASleepLongerThanTheClockCanCountDoesNotEndEarly) {
+  Run([] {
+    constexpr auto kMillennium = std::chrono::hours(24 * 365 * 1000);
+    EXPECT_FALSE(deadline(kMillennium).when < clock::now() + std::chrono::hours(24 * 365));
+    EXPECT_FALSE(deadline(std::chrono::hours::max()).when < clock::now());
+    EXPECT_FALSE(after(kMillennium).when < clock::now() + std::chrono::hours(24 * 365));
+    auto h = spawn([] { return this_fiber::sleep_for(kMillennium); });
+    auto g = spawn([] { return this_fiber::sleep_for(std::chrono::hours::max()); });
+    (void)this_fiber::sleep_for(20ms);
+    EXPECT_EQ(stats().live_fibers, 3u) << "a sleeper returned early";
+    h.request_stop();
+    g.request_stop();
+    EXPECT_FALSE(h.join().has_value());  // cancelled, not timed out
+    EXPECT_FALSE(g.join().has_value());
   });
 }
 
