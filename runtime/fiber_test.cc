@@ -428,6 +428,42 @@ TEST_P(Fibers, AnExceptionBeingHandledOrInFlightStaysWithItsFiberAcrossParks) {
   });
 }
 
+// A handle with no fiber behind it (joined already, moved from, detached,
+// default-constructed) refuses join() as std::thread::join does, with
+// std::system_error(invalid_argument), on a fiber and on a plain thread,
+// instead of following a null pointer.
+TEST_P(Fibers, JoiningAHandleThatIsNotJoinableThrowsInvalidArgument) {
+  auto expect_refused = [](auto& h) {
+    try {
+      h.join();
+      ADD_FAILURE() << "join of a handle that is not joinable returned";
+    } catch (const std::system_error& e) {
+      EXPECT_EQ(e.code(), std::errc::invalid_argument);
+    }
+  };
+  Run([&] {
+    auto joined = spawn([] { return 1; });
+    EXPECT_EQ(joined.join(), 1);
+    expect_refused(joined);
+    auto moved = spawn([] { return 2; });
+    auto owner = std::move(moved);
+    expect_refused(moved);
+    EXPECT_EQ(owner.join(), 2);
+    auto detached = spawn([] {});
+    detached.detach();
+    expect_refused(detached);
+    join_handle<int> empty;
+    expect_refused(empty);
+    auto by_thread = spawn([] { return 3; });
+    std::thread t([&] {
+      EXPECT_EQ(by_thread.join(), 3);
+      expect_refused(by_thread);
+    });
+    // The worker must stay free for `by_thread`: wait for the thread off it.
+    blocking([&] { t.join(); });
+  });
+}
+
 // A plain thread may join a fiber (it blocks on a futex): it gets the
 // value, or the exception, whether the fiber is still running or done.
 TEST_P(Fibers, APlainThreadJoinsAFiber) {

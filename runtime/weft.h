@@ -326,7 +326,14 @@ class join_handle {
   // Waits for the fiber and returns its value, or rethrows its exception.
   // If the joining fiber is asked to stop while it waits, throws
   // std::system_error(operation_canceled) and the handle stays joinable.
+  // A handle that is not joinable (joined, detached, moved from or
+  // default-constructed) throws std::system_error(invalid_argument), as
+  // std::thread::join does.
   T join(std::source_location where = std::source_location::current()) {
+    if (!st_)
+      throw std::system_error(std::make_error_code(std::errc::invalid_argument),
+                              "weft::join_handle::join: not joinable (already joined, "
+                              "detached or moved from)");
     if (!st_->wait(where))
       throw std::system_error(std::make_error_code(std::errc::operation_canceled),
                               "weft::join_handle::join");
