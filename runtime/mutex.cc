@@ -205,6 +205,11 @@ detail::waiter* mutex::pop_waiter(detail::wake_ticket& t) noexcept {
   return nullptr;
 }
 
+mutex::~mutex() {
+  detail::check_no_waiters(lk_, q_, "weft::mutex destroyed while fibers wait on it (keep it "
+                                    "alive until they are done)");
+}
+
 // The unlocker that set kWoken.
 void mutex::wake_one() noexcept {
   detail::wake_ticket t;

@@ -46,6 +46,11 @@ result<void> to_result(wake_reason r) {
 
 // --- condition_variable ------------------------------------------------------
 
+condition_variable::~condition_variable() {
+  detail::check_no_waiters(lk_, q_, "weft::condition_variable destroyed while fibers wait on "
+                                    "it (keep it alive until they are done)");
+}
+
 void condition_variable::notify_one() noexcept {
   lk_.lock();
   ++seq_;
@@ -86,6 +91,11 @@ result<void> condition_variable::wait(std::unique_lock<mutex>& ulk, deadline d,
 }
 
 // --- semaphore -----------------------------------------------------------------
+
+semaphore::~semaphore() {
+  detail::check_no_waiters(lk_, q_, "weft::semaphore destroyed while fibers wait on it (keep "
+                                    "it alive until they are done)");
+}
 
 bool semaphore::try_acquire() noexcept {
   lk_.lock();
@@ -186,6 +196,11 @@ void wait_for_closer(int& round) noexcept {
 
 zero_waiter::zero_waiter(std::ptrdiff_t n) : state_(with_count(0, n)) {
   WEFT_CHECK(n >= 0 && n <= INT32_MAX, "latch/wait_group: count out of range");
+}
+
+zero_waiter::~zero_waiter() {
+  check_no_waiters(lk_, q_, "weft::latch, wait_group or task_group destroyed while fibers wait "
+                            "on it (keep it alive until they are done)");
 }
 
 void zero_waiter::add(std::ptrdiff_t delta, const char* who) {
@@ -319,6 +334,11 @@ void zero_waiter::wait_noexcept(const char* what, const std::source_location& wh
 // kWaiting with a CAS under lk_ and links its record before releasing lk_;
 // a finisher that saw kWaiting finds the record under lk_, and the waiters
 // it found cannot leave (nor the flag be freed) before it wakes them.
+once_flag::~once_flag() {
+  detail::check_no_waiters(lk_, q_, "weft::once_flag destroyed while fibers wait on it (keep "
+                                    "it alive until they are done)");
+}
+
 bool once_flag::begin() {
   for (;;) {
     lk_.lock();
@@ -367,6 +387,11 @@ void once_flag::finish(bool ran) noexcept {
 
 // Grants the lock to the waiters at the front of q_ that can have it now:
 // one writer, or every reader up to the next writer. Under lk_.
+shared_mutex::~shared_mutex() {
+  detail::check_no_waiters(lk_, q_, "weft::shared_mutex destroyed while fibers wait on it "
+                                    "(keep it alive until they are done)");
+}
+
 void shared_mutex::grant_locked(detail::wake_batch& woken) noexcept {
   while (detail::waiter* h = q_.head_) {
     bool wr = h->aux == 1;

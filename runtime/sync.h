@@ -21,7 +21,11 @@
 // shared_mutex, call_once) cannot fail, as with std::mutex: it parks
 // without honouring stop requests (critical sections are short).
 //
-// None of these types may be destroyed while anyone waits on it.
+// None of these types may be destroyed while anyone waits on it; a
+// destructor that finds a fiber or thread parked on its object stops the
+// process with a message (as ~channel does), instead of leaving the
+// sleeper to unlink its record from freed memory when it wakes or when
+// the runtime unwinds it after main returns.
 #pragma once
 
 #include <atomic>
@@ -40,6 +44,7 @@ namespace weft {
 class mutex {
  public:
   mutex() = default;
+  ~mutex();  // checks that nobody is parked on it (runtime/mutex.cc)
   mutex(const mutex&) = delete;
   mutex& operator=(const mutex&) = delete;
 
@@ -95,6 +100,7 @@ class mutex {
 class shared_mutex {
  public:
   shared_mutex() = default;
+  ~shared_mutex();  // checks that nobody is parked on it
   shared_mutex(const shared_mutex&) = delete;
   shared_mutex& operator=(const shared_mutex&) = delete;
 
@@ -117,6 +123,7 @@ class shared_mutex {
 class condition_variable {
  public:
   condition_variable() = default;
+  ~condition_variable();  // checks that nobody is parked on it
   condition_variable(const condition_variable&) = delete;
   condition_variable& operator=(const condition_variable&) = delete;
 
@@ -149,6 +156,7 @@ class semaphore {
   explicit semaphore(std::ptrdiff_t initial = 0) : count_(initial) {
     WEFT_CHECK(initial >= 0, "semaphore: negative initial count");
   }
+  ~semaphore();  // checks that nobody is parked on it
   semaphore(const semaphore&) = delete;
   semaphore& operator=(const semaphore&) = delete;
 
@@ -169,6 +177,9 @@ namespace detail {
 class zero_waiter {
  public:
   explicit zero_waiter(std::ptrdiff_t n);
+  ~zero_waiter();  // checks that nobody is parked on it
+  zero_waiter(const zero_waiter&) = delete;
+  zero_waiter& operator=(const zero_waiter&) = delete;
   void add(std::ptrdiff_t delta, const char* who);  // wakes everyone at zero
   result<void> wait(deadline d, const char* what, const std::source_location& where,
                     bool cancellable = true);
@@ -233,6 +244,7 @@ class wait_group {
 class once_flag {
  public:
   once_flag() = default;
+  ~once_flag();  // checks that nobody is parked on it
   once_flag(const once_flag&) = delete;
   once_flag& operator=(const once_flag&) = delete;
 

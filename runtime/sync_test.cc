@@ -7,6 +7,9 @@
 #include <sched.h>
 
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
 #include <deque>
 #include <functional>
 #include <shared_mutex>
@@ -507,6 +510,92 @@ TEST(SyncThreads, DestructorsRunByTheUnwindWaitForLocksHeldElsewhere) {
       {.workers = 1});
   holder.join();
   EXPECT_EQ(done.load(), 3);
+}
+
+// A synchronization object that goes away while a fiber is parked on it
+// (a frame the runtime unwinds before the fibers using it, or an early
+// delete) is reported at its destruction, as a channel is, rather than
+// leaving the sleeper to unlink its record from freed memory when it wakes.
+// Each parks one fiber on a heap object, then frees the object.
+template <typename T, typename Park>
+void DestroyWhileParked(Park park) {
+  weft::run([&] {
+    auto obj = std::make_unique<T>();
+    go([&obj, &park] { park(*obj); });
+    (void)this_fiber::sleep_for(20ms);  // parked by now
+    obj.reset();
+    // Not reported: leave before the unwinding of the parked fiber, which
+    // would touch the freed object (and may spin on its lock forever).
+    std::fprintf(stderr, "destroyed silently\n");
+    std::_Exit(0);
+  }, {.workers = 2});
+}
+
+struct held_mutex : mutex {
+  held_mutex() { lock(); }
+};
+struct held_shared_mutex : shared_mutex {
+  held_shared_mutex() { lock(); }
+};
+struct cv_and_mutex {
+  mutex mu;
+  condition_variable cv;
+};
+struct one_latch : latch {
+  one_latch() : latch(1) {}
+};
+struct one_wait_group : wait_group {
+  one_wait_group() { add(); }
+};
+struct running_once {
+  once_flag flag;
+  latch started{1};
+  running_once() {
+    go([this] {
+      call_once(flag, [this] {
+        started.count_down();
+        (void)this_fiber::sleep_for(1h);
+      });
+    });
+    (void)started.wait();
+  }
+};
+
+TEST(SyncDeath, AnObjectDestroyedWhileAFiberWaitsOnItIsReported) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(DestroyWhileParked<held_mutex>([](held_mutex& m) { m.lock(); }),
+               "weft::mutex destroyed while fibers wait on it");
+  EXPECT_DEATH(DestroyWhileParked<held_shared_mutex>(
+                   [](held_shared_mutex& m) { m.lock_shared(); }),
+               "weft::shared_mutex destroyed while fibers wait on it");
+  EXPECT_DEATH(DestroyWhileParked<cv_and_mutex>([](cv_and_mutex& c) {
+                 std::unique_lock lk(c.mu);
+                 (void)c.cv.wait(lk);
+               }),
+               "weft::condition_variable destroyed while fibers wait on it");
+  EXPECT_DEATH(DestroyWhileParked<semaphore>([](semaphore& s) { (void)s.acquire(); }),
+               "weft::semaphore destroyed while fibers wait on it");
+  EXPECT_DEATH(DestroyWhileParked<one_latch>([](one_latch& l) { (void)l.wait(); }),
+               "latch, wait_group or task_group destroyed while fibers wait on it");
+  EXPECT_DEATH(DestroyWhileParked<one_wait_group>([](one_wait_group& g) { (void)g.wait(); }),
+               "latch, wait_group or task_group destroyed while fibers wait on it");
+  EXPECT_DEATH(DestroyWhileParked<running_once>([](running_once& o) {
+                 call_once(o.flag, [] {});
+               }),
+               "weft::once_flag destroyed while fibers wait on it");
+}
+
+// The same when main returns while fibers still wait on a wait_group of
+// its frame: the wait_group dies before the runtime unwinds them.
+TEST(SyncDeath, AWaitGroupOfMainThatFibersStillWaitOnIsReportedWhenMainReturns) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(weft::run([] {
+                 wait_group wg;
+                 wg.add();
+                 for (int i = 0; i < 4; ++i) go([&wg] { (void)wg.wait(); });
+                 (void)this_fiber::sleep_for(20ms);
+               }, {.workers = 2}),
+               "latch, wait_group or task_group destroyed while fibers wait on it");
 }
 
 }  // namespace

@@ -19,6 +19,13 @@ namespace weft::detail {
 
 // --- short_lock -------------------------------------------------------------
 
+void check_no_waiters(short_lock& lk, const wait_list& q, const char* msg) noexcept {
+  lk.lock();
+  bool idle = q.empty();
+  lk.unlock();
+  WEFT_CHECK(idle, msg);
+}
+
 // --- futex ------------------------------------------------------------------
 
 void futex_wait(std::atomic<std::uint32_t>* w, std::uint32_t expect,

@@ -162,6 +162,15 @@ waiter* pop_claimed(wait_list& q, wake_ticket& t,
 wake_reason wait_on(short_lock& lk, wait_list& q, waiter& w, parker& p,
                     const block_opts& o, bool at_front = false);
 
+// For the destructors of the types that embed a wait list: aborts with
+// `msg` if a record is still linked in `q`. Under `lk`, so that a blocker
+// retracting its record (woken by a deadline or a stop request) is done
+// with the object once we hold it. One still linked is a fiber or thread
+// parked on an object that is going away, which would unlink its record
+// from freed memory when it wakes (or when the runtime unwinds it): a bug
+// in the program, said at once instead of a corrupted heap or stack.
+void check_no_waiters(short_lock& lk, const wait_list& q, const char* msg) noexcept;
+
 // Plain threads: registers the calling thread as an outside reference of
 // the running scheduler (once per thread and scheduler), so the deadlock
 // detector stays quiet while the thread may still wake fibers.
