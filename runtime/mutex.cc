@@ -57,6 +57,7 @@
 // newcomers cannot barge), until the queue empties or a waiter is served
 // within the threshold. Normal mode is much faster (the running fiber keeps
 // the lock hot); starvation mode bounds the wait.
+#include "alloc/check.h"
 #include "runtime/sync.h"
 #include "runtime/waiter.h"
 
@@ -178,6 +179,11 @@ void mutex::lock_slow(const std::source_location& where) {
 // unlock() found someone waiting, or kWoken or kStarving set. s: the
 // current state, kLocked set (ours).
 void mutex::unlock_slow(std::uint32_t s) noexcept {
+  // The fast path sends every unlock of an unlocked mutex here (s is not
+  // kLocked): a double unlock, or an unlock without a lock, is a bug in the
+  // program, said at once (Go: "sync: unlock of unlocked mutex") rather
+  // than left to release, later, a lock someone else holds.
+  WEFT_CHECK(s & kLocked, "weft::mutex::unlock: the mutex is not locked");
   bool wake;
   for (;;) {
     if (s & kStarving) {

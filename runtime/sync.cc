@@ -448,6 +448,7 @@ bool shared_mutex::try_lock_shared() noexcept {
 void shared_mutex::unlock() noexcept {
   detail::wake_batch woken;
   lk_.lock();
+  WEFT_CHECK(writer_, "weft::shared_mutex::unlock: not locked exclusively");
   writer_ = false;
   grant_locked(woken);
   lk_.unlock();

@@ -598,6 +598,28 @@ TEST(SyncDeath, AWaitGroupOfMainThatFibersStillWaitOnIsReportedWhenMainReturns) 
                "latch, wait_group or task_group destroyed while fibers wait on it");
 }
 
+// Unlocking a mutex that is not locked (a double unlock) is a bug in the
+// program, reported at once as Go does ("sync: unlock of unlocked mutex"),
+// not a silent no-op; shared_mutex already refused a stray unlock_shared().
+TEST(SyncDeath, UnlockingAMutexThatIsNotLockedIsReported) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(weft::run([] {
+                 mutex m;
+                 m.lock();
+                 m.unlock();
+                 m.unlock();
+                 std::fprintf(stderr, "unlocked twice silently\n");
+               }, {.workers = 1}),
+               "weft::mutex::unlock: the mutex is not locked");
+  EXPECT_DEATH(weft::run([] {
+                 shared_mutex m;
+                 m.lock_shared();
+                 m.unlock();  // not the exclusive lock
+                 std::fprintf(stderr, "unlocked silently\n");
+               }, {.workers = 1}),
+               "weft::shared_mutex::unlock: not locked exclusively");
+}
+
 }  // namespace
 }  // namespace weft
 
