@@ -916,6 +916,20 @@ TEST(FiberDeath, AnOverflowOfAStackWithoutAGuardPageIsCaughtAtItsNextSwitch) {
                "stack overflow in fiber [0-9]+ \"tiny\" \\(stack size 2048");
 }
 
+// this_fiber::sleep_for is for fibers: a plain thread (inside a run or not)
+// that calls it is told so by name, not with the internal "park" it goes
+// through.
+TEST(FiberDeath, SleepingOnAPlainThreadIsRefusedByName) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH((void)this_fiber::sleep_for(1ms),
+               "this_fiber::sleep_for/sleep_until: called outside a fiber");
+  EXPECT_DEATH(weft::run([] {
+                 std::thread t([] { (void)this_fiber::sleep_for(1ms); });
+                 blocking([&] { t.join(); });
+               }),
+               "this_fiber::sleep_for/sleep_until: called outside a fiber");
+}
+
 // weft::run inside a running runtime (here: from a fiber) is refused with
 // a message, not a second set of workers fighting over the first's state.
 TEST(FiberDeath, ARunInsideARunIsRefusedClearly) {

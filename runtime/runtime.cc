@@ -163,6 +163,10 @@ namespace this_fiber {
 void yield(std::source_location where) { sched::yield(where); }
 
 result<void> sleep_until(clock::time_point t, std::source_location where) {
+  // Said here, by name: park()'s own check would blame "park".
+  WEFT_CHECK(sched::current_fiber(),
+             "weft::this_fiber::sleep_for/sleep_until: called outside a fiber (a plain "
+             "thread sleeps with std::this_thread::sleep_for)");
   sched::wake_reason r = sched::park({.deadline = t, .what = "sleep", .where = where});
   if (r == sched::wake_reason::cancelled) {
     sched::unwind_point();
