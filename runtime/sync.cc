@@ -327,6 +327,11 @@ void zero_waiter::wait_noexcept(const char* what, const std::source_location& wh
 
 // --- once_flag -------------------------------------------------------------------
 
+once_flag::~once_flag() {
+  detail::check_no_waiters(lk_, q_, "weft::once_flag destroyed while fibers wait on it (keep "
+                                    "it alive until they are done)");
+}
+
 // The finisher's store of kDone (or kNew) and its decision to wake are one
 // RMW, as in *Unlocking* in runtime/mutex.cc: a caller that sees kDone on
 // call_once's lock-free path may return and free the flag at once, so with
@@ -334,11 +339,6 @@ void zero_waiter::wait_noexcept(const char* what, const std::source_location& wh
 // kWaiting with a CAS under lk_ and links its record before releasing lk_;
 // a finisher that saw kWaiting finds the record under lk_, and the waiters
 // it found cannot leave (nor the flag be freed) before it wakes them.
-once_flag::~once_flag() {
-  detail::check_no_waiters(lk_, q_, "weft::once_flag destroyed while fibers wait on it (keep "
-                                    "it alive until they are done)");
-}
-
 bool once_flag::begin() {
   for (;;) {
     lk_.lock();
@@ -385,13 +385,13 @@ void once_flag::finish(bool ran) noexcept {
 
 // --- shared_mutex ------------------------------------------------------------------
 
-// Grants the lock to the waiters at the front of q_ that can have it now:
-// one writer, or every reader up to the next writer. Under lk_.
 shared_mutex::~shared_mutex() {
   detail::check_no_waiters(lk_, q_, "weft::shared_mutex destroyed while fibers wait on it "
                                     "(keep it alive until they are done)");
 }
 
+// Grants the lock to the waiters at the front of q_ that can have it now:
+// one writer, or every reader up to the next writer. Under lk_.
 void shared_mutex::grant_locked(detail::wake_batch& woken) noexcept {
   while (detail::waiter* h = q_.head_) {
     bool wr = h->aux == 1;
