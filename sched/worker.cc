@@ -224,6 +224,12 @@ bool worker::handoff_stack_ok(const fiber* from, const fiber* to) const noexcept
          (to->stack_ || from->stack_.size() >= kHandoffMinStack);
 }
 
+// Where a yielding fiber is, for dump().
+static void record_where(fiber* f, const std::source_location& where) noexcept {
+  f->park_file_.store(where.file_name(), std::memory_order_relaxed);  // relaxed: diagnostic
+  f->park_line_.store(where.line(), std::memory_order_relaxed);
+}
+
 // yield(): one pass over what the loop would look at next (see *Direct
 // yield*). Nothing else runnable here: the caller continues in place (the
 // loop would pick it again at once). The local queue's head is next: a
@@ -231,11 +237,6 @@ bool worker::handoff_stack_ok(const fiber* from, const fiber* to) const noexcept
 // timer, the LIFO slot, pinned fibers, the inbox): through the loop, which
 // orders those. Returns when the caller runs again, possibly on another
 // worker.
-static void record_where(fiber* f, const std::source_location& where) noexcept {
-  f->park_file_.store(where.file_name(), std::memory_order_relaxed);  // relaxed: diagnostic
-  f->park_line_.store(where.line(), std::memory_order_relaxed);
-}
-
 void worker::yield_current(const std::source_location& where) {
   fiber* from = current_;
   std::uint32_t next = tick_ + 1;
