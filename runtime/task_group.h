@@ -17,8 +17,9 @@
 //   - The destructor requests stop on the children still running and waits
 //     for them: no child outlives its group. It never throws, also when the
 //     runtime unwinds the owner (the children are unwound too).
-//   - A child's callable (and what it captured) is destroyed before the
-//     child counts as finished: when wait() returns, it is gone.
+//   - A child's callable (and what it captured), then its fiber_local
+//     values, are destroyed before the child counts as finished: when
+//     wait() returns, they are gone.
 //
 // Who calls what: spawn(), request_stop() from any fiber; wait() and the
 // destructor from a fiber (the owner), once.
@@ -97,16 +98,23 @@ class task_group {
         member* m;
         ~at_exit() {  // also when the runtime unwinds the child
           c->g_->leave(*m);
-          c->finish();
+          c->finish(/*on_child=*/true);
         }
       } end{this, &m};
       g_->run_child(*fn_);
     }
 
    private:
-    void finish() noexcept {
+    // on_child: called by the child fiber as its body ends, so its
+    // fiber_local values (which the callable's destructor may still use)
+    // are destroyed too before it counts down, as a spawned fiber's are
+    // before its join() returns: the owner may free what they use once
+    // wait() returns. Otherwise (a spawn that failed, or a child discarded
+    // unrun) this may be another fiber, whose locals are not ours.
+    void finish(bool on_child = false) noexcept {
       if (!g_) return;  // moved from, or already counted down
       fn_.reset();
+      if (on_child) detail::destroy_fiber_locals();
       std::exchange(g_, nullptr)->pending_.add(-1, "weft::task_group: child");
     }
     task_group* g_;

@@ -103,6 +103,32 @@ TEST_P(TaskGroup, AChildsCapturesAreDestroyedBeforeWaitReturns) {
   });
 }
 
+// A child's fiber_local values are destroyed before wait() returns, as a
+// spawned fiber's are before its join() returns: the owner may free what
+// their destructors use once wait() returns. The destructor here parks, so
+// wait() would run ahead of it if the child counted down first.
+std::atomic<int> g_child_local_destroyed{0};
+struct child_local_parks_at_exit {
+  ~child_local_parks_at_exit() {
+    (void)this_fiber::sleep_for(2ms);
+    g_child_local_destroyed.fetch_add(1);
+  }
+};
+
+TEST_P(TaskGroup, AChildsFiberLocalsAreDestroyedBeforeWaitReturns) {
+  static fiber_local<child_local_parks_at_exit> local;
+  g_child_local_destroyed = 0;
+  Run([] {
+    for (int i = 1; i <= 3; ++i) {
+      task_group g;
+      g.spawn([] { (void)local.get(); });
+      EXPECT_TRUE(g.wait());
+      EXPECT_EQ(g_child_local_destroyed.load(), i);
+    }
+  });
+  EXPECT_EQ(g_child_local_destroyed.load(), 3);
+}
+
 // The last child's count-down is its last touch of the group: the owner,
 // which may see zero first, frees the group at once. Without that, ASan
 // reports a heap-use-after-free in the child.
