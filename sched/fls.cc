@@ -1,6 +1,7 @@
 // sched/fls.cc — see sched/fls.h.
 #include "sched/fls.h"
 
+#include <cstdint>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -39,15 +40,20 @@ std::uint64_t fls_new_key() {
     i = static_cast<std::uint32_t>(k.gens.size());
     k.gens.push_back(0);
   }
-  // Generation 0 is a fresh slot's: never a key's.
-  if (++k.gens[i] == 0) k.gens[i] = 1;
+  // Generation 0 is a fresh slot's, never a key's; an index is retired
+  // before its generation would wrap (fls_free_key).
+  ++k.gens[i];
   return std::uint64_t{k.gens[i]} << 32 | i;
 }
 
 void fls_free_key(std::uint64_t key) noexcept {
   key_space& k = keys();
   std::lock_guard g(k.mu);
-  k.free.push_back(key_index(key));
+  // An index whose generations are used up is retired, never reused: a
+  // generation must not come round again while a fiber may still hold a
+  // value of its first owner (a fiber_local<T> read back as a U).
+  std::uint32_t i = key_index(key);
+  if (k.gens[i] != UINT32_MAX) k.free.push_back(i);
 }
 
 fls_slot& fls_get(std::uint64_t key) {
