@@ -84,14 +84,22 @@ bool others_runnable_here() noexcept {
   return w && w->has_local_work();
 }
 
-void unwind_point() {
-  fiber* f = current_fiber();
+namespace {
+
+// unwind_point() for the running fiber f, given.
+inline void unwind_point(fiber* f) {
   // seq_cst: pairs with the store in force_unwind() / start_fiber(); see
   // *Stopping a parked fiber*. An exception already unwinding this fiber's
   // stack (this is a destructor it runs; the count is the fiber's own, see
   // *Exception state* in sched/context.cc): a throw would be std::terminate.
-  if (f && f->unwinding_.load(std::memory_order_seq_cst) && std::uncaught_exceptions() == 0)
+  if (f->unwinding_.load(std::memory_order_seq_cst) && std::uncaught_exceptions() == 0)
     throw fiber_unwind{};
+}
+
+}  // namespace
+
+void unwind_point() {
+  if (fiber* f = current_fiber()) unwind_point(f);
 }
 
 wake_reason park(const park_request& req) {
@@ -339,8 +347,9 @@ void spend_budget() noexcept {
 
 void yield(std::source_location where) {
   worker* w = current_worker();
-  WEFT_CHECK(w && w->current(), "yield: called outside a fiber");
-  unwind_point();
+  fiber* f = w ? w->current() : nullptr;
+  WEFT_CHECK(f, "yield: called outside a fiber");
+  unwind_point(f);
   w->yield_current(where);
 }
 

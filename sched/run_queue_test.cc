@@ -197,6 +197,46 @@ TEST(RunQueue, MatchesADequeModelUnderRandomOperations) {
   }
 }
 
+// pop_unshared() (a scheduler with one worker) is pop() without the CAS:
+// the same order through overflow and wraparound, mixed with pop().
+TEST(RunQueue, PopUnsharedMatchesADequeModelThroughOverflowAndWraparound) {
+  constexpr std::uint32_t kOps = 200'000;
+  std::vector<item> items = make_items(kOps);
+  small_queue q;
+  std::deque<item*> model;
+  std::mt19937 rng(777);
+  std::uint32_t next = 0, overflows = 0, unshared = 0;
+  for (std::uint32_t op = 0; op < kOps; ++op) {
+    const unsigned r = rng() % 5;
+    if (r < 3) {  // push, overflowing when full
+      item* x = &items[next++];
+      std::vector<item*> expect;
+      if (model.size() == 4) {
+        expect = {model[0], model[1], x};
+        model.erase(model.begin(), model.begin() + 2);
+        ++overflows;
+      } else {
+        model.push_back(x);
+      }
+      std::vector<item*> got;
+      q.push(x, [&](item** batch, std::uint32_t n) { got.assign(batch, batch + n); });
+      ASSERT_EQ(got, expect);
+    } else {
+      item* want = model.empty() ? nullptr : model.front();
+      if (want) model.pop_front();
+      if (r == 3) {
+        ASSERT_EQ(q.pop_unshared(), want);
+        unshared += want != nullptr;
+      } else {
+        ASSERT_EQ(q.pop(), want);
+      }
+    }
+    ASSERT_EQ(q.size_approx(), model.size());
+  }
+  EXPECT_GT(overflows, 1000u);
+  EXPECT_GT(unshared, 10'000u);
+}
+
 TEST(RunQueueDeathTest, StealingIntoAQueueMoreThanHalfFullAborts) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   std::vector<item> items = make_items(5);

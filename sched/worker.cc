@@ -105,7 +105,23 @@ worker::worker(scheduler& s, unsigned index,
       steal_groups_(std::move(steal_groups)),
       rng_(0x9E3779B97F4A7C15ULL * (index + 1)) {}
 
-void worker::init_steal_state(unsigned workers) { last_seen_.assign(workers, lone_look{}); }
+void worker::init_steal_state(unsigned workers) {
+  last_seen_.assign(workers, lone_look{});
+  alone_ = workers == 1;
+}
+
+// The LIFO slot's old value, v stored in its place. acquire: the old fiber
+// is ours to run or queue; release: publishes v to a thief's CAS
+// (steal_lifo). Alone, no thief can empty the slot between a load and a
+// store, so those do (the orders cost nothing on x86 and keep the edges).
+std::uintptr_t worker::exchange_lifo(std::uintptr_t v) noexcept {
+  if (alone_) {
+    std::uintptr_t old = lifo_.load(std::memory_order_acquire);
+    lifo_.store(v, std::memory_order_release);
+    return old;
+  }
+  return lifo_.exchange(v, std::memory_order_acq_rel);
+}
 
 // ---- The loop -------------------------------------------------------------
 
@@ -256,7 +272,7 @@ void worker::yield_current(const std::source_location& where) {
         refill_budget();
         return;
       }
-    } else if (fiber* to = local_.pop()) {
+    } else if (fiber* to = pop_local()) {
       if (handoff_stack_ok(from, to)) {
         tick_ = next;
         record_where(from, where);
@@ -285,7 +301,7 @@ fiber* worker::take_handoff(const fiber* from) noexcept {
   std::uint32_t next = tick_ + 1;
   if (next % kInjectInterval == 0 || next % kPollInterval == 0) return nullptr;
   // Take it before reading it: a thief may take it meanwhile (steal_lifo).
-  std::uintptr_t v = lifo_.exchange(0, std::memory_order_acquire);
+  std::uintptr_t v = exchange_lifo(0);
   fiber* to = reinterpret_cast<fiber*>(v & ~kPinnedTag);
   if (!to) return nullptr;
   if (!handoff_stack_ok(from, to)) {
@@ -302,7 +318,7 @@ fiber* worker::take_handoff(const fiber* from) noexcept {
 fiber* worker::take_lifo() noexcept {
   // relaxed load first: most calls find it empty and need no RMW.
   if (lifo_.load(std::memory_order_relaxed) == 0) return nullptr;
-  return reinterpret_cast<fiber*>(lifo_.exchange(0, std::memory_order_acquire) & ~kPinnedTag);
+  return reinterpret_cast<fiber*>(exchange_lifo(0) & ~kPinnedTag);
 }
 
 void worker::finish_switch() {
@@ -371,7 +387,7 @@ fiber* worker::next_local() {
     if (!pinned_head_) pinned_tail_ = nullptr;
     return f;
   }
-  if (fiber* f = local_.pop()) return f;
+  if (fiber* f = pop_local()) return f;
   if (pinned_head_) {
     fiber* f = pinned_head_;
     pinned_head_ = f->next_;
@@ -407,7 +423,7 @@ void worker::schedule_local(fiber* f, bool hot, bool share) noexcept {
     if (lifo_.load(std::memory_order_relaxed) == 0)
       lifo_.store(v, std::memory_order_release);
     else
-      old = lifo_.exchange(v, std::memory_order_acq_rel);
+      old = exchange_lifo(v);
     if (old) {
       push_local(reinterpret_cast<fiber*>(old & ~kPinnedTag));
     } else if (!share) {

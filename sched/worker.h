@@ -137,6 +137,10 @@ class worker {
   void run_fiber(fiber* f);
   void after_park(fiber* f, const park_request& req);
   fiber* take_handoff(const fiber* from) noexcept;
+  // The local queue's head, and the LIFO slot's exchange, without a locked
+  // instruction when the worker is alone_ (see there).
+  fiber* pop_local() noexcept { return alone_ ? local_.pop_unshared() : local_.pop(); }
+  std::uintptr_t exchange_lifo(std::uintptr_t v) noexcept;
   void switch_to(after_switch what, const park_request* req, fiber* to);
   bool handoff_stack_ok(const fiber* from, const fiber* to) const noexcept;
   fiber* take_lifo() noexcept;
@@ -153,6 +157,10 @@ class worker {
   const std::vector<std::vector<unsigned>> steal_groups_;
 
   run_queue<fiber, 256> local_;
+  // The scheduler has this one worker: nobody ever steals from local_ or
+  // the LIFO slot, so the owner takes from both with plain loads and stores
+  // (run_queue::pop_unshared()). Set before the worker starts, never changed.
+  bool alone_ = false;
   // The LIFO slot: a fiber* with kPinnedTag set for a pinned fiber, so a
   // thief can skip it without touching the fiber; 0 when empty. The owner
   // sets it with an acq_rel exchange (release: a thief's acquire CAS sees
