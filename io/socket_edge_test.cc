@@ -205,6 +205,40 @@ TEST_P(Sockets, UnixStreamSocketsEcho) {
   ::unlink(path.c_str());
 }
 
+// A connect to a Unix listener whose accept queue is full cannot
+// complete. On io_uring it waits in the kernel's worker pool (the socket
+// is in blocking mode) until its deadline, which must be timed_out; it was
+// EINTR ("Interrupted system call"): a linked timeout that cuts short an
+// operation running in io-wq interrupts that worker, and the operation
+// completes with -EINTR, not -ECANCELED. The epoll driver's non-blocking
+// connect fails at once with EAGAIN, as Go's and Tokio's do. Nothing is
+// left open either way.
+TEST_P(Sockets, AConnectToAFullUnixListenerEndsWithTimedOutOrEagainNeverEintr) {
+  const std::string name = "unix:@weft-full-" + std::to_string(::getpid()) + "-" +
+                           std::to_string(workers());
+  Run([&] {
+    const std::string driver = sched::current_worker()->io()->name();
+    auto ln = tcp_listener::bind(name, /*backlog=*/0).value();
+    std::vector<tcp_stream> queued;  // backlog 0 still queues one
+    std::error_code e;
+    const int before = testing::open_fds();
+    for (int i = 0; i < 8 && !e; ++i) {
+      auto c = tcp_stream::connect(name, deadline(100ms));
+      if (c) queued.push_back(std::move(*c));
+      else e = c.error();
+    }
+    ASSERT_TRUE(e) << "the accept queue never filled";
+    EXPECT_LE(queued.size(), 2u);
+    if (driver == "io_uring")
+      EXPECT_EQ(e, std::errc::timed_out) << e.message();
+    else
+      EXPECT_EQ(e, std::errc::resource_unavailable_try_again) << e.message();
+    EXPECT_EQ(testing::open_fds() - before, static_cast<int>(queued.size()));
+    // The queued connections are still there to accept.
+    for (std::size_t i = 0; i < queued.size(); ++i) EXPECT_TRUE(ln.accept(deadline(5s)));
+  });
+}
+
 // The client side of IdleConnections...: plain blocking sockets in a
 // child process (forked before any runtime thread starts), so each process
 // holds one end of every connection and stays under the fd hard limit.

@@ -2,6 +2,7 @@
 // of a listener and an echo server fiber. Test-only.
 #pragma once
 
+#include <dirent.h>
 #include <gtest/gtest.h>
 
 #include <string>
@@ -13,6 +14,15 @@
 #include "runtime/weft.h"
 
 namespace weft::testing {
+
+// How many descriptors this process has open (/proc/self/fd).
+inline int open_fds() {
+  int n = 0;
+  DIR* d = ::opendir("/proc/self/fd");
+  while (dirent* e = ::readdir(d)) n += e->d_name[0] != '.';
+  ::closedir(d);
+  return n - 1;  // the directory's own descriptor
+}
 
 inline std::string addr_of(const tcp_listener& l) { return l.local_address().value().to_string(); }
 

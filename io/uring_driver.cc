@@ -32,9 +32,10 @@
 //
 // *Deadlines*: an operation whose deadline is near (kKernelDeadline) is
 // linked to an IORING_OP_LINK_TIMEOUT; the kernel cancels the operation at
-// the deadline and it completes with -ECANCELED, which perform maps to
-// timed_out. The timeout's timespec is read by the kernel when the SQE is
-// submitted, so it lives in ts_[] at the SQE's index until the next submit.
+// the deadline and it completes with -ECANCELED (-EINTR if it was running
+// in io-wq), which perform maps to timed_out. The timeout's timespec is
+// read by the kernel when the SQE is submitted, so it lives in ts_[] at the
+// SQE's index until the next submit.
 // A far deadline (an idle timeout: it rarely fires) is the scheduler's
 // timer instead, which costs no kernel timer and no second SQE and CQE per
 // operation (a 30 s read deadline cost 11% of the echo server's CPU); when
@@ -477,7 +478,11 @@ result<int> uring_driver::perform_one(op& o, clock::time_point deadline, const c
     sched::unwind_point();
     return std::unexpected(std::make_error_code(std::errc::operation_canceled));
   }
-  if (r == -ETIME || (r == -ECANCELED && deadline != clock::time_point::max()))
+  // The linked timeout fired (see *Deadlines*). It cancels an operation
+  // the kernel is still polling for with -ECANCELED, and one running in
+  // io-wq (a blocking connect to a Unix listener with a full queue) by
+  // interrupting that worker: -EINTR.
+  if (r == -ETIME || ((r == -ECANCELED || r == -EINTR) && in_kernel))
     return std::unexpected(std::make_error_code(std::errc::timed_out));
   return std::unexpected(std::error_code(-r, std::system_category()));
 }
