@@ -15,8 +15,10 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <climits>
 #include <cstring>
 #include <mutex>
 
@@ -32,6 +34,13 @@ std::unexpected<std::error_code> sys_error(int e) {
 int new_socket(int family, int type = SOCK_STREAM) {
   int fd = ::socket(family, type | SOCK_CLOEXEC, 0);
   return fd >= 0 ? fd : -errno;  // errno read right after the call
+}
+
+// The first IOV_MAX buffers: the kernel refuses more in one call
+// (EMSGSIZE); readv and writev return a short count instead, as any
+// transfer may.
+std::size_t iov_count(std::span<const iovec> bufs) {
+  return std::min<std::size_t>(bufs.size(), IOV_MAX);
 }
 
 }  // namespace
@@ -186,7 +195,7 @@ result<void> tcp_stream::write_all(std::span<const char> buf, deadline_arg d) {
 result<std::size_t> tcp_stream::readv(std::span<const iovec> bufs, deadline_arg d) {
   msghdr m{};
   m.msg_iov = const_cast<iovec*>(bufs.data());  // the kernel only reads the array
-  m.msg_iovlen = bufs.size();
+  m.msg_iovlen = iov_count(bufs);
   op o{.kind = op_kind::recvmsg, .msg = &m};
   auto r = perform_on(st_, o, d.when, "tcp readv");
   if (!r) return std::unexpected(r.error());
@@ -196,7 +205,7 @@ result<std::size_t> tcp_stream::readv(std::span<const iovec> bufs, deadline_arg 
 result<std::size_t> tcp_stream::writev(std::span<const iovec> bufs, deadline_arg d) {
   msghdr m{};
   m.msg_iov = const_cast<iovec*>(bufs.data());  // the kernel only reads the array
-  m.msg_iovlen = bufs.size();
+  m.msg_iovlen = iov_count(bufs);
   op o{.kind = op_kind::sendmsg, .msg = &m};
   auto r = perform_on(st_, o, d.when, "tcp writev");
   if (!r) return std::unexpected(r.error());

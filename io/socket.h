@@ -182,7 +182,8 @@ class tcp_stream : public socket_base {
   [[nodiscard]] result<std::size_t> write(std::span<const char> buf, deadline_arg d = {});
   // Sends all of buf (several sends if needed).
   [[nodiscard]] result<void> write_all(std::span<const char> buf, deadline_arg d = {});
-  // One scatter receive / gather send.
+  // One scatter receive / gather send, over at most the first IOV_MAX
+  // (1024) buffers; the count says how far it got.
   [[nodiscard]] result<std::size_t> readv(std::span<const iovec> bufs, deadline_arg d = {});
   [[nodiscard]] result<std::size_t> writev(std::span<const iovec> bufs, deadline_arg d = {});
 

@@ -7,6 +7,7 @@
 #include <dirent.h>
 
 #include <atomic>
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
@@ -257,6 +258,37 @@ TEST_P(Sockets, ReadvAndWritevMoveScatteredBuffers) {
     (void)c.close();
     server.request_stop();
     server.join();
+  });
+}
+
+// More buffers than one system call takes (IOV_MAX, 1024 on Linux): writev
+// and readv use the first IOV_MAX and return how far they got, as Rust's
+// std does under Tokio (Go's net.Buffers writes them all). Both failed
+// with EMSGSIZE ("Message too long") from sendmsg/recvmsg, on both drivers.
+TEST_P(Sockets, ReadvAndWritevTakeMoreBuffersThanIovMax) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    constexpr std::size_t kBufs = 3000;  // one byte each
+    std::string out(kBufs, '\0'), in(kBufs, '\0');
+    for (std::size_t i = 0; i < kBufs; ++i) out[i] = static_cast<char>('a' + i % 26);
+    std::vector<iovec> v(kBufs);
+    for (std::size_t i = 0; i < kBufs; ++i) v[i] = {&out[i], 1};
+    for (std::size_t sent = 0; sent < kBufs;) {
+      auto n = c.writev(std::span(v).subspan(sent), deadline(5s));
+      ASSERT_TRUE(n) << n.error().message();
+      ASSERT_GT(*n, 0u);
+      ASSERT_LE(*n, std::size_t{IOV_MAX});
+      sent += *n;
+    }
+    for (std::size_t i = 0; i < kBufs; ++i) v[i] = {&in[i], 1};
+    for (std::size_t got = 0; got < kBufs;) {
+      auto n = s.readv(std::span(v).subspan(got), deadline(5s));
+      ASSERT_TRUE(n) << n.error().message();
+      ASSERT_GT(*n, 0u);
+      ASSERT_LE(*n, std::size_t{IOV_MAX});
+      got += *n;
+    }
+    EXPECT_EQ(in, out);
   });
 }
 
