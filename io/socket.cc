@@ -132,6 +132,11 @@ result<tcp_stream> tcp_stream::connect(std::string_view addr, deadline_arg d) {
 }
 
 result<tcp_stream> tcp_stream::connect(const socket_address& addr, deadline_arg d) {
+  // A deadline already past: no try, as Go's Dial. A connect is rarely
+  // done at once, so what one try did would depend on the driver (io_uring
+  // finishes a loopback handshake, epoll reports EINPROGRESS), and a
+  // timed-out try may still have reached the peer.
+  if (clock::now() >= d.when) return std::unexpected(std::make_error_code(std::errc::timed_out));
   int fd = new_socket(addr.family());
   if (fd < 0) return sys_error(-fd);
   tcp_stream s(fd);  // closes fd on every error path

@@ -165,7 +165,8 @@ class tcp_stream : public socket_base {
  public:
   using socket_base::socket_base;
 
-  // Connects to `addr` ("127.0.0.1:7000"), parking until connected.
+  // Connects to `addr` ("127.0.0.1:7000"), parking until connected. A
+  // deadline already past is timed_out without a try.
   [[nodiscard]] static result<tcp_stream> connect(std::string_view addr, deadline_arg d = {});
   [[nodiscard]] static result<tcp_stream> connect(const socket_address& addr, deadline_arg d = {});
 

@@ -239,6 +239,33 @@ TEST_P(Sockets, AConnectToAFullUnixListenerEndsWithTimedOutOrEagainNeverEintr) {
   });
 }
 
+// A connect whose deadline has already passed fails with timed_out without
+// a try, on both drivers, as Go's Dial does (and Tokio's connect under a
+// zero timeout). io_uring's connected to a loopback listener: its one try
+// in the kernel finished the handshake before the expired linked timeout
+// could cancel it; epoll's one connect() said EINPROGRESS, so it returned
+// timed_out, yet the handshake had completed and the listener got a
+// connection nobody made.
+TEST_P(Sockets, AConnectWithADeadlineAlreadyPastTimesOut) {
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    const int before = testing::open_fds();
+    for (int i = 0; i < 3; ++i) {
+      auto c = tcp_stream::connect(addr_of(ln), std::chrono::steady_clock::now() - 1ms);
+      ASSERT_FALSE(c) << "connected to " << c->peer_address().value().to_string();
+      EXPECT_EQ(c.error(), std::errc::timed_out) << c.error().message();
+    }
+    EXPECT_EQ(testing::open_fds(), before);
+    // Not tried at all: the listener saw no connection (epoll's try had
+    // completed a handshake with it).
+    auto a = ln.accept(deadline(50ms));
+    ASSERT_FALSE(a) << "a connection from " << a->peer_address().value().to_string();
+    EXPECT_EQ(a.error(), std::errc::timed_out);
+    // A deadline still ahead connects.
+    EXPECT_TRUE(tcp_stream::connect(addr_of(ln), deadline(5s)));
+  });
+}
+
 // The client side of IdleConnections...: plain blocking sockets in a
 // child process (forked before any runtime thread starts), so each process
 // holds one end of every connection and stays under the fd hard limit.
