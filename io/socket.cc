@@ -16,6 +16,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
+#include <optional>
 #include <atomic>
 #include <cerrno>
 #include <climits>
@@ -125,10 +127,56 @@ result<socket_address> socket_base::local_address() const {
 
 // ---- tcp_stream ---------------------------------------------------------------
 
+namespace {
+
+// "name:port" -> {name, port}: a host that is not an address literal (those
+// socket_address::parse() takes) and a decimal port. Anything else: none.
+std::optional<std::pair<std::string, int>> split_name_port(std::string_view text) {
+  auto colon = text.rfind(':');
+  if (colon == std::string_view::npos || colon == 0) return std::nullopt;
+  std::string_view host = text.substr(0, colon), port = text.substr(colon + 1);
+  if (host.find_first_of(":[]/%@") != std::string_view::npos) return std::nullopt;
+  int p = 0;
+  auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), p);
+  if (port.empty() || ec != std::errc{} || end != port.data() + port.size() || p < 0 ||
+      p > 65535)
+    return std::nullopt;
+  return std::pair{std::string(host), p};
+}
+
+}  // namespace
+
 result<tcp_stream> tcp_stream::connect(std::string_view addr, deadline_arg d) {
   auto a = socket_address::parse(addr);
-  if (!a) return std::unexpected(a.error());
-  return connect(*a, d);
+  if (a) return connect(*a, d);
+  auto name = split_name_port(addr);
+  if (!name) return std::unexpected(a.error());  // neither an address nor "name:port"
+  if (clock::now() >= d.when) return std::unexpected(std::make_error_code(std::errc::timed_out));
+  auto addrs = resolve(name->first, name->second);
+  if (!addrs) return std::unexpected(addrs.error());
+  return connect(std::span<const socket_address>(*addrs), d);
+}
+
+result<tcp_stream> tcp_stream::connect(std::span<const socket_address> addrs, deadline_arg d) {
+  if (addrs.empty()) return std::unexpected(std::make_error_code(std::errc::invalid_argument));
+  constexpr auto kMinTry = std::chrono::seconds(2);  // Go's minimum per address
+  std::error_code first;
+  for (std::size_t i = 0; i < addrs.size(); ++i) {
+    clock::time_point now = clock::now();
+    if (now >= d.when) return std::unexpected(std::make_error_code(std::errc::timed_out));
+    clock::time_point until = d.when;
+    if (d.when != clock::time_point::max()) {
+      auto share = (d.when - now) / static_cast<long>(addrs.size() - i);
+      until = share < kMinTry ? std::min(d.when, now + kMinTry) : now + share;
+    }
+    auto s = connect(addrs[i], until);
+    if (s) return s;
+    const std::error_code e = s.error();
+    if (e == std::errc::operation_canceled) return std::unexpected(e);
+    if (e == std::errc::timed_out && clock::now() >= d.when) return std::unexpected(e);
+    if (!first) first = e;
+  }
+  return std::unexpected(first);
 }
 
 result<tcp_stream> tcp_stream::connect(const socket_address& addr, deadline_arg d) {

@@ -165,10 +165,22 @@ class tcp_stream : public socket_base {
  public:
   using socket_base::socket_base;
 
-  // Connects to `addr` ("127.0.0.1:7000"), parking until connected. A
-  // deadline already past is timed_out without a try.
+  // Connects to `addr`, parking until connected. A deadline already past
+  // is timed_out without a try. `addr` is an address ("127.0.0.1:7000",
+  // "[::1]:7000", "unix:/run/app.sock") or, as Go's Dial, a host name and
+  // port ("db.internal:5432"): the name is looked up with resolve() (on
+  // the blocking pool; the lookup itself is not cut short by the deadline)
+  // and its addresses are tried in turn as by the list overload.
   [[nodiscard]] static result<tcp_stream> connect(std::string_view addr, deadline_arg d = {});
   [[nodiscard]] static result<tcp_stream> connect(const socket_address& addr, deadline_arg d = {});
+  // Tries each address in order until one connects (Go's dialSerial):
+  // each try gets an equal share of the time left before the deadline, but
+  // at least 2 s (or all that is left), so one silent address does not use
+  // up the whole deadline. A stop request or the deadline ends the tries at
+  // once; otherwise, when every address failed, the first address's error.
+  // An empty list is invalid_argument.
+  [[nodiscard]] static result<tcp_stream> connect(std::span<const socket_address> addrs,
+                                                  deadline_arg d = {});
 
   // One receive: up to buf.size() bytes; 0 at end of stream.
   [[nodiscard]] result<std::size_t> read(std::span<char> buf, deadline_arg d = {});

@@ -15,6 +15,8 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <span>
+#include <string>
 #include <vector>
 
 #include "io/socket_test_util.h"
@@ -98,14 +100,90 @@ TEST_P(Sockets, AcceptUnderEmfileReturnsAnErrorAndRecovers) {
 TEST_P(Sockets, BadAddressesAreInvalidArgument) {
   Run([&] {
     for (const char* a : {"", "127.0.0.1", "127.0.0.1:", "127.0.0.1:99999", "localhost:80",
-                          "::1:80", "[::1]80", "1.2.3:80", "127.0.0.1:8x", "unix:"}) {
+                          "::1:80", "[::1]80", "1.2.3:80", "127.0.0.1:8x", "unix:",
+                          "localhost:", "localhost:99999", ":80", "[x]:80", "a/b:80"}) {
       auto l = tcp_listener::bind(a);
       ASSERT_FALSE(l) << a;
       EXPECT_EQ(l.error(), std::errc::invalid_argument) << a;
+      // connect() also takes "name:port" (ConnectLooksUpAHostName).
+      if (std::string_view(a) == "localhost:80" || std::string_view(a) == "1.2.3:80") continue;
       auto c = tcp_stream::connect(a);
       ASSERT_FALSE(c) << a;
       EXPECT_EQ(c.error(), std::errc::invalid_argument) << a;
     }
+  });
+}
+
+// As Go's Dial: "name:port" is looked up and its addresses tried.
+TEST_P(Sockets, ConnectLooksUpAHostName) {
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    auto server = spawn_echo_server(ln);
+    const std::string by_name = "localhost:" + std::to_string(ln.local_address().value().port());
+    expect_echo_of(by_name, "by name");
+    auto bad = tcp_stream::connect("no-such-host.invalid:80", deadline(10s));
+    ASSERT_FALSE(bad);
+    EXPECT_EQ(&bad.error().category(), &resolve_category()) << bad.error().message();
+    EXPECT_EQ(tcp_stream::connect(by_name, clock::now() - 1s).error(), std::errc::timed_out);
+    server.request_stop();
+    server.join();
+  });
+}
+
+// A port nobody listens on: a listener's, closed.
+std::string refused_address() {
+  auto ln = tcp_listener::bind("127.0.0.1:0").value();
+  return addr_of(ln);
+}
+
+TEST_P(Sockets, ConnectToAListTriesEachAddressInTurn) {
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    auto server = spawn_echo_server(ln);
+    auto refused = socket_address::parse(refused_address()).value();
+    auto good = ln.local_address().value();
+    const std::vector<socket_address> both{refused, good};
+    auto c = tcp_stream::connect(both, deadline(5s));
+    ASSERT_TRUE(c) << c.error().message();
+    EXPECT_EQ(c->peer_address().value().to_string(), good.to_string());
+    // Every address fails: the first one's error.
+    const std::vector<socket_address> none{refused, refused};
+    EXPECT_EQ(tcp_stream::connect(none, deadline(5s)).error(), std::errc::connection_refused);
+    EXPECT_EQ(tcp_stream::connect(std::span<const socket_address>{}).error(),
+              std::errc::invalid_argument);
+    EXPECT_EQ(tcp_stream::connect(both, clock::now() - 1s).error(), std::errc::timed_out);
+    server.request_stop();
+    server.join();
+  });
+}
+
+// An address that never answers (a listener whose full accept queue drops
+// SYNs) gets its share of the deadline, not all of it: with 4.2 s for two
+// addresses, the first is given up after 2.1 s and the second connects.
+TEST_P(Sockets, ConnectToAListGivesEachAddressAShareOfTheDeadline) {
+  Run([&] {
+    auto silent = tcp_listener::bind("127.0.0.1:0", /*backlog=*/0).value();
+    std::vector<tcp_stream> queued;
+    bool full = false;
+    for (int i = 0; i < 16 && !full; ++i) {
+      auto c = tcp_stream::connect(addr_of(silent), deadline(50ms));
+      if (c) queued.push_back(std::move(*c));
+      else full = c.error() == std::errc::timed_out;
+    }
+    ASSERT_TRUE(full) << "the accept queue never filled";
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    auto server = spawn_echo_server(ln);
+    const std::vector<socket_address> addrs{silent.local_address().value(),
+                                            ln.local_address().value()};
+    auto t0 = clock::now();
+    auto c = tcp_stream::connect(addrs, deadline(4200ms));
+    auto took = clock::now() - t0;
+    ASSERT_TRUE(c) << c.error().message();
+    EXPECT_EQ(c->peer_address().value().to_string(), addrs[1].to_string());
+    EXPECT_GE(took, 2000ms);
+    EXPECT_LT(took, 4000ms);
+    server.request_stop();
+    server.join();
   });
 }
 
