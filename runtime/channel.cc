@@ -14,7 +14,9 @@
 // in the order its sends completed; parked senders are served in FIFO
 // order, and a freed slot is filled from the head of sendq_.
 #include <cstdlib>
+#include <limits>
 #include <new>
+#include <stdexcept>
 #include <string>
 
 #include "alloc/check.h"
@@ -55,6 +57,11 @@ std::unexpected<std::error_code> chan_error(chan_status s) noexcept {
 }
 
 chan_core::chan_core(std::size_t capacity, const elem_ops& ops) : cap_(capacity), ops_(ops) {
+  // cap_ * size must not wrap: a wrapped product is a small allocation that
+  // slot() would then index far past. std::vector's answer to a size it
+  // cannot represent is length_error; so is ours.
+  if (cap_ > std::numeric_limits<std::size_t>::max() / ops_.size)
+    throw std::length_error("weft::channel: capacity * sizeof(T) does not fit in size_t");
   if (cap_ > 0)
     buf_ = static_cast<unsigned char*>(
         ::operator new(cap_ * ops_.size, std::align_val_t{ops_.align}));

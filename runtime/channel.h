@@ -139,6 +139,8 @@ class channel {
                 "(values are moved under the channel's lock)");
 
  public:
+  // Throws std::length_error if capacity * sizeof(T) does not fit in
+  // size_t, std::bad_alloc if the buffer cannot be allocated.
   explicit channel(std::size_t capacity = 0) : core_(capacity, detail::elem_ops_of<T>) {}
 
   // Blocks while the buffer is full (or, capacity 0, until a receiver

@@ -3,8 +3,10 @@
 // report of a channel cycle.
 #include "runtime/channel.h"
 
+#include <array>
 #include <atomic>
 #include <memory>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -159,6 +161,16 @@ TEST_P(Channel, MoveOnlyValuesPassThroughBufferAndRendezvous) {
     EXPECT_FALSE(full.try_send(std::move(p)));
     EXPECT_NE(p, nullptr);  // a failed try_send leaves its argument alone
   });
+}
+
+// A capacity whose buffer size (capacity * sizeof(T)) wraps around size_t
+// is refused, as std::vector refuses a size past max_size(): the wrapped
+// product would be a tiny buffer that sends then write far past.
+TEST(ChannelCapacity, ACapacityWhoseBufferSizeWrapsIsALengthError) {
+  using page = std::array<char, 4096>;
+  constexpr std::size_t kWraps = std::size_t{1} << 52;  // * 4096 == 2^64, which is 0
+  EXPECT_THROW(channel<page> ch(kWraps), std::length_error);
+  EXPECT_THROW(channel<page> ch(kWraps + 1), std::length_error);  // wraps to one slot
 }
 
 // A receiver whose receives all complete at once (the buffer never runs
