@@ -33,6 +33,7 @@
 #pragma once
 
 #include <cstddef>
+#include <memory>
 #include <new>
 #include <optional>
 #include <source_location>
@@ -137,6 +138,8 @@ class channel {
   static_assert(std::is_nothrow_move_constructible_v<T>,
                 "weft::channel<T>: T's move constructor must not throw "
                 "(values are moved under the channel's lock)");
+  // Addresses of T are taken with std::addressof: T may overload unary
+  // operator& (COM-style smart pointers do), as std containers allow.
 
  public:
   // Throws std::length_error if capacity * sizeof(T) does not fit in
@@ -147,7 +150,7 @@ class channel {
   // takes the value). closed, timed_out or operation_canceled.
   result<void> send(T v, deadline d = {},
                     std::source_location where = std::source_location::current()) {
-    auto s = core_.send(&v, d.when, true, where);
+    auto s = core_.send(std::addressof(v), d.when, true, where);
     if (s == detail::chan_status::ok) return {};
     return detail::chan_error(s);
   }
@@ -168,10 +171,10 @@ class channel {
   }
   // Never blocks: operation_would_block when full (no receiver waiting),
   // closed when closed. Moves from v only on success.
-  result<void> try_send(T&& v) { return try_send_ptr(&v); }
+  result<void> try_send(T&& v) { return try_send_ptr(std::addressof(v)); }
   result<void> try_send(const T& v) {
     T copy(v);
-    return try_send_ptr(&copy);
+    return try_send_ptr(std::addressof(copy));
   }
   // Never blocks: operation_would_block when empty, closed when closed and
   // drained.
@@ -196,7 +199,7 @@ class channel {
     out.reset();
     return detail::make_recv_case(&core_, &out, &detail::deliver_to_optional<T>);
   }
-  select_case on_send(T& v) { return detail::make_send_case(&core_, &v); }
+  select_case on_send(T& v) { return detail::make_send_case(&core_, std::addressof(v)); }
 
  private:
   result<void> try_send_ptr(T* v) {

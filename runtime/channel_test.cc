@@ -8,6 +8,7 @@
 #include <memory>
 #include <stdexcept>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "runtime/sync.h"
@@ -161,6 +162,39 @@ TEST_P(Channel, MoveOnlyValuesPassThroughBufferAndRendezvous) {
     EXPECT_FALSE(full.try_send(std::move(p)));
     EXPECT_NE(p, nullptr);  // a failed try_send leaves its argument alone
   });
+}
+
+// A value type with its own unary operator& (COM-style smart pointers have
+// one), which here points elsewhere: the channel must move the value
+// itself, whose address std::addressof gives, as std containers do.
+struct own_address_of {
+  static own_address_of decoy;
+  int v;
+  explicit own_address_of(int x) : v(x) {}
+  own_address_of(const own_address_of&) = default;
+  own_address_of(own_address_of&& o) noexcept : v(std::exchange(o.v, -1)) {}
+  own_address_of* operator&() noexcept { return std::addressof(decoy); }
+  const own_address_of* operator&() const noexcept { return std::addressof(decoy); }
+};
+own_address_of own_address_of::decoy{-7};
+
+TEST(ChannelValueTypes, AValueWithItsOwnOperatorAddressOfIsSentItself) {
+  weft::run([] {
+    channel<own_address_of> ch(3);
+    ASSERT_TRUE(ch.send(own_address_of(1)));
+    ASSERT_TRUE(ch.try_send(own_address_of(2)));
+    const own_address_of three(3);
+    ASSERT_TRUE(ch.try_send(three));
+    for (int i = 1; i <= 3; ++i) EXPECT_EQ(ch.recv()->v, i);
+    own_address_of four(4);
+    ASSERT_EQ(select(ch.on_send(four)), 0);
+    EXPECT_EQ(ch.recv()->v, 4);
+    channel<own_address_of> rendezvous(0);  // hand-off to a parked receiver
+    auto r = spawn([&] { return rendezvous.recv()->v; });
+    ASSERT_TRUE(rendezvous.send(own_address_of(5)));
+    EXPECT_EQ(r.join(), 5);
+  }, {.workers = 1});
+  EXPECT_EQ(own_address_of::decoy.v, -7);  // never moved from
 }
 
 // A capacity whose buffer size (capacity * sizeof(T)) wraps around size_t
