@@ -129,7 +129,7 @@ void deliver_to_optional(void* dst, void* src) {
 }
 
 select_case make_recv_case(chan_core* c, void* out, void (*deliver)(void*, void*));
-select_case make_send_case(chan_core* c, void* v);
+select_case make_send_case(chan_core* c, void* v, bool* sent = nullptr);
 
 }  // namespace detail
 
@@ -194,12 +194,20 @@ class channel {
   // select cases (runtime/select.h). on_recv resets `out`, which then holds
   // the value, or stays empty if the case fired because the channel closed.
   // on_send moves from `v` only if the value was sent; it also fires on a
-  // closed channel (then closed() is true and v is untouched).
+  // closed channel (then v is untouched). The form with `sent` says which:
+  // it is true once the case fired with v sent, false if it fired because
+  // the channel is closed. closed() afterwards cannot tell them apart when
+  // another fiber may close the channel meanwhile (a value sent just
+  // before a close is still delivered).
   select_case on_recv(std::optional<T>& out) {
     out.reset();
     return detail::make_recv_case(&core_, &out, &detail::deliver_to_optional<T>);
   }
   select_case on_send(T& v) { return detail::make_send_case(&core_, std::addressof(v)); }
+  select_case on_send(T& v, bool& sent) {
+    sent = false;
+    return detail::make_send_case(&core_, std::addressof(v), &sent);
+  }
 
  private:
   result<void> try_send_ptr(T* v) {

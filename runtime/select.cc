@@ -31,6 +31,10 @@
 //     that won, under the lock of the record's channel.
 //   - parker::chosen is written only by the claimer that won, under the
 //     lock of the list (channel or stop state) that held its record.
+//   - A send case's *sent is written only by the selecting caller: in
+//     step 2 from the case's status, or after waking from the fired
+//     record's closed flag (close() sets it; a receiver that took the
+//     value does not).
 #include <algorithm>
 #include <array>
 #include <new>
@@ -56,8 +60,8 @@ struct chan_access {
 select_case make_recv_case(chan_core* c, void* out, void (*deliver)(void*, void*)) {
   return {.kind = case_kind::recv, .ch = c, .slot = out, .deliver = deliver};
 }
-select_case make_send_case(chan_core* c, void* v) {
-  return {.kind = case_kind::send, .ch = c, .slot = v};
+select_case make_send_case(chan_core* c, void* v, bool* sent) {
+  return {.kind = case_kind::send, .ch = c, .slot = v, .sent = sent};
 }
 
 // A stop case's record in its token's stop state (see *Stop cases*).
@@ -123,9 +127,12 @@ int poll_cases(const select_case* cs, std::size_t n, wake_ticket& t) {
     bool fired = false;
     switch (c.kind) {
       case case_kind::recv:
-      case case_kind::send:
-        fired = chan_access::try_case(c, t) != chan_status::would_block;
+      case case_kind::send: {
+        chan_status s = chan_access::try_case(c, t);
+        fired = s != chan_status::would_block;
+        if (fired && c.sent) *c.sent = s == chan_status::ok;  // a send case's outcome
         break;
+      }
       case case_kind::after:
         if (now == clock::time_point{}) now = clock::now();
         fired = c.when <= now;
@@ -232,6 +239,8 @@ int park_on_cases(const select_case* cs, std::size_t n, const lock_set& locks,
       // A stop case that fired while the runtime unwinds this fiber ends
       // in fiber_unwind, as a cancelled park does.
       if (cs[p.chosen].kind == case_kind::stop) sched::unwind_point();
+      // A send case's waker either took the value or was close().
+      if (cs[p.chosen].sent) *cs[p.chosen].sent = !recs[p.chosen].closed;
       return p.chosen;
     case wake_reason::timed_out: return earliest;
     case wake_reason::cancelled: break;

@@ -3,10 +3,11 @@
 //
 //   std::optional<job> j;
 //   result r;
-//   switch (weft::select(jobs.on_recv(j), done.on_send(r), weft::after(50ms),
+//   bool sent;
+//   switch (weft::select(jobs.on_recv(j), done.on_send(r, sent), weft::after(50ms),
 //                        weft::this_fiber::stop_token())) {
 //     case 0: ...  // j holds a job, or is empty: jobs was closed
-//     case 1: ...  // r was sent (or done is closed: done.closed())
+//     case 1: ...  // sent: r was sent; !sent: done is closed, r untouched
 //     case 2: ...  // 50 ms passed
 //     case 3: ...  // this fiber was asked to stop
 //   }
@@ -59,6 +60,7 @@ struct select_case {
   void (*deliver)(void*, void*) = nullptr;           // recv: builds the value in slot
   clock::time_point when = clock::time_point::max();  // after: the deadline
   sched::stop_state* stop = nullptr;                 // stop: the token's state; null: never
+  bool* sent = nullptr;  // send: if set, whether the value was sent (false: closed)
 };
 
 inline constexpr int kSelectCancelled = -1;

@@ -206,6 +206,47 @@ TEST_P(Select, ExactlyOneCaseFiresWhenManyWakersRace) {
   });
 }
 
+// A send case fires both when its value was sent and when its channel is
+// closed. closed() afterwards cannot tell which when another fiber closes
+// the channel right after the send (the value is still delivered); the
+// `sent` flag can, on the ready path and on the parked one.
+TEST_P(Select, TheSentFlagTellsASentValueFromAClosedChannel) {
+  Run([] {
+    channel<int> ch(1);
+    int x = 1;
+    bool sent = false;
+    ASSERT_EQ(select(ch.on_send(x, sent)), 0);  // room in the buffer: sent at once
+    spawn([&] { ch.close(); }).join();
+    EXPECT_TRUE(ch.closed());  // so closed() would say "not sent" ...
+    EXPECT_TRUE(sent);         // ... and it was:
+    EXPECT_EQ(ch.recv(), 1);
+    int y = 2;
+    ASSERT_EQ(select(ch.on_send(y, sent)), 0);  // closed
+    EXPECT_FALSE(sent);
+    EXPECT_EQ(y, 2);
+
+    channel<int> rv(0);  // parked send cases: a receiver, then close(), wakes it
+    auto r = spawn([&] {
+      (void)this_fiber::sleep_for(3ms);
+      return rv.recv();
+    });
+    int z = 3;
+    ASSERT_EQ(select(rv.on_send(z, sent)), 0);
+    EXPECT_TRUE(sent);
+    EXPECT_EQ(r.join(), 3);
+    auto c = spawn([&] {
+      (void)this_fiber::sleep_for(3ms);
+      rv.close();
+    });
+    int w = 4;
+    sent = true;
+    ASSERT_EQ(select(rv.on_send(w, sent)), 0);
+    EXPECT_FALSE(sent);
+    EXPECT_EQ(w, 4);
+    c.join();
+  });
+}
+
 TEST_P(Select, APlainThreadCanSelect) {
   Run([] {
     channel<int> a(0), b(0);
