@@ -28,6 +28,14 @@
 // A value passed to send() by value is consumed even when the send fails;
 // try_send() moves from its argument only when it succeeds.
 //
+// T: any object type whose move constructor cannot throw (a static_assert
+// says so at compile time). Values move under the channel's lock, into a
+// parked receiver's frame or out of a parked sender's, where a throw would
+// leave a hand-off half done on another fiber's behalf. A type whose move
+// may throw (libstdc++'s std::deque) travels as a std::unique_ptr<T>. A
+// throwing copy in try_send(const T&) happens before the lock and leaves
+// the channel as it was.
+//
 // Who calls what: every member from any fiber or thread, except the
 // destructor (nobody may still use the channel).
 #pragma once

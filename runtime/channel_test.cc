@@ -5,6 +5,7 @@
 
 #include <array>
 #include <atomic>
+#include <cstdint>
 #include <memory>
 #include <stdexcept>
 #include <thread>
@@ -195,6 +196,113 @@ TEST(ChannelValueTypes, AValueWithItsOwnOperatorAddressOfIsSentItself) {
     EXPECT_EQ(r.join(), 5);
   }, {.workers = 1});
   EXPECT_EQ(own_address_of::decoy.v, -7);  // never moved from
+}
+
+// Counts live instances, so a value lost (never destroyed) or duplicated
+// (destroyed twice) shows as a nonzero balance; checks its own alignment
+// wherever it is built (channel buffer, a receiver's frame, the stack of
+// a fiber). Move-only and not default-constructible.
+std::atomic<int> g_live{0};
+std::atomic<int> g_misaligned{0};
+struct alignas(64) counted {
+  int v;
+  explicit counted(int x) : v(x) { born(); }
+  counted(counted&& o) noexcept : v(std::exchange(o.v, -1)) { born(); }
+  counted& operator=(counted&&) = delete;
+  ~counted() { g_live.fetch_sub(1, std::memory_order_relaxed); }
+  void born() {
+    g_live.fetch_add(1, std::memory_order_relaxed);
+    if (reinterpret_cast<std::uintptr_t>(this) % 64 != 0)
+      g_misaligned.fetch_add(1, std::memory_order_relaxed);
+  }
+};
+
+TEST_P(Channel, OverAlignedMoveOnlyValuesAreNeitherLostNorDuplicated) {
+  g_live = 0;
+  g_misaligned = 0;
+  Run([] {
+    for (std::size_t cap : {0, 3}) {
+      channel<counted> ch(cap);
+      auto s = spawn([&] {
+        for (int i = 0; i < 200; ++i) {
+          if (i % 2) {
+            counted c(i);
+            ASSERT_EQ(select(ch.on_send(c)), 0);
+          } else {
+            ASSERT_TRUE(ch.send(counted(i)));
+          }
+        }
+        ch.close();
+      }, {.stack_size = 16 * 1024});  // kSmallStack overflows under TSan
+      int expect = 0;
+      for (;;) {
+        std::optional<counted> v;
+        if (expect % 3 == 0) {
+          ASSERT_EQ(select(ch.on_recv(v)), 0);
+        } else if (auto r = ch.recv(deadline::never())) {
+          v.emplace(std::move(*r));
+        }
+        if (!v) break;
+        EXPECT_EQ(v->v, expect++);
+      }
+      EXPECT_EQ(expect, 200);
+      s.join();
+    }
+    channel<counted> left(4);  // destroyed with values buffered
+    ASSERT_TRUE(left.try_send(counted(1)));
+    ASSERT_TRUE(left.try_send(counted(2)));
+    auto one = left.try_recv();
+    ASSERT_TRUE(one);
+    EXPECT_EQ(one->v, 1);
+  });
+  EXPECT_EQ(g_live.load(), 0);
+  EXPECT_EQ(g_misaligned.load(), 0);
+}
+
+// 4 KiB values through fibers with 16 KiB stacks: the channel keeps no
+// hidden copies of a value on the stack beyond the caller's own.
+TEST_P(Channel, LargeValuesPassThroughFibersWithSmallStacks) {
+  struct page {
+    std::array<unsigned char, 4096> bytes;
+    explicit page(int i) { bytes.fill(static_cast<unsigned char>(i)); }
+  };
+  Run([] {
+    for (std::size_t cap : {0, 2}) {
+      channel<page> ch(cap);
+      spawn_options small{.stack_size = 16 * 1024};
+      auto s = spawn([&] {
+        for (int i = 0; i < 64; ++i) ASSERT_TRUE(ch.send(page(i)));
+        ch.close();
+      }, small);
+      auto r = spawn([&] {
+        int n = 0;
+        for (; auto v = ch.recv(); ++n)
+          EXPECT_EQ(v->bytes[n % 4096], static_cast<unsigned char>(n));
+        return n;
+      }, small);
+      s.join();
+      EXPECT_EQ(r.join(), 64);
+    }
+  });
+}
+
+// A copy that throws in try_send(const T&) reaches the caller before the
+// channel is touched: nothing is buffered, nothing is locked.
+TEST(ChannelValueTypes, AThrowingCopyInTrySendLeavesTheChannelAsItWas) {
+  struct copy_throws {
+    int v;
+    explicit copy_throws(int x) : v(x) {}
+    copy_throws(const copy_throws&) { throw std::runtime_error("copy"); }
+    copy_throws(copy_throws&&) noexcept = default;
+  };
+  weft::run([] {
+    channel<copy_throws> ch(2);
+    const copy_throws c(1);
+    EXPECT_THROW((void)ch.try_send(c), std::runtime_error);
+    EXPECT_EQ(ch.size(), 0u);
+    ASSERT_TRUE(ch.try_send(copy_throws(2)));  // the lock was not left held
+    EXPECT_EQ(ch.recv()->v, 2);
+  }, {.workers = 1});
 }
 
 // A capacity whose buffer size (capacity * sizeof(T)) wraps around size_t

@@ -247,6 +247,54 @@ TEST_P(Select, TheSentFlagTellsASentValueFromAClosedChannel) {
   });
 }
 
+// Two cases on one channel: it is locked once, and exactly one of the two
+// fires per value, ready or parked.
+TEST_P(Select, TwoCasesOnOneChannelFireOnePerValue) {
+  Run([] {
+    for (std::size_t cap : {0, 1}) {
+      channel<int> ch(cap);
+      auto s = spawn([&] {
+        for (int i = 0; i < 100; ++i) ASSERT_TRUE(ch.send(i));
+        ch.close();
+      });
+      for (int i = 0; i < 100; ++i) {
+        std::optional<int> a, b;
+        int k = select(ch.on_recv(a), ch.on_recv(b));
+        ASSERT_TRUE(k == 0 || k == 1);
+        EXPECT_EQ(k == 0 ? a : b, i);
+        EXPECT_FALSE(k == 0 ? b : a);
+      }
+      s.join();
+    }
+  });
+}
+
+// A send and a receive case on one rendezvous channel: the select does
+// not meet itself; two such selects meet each other, one sending, one
+// receiving.
+TEST_P(Select, ASendAndARecvOnOneRendezvousChannelNeverMeetEachOther) {
+  Run([] {
+    channel<int> ch(0);
+    std::optional<int> got;
+    int x = 1;
+    EXPECT_EQ(select(ch.on_send(x), ch.on_recv(got), after(10ms)), 2);
+    EXPECT_FALSE(got);
+    EXPECT_EQ(x, 1);
+    for (int round = 0; round < 50; ++round) {
+      auto peer = [&ch](int mine) {
+        std::optional<int> theirs;
+        int k = select(ch.on_send(mine), ch.on_recv(theirs));
+        return k == 0 ? -1 : *theirs;  // -1: sent; else the value received
+      };
+      auto a = spawn([&] { return peer(10); });
+      auto b = spawn([&] { return peer(20); });
+      int ra = a.join(), rb = b.join();
+      EXPECT_TRUE((ra == -1 && rb == 10) || (rb == -1 && ra == 20)) << ra << " " << rb;
+    }
+    EXPECT_EQ(select(select_default), 0);  // a default alone fires at once
+  });
+}
+
 TEST_P(Select, APlainThreadCanSelect) {
   Run([] {
     channel<int> a(0), b(0);
