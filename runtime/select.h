@@ -17,7 +17,8 @@
 //     case starves.
 //   - weft::select_default makes the select non-blocking: it fires only when
 //     no other case is ready.
-//   - Exactly one case fires; the others leave their arguments untouched.
+//   - Exactly one case fires; the others leave their arguments untouched
+//     (on_recv resets its optional when the case is built, before select).
 //   - A stop case fires when the fiber its token belongs to is asked to
 //     stop — the calling fiber's own token, or any other fiber's (a
 //     parent's token handed to a child). A null token never fires.
