@@ -280,6 +280,51 @@ TEST_P(Fibers, AFiberThatYieldsForeverDoesNotStarveOthers) {
   });
 }
 
+// Two fibers that hand a token back and forth without end switch straight
+// to each other (the hand-off), past the LIFO streak limit while nothing
+// else waits; they must still let others run: a fiber the pair woke
+// (queued behind it on the same worker), one a plain thread woke (the
+// inject queue) and a sleeper (a timer). With hand-offs unbounded (no
+// streak limit, and no loop turn on the periodic ticks either) all three
+// starve on one worker and the test hangs.
+TEST_P(Fibers, AHandOffPairThatNeverStopsStillLetsOthersRun) {
+  Run([] {
+    channel<int> a(0), b(0), from_thread(1), done(3);
+    std::atomic<bool> stop{false};
+    semaphore woken_by_pair(0);
+    auto ping = spawn([&] {
+      for (int i = 0; !stop.load(std::memory_order_relaxed); ++i) {
+        if (i == 1000) woken_by_pair.release();
+        if (!a.send(i) || !b.recv()) break;
+      }
+      a.close();
+    });
+    auto pong = spawn([&] {
+      while (auto v = a.recv())
+        if (!b.send(*v)) break;
+    });
+    go([&] { if (woken_by_pair.acquire()) (void)done.send(1); });
+    go([&] { if (from_thread.recv()) (void)done.send(2); });
+    go([&] { if (this_fiber::sleep_for(2ms)) (void)done.send(3); });
+    std::thread t([&] {
+      std::this_thread::sleep_for(5ms);
+      (void)from_thread.send(0);
+    });
+    unsigned seen = 0;
+    for (int k = 0; k < 3; ++k) {
+      auto v = done.recv(deadline(20s));
+      EXPECT_TRUE(v) << "a fiber starved behind the pair";
+      if (!v) break;
+      seen |= 1u << *v;
+    }
+    stop = true;
+    ping.join();
+    pong.join();
+    t.join();
+    EXPECT_EQ(seen, 0b1110u);
+  });
+}
+
 // Fibers yielding on one worker take turns in a fixed cycle, whether the
 // yield switches straight to the next fiber (see *Direct yield* in
 // sched/worker.cc) or, for one on a tiny stack, goes through the loop.

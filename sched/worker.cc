@@ -9,8 +9,10 @@
 //   1. every 61st tick the inject queue first, so fibers woken by plain
 //      threads cannot be starved by a busy local queue (Go's schedtick%61);
 //   2. expired timers, then the LIFO slot (at most kMaxLifoStreak times in
-//      a row, so a ping-pong pair cannot starve the queue), then the pinned
-//      queue and the local queue, alternating;
+//      a row, so a ping-pong pair cannot starve the queue; a hand-off
+//      between such a pair goes on past that while nothing else waits:
+//      take_handoff()), then the pinned queue and the local queue,
+//      alternating;
 //   3. the inject queue; a non-blocking poll of the driver;
 //   4. stealing half of another worker's queue, nearest victims first (a
 //      lone queued fiber only after kLoneStealDelay), or the fiber in the
@@ -196,8 +198,10 @@ void worker::run_fiber(fiber* f) {
 // (publishing the parked fiber, or freeing the exited one) is left in
 // pending_, and whatever context resumes next on this worker — the loop or
 // the hand-off target — runs it first, in finish_switch(). The LIFO streak
-// limit applies, so the loop still gets its turn (timers, inject queue,
-// I/O polling) after at most kMaxLifoStreak hand-offs.
+// limit applies while anything else waits (others_waiting()), so the loop
+// still gets its turn (due timers, queued fibers, the inject queue) after
+// at most kMaxLifoStreak hand-offs; I/O polling and the inject queue also
+// get theirs on their ticks, whatever the streak.
 //
 // *Direct yield*: a yield switches straight to the fiber the loop would
 // take next from the local queue, on a tick without periodic duties, with
@@ -293,7 +297,9 @@ void worker::yield_current(const std::source_location& where) {
 
 // The hot fiber in the LIFO slot, if a hand-off to it is allowed now.
 fiber* worker::take_handoff(const fiber* from) noexcept {
-  if (lifo_streak_ >= kMaxLifoStreak) return nullptr;
+  // The streak limit protects whoever waits behind the pair; with nobody
+  // waiting, the loop would only put the fiber back and take it again.
+  if (lifo_streak_ >= kMaxLifoStreak && others_waiting()) return nullptr;
   // relaxed: our own slot; a thief can only empty it, which the exchange
   // below sees.
   if (lifo_.load(std::memory_order_relaxed) == 0) return nullptr;
@@ -312,6 +318,17 @@ fiber* worker::take_handoff(const fiber* from) noexcept {
   ++lifo_streak_;
   worker_counters::bump(counters_.lifo_runs);
   return to;
+}
+
+// Anything besides the LIFO slot that waits for this worker's loop: its
+// local, pinned or inbox queue, the inject queue, or a due timer. The queue
+// checks are hints (relaxed; a push racing with them is seen by the loop's
+// next turn, as in yield_current()).
+bool worker::others_waiting() const noexcept {
+  // relaxed: hints, as above.
+  return !local_.empty_approx() || pinned_head_ ||
+         inbox_nonempty_.load(std::memory_order_relaxed) || !sched_.inject_.empty_hint() ||
+         (timers_.size() != 0 && timers_.next_deadline() <= clock::now());
 }
 
 // The fiber in the LIFO slot, taken (null if empty or stolen).

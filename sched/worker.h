@@ -137,6 +137,7 @@ class worker {
   void run_fiber(fiber* f);
   void after_park(fiber* f, const park_request& req);
   fiber* take_handoff(const fiber* from) noexcept;
+  bool others_waiting() const noexcept;
   // The local queue's head, and the LIFO slot's exchange, without a locked
   // instruction when the worker is alone_ (see there).
   fiber* pop_local() noexcept { return alone_ ? local_.pop_unshared() : local_.pop(); }
