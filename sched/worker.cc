@@ -198,15 +198,15 @@ void worker::run_fiber(fiber* f) {
 // (publishing the parked fiber, or freeing the exited one) is left in
 // pending_, and whatever context resumes next on this worker — the loop or
 // the hand-off target — runs it first, in finish_switch(). The LIFO streak
-// limit applies while anything else waits (others_waiting()), so the loop
-// still gets its turn (due timers, queued fibers, the inject queue) after
-// at most kMaxLifoStreak hand-offs; I/O polling and the inject queue also
-// get theirs on their ticks, whatever the streak.
+// limit applies while other fibers wait (others_waiting()), so the loop
+// still gets its turn for them after at most kMaxLifoStreak hand-offs;
+// I/O polling, timers and the inject queue also get theirs on the
+// periodic ticks, whatever the streak.
 //
 // *Direct yield*: a yield switches straight to the fiber the loop would
-// take next from the local queue, on a tick without periodic duties, with
-// no timer due and nothing in the LIFO slot, the pinned queue or the inbox
-// (the loop orders those). The pending step puts the yielding fiber at the
+// take next from the local queue, on a tick without periodic duties (due
+// timers wait for those), with nothing in the LIFO slot, the pinned queue
+// or the inbox (the loop orders those). The pending step puts the yielding fiber at the
 // tail of the local queue, as the loop would. Two fibers taking turns on a
 // worker then cost one switch per yield instead of two plus a loop pass.
 
@@ -261,11 +261,13 @@ void worker::yield_current(const std::source_location& where) {
   fiber* from = current_;
   std::uint32_t next = tick_ + 1;
   // relaxed: our own slot; the inbox flag is a hint (drain_inbox() orders;
-  // a push racing with this check is seen at the next tick).
+  // a push racing with this check is seen at the next tick). Timers are
+  // not looked at: one that is due waits for the next periodic tick, at
+  // most kPollInterval yields away (a microsecond or so), where the loop
+  // fires it, and a yield reads no clock (~20 ns here).
   bool loop_first = next % kInjectInterval == 0 || next % kPollInterval == 0 ||
                     lifo_.load(std::memory_order_relaxed) || pinned_head_ ||
-                    inbox_nonempty_.load(std::memory_order_relaxed) ||
-                    (timers_.size() != 0 && timers_.next_deadline() <= clock::now());
+                    inbox_nonempty_.load(std::memory_order_relaxed);
   if (!loop_first) {
     if (local_.empty_approx()) {
       if (sched_.inject_.empty_hint()) {
@@ -320,15 +322,16 @@ fiber* worker::take_handoff(const fiber* from) noexcept {
   return to;
 }
 
-// Anything besides the LIFO slot that waits for this worker's loop: its
-// local, pinned or inbox queue, the inject queue, or a due timer. The queue
-// checks are hints (relaxed; a push racing with them is seen by the loop's
-// next turn, as in yield_current()).
+// Any fiber besides the LIFO slot's that waits for this worker's loop: in
+// its local, pinned or inbox queue, or the inject queue. Hints (relaxed; a
+// push racing with them is seen by the loop's next turn, as in
+// yield_current()). Due timers are not looked at, as in yield_current():
+// the loop fires them at the next periodic tick, which take_handoff()
+// never skips.
 bool worker::others_waiting() const noexcept {
   // relaxed: hints, as above.
   return !local_.empty_approx() || pinned_head_ ||
-         inbox_nonempty_.load(std::memory_order_relaxed) || !sched_.inject_.empty_hint() ||
-         (timers_.size() != 0 && timers_.next_deadline() <= clock::now());
+         inbox_nonempty_.load(std::memory_order_relaxed) || !sched_.inject_.empty_hint();
 }
 
 // The fiber in the LIFO slot, taken (null if empty or stolen).
