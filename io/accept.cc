@@ -3,8 +3,11 @@
 // tcp_listener::accept(). On io_uring, one multishot accept per listener
 // (see *Multishot operations* in io/driver.h) feeds a queue of accepted
 // descriptors in the listener's accept_state: accept() pops one, or parks
-// until the multishot delivers one. The epoll driver keeps one accept per
-// call (accept_once()).
+// until the multishot delivers one. Before it arms the multishot it tries
+// one accept4 of its own (accept_now()), so that a connection already
+// waiting is taken by a call with a deadline of now, as the epoll
+// driver's accept4 takes it. The epoll driver keeps one accept per call
+// (accept_once()).
 //
 // The multishot is armed on the ring of the worker where an accept() finds
 // none armed. Its CQEs arrive in that worker's reap() even after the
@@ -39,6 +42,7 @@
 //   close_accept_state()   fd_state's destructor, any thread
 //   on_result()            the arming driver, on its worker thread
 //   on_driver_gone()       the arming driver's destructor
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -83,6 +87,7 @@ class accept_state final : public multishot_sink {
     for (int fd : ready_)
       if (fd >= 0) ::close(fd);
   }
+  static result<int> accept_now(int listen_fd);
   static void publish(void* self, sched::wake_token t);
   void retract() noexcept;
   void claim_locked(std::vector<sched::fiber*>& out, bool all) noexcept;
@@ -161,6 +166,7 @@ void accept_state::claim_locked(std::vector<sched::fiber*>& out, bool all) noexc
 }
 
 result<int> accept_state::take(int listen_fd, clock::time_point deadline) {
+  bool tried = false;  // accept_now() before arming, once per call
   for (;;) {
     lock_.lock();
     if (closed_) {
@@ -180,6 +186,18 @@ result<int> accept_state::take(int listen_fd, clock::time_point deadline) {
       if (!d || !d->has_multishot_accept()) {
         lock_.unlock();
         return std::unexpected(std::make_error_code(std::errc::not_supported));
+      }
+      if (!tried) {
+        // A connection that waits in the kernel's queue is taken now (Go's
+        // accept tries before it waits): the multishot armed below would
+        // deliver it only once this worker reaps its ring, after a
+        // deadline of now or a moment away has ended the call.
+        lock_.unlock();
+        tried = true;
+        auto r = accept_now(listen_fd);
+        if (r && *r >= 0) io_counters::bump(d->counters().ops);  // on d's worker: its writer
+        if (!r || *r >= 0) return r;
+        continue;  // none: look again under lock_, then arm
       }
       armed_ = true;
       stopping_ = false;
@@ -203,6 +221,18 @@ result<int> accept_state::take(int listen_fd, clock::time_point deadline) {
     sched::unwind_point();
     return std::unexpected(std::make_error_code(std::errc::operation_canceled));
   }
+}
+
+// One accept4 that never blocks: the listener is non-blocking
+// (tcp_listener::bind), so when there is no connection, or the multishot
+// took it first, it fails with EAGAIN: then -1. EMFILE and the like are
+// returned as any accept returns them.
+result<int> accept_state::accept_now(int listen_fd) {
+  int fd = ::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
+  if (fd >= 0) return fd;
+  int e = errno;  // read right after the call
+  if (e == EAGAIN || e == EWOULDBLOCK) return -1;
+  return sys_error(e);
 }
 
 void accept_state::on_result(int res, bool more) noexcept {

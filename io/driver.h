@@ -168,7 +168,8 @@ class completion {
 // driver's reap lock (relaxed: statistics) — summed by io::stats() from
 // any thread.
 struct io_counters {
-  // io_uring: operations submitted, all parked for. epoll: calls that
+  // io_uring: operations submitted, all parked for, plus accepts taken at
+  // once before arming the multishot (io/accept.cc). epoll: calls that
   // succeeded at once plus readiness waits (parked).
   std::atomic<std::uint64_t> ops{0};
   std::atomic<std::uint64_t> parked{0};

@@ -299,7 +299,11 @@ result<tcp_listener> tcp_listener::bind(std::string_view addr, int backlog) {
 
 result<tcp_listener> tcp_listener::bind(const socket_address& addr, int backlog) {
   if (backlog < 0) return std::unexpected(std::make_error_code(std::errc::invalid_argument));
-  int fd = new_socket(addr.family());
+  // Non-blocking: on io_uring, accept() tries accept4 itself before it
+  // arms the multishot (io/accept.cc), which must not block the worker
+  // when there is no connection or the multishot took it first. (The
+  // epoll driver makes it non-blocking at its first accept anyway.)
+  int fd = new_socket(addr.family(), SOCK_STREAM | SOCK_NONBLOCK);
   if (fd < 0) return sys_error(-fd);
   tcp_listener l(fd, new_accept_state(backlog));  // closes fd on every error path
   int one = 1;

@@ -407,6 +407,31 @@ TEST_P(Sockets, AListenerNobodyAcceptsFromKeepsToItsBacklog) {
   });
 }
 
+// A connection already in the kernel's queue is taken by an accept whose
+// deadline is now or a moment away, as a read returns data already there:
+// on io_uring the first accept only arms the multishot, whose result has
+// not come when the deadline ends, so it gave up with timed_out while the
+// epoll driver's accept4 took the connection.
+TEST_P(Sockets, AnAcceptAtItsDeadlineTakesAConnectionAlreadyQueued) {
+  Run([&] {
+    for (auto d : {0us, 1us, 100us}) {
+      auto ln = tcp_listener::bind("127.0.0.1:0").value();  // nothing armed yet
+      auto c = tcp_stream::connect(addr_of(ln), deadline(5s));
+      ASSERT_TRUE(c);
+      (void)this_fiber::sleep_for(2ms);  // the handshake is done: it waits in the queue
+      auto s = ln.accept(deadline(d));
+      ASSERT_TRUE(s) << "deadline " << d.count() << " us: " << s.error().message();
+      // It is that connection.
+      ASSERT_TRUE(c->write_all({"k", 1}));
+      char b = 0;
+      ASSERT_EQ(s->read({&b, 1}, deadline(5s)).value(), 1u);
+      EXPECT_EQ(b, 'k');
+      // With none queued, the deadline still ends the call.
+      EXPECT_EQ(ln.accept(deadline(d)).error(), std::errc::timed_out);
+    }
+  });
+}
+
 TEST_P(Sockets, StopCancelsAFiberParkedInConnect) {
   Run([&] {
     // A listener that never accepts, with a full accept queue, drops new
