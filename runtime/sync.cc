@@ -412,6 +412,7 @@ void shared_mutex::acquire(bool wr, const std::source_location& where) {
     if (free) {
       if (wr) writer_ = true; else ++readers_;
       lk_.unlock();
+      detail::note_lock_holder();
       return;
     }
     detail::parker p;
@@ -421,7 +422,7 @@ void shared_mutex::acquire(bool wr, const std::source_location& where) {
                                     {.cancellable = false,
                                      .what = wr ? "shared_mutex lock" : "shared_mutex lock_shared",
                                      .where = where});
-    if (r == wake_reason::notified) return;  // granted: see grant_locked()
+    if (r == wake_reason::notified) return;  // granted (grant_locked()); p noted a plain thread
     sched::unwind_point();
   }
 }
@@ -434,6 +435,7 @@ bool shared_mutex::try_lock() noexcept {
   bool ok = !writer_ && readers_ == 0 && q_.empty();
   if (ok) writer_ = true;
   lk_.unlock();
+  if (ok) detail::note_lock_holder();
   return ok;
 }
 
@@ -442,6 +444,7 @@ bool shared_mutex::try_lock_shared() noexcept {
   bool ok = !writer_ && q_.empty();
   if (ok) ++readers_;
   lk_.unlock();
+  if (ok) detail::note_lock_holder();
   return ok;
 }
 

@@ -15,6 +15,11 @@
 //   outside_ref         keeps the deadlock detector quiet while a plain
 //                       thread that may wake fibers is alive.
 //
+// A plain thread that takes a mutex or shared_mutex counts from then on as
+// a thread that may wake fibers (see outside_ref below), as one that
+// blocked in weft does: fibers parked on the lock it holds are not a
+// deadlock.
+//
 // Cancellation and deadlines: waits that return result<void> return
 // std::errc::operation_canceled when the calling fiber's stop was requested
 // and std::errc::timed_out at their deadline. Lock acquisition (mutex,
@@ -41,6 +46,16 @@
 
 namespace weft {
 
+namespace detail {
+// Called by whoever has just taken a weft lock (mutex, shared_mutex): a
+// plain thread that holds one will wake the fibers that park on it when
+// it unlocks, even if it never blocked in weft (it took the lock
+// uncontended), so it registers as a blocking plain thread does
+// (note_plain_thread(), runtime/waiter.cc). On a worker thread (a fiber)
+// only a thread_local load.
+void note_lock_holder() noexcept;
+}  // namespace detail
+
 class mutex {
  public:
   mutex() = default;
@@ -49,13 +64,17 @@ class mutex {
   mutex& operator=(const mutex&) = delete;
 
   void lock(std::source_location where = std::source_location::current()) {
-    if (!try_lock()) lock_slow(where);
+    // relaxed: as in try_lock().
+    if (!try_acquire(state_.load(std::memory_order_relaxed), 0)) lock_slow(where);
+    detail::note_lock_holder();  // a plain thread holding it may wake fibers
   }
   bool try_lock() noexcept {
     // relaxed: a first guess; try_acquire's CAS validates it. Looking first
     // (rather than a CAS from 0) saves a failing CAS when the lock is free
     // but others are parked (bench/micro.cc `mutex`).
-    return try_acquire(state_.load(std::memory_order_relaxed), 0);
+    if (!try_acquire(state_.load(std::memory_order_relaxed), 0)) return false;
+    detail::note_lock_holder();
+    return true;
   }
   void unlock() noexcept {
     // relaxed: a first guess; the CAS validates it. Looking first saves a

@@ -598,6 +598,62 @@ TEST(SyncDeath, AWaitGroupOfMainThatFibersStillWaitOnIsReportedWhenMainReturns) 
                "latch, wait_group or task_group destroyed while fibers wait on it");
 }
 
+// A plain thread that holds a weft lock will wake the fibers that park on
+// it when it unlocks, even if it never blocked in weft (it took the lock
+// uncontended): the deadlock detector must not call that a deadlock. It
+// did: main parked on the lock with no timer and no outside reference
+// left, and the process exited with status 2 while the thread held it.
+template <typename Lock>
+void LockHeldByAPlainThreadThatNeverBlocked(Lock take) {
+  weft::run([&] {
+    mutex mu;
+    shared_mutex smu;
+    std::atomic<bool> held{false};
+    std::thread t([&] {  // no outside_ref: it never blocks in weft
+      take(mu, smu, [&] {
+        held = true;
+        std::this_thread::sleep_for(50ms);
+      });
+    });
+    while (!held.load()) (void)this_fiber::sleep_for(100us);
+    { std::lock_guard g(mu); }  // parks until the thread unlocks
+    { std::lock_guard g(smu); }
+    t.join();
+  }, {.workers = 1});
+  std::fprintf(stderr, "no deadlock reported\n");
+  std::_Exit(0);
+}
+
+TEST(SyncDeath, APlainThreadHoldingALockIsNotADeadlock) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  auto lock = [](mutex& m, shared_mutex&, auto hold) {
+    std::lock_guard g(m);
+    hold();
+  };
+  auto try_lock = [](mutex& m, shared_mutex&, auto hold) {
+    while (!m.try_lock()) {
+    }
+    hold();
+    m.unlock();
+  };
+  auto lock_shared = [](mutex&, shared_mutex& m, auto hold) {
+    std::shared_lock g(m);
+    hold();
+  };
+  auto lock_exclusive = [](mutex&, shared_mutex& m, auto hold) {
+    std::lock_guard g(m);
+    hold();
+  };
+  EXPECT_EXIT(LockHeldByAPlainThreadThatNeverBlocked(lock), ::testing::ExitedWithCode(0),
+              "no deadlock reported");
+  EXPECT_EXIT(LockHeldByAPlainThreadThatNeverBlocked(try_lock), ::testing::ExitedWithCode(0),
+              "no deadlock reported");
+  EXPECT_EXIT(LockHeldByAPlainThreadThatNeverBlocked(lock_shared),
+              ::testing::ExitedWithCode(0), "no deadlock reported");
+  EXPECT_EXIT(LockHeldByAPlainThreadThatNeverBlocked(lock_exclusive),
+              ::testing::ExitedWithCode(0), "no deadlock reported");
+}
+
 // Unlocking a mutex that is not locked (a double unlock) is a bug in the
 // program, reported at once as Go does ("sync: unlock of unlocked mutex"),
 // not a silent no-op; shared_mutex already refused a stray unlock_shared().

@@ -15,6 +15,11 @@
 #include "alloc/check.h"
 #include "sched/scheduler.h"
 
+namespace weft::sched {
+class worker;
+extern thread_local worker* tls_worker;  // defined in sched/park.cc
+}  // namespace weft::sched
+
 namespace weft::detail {
 
 // --- short_lock -------------------------------------------------------------
@@ -79,6 +84,13 @@ void note_plain_thread() noexcept {
   if (!s || tls_outside_ref.run == s->run_id()) return;
   s->add_outside_ref(+1);
   tls_outside_ref.run = s->run_id();
+}
+
+// tls_worker directly (not sched::current_worker(), another call): this
+// runs on every lock. Fibers run only on worker threads, whose tls_worker
+// is set for their whole life; a plain thread's is null.
+void note_lock_holder() noexcept {
+  if (!sched::tls_worker) note_plain_thread();
 }
 
 // [[gnu::noinline]]: fibers migrate; never cache this thread_local's
