@@ -164,13 +164,7 @@ TEST_P(Sockets, ConnectToAListGivesEachAddressAShareOfTheDeadline) {
   Run([&] {
     auto silent = tcp_listener::bind("127.0.0.1:0", /*backlog=*/0).value();
     std::vector<tcp_stream> queued;
-    bool full = false;
-    for (int i = 0; i < 16 && !full; ++i) {
-      auto c = tcp_stream::connect(addr_of(silent), deadline(50ms));
-      if (c) queued.push_back(std::move(*c));
-      else full = c.error() == std::errc::timed_out;
-    }
-    ASSERT_TRUE(full) << "the accept queue never filled";
+    ASSERT_TRUE(testing::fill_accept_queue(silent, queued)) << "the accept queue never filled";
     auto ln = tcp_listener::bind("127.0.0.1:0").value();
     auto server = spawn_echo_server(ln);
     const std::vector<socket_address> addrs{silent.local_address().value(),

@@ -438,13 +438,7 @@ TEST_P(Sockets, StopCancelsAFiberParkedInConnect) {
     // SYNs: a connect to it waits. Fill the queue until a connect times out.
     auto ln = tcp_listener::bind("127.0.0.1:0", /*backlog=*/0).value();
     std::vector<tcp_stream> queued;
-    bool full = false;
-    for (int i = 0; i < 16 && !full; ++i) {
-      auto c = tcp_stream::connect(addr_of(ln), deadline(50ms));
-      if (c) queued.push_back(std::move(*c));
-      else full = c.error() == std::errc::timed_out;
-    }
-    ASSERT_TRUE(full) << "the accept queue never filled";
+    ASSERT_TRUE(testing::fill_accept_queue(ln, queued)) << "the accept queue never filled";
     auto h = spawn([&] {
       auto r = tcp_stream::connect(addr_of(ln));
       return r ? std::error_code() : r.error();

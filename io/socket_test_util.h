@@ -1,5 +1,6 @@
 // io/socket_test_util.h — what the socket test files share: the address
-// of a listener and an echo server fiber. Test-only.
+// of a listener, a listener whose accept queue is full, and an echo server
+// fiber. Test-only.
 #pragma once
 
 #include <dirent.h>
@@ -25,6 +26,21 @@ inline int open_fds() {
 }
 
 inline std::string addr_of(const tcp_listener& l) { return l.local_address().value().to_string(); }
+
+// Connects to `ln`, a TCP listener that never accepts (bind it with
+// backlog 0), until a connect times out: its accept queue is then full and
+// the kernel drops new SYNs, so a further connect waits without an answer.
+// The connections that got in go to `queued` (keep them: they hold the
+// queue full). False if the queue never filled.
+inline bool fill_accept_queue(const tcp_listener& ln, std::vector<tcp_stream>& queued) {
+  using namespace std::chrono_literals;
+  for (int i = 0; i < 16; ++i) {
+    auto c = tcp_stream::connect(addr_of(ln), deadline(50ms));
+    if (!c) return c.error() == std::errc::timed_out;
+    queued.push_back(std::move(*c));
+  }
+  return false;
+}
 
 // Echoes every connection until EOF; stops accepting when its fiber is
 // asked to. The connection fibers are detached (a stopped fiber cannot
