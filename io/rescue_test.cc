@@ -219,18 +219,41 @@ TEST(Rescue, AConnectionOfAStuckWorkerKeepsBeingServed) {
 
 // A stuck fiber asleep in blocking system calls is never interrupted by
 // the rescue: SA_RESTART does not restart poll(2) or nanosleep(2), so a
-// signal would cut them short with EINTR.
+// signal would cut them short with EINTR. A rescue that fires as a thread
+// enters a call (between the on-CPU check and the signal) can still
+// interrupt it (README), so the test keeps the rescue's work away from the
+// call's entry: the stuck fiber first computes for 50 ms, during which the
+// rescue submits the read that op() left unsubmitted (the stuck fiber ran
+// without a loop turn), and the hello whose completion waits for a rescue
+// comes 150 ms after the start, while the fiber is asleep in the call. One
+// call per run, so no second entry while that completion waits.
 TEST(Rescue, ABlockingCallInTheStuckFiberIsNotInterrupted) {
+  auto hello_later = [](std::string& got) {
+    plan p = read_hello(got);
+    return plan{p.op, [trigger = p.trigger](join_handle<void>& f) {
+                  (void)this_fiber::sleep_for(150ms);
+                  trigger(f);
+                }};
+  };
+  auto compute_for = [](steady::duration d) {
+    for (auto until = steady::now() + d; steady::now() < until;) {
+    }
+  };
   int poll_rc = 0, poll_errno = 0, sleep_rc = 0, sleep_errno = 0;
-  std::string got;
-  (void)behind_stuck([&] { return read_hello(got); }, [&](stuck_state&) {
+  std::string got_poll, got_sleep;
+  (void)behind_stuck([&] { return hello_later(got_poll); }, [&](stuck_state&) {
+    compute_for(50ms);
     poll_rc = ::poll(nullptr, 0, 300);
     poll_errno = errno;
+  });
+  (void)behind_stuck([&] { return hello_later(got_sleep); }, [&](stuck_state&) {
+    compute_for(50ms);
     timespec ts{0, 300'000'000};
     sleep_rc = ::nanosleep(&ts, nullptr);
     sleep_errno = errno;
   });
-  EXPECT_EQ(got, "hello");
+  EXPECT_EQ(got_poll, "hello");
+  EXPECT_EQ(got_sleep, "hello");
   EXPECT_EQ(poll_rc, 0) << "poll: " << std::strerror(poll_errno);
   EXPECT_EQ(sleep_rc, 0) << "nanosleep: " << std::strerror(sleep_errno);
 }
