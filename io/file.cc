@@ -69,6 +69,10 @@ result<void> file::fsync(bool data_only) {
 
 result<void> file::close() {
   if (!st_) return {};
+  // Off a fiber (a plain thread, a blocking() call, main's thread after
+  // the run) there is no driver to close through: fd_state closes the
+  // descriptor itself with close(2). Taking it here would leave it open.
+  if (!current_driver()) return st_->close();
   int fd = -1;
   if (auto c = st_->close(&fd); !c || fd < 0) return c;  // closed already, or by the last call
   op o{.kind = op_kind::close, .fd = fd};

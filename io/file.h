@@ -17,8 +17,9 @@
 //     last of them has left, so none of them ever acts on a file that
 //     reused its number. write_at() stops between its partial writes.
 //   - close() with nothing in flight goes through the driver; the last call
-//     to leave, and the destructor (which cannot park on an unwinding fiber),
-//     use a plain close(2). Moving transfers the state.
+//     to leave, the destructor (which cannot park on an unwinding fiber),
+//     and close() off a fiber (a plain thread, a blocking() call: no
+//     driver) use a plain close(2). Moving transfers the state.
 #pragma once
 
 #include <fcntl.h>

@@ -230,6 +230,39 @@ TEST_P(UserIo, FileEmptyAndMovedFromAndPlainThread) {
   });
 }
 
+// A file closed off a fiber — by a plain thread, inside a blocking() call,
+// or by main's thread after the run — is closed: close() succeeds and no
+// descriptor is left behind.
+TEST(UserIoNoFixture, FileClosedOffAFiberLeavesNoDescriptor) {
+  const std::string path = temp_path("f");
+  file kept;
+  const int fds0 = open_fds();
+  weft::run([&] {
+    auto a = file::open(path, O_RDWR | O_CREAT, 0600);
+    auto b = file::open(path, O_RDONLY);
+    auto c = file::open(path, O_RDONLY);
+    ASSERT_TRUE(a && b && c);
+    const int fds_open = open_fds();
+    std::error_code by_thread;
+    std::thread([&] {
+      auto r = b->close();
+      by_thread = r ? std::error_code{} : r.error();
+    }).join();
+    EXPECT_FALSE(by_thread) << by_thread.message();
+    EXPECT_FALSE(b->is_open());
+    EXPECT_EQ(open_fds(), fds_open - 1);
+    auto in_pool = blocking([&] { return c->close(); });
+    EXPECT_TRUE(in_pool) << in_pool.error().message();
+    EXPECT_EQ(open_fds(), fds_open - 2);
+    kept = std::move(*a);
+  }, {.workers = 2});
+  EXPECT_TRUE(kept.is_open());
+  auto r = kept.close();
+  EXPECT_TRUE(r) << r.error().message();
+  EXPECT_FALSE(kept.is_open());
+  EXPECT_EQ(open_fds(), fds0);
+}
+
 // ---------------------------------------------------------------------------
 // The blocking pool
 
