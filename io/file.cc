@@ -1,17 +1,34 @@
 // io/file.cc — io::file over io::perform(); see io/file.h.
 #include "io/file.h"
 
+#include <unistd.h>
+
+#include <cerrno>
 
 #include "io/fd_state.h"
 
 namespace weft::io {
 
-file::file(int fd) : st_(fd >= 0 ? new fd_state(fd) : nullptr) {}
+namespace {
+
+// A pipe, FIFO, socket or terminal: no offsets (see file::stream_).
+bool cannot_seek(int fd) noexcept {
+  return fd >= 0 && ::lseek(fd, 0, SEEK_CUR) < 0 && errno == ESPIPE;  // errno right after the call
+}
+
+std::unexpected<std::error_code> illegal_seek() {
+  return std::unexpected(std::make_error_code(std::errc::invalid_seek));
+}
+
+}  // namespace
+
+file::file(int fd) : st_(fd >= 0 ? new fd_state(fd) : nullptr), stream_(cannot_seek(fd)) {}
 
 file& file::operator=(file&& o) noexcept {
   if (this != &o) {
     drop();
     st_ = std::exchange(o.st_, nullptr);
+    stream_ = std::exchange(o.stream_, false);
   }
   return *this;
 }
@@ -39,6 +56,7 @@ result<file> file::open(const std::string& path, int flags, int mode) {
 }
 
 result<std::size_t> file::read_at(std::span<char> buf, std::uint64_t offset) {
+  if (stream_ && is_open()) return illegal_seek();
   op o{.kind = op_kind::read_at, .buf = buf.data(), .len = buf.size(), .offset = offset};
   auto r = perform_on(st_, o, clock::time_point::max(), "file read");
   if (!r) return std::unexpected(r.error());
@@ -46,6 +64,7 @@ result<std::size_t> file::read_at(std::span<char> buf, std::uint64_t offset) {
 }
 
 result<void> file::write_at(std::span<const char> buf, std::uint64_t offset) {
+  if (stream_ && is_open()) return illegal_seek();
   while (!buf.empty()) {
     op o{.kind = op_kind::write_at,
          .buf = const_cast<char*>(buf.data()),  // read only

@@ -39,14 +39,17 @@ class file {
  public:
   file() = default;
   explicit file(int fd);  // adopts fd (-1: an empty file)
-  file(file&& o) noexcept : st_(std::exchange(o.st_, nullptr)) {}
+  file(file&& o) noexcept
+      : st_(std::exchange(o.st_, nullptr)), stream_(std::exchange(o.stream_, false)) {}
   file& operator=(file&& o) noexcept;
   ~file() { drop(); }
 
   // flags as open(2) (O_CLOEXEC is always added); mode for O_CREAT.
   [[nodiscard]] static result<file> open(const std::string& path, int flags, int mode = 0644);
 
-  // Reads up to buf.size() bytes at `offset`; 0 at end of file.
+  // Reads up to buf.size() bytes at `offset`; 0 at end of file. A file
+  // without offsets (a FIFO, or a pipe, socket or terminal adopted by
+  // file(fd)) fails read_at and write_at with ESPIPE, as pread(2) does.
   [[nodiscard]] result<std::size_t> read_at(std::span<char> buf, std::uint64_t offset);
   // Writes all of buf at `offset` (several writes if one is short).
   [[nodiscard]] result<void> write_at(std::span<const char> buf, std::uint64_t offset);
@@ -59,6 +62,10 @@ class file {
  private:
   void drop() noexcept;
   fd_state* st_ = nullptr;  // null when empty
+  // The descriptor cannot seek (lseek(2): ESPIPE). io_uring ignores the
+  // offset of a read or write on such a file and reads the stream, where
+  // pread(2) (the epoll driver's) fails: checked here, once, for both.
+  bool stream_ = false;
 };
 
 }  // namespace weft::io

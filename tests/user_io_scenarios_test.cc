@@ -967,5 +967,31 @@ TEST_P(UserIo, ServerWithBlockingDatabaseCallPerRequest) {
   });
 }
 
+// A FIFO (or a pipe, socket or terminal adopted by file(fd)) has no
+// offsets: read_at and write_at fail with ESPIPE, as pread(2) and Go's and
+// Tokio's read_at do, whichever driver runs them.
+TEST_P(UserIo, FileReadAtOnAFifoIsIllegalSeek) {
+  const std::string path = temp_path("fifo");
+  ASSERT_EQ(::mkfifo(path.c_str(), 0600), 0);
+  Run([&] {
+    auto f = file::open(path, O_RDWR);  // O_RDWR: no wait for a peer
+    ASSERT_TRUE(f) << f.error().message();
+    ASSERT_EQ(::write(f->native_handle(), "abc", 3), 3);
+    char b[8];
+    auto n = f->read_at(b, 0);
+    ASSERT_FALSE(n) << "read " << *n << " bytes at an offset of a FIFO";
+    EXPECT_EQ(n.error(), std::errc::invalid_seek);
+    EXPECT_EQ(f->write_at({"x", 1}, 0).error(), std::errc::invalid_seek);
+    EXPECT_EQ(::read(f->native_handle(), b, sizeof b), 3);  // the data is still there
+
+    int fds[2];
+    ASSERT_EQ(::pipe2(fds, O_CLOEXEC), 0);
+    file r(fds[0]), w(fds[1]);
+    ASSERT_EQ(::write(fds[1], "d", 1), 1);
+    EXPECT_EQ(r.read_at(b, 0).error(), std::errc::invalid_seek);
+    EXPECT_EQ(w.write_at({"x", 1}, 0).error(), std::errc::invalid_seek);
+  });
+}
+
 }  // namespace
 }  // namespace weft
