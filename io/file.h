@@ -2,8 +2,10 @@
 //
 // Regular files through the worker's I/O driver: with io_uring, open,
 // read_at, write_at, fsync and close are ring operations and park only the
-// fiber; with the epoll driver they are plain system calls on the worker
-// (files have no readiness). Re-exported as weft::file by runtime/net.h.
+// fiber; with the epoll driver (files have no readiness) they are system
+// calls on the blocking pool (io/blocking.h), so they too park only the
+// fiber, and run to completion even after a stop request. Re-exported as
+// weft::file by runtime/net.h.
 //
 //   auto f = weft::file::open("/tmp/x", O_RDWR | O_CREAT | O_TRUNC, 0644);
 //   f->write_at(data, 0); f->fsync(); f->read_at(buf, 0);
