@@ -9,11 +9,17 @@
 
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 
+#include "io/driver.h"
 #include "runtime/net.h"
 #include "runtime/weft.h"
+#include "sched/scheduler.h"
 #include "tests/fixture.h"
 
 namespace weft {
@@ -207,6 +213,82 @@ TEST_P(Readiness, APlainThreadCanWaitToo) {
     auto none = wait_readable(-1);
     EXPECT_FALSE(none);
   });
+}
+
+// weft::run(body) on one worker without the monitor thread (a sched/
+// option weft::options does not expose), with the driver WEFT_IO names.
+// On a loaded machine the monitor sees a worker the OS has descheduled for
+// a period as stuck and rescues its completed I/O (driver::rescue()),
+// which would hide whether the worker polls its driver itself.
+template <typename F>
+void run_one_worker_without_monitor(F body) {
+  sched::scheduler_options so;
+  so.workers = 1;
+  so.monitor_period = std::chrono::milliseconds(0);
+  so.make_driver = [](unsigned w) -> std::unique_ptr<sched::driver> {
+    std::error_code why;
+    const char* e = std::getenv("WEFT_IO");
+    std::unique_ptr<sched::driver> d;
+    if (e && std::strcmp(e, "epoll") == 0)
+      d = io::make_epoll_driver(w, why);
+    else
+      d = io::make_uring_driver(w, -1, why);
+    if (!d) {
+      std::fprintf(stderr, "no I/O driver: %s\n", why.message().c_str());
+      std::abort();
+    }
+    return d;
+  };
+  sched::scheduler s(std::move(so));
+  s.start();
+  spawn([&] {
+    body();
+    s.unwind_all();
+  }, {.name = "main"}).detach();
+  s.join();
+}
+
+// More fibers yielding on one worker than its run queue holds (256): the
+// rest wait in the inject queue, which is then never empty. Yields switch
+// straight to the next fiber, so a busy worker polls its driver on the
+// loop's periodic tick (every 61); it must do so even when that tick also
+// takes a fiber from the inject queue, or a fiber waiting for I/O there
+// never wakes while the others yield. A plain thread makes the pipe
+// readable, then ends the yielders after 10 s if the reader has not woken
+// by then (it never had, while the periodic tick returned the inject
+// queue's fiber before polling).
+TEST(ReadinessOneWorker, AReaderWakesAmongMoreYieldersThanARunQueueHolds) {
+  constexpr int kYielders = 400;  // more than 256 plus an inject batch (32)
+  pipe_fds p;
+  std::atomic<bool> stop{false}, waiting{false}, woke{false}, gave_up{false};
+  std::thread writer([&] {
+    while (!waiting.load()) std::this_thread::sleep_for(1ms);
+    std::this_thread::sleep_for(10ms);  // most likely parked by now
+    EXPECT_EQ(::write(p.w, "x", 1), 1);
+    auto until = std::chrono::steady_clock::now() + 10s;
+    while (!woke.load() && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(1ms);
+    if (!woke.load()) gave_up.store(true);
+    stop.store(true);
+  });
+  run_one_worker_without_monitor([&] {
+    std::vector<join_handle<void>> hs;
+    for (int i = 0; i < kYielders; ++i)
+      hs.push_back(spawn([&] {
+        while (!stop.load(std::memory_order_relaxed)) this_fiber::yield();
+      }));
+    auto reader = spawn([&] {
+      waiting.store(true);
+      auto r = wait_readable(p.r);
+      EXPECT_TRUE(r) << r.error().message();
+      woke.store(true);
+      stop.store(true);
+    });
+    reader.join();
+    for (auto& h : hs) h.join();
+  });
+  writer.join();
+  EXPECT_FALSE(gave_up.load()) << "the worker never polled its driver while the fibers yielded";
 }
 
 }  // namespace

@@ -325,6 +325,44 @@ TEST_P(Fibers, AHandOffPairThatNeverStopsStillLetsOthersRun) {
   });
 }
 
+// More fibers yielding on one worker than its run queue holds (256): the
+// rest wait in the inject queue, which is then never empty. Yields switch
+// straight to the next fiber and look at no clock, so the loop's periodic
+// tick (every 61) is where due timers fire (see *Direct yield* in
+// sched/worker.cc); it must fire them even when it also takes a fiber from
+// the inject queue. A plain thread ends the yielders after 10 s if the
+// sleeper has not woken by then (it never did while the periodic tick
+// returned the inject queue's fiber first).
+TEST(FiberYield, ASleeperWakesAmongMoreYieldersThanARunQueueHolds) {
+  options o;
+  o.workers = 1;
+  constexpr int kYielders = 400;  // more than 256 plus an inject batch (32)
+  std::atomic<bool> stop{false}, woke{false}, gave_up{false};
+  std::thread watchdog([&] {
+    auto until = std::chrono::steady_clock::now() + 10s;
+    while (!woke.load() && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(1ms);
+    if (!woke.load()) gave_up.store(true);
+    stop.store(true);
+  });
+  run([&] {
+    std::vector<join_handle<void>> hs;
+    for (int i = 0; i < kYielders; ++i)
+      hs.push_back(spawn([&] {
+        while (!stop.load(std::memory_order_relaxed)) this_fiber::yield();
+      }));
+    auto sleeper = spawn([&] {
+      (void)this_fiber::sleep_for(1ms);
+      woke.store(true);
+      stop.store(true);
+    });
+    sleeper.join();
+    for (auto& h : hs) h.join();
+  }, o);
+  watchdog.join();
+  EXPECT_FALSE(gave_up.load()) << "the sleeper's timer never fired while the fibers yielded";
+}
+
 // Fibers yielding on one worker take turns in a fixed cycle, whether the
 // yield switches straight to the next fiber (see *Direct yield* in
 // sched/worker.cc) or, for one on a tiny stack, goes through the loop.

@@ -6,9 +6,12 @@
 // sched/park.cc.
 //
 // Where a worker looks for work (find_runnable):
-//   1. every 61st tick the inject queue first, so fibers woken by plain
-//      threads cannot be starved by a busy local queue (Go's schedtick%61);
-//   2. expired timers, then the LIFO slot (at most kMaxLifoStreak times in
+//   1. every 61st tick a non-blocking poll of the driver: direct yields
+//      and hand-offs never take such a tick, so a busy worker reaches its
+//      driver (and its due timers, next) at least this often;
+//   2. expired timers; every 61st tick the inject queue, so fibers woken
+//      by plain threads cannot be starved by a busy local queue (Go's
+//      schedtick%61); then the LIFO slot (at most kMaxLifoStreak times in
 //      a row, so a ping-pong pair cannot starve the queue; a hand-off
 //      between such a pair goes on past that while nothing else waits:
 //      take_handoff()), then the pinned queue and the local queue,
@@ -129,13 +132,18 @@ std::uintptr_t worker::exchange_lifo(std::uintptr_t v) noexcept {
 
 fiber* worker::find_runnable() {
   ++tick_;
-  if (tick_ % kInjectInterval == 0)
-    if (fiber* f = take_inject()) return f;
+  // The driver and the timers before the inject queue's early return: on
+  // a busy worker (yields and hand-offs switching past the loop) the
+  // periodic tick is the only pass that reaches them, and with the inject
+  // queue never empty (more runnable fibers than the local queue holds
+  // overflow there) returning first would leave them unreached for good.
   if (tick_ % kPollInterval == 0) {
     driver_->flush();
     driver_->poll();
   }
   fire_timers();
+  if (tick_ % kInjectInterval == 0)
+    if (fiber* f = take_inject()) return f;
   if (fiber* f = next_local()) return f;
   if (fiber* f = take_inject()) return f;
   driver_->flush();
@@ -253,10 +261,10 @@ static void record_where(fiber* f, const std::source_location& where) noexcept {
 // yield(): one pass over what the loop would look at next (see *Direct
 // yield*). Nothing else runnable here: the caller continues in place (the
 // loop would pick it again at once). The local queue's head is next: a
-// direct switch to it. Anything else (a tick with periodic duties, a due
-// timer, the LIFO slot, pinned fibers, the inbox): through the loop, which
-// orders those. Returns when the caller runs again, possibly on another
-// worker.
+// direct switch to it. Anything else (a tick with periodic duties, the
+// LIFO slot, pinned fibers, the inbox): through the loop, which orders
+// those; a due timer waits for the next periodic tick. Returns when the
+// caller runs again, possibly on another worker.
 void worker::yield_current(const std::source_location& where) {
   fiber* from = current_;
   std::uint32_t next = tick_ + 1;
