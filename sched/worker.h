@@ -10,8 +10,11 @@
 //     from; inbox_ receives pinned fibers woken by other threads.
 //   - lifo_ (the LIFO slot) is the owner's, except that a thief may take an
 //     unpinned fiber out of it with a CAS once the owner looks stuck in one
-//     fiber (see steal_lifo() in worker.cc). So the owner takes and sets
-//     it only by exchange, and never reads the fiber in it before taking it.
+//     fiber (see steal_lifo() in worker.cc). So the owner takes a fiber
+//     out of it only by exchange (exchange_lifo()), sets an empty slot with
+//     a release store (only the owner fills it), and never reads the fiber
+//     in it before taking it. With one worker (alone_) there is no thief,
+//     and exchange_lifo() is a load and a store.
 //
 // Who calls what:
 //   run()                              the worker thread, once
@@ -164,8 +167,8 @@ class worker {
   bool alone_ = false;
   // The LIFO slot: a fiber* with kPinnedTag set for a pinned fiber, so a
   // thief can skip it without touching the fiber; 0 when empty. The owner
-  // sets it with an acq_rel exchange (release: a thief's acquire CAS sees
-  // the fiber's fields); see steal_lifo() for the thief.
+  // sets it with a release store or exchange (release: a thief's acquire
+  // CAS sees the fiber's fields); see steal_lifo() for the thief.
   static constexpr std::uintptr_t kPinnedTag = 1;
   std::atomic<std::uintptr_t> lifo_{0};
   unsigned lifo_streak_ = 0;
