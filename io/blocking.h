@@ -25,6 +25,7 @@
 
 #include <atomic>
 #include <exception>
+#include <memory>
 #include <optional>
 #include <source_location>
 #include <type_traits>
@@ -55,10 +56,17 @@ template <typename F>
 auto blocking(F&& fn, std::source_location where = std::source_location::current())
     -> std::invoke_result_t<F&> {
   using R = std::invoke_result_t<F&>;
+  static_assert(!std::is_rvalue_reference_v<R>,
+                "weft::blocking: fn returns an rvalue reference; return a value");
   struct empty {};
+  // An lvalue reference is returned as one (as std::async does): kept as
+  // a pointer meanwhile.
+  using stored = std::conditional_t<std::is_void_v<R>, empty,
+                                    std::conditional_t<std::is_lvalue_reference_v<R>,
+                                                       std::remove_reference_t<R>*, R>>;
   struct job : detail::blocking_job {
     std::remove_reference_t<F>* fn;
-    std::optional<std::conditional_t<std::is_void_v<R>, empty, R>> value;
+    std::optional<stored> value;
     std::exception_ptr error;
   } j;
   j.fn = &fn;
@@ -68,6 +76,8 @@ auto blocking(F&& fn, std::source_location where = std::source_location::current
       if constexpr (std::is_void_v<R>) {
         (*self->fn)();
         self->value.emplace();
+      } else if constexpr (std::is_lvalue_reference_v<R>) {
+        self->value.emplace(std::addressof((*self->fn)()));
       } else {
         self->value.emplace((*self->fn)());
       }
@@ -77,7 +87,10 @@ auto blocking(F&& fn, std::source_location where = std::source_location::current
   };
   detail::run_on_pool(j, where);
   if (j.error) std::rethrow_exception(j.error);
-  if constexpr (!std::is_void_v<R>) return std::move(*j.value);
+  if constexpr (std::is_lvalue_reference_v<R>)
+    return **j.value;
+  else if constexpr (!std::is_void_v<R>)
+    return std::move(*j.value);
 }
 
 }  // namespace weft::io

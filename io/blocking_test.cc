@@ -30,6 +30,20 @@ TEST_P(Blocking, ReturnsTheCallsValueToTheFiber) {
   });
 }
 
+// A call that returns an lvalue reference gives the caller that reference
+// (as std::async's future<T&> does), not a copy.
+TEST_P(Blocking, ReturnsAReferenceAsAReference) {
+  Run([&] {
+    std::vector<int> table{1, 2, 3};
+    int& slot = blocking([&]() -> int& { return table[1]; });
+    EXPECT_EQ(&slot, &table[1]);
+    slot = 20;
+    EXPECT_EQ(table[1], 20);
+    const std::vector<int>& whole = blocking([&]() -> const std::vector<int>& { return table; });
+    EXPECT_EQ(&whole, &table);
+  });
+}
+
 TEST_P(Blocking, RethrowsTheCallsExceptionInTheFiber) {
   Run([&] {
     EXPECT_THROW(blocking([]() -> int { throw std::runtime_error("no"); }), std::runtime_error);
