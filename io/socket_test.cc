@@ -144,7 +144,12 @@ TEST_P(Sockets, OneMultishotAcceptServesManyConnectionsOnIoUring) {
   Run([&] {
     auto ln = tcp_listener::bind("127.0.0.1:0").value();
     const std::uint64_t before = get_io_stats().multishot_accepts;
+    // The clients start once the first accept() has parked: an accept that
+    // finds a connection already queued takes it with accept4 and arms
+    // nothing (io/accept.cc), so clients that always ran ahead (4 workers)
+    // would leave nothing armed to count.
     auto clients = spawn([&] {
+      (void)this_fiber::sleep_for(20ms);
       std::vector<tcp_stream> cs;
       for (int i = 0; i < kConns; ++i) cs.push_back(tcp_stream::connect(addr_of(ln), deadline(10s)).value());
       return cs;
