@@ -76,7 +76,7 @@ namespace {
 
 // Bounds the stack a select uses for its bookkeeping (order and lock
 // arrays); the waiter records take n * sizeof(waiter) more.
-constexpr std::size_t kMaxCases = 32;
+constexpr std::size_t kMaxCases = kSelectMaxCases;
 
 bool is_chan(const select_case& c) {
   return c.kind == case_kind::recv || c.kind == case_kind::send;

@@ -121,6 +121,9 @@ class stop_token {
   sched::stop_state* state_ = nullptr;  // one reference held; null: never stops
 };
 
+// The most cases one select takes (its bookkeeping lives on the stack).
+inline constexpr std::size_t kSelectMaxCases = 32;
+
 namespace detail {
 int select_impl(select_case* cases, std::size_t n, const std::source_location& where);
 }  // namespace detail
@@ -133,6 +136,7 @@ class select {
  public:
   explicit select(C&&... cs, std::source_location where = std::source_location::current()) {
     static_assert(sizeof...(C) > 0, "weft::select needs at least one case");
+    static_assert(sizeof...(C) <= kSelectMaxCases, "weft::select takes at most 32 cases");
     select_case all[] = {static_cast<select_case>(cs)...};
     index_ = detail::select_impl(all, sizeof...(C), where);
   }
