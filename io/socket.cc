@@ -136,12 +136,36 @@ std::optional<std::pair<std::string, int>> split_name_port(std::string_view text
   if (colon == std::string_view::npos || colon == 0) return std::nullopt;
   std::string_view host = text.substr(0, colon), port = text.substr(colon + 1);
   if (host.find_first_of(":[]/%@") != std::string_view::npos) return std::nullopt;
+  // Digits and dots only: a malformed IPv4 literal ("1.2.3"), not a name
+  // (getaddrinfo would read it as inet_aton does, 1.2.0.3).
+  if (host.find_first_not_of("0123456789.") == std::string_view::npos) return std::nullopt;
   int p = 0;
   auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), p);
   if (port.empty() || ec != std::errc{} || end != port.data() + port.size() || p < 0 ||
       p > 65535)
     return std::nullopt;
   return std::pair{std::string(host), p};
+}
+
+// bind(text) for listeners and UDP sockets: an address literal, or
+// "name:port" looked up and each address tried in turn until one binds (as
+// Tokio's bind; Go's Listen takes the first). The error is the lookup's, or
+// the first address's.
+template <typename Bind>
+auto bind_by_text(std::string_view text, Bind&& bind) -> decltype(bind(socket_address{})) {
+  auto a = socket_address::parse(text);
+  if (a) return bind(*a);
+  auto name = split_name_port(text);
+  if (!name) return std::unexpected(a.error());  // neither an address nor "name:port"
+  auto addrs = resolve(name->first, name->second);
+  if (!addrs) return std::unexpected(addrs.error());
+  std::error_code first = std::make_error_code(std::errc::address_not_available);
+  for (std::size_t i = 0; i < addrs->size(); ++i) {
+    auto r = bind((*addrs)[i]);
+    if (r) return r;
+    if (i == 0) first = r.error();
+  }
+  return std::unexpected(first);
 }
 
 }  // namespace
@@ -197,7 +221,25 @@ result<tcp_stream> tcp_stream::connect(const socket_address& addr, deadline_arg 
   return s;
 }
 
+namespace {
+
+// A read into no buffer space, or a write of nothing, returns 0 at once, as
+// Go's and Tokio's do: it neither waits for data nor takes any. A closed
+// socket is still its error.
+result<std::size_t> nothing_to_move(fd_state* st) {
+  return on_fd(st, [](int) -> result<std::size_t> { return 0; });
+}
+
+bool all_empty(std::span<const iovec> bufs) {
+  for (const iovec& v : bufs)
+    if (v.iov_len) return false;
+  return true;
+}
+
+}  // namespace
+
 result<std::size_t> tcp_stream::read(std::span<char> buf, deadline_arg d) {
+  if (buf.empty()) return nothing_to_move(st_);
   op o{.kind = op_kind::recv, .buf = buf.data(), .len = buf.size()};
   auto r = perform_on(st_, o, d.when, "tcp read");
   if (!r) return std::unexpected(r.error());
@@ -228,6 +270,7 @@ result<std::size_t> tcp_stream::read_exact(std::span<char> buf, deadline_arg d) 
 }
 
 result<std::size_t> tcp_stream::write(std::span<const char> buf, deadline_arg d) {
+  if (buf.empty()) return nothing_to_move(st_);
   // SAFETY: send only reads the buffer; the const_cast is for op's one
   // buffer field.
   op o{.kind = op_kind::send, .buf = const_cast<char*>(buf.data()), .len = buf.size()};
@@ -246,6 +289,7 @@ result<void> tcp_stream::write_all(std::span<const char> buf, deadline_arg d) {
 }
 
 result<std::size_t> tcp_stream::readv(std::span<const iovec> bufs, deadline_arg d) {
+  if (all_empty(bufs)) return nothing_to_move(st_);
   msghdr m{};
   m.msg_iov = const_cast<iovec*>(bufs.data());  // the kernel only reads the array
   m.msg_iovlen = iov_count(bufs);
@@ -256,6 +300,7 @@ result<std::size_t> tcp_stream::readv(std::span<const iovec> bufs, deadline_arg 
 }
 
 result<std::size_t> tcp_stream::writev(std::span<const iovec> bufs, deadline_arg d) {
+  if (all_empty(bufs)) return nothing_to_move(st_);
   msghdr m{};
   m.msg_iov = const_cast<iovec*>(bufs.data());  // the kernel only reads the array
   m.msg_iovlen = iov_count(bufs);
@@ -292,9 +337,7 @@ result<socket_address> tcp_stream::peer_address() const {
 // ---- tcp_listener -------------------------------------------------------------
 
 result<tcp_listener> tcp_listener::bind(std::string_view addr, int backlog) {
-  auto a = socket_address::parse(addr);
-  if (!a) return std::unexpected(a.error());
-  return bind(*a, backlog);
+  return bind_by_text(addr, [backlog](const socket_address& a) { return bind(a, backlog); });
 }
 
 result<tcp_listener> tcp_listener::bind(const socket_address& addr, int backlog) {
@@ -326,9 +369,7 @@ result<tcp_listener> tcp_listener::bind(const socket_address& addr, int backlog)
 // ---- udp_socket ---------------------------------------------------------------
 
 result<udp_socket> udp_socket::bind(std::string_view addr) {
-  auto a = socket_address::parse(addr);
-  if (!a) return std::unexpected(a.error());
-  return bind(*a);
+  return bind_by_text(addr, [](const socket_address& a) { return bind(a); });
 }
 
 result<udp_socket> udp_socket::bind(const socket_address& addr) {

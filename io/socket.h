@@ -63,7 +63,7 @@ class socket_address {
   // "127.0.0.1:7000", "[::1]:7000", "[fe80::1%eth0]:7000" (a zone: an
   // interface name or index), "unix:/run/app.sock", "unix:@name" (Linux's
   // abstract namespace: '@' stands for the leading NUL). Numeric only: no
-  // name lookup. A Unix path longer than sun_path holds (107 bytes, 108
+  // name lookup (bind() and connect() look up "name:port"). A Unix path longer than sun_path holds (107 bytes, 108
   // for an abstract name) is invalid_argument, never truncated.
   // tcp_listener and tcp_stream take a "unix:" address for a Unix stream
   // socket (set_nodelay then fails: it is a TCP option).
@@ -182,7 +182,9 @@ class tcp_stream : public socket_base {
   [[nodiscard]] static result<tcp_stream> connect(std::span<const socket_address> addrs,
                                                   deadline_arg d = {});
 
-  // One receive: up to buf.size() bytes; 0 at end of stream.
+  // One receive: up to buf.size() bytes; 0 at end of stream. An empty buf
+  // returns 0 at once (as Go's and Tokio's: it neither waits nor takes
+  // data); so do write, readv and writev with nothing to move.
   [[nodiscard]] result<std::size_t> read(std::span<char> buf, deadline_arg d = {});
   // One receive into a pooled buffer taken only once data has arrived, so
   // a connection idle in this call holds no receive buffer. Empty at end of
@@ -210,7 +212,10 @@ class tcp_listener : public socket_base {
   using socket_base::socket_base;
 
   // Binds and listens on `addr` ("127.0.0.1:0" picks a free port), with
-  // SO_REUSEADDR.
+  // SO_REUSEADDR. "name:port" ("localhost:7000") is looked up with
+  // resolve() and its addresses tried in turn until one binds; the error
+  // is then the lookup's or the first address's. (":7000", every
+  // interface, is not taken: say "0.0.0.0:7000" or "[::]:7000".)
   [[nodiscard]] static result<tcp_listener> bind(std::string_view addr, int backlog = SOMAXCONN);
   [[nodiscard]] static result<tcp_listener> bind(const socket_address& addr, int backlog = SOMAXCONN);
 
@@ -223,7 +228,8 @@ class udp_socket : public socket_base {
  public:
   using socket_base::socket_base;
 
-  // A UDP socket bound to `addr` ("127.0.0.1:0" picks a free port).
+  // A UDP socket bound to `addr` ("127.0.0.1:0" picks a free port; a
+  // "name:port" is looked up as tcp_listener::bind does).
   [[nodiscard]] static result<udp_socket> bind(std::string_view addr);
   [[nodiscard]] static result<udp_socket> bind(const socket_address& addr);
 
