@@ -186,6 +186,7 @@ struct alignas(64) cache {
   unsigned node = 0;  // its NUMA node (set at construction)
   // Written only by the owner thread (bump()), read by stats().
   std::atomic<std::uint64_t> count_{0};  // entries over all of free_
+  std::size_t bytes_ = 0;  // owner only: class bytes over all of free_
   std::atomic<std::uint64_t> allocs_{0};
   std::atomic<std::uint64_t> releases_{0};
 };
@@ -247,9 +248,15 @@ struct stack_pool::impl {
   std::atomic<std::uint64_t> bind_failures_{0};
   std::atomic<std::uint64_t> shared_allocs_{0};
   std::atomic<std::uint64_t> shared_releases_{0};
-  // Committed stacks of guarded classes in the warm_ lists; bounds what
-  // kSharedCache keeps warm (relaxed: an approximate bound).
+  // Committed stacks of guarded classes in the warm_ lists, and their
+  // class bytes; bound what the shared lists keep warm (relaxed: an
+  // approximate bound, changed under the class locks).
   std::atomic<std::uint64_t> shared_warm_{0};
+  std::atomic<std::uint64_t> shared_warm_bytes_{0};
+  // How many warm stacks of class cls are beyond both limits (to trim).
+  std::uint64_t warm_excess(unsigned cls) const noexcept;
+  bool over_warm_limits() const noexcept;
+  void count_warm(unsigned cls, std::int64_t n) noexcept;
   // MADV_DONTNEED was refused (locked memory): trim() gives nothing back.
   std::atomic<bool> trim_off_{false};
 };
@@ -339,15 +346,19 @@ stack stack_pool::impl::allocate_slow(unsigned cls) {
 stack stack_pool::impl::refill(cache& c, unsigned cls) {
   std::vector<std::byte*>& list = c.free_[cls];
   class_state& k = state(c.node, cls);
+  // A batch of a big class would hold more than the cache may keep.
+  const unsigned batch = static_cast<unsigned>(std::clamp<std::size_t>(
+      opts_.cache_bytes / 2 / class_bytes(cls), 1, kTransferBatch));
   {
     std::lock_guard lock(k.mu_);
-    for (unsigned i = 0; i < kTransferBatch; ++i) {
+    for (unsigned i = 0; i < batch; ++i) {
       std::byte* lo = take_listed(k, cls);
       if (lo == nullptr) lo = carve(k, c.node, cls);
       list.push_back(lo);
     }
   }
-  bump(c.count_, kTransferBatch - 1);
+  bump(c.count_, batch - 1);
+  c.bytes_ += (batch - 1) * class_bytes(cls);
   std::byte* lo = list.back();
   list.pop_back();
   return hand_out(lo, cls);
@@ -365,6 +376,7 @@ void stack_pool::impl::drain(cache& c, unsigned cls) {
   std::vector<std::byte*> moving(list.begin(), list.begin() + n);
   list.erase(list.begin(), list.begin() + n);
   bump(c.count_, -static_cast<std::int64_t>(n));
+  c.bytes_ -= n * class_bytes(cls);
   for (unsigned node = 0; node < node_count_ && !moving.empty(); ++node) {
     auto mine = std::stable_partition(moving.begin(), moving.end(),
                                       [&](std::byte* lo) { return node_of(lo, cls) == node; });
@@ -375,7 +387,7 @@ void stack_pool::impl::drain(cache& c, unsigned cls) {
       std::lock_guard lock(k.mu_);
       k.warm_.insert(k.warm_.end(), moving.begin(), mine);
       // relaxed: an approximate bound (see trim()) and a statistic, under k.mu_.
-      if (cls >= kTinyClasses) shared_warm_.fetch_add(m, std::memory_order_relaxed);
+      count_warm(cls, static_cast<std::int64_t>(m));
       k.listed_.store(k.listed_.load(std::memory_order_relaxed) + m,
                       std::memory_order_relaxed);
     }
@@ -389,8 +401,7 @@ std::byte* stack_pool::impl::take_listed(class_state& k, unsigned cls) {
                                   : !k.cold_.empty() ? &k.cold_
                                                      : nullptr;
   if (from == nullptr) return nullptr;
-  if (from == &k.warm_ && cls >= kTinyClasses)
-    shared_warm_.fetch_sub(1, std::memory_order_relaxed);  // relaxed: a bound
+  if (from == &k.warm_) count_warm(cls, -1);
   std::byte* lo = from->back();
   from->pop_back();
   // relaxed: statistic; the only writers hold k.mu_.
@@ -518,8 +529,35 @@ void stack_pool::impl::degrade(guard_kind to, const std::string& why) {
 // kSharedCache release: the stack stays warm; trim() returns pages later.
 void stack_pool::impl::release_shared(const stack& s) { put(s, /*returned=*/false); }
 
-// Returns the pages of the oldest warm stacks beyond shared_warm_limit, at
-// most `budget` of them. MADV_DONTNEED makes the kernel shoot down TLB
+// Keeps shared_warm_ and shared_warm_bytes_ (guarded classes only: a tiny
+// stack's pages are never returned). Called under the class's lock.
+void stack_pool::impl::count_warm(unsigned cls, std::int64_t n) noexcept {
+  if (cls < kTinyClasses) return;
+  // relaxed: an approximate bound (see trim()) kept under the class locks.
+  shared_warm_.fetch_add(static_cast<std::uint64_t>(n), std::memory_order_relaxed);
+  shared_warm_bytes_.fetch_add(static_cast<std::uint64_t>(n * std::int64_t(class_bytes(cls))),
+                               std::memory_order_relaxed);
+}
+
+bool stack_pool::impl::over_warm_limits() const noexcept {
+  // relaxed: a hint; trim() re-checks under the class locks.
+  return shared_warm_.load(std::memory_order_relaxed) > opts_.shared_warm_limit ||
+         shared_warm_bytes_.load(std::memory_order_relaxed) > opts_.shared_warm_bytes;
+}
+
+std::uint64_t stack_pool::impl::warm_excess(unsigned cls) const noexcept {
+  // relaxed: as in over_warm_limits().
+  const std::uint64_t have = shared_warm_.load(std::memory_order_relaxed);
+  const std::uint64_t bytes = shared_warm_bytes_.load(std::memory_order_relaxed);
+  const std::uint64_t by_count = have > opts_.shared_warm_limit ? have - opts_.shared_warm_limit : 0;
+  const std::uint64_t cb = class_bytes(cls);
+  const std::uint64_t by_bytes =
+      bytes > opts_.shared_warm_bytes ? (bytes - opts_.shared_warm_bytes + cb - 1) / cb : 0;
+  return std::max(by_count, by_bytes);
+}
+
+// Returns the pages of the oldest warm stacks beyond shared_warm_limit or
+// shared_warm_bytes, at most `budget` of them. MADV_DONTNEED makes the kernel shoot down TLB
 // entries on every CPU the process runs on (an IPI each), which is why it
 // never runs on the spawn/exit path: workers call trim() when they are
 // about to sleep.
@@ -532,14 +570,12 @@ std::size_t stack_pool::impl::trim(std::size_t budget) {
     std::vector<std::byte*> batch;
     {
       std::lock_guard lock(k.mu_);
-      // relaxed: an approximate bound, maintained under the class locks.
-      std::uint64_t have = shared_warm_.load(std::memory_order_relaxed);
-      if (have <= opts_.shared_warm_limit) return done;
-      std::size_t n = std::min<std::size_t>(
-          {k.warm_.size(), have - opts_.shared_warm_limit, budget - done});
+      if (!over_warm_limits()) return done;
+      std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(
+          {k.warm_.size(), warm_excess(cls), budget - done}));
       batch.assign(k.warm_.begin(), k.warm_.begin() + n);  // the oldest
       k.warm_.erase(k.warm_.begin(), k.warm_.begin() + n);
-      shared_warm_.fetch_sub(n, std::memory_order_relaxed);
+      count_warm(cls, -static_cast<std::int64_t>(n));
       k.listed_.store(k.listed_.load(std::memory_order_relaxed) - n,
                       std::memory_order_relaxed);  // relaxed: statistic under k.mu_
     }
@@ -577,8 +613,7 @@ void stack_pool::impl::put(const stack& s, bool returned) {
   class_state& k = state(node_of(s.lo, s.size_class), s.size_class);
   std::lock_guard lock(k.mu_);
   (returned ? k.cold_ : k.warm_).push_back(s.lo);
-  if (!returned && s.size_class >= kTinyClasses)
-    shared_warm_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a bound
+  if (!returned) count_warm(s.size_class, 1);
   // relaxed: statistic; the only writers hold k.mu_.
   k.listed_.store(k.listed_.load(std::memory_order_relaxed) + 1,
                   std::memory_order_relaxed);
@@ -615,6 +650,7 @@ stack stack_pool::allocate(std::size_t size, unsigned cache_index) {
   std::byte* lo = list.back();
   list.pop_back();
   bump(c.count_, -1);
+  c.bytes_ -= class_bytes(cls);
   return impl_->hand_out(lo, cls);
 }
 
@@ -634,7 +670,10 @@ void stack_pool::release(stack s, unsigned cache_index) {
   // relaxed: the owner reads its own counter.
   c.free_[s.size_class].push_back(s.lo);
   bump(c.count_, 1);
-  if (c.count_.load(std::memory_order_relaxed) > impl_->opts_.cache_watermark)
+  c.bytes_ += s.size();
+  // relaxed: the owner reads its own counter.
+  if (c.count_.load(std::memory_order_relaxed) > impl_->opts_.cache_watermark ||
+      c.bytes_ > impl_->opts_.cache_bytes)
     impl_->drain(c, s.size_class);
 }
 
@@ -643,7 +682,7 @@ std::size_t stack_pool::trim(std::size_t budget) { return impl_->trim(budget); }
 bool stack_pool::needs_trim() const noexcept {
   // relaxed: a hint for an idle worker; trim() re-checks under the locks.
   return !impl_->trim_off_.load(std::memory_order_relaxed) &&  // relaxed: a policy flag
-         impl_->shared_warm_.load(std::memory_order_relaxed) > impl_->opts_.shared_warm_limit;
+         impl_->over_warm_limits();
 }
 
 unsigned stack_pool::node_of(const stack& s) const {

@@ -27,13 +27,17 @@
 // aborts. Any other SIGSEGV is re-raised with the default action.
 //
 // Reuse. release() puts a stack on the per-cache LIFO (warm cache lines and
-// committed pages); above cache_watermark stacks in a cache, the older half
-// of that class moves to the shared warm list in one batch, and a cache that
-// runs dry refills a batch from it — stacks flow warm from the workers where
-// fibers exit to the workers that spawn. Warm stacks beyond
-// shared_warm_limit get their pages returned to the OS with MADV_DONTNEED
-// (keeping the guard) by trim(), which idle workers call before sleeping:
-// never on the spawn/exit path.
+// committed pages); above cache_watermark stacks or cache_bytes of stack in
+// a cache, the older half of that class moves to the shared warm list in
+// one batch, and a cache that runs dry refills a batch from it (fewer of a
+// big class: at most half of cache_bytes) — stacks flow warm from the
+// workers where fibers exit to the workers that spawn. Warm stacks beyond
+// shared_warm_limit stacks or shared_warm_bytes get their pages returned to
+// the OS with MADV_DONTNEED (keeping the guard) by trim(), which idle
+// workers call before sleeping: never on the spawn/exit path. The limits
+// count stacks at their class size (what a stack may have committed), so
+// a program of big stacks keeps as many bytes warm as one of small stacks,
+// not as many stacks.
 //
 // NUMA. Each node (stack_pool_options::cache_nodes) has its own regions
 // and shared lists; a cache carves and refills from its node, and a stack
@@ -78,12 +82,16 @@ struct stack_pool_options {
   unsigned caches = 1;
   // Bytes of address space reserved per region.
   std::size_t region_bytes = std::size_t{256} << 20;
-  // Stacks a per-worker cache keeps; above it, release() moves half of a
-  // class to the shared warm list in one batch.
+  // Stacks, and bytes of stack (at class size), a per-worker cache keeps;
+  // above either, release() moves half of a class to the shared warm list
+  // in one batch. (256 default stacks are 16 MiB.)
   unsigned cache_watermark = 256;
-  // Committed stacks the shared lists keep warm; trim() returns the pages
-  // of the rest to the OS.
+  std::size_t cache_bytes = std::size_t{16} << 20;
+  // Committed stacks, and bytes of them, the shared lists keep warm;
+  // trim() returns the pages of the rest to the OS. (4096 default stacks
+  // are 256 MiB.)
   unsigned shared_warm_limit = 4096;
+  std::size_t shared_warm_bytes = std::size_t{256} << 20;
   // Maximum number of mprotect guards before falling back to canaries.
   unsigned mprotect_budget = 16384;
   // Testing: pretend MADV_GUARD_INSTALL is unavailable.
@@ -129,7 +137,7 @@ class stack_pool {
   static std::size_t class_size(std::size_t size);
 
   // Returns the pages of up to `budget` warm stacks beyond
-  // shared_warm_limit to the OS (oldest first); how many it returned. Any
+  // shared_warm_limit or shared_warm_bytes to the OS (oldest first); how many it returned. Any
   // thread; called by idle workers, since MADV_DONTNEED interrupts every
   // CPU the process runs on.
   std::size_t trim(std::size_t budget);

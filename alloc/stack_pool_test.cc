@@ -391,6 +391,53 @@ TEST(StackPool, AnOverfullWorkerCacheSpillsHalfToTheSharedList) {
   EXPECT_EQ(pool.stats().returned_to_os, 0u);
 }
 
+// The limits count bytes as well as stacks: with the default counts (256
+// per cache, 4096 warm), 64 big stacks whose pages were all touched stay
+// within cache_bytes in the worker's cache and shared_warm_bytes warm; the
+// rest go back to the OS at the next trim().
+TEST(StackPool, BigStacksAreKeptWarmByBytesNotByCount) {
+  constexpr std::size_t kBig = std::size_t{1} << 20;  // a 1 MiB class
+  constexpr int kStacks = 64;
+  stack_pool_options opts;
+  opts.cache_bytes = 8 * kBig;
+  opts.shared_warm_bytes = 16 * kBig;
+  stack_pool pool(opts);
+  std::vector<stack> held;
+  for (int i = 0; i < kStacks; ++i) {
+    held.push_back(pool.allocate(kBig, 0));
+    ASSERT_EQ(held.back().size(), kBig);
+    std::memset(held.back().lo, 0x5a, kBig);  // every page committed
+  }
+  const std::size_t before = resident_bytes();
+  for (const stack& s : held) pool.release(s, 0);
+  EXPECT_EQ(pool.stats().returned_to_os, 0u) << "release never calls madvise";
+  EXPECT_TRUE(pool.needs_trim()) << "56 MiB warm in the shared lists, over 16 MiB";
+  std::size_t trimmed = 0;
+  while (pool.needs_trim() && trimmed < kStacks) trimmed += pool.trim(4);
+  EXPECT_FALSE(pool.needs_trim());
+  // 64 stacks: at most 8 in the cache, at most 16 warm in the shared lists.
+  EXPECT_GE(trimmed, std::size_t{kStacks - 8 - 16});
+  EXPECT_EQ(pool.stats().returned_to_os, trimmed);
+  EXPECT_EQ(pool.stats().cached, std::size_t{kStacks});  // every stack is still listed
+  const std::size_t freed = before - std::min(before, resident_bytes());
+  EXPECT_GE(freed, (trimmed * kBig) / 2) << "the trimmed stacks' pages went back";
+}
+
+// A cache that runs dry takes a batch from the shared lists, but no more
+// of a big class than half of cache_bytes: 4 stacks of 1 MiB, not 32.
+TEST(StackPool, ARefillOfABigClassIsBoundedByBytes) {
+  constexpr std::size_t kBig = std::size_t{1} << 20;
+  stack_pool_options opts;
+  opts.cache_bytes = 8 * kBig;
+  stack_pool pool(opts);
+  stack s = pool.allocate(kBig, 0);
+  EXPECT_EQ(pool.stats().cached, 3u);  // the batch of 4, less the one handed out
+  stack small = pool.allocate(stack_pool::kDefaultStackSize, 0);
+  EXPECT_EQ(pool.stats().cached, 3u + 31u);  // a small class still takes 32
+  pool.release(small, 0);
+  pool.release(s, 0);
+}
+
 TEST(StackPool, StacksReleasedOnOneWorkerComeBackWarmToAnother) {
   stack_pool_options opts;
   opts.caches = 2;
