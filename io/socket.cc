@@ -263,7 +263,9 @@ result<std::size_t> tcp_stream::read_exact(std::span<char> buf, deadline_arg d) 
   while (got < buf.size()) {
     auto n = read(buf.subspan(got), d);
     if (!n) return n;
-    if (*n == 0) return std::unexpected(std::make_error_code(std::errc::connection_aborted));
+    if (*n == 0)
+      return std::unexpected(make_error_code(got == 0 ? io_errc::end_of_stream
+                                                      : io_errc::unexpected_eof));
     got += *n;
   }
   return got;
@@ -416,6 +418,18 @@ result<std::size_t> udp_socket::recv_from(std::span<char> buf, socket_address* f
 
 namespace {
 
+class io_category_impl final : public std::error_category {
+ public:
+  const char* name() const noexcept override { return "weft.io"; }
+  std::string message(int ev) const override {
+    switch (static_cast<io_errc>(ev)) {
+      case io_errc::end_of_stream: return "end of stream";
+      case io_errc::unexpected_eof: return "end of stream in the middle of a read_exact";
+    }
+    return "unknown weft.io error";
+  }
+};
+
 class resolve_category_impl final : public std::error_category {
  public:
   const char* name() const noexcept override { return "getaddrinfo"; }
@@ -423,6 +437,11 @@ class resolve_category_impl final : public std::error_category {
 };
 
 }  // namespace
+
+const std::error_category& io_category() noexcept {
+  static const io_category_impl c;
+  return c;
+}
 
 const std::error_category& resolve_category() noexcept {
   static const resolve_category_impl c;

@@ -44,6 +44,18 @@
 
 namespace weft::io {
 
+// weft's own socket errors (category "weft.io"), where no errno says it.
+//   end_of_stream    read_exact: the peer ended the stream before sending
+//                    any of the bytes asked for (a clean end between
+//                    messages; Go's io.EOF from io.ReadFull)
+//   unexpected_eof   read_exact: the stream ended part-way through (Go's
+//                    io.ErrUnexpectedEOF, Tokio's UnexpectedEof)
+enum class io_errc { end_of_stream = 1, unexpected_eof = 2 };
+const std::error_category& io_category() noexcept;
+inline std::error_code make_error_code(io_errc e) noexcept {
+  return {static_cast<int>(e), io_category()};
+}
+
 // A deadline as the socket calls take it: anything with a `when` member
 // holding a steady_clock time point (weft::deadline), or a time point.
 // Defaults to "never". io/ sits below runtime/, so it names no runtime type.
@@ -190,8 +202,10 @@ class tcp_stream : public socket_base {
   // a connection idle in this call holds no receive buffer. Empty at end of
   // stream.
   [[nodiscard]] result<pooled_buffer> read_pooled(deadline_arg d = {});
-  // Fills buf entirely; an end of stream before that is an error
-  // (std::errc::connection_aborted).
+  // Fills buf entirely. A stream that ends first is an error:
+  // io_errc::end_of_stream if it ended before the first byte (the peer
+  // closed between messages), io_errc::unexpected_eof if part-way (what
+  // arrived is in buf, its length unknown: a truncated message).
   [[nodiscard]] result<std::size_t> read_exact(std::span<char> buf, deadline_arg d = {});
   // One send: returns how many bytes went out.
   [[nodiscard]] result<std::size_t> write(std::span<const char> buf, deadline_arg d = {});
@@ -248,3 +262,6 @@ class udp_socket : public socket_base {
 const std::error_category& resolve_category() noexcept;
 
 }  // namespace weft::io
+
+template <>
+struct std::is_error_code_enum<weft::io::io_errc> : std::true_type {};

@@ -177,6 +177,37 @@ TEST_P(Sockets, ZeroLengthReadsAndWritesReturnAtOnce) {
   });
 }
 
+// As Go's io.ReadFull: a stream that ends before read_exact's first byte
+// is end_of_stream (a peer that closed between messages), one that ends
+// part-way is unexpected_eof (a truncated message); neither is an errno.
+TEST_P(Sockets, ReadExactTellsAnEndBetweenMessagesFromATruncatedOne) {
+  Run([&] {
+    {
+      auto [c, s] = connected_pair();
+      ASSERT_TRUE(s.write_all({"abcd", 4}));
+      ASSERT_TRUE(s.close());
+      char msg[4];
+      ASSERT_TRUE(c.read_exact(msg, deadline(5s)));  // the whole message
+      auto r = c.read_exact(msg, deadline(5s));
+      ASSERT_FALSE(r);
+      EXPECT_EQ(r.error(), io_errc::end_of_stream) << r.error().message();
+      EXPECT_EQ(&r.error().category(), &io_category());
+      EXPECT_EQ(r.error().message(), "end of stream");
+    }
+    {
+      auto [c, s] = connected_pair();
+      ASSERT_TRUE(s.write_all({"ab", 2}));
+      ASSERT_TRUE(s.close());
+      char msg[4];
+      auto r = c.read_exact(msg, deadline(5s));
+      ASSERT_FALSE(r);
+      EXPECT_EQ(r.error(), io_errc::unexpected_eof) << r.error().message();
+      EXPECT_NE(r.error(), std::errc::connection_aborted);
+      EXPECT_EQ(std::string(msg, 2), "ab");  // what arrived is in the buffer
+    }
+  });
+}
+
 // As Go's Dial: "name:port" is looked up and its addresses tried.
 TEST_P(Sockets, ConnectLooksUpAHostName) {
   Run([&] {

@@ -27,6 +27,8 @@ using io::tcp_stream;
 using io::udp_socket;
 using io::resolve;
 using io::resolve_category;
+using io::io_errc;
+using io::io_category;
 using io::signal_set;
 using io::wait_readable;
 using io::wait_writable;
