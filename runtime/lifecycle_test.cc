@@ -21,6 +21,7 @@
 #include "sched/fiber.h"
 #include "sched/park.h"
 #include "sched/scheduler.h"
+#include "sched/worker.h"
 #include "tests/fixture.h"
 
 namespace weft {
@@ -130,6 +131,34 @@ TEST(Lifecycle, SleepersDueTogetherRunInParallel) {
     best = std::min(best, std::max(late_us[0].load(), late_us[1].load()));
   }
   EXPECT_LT(best, 5'000) << "the second sleeper (µs late) waited for the first or the monitor";
+}
+
+// Two fibers trading messages, each receive with an hour's deadline that
+// the next message always beats: every park arms a timer and every wake
+// cancels it. The cancelled ones must not stay until the first deadline
+// passes (an hour), or the heaps hold one node per message; with 40000
+// parks they must stay within a few compactions' worth.
+TEST(Lifecycle, CancelledDeadlinesDoNotPileUpWhileNoneIsDue) {
+  weft::run([] {
+    channel<int> ping(0), pong(0);
+    auto echo = spawn([&] {
+      for (;;) {
+        auto v = ping.recv(deadline(1h));
+        if (!v || *v < 0) return;
+        (void)pong.send(*v, deadline(1h));
+      }
+    });
+    for (int i = 0; i < 20'000; ++i) {
+      ASSERT_TRUE(ping.send(i, deadline(1h)));
+      ASSERT_EQ(pong.recv(deadline(1h)), i);
+    }
+    std::size_t nodes = 0;
+    sched::scheduler* s = sched::scheduler::instance();
+    for (unsigned i = 0; i < s->worker_count(); ++i) nodes += s->worker_at(i).timers().size();
+    EXPECT_LT(nodes, 1000u) << "cancelled timer nodes kept in the heaps";
+    ASSERT_TRUE(ping.send(-1));
+    echo.join();
+  }, {.workers = 2});
 }
 
 // A frame larger than the guard page below a stack: with stack-clash

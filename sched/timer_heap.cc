@@ -24,6 +24,11 @@ timer_node* timer_heap::arm(clock::time_point deadline, wake_token t) {
   n->token = t;
   n->owner = this;
   lock_.lock();
+  // Here too, not only in fire_expired(): nothing may come due for as long
+  // as the deadlines are, while cancelled nodes pile up (see the header).
+  // Amortized O(1): a compaction of n nodes drops more than n/2, each
+  // dropped once after its one arm.
+  if (mostly_cancelled()) compact();
   push({deadline, n});
   publish_snapshot();
   lock_.unlock();
@@ -111,6 +116,12 @@ void timer_heap::sift_down(std::size_t i) {
     i = best;
   }
   heap_[i] = e;
+}
+
+bool timer_heap::mostly_cancelled() const noexcept {
+  // relaxed: a heuristic; a stale count only moves the compaction.
+  std::ptrdiff_t dead = cancelled_.load(std::memory_order_relaxed);
+  return dead > 64 && static_cast<std::size_t>(dead) * 2 > heap_.size();
 }
 
 // Drops every cancelled node at once: O(n), run when they are the majority,

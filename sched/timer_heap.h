@@ -4,7 +4,11 @@
 // armed by its worker when a fiber parks with a deadline, and cancelled in
 // O(1) by the fiber when it wakes for another reason; cancelled nodes are
 // dropped lazily when they reach the top, or all at once by compact() when
-// they are the majority.
+// they are the majority. That check runs at every arm() as well as when
+// timers fire: a server whose reads all finish long before their 30 s
+// deadlines has nothing due for 30 s, and would otherwise pile up 30 s
+// worth of cancelled nodes (Go clears its deleted timers when they pass a
+// quarter of the heap, due or not).
 //
 // The timer handshake (why a node is freed by two different parties):
 //   node state: armed -> firing -> fired     (a worker fires it)
@@ -97,6 +101,7 @@ class timer_heap {
   void push(entry e);
   entry pop();
   void sift_down(std::size_t i);
+  bool mostly_cancelled() const noexcept;  // under lock_: worth a compact()
   void compact();
   fiber* fire(timer_node* n) noexcept;
   void publish_snapshot() noexcept;  // under lock_
@@ -127,9 +132,7 @@ unsigned timer_heap::fire_expired(clock::time_point now, F&& on_ready, bool try_
       ++n;
     }
   }
-  // relaxed: a heuristic; a stale count only moves the compaction.
-  std::ptrdiff_t dead = cancelled_.load(std::memory_order_relaxed);
-  if (dead > 64 && static_cast<std::size_t>(dead) * 2 > heap_.size()) compact();
+  if (mostly_cancelled()) compact();
   publish_snapshot();
   lock_.unlock();
   return n;
