@@ -36,6 +36,17 @@
 //     retract its token after a timeout or cancel: the rule on
 //     sched::claim).
 //
+// *Deadlock*: the deadlock detector (sched/report.cc) treats a fiber
+// parked here as one that something outside can wake (a client that
+// connects), as it does a fiber parked on any other I/O, but not the
+// multishot itself: armed with nobody parked for its results (a server
+// that accepted and went on to wait for something else), it wakes no
+// one, so it does not count in the driver's pending(). A parked acceptor
+// holds a scheduler outside reference instead, as a fiber in blocking()
+// does: taken before its park and dropped after it, while its fiber runs,
+// so the detector (which runs only while every worker is idle) always
+// sees the exact count.
+//
 // Who calls what:
 //   accept()               a fiber, any worker
 //   shut_accept_state()    fd_state::close(), any thread
@@ -55,6 +66,7 @@
 #include "io/driver.h"
 #include "io/fd_state.h"
 #include "io/socket.h"
+#include "sched/scheduler.h"
 
 namespace weft::io {
 
@@ -208,12 +220,15 @@ result<int> accept_state::take(int listen_fd, clock::time_point deadline) {
       d->arm_multishot_accept(listen_fd, *this);
       continue;
     }
-    // publish() records the token and unlocks lock_.
+    // publish() records the token and unlocks lock_. See *Deadlock*.
+    sched::scheduler* s = sched::scheduler::instance();
+    s->add_outside_ref(+1);
     sched::wake_reason why = sched::park({.publish = &accept_state::publish,
                                           .arg = this,
                                           .deadline = deadline,
                                           .cancellable = true,
                                           .what = "tcp accept"});
+    s->add_outside_ref(-1);
     if (why == sched::wake_reason::notified) continue;  // the waker popped the token
     retract();  // queued descriptors stay for the next accept()
     if (why == sched::wake_reason::timed_out)

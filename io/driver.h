@@ -234,7 +234,9 @@ class io_driver : public sched::driver {
   virtual bool has_multishot_accept() const noexcept { return false; }
   // Arms a multishot accept on listening socket `fd` whose results go to
   // `s` until its on_result(.., more=false) or on_driver_gone(). The
-  // caller runs on this driver's worker. It counts in pending() while armed.
+  // caller runs on this driver's worker. It does not count in pending():
+  // the fibers parked for its results count instead (see *Deadlock* in
+  // io/accept.cc).
   virtual void arm_multishot_accept(int fd, multishot_sink& s) { (void)fd, (void)s; }
   // Asks the kernel to end the multishot armed for `s` (it then delivers
   // its last on_result). Any thread; harmless if it already ended.

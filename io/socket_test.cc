@@ -5,12 +5,16 @@
 // io/socket_edge_test.cc. Every test runs over worker counts {1, 2, 4}
 // (tests/fixture.h) on 127.0.0.1 only.
 #include <dirent.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <climits>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
 #include <numeric>
+#include <thread>
 #include <vector>
 
 #include "alloc/arena.h"
@@ -479,6 +483,61 @@ TEST_P(Sockets, WriteDeadlineFiresWithTimedOut) {
     }
     writer.join();
   });
+}
+
+// *Deadlock* in io/accept.cc. A fiber parked in accept() can be woken from
+// outside (a client that has not yet connected): with a plain thread that
+// never touched the runtime as the only client, the run must not be
+// reported as a deadlock, on either driver.
+TEST_P(Sockets, AFiberParkedInAcceptIsNotADeadlock) {
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0");
+    ASSERT_TRUE(ln);
+    socket_address a = ln->local_address().value();
+    std::thread client([a] {
+      std::this_thread::sleep_for(100ms);  // main is parked in accept() by then, or not: both fine
+      int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      EXPECT_EQ(::connect(fd, a.get(), a.size()), 0);
+      ::close(fd);
+    });
+    auto c = ln->accept();  // every fiber asleep: only the client can wake this
+    EXPECT_TRUE(c) << c.error().message();
+    client.join();
+  });
+}
+
+// A process that must exit when the deadlock report does, whatever went
+// wrong: a hang would make the test time out without saying why.
+void exit_42_after(std::chrono::seconds s) {
+  std::thread([s] {
+    std::this_thread::sleep_for(s);
+    std::fprintf(stderr, "no deadlock report after %lld s\n", static_cast<long long>(s.count()));
+    std::_Exit(42);
+  }).detach();
+}
+
+// The other side: a listener that accepted and that nobody accepts on any
+// more wakes no one, even while io_uring's multishot accept is still
+// armed on it (the connection came after accept() parked, which is what
+// arms it). The multishot used to count as I/O in flight, so the run hung
+// where epoll reported the deadlock. One worker: the client runs only once
+// main has parked in accept(), so the multishot is armed.
+TEST(SocketsDeath, AListenerNobodyAcceptsOnDoesNotHideADeadlock) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        exit_42_after(30s);  // generous: sanitizer builds on a busy machine
+        weft::run([] {
+          auto ln = tcp_listener::bind("127.0.0.1:0").value();
+          auto client = spawn([&] { return tcp_stream::connect(addr_of(ln)).value(); });
+          auto served = ln.accept().value();
+          auto c = client.join();
+          channel<int> never(0);
+          (void)never.recv();
+        }, {.workers = 1});
+      },
+      ::testing::ExitedWithCode(2),
+      "all fibers are asleep - deadlock!(.|\n)*\"main\" \\[chan receive\\]");
 }
 
 }  // namespace

@@ -17,9 +17,10 @@
 //     eventfd read, always armed), kRingWakeTag (a wake-up sent by another
 //     worker's ring), kIgnoreTag (linked timeouts, cancels, the sender's
 //     own CQE of a MSG_RING) or a multishot_sink* with kMultishotBit set
-//     (see *Multishot operations* in io/driver.h), counted in inflight_
-//     and listed in armed_ from arming until its CQE without
-//     IORING_CQE_F_MORE.
+//     (see *Multishot operations* in io/driver.h), listed in armed_ from
+//     arming until its CQE without IORING_CQE_F_MORE. A multishot is not
+//     counted in inflight_: armed with nobody waiting for its results, it
+//     can wake no fiber (see *Deadlock* in io/accept.cc).
 //   - SQEs are submitted in one io_uring_submit per scheduler turn (flush(),
 //     poll(), wait()); start() submits early only when the SQ ring is full.
 //
@@ -238,7 +239,7 @@ class uring_driver final : public io_driver {
   void prep(io_uring_sqe* sqe, const op& o);
   void prep_cancel(std::uint64_t tag);
   void cancel_tag(std::uint64_t tag) noexcept;
-  bool on_multishot_cqe(std::uint64_t tag, int res, std::uint32_t flags);
+  void on_multishot_cqe(std::uint64_t tag, int res, std::uint32_t flags);
   void arm_wake_read();
   bool send_ring_wake() noexcept;
   void drain_cancels();
@@ -629,7 +630,7 @@ void uring_driver::arm_multishot_accept(int fd, multishot_sink& s) {
     std::lock_guard g(reap_lock_);  // armed_ (see *Rescue*); held briefly by rescue()
     armed_.push_back(&s);
   }
-  ++inflight_;
+  // Not ++inflight_: see the invariants at the top.
   io_counters::bump(counters_.ops);
   io_counters::bump(counters_.multishot_accepts);
   // Submitted now, not at the loop's next turn: the accept() that armed it
@@ -644,9 +645,8 @@ void uring_driver::cancel_multishot(multishot_sink& s) noexcept {
   cancel_tag(reinterpret_cast<std::uintptr_t>(&s) | kMultishotBit);
 }
 
-// Under reap_lock_. Returns whether this was the multishot's last CQE
-// (it then no longer counts in flight).
-bool uring_driver::on_multishot_cqe(std::uint64_t tag, int res, std::uint32_t flags) {
+// Under reap_lock_.
+void uring_driver::on_multishot_cqe(std::uint64_t tag, int res, std::uint32_t flags) {
   auto* s = reinterpret_cast<multishot_sink*>(tag & ~kMultishotBit);
   const bool more = flags & IORING_CQE_F_MORE;
   if (!more) {
@@ -659,7 +659,6 @@ bool uring_driver::on_multishot_cqe(std::uint64_t tag, int res, std::uint32_t fl
   // drops it only in this last call (more == false); see io/accept.cc.
   // Thread-safe: rescue() calls it from the monitor.
   s->on_result(res, more);
-  return !more;
 }
 
 void uring_driver::arm_wake_read() {
@@ -717,7 +716,7 @@ void uring_driver::reap(bool owner) {
       continue;
     }
     if (tag & kMultishotBit) {
-      if (on_multishot_cqe(tag, cqe->res, cqe->flags)) ++done;
+      on_multishot_cqe(tag, cqe->res, cqe->flags);
       ++handed;
       continue;
     }
