@@ -316,6 +316,22 @@ TEST_P(Sockets, ReadDeadlineFiresWithTimedOut) {
   });
 }
 
+// The earliest time point there is (time_point::min(), far before the
+// steady clock's epoch) is a deadline long past: timed_out at once, and
+// the stream goes on working. On io_uring it was subtracted from now(),
+// which overflows.
+TEST_P(Sockets, ADeadlineAtTheClocksMinimumIsLongPast) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    char buf[16];
+    auto r = c.read(buf, clock::time_point::min());
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error(), std::errc::timed_out) << r.error().message();
+    ASSERT_TRUE(s.write_all({"z", 1}));
+    EXPECT_EQ(c.read(buf, deadline(5s)).value(), 1u);
+  });
+}
+
 TEST_P(Sockets, AFarReadDeadlineFiresToo) {
   Run([&] {
     auto [c, s] = connected_pair();

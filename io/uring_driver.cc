@@ -461,7 +461,11 @@ result<int> uring_driver::perform_one(op& o, clock::time_point deadline, const c
                                       std::source_location where, std::uint32_t* cqe_flags) {
   completion c;
   constexpr clock::time_point never = clock::time_point::max();
-  const bool in_kernel = deadline != never && deadline - clock::now() < kKernelDeadline;
+  // A deadline before the clock's epoch (time_point::min()) is long past:
+  // as the epoch, so neither the subtraction nor the kernel's timespec
+  // sees a negative count.
+  deadline = std::max(deadline, clock::time_point{});
+  const bool in_kernel = deadline != never && deadline < clock::now() + kKernelDeadline;
   // SAFETY: from start() on, the kernel holds &c and o's buffers:
   // wait_for() returns only once the CQE arrived (see *Completion slots*).
   start(o, c, in_kernel ? deadline : never);
