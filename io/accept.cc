@@ -88,7 +88,7 @@ class accept_state final : public multishot_sink {
   // A descriptor from the queue, arming the multishot if needed and
   // parking until one arrives. std::errc::not_supported: this worker's
   // driver has no multishot accept (the caller accepts once instead).
-  result<int> take(int listen_fd, clock::time_point deadline);
+  result<int> take(int listen_fd, clock::time_point deadline, std::source_location where);
   void shut() noexcept;
   void on_result(int res, bool more) noexcept override;
   void on_driver_gone() noexcept override;
@@ -128,9 +128,9 @@ std::unexpected<std::error_code> sys_error(int e) {
 }
 
 // One IORING_OP_ACCEPT, or epoll's readiness wait and accept4.
-result<int> accept_once(fd_guard& g, clock::time_point deadline) {
+result<int> accept_once(fd_guard& g, clock::time_point deadline, std::source_location where) {
   op o{.kind = op_kind::accept, .fd = g.fd(), .use = g.use()};
-  return perform(o, deadline, "tcp accept");
+  return perform(o, deadline, "tcp accept", where);
 }
 
 }  // namespace
@@ -177,7 +177,8 @@ void accept_state::claim_locked(std::vector<sched::fiber*>& out, bool all) noexc
   }
 }
 
-result<int> accept_state::take(int listen_fd, clock::time_point deadline) {
+result<int> accept_state::take(int listen_fd, clock::time_point deadline,
+                               std::source_location where) {
   bool tried = false;  // accept_now() before arming, once per call
   for (;;) {
     lock_.lock();
@@ -227,7 +228,8 @@ result<int> accept_state::take(int listen_fd, clock::time_point deadline) {
                                           .arg = this,
                                           .deadline = deadline,
                                           .cancellable = true,
-                                          .what = "tcp accept"});
+                                          .what = "tcp accept",
+                                          .where = where});
     s->add_outside_ref(-1);
     if (why == sched::wake_reason::notified) continue;  // the waker popped the token
     retract();  // queued descriptors stay for the next accept()
@@ -317,7 +319,7 @@ void close_accept_state(accept_state* s) noexcept {
   s->unref();  // the listener's share
 }
 
-result<tcp_stream> tcp_listener::accept(deadline_arg d) {
+result<tcp_stream> tcp_listener::accept(deadline_arg d, std::source_location where) {
   // The guard keeps the descriptor number ours, and the accept state
   // alive, until this call returns, even if another fiber closes the
   // listener meanwhile (io/fd_state.h).
@@ -332,9 +334,9 @@ result<tcp_stream> tcp_listener::accept(deadline_arg d) {
       accept_state* s;
       ~share() { s->unref(); }  // also when the runtime unwinds this fiber
     } held{s};
-    r = s->take(g.fd(), d.when);
+    r = s->take(g.fd(), d.when, where);
   }
-  if (!r && r.error() == std::errc::not_supported) r = accept_once(g, d.when);
+  if (!r && r.error() == std::errc::not_supported) r = accept_once(g, d.when, where);
   if (!r && g.closed()) return sys_error(EBADF);
   if (!r) return std::unexpected(r.error());
   return tcp_stream(*r);

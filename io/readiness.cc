@@ -36,22 +36,23 @@ result<void> wait_plain(int fd, short events, clock::time_point deadline) {
   }
 }
 
-result<void> wait_for_event(int fd, short events, clock::time_point deadline, const char* what) {
+result<void> wait_for_event(int fd, short events, clock::time_point deadline, const char* what,
+                            std::source_location where) {
   if (fd < 0) return error_of(EBADF);
   if (!sched::current_fiber()) return wait_plain(fd, events, deadline);
   op o{.kind = op_kind::poll, .fd = fd, .flags = events};
-  if (auto r = perform(o, deadline, what); !r) return std::unexpected(r.error());
+  if (auto r = perform(o, deadline, what, where); !r) return std::unexpected(r.error());
   return {};
 }
 
 }  // namespace
 
-result<void> wait_readable(int fd, deadline_arg d) {
-  return wait_for_event(fd, POLLIN, d.when, "fd readable");
+result<void> wait_readable(int fd, deadline_arg d, std::source_location where) {
+  return wait_for_event(fd, POLLIN, d.when, "fd readable", where);
 }
 
-result<void> wait_writable(int fd, deadline_arg d) {
-  return wait_for_event(fd, POLLOUT, d.when, "fd writable");
+result<void> wait_writable(int fd, deadline_arg d, std::source_location where) {
+  return wait_for_event(fd, POLLOUT, d.when, "fd writable", where);
 }
 
 }  // namespace weft::io

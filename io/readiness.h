@@ -34,7 +34,9 @@
 
 namespace weft::io {
 
-[[nodiscard]] result<void> wait_readable(int fd, deadline_arg d = {});
-[[nodiscard]] result<void> wait_writable(int fd, deadline_arg d = {});
+[[nodiscard]] result<void> wait_readable(int fd, deadline_arg d = {},
+      std::source_location where = std::source_location::current());
+[[nodiscard]] result<void> wait_writable(int fd, deadline_arg d = {},
+      std::source_location where = std::source_location::current());
 
 }  // namespace weft::io

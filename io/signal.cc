@@ -234,7 +234,7 @@ result<int> signal_set::try_wait() {
   return std::unexpected(std::make_error_code(std::errc::resource_unavailable_try_again));
 }
 
-result<int> signal_set::wait(deadline_arg d) {
+result<int> signal_set::wait(deadline_arg d, std::source_location where) {
   if (slot_ < 0) return error_of(EBADF);
   for (;;) {
     if (int s = take_delivered()) return s;
@@ -243,7 +243,7 @@ result<int> signal_set::wait(deadline_arg d) {
     std::uint64_t count = 0;
     if (sched::current_fiber()) {
       op o{.kind = op_kind::read, .fd = efd_, .buf = &count, .len = sizeof count};
-      if (auto r = perform(o, d.when, "signal wait"); !r) return std::unexpected(r.error());
+      if (auto r = perform(o, d.when, "signal wait", where); !r) return std::unexpected(r.error());
       continue;
     }
     int ms = -1;

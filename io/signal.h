@@ -61,7 +61,8 @@ class signal_set {
   ~signal_set();
 
   // The next delivery of a watched signal not yet returned: its number.
-  [[nodiscard]] result<int> wait(deadline_arg d = {});
+  [[nodiscard]] result<int> wait(deadline_arg d = {},
+      std::source_location where = std::source_location::current());
   // As wait(), without blocking: resource_unavailable_try_again if none.
   [[nodiscard]] result<int> try_wait();
 

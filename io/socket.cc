@@ -170,18 +170,20 @@ auto bind_by_text(std::string_view text, Bind&& bind) -> decltype(bind(socket_ad
 
 }  // namespace
 
-result<tcp_stream> tcp_stream::connect(std::string_view addr, deadline_arg d) {
+result<tcp_stream> tcp_stream::connect(std::string_view addr, deadline_arg d,
+                                       std::source_location where) {
   auto a = socket_address::parse(addr);
-  if (a) return connect(*a, d);
+  if (a) return connect(*a, d, where);
   auto name = split_name_port(addr);
   if (!name) return std::unexpected(a.error());  // neither an address nor "name:port"
   if (clock::now() >= d.when) return std::unexpected(std::make_error_code(std::errc::timed_out));
   auto addrs = resolve(name->first, name->second);
   if (!addrs) return std::unexpected(addrs.error());
-  return connect(std::span<const socket_address>(*addrs), d);
+  return connect(std::span<const socket_address>(*addrs), d, where);
 }
 
-result<tcp_stream> tcp_stream::connect(std::span<const socket_address> addrs, deadline_arg d) {
+result<tcp_stream> tcp_stream::connect(std::span<const socket_address> addrs, deadline_arg d,
+                                       std::source_location where) {
   if (addrs.empty()) return std::unexpected(std::make_error_code(std::errc::invalid_argument));
   constexpr auto kMinTry = std::chrono::seconds(2);  // Go's minimum per address
   std::error_code first;
@@ -193,7 +195,7 @@ result<tcp_stream> tcp_stream::connect(std::span<const socket_address> addrs, de
       auto share = (d.when - now) / static_cast<long>(addrs.size() - i);
       until = share < kMinTry ? std::min(d.when, now + kMinTry) : now + share;
     }
-    auto s = connect(addrs[i], until);
+    auto s = connect(addrs[i], until, where);
     if (s) return s;
     const std::error_code e = s.error();
     if (e == std::errc::operation_canceled) return std::unexpected(e);
@@ -203,7 +205,8 @@ result<tcp_stream> tcp_stream::connect(std::span<const socket_address> addrs, de
   return std::unexpected(first);
 }
 
-result<tcp_stream> tcp_stream::connect(const socket_address& addr, deadline_arg d) {
+result<tcp_stream> tcp_stream::connect(const socket_address& addr, deadline_arg d,
+                                       std::source_location where) {
   // A deadline already past: no try, as Go's Dial. A connect is rarely
   // done at once, so what one try did would depend on the driver (io_uring
   // finishes a loopback handshake, epoll reports EINPROGRESS), and a
@@ -216,7 +219,7 @@ result<tcp_stream> tcp_stream::connect(const socket_address& addr, deadline_arg 
   std::memcpy(&sa, addr.get(), addr.size());
   socklen_t len = addr.size();
   op o{.kind = op_kind::connect, .addr = reinterpret_cast<sockaddr*>(&sa), .addrlen = &len};
-  auto r = perform_on(s.st_, o, d.when, "tcp connect");
+  auto r = perform_on(s.st_, o, d.when, "tcp connect", where);
   if (!r) return std::unexpected(r.error());
   return s;
 }
@@ -238,30 +241,32 @@ bool all_empty(std::span<const iovec> bufs) {
 
 }  // namespace
 
-result<std::size_t> tcp_stream::read(std::span<char> buf, deadline_arg d) {
+result<std::size_t> tcp_stream::read(std::span<char> buf, deadline_arg d,
+                                     std::source_location where) {
   if (buf.empty()) return nothing_to_move(st_);
   op o{.kind = op_kind::recv, .buf = buf.data(), .len = buf.size()};
-  auto r = perform_on(st_, o, d.when, "tcp read");
+  auto r = perform_on(st_, o, d.when, "tcp read", where);
   if (!r) return std::unexpected(r.error());
   return static_cast<std::size_t>(*r);
 }
 
-result<pooled_buffer> tcp_stream::read_pooled(deadline_arg d) {
+result<pooled_buffer> tcp_stream::read_pooled(deadline_arg d, std::source_location where) {
   // The driver that lends the buffer is the one that performs the receive:
   // the worker the fiber is on now.
   io_driver* owner = current_driver();
   op o{.kind = op_kind::recv_pooled};
-  auto r = perform_on(st_, o, d.when, "tcp read");
+  auto r = perform_on(st_, o, d.when, "tcp read", where);
   if (!r) return std::unexpected(r.error());
   if (!o.buf) return pooled_buffer();  // end of stream, nothing lent
   // A heap buffer (kHeapBufferId) may come from any driver: each frees it.
   return pooled_buffer(owner, o.buf_id, static_cast<char*>(o.buf), static_cast<std::size_t>(*r));
 }
 
-result<std::size_t> tcp_stream::read_exact(std::span<char> buf, deadline_arg d) {
+result<std::size_t> tcp_stream::read_exact(std::span<char> buf, deadline_arg d,
+                                           std::source_location where) {
   std::size_t got = 0;
   while (got < buf.size()) {
-    auto n = read(buf.subspan(got), d);
+    auto n = read(buf.subspan(got), d, where);
     if (!n) return n;
     if (*n == 0)
       return std::unexpected(make_error_code(got == 0 ? io_errc::end_of_stream
@@ -271,43 +276,47 @@ result<std::size_t> tcp_stream::read_exact(std::span<char> buf, deadline_arg d) 
   return got;
 }
 
-result<std::size_t> tcp_stream::write(std::span<const char> buf, deadline_arg d) {
+result<std::size_t> tcp_stream::write(std::span<const char> buf, deadline_arg d,
+                                      std::source_location where) {
   if (buf.empty()) return nothing_to_move(st_);
   // SAFETY: send only reads the buffer; the const_cast is for op's one
   // buffer field.
   op o{.kind = op_kind::send, .buf = const_cast<char*>(buf.data()), .len = buf.size()};
-  auto r = perform_on(st_, o, d.when, "tcp write");
+  auto r = perform_on(st_, o, d.when, "tcp write", where);
   if (!r) return std::unexpected(r.error());
   return static_cast<std::size_t>(*r);
 }
 
-result<void> tcp_stream::write_all(std::span<const char> buf, deadline_arg d) {
+result<void> tcp_stream::write_all(std::span<const char> buf, deadline_arg d,
+                                   std::source_location where) {
   while (!buf.empty()) {
-    auto n = write(buf, d);
+    auto n = write(buf, d, where);
     if (!n) return std::unexpected(n.error());
     buf = buf.subspan(*n);
   }
   return {};
 }
 
-result<std::size_t> tcp_stream::readv(std::span<const iovec> bufs, deadline_arg d) {
+result<std::size_t> tcp_stream::readv(std::span<const iovec> bufs, deadline_arg d,
+                                      std::source_location where) {
   if (all_empty(bufs)) return nothing_to_move(st_);
   msghdr m{};
   m.msg_iov = const_cast<iovec*>(bufs.data());  // the kernel only reads the array
   m.msg_iovlen = iov_count(bufs);
   op o{.kind = op_kind::recvmsg, .msg = &m};
-  auto r = perform_on(st_, o, d.when, "tcp readv");
+  auto r = perform_on(st_, o, d.when, "tcp readv", where);
   if (!r) return std::unexpected(r.error());
   return static_cast<std::size_t>(*r);
 }
 
-result<std::size_t> tcp_stream::writev(std::span<const iovec> bufs, deadline_arg d) {
+result<std::size_t> tcp_stream::writev(std::span<const iovec> bufs, deadline_arg d,
+                                       std::source_location where) {
   if (all_empty(bufs)) return nothing_to_move(st_);
   msghdr m{};
   m.msg_iov = const_cast<iovec*>(bufs.data());  // the kernel only reads the array
   m.msg_iovlen = iov_count(bufs);
   op o{.kind = op_kind::sendmsg, .msg = &m};
-  auto r = perform_on(st_, o, d.when, "tcp writev");
+  auto r = perform_on(st_, o, d.when, "tcp writev", where);
   if (!r) return std::unexpected(r.error());
   return static_cast<std::size_t>(*r);
 }
@@ -383,7 +392,7 @@ result<udp_socket> udp_socket::bind(const socket_address& addr) {
 }
 
 result<std::size_t> udp_socket::send_to(std::span<const char> buf, const socket_address& to,
-                                         deadline_arg d) {
+                                         deadline_arg d, std::source_location where) {
   sockaddr_storage sa{};
   std::memcpy(&sa, to.get(), to.size());
   iovec v{const_cast<char*>(buf.data()), buf.size()};  // read only
@@ -393,13 +402,13 @@ result<std::size_t> udp_socket::send_to(std::span<const char> buf, const socket_
   m.msg_iov = &v;
   m.msg_iovlen = 1;
   op o{.kind = op_kind::sendmsg, .msg = &m};
-  auto r = perform_on(st_, o, d.when, "udp send");
+  auto r = perform_on(st_, o, d.when, "udp send", where);
   if (!r) return std::unexpected(r.error());
   return static_cast<std::size_t>(*r);
 }
 
 result<std::size_t> udp_socket::recv_from(std::span<char> buf, socket_address* from,
-                                          deadline_arg d) {
+                                          deadline_arg d, std::source_location where) {
   sockaddr_storage sa{};
   iovec v{buf.data(), buf.size()};
   msghdr m{};
@@ -408,7 +417,7 @@ result<std::size_t> udp_socket::recv_from(std::span<char> buf, socket_address* f
   m.msg_iov = &v;
   m.msg_iovlen = 1;
   op o{.kind = op_kind::recvmsg, .msg = &m};
-  auto r = perform_on(st_, o, d.when, "udp receive");
+  auto r = perform_on(st_, o, d.when, "udp receive", where);
   if (!r) return std::unexpected(r.error());
   if (from) *from = socket_address::from(reinterpret_cast<sockaddr*>(&sa), m.msg_namelen);
   return static_cast<std::size_t>(*r);

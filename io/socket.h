@@ -15,6 +15,10 @@
 // EMFILE from accept, after which the listener keeps working). A malformed
 // address is std::errc::invalid_argument.
 //
+// Every call that may park takes a trailing std::source_location, defaulted
+// to the caller's: dump() and the deadlock report show where the program
+// made the call, not a line in io/.
+//
 // Invariants:
 //   - A socket object owns its descriptor through a heap fd_state
 //     (io/fd_state.h) that the calls in flight share; moving transfers it;
@@ -34,6 +38,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <source_location>
 #include <span>
 #include <string>
 #include <string_view>
@@ -183,8 +188,10 @@ class tcp_stream : public socket_base {
   // port ("db.internal:5432"): the name is looked up with resolve() (on
   // the blocking pool; the lookup itself is not cut short by the deadline)
   // and its addresses are tried in turn as by the list overload.
-  [[nodiscard]] static result<tcp_stream> connect(std::string_view addr, deadline_arg d = {});
-  [[nodiscard]] static result<tcp_stream> connect(const socket_address& addr, deadline_arg d = {});
+  [[nodiscard]] static result<tcp_stream> connect(std::string_view addr, deadline_arg d = {},
+      std::source_location where = std::source_location::current());
+  [[nodiscard]] static result<tcp_stream> connect(const socket_address& addr, deadline_arg d = {},
+      std::source_location where = std::source_location::current());
   // Tries each address in order until one connects (Go's dialSerial):
   // each try gets an equal share of the time left before the deadline, but
   // at least 2 s (or all that is left), so one silent address does not use
@@ -192,29 +199,37 @@ class tcp_stream : public socket_base {
   // once; otherwise, when every address failed, the first address's error.
   // An empty list is invalid_argument.
   [[nodiscard]] static result<tcp_stream> connect(std::span<const socket_address> addrs,
-                                                  deadline_arg d = {});
+                                                  deadline_arg d = {},
+      std::source_location where = std::source_location::current());
 
   // One receive: up to buf.size() bytes; 0 at end of stream. An empty buf
   // returns 0 at once (as Go's and Tokio's: it neither waits nor takes
   // data); so do write, readv and writev with nothing to move.
-  [[nodiscard]] result<std::size_t> read(std::span<char> buf, deadline_arg d = {});
+  [[nodiscard]] result<std::size_t> read(std::span<char> buf, deadline_arg d = {},
+      std::source_location where = std::source_location::current());
   // One receive into a pooled buffer taken only once data has arrived, so
   // a connection idle in this call holds no receive buffer. Empty at end of
   // stream.
-  [[nodiscard]] result<pooled_buffer> read_pooled(deadline_arg d = {});
+  [[nodiscard]] result<pooled_buffer> read_pooled(deadline_arg d = {},
+      std::source_location where = std::source_location::current());
   // Fills buf entirely. A stream that ends first is an error:
   // io_errc::end_of_stream if it ended before the first byte (the peer
   // closed between messages), io_errc::unexpected_eof if part-way (what
   // arrived is in buf, its length unknown: a truncated message).
-  [[nodiscard]] result<std::size_t> read_exact(std::span<char> buf, deadline_arg d = {});
+  [[nodiscard]] result<std::size_t> read_exact(std::span<char> buf, deadline_arg d = {},
+      std::source_location where = std::source_location::current());
   // One send: returns how many bytes went out.
-  [[nodiscard]] result<std::size_t> write(std::span<const char> buf, deadline_arg d = {});
+  [[nodiscard]] result<std::size_t> write(std::span<const char> buf, deadline_arg d = {},
+      std::source_location where = std::source_location::current());
   // Sends all of buf (several sends if needed).
-  [[nodiscard]] result<void> write_all(std::span<const char> buf, deadline_arg d = {});
+  [[nodiscard]] result<void> write_all(std::span<const char> buf, deadline_arg d = {},
+      std::source_location where = std::source_location::current());
   // One scatter receive / gather send, over at most the first IOV_MAX
   // (1024) buffers; the count says how far it got.
-  [[nodiscard]] result<std::size_t> readv(std::span<const iovec> bufs, deadline_arg d = {});
-  [[nodiscard]] result<std::size_t> writev(std::span<const iovec> bufs, deadline_arg d = {});
+  [[nodiscard]] result<std::size_t> readv(std::span<const iovec> bufs, deadline_arg d = {},
+      std::source_location where = std::source_location::current());
+  [[nodiscard]] result<std::size_t> writev(std::span<const iovec> bufs, deadline_arg d = {},
+      std::source_location where = std::source_location::current());
 
   [[nodiscard]] result<void> shutdown(int how = SHUT_WR) noexcept;
   [[nodiscard]] result<void> set_nodelay(bool on) noexcept;
@@ -235,7 +250,8 @@ class tcp_listener : public socket_base {
 
   // Parks until a connection arrives. EMFILE/ENFILE/ECONNABORTED are
   // returned as errors; the listener stays usable.
-  [[nodiscard]] result<tcp_stream> accept(deadline_arg d = {});
+  [[nodiscard]] result<tcp_stream> accept(deadline_arg d = {},
+      std::source_location where = std::source_location::current());
 };
 
 class udp_socket : public socket_base {
@@ -249,9 +265,11 @@ class udp_socket : public socket_base {
 
   // One datagram each. recv_from truncates a datagram larger than buf.
   [[nodiscard]] result<std::size_t> send_to(std::span<const char> buf, const socket_address& to,
-                                            deadline_arg d = {});
+                                            deadline_arg d = {},
+      std::source_location where = std::source_location::current());
   [[nodiscard]] result<std::size_t> recv_from(std::span<char> buf, socket_address* from,
-                                              deadline_arg d = {});
+                                              deadline_arg d = {},
+      std::source_location where = std::source_location::current());
 };
 
 // Name lookup (getaddrinfo) on the blocking pool, so only the fiber waits.

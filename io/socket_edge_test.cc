@@ -208,6 +208,56 @@ TEST_P(Sockets, ReadExactTellsAnEndBetweenMessagesFromATruncatedOne) {
   });
 }
 
+// A fiber parked in a socket call is shown where the program made the
+// call (dump(), the deadlock report), not at a line inside io/.
+TEST_P(Sockets, DumpShowsWhereTheProgramCalledTheSocket) {
+  std::string err;
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    auto [c, s] = connected_pair();
+    auto u = udp_socket::bind("127.0.0.1:0").value();
+    std::atomic<int> read_line{0}, accept_line{0}, udp_line{0}, wait_line{0};
+    std::vector<join_handle<void>> parked;
+    parked.push_back(spawn([&] {
+      char b[8];
+      read_line = __LINE__; (void)c.read(b, deadline(20s));  // NOLINT: one line on purpose
+    }, {.name = "reader"}));
+    parked.push_back(spawn([&] {
+      accept_line = __LINE__; (void)ln.accept(deadline(20s));  // NOLINT
+    }, {.name = "acceptor"}));
+    parked.push_back(spawn([&] {
+      char b[8];
+      udp_line = __LINE__; (void)u.recv_from(b, nullptr, deadline(20s));  // NOLINT
+    }, {.name = "datagrams"}));
+    parked.push_back(spawn([&] {
+      wait_line = __LINE__; (void)wait_readable(c.native_handle(), deadline(20s));  // NOLINT
+    }, {.name = "waiter"}));
+    // Every one parked (a dump is a snapshot: wait until it shows all four).
+    for (int i = 0; i < 200; ++i) {
+      (void)this_fiber::sleep_for(10ms);
+      ::testing::internal::CaptureStderr();
+      dump();
+      err = ::testing::internal::GetCapturedStderr();
+      if (err.find("[tcp read] at io/socket_edge_test.cc") != std::string::npos &&
+          err.find("[tcp accept] at io/socket_edge_test.cc") != std::string::npos &&
+          err.find("[udp receive] at io/socket_edge_test.cc") != std::string::npos &&
+          err.find("[fd readable] at io/socket_edge_test.cc") != std::string::npos)
+        break;
+    }
+    const std::string f = "io/socket_edge_test.cc:";
+    EXPECT_NE(err.find("\"reader\" [tcp read] at " + f + std::to_string(read_line)),
+              std::string::npos) << err;
+    EXPECT_NE(err.find("\"acceptor\" [tcp accept] at " + f + std::to_string(accept_line)),
+              std::string::npos) << err;
+    EXPECT_NE(err.find("\"datagrams\" [udp receive] at " + f + std::to_string(udp_line)),
+              std::string::npos) << err;
+    EXPECT_NE(err.find("\"waiter\" [fd readable] at " + f + std::to_string(wait_line)),
+              std::string::npos) << err;
+    for (auto& h : parked) h.request_stop();
+    for (auto& h : parked) h.join();
+  });
+}
+
 // As Go's Dial: "name:port" is looked up and its addresses tried.
 TEST_P(Sockets, ConnectLooksUpAHostName) {
   Run([&] {
