@@ -43,34 +43,37 @@ bool file::is_open() const noexcept { return st_ && !st_->closed(); }
 
 int file::native_handle() const noexcept { return is_open() ? st_->fd() : -1; }
 
-result<file> file::open(const std::string& path, int flags, int mode) {
+result<file> file::open(const std::string& path, int flags, int mode,
+                        std::source_location where) {
   if (path.find('\0') != std::string::npos)
     return std::unexpected(std::make_error_code(std::errc::invalid_argument));
   op o{.kind = op_kind::openat,
        .buf = const_cast<char*>(path.c_str()),  // read only, until the op completes
        .offset = static_cast<std::uint64_t>(mode),
        .flags = flags};
-  auto r = perform(o, clock::time_point::max(), "file open");
+  auto r = perform(o, clock::time_point::max(), "file open", where);
   if (!r) return std::unexpected(r.error());
   return file(*r);
 }
 
-result<std::size_t> file::read_at(std::span<char> buf, std::uint64_t offset) {
+result<std::size_t> file::read_at(std::span<char> buf, std::uint64_t offset,
+                                  std::source_location where) {
   if (stream_ && is_open()) return illegal_seek();
   op o{.kind = op_kind::read_at, .buf = buf.data(), .len = buf.size(), .offset = offset};
-  auto r = perform_on(st_, o, clock::time_point::max(), "file read");
+  auto r = perform_on(st_, o, clock::time_point::max(), "file read", where);
   if (!r) return std::unexpected(r.error());
   return static_cast<std::size_t>(*r);
 }
 
-result<void> file::write_at(std::span<const char> buf, std::uint64_t offset) {
+result<void> file::write_at(std::span<const char> buf, std::uint64_t offset,
+                            std::source_location where) {
   if (stream_ && is_open()) return illegal_seek();
   while (!buf.empty()) {
     op o{.kind = op_kind::write_at,
          .buf = const_cast<char*>(buf.data()),  // read only
          .len = buf.size(),
          .offset = offset};
-    auto r = perform_on(st_, o, clock::time_point::max(), "file write");
+    auto r = perform_on(st_, o, clock::time_point::max(), "file write", where);
     if (!r) return std::unexpected(r.error());
     if (*r == 0) return std::unexpected(std::make_error_code(std::errc::io_error));
     buf = buf.subspan(static_cast<std::size_t>(*r));
@@ -79,14 +82,14 @@ result<void> file::write_at(std::span<const char> buf, std::uint64_t offset) {
   return {};
 }
 
-result<void> file::fsync(bool data_only) {
+result<void> file::fsync(bool data_only, std::source_location where) {
   op o{.kind = op_kind::fsync, .flags = data_only ? 1 : 0};
-  auto r = perform_on(st_, o, clock::time_point::max(), "file fsync");
+  auto r = perform_on(st_, o, clock::time_point::max(), "file fsync", where);
   if (!r) return std::unexpected(r.error());
   return {};
 }
 
-result<void> file::close() {
+result<void> file::close(std::source_location where) {
   if (!st_) return {};
   // Off a fiber (a plain thread, a blocking() call, main's thread after
   // the run) there is no driver to close through: fd_state closes the
@@ -95,7 +98,7 @@ result<void> file::close() {
   int fd = -1;
   if (auto c = st_->close(&fd); !c || fd < 0) return c;  // closed already, or by the last call
   op o{.kind = op_kind::close, .fd = fd};
-  auto r = perform(o, clock::time_point::max(), "file close");
+  auto r = perform(o, clock::time_point::max(), "file close", where);
   if (!r) return std::unexpected(r.error());
   return {};
 }

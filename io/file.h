@@ -27,6 +27,7 @@
 #include <fcntl.h>
 
 #include <cstdint>
+#include <source_location>
 #include <span>
 #include <string>
 #include <utility>
@@ -47,16 +48,19 @@ class file {
   ~file() { drop(); }
 
   // flags as open(2) (O_CLOEXEC is always added); mode for O_CREAT.
-  [[nodiscard]] static result<file> open(const std::string& path, int flags, int mode = 0644);
+  [[nodiscard]] static result<file> open(const std::string& path, int flags, int mode = 0644,
+                                           std::source_location where = std::source_location::current());
 
   // Reads up to buf.size() bytes at `offset`; 0 at end of file. A file
   // without offsets (a FIFO, or a pipe, socket or terminal adopted by
   // file(fd)) fails read_at and write_at with ESPIPE, as pread(2) does.
-  [[nodiscard]] result<std::size_t> read_at(std::span<char> buf, std::uint64_t offset);
+  [[nodiscard]] result<std::size_t> read_at(std::span<char> buf, std::uint64_t offset,
+                                            std::source_location where = std::source_location::current());
   // Writes all of buf at `offset` (several writes if one is short).
-  [[nodiscard]] result<void> write_at(std::span<const char> buf, std::uint64_t offset);
-  [[nodiscard]] result<void> fsync(bool data_only = false);
-  [[nodiscard]] result<void> close();
+  [[nodiscard]] result<void> write_at(std::span<const char> buf, std::uint64_t offset,
+                                       std::source_location where = std::source_location::current());
+  [[nodiscard]] result<void> fsync(bool data_only = false, std::source_location where = std::source_location::current());
+  [[nodiscard]] result<void> close(std::source_location where = std::source_location::current());
 
   bool is_open() const noexcept;
   int native_handle() const noexcept;  // -1 when empty or closed
