@@ -2,7 +2,8 @@
 // pool when no thread can be started (RLIMIT_NPROC, a cgroup's pids.max),
 // the epoll driver where epoll_pwait2 is missing (Linux < 5.11) or denied
 // (a container's seccomp profile), and name lookup on a host with IPv4
-// addresses only. Each case runs in a forked child, so the limits, filters
+// addresses only; and signals weft handles, where the process's signal
+// dispositions matter. Each case runs in a forked child, so the limits, filters
 // and namespaces it sets stay there; a hang ends the child by SIGALRM.
 #include <gtest/gtest.h>
 #include <linux/filter.h>
@@ -161,6 +162,33 @@ TEST(Limits, ChildProcessesStartWithTheDefaultSigpipe) {
     });
     if (code == 0 && !child_dies_of_sigpipe()) code = 8;  // and after
     return code;
+  });
+}
+
+// weft's SIGPIPE handler runs on the worker's signal stack, not on the
+// fiber's: a plain write() to a pipe whose reader is gone, from a fiber on
+// a small stack (kSmallStack, 2 KiB, no guard page), gets EPIPE. The
+// kernel's signal frame alone (the saved registers, ~3 KiB with AVX-512)
+// is larger than that stack; on it, the frame overwrote the memory below
+// and the canary check stopped the process ("stack overflow in fiber").
+TEST(Limits, APlainWriteToABrokenPipeFromASmallStackFiberIsEpipe) {
+  in_child([] {
+    std::signal(SIGPIPE, SIG_DFL);  // weft's handler goes in at run()
+    sigset_t pipe_only;
+    sigemptyset(&pipe_only);
+    sigaddset(&pipe_only, SIGPIPE);
+    sigprocmask(SIG_UNBLOCK, &pipe_only, nullptr);
+    return weft::run([] {
+      int p[2];
+      if (::pipe(p) != 0) return 1;
+      ::close(p[0]);
+      auto h = weft::spawn([w = p[1]] {
+        return ::write(w, "x", 1) < 0 ? errno : 0;
+      }, {.stack_size = weft::kSmallStack});
+      int e = h.join();
+      ::close(p[1]);
+      return e == EPIPE ? 0 : 2;
+    }, {.workers = 1});
   });
 }
 

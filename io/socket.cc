@@ -60,12 +60,16 @@ void ignore_sigpipe_once() noexcept {
     // (a shell pipeline started with popen()) would inherit it; a handler
     // goes back to the default there (Go does the same). A program that
     // installed its own handler keeps it.
+    // SA_ONSTACK: SIGPIPE is raised in the thread that wrote, on the stack
+    // of the fiber that wrote, which may be a 2 KiB kSmallStack without a
+    // guard page; the kernel's signal frame (~3 KiB with AVX-512 state)
+    // goes on the worker's sigaltstack instead.
     struct sigaction old {};
     if (sigaction(SIGPIPE, nullptr, &old) == 0 && !(old.sa_flags & SA_SIGINFO) &&
         old.sa_handler == SIG_DFL) {
       struct sigaction sa {};
       sa.sa_handler = on_sigpipe;
-      sa.sa_flags = SA_RESTART;
+      sa.sa_flags = SA_RESTART | SA_ONSTACK;
       sigemptyset(&sa.sa_mask);
       sigaction(SIGPIPE, &sa, nullptr);
     }
