@@ -3,6 +3,9 @@
 //   --port N     (127.0.0.1 only; 0: any free port, named on stderr)
 //   --workers N  (0 or absent: one per processing unit)
 //   --idle S     (servers that drop silent peers: after S seconds)
+//   --status-port N   serve the runtime's counters over HTTP at
+//                     http://127.0.0.1:N/statusz (0: any free port, named
+//                     on stderr; absent: not served)
 // and how they stop: SIGINT or SIGTERM shuts them down gracefully.
 #pragma once
 
@@ -11,6 +14,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <string>
 
 #include "runtime/net.h"
@@ -22,6 +26,7 @@ struct flags {
   int port = 7000;
   unsigned workers = 0;
   unsigned idle_seconds = 60;
+  int status_port = -1;  // -1: no /statusz
 };
 
 inline bool parse_uint(const char* s, unsigned long max, unsigned long& out) {
@@ -41,16 +46,108 @@ inline bool parse_flags(int argc, char** argv, flags& f) {
                parse_uint(argv[i + 1], 4096, v)) {
       f.workers = static_cast<unsigned>(v);
       ++i;
+    } else if (std::strcmp(argv[i], "--status-port") == 0 && i + 1 < argc &&
+               parse_uint(argv[i + 1], 65535, v)) {
+      f.status_port = static_cast<int>(v);
+      ++i;
     } else if (std::strcmp(argv[i], "--idle") == 0 && i + 1 < argc &&
                parse_uint(argv[i + 1], 86400, v) && v > 0) {
       f.idle_seconds = static_cast<unsigned>(v);
       ++i;
     } else {
-      std::fprintf(stderr, "usage: %s [--port N] [--workers N] [--idle SECONDS]\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--port N] [--workers N] [--idle SECONDS] [--status-port N]\n",
+                   argv[0]);
       return false;
     }
   }
   return true;
+}
+
+// The runtime's counters as text: what /statusz serves.
+inline std::string statusz_text() {
+  weft::runtime_stats st = weft::stats();
+  weft::io_stats io = weft::get_io_stats();
+  std::string out;
+  auto line = [&out](const char* name, unsigned long long v) {
+    out += name;
+    out += ' ';
+    out += std::to_string(v);
+    out += '\n';
+  };
+  line("live_fibers", st.live_fibers);
+  line("spawned", st.spawned);
+  line("parks", st.parks);
+  line("wakeups", st.wakeups);
+  line("yields", st.yields);
+  line("sleeps", st.sleeps);
+  line("timer_steals", st.timer_steals);
+  line("stacks_live", st.stacks_live);
+  line("stacks_cached", st.stacks_cached);
+  line("stack_bytes_reserved", st.stack_bytes_reserved);
+  out += "stack_guard " + st.stack_guard + "\n";
+  out += "io_driver " + io.driver + "\n";
+  out += "io_buffer_backing " + io.buffer_backing + "\n";
+  line("io_ops", io.ops);
+  line("io_parked", io.parked);
+  line("io_submits", io.submits);
+  line("io_completions", io.completions);
+  line("io_multishot_accepts", io.multishot_accepts);
+  line("io_rescued", io.rescued);
+  line("pooled_buffers_in_use", weft::pooled_buffer::in_use());
+  for (std::size_t w = 0; w < st.workers.size(); ++w) {
+    std::string k = "worker" + std::to_string(w) + "_";
+    line((k + "fibers_run").c_str(), st.workers[w].fibers_run);
+    line((k + "steals").c_str(), st.workers[w].steals);
+  }
+  return out;
+}
+
+// One HTTP/1.0 exchange on a /statusz connection: GET /statusz gets the
+// counters, anything else 404; then the connection closes. A peer that
+// sends no full request head within 5 s is dropped.
+inline void serve_statusz(weft::tcp_stream c) {
+  using namespace std::chrono_literals;
+  std::string req;
+  char buf[1024];
+  const auto until = weft::deadline(5s);
+  while (req.find("\r\n\r\n") == std::string::npos && req.size() < 8192) {
+    auto n = c.read(buf, until);
+    if (!n || *n == 0) return;
+    req.append(buf, *n);
+  }
+  const bool ok = req.starts_with("GET /statusz ") || req.starts_with("GET /statusz?");
+  const std::string body = ok ? statusz_text() : "not found: try /statusz\n";
+  const std::string head = std::string(ok ? "HTTP/1.0 200 OK" : "HTTP/1.0 404 Not Found") +
+                           "\r\nContent-Type: text/plain\r\nContent-Length: " +
+                           std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n";
+  if (c.write_all(head, until)) (void)c.write_all(body, until);
+}
+
+// Serves /statusz on 127.0.0.1:port until stopped; a connection at a time
+// gets a fiber. false (said on stderr) if it cannot bind.
+inline weft::result<weft::join_handle<void>> start_statusz(const char* who, int port) {
+  auto ln = weft::tcp_listener::bind("127.0.0.1:" + std::to_string(port));
+  if (!ln) {
+    std::fprintf(stderr, "%s: bind 127.0.0.1:%d for /statusz: %s\n", who, port,
+                 ln.error().message().c_str());
+    return std::unexpected(ln.error());
+  }
+  auto local = ln->local_address();
+  std::fprintf(stderr, "%s: statusz on http://127.0.0.1:%d/statusz\n", who,
+               local ? local->port() : port);
+  return weft::spawn([ln = std::move(*ln)]() mutable {
+    for (;;) {
+      auto c = ln.accept();
+      if (!c) {
+        if (c.error() == std::errc::operation_canceled) return;
+        (void)weft::this_fiber::sleep_for(std::chrono::milliseconds(1));  // EMFILE: try again
+        continue;
+      }
+      weft::go([c = std::move(*c)]() mutable { serve_statusz(std::move(c)); },
+               {.name = "statusz"});
+    }
+  }, {.name = "statusz acceptor"});
 }
 
 // Inside weft::run: listens on 127.0.0.1:f.port and starts a copy of
@@ -74,6 +171,12 @@ int listen_and_serve(const char* who, const flags& f, F on_conn) {
   if (!stop)
     std::fprintf(stderr, "%s: SIGINT/SIGTERM not handled: %s\n", who,
                  stop.error().message().c_str());
+  std::optional<weft::join_handle<void>> statusz;
+  if (f.status_port >= 0) {
+    auto s = start_statusz(who, f.status_port);
+    if (!s) return 1;
+    statusz = std::move(*s);
+  }
   // The port we got: --port 0 asks for any free one.
   auto local = ln->local_address();
   std::fprintf(stderr, "%s: listening on 127.0.0.1:%d\n", who, local ? local->port() : f.port);
@@ -114,8 +217,10 @@ int listen_and_serve(const char* who, const flags& f, F on_conn) {
     if (sig)
       std::fprintf(stderr, "%s: SIG%s, shutting down\n", who, sigabbrev_np(*sig));
     acceptor.request_stop();
+    if (statusz) statusz->request_stop();
   }
   acceptor.join();
+  if (statusz) statusz->join();
   return 0;
 }
 

@@ -140,6 +140,58 @@ TEST(EchoServer, PortZeroAnnouncesThePortItGot) {
   ::close(s);
 }
 
+// An HTTP GET on a connected socket: everything until the server closes.
+std::string http_get(int port, const std::string& path) {
+  int s = server::connect(port);
+  if (s < 0) return "connect failed";
+  std::string req = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+  if (::send(s, req.data(), req.size(), MSG_NOSIGNAL) != ssize_t(req.size())) {
+    ::close(s);
+    return "send failed";
+  }
+  std::string got;
+  char buf[4096];
+  for (ssize_t n; (n = ::recv(s, buf, sizeof buf, 0)) > 0;) got.append(buf, std::size_t(n));
+  ::close(s);
+  return got;
+}
+
+// --status-port serves the runtime's counters at /statusz (DESIGN.md,
+// Observability): live fibers (the connection open meanwhile among them),
+// the I/O driver and its counters, per-worker figures; any other path 404.
+TEST(EchoServer, StatuszServesTheRuntimesCounters) {
+  server srv({"--port", "0", "--workers", "2", "--status-port", "0"});
+  const std::string tag = "statusz on http://127.0.0.1:";
+  ASSERT_TRUE(srv.wait_for_stderr("/statusz\n")) << srv.stderr_text();
+  const auto at = srv.stderr_text().find(tag);
+  ASSERT_NE(at, std::string::npos) << srv.stderr_text();
+  const int status_port = std::atoi(srv.stderr_text().c_str() + at + tag.size());
+  ASSERT_GT(status_port, 0);
+  int port = srv.port();
+  ASSERT_GT(port, 0) << srv.stderr_text();
+  int conn = server::connect(port);
+  ASSERT_GE(conn, 0);
+  ASSERT_TRUE(echoes(conn, "ping\n"));
+  const std::string page = http_get(status_port, "/statusz");
+  EXPECT_TRUE(page.starts_with("HTTP/1.0 200 OK\r\n")) << page;
+  EXPECT_NE(page.find("Content-Type: text/plain"), std::string::npos) << page;
+  const char* driver = std::getenv("WEFT_IO");
+  const std::string want_driver =
+      driver && std::string(driver) == "epoll" ? "io_driver epoll\n" : "io_driver io_uring\n";
+  EXPECT_NE(page.find(want_driver), std::string::npos) << page;
+  EXPECT_NE(page.find("worker1_fibers_run "), std::string::npos) << page;
+  // main, the acceptors, the echo connection and this request's fiber
+  const auto live = page.find("\nlive_fibers ");
+  ASSERT_NE(live, std::string::npos) << page;
+  EXPECT_GE(std::atoi(page.c_str() + live + 13), 4) << page;
+  const auto ops = page.find("\nio_ops ");
+  ASSERT_NE(ops, std::string::npos) << page;
+  EXPECT_GE(std::atoi(page.c_str() + ops + 8), 3) << page;  // accept, read, write at least
+  EXPECT_TRUE(http_get(status_port, "/").starts_with("HTTP/1.0 404 Not Found\r\n"));
+  EXPECT_TRUE(echoes(conn, "still echoing\n"));
+  ::close(conn);
+}
+
 // A peer that sends but never reads stalls its echo in write_all once the
 // buffers between them are full; after --idle seconds of that the server
 // drops it, as it drops a silent one, instead of keeping its fiber and
