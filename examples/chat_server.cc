@@ -12,11 +12,13 @@
 // and one room fiber owns the list of peers: it is the only fiber that
 // touches it, so it needs no lock. Every line a peer sends is broadcast to
 // all connected peers as "<name>: <line>"; a peer that stops reading is
-// dropped (see kSlowPeer), and the others are told it left.
+// dropped (see kSlowPeer), and the others are told it left; a peer that
+// floods the room is slowed down (see kFloodRate).
 //
 //   chat_server --port 7001 --workers 2 --idle 60   (127.0.0.1 only)
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <deque>
@@ -49,6 +51,38 @@ constexpr auto kSlowPeer = 2s;
 constexpr std::size_t kMaxBacklog = 65536;  // ~1 MiB of line pointers, while behind
 constexpr auto kCatchUp = 1ms;
 constexpr std::size_t kMaxBatch = 64 * 1024;  // bytes a writer gathers into one write
+
+// Flood control, as IRC servers have it: a peer may send kFloodBurst lines
+// at once and kFloodRate a second after that; past it, its reader waits,
+// so TCP slows the talker down. Without it one peer sending millions of
+// short lines a second made the room outrun every writer, and peers that
+// read all they were sent fell kMaxBacklog behind in milliseconds and were
+// dropped for it. The limits are far above what people type.
+constexpr double kFloodRate = 20000;  // lines a second, per peer
+constexpr double kFloodBurst = 32768;  // lines
+
+class flood_gate {
+ public:
+  // Waits (parking this fiber) until one more line may go to the room.
+  // False if the fiber was asked to stop meanwhile.
+  bool take() {
+    for (;;) {
+      const auto now = weft::clock::now();
+      tokens_ = std::min(kFloodBurst,
+                         tokens_ + std::chrono::duration<double>(now - last_).count() * kFloodRate);
+      last_ = now;
+      if (tokens_ >= 1) {
+        tokens_ -= 1;
+        return true;
+      }
+      if (!weft::this_fiber::sleep_for(1ms)) return false;  // ~20 lines' worth
+    }
+  }
+
+ private:
+  double tokens_ = kFloodBurst;
+  weft::clock::time_point last_ = weft::clock::now();
+};
 
 struct peer {
   std::string name;
@@ -170,12 +204,14 @@ void serve(weft::tcp_stream s, weft::channel<event>& events) {
   }
   std::string pending;
   char buf[1024];
+  flood_gate gate;
   while (auto n = c->read(buf)) {
     if (*n == 0) break;
     (void)alive->try_send(true);  // full means a sign of life is already queued
     pending.append(buf, *n);
     for (std::size_t nl; (nl = pending.find('\n')) != std::string::npos || pending.size() > kMaxLine;) {
       std::size_t end = nl == std::string::npos ? kMaxLine : nl;
+      if (!gate.take()) break;
       (void)events.send(said{me->name + ": " + pending.substr(0, end) + "\n"});
       pending.erase(0, end + (nl == std::string::npos ? 0 : 1));
     }

@@ -166,6 +166,51 @@ TEST(ChatServer, PeersThatKeepReadingAreNotDroppedDuringABurst) {
   for (int fd : s) ::close(fd);
 }
 
+// Flood control: a peer that sends far more lines than the server's
+// kFloodRate (20,000 a second after a burst of 32,768) is slowed down, not
+// dropped, and neither is a peer that reads all it is sent. Before, at
+// millions of lines a second the room outran every writer and both were
+// dropped in about a third of the runs; the 100,000 lines here came back in
+// well under a second when they were not. (The lower bound on the time is
+// the throttle's: a slow machine only makes it longer.)
+TEST(ChatServer, AFlooderIsSlowedDownAndNobodyIsDropped) {
+  server srv(free_port(), "60");
+  int s[2] = {srv.connect(), -1};
+  ASSERT_GE(s[0], 0);
+  ASSERT_TRUE(read_until(s[0], "joined\n"));
+  s[1] = srv.connect();
+  ASSERT_GE(s[1], 0);
+  ASSERT_TRUE(read_until(s[1], "joined\n"));
+  ASSERT_TRUE(read_until(s[0], "joined\n"));
+  for (int fd : s) {
+    timeval tv{30, 0};  // the throttled flood takes seconds to come back
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  }
+  constexpr int kLines = 100000;
+  const std::string last = ": f" + std::to_string(kLines - 1) + "\n";
+  bool got_all[2] = {false, false};
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<std::thread> readers;
+  for (int i = 0; i < 2; ++i)
+    readers.emplace_back([&, i] { got_all[i] = read_until(s[i], last); });
+  std::string flood;
+  for (int i = 0; i < kLines; ++i) flood += "f" + std::to_string(i) + "\n";
+  ssize_t sent = 0;
+  while (sent < ssize_t(flood.size())) {
+    ssize_t n = ::send(s[0], flood.data() + sent, flood.size() - std::size_t(sent), MSG_NOSIGNAL);
+    if (n <= 0) break;
+    sent += n;
+  }
+  EXPECT_EQ(sent, ssize_t(flood.size())) << "the server ended the flooder's connection";
+  for (auto& t : readers) t.join();
+  const auto took = std::chrono::steady_clock::now() - t0;
+  EXPECT_TRUE(got_all[0]) << "the flooder was dropped before its last line came back";
+  EXPECT_TRUE(got_all[1]) << "the peer that kept reading was dropped";
+  // (100,000 - 32,768) lines at 20,000 a second: 3.4 s at least.
+  EXPECT_GE(took, 3s) << "the flood was not slowed down";
+  for (int fd : s) ::close(fd);
+}
+
 // A peer that stops reading is dropped (its outbox and the kernel's
 // buffers full for the server's kSlowPeer, 2 s), the others are told it
 // left, and the room never waited for it meanwhile: the sender, reading
