@@ -29,10 +29,13 @@ struct flags {
   int status_port = -1;  // -1: no /statusz
 };
 
+// Decimal digits only (strtoul alone would take " 5", "+5" and "-1", the
+// last as a huge number), at most `max`.
 inline bool parse_uint(const char* s, unsigned long max, unsigned long& out) {
-  char* end = nullptr;
-  out = std::strtoul(s, &end, 10);
-  return s[0] != '\0' && *end == '\0' && out <= max;
+  if (s[0] == '\0' || std::strspn(s, "0123456789") != std::strlen(s) || std::strlen(s) > 9)
+    return false;
+  out = std::strtoul(s, nullptr, 10);
+  return out <= max;
 }
 
 // False (after printing the usage) on anything it does not understand.

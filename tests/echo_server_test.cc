@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -127,6 +128,57 @@ bool echoes(int s, const std::string& msg) {
     got.append(buf, std::size_t(n));
   }
   return got == msg;
+}
+
+// Runs the server with `args` to its exit (it must exit at once): its exit
+// status (-1: killed after 10 s) and what it wrote on stderr.
+std::pair<int, std::string> run_to_exit(std::vector<std::string> args) {
+  std::string bin = std::string(std::getenv("TEST_SRCDIR")) + "/weft/examples/echo_server";
+  args.insert(args.begin(), bin);
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  int p[2];
+  if (::pipe2(p, O_CLOEXEC) != 0) return {-1, "pipe"};
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::dup2(p[1], 2);
+    ::execv(argv[0], argv.data());
+    ::_exit(127);
+  }
+  ::close(p[1]);
+  std::string err;
+  char buf[512];
+  pollfd pfd{.fd = p[0], .events = POLLIN, .revents = 0};
+  while (::poll(&pfd, 1, 10'000) > 0) {
+    ssize_t n = ::read(p[0], buf, sizeof buf);
+    if (n <= 0) break;
+    err.append(buf, std::size_t(n));
+  }
+  ::close(p[0]);
+  int status = 0;
+  for (int i = 0; i < 1000 && ::waitpid(pid, &status, WNOHANG) == 0; ++i)
+    std::this_thread::sleep_for(10ms);
+  if (::waitpid(pid, &status, WNOHANG) == 0) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, &status, 0);
+    return {-1, err};
+  }
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, err};
+}
+
+// Anything but a plain decimal number in range is refused with the usage
+// line and exit status 2 (before, strtoul took " 5", "+5", and "-1" as a
+// huge number that then failed the range check only by luck).
+TEST(EchoServer, BadArgumentsAreRefusedWithTheUsage) {
+  for (std::vector<std::string> bad : std::vector<std::vector<std::string>>{
+           {"--port", " 5"}, {"--port", "+5"}, {"--port", "-1"}, {"--port", "70000"},
+           {"--port", "abc"}, {"--port", ""}, {"--port"}, {"--workers", "1x"},
+           {"--idle", "0"}, {"--status-port", "65536"}, {"--bogus"}}) {
+    auto [status, err] = run_to_exit(bad);
+    EXPECT_EQ(status, 2) << bad[0] << " " << (bad.size() > 1 ? bad[1] : "") << ": " << err;
+    EXPECT_NE(err.find("usage: "), std::string::npos) << err;
+  }
 }
 
 // --port 0 binds a free port, and the "listening on" line says which one.
