@@ -739,6 +739,51 @@ TEST_P(Fibers, FiberLocalsAreDestroyedBeforeJoinReturns) {
   EXPECT_EQ(g_fls_parking_destroyed.load(), 3);
 }
 
+// A fiber's values are destroyed in the reverse order of their
+// construction, as a thread's thread_locals are: a value whose constructor
+// took a reference to another fiber_local's value may still use it in its
+// destructor. They were destroyed in key order, so with the natural
+// declaration order (the fiber_local others build on declared first, with
+// the lower key) the value depended on went first, and the dependent's
+// destructor used freed memory. Both declaration orders are tried.
+std::atomic<int> g_fls_clock{0};
+template <int N>
+struct fls_dep {
+  static inline std::atomic<int> destroyed_at{0};
+  ~fls_dep() { destroyed_at = ++g_fls_clock; }
+};
+template <int N>
+struct fls_user {
+  static inline fiber_local<fls_dep<N>>* dep = nullptr;
+  static inline std::atomic<int> destroyed_at{0};
+  fls_dep<N>& d;  // kept, as a logger or a connection pool would be
+  fls_user() : d(dep->get()) {}
+  // A real one would use d here (a last flush); the test only records when.
+  ~fls_user() { destroyed_at = ++g_fls_clock; }
+};
+
+TEST_P(Fibers, FiberLocalsAreDestroyedInTheReverseOrderOfTheirConstruction) {
+  g_fls_clock = 0;
+  fls_dep<0>::destroyed_at = fls_user<0>::destroyed_at = 0;
+  fls_dep<1>::destroyed_at = fls_user<1>::destroyed_at = 0;
+  Run([] {
+    fiber_local<fls_dep<0>> dep0;  // declared before its user
+    fiber_local<fls_user<0>> user0;
+    fiber_local<fls_user<1>> user1;  // declared after its user
+    fiber_local<fls_dep<1>> dep1;
+    fls_user<0>::dep = &dep0;
+    fls_user<1>::dep = &dep1;
+    spawn([&] {
+      (void)user0.get();
+      (void)user1.get();
+    }).join();
+  });
+  EXPECT_NE(fls_dep<0>::destroyed_at.load(), 0);
+  EXPECT_LT(fls_user<0>::destroyed_at.load(), fls_dep<0>::destroyed_at.load());
+  EXPECT_NE(fls_dep<1>::destroyed_at.load(), 0);
+  EXPECT_LT(fls_user<1>::destroyed_at.load(), fls_dep<1>::destroyed_at.load());
+}
+
 TEST_P(Fibers, FibersStillAliveWhenMainReturnsAreUnwound) {
   static std::atomic<int> constructed, destroyed;
   constructed = 0;

@@ -150,10 +150,9 @@ void destroy_fiber_locals() noexcept {
 std::uint64_t fls_key() { return sched::fls_new_key(); }
 void fls_drop_key(std::uint64_t key) noexcept { sched::fls_free_key(key); }
 
-void*& fls_value(std::uint64_t key, void (*destroy)(void*)) {
-  sched::fls_slot& s = sched::fls_get(key);
-  if (!s.destroy) s.destroy = destroy;
-  return s.value;
+void* fls_value(std::uint64_t key) { return sched::fls_get(key).value; }
+void fls_store(std::uint64_t key, void* value, void (*destroy)(void*)) {
+  sched::fls_put(key, value, destroy);
 }
 
 }  // namespace detail

@@ -428,15 +428,19 @@ bool stop_requested();
 namespace detail {
 std::uint64_t fls_key();
 void fls_drop_key(std::uint64_t key) noexcept;
-// The calling fiber's slot for key. The reference is good only until the
-// fiber's next fls_value() with a key it has not used yet (the table grows).
-void*& fls_value(std::uint64_t key, void (*destroy)(void*));
+// The calling fiber's value for key; null if it has none yet.
+void* fls_value(std::uint64_t key);
+// Stores the calling fiber's value for key (it has none), once constructed:
+// the fiber's values are destroyed in the reverse order of these calls.
+void fls_store(std::uint64_t key, void* value, void (*destroy)(void*));
 }  // namespace detail
 
 // A value per fiber: each fiber sees its own T, created on first get(),
 // destroyed when the fiber exits (for a spawned fiber, before its join()
 // returns, as a thread's thread_locals are before std::thread::join
-// returns). It follows the fiber across workers.
+// returns), in the reverse order of their construction, as thread_locals
+// are: a value whose constructor used another fiber_local's value may still
+// use it in its destructor. It follows the fiber across workers.
 // When the fiber_local itself goes away, each fiber's value for it is
 // destroyed at that fiber's exit, or earlier, when the fiber first uses a
 // fiber_local made later that took over its key (see sched/fls.h).
@@ -448,12 +452,12 @@ class fiber_local {
   fiber_local(const fiber_local&) = delete;
   fiber_local& operator=(const fiber_local&) = delete;
   T& get() {
-    if (void* v = detail::fls_value(key_, &destroy)) return *static_cast<T*>(v);
-    // T() may use a newer fiber_local, whose first use grows this fiber's
-    // table and moves its slots: construct first, then store through a
-    // fresh lookup (never a reference held across the constructor).
+    if (void* v = detail::fls_value(key_)) return *static_cast<T*>(v);
+    // Stored once constructed, not before: the values T() makes (of other
+    // fiber_locals) are then older, so destroyed after it. (T() may also
+    // grow this fiber's table; fls_store() looks the slot up afresh.)
     T* p = new T();
-    detail::fls_value(key_, &destroy) = p;
+    detail::fls_store(key_, p, &destroy);
     return *p;
   }
   T* operator->() { return &get(); }

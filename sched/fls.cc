@@ -11,7 +11,11 @@
 
 namespace weft::sched {
 namespace {
-using table = std::vector<fls_slot>;
+// A fiber's storage (fiber::fls_), owner only.
+struct table {
+  std::vector<fls_slot> slots;
+  std::uint64_t stored = 0;  // values stored so far: the last one's order
+};
 
 // The key allocator. Keys are made and dropped where fiber_locals are
 // (static initialization, or objects that hold one): rare, so a mutex.
@@ -60,7 +64,7 @@ fls_slot& fls_get(std::uint64_t key) {
   fiber* f = current_fiber();
   WEFT_CHECK(f, "fiber_local: used outside a fiber");
   if (!f->fls_) f->fls_ = new table;
-  auto& t = *static_cast<table*>(f->fls_);
+  auto& t = static_cast<table*>(f->fls_)->slots;
   const std::uint32_t i = key_index(key), gen = key_gen(key);
   if (t.size() <= i) t.resize(i + 1);
   for (;;) {
@@ -78,23 +82,33 @@ fls_slot& fls_get(std::uint64_t key) {
   }
 }
 
+void fls_put(std::uint64_t key, void* value, void (*destroy)(void*)) {
+  fls_slot& s = fls_get(key);  // may run destructors of stale values: look up first
+  WEFT_DCHECK(!s.value, "fls_put: the slot already holds a value");
+  auto* t = static_cast<table*>(current_fiber()->fls_);
+  s.value = value;
+  s.destroy = destroy;
+  s.order = ++t->stored;
+}
+
 void fls_destroy_all(fiber* f) noexcept {
   auto* t = static_cast<table*>(f->fls_);
   if (!t) return;
-  // A destructor may itself use fiber-local storage: loop until empty. By
-  // index, re-reading the size, never holding a reference across a
-  // destructor: one that uses a newer fiber_local grows (reallocates) *t.
-  while (true) {
-    bool any = false;
-    for (std::size_t i = 0; i < t->size(); ++i) {
-      fls_slot& s = (*t)[i];
-      if (!s.value) continue;
-      any = true;
-      void* v = std::exchange(s.value, nullptr);
-      void (*destroy)(void*) = s.destroy;
-      destroy(v);  // may resize *t: s is dead from here
-    }
-    if (!any) break;
+  // The newest value first (*Order*), one at a time: a destructor may use
+  // fiber-local storage, storing new values (newer still: destroyed next)
+  // or growing t->slots (reallocating it). So the search runs again after
+  // every destructor, by index, never holding a reference across one. The
+  // cost is a scan of the table per value, for the few values a fiber has.
+  for (;;) {
+    std::vector<fls_slot>& slots = t->slots;
+    std::size_t newest = slots.size();
+    for (std::size_t i = 0; i < slots.size(); ++i)
+      if (slots[i].value && (newest == slots.size() || slots[i].order > slots[newest].order))
+        newest = i;
+    if (newest == slots.size()) break;
+    fls_slot& s = slots[newest];
+    void* v = std::exchange(s.value, nullptr);
+    std::exchange(s.destroy, nullptr)(v);  // may resize slots: s is dead from here
   }
   delete t;
   f->fls_ = nullptr;

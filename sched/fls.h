@@ -7,6 +7,16 @@
 // (value, destructor) slots allocated on first use and destroyed, with
 // every value, when it exits.
 //
+// Order. A fiber's values are destroyed in the reverse order of their
+// construction, as a thread's thread_locals are ([basic.start.term]): a
+// value whose constructor used another fiber_local's value (and may keep
+// a reference to it) is destroyed while that value still exists. The
+// table order (key indices) says nothing about this: the fiber_local made
+// first, whose index is lower, is typically the one the others build on.
+// So each stored value gets the fiber's next sequence number (fls_put(),
+// called once the value is fully constructed), and fls_destroy_all()
+// destroys the highest first.
+//
 // Keys. A key is a table index and a generation. A fiber_local that goes
 // away gives its index back and the next one to be made reuses it with a
 // new generation, so a fiber's table is as long as the most fiber_locals
@@ -17,7 +27,8 @@
 // first; it is never seen through the new key.
 //
 // Who calls what: fls_new_key(), fls_free_key() any thread; fls_get() and
-// fls_destroy_all() only from (or, at exit, for) the fiber whose storage it is.
+// fls_put() and fls_destroy_all() only from (or, at exit, for) the fiber whose
+// storage it is.
 #pragma once
 
 #include <cstddef>
@@ -35,10 +46,14 @@ struct fls_slot {
   void* value = nullptr;
   void (*destroy)(void*) = nullptr;
   std::uint32_t gen = 0;  // the generation of the key that value belongs to
+  std::uint64_t order = 0;  // the value's sequence number (see *Order*)
 };
 // The reference is good until the fiber's next fls_get() of a key beyond
 // the table's end (which grows it).
 fls_slot& fls_get(std::uint64_t key);
+// Stores a fully constructed value, and how to destroy it, into the
+// calling fiber's slot of `key`, which holds none; numbers it (*Order*).
+void fls_put(std::uint64_t key, void* value, void (*destroy)(void*));
 void fls_destroy_all(fiber* f) noexcept;
 
 }  // namespace weft::sched
