@@ -17,6 +17,7 @@
 //     queued, which the detector also sees.
 #include "io/blocking.h"
 
+#include <pthread.h>
 #include <sched.h>
 #include <unistd.h>
 
@@ -78,6 +79,12 @@ class pool {
 
  private:
   void loop() {
+    // Started by a worker, this thread inherited that worker's one CPU:
+    // calls from fibers all over the machine would queue behind each other
+    // there, and beside the worker. It runs where the program's own
+    // threads may (sched::unpinned_cpus()); advice, so a refusal is ignored.
+    if (cpu_set_t cpus; sched::unpinned_cpus(&cpus))
+      (void)pthread_setaffinity_np(pthread_self(), sizeof cpus, &cpus);
     std::unique_lock lk(mu_);
     for (;;) {
       ++idle_;

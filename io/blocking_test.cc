@@ -1,6 +1,8 @@
 // io/blocking_test.cc — weft::blocking: results and exceptions come back to
 // the fiber, calls run in parallel on the pool, the worker keeps
 // running other fibers meanwhile. Over worker counts {1, 2, 4}.
+#include <sched.h>
+
 #include <atomic>
 #include <stdexcept>
 #include <thread>
@@ -70,6 +72,60 @@ TEST_P(Blocking, CallsRunInParallel) {
     for (auto& h : hs) h.join();
   });
   EXPECT_EQ(saw_all.load(), kCalls);
+}
+
+int cpus_of_this_thread() {
+  cpu_set_t s;
+  CPU_ZERO(&s);
+  if (sched_getaffinity(0, sizeof s, &s) != 0) return -1;
+  return CPU_COUNT(&s);
+}
+
+// A pool thread is started by a worker, pinned to one CPU, and inherited
+// that: every blocking() call of a program whose fibers ran on worker 0
+// queued on CPU 0, beside the worker, while the other CPUs idled. Pool
+// threads run on every CPU the runtime started with.
+TEST_P(Blocking, PoolThreadsRunOnEveryCpuTheRuntimeStartedWith) {
+  const int all = cpus_of_this_thread();
+  int worker = 0;
+  std::vector<int> pool;
+  Run([&] {
+    worker = cpus_of_this_thread();
+    // Several at once, so the pool starts threads from this worker now.
+    std::vector<join_handle<int>> hs;
+    for (int i = 0; i < 4; ++i)
+      hs.push_back(spawn([] {
+        return blocking([] {
+          std::this_thread::sleep_for(20ms);
+          return cpus_of_this_thread();
+        });
+      }, {.worker = 0}));
+    for (auto& h : hs) pool.push_back(h.join());
+  });
+  // Workers are pinned to one CPU each where there are enough CPUs (with
+  // more workers than CPUs they are not pinned).
+  if (workers() <= all) EXPECT_EQ(worker, 1);
+  for (int n : pool) EXPECT_EQ(n, all) << "a pool thread kept its worker's CPU";
+}
+
+// A std::thread started from a fiber inherits its worker's CPU too;
+// unpin_this_thread() lets it run on all of them.
+TEST_P(Blocking, AThreadStartedFromAFiberCanUnpinItself) {
+  const int all = cpus_of_this_thread();
+  int worker = 0, before = 0, after = 0;
+  bool ok = false;
+  Run([&] {
+    worker = cpus_of_this_thread();
+    std::thread t([&] {
+      before = cpus_of_this_thread();
+      ok = unpin_this_thread().has_value();
+      after = cpus_of_this_thread();
+    });
+    t.join();
+  });
+  EXPECT_EQ(before, worker) << "a thread inherits its creator's affinity";
+  EXPECT_TRUE(ok);
+  EXPECT_EQ(after, all);
 }
 
 TEST_P(Blocking, TheWorkerRunsOtherFibersWhileACallBlocks) {

@@ -1,5 +1,7 @@
 // runtime/runtime.cc — weft::run, spawn, this_fiber and stats: the public
 // API over sched/ (and, through the driver factory, io/).
+#include <pthread.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -222,5 +224,14 @@ runtime_stats stats() {
 void dump() { the_scheduler().dump(2); }
 
 unsigned worker_count() { return the_scheduler().worker_count(); }
+
+result<void> unpin_this_thread() {
+  cpu_set_t cpus;
+  if (!sched::unpinned_cpus(&cpus))
+    return std::unexpected(std::make_error_code(std::errc::operation_not_permitted));
+  if (int rc = pthread_setaffinity_np(pthread_self(), sizeof cpus, &cpus); rc != 0)
+    return std::unexpected(std::error_code(rc, std::system_category()));
+  return {};
+}
 
 }  // namespace weft

@@ -105,6 +105,14 @@ struct spawn_options {
 // The number of workers of the running runtime.
 unsigned worker_count();
 
+// Workers are pinned, one CPU each, and a thread inherits the affinity of
+// the thread that creates it: a std::thread started from a fiber would run
+// only on that fiber's worker's CPU. Called on such a thread, this lets it
+// run on every CPU the runtime was started with (the blocking pool's
+// threads do it themselves). The error of pthread_setaffinity_np, or
+// operation_not_permitted before any runtime started.
+result<void> unpin_this_thread();
+
 // Stack size classes below one page (1 KiB, 2 KiB) have no guard page; an
 // overflow is caught by a canary at the next switch. kSmallStack is the
 // "small-stack option" of the README: enough for fibers that park with a

@@ -56,7 +56,19 @@ void describe_stack(const alloc::stack& s, char* buf, std::size_t len) {
   __builtin_unreachable();
 }
 
+// See unpinned_cpus(). Written by start(), read by any thread: rare on
+// both sides, so a mutex.
+std::mutex g_unpinned_mu;
+cpu_set_t g_unpinned;        // guarded by g_unpinned_mu
+bool g_has_unpinned = false;  // guarded by g_unpinned_mu
+
 }  // namespace
+
+bool unpinned_cpus(cpu_set_t* out) noexcept {
+  std::lock_guard g(g_unpinned_mu);
+  if (g_has_unpinned) *out = g_unpinned;
+  return g_has_unpinned;
+}
 
 scheduler* scheduler::instance() noexcept {
   return g_instance.load(std::memory_order_acquire);
@@ -147,6 +159,15 @@ scheduler::~scheduler() {
 
 void scheduler::start() {
   const alloc::topology* pin = opts_.pin ? &opts_.topology : nullptr;
+  {
+    cpu_set_t mine;
+    CPU_ZERO(&mine);
+    if (sched_getaffinity(0, sizeof mine, &mine) == 0) {
+      std::lock_guard g(g_unpinned_mu);
+      g_unpinned = mine;
+      g_has_unpinned = true;
+    }
+  }
   std::latch ready(worker_count());
   for (auto& w : workers_)
     w->thread() = std::thread([this, pin, wp = w.get(), &ready] {

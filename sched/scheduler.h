@@ -20,6 +20,8 @@
 //   unwind_all(), run()         the runtime (runtime/)
 #pragma once
 
+#include <sched.h>
+
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -80,6 +82,14 @@ alloc::stack_pool_options stack_pool_options_for(const scheduler_options& o);
 // The kernel's NUMA node of each worker's PU, by worker index, on machines
 // with more than one node; empty otherwise (nothing to prefer).
 std::vector<int> worker_node_os(const scheduler_options& o);
+
+// The CPUs of the thread that last started a runtime, taken before any
+// worker was pinned (the process's, unless the program restricted that
+// thread). A thread started from a pinned worker inherits that worker's
+// one CPU; threads the runtime starts for other work (the blocking pool)
+// set this set instead, and so may weft::unpin_this_thread(). False if no
+// runtime has started yet. Any thread.
+bool unpinned_cpus(cpu_set_t* out) noexcept;
 
 class scheduler {
  public:
