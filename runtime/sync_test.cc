@@ -194,6 +194,9 @@ TEST_P(Sync, TheLastDoneLeavesAWaitGroupItsWaiterFreesAtOnce) {
     std::atomic<wait_group*> slot{nullptr};
     std::atomic<bool> stop{false};
     std::thread t([&, ref = outside_ref()] {
+      // Off the worker's CPU (it inherited it): a race between CPUs, and
+      // no waiting for time slices (under TSan, minutes).
+      EXPECT_TRUE(unpin_this_thread());
       while (!stop.load(std::memory_order_relaxed))
         if (wait_group* wg = slot.exchange(nullptr)) wg->done();
     });
