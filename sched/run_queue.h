@@ -162,6 +162,17 @@ class run_queue {
     return x;
   }
 
+  // Owner only. The element pop() would return next, or nullptr. Racy
+  // against thieves, which may take it meanwhile: a hint (for a prefetch),
+  // never to be dereferenced.
+  T* peek_hint() const {
+    // relaxed: advisory, as size_approx(); a stale slot is harmless to a
+    // prefetch, which never faults.
+    const std::uint32_t h = head_.load(std::memory_order_relaxed);
+    if (tail_.load(std::memory_order_relaxed) == h) return nullptr;  // relaxed: as above
+    return slots_[h & kMask].load(std::memory_order_relaxed);         // relaxed: as above
+  }
+
   // Called by the owner of *this (the thief), victim being another worker's
   // queue. Moves ceil(n/2) of victim's n elements: returns the oldest of them
   // to run right away and appends the rest to *this. Returns nullptr if
