@@ -522,15 +522,7 @@ TEST_P(Sockets, AFiberParkedInAcceptIsNotADeadlock) {
   });
 }
 
-// A process that must exit when the deadlock report does, whatever went
-// wrong: a hang would make the test time out without saying why.
-void exit_42_after(std::chrono::seconds s) {
-  std::thread([s] {
-    std::this_thread::sleep_for(s);
-    std::fprintf(stderr, "no deadlock report after %lld s\n", static_cast<long long>(s.count()));
-    std::_Exit(42);
-  }).detach();
-}
+using testing::exit_42_after;
 
 // The other side: a listener that accepted and that nobody accepts on any
 // more wakes no one, even while io_uring's multishot accept is still

@@ -16,10 +16,12 @@
 
 namespace weft::testing {
 
-// How many descriptors this process has open (/proc/self/fd).
+// How many descriptors this process has open (/proc/self/fd); -1 if it
+// cannot tell (no /proc, or no descriptor left to open the directory).
 inline int open_fds() {
   int n = 0;
   DIR* d = ::opendir("/proc/self/fd");
+  if (!d) return -1;
   while (dirent* e = ::readdir(d)) n += e->d_name[0] != '.';
   ::closedir(d);
   return n - 1;  // the directory's own descriptor

@@ -29,14 +29,7 @@ namespace {
 
 using namespace std::chrono_literals;
 
-// A hang would make a deadlock test time out without saying why.
-void exit_42_after(std::chrono::seconds s) {
-  std::thread([s] {
-    std::this_thread::sleep_for(s);
-    std::fprintf(stderr, "no deadlock report after %lld s\n", static_cast<long long>(s.count()));
-    std::_Exit(42);
-  }).detach();
-}
+using testing::exit_42_after;
 
 // A sleep ended early by a stop request leaves its timer node in the heap
 // (cancelled, dropped lazily): it must not count as a pending timer.

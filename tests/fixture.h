@@ -8,6 +8,12 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <thread>
+
 #include "runtime/weft.h"
 
 namespace weft::testing {
@@ -32,6 +38,17 @@ class Runtime : public ::testing::TestWithParam<unsigned> {
     return weft::run(std::forward<F>(fn), o);
   }
 };
+
+// For death tests of the deadlock report: a process that must end when
+// the report does, whatever went wrong. A hang would make the test time
+// out without saying why; this exits 42 after `s`, saying so.
+inline void exit_42_after(std::chrono::seconds s) {
+  std::thread([s] {
+    std::this_thread::sleep_for(s);
+    std::fprintf(stderr, "no deadlock report after %lld s\n", static_cast<long long>(s.count()));
+    std::_Exit(42);
+  }).detach();
+}
 
 inline std::string WorkerCountName(const ::testing::TestParamInfo<unsigned>& i) {
   return std::to_string(i.param) + "_workers";

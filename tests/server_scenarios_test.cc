@@ -37,6 +37,7 @@
 #include "runtime/select.h"
 #include "runtime/sync.h"
 #include "runtime/weft.h"
+#include "io/socket_test_util.h"
 #include "tests/fixture.h"
 
 namespace weft {
@@ -44,20 +45,10 @@ namespace {
 
 using namespace std::chrono_literals;
 using testing::Runtime;
+using testing::open_fds;
 
 class ServerScenarios : public Runtime {};
 WEFT_RUNTIME_TEST_SUITE(ServerScenarios);
-
-// Open descriptors of the process.
-int open_fds() {
-  int n = 0;
-  DIR* d = ::opendir("/proc/self/fd");
-  if (!d) return -1;
-  while (dirent* e = ::readdir(d))
-    if (e->d_name[0] != '.') ++n;
-  ::closedir(d);
-  return n - 1;  // the directory's own descriptor
-}
 
 // Waits (bounded) until the live fiber count is back to `want`.
 std::uint64_t settle_live_fibers(std::uint64_t want) {

@@ -32,6 +32,7 @@
 #include "runtime/net.h"
 #include "runtime/sync.h"
 #include "runtime/weft.h"
+#include "io/socket_test_util.h"
 #include "tests/fixture.h"
 
 namespace weft {
@@ -39,20 +40,10 @@ namespace {
 
 using namespace std::chrono_literals;
 using testing::Runtime;
+using testing::open_fds;
 
 class UserIo : public Runtime {};
 WEFT_RUNTIME_TEST_SUITE(UserIo);
-
-// Open descriptors of the process.
-int open_fds() {
-  int n = 0;
-  DIR* d = ::opendir("/proc/self/fd");
-  if (!d) return -1;
-  while (dirent* e = ::readdir(d))
-    if (e->d_name[0] != '.') ++n;
-  ::closedir(d);
-  return n - 1;  // the directory's own descriptor
-}
 
 // A fresh path under $TEST_TMPDIR (or /tmp), unique per test and worker count.
 std::string temp_path(const std::string& leaf) {
