@@ -27,31 +27,39 @@ namespace {
 
 using namespace std::chrono_literals;
 
+// Starts examples/echo_server with `args`, its stderr on a pipe whose read
+// end goes to *err; fd_limit: the child's RLIMIT_NOFILE (0: inherited).
+// The child's pid, or -1.
+pid_t start_echo_server(std::vector<std::string> args, int* err, rlim_t fd_limit = 0) {
+  std::string bin = std::string(std::getenv("TEST_SRCDIR")) + "/weft/examples/echo_server";
+  args.insert(args.begin(), bin);
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  int p[2];
+  if (::pipe2(p, O_CLOEXEC) != 0) return -1;
+  pid_t pid = ::fork();
+  if (pid == 0) {  // only async-signal-safe calls until exec
+    if (fd_limit) {
+      rlimit r{fd_limit, fd_limit};
+      ::setrlimit(RLIMIT_NOFILE, &r);
+    }
+    ::dup2(p[1], 2);
+    ::execv(argv[0], argv.data());
+    ::_exit(127);
+  }
+  ::close(p[1]);
+  *err = p[0];
+  return pid;
+}
+
 // The server as a child process whose stderr the test reads; killed at the
 // end of the test.
 class server {
  public:
   // fd_limit: the child's RLIMIT_NOFILE (0: inherited).
   explicit server(std::vector<std::string> args, rlim_t fd_limit = 0) {
-    std::string bin = std::string(std::getenv("TEST_SRCDIR")) + "/weft/examples/echo_server";
-    args.insert(args.begin(), bin);
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    int p[2];
-    if (::pipe2(p, O_CLOEXEC) != 0) return;
-    pid_ = ::fork();
-    if (pid_ == 0) {  // only async-signal-safe calls until exec
-      if (fd_limit) {
-        rlimit r{fd_limit, fd_limit};
-        ::setrlimit(RLIMIT_NOFILE, &r);
-      }
-      ::dup2(p[1], 2);
-      ::execv(argv[0], argv.data());
-      ::_exit(127);
-    }
-    ::close(p[1]);
-    err_ = p[0];
+    pid_ = start_echo_server(std::move(args), &err_, fd_limit);
   }
   ~server() {
     if (pid_ > 0) {
@@ -133,29 +141,18 @@ bool echoes(int s, const std::string& msg) {
 // Runs the server with `args` to its exit (it must exit at once): its exit
 // status (-1: killed after 10 s) and what it wrote on stderr.
 std::pair<int, std::string> run_to_exit(std::vector<std::string> args) {
-  std::string bin = std::string(std::getenv("TEST_SRCDIR")) + "/weft/examples/echo_server";
-  args.insert(args.begin(), bin);
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  int p[2];
-  if (::pipe2(p, O_CLOEXEC) != 0) return {-1, "pipe"};
-  pid_t pid = ::fork();
-  if (pid == 0) {
-    ::dup2(p[1], 2);
-    ::execv(argv[0], argv.data());
-    ::_exit(127);
-  }
-  ::close(p[1]);
+  int err_fd = -1;
+  pid_t pid = start_echo_server(std::move(args), &err_fd);
+  if (pid < 0) return {-1, "could not start the server"};
   std::string err;
   char buf[512];
-  pollfd pfd{.fd = p[0], .events = POLLIN, .revents = 0};
+  pollfd pfd{.fd = err_fd, .events = POLLIN, .revents = 0};
   while (::poll(&pfd, 1, 10'000) > 0) {
-    ssize_t n = ::read(p[0], buf, sizeof buf);
+    ssize_t n = ::read(err_fd, buf, sizeof buf);
     if (n <= 0) break;
     err.append(buf, std::size_t(n));
   }
-  ::close(p[0]);
+  ::close(err_fd);
   int status = 0;
   for (int i = 0; i < 1000 && ::waitpid(pid, &status, WNOHANG) == 0; ++i)
     std::this_thread::sleep_for(10ms);
