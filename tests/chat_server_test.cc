@@ -128,6 +128,46 @@ TEST(ChatServer, EveryConnectedPeerSeesEveryLine) {
   for (int i = 0; i < 2; ++i) ::close(peers[i]);
 }
 
+// What send_while_both_read() saw.
+struct burst_seen {
+  bool sent_all = false;
+  bool got_all[2] = {false, false};  // each peer got the sender's last line back
+  std::chrono::steady_clock::duration took{};  // from the first send to the last line
+};
+
+// Two peers join; peer 0 sends `lines` lines "<word><i>\n" as fast as the
+// server takes them while both read everything they are sent, each read
+// waiting up to `patience`.
+void send_while_both_read(const server& srv, const std::string& word, int lines,
+                          timeval patience, burst_seen& seen) {
+  int s[2] = {srv.connect(), -1};
+  ASSERT_GE(s[0], 0);
+  ASSERT_TRUE(read_until(s[0], "joined\n"));
+  s[1] = srv.connect();
+  ASSERT_GE(s[1], 0);
+  ASSERT_TRUE(read_until(s[1], "joined\n"));
+  ASSERT_TRUE(read_until(s[0], "joined\n"));  // the second peer's, seen by the first
+  for (int fd : s) ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &patience, sizeof patience);
+  const std::string last = ": " + word + std::to_string(lines - 1) + "\n";
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<std::thread> readers;
+  for (int i = 0; i < 2; ++i)
+    readers.emplace_back([&, i] { seen.got_all[i] = read_until(s[i], last); });
+  std::string burst;
+  for (int i = 0; i < lines; ++i) burst += word + std::to_string(i) + "\n";
+  // Sent whole; the readers drain meanwhile, so this never waits on us.
+  std::size_t sent = 0;
+  while (sent < burst.size()) {
+    ssize_t n = ::send(s[0], burst.data() + sent, burst.size() - sent, MSG_NOSIGNAL);
+    if (n <= 0) break;
+    sent += std::size_t(n);
+  }
+  seen.sent_all = sent == burst.size();
+  for (auto& t : readers) t.join();
+  seen.took = std::chrono::steady_clock::now() - t0;
+  for (int fd : s) ::close(fd);
+}
+
 // A peer is dropped for being slow only if it stops taking what it is
 // sent, never because the room got ahead of its writer fiber for a moment:
 // one peer sends a burst of short lines as fast as it can, and it and a
@@ -137,33 +177,11 @@ TEST(ChatServer, EveryConnectedPeerSeesEveryLine) {
 // than a writer fiber wrote them one send at a time.)
 TEST(ChatServer, PeersThatKeepReadingAreNotDroppedDuringABurst) {
   server srv(free_port(), "60");
-  int s[2] = {srv.connect(), -1};
-  ASSERT_GE(s[0], 0);
-  ASSERT_TRUE(read_until(s[0], "joined\n"));
-  s[1] = srv.connect();
-  ASSERT_GE(s[1], 0);
-  ASSERT_TRUE(read_until(s[1], "joined\n"));
-  ASSERT_TRUE(read_until(s[0], "joined\n"));  // the second peer's, seen by the first
-  constexpr int kLines = 20000;
-  const std::string last = ": burst " + std::to_string(kLines - 1) + "\n";
-  bool got_all[2] = {false, false};
-  std::vector<std::thread> readers;
-  for (int i = 0; i < 2; ++i)
-    readers.emplace_back([&, i] { got_all[i] = read_until(s[i], last); });
-  std::string burst;
-  for (int i = 0; i < kLines; ++i) burst += "burst " + std::to_string(i) + "\n";
-  // Sent whole; the readers drain meanwhile, so this never waits on us.
-  ssize_t sent = 0;
-  while (sent < ssize_t(burst.size())) {
-    ssize_t n = ::send(s[0], burst.data() + sent, burst.size() - std::size_t(sent), MSG_NOSIGNAL);
-    if (n <= 0) break;
-    sent += n;
-  }
-  EXPECT_EQ(sent, ssize_t(burst.size())) << "the server ended the sender's connection";
-  for (auto& t : readers) t.join();
-  EXPECT_TRUE(got_all[0]) << "the sender was dropped before its last line came back";
-  EXPECT_TRUE(got_all[1]) << "the other peer was dropped before the last line";
-  for (int fd : s) ::close(fd);
+  burst_seen seen;
+  send_while_both_read(srv, "burst ", 20000, timeval{5, 0}, seen);
+  EXPECT_TRUE(seen.sent_all) << "the server ended the sender's connection";
+  EXPECT_TRUE(seen.got_all[0]) << "the sender was dropped before its last line came back";
+  EXPECT_TRUE(seen.got_all[1]) << "the other peer was dropped before the last line";
 }
 
 // Flood control: a peer that sends far more lines than the server's
@@ -175,40 +193,14 @@ TEST(ChatServer, PeersThatKeepReadingAreNotDroppedDuringABurst) {
 // the throttle's: a slow machine only makes it longer.)
 TEST(ChatServer, AFlooderIsSlowedDownAndNobodyIsDropped) {
   server srv(free_port(), "60");
-  int s[2] = {srv.connect(), -1};
-  ASSERT_GE(s[0], 0);
-  ASSERT_TRUE(read_until(s[0], "joined\n"));
-  s[1] = srv.connect();
-  ASSERT_GE(s[1], 0);
-  ASSERT_TRUE(read_until(s[1], "joined\n"));
-  ASSERT_TRUE(read_until(s[0], "joined\n"));
-  for (int fd : s) {
-    timeval tv{30, 0};  // the throttled flood takes seconds to come back
-    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  }
-  constexpr int kLines = 100000;
-  const std::string last = ": f" + std::to_string(kLines - 1) + "\n";
-  bool got_all[2] = {false, false};
-  const auto t0 = std::chrono::steady_clock::now();
-  std::vector<std::thread> readers;
-  for (int i = 0; i < 2; ++i)
-    readers.emplace_back([&, i] { got_all[i] = read_until(s[i], last); });
-  std::string flood;
-  for (int i = 0; i < kLines; ++i) flood += "f" + std::to_string(i) + "\n";
-  ssize_t sent = 0;
-  while (sent < ssize_t(flood.size())) {
-    ssize_t n = ::send(s[0], flood.data() + sent, flood.size() - std::size_t(sent), MSG_NOSIGNAL);
-    if (n <= 0) break;
-    sent += n;
-  }
-  EXPECT_EQ(sent, ssize_t(flood.size())) << "the server ended the flooder's connection";
-  for (auto& t : readers) t.join();
-  const auto took = std::chrono::steady_clock::now() - t0;
-  EXPECT_TRUE(got_all[0]) << "the flooder was dropped before its last line came back";
-  EXPECT_TRUE(got_all[1]) << "the peer that kept reading was dropped";
+  burst_seen seen;
+  // The throttled flood takes seconds to come back: reads wait up to 30 s.
+  send_while_both_read(srv, "f", 100000, timeval{30, 0}, seen);
+  EXPECT_TRUE(seen.sent_all) << "the server ended the flooder's connection";
+  EXPECT_TRUE(seen.got_all[0]) << "the flooder was dropped before its last line came back";
+  EXPECT_TRUE(seen.got_all[1]) << "the peer that kept reading was dropped";
   // (100,000 - 32,768) lines at 20,000 a second: 3.4 s at least.
-  EXPECT_GE(took, 3s) << "the flood was not slowed down";
-  for (int fd : s) ::close(fd);
+  EXPECT_GE(seen.took, 3s) << "the flood was not slowed down";
 }
 
 // A peer that stops reading is dropped (its outbox and the kernel's
