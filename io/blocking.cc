@@ -100,6 +100,12 @@ class pool {
       --queued_;
       lk.unlock();
       j->run(j);
+      // A job that took a weft lock made this thread a possible waker
+      // (sched::note_plain_thread()); idle in the pool it wakes no one, and
+      // holding on would keep the deadlock detector quiet until the thread
+      // exits (kIdleExit). The fiber in blocking() holds its own reference
+      // until the wake below.
+      sched::forget_plain_thread();
       j->done.complete(0);  // wakes the fiber: sched::ready() touches the scheduler
       // SAFETY: the fiber (and with it the runtime) cannot finish before
       // this store, so the wake above never touches a destroyed scheduler;

@@ -8,7 +8,9 @@
 #include <thread>
 #include <vector>
 
+#include "runtime/channel.h"
 #include "runtime/net.h"
+#include "runtime/sync.h"
 #include "runtime/weft.h"
 #include "tests/fixture.h"
 
@@ -126,6 +128,29 @@ TEST_P(Blocking, AThreadStartedFromAFiberCanUnpinItself) {
   EXPECT_EQ(before, worker) << "a thread inherits its creator's affinity";
   EXPECT_TRUE(ok);
   EXPECT_EQ(after, all);
+}
+
+// A blocking() call that takes a weft lock makes its pool thread a
+// possible waker while it runs (a plain thread holding a lock fibers may
+// park on), and only then: idle in the pool it wakes no one. It used to
+// stay one until the thread exited after 10 s idle, and a deadlock after
+// such a call was reported only then.
+TEST(BlockingDeath, ALockTakenInABlockingCallDoesNotHideALaterDeadlock) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        testing::exit_42_after(5s);  // the pool's idle exit is 10 s
+        weft::run([] {
+          mutex m;
+          blocking([&] {
+            m.lock();
+            m.unlock();
+          });
+          channel<int> never(0);
+          (void)never.recv();  // nothing sends
+        }, {.workers = 1});
+      },
+      ::testing::ExitedWithCode(2), "all fibers are asleep - deadlock!");
 }
 
 TEST_P(Blocking, TheWorkerRunsOtherFibersWhileACallBlocks) {

@@ -59,32 +59,7 @@ void futex_wake_all(std::atomic<std::uint32_t>* w) noexcept {
 
 // --- plain threads ------------------------------------------------------------
 
-namespace {
-
-// The run (scheduler::run_id) this thread holds an outside reference on
-// (0: none). Dropped at thread exit, if that run is still going. By run id,
-// not address: a later weft::run may reuse the address.
-struct outside_ref_holder {
-  std::uint64_t run = 0;
-  ~outside_ref_holder() {
-    if (!run) return;
-    sched::scheduler::plain_use use;
-    if (use.get() && use.get()->run_id() == run) use.get()->add_outside_ref(-1);
-  }
-};
-thread_local outside_ref_holder tls_outside_ref;
-
-}  // namespace
-
-// Only plain threads call this, and plain threads do not migrate: the
-// thread_local is read directly.
-void note_plain_thread() noexcept {
-  sched::scheduler::plain_use use;
-  sched::scheduler* s = use.get();
-  if (!s || tls_outside_ref.run == s->run_id()) return;
-  s->add_outside_ref(+1);
-  tls_outside_ref.run = s->run_id();
-}
+void note_plain_thread() noexcept { sched::note_plain_thread(); }
 
 // tls_worker directly (not sched::current_worker(), another call): this
 // runs on every lock. Fibers run only on worker threads, whose tls_worker

@@ -64,6 +64,36 @@ bool g_has_unpinned = false;  // guarded by g_unpinned_mu
 
 }  // namespace
 
+namespace {
+
+// The run (scheduler::run_id) this thread holds an outside reference on
+// (0: none). Plain threads do not migrate: the thread_local is read
+// directly.
+struct outside_ref_holder {
+  std::uint64_t run = 0;
+  void drop() noexcept {
+    if (!run) return;
+    scheduler::plain_use use;
+    if (use.get() && use.get()->run_id() == run) use.get()->add_outside_ref(-1);
+    run = 0;
+  }
+  ~outside_ref_holder() { drop(); }
+};
+thread_local outside_ref_holder tls_outside_ref;
+
+}  // namespace
+
+void note_plain_thread() noexcept {
+  scheduler::plain_use use;
+  scheduler* s = use.get();
+  if (!s || tls_outside_ref.run == s->run_id()) return;
+  tls_outside_ref.drop();  // one held on an earlier run that is over
+  s->add_outside_ref(+1);
+  tls_outside_ref.run = s->run_id();
+}
+
+void forget_plain_thread() noexcept { tls_outside_ref.drop(); }
+
 bool unpinned_cpus(cpu_set_t* out) noexcept {
   std::lock_guard g(g_unpinned_mu);
   if (g_has_unpinned) *out = g_unpinned;

@@ -91,6 +91,17 @@ std::vector<int> worker_node_os(const scheduler_options& o);
 // runtime has started yet. Any thread.
 bool unpinned_cpus(cpu_set_t* out) noexcept;
 
+// A plain thread that may wake fibers (it blocks on weft, or holds a lock
+// fibers may park on) counts as an outside reference of the running
+// runtime, once, until it exits or calls forget_plain_thread(): the
+// deadlock detector must not report fibers such a thread may still wake.
+// By run id, not address: a later run may reuse the address. Plain
+// threads only (a worker's fibers never call these).
+void note_plain_thread() noexcept;
+// Drops the calling thread's reference now, if it holds one: for threads
+// that outlive what made them a waker (the blocking pool, between jobs).
+void forget_plain_thread() noexcept;
+
 class scheduler {
  public:
   explicit scheduler(scheduler_options opts);
