@@ -51,7 +51,7 @@ namespace detail {
 // plain thread that holds one will wake the fibers that park on it when
 // it unlocks, even if it never blocked in weft (it took the lock
 // uncontended), so it registers as a blocking plain thread does
-// (note_plain_thread(), runtime/waiter.cc). On a worker thread (a fiber)
+// (sched::note_plain_thread(), sched/scheduler.h). On a worker thread (a fiber)
 // only a thread_local load.
 void note_lock_holder() noexcept;
 }  // namespace detail
