@@ -119,8 +119,9 @@ int client_drain(int s, std::size_t* got = nullptr) {
 }
 
 // The timeout fiber parks with a shallow call chain: README's small-stack
-// option, except under TSan, whose instrumented frames overflow 2 KiB.
-#if defined(WEFT_TSAN)
+// option, except under the sanitizers, whose instrumented frames overflow
+// 2 KiB.
+#if defined(WEFT_TSAN) || defined(WEFT_ASAN)
 inline constexpr std::size_t kTimeoutStack = 16 * 1024;
 #else
 inline constexpr std::size_t kTimeoutStack = kSmallStack;
