@@ -128,7 +128,7 @@ inline void serve_statusz(weft::tcp_stream c) {
 }
 
 // Serves /statusz on 127.0.0.1:port until stopped; a connection at a time
-// gets a fiber. false (said on stderr) if it cannot bind.
+// gets a fiber. The bind error (said on stderr) if it cannot bind.
 inline weft::result<weft::join_handle<void>> start_statusz(const char* who, int port) {
   auto ln = weft::tcp_listener::bind("127.0.0.1:" + std::to_string(port));
   if (!ln) {

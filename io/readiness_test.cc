@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "io/driver.h"
+#include "io/socket_test_util.h"
 #include "runtime/net.h"
 #include "runtime/weft.h"
 #include "sched/scheduler.h"
@@ -40,19 +41,7 @@ void until_set_then_settle(const std::atomic<bool>& flag) {
   (void)this_fiber::sleep_for(10ms);
 }
 
-struct pipe_fds {
-  int r = -1, w = -1;
-  pipe_fds() {
-    int fds[2];
-    EXPECT_EQ(::pipe2(fds, O_CLOEXEC | O_NONBLOCK), 0);
-    r = fds[0];
-    w = fds[1];
-  }
-  ~pipe_fds() {
-    if (r >= 0) ::close(r);
-    if (w >= 0) ::close(w);
-  }
-};
+using testing::pipe_fds;
 
 TEST_P(Readiness, AReaderParksUntilAnotherFiberWrites) {
   Run([&] {

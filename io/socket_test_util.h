@@ -1,9 +1,11 @@
 // io/socket_test_util.h — what the socket test files share: the address
-// of a listener, a listener whose accept queue is full, and an echo server
-// fiber. Test-only.
+// of a listener, a listener whose accept queue is full, an echo server
+// fiber, open descriptors and a pipe. Test-only.
 #pragma once
 
 #include <dirent.h>
+#include <fcntl.h>
+#include <unistd.h>
 #include <gtest/gtest.h>
 
 #include <string>
@@ -26,6 +28,23 @@ inline int open_fds() {
   ::closedir(d);
   return n - 1;  // the directory's own descriptor
 }
+
+// A non-blocking pipe (both ends close-on-exec), closed at scope exit.
+struct pipe_fds {
+  int r = -1, w = -1;
+  pipe_fds() {
+    int fds[2];
+    EXPECT_EQ(::pipe2(fds, O_CLOEXEC | O_NONBLOCK), 0);
+    r = fds[0];
+    w = fds[1];
+  }
+  ~pipe_fds() {
+    if (r >= 0) ::close(r);
+    if (w >= 0) ::close(w);
+  }
+  pipe_fds(const pipe_fds&) = delete;
+  pipe_fds& operator=(const pipe_fds&) = delete;
+};
 
 inline std::string addr_of(const tcp_listener& l) { return l.local_address().value().to_string(); }
 

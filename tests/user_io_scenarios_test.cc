@@ -469,19 +469,7 @@ TEST_P(UserIo, SignalWatchingSigpipeThenStoppingKeepsEpipe) {
 // ---------------------------------------------------------------------------
 // Readiness waits on descriptors weft does not own
 
-struct pipe_fds {
-  int r = -1, w = -1;
-  pipe_fds() {
-    int fds[2];
-    EXPECT_EQ(::pipe2(fds, O_CLOEXEC | O_NONBLOCK), 0);
-    r = fds[0];
-    w = fds[1];
-  }
-  ~pipe_fds() {
-    if (r >= 0) ::close(r);
-    if (w >= 0) ::close(w);
-  }
-};
+using testing::pipe_fds;
 
 // A C library's pipe, written by its own plain thread: the fiber waits,
 // reads what came, and waits again, until the writer hangs up.
