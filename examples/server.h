@@ -85,6 +85,7 @@ inline std::string statusz_text() {
   line("yields", st.yields);
   line("sleeps", st.sleeps);
   line("timer_steals", st.timer_steals);
+  line("inject_pops", st.inject_pops);
   line("stacks_live", st.stacks_live);
   line("stacks_cached", st.stacks_cached);
   line("stack_bytes_reserved", st.stack_bytes_reserved);
@@ -102,6 +103,7 @@ inline std::string statusz_text() {
     std::string k = "worker" + std::to_string(w) + "_";
     line((k + "fibers_run").c_str(), st.workers[w].fibers_run);
     line((k + "steals").c_str(), st.workers[w].steals);
+    line((k + "overflowed").c_str(), st.workers[w].overflowed);
   }
   return out;
 }

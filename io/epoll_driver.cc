@@ -182,7 +182,7 @@ class epoll_driver final : public io_driver {
                       std::source_location where) override;
   void cancel(completion& c) noexcept override;
   void wait(sched::clock::time_point deadline) override;
-  void poll() override;
+  void poll(std::size_t room) override;
   void flush() override {
     std::lock_guard g(lock_);
     drain_cancels();
@@ -434,12 +434,14 @@ void epoll_driver::dispatch(const epoll_event* ev, int n) {
   }
 }
 
-void epoll_driver::poll() {
+void epoll_driver::poll(std::size_t room) {
   if (!lock_.try_lock()) return;  // rescue() is at work for us
   drain_cancels();
-  if (waiting_ > 0) {  // else nothing to learn without a syscall
+  // Else nothing to learn without a syscall, or no room (sched/driver.h):
+  // the kernel keeps the events for the next poll.
+  if (waiting_ > 0 && room > 0) {
     epoll_event ev[kMaxEvents];
-    int n = ::epoll_wait(epfd_, ev, kMaxEvents, 0);
+    int n = ::epoll_wait(epfd_, ev, static_cast<int>(std::min<std::size_t>(room, kMaxEvents)), 0);
     if (n > 0) dispatch(ev, n);
   }
   lock_.unlock();

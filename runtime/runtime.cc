@@ -203,7 +203,7 @@ runtime_stats stats() {
   sched::scheduler_stats s = the_scheduler().stats();
   runtime_stats r;
   for (std::size_t i = 0; i < s.fibers_run.size(); ++i)
-    r.workers.push_back({s.fibers_run[i], s.steals[i]});
+    r.workers.push_back({s.fibers_run[i], s.steals[i], s.overflowed[i]});
   r.spawned = s.spawned;
   r.parks = s.parks;
   r.yields = s.yields;

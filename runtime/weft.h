@@ -122,6 +122,9 @@ inline constexpr std::size_t kSmallStack = 2 * 1024;
 struct worker_stats {
   std::uint64_t fibers_run = 0;
   std::uint64_t steals = 0;  // fibers this worker took from others
+  // Fibers this worker's full run queue moved to the shared queue, where
+  // they wait behind everything queued there (Tokio's overflow count).
+  std::uint64_t overflowed = 0;
 };
 
 struct runtime_stats {

@@ -13,9 +13,16 @@
 //     sched::ready(). Spurious returns are allowed.
 //   - wake() is sticky: a wake() that happens before wait() makes that wait
 //     return at once. It must be cheap when called repeatedly.
-//   - poll() does what wait() does without blocking; flush() submits queued
-//     operations (called once per scheduler turn before running a fiber that
-//     may queue more, and before wait()).
+//   - poll(room) does what wait() does without blocking, but makes about
+//     `room` fibers runnable at most (one more per event that wakes a
+//     reader and a writer at once) and leaves the rest of what completed
+//     in the kernel's queue for the next poll, in order. `room` is the
+//     space left in the worker's run queue: a fuller one would overflow
+//     its older half to the back of the inject queue, behind fibers that
+//     became runnable later (see *Fairness* in io/uring_driver.cc). With
+//     room 0 it only submits. flush() submits queued operations (called
+//     once per scheduler turn before running a fiber that may queue more,
+//     and before wait()).
 //   - pending() counts operations in flight whose completion can wake a
 //     fiber (the deadlock detector treats a worker with pending() > 0 as able
 //     to make progress).
@@ -41,7 +48,7 @@ class driver {
  public:
   virtual ~driver() = default;
   virtual void wait(clock::time_point deadline) = 0;
-  virtual void poll() = 0;
+  virtual void poll(std::size_t room) = 0;
   virtual void flush() {}
   virtual void wake() noexcept = 0;
   virtual std::size_t pending() const noexcept { return 0; }

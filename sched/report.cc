@@ -108,6 +108,7 @@ scheduler_stats scheduler::stats() const {
     };
     st.fibers_run.push_back(get(c.fibers_run));
     st.steals.push_back(get(c.steals));
+    st.overflowed.push_back(get(c.overflowed));
     st.spawned += get(c.spawned);
     st.parks += get(c.parks);
     st.yields += get(c.yields);

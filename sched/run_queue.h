@@ -30,6 +30,7 @@
 //   steal_from(victim)             the owner of *this (the thief), with
 //                                  victim another worker's queue
 //   size_approx(), empty_approx(), position_approx()  any thread (racy snapshot)
+//   room()                                           owner (a lower bound)
 //
 // Stealing
 //
@@ -210,6 +211,10 @@ class run_queue {
   }
 
   bool empty_approx() const { return size_approx() == 0; }
+
+  // Owner only: how many push() calls fit before one overflows, at least
+  // (thieves only make more room).
+  std::uint32_t room() const { return Capacity - size_approx(); }
 
   // Any thread: a racy (head, tail) snapshot, packed. Equal snapshots taken
   // at two moments mean nothing was pushed or taken in between.

@@ -69,6 +69,7 @@ struct fiber_attrs {
 struct scheduler_stats {
   std::vector<std::uint64_t> fibers_run;  // per worker
   std::vector<std::uint64_t> steals;      // fibers taken from others, per worker
+  std::vector<std::uint64_t> overflowed;  // fibers moved to the inject queue, per worker
   std::uint64_t spawned = 0, parks = 0, yields = 0, sleeps = 0, wakeups = 0,
                 lifo_runs = 0, inject_pops = 0, timer_steals = 0;
   std::uint64_t live_fibers = 0;

@@ -137,17 +137,20 @@ fiber* worker::find_runnable() {
   // periodic tick is the only pass that reaches them, and with the inject
   // queue never empty (more runnable fibers than the local queue holds
   // overflow there) returning first would leave them unreached for good.
+  // On the periodic tick the inject queue before the driver: what waits
+  // there (woken by plain threads, or overflowed) became runnable before
+  // what the poll would add, so it takes the room first (see take_inject).
+  fiber* injected = tick_ % kInjectInterval == 0 ? take_inject() : nullptr;
   if (tick_ % kPollInterval == 0) {
     driver_->flush();
-    driver_->poll();
+    driver_->poll(local_.room());
   }
   fire_timers();
-  if (tick_ % kInjectInterval == 0)
-    if (fiber* f = take_inject()) return f;
+  if (injected) return injected;
   if (fiber* f = next_local()) return f;
   if (fiber* f = take_inject()) return f;
   driver_->flush();
-  driver_->poll();
+  driver_->poll(local_.room());
   if (fiber* f = next_local()) return f;
   if (fiber* f = steal()) return f;
   if (fiber* f = spin_before_sleep()) return f;
@@ -445,9 +448,7 @@ void worker::push_local(fiber* f) noexcept {
     pinned_tail_ = f;
     return;
   }
-  local_.push(f, [this](fiber** batch, std::uint32_t n) {
-    sched_.inject_.push_batch(batch, n);
-  });
+  local_.push(f, [this](fiber** batch, std::uint32_t n) { overflow(batch, n); });
 }
 
 void worker::schedule_local(fiber* f, bool hot, bool share) noexcept {
@@ -504,17 +505,24 @@ void worker::drain_inbox() noexcept {
   }
 }
 
+// A full local queue's older half (and the fiber pushed), to the inject
+// queue's tail.
+void worker::overflow(fiber** batch, std::uint32_t n) noexcept {
+  sched_.inject_.push_batch(batch, n);
+  worker_counters::bump(counters_.overflowed, n);
+}
+
 fiber* worker::take_inject() {
   fiber* batch[kInjectBatch];
-  std::uint32_t n = sched_.inject_.pop_batch(batch, kInjectBatch);
+  // No more than the local queue takes: an overflow would send its older
+  // half back behind the batch (the first fiber runs at once).
+  std::uint32_t n = sched_.inject_.pop_batch(batch, std::min(kInjectBatch, local_.room() + 1));
   if (n == 0) return nullptr;
   worker_counters::bump(counters_.inject_pops, n);
   // Never pinned (those go to their worker's inbox), so straight into the
   // stealable queue without touching the fibers' control blocks.
   for (std::uint32_t i = 1; i < n; ++i)
-    local_.push(batch[i], [this](fiber** more, std::uint32_t k) {
-      sched_.inject_.push_batch(more, k);
-    });
+    local_.push(batch[i], [this](fiber** more, std::uint32_t k) { overflow(more, k); });
   if (n > 1) sched_.wake_idle_worker();
   return batch[0];
 }

@@ -47,7 +47,8 @@ class scheduler;
 // any thread without a lock.
 struct worker_counters {
   std::atomic<std::uint64_t> fibers_run{0}, steals{0}, spawned{0}, parks{0},
-      yields{0}, sleeps{0}, wakeups{0}, lifo_runs{0}, inject_pops{0}, timer_steals{0};
+      yields{0}, sleeps{0}, wakeups{0}, lifo_runs{0}, inject_pops{0}, timer_steals{0},
+      overflowed{0};  // fibers a full local queue moved to the inject queue
   static void bump(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) {
     c.store(c.load(std::memory_order_relaxed) + n,
             std::memory_order_relaxed);  // relaxed: statistic, single writer
@@ -153,6 +154,7 @@ class worker {
   bool has_overdue_timers(clock::time_point now) const noexcept;  // any thread
   static void finish_after_park(fiber* f, std::uint64_t gen) noexcept;
   void push_local(fiber* f) noexcept;
+  void overflow(fiber** batch, std::uint32_t n) noexcept;
   void drain_inbox() noexcept;
   void fire_timers();
 
