@@ -437,8 +437,8 @@ void epoll_driver::dispatch(const epoll_event* ev, int n) {
 void epoll_driver::poll(std::size_t room) {
   if (!lock_.try_lock()) return;  // rescue() is at work for us
   drain_cancels();
-  // Else nothing to learn without a syscall, or no room (sched/driver.h):
-  // the kernel keeps the events for the next poll.
+  // Else nothing to learn without a syscall. Beyond the room (sched/driver.h)
+  // the kernel keeps the events for the next poll, in order.
   if (waiting_ > 0 && room > 0) {
     epoll_event ev[kMaxEvents];
     int n = ::epoll_wait(epfd_, ev, static_cast<int>(std::min<std::size_t>(room, kMaxEvents)), 0);

@@ -242,12 +242,14 @@ void run_one_worker_without_monitor(F body) {
 // straight to the next fiber, so a busy worker polls its driver on the
 // loop's periodic tick (every 61); it must do so even when that tick also
 // takes a fiber from the inject queue, or a fiber waiting for I/O there
-// never wakes while the others yield. A plain thread makes the pipe
-// readable, then ends the yielders after 10 s if the reader has not woken
-// by then (it never had, while the periodic tick returned the inject
-// queue's fiber before polling).
-TEST(ReadinessOneWorker, AReaderWakesAmongMoreYieldersThanARunQueueHolds) {
-  constexpr int kYielders = 400;  // more than 256 plus an inject batch (32)
+// never wakes while the others yield (it never had, while the periodic
+// tick returned the inject queue's fiber before polling). And the poll
+// must take a completion even when the run queue has no room left: with
+// exactly 257 yielders it is full at every periodic tick, and a poll
+// bounded by the room alone took nothing, ever. A plain thread makes the
+// pipe readable, then ends the yielders after 10 s if the reader has not
+// woken by then.
+void reader_wakes_among_yielders(int yielders) {
   pipe_fds p;
   std::atomic<bool> stop{false}, waiting{false}, woke{false}, gave_up{false};
   std::thread writer([&] {
@@ -262,7 +264,7 @@ TEST(ReadinessOneWorker, AReaderWakesAmongMoreYieldersThanARunQueueHolds) {
   });
   run_one_worker_without_monitor([&] {
     std::vector<join_handle<void>> hs;
-    for (int i = 0; i < kYielders; ++i)
+    for (int i = 0; i < yielders; ++i)
       hs.push_back(spawn([&] {
         while (!stop.load(std::memory_order_relaxed)) this_fiber::yield();
       }));
@@ -277,7 +279,13 @@ TEST(ReadinessOneWorker, AReaderWakesAmongMoreYieldersThanARunQueueHolds) {
     for (auto& h : hs) h.join();
   });
   writer.join();
-  EXPECT_FALSE(gave_up.load()) << "the worker never polled its driver while the fibers yielded";
+  EXPECT_FALSE(gave_up.load()) << "the worker never polled its driver while " << yielders
+                               << " fibers yielded";
+}
+
+TEST(ReadinessOneWorker, AReaderWakesAmongMoreYieldersThanARunQueueHolds) {
+  // Around 256, and more than 256 plus an inject batch (32).
+  for (int n : {255, 256, 257, 258, 400}) reader_wakes_among_yielders(n);
 }
 
 // Fibers that keep waiting for I/O, more of them ready at once than a

@@ -19,8 +19,8 @@
 //     in the kernel's queue for the next poll, in order. `room` is the
 //     space left in the worker's run queue: a fuller one would overflow
 //     its older half to the back of the inject queue, behind fibers that
-//     became runnable later (see *Fairness* in io/uring_driver.cc). With
-//     room 0 it only submits. flush() submits queued operations (called
+//     became runnable later (see *Fairness* in io/uring_driver.cc). The
+//     worker passes at least 1 (worker::poll_room()). flush() submits queued operations (called
 //     once per scheduler turn before running a fiber that may queue more,
 //     and before wait()).
 //   - pending() counts operations in flight whose completion can wake a

@@ -143,19 +143,28 @@ fiber* worker::find_runnable() {
   fiber* injected = tick_ % kInjectInterval == 0 ? take_inject() : nullptr;
   if (tick_ % kPollInterval == 0) {
     driver_->flush();
-    driver_->poll(local_.room());
+    driver_->poll(poll_room());
   }
   fire_timers();
   if (injected) return injected;
   if (fiber* f = next_local()) return f;
   if (fiber* f = take_inject()) return f;
   driver_->flush();
-  driver_->poll(local_.room());
+  driver_->poll(poll_room());
   if (fiber* f = next_local()) return f;
   if (fiber* f = steal()) return f;
   if (fiber* f = spin_before_sleep()) return f;
   sleep();
   return nullptr;
+}
+
+// How many fibers a poll of the driver may wake: what the local queue has
+// room for (see sched/driver.h), but at least one. A queue kept full by
+// fibers that yield (exactly as many as it holds) would otherwise never
+// let a completion in; the one beyond the room overflows the queue's older
+// half to the inject queue, which the next periodic tick serves first.
+std::size_t worker::poll_room() const noexcept {
+  return std::max<std::uint32_t>(local_.room(), 1);
 }
 
 // A spinning worker keeps looking for a while before it sleeps: here a

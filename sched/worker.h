@@ -155,6 +155,7 @@ class worker {
   static void finish_after_park(fiber* f, std::uint64_t gen) noexcept;
   void push_local(fiber* f) noexcept;
   void overflow(fiber** batch, std::uint32_t n) noexcept;
+  std::size_t poll_room() const noexcept;
   void drain_inbox() noexcept;
   void fire_timers();
 
