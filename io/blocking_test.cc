@@ -106,7 +106,9 @@ TEST_P(Blocking, PoolThreadsRunOnEveryCpuTheRuntimeStartedWith) {
   });
   // Workers are pinned to one CPU each where there are enough CPUs (with
   // more workers than CPUs they are not pinned).
-  if (workers() <= all) EXPECT_EQ(worker, 1);
+  if (static_cast<int>(workers()) <= all) {
+    EXPECT_EQ(worker, 1);
+  }
   for (int n : pool) EXPECT_EQ(n, all) << "a pool thread kept its worker's CPU";
 }
 

@@ -226,11 +226,10 @@ class io_driver : public sched::driver {
   // fiber may have migrated). The slot still completes, perhaps with
   // -ECANCELED.
   virtual void cancel(completion& c) noexcept = 0;
-  // Reaps completions on the calling thread without blocking, whatever
-  // room its run queue has: the caller waits for one of them; only the
-  // owning worker thread calls it (see *Waiting while unwinding* in
-  // io/perform.cc).
-  void poll_now() { poll(SIZE_MAX); }
+  // Reaps completions on the calling thread without blocking (at least one
+  // if any is there; see sched::wake_budget); only the owning worker
+  // thread calls it (see *Waiting while unwinding* in io/perform.cc).
+  void poll_now() { poll(); }
   // Whether arm_multishot_accept() can succeed on this driver.
   virtual bool has_multishot_accept() const noexcept { return false; }
   // Arms a multishot accept on listening socket `fd` whose results go to

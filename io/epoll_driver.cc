@@ -55,9 +55,8 @@ namespace weft::io {
 namespace {
 
 // Events taken per epoll_wait: a batch, not a bound (the rest stay queued
-// in the kernel, in order). Kept below the local run queue's 256 slots for
-// the reason given at *Fairness* in io/uring_driver.cc.
-constexpr int kMaxEvents = 64;
+// in the kernel, in order); poll() takes fewer (sched::wake_budget).
+constexpr int kMaxEvents = static_cast<int>(sched::wake_budget::kBatch);
 // A fiber whose calls keep succeeding at once (a fast peer, a full receive
 // buffer) never parks: each success spends its coop budget (sched/park.h),
 // so it yields now and then. io_uring parks on every operation.
@@ -182,7 +181,7 @@ class epoll_driver final : public io_driver {
                       std::source_location where) override;
   void cancel(completion& c) noexcept override;
   void wait(sched::clock::time_point deadline) override;
-  void poll(std::size_t room) override;
+  void poll() override;
   void flush() override {
     std::lock_guard g(lock_);
     drain_cancels();
@@ -434,15 +433,23 @@ void epoll_driver::dispatch(const epoll_event* ev, int n) {
   }
 }
 
-void epoll_driver::poll(std::size_t room) {
+void epoll_driver::poll() {
   if (!lock_.try_lock()) return;  // rescue() is at work for us
   drain_cancels();
-  // Else nothing to learn without a syscall. Beyond the room (sched/driver.h)
-  // the kernel keeps the events for the next poll, in order.
-  if (waiting_ > 0 && room > 0) {
+  // Events in chunks the run queue has room for, while the wake_budget
+  // allows (sched/driver.h); the kernel keeps the rest for the next poll,
+  // in order. With no room, one event per epoll_wait: it may wake a pinned
+  // fiber, which takes no room.
+  sched::wake_budget budget;
+  std::size_t taken = 0;
+  while (waiting_ > 0 && budget.more(taken)) {  // else nothing to learn without a syscall
+    std::size_t want = std::clamp<std::size_t>(budget.room(), 1, std::size_t{kMaxEvents} - taken);
     epoll_event ev[kMaxEvents];
-    int n = ::epoll_wait(epfd_, ev, static_cast<int>(std::min<std::size_t>(room, kMaxEvents)), 0);
-    if (n > 0) dispatch(ev, n);
+    int n = ::epoll_wait(epfd_, ev, static_cast<int>(want), 0);
+    if (n <= 0) break;
+    dispatch(ev, n);
+    taken += static_cast<std::size_t>(n);
+    if (static_cast<std::size_t>(n) < want) break;  // the kernel had no more
   }
   lock_.unlock();
 }

@@ -133,17 +133,12 @@ constexpr auto kKernelDeadline = std::chrono::seconds(1);
 // CQ ring entries: room for a burst of completions between two reaps; the
 // kernel keeps overflowed CQEs (IORING_FEAT_NODROP) if a burst is larger.
 constexpr unsigned kCqEntries = 4096;
-// *Fairness*: completions handled per reap. Each wakes a fiber onto the
-// worker's local queue (256 slots), which overflows half its fibers to the
-// global inject queue, where they wait behind everyone else: reaping every
-// CQE at once gave a p999 of 80 ms with 1000 echo connections
-// (bench/compare_echo.sh). The CQ ring is a FIFO that keeps the rest in
-// order for the next poll; wait() returns at once while it holds any.
-// poll() takes no more than the local queue has room for (sched/driver.h):
-// a busy worker polls every 61 fibers it runs, and 64 completions each
-// time filled its queue until it overflowed, for half of all the fibers it
-// ran at 1000 echo connections, and gave a p99 three times Go's.
-constexpr unsigned kMaxReap = 64;
+// *Fairness*: the owner's reap takes CQEs while a sched::wake_budget
+// allows (sched/driver.h): reaping every CQE at once overflowed the
+// worker's local queue to the inject queue (a p999 of 80 ms with 1000 echo
+// connections), and so did 64 per periodic poll (p99 three times Go's).
+// The CQ ring keeps the rest in order for the next poll; wait() returns at
+// once while it holds any.
 // *Pooled receive buffers* (io/driver.h): a provided buffer ring of
 // kBufCount buffers of kPooledBufferSize bytes, group kBufGroup, in an
 // arena (alloc/arena.h; see setup_buffer_ring()). Mapped, not touched: on
@@ -210,7 +205,7 @@ class uring_driver final : public io_driver {
   void cancel(completion& c) noexcept override;
   void release_buffer(std::uint32_t id, void* p) noexcept override;
   void wait(sched::clock::time_point deadline) override;
-  void poll(std::size_t room) override;
+  void poll() override;
   void flush() override {
     sq_section busy(*this);  // drain_cancels() uses cancel_scratch_
     drain_cancels();
@@ -247,7 +242,7 @@ class uring_driver final : public io_driver {
   void arm_wake_read();
   bool send_ring_wake() noexcept;
   void drain_cancels();
-  void reap(bool owner, std::size_t budget = kMaxReap);
+  void reap(bool owner);
   // Owner thread, just before an enter that submits.
   void note_submit() noexcept {
     unsubmitted_.store(false, std::memory_order_relaxed);  // relaxed: see unsubmitted_
@@ -703,16 +698,17 @@ bool uring_driver::send_ring_wake() noexcept {
   return true;
 }
 
-// Under reap_lock_. The owner (poll(), wait()) hands at most `budget`
-// results to fibers (see *Fairness*); rescue() takes everything, into the
-// inject queue.
-void uring_driver::reap(bool owner, std::size_t budget) {
+// Under reap_lock_. The owner (poll(), wait()) takes what its wake_budget
+// allows (see *Fairness*); rescue() takes everything, into the inject
+// queue.
+void uring_driver::reap(bool owner) {
   unsigned head, n = 0;
   std::size_t done = 0;    // counted operations that completed
   std::uint64_t handed = 0;  // completions and multishot results delivered
+  sched::wake_budget budget;
   io_uring_cqe* cqe;
   io_uring_for_each_cqe(&ring_, head, cqe) {
-    if (owner && handed == budget) break;
+    if (owner && !budget.more(handed)) break;
     ++n;
     std::uint64_t tag = cqe->user_data;
     if (tag == kIgnoreTag) continue;
@@ -748,7 +744,7 @@ void uring_driver::reap(bool owner, std::size_t budget) {
   if (std::exchange(rearm_wake_, false)) arm_wake_read();
 }
 
-void uring_driver::poll(std::size_t room) {
+void uring_driver::poll() {
   sq_section busy(*this);
   drain_cancels();
   drain_released();
@@ -769,7 +765,7 @@ void uring_driver::poll(std::size_t room) {
     note_submit();
     if (io_uring_submit_and_get_events(&ring_) > 0) io_counters::bump(counters_.submits);
   }
-  reap(/*owner=*/true, std::min<std::size_t>(room, kMaxReap));
+  reap(/*owner=*/true);
   reap_lock_.unlock();
 }
 

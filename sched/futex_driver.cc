@@ -27,7 +27,7 @@ class futex_driver final : public driver {
     syscall(SYS_futex, &word_, FUTEX_WAIT_PRIVATE, 0, tsp, nullptr, 0);
     word_.exchange(0, std::memory_order_acquire);  // as above
   }
-  void poll(std::size_t) override {}
+  void poll() override {}
   void wake() noexcept override {
     // release: publishes the caller's queue push to the woken worker.
     if (word_.exchange(1, std::memory_order_release) == 0)

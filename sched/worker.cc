@@ -6,12 +6,13 @@
 // sched/park.cc.
 //
 // Where a worker looks for work (find_runnable):
-//   1. every 61st tick a non-blocking poll of the driver: direct yields
-//      and hand-offs never take such a tick, so a busy worker reaches its
-//      driver (and its due timers, next) at least this often;
-//   2. expired timers; every 61st tick the inject queue, so fibers woken
-//      by plain threads cannot be starved by a busy local queue (Go's
-//      schedtick%61); then the LIFO slot (at most kMaxLifoStreak times in
+//   1. every 61st tick the inject queue, so fibers woken by plain threads
+//      or overflowed cannot be starved by a busy local queue (Go's
+//      schedtick%61), and then a non-blocking poll of the driver, which
+//      takes what still fits the local queue (sched/driver.h): direct
+//      yields and hand-offs never take such a tick, so a busy worker
+//      reaches its driver (and its due timers, next) at least this often;
+//   2. expired timers; then the LIFO slot (at most kMaxLifoStreak times in
 //      a row, so a ping-pong pair cannot starve the queue; a hand-off
 //      between such a pair goes on past that while nothing else waits:
 //      take_handoff()), then the pinned queue and the local queue,
@@ -143,28 +144,19 @@ fiber* worker::find_runnable() {
   fiber* injected = tick_ % kInjectInterval == 0 ? take_inject() : nullptr;
   if (tick_ % kPollInterval == 0) {
     driver_->flush();
-    driver_->poll(poll_room());
+    driver_->poll();
   }
   fire_timers();
   if (injected) return injected;
   if (fiber* f = next_local()) return f;
   if (fiber* f = take_inject()) return f;
   driver_->flush();
-  driver_->poll(poll_room());
+  driver_->poll();
   if (fiber* f = next_local()) return f;
   if (fiber* f = steal()) return f;
   if (fiber* f = spin_before_sleep()) return f;
   sleep();
   return nullptr;
-}
-
-// How many fibers a poll of the driver may wake: what the local queue has
-// room for (see sched/driver.h), but at least one. A queue kept full by
-// fibers that yield (exactly as many as it holds) would otherwise never
-// let a completion in; the one beyond the room overflows the queue's older
-// half to the inject queue, which the next periodic tick serves first.
-std::size_t worker::poll_room() const noexcept {
-  return std::max<std::uint32_t>(local_.room(), 1);
 }
 
 // A spinning worker keeps looking for a while before it sleeps: here a
@@ -519,6 +511,11 @@ void worker::drain_inbox() noexcept {
 void worker::overflow(fiber** batch, std::uint32_t n) noexcept {
   sched_.inject_.push_batch(batch, n);
   worker_counters::bump(counters_.overflowed, n);
+}
+
+std::size_t run_queue_room() noexcept {
+  worker* w = tls_worker;
+  return w ? w->local_room() : SIZE_MAX;
 }
 
 fiber* worker::take_inject() {

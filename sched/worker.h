@@ -91,6 +91,8 @@ class worker {
     std::uintptr_t l = lifo_.load(std::memory_order_relaxed);  // relaxed: a snapshot
     return (l != 0 && !(l & kPinnedTag)) || !local_.empty_approx();
   }
+  // Free slots of the local queue: owner only (see sched::wake_budget).
+  std::uint32_t local_room() const noexcept { return local_.room(); }
   // Another fiber is runnable here (LIFO slot, local or pinned queue):
   // owner only, a hint.
   bool has_local_work() const noexcept {
@@ -155,7 +157,6 @@ class worker {
   static void finish_after_park(fiber* f, std::uint64_t gen) noexcept;
   void push_local(fiber* f) noexcept;
   void overflow(fiber** batch, std::uint32_t n) noexcept;
-  std::size_t poll_room() const noexcept;
   void drain_inbox() noexcept;
   void fire_timers();
 
