@@ -156,12 +156,13 @@ std::optional<std::pair<std::string, int>> split_name_port(std::string_view text
 // Tokio's bind; Go's Listen takes the first). The error is the lookup's, or
 // the first address's.
 template <typename Bind>
-auto bind_by_text(std::string_view text, Bind&& bind) -> decltype(bind(socket_address{})) {
+auto bind_by_text(std::string_view text, std::source_location where, Bind&& bind)
+    -> decltype(bind(socket_address{})) {
   auto a = socket_address::parse(text);
   if (a) return bind(*a);
   auto name = split_name_port(text);
   if (!name) return std::unexpected(a.error());  // neither an address nor "name:port"
-  auto addrs = resolve(name->first, name->second);
+  auto addrs = resolve(name->first, name->second, where);
   if (!addrs) return std::unexpected(addrs.error());
   std::error_code first = std::make_error_code(std::errc::address_not_available);
   for (std::size_t i = 0; i < addrs->size(); ++i) {
@@ -181,7 +182,7 @@ result<tcp_stream> tcp_stream::connect(std::string_view addr, deadline_arg d,
   auto name = split_name_port(addr);
   if (!name) return std::unexpected(a.error());  // neither an address nor "name:port"
   if (clock::now() >= d.when) return std::unexpected(std::make_error_code(std::errc::timed_out));
-  auto addrs = resolve(name->first, name->second);
+  auto addrs = resolve(name->first, name->second, where);
   if (!addrs) return std::unexpected(addrs.error());
   return connect(std::span<const socket_address>(*addrs), d, where);
 }
@@ -351,8 +352,10 @@ result<socket_address> tcp_stream::peer_address() const {
 
 // ---- tcp_listener -------------------------------------------------------------
 
-result<tcp_listener> tcp_listener::bind(std::string_view addr, int backlog) {
-  return bind_by_text(addr, [backlog](const socket_address& a) { return bind(a, backlog); });
+result<tcp_listener> tcp_listener::bind(std::string_view addr, int backlog,
+                                       std::source_location where) {
+  return bind_by_text(addr, where,
+                      [backlog](const socket_address& a) { return bind(a, backlog); });
 }
 
 result<tcp_listener> tcp_listener::bind(const socket_address& addr, int backlog) {
@@ -383,8 +386,8 @@ result<tcp_listener> tcp_listener::bind(const socket_address& addr, int backlog)
 
 // ---- udp_socket ---------------------------------------------------------------
 
-result<udp_socket> udp_socket::bind(std::string_view addr) {
-  return bind_by_text(addr, [](const socket_address& a) { return bind(a); });
+result<udp_socket> udp_socket::bind(std::string_view addr, std::source_location where) {
+  return bind_by_text(addr, where, [](const socket_address& a) { return bind(a); });
 }
 
 result<udp_socket> udp_socket::bind(const socket_address& addr) {
@@ -461,7 +464,8 @@ const std::error_category& resolve_category() noexcept {
   return c;
 }
 
-result<std::vector<socket_address>> resolve(const std::string& host, int port) {
+result<std::vector<socket_address>> resolve(const std::string& host, int port,
+                                            std::source_location where) {
   if (port < 0 || port > 65535 || host.find('\0') != std::string::npos)
     return std::unexpected(std::make_error_code(std::errc::invalid_argument));
   return blocking([&]() -> result<std::vector<socket_address>> {
@@ -488,7 +492,7 @@ result<std::vector<socket_address>> resolve(const std::string& host, int port) {
       out.push_back(socket_address::from(a->ai_addr, a->ai_addrlen));
     ::freeaddrinfo(res);
     return out;
-  });
+  }, where);
 }
 
 }  // namespace weft::io

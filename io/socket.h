@@ -245,7 +245,9 @@ class tcp_listener : public socket_base {
   // resolve() and its addresses tried in turn until one binds; the error
   // is then the lookup's or the first address's. (":7000", every
   // interface, is not taken: say "0.0.0.0:7000" or "[::]:7000".)
-  [[nodiscard]] static result<tcp_listener> bind(std::string_view addr, int backlog = SOMAXCONN);
+  // (A lookup parks the fiber: `where` is for dump(), as in the calls below.)
+  [[nodiscard]] static result<tcp_listener> bind(std::string_view addr, int backlog = SOMAXCONN,
+      std::source_location where = std::source_location::current());
   [[nodiscard]] static result<tcp_listener> bind(const socket_address& addr, int backlog = SOMAXCONN);
 
   // Parks until a connection arrives. EMFILE/ENFILE/ECONNABORTED are
@@ -260,7 +262,8 @@ class udp_socket : public socket_base {
 
   // A UDP socket bound to `addr` ("127.0.0.1:0" picks a free port; a
   // "name:port" is looked up as tcp_listener::bind does).
-  [[nodiscard]] static result<udp_socket> bind(std::string_view addr);
+  [[nodiscard]] static result<udp_socket> bind(std::string_view addr,
+      std::source_location where = std::source_location::current());
   [[nodiscard]] static result<udp_socket> bind(const socket_address& addr);
 
   // One datagram each. recv_from truncates a datagram larger than buf.
@@ -275,8 +278,9 @@ class udp_socket : public socket_base {
 // Name lookup (getaddrinfo) on the blocking pool, so only the fiber waits.
 // TCP addresses for `host` ("localhost", "::1", "example.com") and `port`.
 // A failed lookup is an error of resolve_category() with getaddrinfo's
-// message.
-[[nodiscard]] result<std::vector<socket_address>> resolve(const std::string& host, int port);
+// message. The fiber parks meanwhile; dump() shows it at `where`.
+[[nodiscard]] result<std::vector<socket_address>> resolve(const std::string& host, int port,
+    std::source_location where = std::source_location::current());
 const std::error_category& resolve_category() noexcept;
 
 }  // namespace weft::io

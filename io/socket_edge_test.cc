@@ -7,6 +7,7 @@
 #include <arpa/inet.h>
 #include <net/if.h>
 #include <netinet/in.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -256,6 +257,92 @@ TEST_P(Sockets, DumpShowsWhereTheProgramCalledTheSocket) {
     for (auto& h : parked) h.request_stop();
     for (auto& h : parked) h.join();
   });
+}
+
+// What dump() writes to stderr, taken with the descriptor itself. (In a
+// death test's child under Bazel, neither gtest's CaptureStderr nor stdio
+// on stderr afterwards reached the parent.)
+std::string dump_text() {
+  int mem = ::memfd_create("dump", MFD_CLOEXEC);
+  int saved = ::dup(2);
+  if (mem < 0 || saved < 0) return "memfd_create or dup failed";
+  ::dup2(mem, 2);
+  dump();
+  ::dup2(saved, 2);
+  ::close(saved);
+  std::string text;
+  char buf[4096];
+  for (ssize_t n; (n = ::pread(mem, buf, sizeof buf, off_t(text.size()))) > 0;)
+    text.append(buf, std::size_t(n));
+  ::close(mem);
+  return text;
+}
+
+// A name lookup parks its fiber on the blocking pool: resolve(), and
+// connect() or bind() of a "name:port". dump() and the deadlock report show
+// such a fiber where the program made the call, as for every other socket
+// call that parks, not at the blocking() call inside io/socket.cc. Run in a
+// child process (below), with a pool of one thread kept busy, so the
+// lookups stay queued, parked, while dump() looks. The exit status: 0 if
+// each showed at its own line; what dump() said goes to stderr.
+int lookups_parked_where_called() {
+  ::setenv("WEFT_BLOCKING_THREADS", "1", 1);  // before the pool's first use
+  bool ok = false;
+  std::string err;
+  weft::run([&] {
+    std::atomic<bool> busy{false}, release{false};
+    auto holder = spawn([&] {
+      blocking([&] {
+        busy.store(true, std::memory_order_release);  // pairs with the acquire below
+        while (!release.load(std::memory_order_acquire)) ::usleep(1000);
+      });
+    });
+    while (!busy.load(std::memory_order_acquire)) (void)this_fiber::sleep_for(1ms);
+    std::atomic<int> lines[4] = {};
+    std::vector<join_handle<void>> lookups;
+    lookups.push_back(spawn([&] {
+      lines[0] = __LINE__; (void)resolve("localhost", 80);  // NOLINT: one line on purpose
+    }, {.name = "resolver"}));
+    lookups.push_back(spawn([&] {
+      lines[1] = __LINE__; (void)tcp_stream::connect("localhost:1");  // NOLINT
+    }, {.name = "dialer"}));
+    lookups.push_back(spawn([&] {
+      lines[2] = __LINE__; (void)tcp_listener::bind("localhost:0");  // NOLINT
+    }, {.name = "listener"}));
+    lookups.push_back(spawn([&] {
+      lines[3] = __LINE__; (void)udp_socket::bind("localhost:0");  // NOLINT
+    }, {.name = "datagrams"}));
+    const char* names[4] = {"\"resolver\"", "\"dialer\"", "\"listener\"", "\"datagrams\""};
+    auto all_parked = [&] {
+      for (const char* n : names)
+        if (err.find(std::string(n) + " [blocking] at ") == std::string::npos) return false;
+      return true;
+    };
+    for (int i = 0; i < 500 && !all_parked(); ++i) {
+      (void)this_fiber::sleep_for(10ms);
+      err = dump_text();
+    }
+    ok = true;
+    for (int i = 0; i < 4; ++i)
+      ok &= err.find(std::string(names[i]) + " [blocking] at io/socket_edge_test.cc:" +
+                     std::to_string(lines[i]) + "\n") != std::string::npos;
+    release.store(true, std::memory_order_release);  // pairs with the pool thread's acquire
+    holder.join();
+    for (auto& h : lookups) h.join();
+  }, {.workers = 2});
+  if (ok) err = "each shown where called\n" + err;
+  (void)!::write(2, err.data(), err.size());  // not stdio: see dump_text()
+  return ok ? 0 : 1;
+}
+
+TEST(SocketsDeath, DumpShowsWhereTheProgramLookedANameUp) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        testing::exit_42_after(20s);
+        std::_Exit(lookups_parked_where_called());
+      },
+      ::testing::ExitedWithCode(0), "each shown where called");
 }
 
 // As Go's Dial: "name:port" is looked up and its addresses tried.
