@@ -108,6 +108,14 @@ inline std::string statusz_text() {
   return out;
 }
 
+// Whether `req` holds a whole request head: its lines end at a blank line.
+// A line ends in "\r\n" or a bare "\n" (HTTP lets a server take either,
+// RFC 9112 2.2, and Go's net/http does), so a head typed by hand or sent by
+// `printf 'GET /statusz HTTP/1.0\n\n' | nc` is complete too.
+inline bool has_request_head(const std::string& req) {
+  return req.find("\n\n") != std::string::npos || req.find("\n\r\n") != std::string::npos;
+}
+
 // One HTTP/1.0 exchange on a /statusz connection: GET /statusz gets the
 // counters, anything else 404; then the connection closes. A peer that
 // sends no full request head within 5 s is dropped.
@@ -116,7 +124,7 @@ inline void serve_statusz(weft::tcp_stream c) {
   std::string req;
   char buf[1024];
   const auto until = weft::deadline(5s);
-  while (req.find("\r\n\r\n") == std::string::npos && req.size() < 8192) {
+  while (!has_request_head(req) && req.size() < 8192) {
     auto n = c.read(buf, until);
     if (!n || *n == 0) return;
     req.append(buf, *n);

@@ -189,11 +189,11 @@ TEST(EchoServer, PortZeroAnnouncesThePortItGot) {
   ::close(s);
 }
 
-// An HTTP GET on a connected socket: everything until the server closes.
-std::string http_get(int port, const std::string& path) {
+// Sends `req` on a new connection to `port`: everything the server sends
+// back until it closes (or 5 s without a byte).
+std::string http_exchange(int port, const std::string& req) {
   int s = server::connect(port);
   if (s < 0) return "connect failed";
-  std::string req = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
   if (::send(s, req.data(), req.size(), MSG_NOSIGNAL) != ssize_t(req.size())) {
     ::close(s);
     return "send failed";
@@ -205,17 +205,26 @@ std::string http_get(int port, const std::string& path) {
   return got;
 }
 
+// An HTTP GET: everything until the server closes.
+std::string http_get(int port, const std::string& path) {
+  return http_exchange(port, "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+}
+
+// The port of the "statusz on http://127.0.0.1:N/statusz" line (-1 if none came).
+int status_port_of(server& srv) {
+  const std::string tag = "statusz on http://127.0.0.1:";
+  if (!srv.wait_for_stderr("/statusz\n")) return -1;
+  const auto at = srv.stderr_text().find(tag);
+  return at == std::string::npos ? -1 : std::atoi(srv.stderr_text().c_str() + at + tag.size());
+}
+
 // --status-port serves the runtime's counters at /statusz (DESIGN.md,
 // Observability): live fibers (the connection open meanwhile among them),
 // the I/O driver and its counters, per-worker figures; any other path 404.
 TEST(EchoServer, StatuszServesTheRuntimesCounters) {
   server srv({"--port", "0", "--workers", "2", "--status-port", "0"});
-  const std::string tag = "statusz on http://127.0.0.1:";
-  ASSERT_TRUE(srv.wait_for_stderr("/statusz\n")) << srv.stderr_text();
-  const auto at = srv.stderr_text().find(tag);
-  ASSERT_NE(at, std::string::npos) << srv.stderr_text();
-  const int status_port = std::atoi(srv.stderr_text().c_str() + at + tag.size());
-  ASSERT_GT(status_port, 0);
+  const int status_port = status_port_of(srv);
+  ASSERT_GT(status_port, 0) << srv.stderr_text();
   int port = srv.port();
   ASSERT_GT(port, 0) << srv.stderr_text();
   int conn = server::connect(port);
@@ -239,6 +248,26 @@ TEST(EchoServer, StatuszServesTheRuntimesCounters) {
   EXPECT_TRUE(http_get(status_port, "/").starts_with("HTTP/1.0 404 Not Found\r\n"));
   EXPECT_TRUE(echoes(conn, "still echoing\n"));
   ::close(conn);
+}
+
+// A request whose lines end in a bare "\n", as `printf 'GET /statusz
+// HTTP/1.0\n\n' | nc 127.0.0.1 N` or a hand-written health check sends it,
+// gets the page: HTTP lets a server take a lone LF as a line's end (RFC
+// 9112, 2.2), and Go's net/http does. Before, the server waited for
+// "\r\n\r\n" until its 5 s deadline and closed the connection without a
+// word.
+TEST(EchoServer, StatuszTakesARequestWhoseLinesEndInABareLineFeed) {
+  server srv({"--port", "0", "--workers", "1", "--status-port", "0"});
+  const int status_port = status_port_of(srv);
+  ASSERT_GT(status_port, 0) << srv.stderr_text();
+  for (const char* req : {"GET /statusz HTTP/1.0\n\n", "GET /statusz HTTP/1.1\nHost: x\n\n",
+                          "GET /statusz HTTP/1.0\r\nHost: x\n\r\n"}) {
+    const std::string page = http_exchange(status_port, req);
+    EXPECT_TRUE(page.starts_with("HTTP/1.0 200 OK\r\n")) << req << " got: " << page;
+    EXPECT_NE(page.find("\nlive_fibers "), std::string::npos) << req << " got: " << page;
+  }
+  EXPECT_TRUE(http_exchange(status_port, "GET / HTTP/1.0\n\n")
+                  .starts_with("HTTP/1.0 404 Not Found\r\n"));
 }
 
 // A peer that sends but never reads stalls its echo in write_all once the
