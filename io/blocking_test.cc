@@ -132,6 +132,24 @@ TEST_P(Blocking, AThreadStartedFromAFiberCanUnpinItself) {
   EXPECT_EQ(after, all);
 }
 
+// unpin_this_thread() is for a plain thread. Called from a fiber, it would
+// unpin the worker the fiber runs on, for good: a program that called it
+// "before starting a thread" (thinking the thread would inherit it) lost
+// its worker's pinning without a word. It is an error there and changes
+// nothing.
+TEST_P(Blocking, UnpinThisThreadOnAWorkerIsAnErrorAndKeepsItsCpus) {
+  int before = 0, after = 0;
+  result<void> r;
+  Run([&] {
+    before = cpus_of_this_thread();
+    r = unpin_this_thread();
+    after = cpus_of_this_thread();  // the same worker: nothing parked between
+  });
+  EXPECT_EQ(after, before) << "the worker's CPUs changed";
+  ASSERT_FALSE(r) << "unpin_this_thread() on a worker said it succeeded";
+  EXPECT_EQ(r.error(), std::errc::operation_not_permitted) << r.error().message();
+}
+
 // A blocking() call that takes a weft lock makes its pool thread a
 // possible waker while it runs (a plain thread holding a lock fibers may
 // park on), and only then: idle in the pool it wakes no one. It used to

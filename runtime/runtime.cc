@@ -226,6 +226,10 @@ void dump() { the_scheduler().dump(2); }
 unsigned worker_count() { return the_scheduler().worker_count(); }
 
 result<void> unpin_this_thread() {
+  // On a worker (a fiber called it) this would unpin the worker itself, for
+  // good, not a thread the fiber is about to start.
+  if (sched::current_worker())
+    return std::unexpected(std::make_error_code(std::errc::operation_not_permitted));
   cpu_set_t cpus;
   if (!sched::unpinned_cpus(&cpus))
     return std::unexpected(std::make_error_code(std::errc::operation_not_permitted));

@@ -110,7 +110,8 @@ unsigned worker_count();
 // only on that fiber's worker's CPU. Called on such a thread, this lets it
 // run on every CPU the runtime was started with (the blocking pool's
 // threads do it themselves). The error of pthread_setaffinity_np, or
-// operation_not_permitted before any runtime started.
+// operation_not_permitted before any runtime started or on a worker (from
+// a fiber: call it first thing on the new thread instead).
 result<void> unpin_this_thread();
 
 // Stack size classes below one page (1 KiB, 2 KiB) have no guard page; an
