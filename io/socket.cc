@@ -9,6 +9,7 @@
 #include "io/blocking.h"
 #include "io/fd_state.h"
 
+#include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/tcp.h>
 #include <sys/un.h>
@@ -141,8 +142,12 @@ std::optional<std::pair<std::string, int>> split_name_port(std::string_view text
   std::string_view host = text.substr(0, colon), port = text.substr(colon + 1);
   if (host.find_first_of(":[]/%@") != std::string_view::npos) return std::nullopt;
   // Digits and dots only: a malformed IPv4 literal ("1.2.3"), not a name
-  // (getaddrinfo would read it as inet_aton does, 1.2.0.3).
+  // (getaddrinfo would read it as inet_aton does, 1.2.0.3). So is anything
+  // else inet_aton reads ("0x7f.1", "0x7f000001"): getaddrinfo would answer
+  // with that address, name lookup or not. (Go takes none of these as an
+  // address.) A literal written out in full was parse()'s already.
   if (host.find_first_not_of("0123456789.") == std::string_view::npos) return std::nullopt;
+  if (in_addr ignored{}; ::inet_aton(std::string(host).c_str(), &ignored) != 0) return std::nullopt;
   int p = 0;
   auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), p);
   if (port.empty() || ec != std::errc{} || end != port.data() + port.size() || p < 0 ||

@@ -115,6 +115,34 @@ TEST_P(Sockets, BadAddressesAreInvalidArgument) {
   });
 }
 
+// A host that getaddrinfo reads as an IPv4 address the way inet_aton does,
+// but that is not one written out in full, is a malformed literal, never a
+// name: the hex forms ("0x7f.0.0.1", "0x7f000001") as well as the
+// shortened and octal ones fea938a refused ("127.1", "0177.0.0.1"). Go's
+// Listen and Dial take none of them as 127.0.0.1. Before, the hex forms,
+// having a letter, went to resolve() as names, and getaddrinfo answered
+// 127.0.0.1: bind and connect took them.
+TEST_P(Sockets, Ipv4AddressesInHexAreMalformedLiteralsNotNames) {
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    const std::string port = std::to_string(ln.local_address().value().port());
+    for (std::string host : {"0x7f.0.0.1", "0x7f000001", "0x7f.1", "127.0.0.0x1", "0X7F.0.0.1",
+                             "127.1", "0177.0.0.1"}) {
+      auto l = tcp_listener::bind(host + ":0");
+      EXPECT_FALSE(l) << host << " bound " << l->local_address().value().to_string();
+      if (!l) EXPECT_EQ(l.error(), std::errc::invalid_argument) << host;
+      auto u = udp_socket::bind(host + ":0");
+      EXPECT_FALSE(u) << host << " bound " << u->local_address().value().to_string();
+      if (!u) EXPECT_EQ(u.error(), std::errc::invalid_argument) << host;
+      auto c = tcp_stream::connect(host + ":" + port, deadline(5s));
+      EXPECT_FALSE(c) << host << " connected to " << c->peer_address().value().to_string();
+      if (!c) EXPECT_EQ(c.error(), std::errc::invalid_argument) << host;
+    }
+    // Names with hex digits in them are still names.
+    EXPECT_EQ(&tcp_listener::bind("0x7f.invalid:0").error().category(), &resolve_category());
+  });
+}
+
 // As Go's Listen and Tokio's bind: "name:port" is looked up, and the first
 // address that binds is used; a name that does not resolve is an error of
 // resolve_category(), an address literal that does not bind is the bind's.
