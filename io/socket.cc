@@ -134,6 +134,17 @@ result<socket_address> socket_base::local_address() const {
 
 namespace {
 
+// Digits and dots only, or anything else inet_aton reads ("1.2.3",
+// "0x7f.1", "0x7f000001") that is not a full dotted quad: a malformed IPv4
+// literal, not a name. getaddrinfo would read it as inet_aton does ("1.2.3"
+// is 1.2.0.3), name lookup or not; Go takes none of these as an address.
+bool malformed_ipv4_literal(const std::string& host) {
+  in_addr a{};
+  if (::inet_pton(AF_INET, host.c_str(), &a) == 1) return false;  // a dotted quad
+  return host.find_first_not_of("0123456789.") == std::string::npos ||
+         ::inet_aton(host.c_str(), &a) != 0;
+}
+
 // "name:port" -> {name, port}: a host that is not an address literal (those
 // socket_address::parse() takes) and a decimal port. Anything else: none.
 std::optional<std::pair<std::string, int>> split_name_port(std::string_view text) {
@@ -141,13 +152,8 @@ std::optional<std::pair<std::string, int>> split_name_port(std::string_view text
   if (colon == std::string_view::npos || colon == 0) return std::nullopt;
   std::string_view host = text.substr(0, colon), port = text.substr(colon + 1);
   if (host.find_first_of(":[]/%@") != std::string_view::npos) return std::nullopt;
-  // Digits and dots only: a malformed IPv4 literal ("1.2.3"), not a name
-  // (getaddrinfo would read it as inet_aton does, 1.2.0.3). So is anything
-  // else inet_aton reads ("0x7f.1", "0x7f000001"): getaddrinfo would answer
-  // with that address, name lookup or not. (Go takes none of these as an
-  // address.) A literal written out in full was parse()'s already.
-  if (host.find_first_not_of("0123456789.") == std::string_view::npos) return std::nullopt;
-  if (in_addr ignored{}; ::inet_aton(std::string(host).c_str(), &ignored) != 0) return std::nullopt;
+  // A literal written out in full was parse()'s already.
+  if (malformed_ipv4_literal(std::string(host))) return std::nullopt;
   int p = 0;
   auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), p);
   if (port.empty() || ec != std::errc{} || end != port.data() + port.size() || p < 0 ||
@@ -471,7 +477,8 @@ const std::error_category& resolve_category() noexcept {
 
 result<std::vector<socket_address>> resolve(const std::string& host, int port,
                                             std::source_location where) {
-  if (port < 0 || port > 65535 || host.find('\0') != std::string::npos)
+  if (port < 0 || port > 65535 || host.find('\0') != std::string::npos ||
+      malformed_ipv4_literal(host))
     return std::unexpected(std::make_error_code(std::errc::invalid_argument));
   return blocking([&]() -> result<std::vector<socket_address>> {
     addrinfo hints{};

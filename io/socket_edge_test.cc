@@ -140,6 +140,14 @@ TEST_P(Sockets, Ipv4AddressesInHexAreMalformedLiteralsNotNames) {
     }
     // Names with hex digits in them are still names.
     EXPECT_EQ(&tcp_listener::bind("0x7f.invalid:0").error().category(), &resolve_category());
+    // resolve() says the same of them: before, getaddrinfo's reading
+    // (127.0.0.1, 1.2.0.3).
+    for (const char* host : {"0x7f.0.0.1", "127.1", "1.2.3", "0177.0.0.1"}) {
+      auto r = resolve(host, 80);
+      EXPECT_FALSE(r) << host << " resolved to " << r->front().to_string();
+      if (!r) EXPECT_EQ(r.error(), std::errc::invalid_argument) << host;
+    }
+    EXPECT_EQ(resolve("127.0.0.1", 80).value().front().to_string(), "127.0.0.1:80");
   });
 }
 
