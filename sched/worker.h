@@ -133,7 +133,7 @@ class worker {
   fiber* next_local();
   fiber* take_inject();
   fiber* steal();
-  fiber* spin_before_sleep();
+  fiber* wait_for_steal_candidate();
   bool try_spin() noexcept;
   bool worth_stealing(unsigned v, const worker& victim) noexcept;
   void init_steal_state(unsigned workers);
@@ -213,8 +213,9 @@ class worker {
     clock::time_point lifo_since{};
   };
   std::vector<lone_look> last_seen_;
-  // While a candidate above is being timed, spinning goes on until its
-  // delay is up (bounded; see spin_before_sleep()).
+  // While a candidate above is being timed, a spinning worker waits for
+  // its delay to be up before it sleeps (bounded; see
+  // wait_for_steal_candidate()).
   clock::time_point candidate_until_{};
   bool spinning_ = false;
   bool in_idle_ = false;  // guarded by scheduler::idle_mu_
