@@ -478,8 +478,11 @@ void worker::schedule_local(fiber* f, bool hot, bool share) noexcept {
     // our loop, run it next (Tokio's should_notify_others). Waking a peer
     // for it cost a sleep and a wake-up each (~25 µs here) for nothing:
     // with two workers serving echo connections, half of all wake-ups.
+    // f is read before the push: from then on a thief may run it, and it
+    // may exit and be freed.
+    const bool pinned = f->home_ != nullptr;
     push_local(f);
-    if (f->home_ || local_.size_approx() < 2) return;
+    if (pinned || local_.size_approx() < 2) return;
   }
   sched_.wake_idle_worker();
 }
