@@ -473,16 +473,26 @@ void worker::schedule_local(fiber* f, bool hot, bool share) noexcept {
     }
   } else {
     // The loop's wakes (I/O completions): a peer is woken only for work it
-    // could take. A pinned fiber is ours alone, and a lone queued fiber is
-    // stolen only after kLoneStealDelay (worth_stealing()), while we, in
-    // our loop, run it next (Tokio's should_notify_others). Waking a peer
-    // for it cost a sleep and a wake-up each (~25 µs here) for nothing:
-    // with two workers serving echo connections, half of all wake-ups.
-    // f is read before the push: from then on a thief may run it, and it
-    // may exit and be freed.
-    const bool pinned = f->home_ != nullptr;
+    // could take while we run something else. A fiber that is the only
+    // one runnable here we, in our loop, run next; a peer would steal it
+    // (after kLoneStealDelay: worth_stealing()) only to find it gone.
+    // Waking a peer for it cost a sleep and a wake-up each (~25 µs here)
+    // for nothing: with two workers serving echo connections, half of all
+    // wake-ups. So: something a peer could take (the local queue, an
+    // unpinned LIFO fiber) and something else we run before or after it
+    // (the rest of the local queue, the LIFO slot, the pinned queue:
+    // Tokio's should_notify_others counts its LIFO slot too). Counting the
+    // local queue alone left a lone fiber reaped with a pinned one, or
+    // behind a LIFO fiber on a periodic poll, unshared: if the other one
+    // then computed, it waited for the monitor (10-20 ms) while a worker
+    // slept. f itself is not read after the push: from then on a thief may
+    // run it, and it may exit and be freed (62800f4).
     push_local(f);
-    if (pinned || local_.size_approx() < 2) return;
+    if (!has_stealable_work()) return;
+    // relaxed: our own slot.
+    std::uint32_t here = local_.size_approx() + (lifo_.load(std::memory_order_relaxed) != 0) +
+                         (pinned_head_ != nullptr);
+    if (here < 2) return;
   }
   sched_.wake_idle_worker();
 }
