@@ -27,6 +27,8 @@
 #include "runtime/sync.h"
 #include "runtime/weft.h"
 #include "sched/park.h"
+#include "sched/scheduler.h"
+#include "sched/worker.h"
 #include "tests/fixture.h"
 
 namespace weft {
@@ -122,6 +124,77 @@ TEST_P(Fibers, AFiberSpawnedBeforeALongComputationRunsInParallel) {
     h.join();
   });
   EXPECT_TRUE(ran_in_parallel) << "the spawned fiber waited for the spawner to park";
+}
+
+// weft::run(body) on two workers without the monitor thread (a sched/
+// option weft::options does not expose): the monitor wakes an idle worker
+// for what a worker stuck in one fiber has queued (scheduler::check_worker),
+// which would hide whether the scheduler shares that work itself. body
+// gets the scheduler.
+template <typename F>
+void run_two_workers_without_monitor(F body) {
+  sched::scheduler_options so;
+  so.workers = 2;
+  so.monitor_period = std::chrono::milliseconds(0);
+  sched::scheduler s(std::move(so));
+  s.start();
+  spawn([&] {
+    body(s);
+    s.unwind_all();
+  }, {.name = "main"}).detach();
+  s.join();
+}
+
+// Worker w has registered as idle and not yet left its sleep: a spawn now
+// wakes it (or it was woken already, as a spinner). A snapshot of the
+// owner's relaxed counters, read in the order it bumps them (the sleep
+// before its wait, the wake-up after it): a sleep seen, then its wake-up
+// not, is a sleep under way at the second load (x86 keeps loads in order;
+// a test's heuristic, not a synchronization).
+bool asleep(sched::scheduler& s, unsigned w) {
+  const sched::worker_counters& c = s.worker_at(w).counters();
+  std::uint64_t sleeps = c.sleeps.load(std::memory_order_relaxed);
+  return sleeps > c.wakeups.load(std::memory_order_relaxed);
+}
+
+// AFiberSpawnedBeforeALongComputationRunsInParallel on two workers with
+// the monitor left out, many times over: the spawn wakes the idle worker
+// (schedule_local's `share`), which must take the child from the
+// spawner's LIFO slot once it has waited there kLifoStealDelay
+// (steal_lifo()), not go back to sleep first. At 4c45ae6, which stopped
+// idle workers spinning, the woken worker probed only until the delay was
+// up (wait_for_steal_candidate()): when its last probe fell just before
+// that moment, or the thread was descheduled past it, it slept, and the
+// child waited for the spawner (here its 2 s bound; with the monitor, two
+// monitor periods). Each round starts with the other worker asleep. At
+// 4c45ae6 10 runs of 10 failed, after 3 to 554 rounds; at its parent,
+// which spun 50 µs past the delay, and since a probe must run after it,
+// 10 of 10 passed.
+TEST(FibersTwoWorkers, AFiberSpawnedBeforeALongComputationIsTakenWithoutTheMonitor) {
+  int late = 0, rounds = 0;
+  run_two_workers_without_monitor([&](sched::scheduler& s) {
+    auto until_all = std::chrono::steady_clock::now() + 20s;
+    for (; rounds < 1000 && late == 0 && std::chrono::steady_clock::now() < until_all; ++rounds) {
+      // The other worker asleep: a spawn that finds it still on its way
+      // there (not spinning, not yet idle) wakes nobody, and it rechecks
+      // the run queues, not the LIFO slot (by design: the monitor covers
+      // that race).
+      do {
+        (void)this_fiber::sleep_for(1ms);
+      } while (!asleep(s, 1 - this_fiber::worker_index()) &&
+               std::chrono::steady_clock::now() < until_all);
+      std::atomic<bool> ran{false};
+      auto h = spawn([&] { ran.store(true, std::memory_order_release); });
+      auto until = std::chrono::steady_clock::now() + 2s;
+      while (!ran.load(std::memory_order_acquire) && std::chrono::steady_clock::now() < until) {
+        // busy: never parks, never yields
+      }
+      if (!ran.load(std::memory_order_acquire)) ++late;
+      h.join();
+    }
+  });
+  EXPECT_EQ(late, 0) << "after " << rounds << " rounds: a spawned fiber waited 2 s for its "
+                     << "spawner to park while the other worker slept";
 }
 
 // A fiber woken into the LIFO slot of a worker whose running fiber then

@@ -160,9 +160,18 @@ fiber* worker::find_runnable() {
 
 // A spinning worker that found nothing sleeps at once, unless it is timing
 // a steal candidate (a lone fiber or a LIFO fiber: see worth_stealing()
-// and steal_lifo()). Then it keeps probing until the candidate's delay is
-// up, within kLoneStealDelay: sleeping first would leave the candidate to
-// a victim that may be stuck.
+// and steal_lifo()). Then it keeps probing until a probe has run with the
+// candidate's delay up, within kLoneStealDelay: sleeping first would leave
+// the candidate to a victim that may be stuck. Not "until the delay is
+// up": the probe before that moment finds the delay not quite up, and one
+// after it is what takes the candidate. Stopping at the moment itself
+// (4c45ae6; and before it, at the end of a 50 µs spin this thread may be
+// descheduled past) lost LIFO candidates now and then, and the last
+// spinner's re-check in sleep() looks at run queues, not LIFO slots: a
+// spawner's child waited for the monitor while a worker slept
+// (runtime/fiber_test.cc, FibersTwoWorkers). candidate_until_ is cleared
+// when such a probe starts, so a set one means a candidate seen since, its
+// delay perhaps already up.
 //
 // It used to probe for 50 µs more in any case, since a futex wake-up costs
 // 20-30 µs each way here. Measured against that (bench/micro, alternating,
@@ -174,15 +183,19 @@ fiber* worker::find_runnable() {
 // after a few rounds of stealing, without a time.
 fiber* worker::wait_for_steal_candidate() {
   if (!spinning_) return nullptr;
-  clock::time_point now = clock::now();
-  const clock::time_point limit = now + kLoneStealDelay;
-  while (candidate_until_ > now && now < limit) {
-    for (int i = 0; i < kPausesPerProbe; ++i) __builtin_ia32_pause();
+  const clock::time_point limit = clock::now() + kLoneStealDelay;
+  while (candidate_until_ != clock::time_point{}) {
+    clock::time_point now = clock::now();
+    bool last = now >= candidate_until_ || now >= limit;
+    if (last)
+      candidate_until_ = {};  // this probe's steal() reads a clock at least `now`
+    else
+      for (int i = 0; i < kPausesPerProbe; ++i) __builtin_ia32_pause();
     fire_timers();
     if (fiber* f = next_local()) return f;
     if (fiber* f = take_inject()) return f;
-    if (fiber* f = steal()) return f;  // may push candidate_until_ further
-    now = clock::now();
+    if (fiber* f = steal()) return f;  // may set candidate_until_ again
+    if (now >= limit) break;  // a candidate it set is probed at the next wait
   }
   return nullptr;
 }

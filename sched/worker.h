@@ -214,8 +214,9 @@ class worker {
   };
   std::vector<lone_look> last_seen_;
   // While a candidate above is being timed, a spinning worker waits for
-  // its delay to be up before it sleeps (bounded; see
-  // wait_for_steal_candidate()).
+  // its delay to be up, and probes once more, before it sleeps (bounded;
+  // see wait_for_steal_candidate()). {}: no candidate seen since the last
+  // such probe.
   clock::time_point candidate_until_{};
   bool spinning_ = false;
   bool in_idle_ = false;  // guarded by scheduler::idle_mu_
