@@ -45,6 +45,29 @@ void report(const char* w, long n, double v, const char* unit) {
   return resident * sysconf(_SC_PAGESIZE);
 }
 
+// WEFT_MICRO_STATS=1: the runtime's counters after the timed part, to
+// stderr (where the fibers ran, steals, parks), for reading a result.
+void print_stats_if_asked() {
+  const char* e = std::getenv("WEFT_MICRO_STATS");
+  if (!e || *e == '\0' || *e == '0') return;
+  weft::runtime_stats s = weft::stats();
+  for (std::size_t i = 0; i < s.workers.size(); ++i)
+    std::fprintf(stderr, "stats: worker%zu fibers_run=%llu steals=%llu overflowed=%llu\n", i,
+                 static_cast<unsigned long long>(s.workers[i].fibers_run),
+                 static_cast<unsigned long long>(s.workers[i].steals),
+                 static_cast<unsigned long long>(s.workers[i].overflowed));
+  std::fprintf(stderr,
+               "stats: spawned=%llu parks=%llu yields=%llu sleeps=%llu wakeups=%llu "
+               "lifo_runs=%llu inject_pops=%llu\n",
+               static_cast<unsigned long long>(s.spawned),
+               static_cast<unsigned long long>(s.parks),
+               static_cast<unsigned long long>(s.yields),
+               static_cast<unsigned long long>(s.sleeps),
+               static_cast<unsigned long long>(s.wakeups),
+               static_cast<unsigned long long>(s.lifo_runs),
+               static_cast<unsigned long long>(s.inject_pops));
+}
+
 // spawn_join: as the Go peer does it, n fibers with no handle (weft::go,
 // Go's `go`) that each increment an atomic and count down a wait_group.
 int spawn_join(long n) {
@@ -61,6 +84,7 @@ int spawn_join(long n) {
       });
     (void)wg.wait();
     ns = elapsed_ns(t0);
+    print_stats_if_asked();
   });
   if (count != n) return 1;
   report("spawn_join", n, ns / n, "ns/fiber");
@@ -80,6 +104,7 @@ int spawn_join_handles(long n) {
       hs.push_back(weft::spawn([&] { count.fetch_add(1, std::memory_order_relaxed); }));
     for (auto& h : hs) h.join();
     ns = elapsed_ns(t0);
+    print_stats_if_asked();
   });
   if (count != n) return 1;
   report("spawn_join_handles", n, ns / n, "ns/fiber");
@@ -114,6 +139,7 @@ int skynet() {
     weft::go([&c] { skynet_node(c, 0, 1'000'000, 10); }, {.stack_size = 16 * 1024});
     sum = c.recv().value_or(0);
     ns = elapsed_ns(t0);
+    print_stats_if_asked();
   });
   if (sum != 499'999'500'000L) return 1;
   report("skynet", 1'000'000, ns / 1e6, "ms");
@@ -143,6 +169,7 @@ int skynet_handles() {
     auto t0 = bench_clock::now();
     sum = skynet_handles_node(0, 1'000'000, 10);
     ns = elapsed_ns(t0);
+    print_stats_if_asked();
   });
   if (sum != 499'999'500'000L) return 1;
   report("skynet_handles", 1'000'000, ns / 1e6, "ms");
@@ -168,6 +195,7 @@ int yield_bench(long n) {
     a.join();
     b.join();
     ns = elapsed_ns(t0);
+    print_stats_if_asked();
   }, one_worker);
   report("yield", 2 * n, ns / (2 * n), "ns/yield");
   return 0;
@@ -196,6 +224,7 @@ int pingpong(long n) {
     pinger.join();
     ponger.join();
     ns = elapsed_ns(t0);
+    print_stats_if_asked();
   });
   if (final_token != n) return 1;
   report("pingpong", n, ns / n, "ns/roundtrip");
@@ -225,6 +254,7 @@ int fanin(long n) {
     sum = consumer.join();
     for (auto& p : ps) p.join();
     ns = elapsed_ns(t0);
+    print_stats_if_asked();
   });
   if (sum != kProducers * (n * (n - 1) / 2)) return 1;
   report("fanin", total, total / (ns / 1e9) / 1e6, "Mmsg/s");
@@ -252,6 +282,7 @@ int mutex_bench(long n) {
       }));
     for (auto& h : hs) h.join();
     ns = elapsed_ns(t0);
+    print_stats_if_asked();
   });
   if (counter != kFibers * n) return 1;
   report("mutex", kFibers * n, ns / (kFibers * n), "ns/lock");
