@@ -82,14 +82,6 @@ chan_core::~chan_core() {
   if (buf_) ::operator delete(buf_, std::align_val_t{ops_.align});
 }
 
-// No division: head_ < cap_ and i <= cap_ (this sits inside the lock, where
-// every cycle counts under contention; see the fanin workload).
-void* chan_core::slot(std::size_t i) const noexcept {
-  std::size_t k = head_ + i;
-  if (k >= cap_) k -= cap_;
-  return buf_ + k * ops_.size;
-}
-
 chan_status chan_core::try_send_locked(void* v, wake_ticket& t) noexcept {
   if (closed_) return chan_status::closed;
   if (waiter* r = recvq_.empty() ? nullptr : pop_claimed(recvq_, t)) {
@@ -154,9 +146,8 @@ chan_status chan_core::finish_at_once(chan_status s, wake_ticket t, bool may_blo
   return s;
 }
 
-chan_status chan_core::send(void* v, clock::time_point dl, bool may_block,
-                            const std::source_location& where) {
-  lk_.lock();
+chan_status chan_core::send_locked(void* v, clock::time_point dl, bool may_block,
+                                   const std::source_location& where) {
   wake_ticket t;
   chan_status s = try_send_locked(v, t);
   if (s != chan_status::would_block || !may_block) return finish_at_once(s, t, may_block);
@@ -166,9 +157,9 @@ chan_status chan_core::send(void* v, clock::time_point dl, bool may_block,
   return finish_wait(r, w);
 }
 
-chan_status chan_core::recv(void* out, void (*deliver)(void*, void*), clock::time_point dl,
-                            bool may_block, const std::source_location& where) {
-  lk_.lock();
+chan_status chan_core::recv_locked(void* out, void (*deliver)(void*, void*),
+                                   clock::time_point dl, bool may_block,
+                                   const std::source_location& where) {
   wake_ticket t;
   chan_status s = try_recv_locked(out, deliver, t);
   if (s != chan_status::would_block || !may_block) return finish_at_once(s, t, may_block);
