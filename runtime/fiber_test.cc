@@ -857,6 +857,78 @@ TEST_P(Fibers, FiberLocalsAreDestroyedInTheReverseOrderOfTheirConstruction) {
   EXPECT_LT(fls_user<1>::destroyed_at.load(), fls_dep<1>::destroyed_at.load());
 }
 
+// Two fiber_locals whose destructors each set the other: at fiber exit,
+// destroying one made the other anew, whose destructor made the first
+// anew, and so on forever (the fiber never ended, nor did its joiner). As
+// POSIX does for pthread keys (PTHREAD_DESTRUCTOR_ITERATIONS, 4), values
+// set by destructors are destroyed for four rounds at most; what is set in
+// the fourth is left (never destroyed), with a line on stderr. Here the
+// first value is destroyed in round 1, the one its destructor sets in
+// round 2, and so on: four destructor runs, and one value left. The
+// destructors stop setting after kFlsGiveUp runs, so that the old code
+// fails here instead of hanging.
+constexpr int kFlsGiveUp = 1000;
+std::atomic<int> g_fls_bounce_destroyed{0};
+// The values alive now, earlier runs' leftovers included: what the cleanup
+// leaves stays reachable from here, to the end (it is never freed, and
+// LeakSanitizer must not call it a leak), so the set is never destroyed.
+std::mutex g_fls_bounce_mu;
+std::set<void*>& g_fls_bounce_alive = *new std::set<void*>;
+std::size_t fls_bounce_reset() {
+  g_fls_bounce_destroyed = 0;
+  std::lock_guard g(g_fls_bounce_mu);
+  return g_fls_bounce_alive.size();
+}
+void fls_bounce_made(void* v) {
+  std::lock_guard g(g_fls_bounce_mu);
+  g_fls_bounce_alive.insert(v);
+}
+// Whether the destructor of v should set the other one again.
+bool fls_bounce_destroyed(void* v) {
+  std::lock_guard g(g_fls_bounce_mu);
+  g_fls_bounce_alive.erase(v);
+  return g_fls_bounce_destroyed.fetch_add(1) + 1 < kFlsGiveUp;
+}
+struct fls_ping {
+  fls_ping() { fls_bounce_made(this); }
+  ~fls_ping();
+};
+struct fls_pong {
+  fls_pong() { fls_bounce_made(this); }
+  ~fls_pong();
+};
+fiber_local<fls_ping> g_fls_ping;
+fiber_local<fls_pong> g_fls_pong;
+fls_ping::~fls_ping() {
+  if (fls_bounce_destroyed(this)) (void)g_fls_pong.get();
+}
+fls_pong::~fls_pong() {
+  if (fls_bounce_destroyed(this)) (void)g_fls_ping.get();
+}
+
+TEST_P(Fibers, FiberLocalsSetAgainByTheirDestructorsAreDestroyedForFourRoundsAtMost) {
+  const std::size_t left_before = fls_bounce_reset();
+  Run([] { spawn([] { (void)g_fls_ping.get(); }).join(); });
+  EXPECT_EQ(g_fls_bounce_destroyed.load(), 4);
+  std::lock_guard g(g_fls_bounce_mu);
+  EXPECT_EQ(g_fls_bounce_alive.size(), left_before + 1)
+      << "the value set in round 4 is left undestroyed";
+}
+
+TEST(FiberLocalDeath, FiberLocalsLeftAfterFourRoundsAreReportedWithTheFiber) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        (void)fls_bounce_reset();
+        weft::run([] { spawn([] { (void)g_fls_ping.get(); }, {.name = "bouncer"}).join(); },
+                  {.workers = 2});
+        std::_Exit(g_fls_bounce_destroyed.load() == 4 ? 0 : 1);
+      },
+      ::testing::ExitedWithCode(0),
+      "weft: fiber [0-9]+ \"bouncer\": 1 fiber_local value set again by destructors "
+      "after 4 rounds, left undestroyed");
+}
+
 TEST_P(Fibers, FibersStillAliveWhenMainReturnsAreUnwound) {
   static std::atomic<int> constructed, destroyed;
   constructed = 0;

@@ -453,6 +453,10 @@ void fls_store(std::uint64_t key, void* value, void (*destroy)(void*));
 // returns), in the reverse order of their construction, as thread_locals
 // are: a value whose constructor used another fiber_local's value may still
 // use it in its destructor. It follows the fiber across workers.
+// A destructor may set fiber_locals again; what it sets is destroyed in
+// turn, for four rounds at most, as POSIX does for pthread keys: a value
+// set in the fourth round (two destructors that each set the other's
+// value) is left undestroyed, and a line on stderr names the fiber.
 // When the fiber_local itself goes away, each fiber's value for it is
 // destroyed at that fiber's exit, or earlier, when the fiber first uses a
 // fiber_local made later that took over its key (see sched/fls.h).

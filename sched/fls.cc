@@ -2,6 +2,7 @@
 #include "sched/fls.h"
 
 #include <cstdint>
+#include <cstdio>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -15,6 +16,7 @@ namespace {
 struct table {
   std::vector<fls_slot> slots;
   std::uint64_t stored = 0;  // values stored so far: the last one's order
+  std::uint32_t destroying = 0;  // at exit, the round of the value being destroyed (*Exit*)
 };
 
 // The key allocator. Keys are made and dropped where fiber_locals are
@@ -89,6 +91,7 @@ void fls_put(std::uint64_t key, void* value, void (*destroy)(void*)) {
   s.value = value;
   s.destroy = destroy;
   s.order = ++t->stored;
+  s.round = t->destroying + 1;  // stored outside fls_destroy_all(): round 1
 }
 
 void fls_destroy_all(fiber* f) noexcept {
@@ -99,17 +102,29 @@ void fls_destroy_all(fiber* f) noexcept {
   // or growing t->slots (reallocating it). So the search runs again after
   // every destructor, by index, never holding a reference across one. The
   // cost is a scan of the table per value, for the few values a fiber has.
+  // Values past the last round are skipped, and left (*Exit*).
   for (;;) {
     std::vector<fls_slot>& slots = t->slots;
     std::size_t newest = slots.size();
     for (std::size_t i = 0; i < slots.size(); ++i)
-      if (slots[i].value && (newest == slots.size() || slots[i].order > slots[newest].order))
+      if (slots[i].value && slots[i].round <= kDestroyRounds &&
+          (newest == slots.size() || slots[i].order > slots[newest].order))
         newest = i;
     if (newest == slots.size()) break;
     fls_slot& s = slots[newest];
     void* v = std::exchange(s.value, nullptr);
+    const std::uint32_t outer = std::exchange(t->destroying, s.round);
     std::exchange(s.destroy, nullptr)(v);  // may resize slots: s is dead from here
+    t->destroying = outer;
   }
+  std::size_t left = 0;
+  for (const fls_slot& s : t->slots) left += s.value != nullptr;
+  if (left)
+    std::fprintf(stderr,
+                 "weft: fiber %llu \"%s\": %zu fiber_local value%s set again by destructors "
+                 "after %u rounds, left undestroyed\n",
+                 static_cast<unsigned long long>(f->id_), f->name_, left, left == 1 ? "" : "s",
+                 kDestroyRounds);
   delete t;
   f->fls_ = nullptr;
 }

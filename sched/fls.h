@@ -26,6 +26,20 @@
 // first uses the index's new owner, or at fiber exit, whichever comes
 // first; it is never seen through the new key.
 //
+// Exit. fls_destroy_all() destroys the values newest first; a destructor
+// may set values again (of its own fiber_local or another), and those are
+// destroyed in turn. Two destructors that each set the other's value would
+// go on forever, so, as POSIX does for thread-specific data
+// (PTHREAD_DESTRUCTOR_ITERATIONS, 4), there are kDestroyRounds rounds at
+// most: the values stored before exit are round 1, a value stored by a
+// destructor of a round-r value is round r+1, and a value of a round past
+// the last is left, never destroyed (its memory is lost), with one line on
+// stderr naming the fiber. Left rather than destroyed once more: its
+// destructor would likely set a value again, which would then be the one
+// left (or, run with storage shut, find get() unable to return anything),
+// while leaving it runs no more code and costs the memory of at most one
+// value per fiber_local, in a program that has a bug to fix.
+//
 // Who calls what: fls_new_key(), fls_free_key() any thread; fls_get() and
 // fls_put() and fls_destroy_all() only from (or, at exit, for) the fiber whose
 // storage it is.
@@ -47,7 +61,9 @@ struct fls_slot {
   void (*destroy)(void*) = nullptr;
   std::uint32_t gen = 0;  // the generation of the key that value belongs to
   std::uint64_t order = 0;  // the value's sequence number (see *Order*)
+  std::uint32_t round = 0;  // the exit round that destroys it (see *Exit*)
 };
+inline constexpr std::uint32_t kDestroyRounds = 4;  // see *Exit*
 // The reference is good until the fiber's next fls_get() of a key beyond
 // the table's end (which grows it).
 fls_slot& fls_get(std::uint64_t key);
