@@ -7,6 +7,8 @@
 //     body ran or the runtime discarded it unrun (task_group::child).
 //   - mu_ (a spinlock; nothing under it parks) guards members_, error_,
 //     exception_, stopping_ and failed_.
+//   - failed_ is set once, by the first failure; a child's
+//     operation_canceled after stopping_ was set is no failure (fail()).
 //   - members_ lists the children whose body is running: a child links its
 //     record (on its own stack) as its body starts and unlinks it as the
 //     body ends, before it counts down; so a fiber named in members_ is
@@ -60,6 +62,10 @@ void task_group::fail(std::error_code ec, std::exception_ptr e) {
   {
     std::lock_guard g(mu_);
     if (failed_) return;
+    // Once the group is stopping, operation_canceled says a child was
+    // stopped, not that it failed: counted, it would hide (or not, as the
+    // children happen to end) a real failure coming after it.
+    if (stopping_ && !e && ec == std::errc::operation_canceled) return;
     failed_ = true;
     error_ = ec;
     exception_ = std::move(e);

@@ -11,9 +11,14 @@
 //     first failure requests stop on every other child (their parked
 //     operations return operation_canceled), and wait() reports it: it
 //     rethrows the first exception, or returns the first error.
+//   - A child that returns operation_canceled once the group is stopping
+//     (after a failure, request_stop(), or the owner's own stop) was
+//     stopped: that is no failure, so it never takes the place of a real
+//     one that comes later, and a group stopped by request_stop() with no
+//     failure waits ok (as a Trio nursery whose scope is cancelled).
 //   - wait() waits for every child. If the waiting fiber is itself asked to
 //     stop, it requests stop on the children, still waits for all of them,
-//     and returns operation_canceled (unless a child failed first).
+//     and returns operation_canceled (unless a child failed).
 //   - The destructor requests stop on the children still running and waits
 //     for them: no child outlives its group. It never throws, also when the
 //     runtime unwinds the owner (the children are unwound too).
@@ -65,9 +70,11 @@ class task_group {
     (void)weft::go(std::move(c), opts);
   }
 
-  // Waits for every child; the first failure, operation_canceled, or ok.
+  // Waits for every child; the first failure, operation_canceled (the
+  // caller's own stop), or ok.
   result<void> wait(std::source_location where = std::source_location::current());
-  // Asks every child (current and future) to stop.
+  // Asks every child (current and future) to stop. Not a failure: wait()
+  // reports ok unless a child fails.
   void request_stop();
 
  private:

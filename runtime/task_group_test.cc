@@ -79,6 +79,61 @@ TEST_P(TaskGroup, StoppingTheWaiterStopsTheChildren) {
   });
 }
 
+// A child stopped by its group that says so (returns operation_canceled)
+// has not failed: it must not take the place of a real failure that comes
+// after it (a sibling that fails while it cleans up), whoever stopped the
+// group: request_stop() or the owner's own stop. It used to count as the
+// first failure, so which of the two children ended first decided, and the
+// exception was lost without a word when the cancel came first, as here.
+TEST_P(TaskGroup, AChildStoppedWithOperationCanceledDoesNotHideALaterFailure) {
+  Run([] {
+    for (bool owner_stopped : {false, true}) {
+      auto owner = spawn([owner_stopped]() -> result<void> {
+        task_group g;
+        std::atomic<bool> reported{false};
+        g.spawn([&]() -> result<void> {
+          result<void> r = this_fiber::sleep_for(1h);
+          reported = true;
+          return r;  // operation_canceled, counted by the group right after
+        });
+        g.spawn([&] {
+          (void)this_fiber::sleep_for(1h);
+          while (!reported.load()) this_fiber::yield();
+          for (auto until = clock::now() + 20ms; clock::now() < until;) this_fiber::yield();
+          throw std::runtime_error("flush failed");
+        });
+        if (!owner_stopped) {
+          (void)this_fiber::sleep_for(2ms);
+          g.request_stop();
+        }
+        return g.wait();
+      });
+      if (owner_stopped) {
+        (void)this_fiber::sleep_for(2ms);
+        owner.request_stop();
+      }
+      EXPECT_THROW((void)owner.join(), std::runtime_error) << "owner stopped: " << owner_stopped;
+    }
+  });
+}
+
+// A group stopped by request_stop() with no failure (here a child found
+// what the others were searching for): wait() returns ok however the
+// stopped children report it. It returned operation_canceled when one of
+// them returned it, and ok when they all returned nothing.
+TEST_P(TaskGroup, AGroupStoppedByRequestStopWithNoFailureWaitsOk) {
+  Run([] {
+    task_group g;
+    g.spawn([] { (void)this_fiber::sleep_for(1h); });
+    g.spawn([]() -> result<void> { return this_fiber::sleep_for(1h); });
+    g.spawn([&g] {
+      (void)this_fiber::sleep_for(2ms);
+      g.request_stop();  // found it
+    });
+    EXPECT_TRUE(g.wait());
+  });
+}
+
 // What a child captured is destroyed before the child counts as finished:
 // when wait() returns, it is gone (here its destructor takes 20 ms, as
 // closing a connection might).
