@@ -39,11 +39,20 @@ int new_socket(int family, int type = SOCK_STREAM) {
   return fd >= 0 ? fd : -errno;  // errno read right after the call
 }
 
-// The first IOV_MAX buffers: the kernel refuses more in one call
-// (EMSGSIZE); readv and writev return a short count instead, as any
-// transfer may.
-std::size_t iov_count(std::span<const iovec> bufs) {
-  return std::min<std::size_t>(bufs.size(), IOV_MAX);
+// The buffers one readv or writev hands the kernel: at most IOV_MAX (it
+// refuses more in one call: EMSGSIZE; readv and writev return a short
+// count instead, as any transfer may), starting at the first buffer with
+// room. Empty buffers in front are skipped, not counted: had the first
+// IOV_MAX all been empty, recvmsg would have returned 0, which reads as the
+// end of the stream, and sendmsg 0 with the data still to send, on which a
+// write loop spins. Skipping them moves no byte, so the count the caller
+// gets still says how far into `bufs` it got. Empty only if bufs has no
+// room at all.
+std::span<const iovec> iov_window(std::span<const iovec> bufs) {
+  std::size_t first = 0;
+  while (first < bufs.size() && bufs[first].iov_len == 0) ++first;
+  bufs = bufs.subspan(first);
+  return bufs.first(std::min<std::size_t>(bufs.size(), IOV_MAX));
 }
 
 }  // namespace
@@ -249,12 +258,6 @@ result<std::size_t> nothing_to_move(fd_state* st) {
   return on_fd(st, [](int) -> result<std::size_t> { return 0; });
 }
 
-bool all_empty(std::span<const iovec> bufs) {
-  for (const iovec& v : bufs)
-    if (v.iov_len) return false;
-  return true;
-}
-
 }  // namespace
 
 result<std::size_t> tcp_stream::read(std::span<char> buf, deadline_arg d,
@@ -315,10 +318,11 @@ result<void> tcp_stream::write_all(std::span<const char> buf, deadline_arg d,
 
 result<std::size_t> tcp_stream::readv(std::span<const iovec> bufs, deadline_arg d,
                                       std::source_location where) {
-  if (all_empty(bufs)) return nothing_to_move(st_);
+  const std::span<const iovec> w = iov_window(bufs);
+  if (w.empty()) return nothing_to_move(st_);
   msghdr m{};
-  m.msg_iov = const_cast<iovec*>(bufs.data());  // the kernel only reads the array
-  m.msg_iovlen = iov_count(bufs);
+  m.msg_iov = const_cast<iovec*>(w.data());  // the kernel only reads the array
+  m.msg_iovlen = w.size();
   op o{.kind = op_kind::recvmsg, .msg = &m};
   auto r = perform_on(st_, o, d.when, "tcp readv", where);
   if (!r) return std::unexpected(r.error());
@@ -327,10 +331,11 @@ result<std::size_t> tcp_stream::readv(std::span<const iovec> bufs, deadline_arg 
 
 result<std::size_t> tcp_stream::writev(std::span<const iovec> bufs, deadline_arg d,
                                        std::source_location where) {
-  if (all_empty(bufs)) return nothing_to_move(st_);
+  const std::span<const iovec> w = iov_window(bufs);
+  if (w.empty()) return nothing_to_move(st_);
   msghdr m{};
-  m.msg_iov = const_cast<iovec*>(bufs.data());  // the kernel only reads the array
-  m.msg_iovlen = iov_count(bufs);
+  m.msg_iov = const_cast<iovec*>(w.data());  // the kernel only reads the array
+  m.msg_iovlen = w.size();
   op o{.kind = op_kind::sendmsg, .msg = &m};
   auto r = perform_on(st_, o, d.when, "tcp writev", where);
   if (!r) return std::unexpected(r.error());

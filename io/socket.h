@@ -224,8 +224,9 @@ class tcp_stream : public socket_base {
   // Sends all of buf (several sends if needed).
   [[nodiscard]] result<void> write_all(std::span<const char> buf, deadline_arg d = {},
       std::source_location where = std::source_location::current());
-  // One scatter receive / gather send, over at most the first IOV_MAX
-  // (1024) buffers; the count says how far it got.
+  // One scatter receive / gather send, over at most IOV_MAX (1024)
+  // buffers from the first that is not empty; the count says how far it
+  // got. 0 only at end of stream (readv) or when no buffer has room.
   [[nodiscard]] result<std::size_t> readv(std::span<const iovec> bufs, deadline_arg d = {},
       std::source_location where = std::source_location::current());
   [[nodiscard]] result<std::size_t> writev(std::span<const iovec> bufs, deadline_arg d = {},

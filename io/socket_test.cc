@@ -301,6 +301,40 @@ TEST_P(Sockets, ReadvAndWritevTakeMoreBuffersThanIovMax) {
   });
 }
 
+// More than IOV_MAX empty buffers before the one with room: the call must
+// still move bytes. readv returned 0, what every caller takes for the end
+// of the stream, with data waiting, when the first IOV_MAX were all empty.
+TEST_P(Sockets, ReadvPastIovMaxEmptyBuffersIsNotEndOfStream) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    std::vector<iovec> v(IOV_MAX + 100, iovec{nullptr, 0});
+    char in[5];
+    v.push_back({in, sizeof in});
+    ASSERT_TRUE(s.write_all({"hello", 5}));
+    auto n = c.readv(v, deadline(5s));
+    ASSERT_TRUE(n) << n.error().message();
+    ASSERT_EQ(*n, 5u);
+    EXPECT_EQ(std::string(in, 5), "hello");
+  });
+}
+
+// The same for writev: it returned 0 with all the data left, on which a
+// loop that writes until done spins.
+TEST_P(Sockets, WritevPastIovMaxEmptyBuffersSendsTheData) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    std::vector<iovec> v(IOV_MAX + 100, iovec{nullptr, 0});
+    char out[] = "hello";
+    v.push_back({out, 5});
+    auto n = s.writev(v, deadline(5s));
+    ASSERT_TRUE(n) << n.error().message();
+    ASSERT_EQ(*n, 5u);
+    char in[5];
+    ASSERT_TRUE(c.read_exact(in, deadline(5s)));
+    EXPECT_EQ(std::string(in, 5), "hello");
+  });
+}
+
 TEST_P(Sockets, ReadDeadlineFiresWithTimedOut) {
   Run([&] {
     auto [c, s] = connected_pair();  // never writes
