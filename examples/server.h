@@ -10,7 +10,9 @@
 #pragma once
 
 #include <signal.h>
+#include <sys/socket.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -108,33 +110,68 @@ inline std::string statusz_text() {
   return out;
 }
 
-// Whether `req` holds a whole request head: its lines end at a blank line.
-// A line ends in "\r\n" or a bare "\n" (HTTP lets a server take either,
-// RFC 9112 2.2, and Go's net/http does), so a head typed by hand or sent by
+// The largest request head /statusz reads (as Go's DefaultMaxHeaderBytes
+// bounds it, at 1 MiB): a longer one is refused with 431.
+constexpr std::size_t kMaxRequestHead = 8192;
+
+// The length of the request head at the start of `req`, through the blank
+// line that ends it; 0 while that has not come. A line ends in "\r\n" or a
+// bare "\n" (HTTP lets a server take either, RFC 9112 2.2, and Go's
+// net/http does), so a head typed by hand or sent by
 // `printf 'GET /statusz HTTP/1.0\n\n' | nc` is complete too.
-inline bool has_request_head(const std::string& req) {
-  return req.find("\n\n") != std::string::npos || req.find("\n\r\n") != std::string::npos;
+inline std::size_t request_head_size(const std::string& req) {
+  const std::size_t lf = req.find("\n\n"), crlf = req.find("\n\r\n");
+  if (lf == std::string::npos && crlf == std::string::npos) return 0;
+  return lf < crlf ? lf + 2 : crlf + 3;  // the first blank line ends it
+}
+
+// Ends a /statusz connection after the reply without resetting it: a
+// socket closed with input unread (the rest of an over-long head, say)
+// sends RST, not FIN, and a peer that gets the RST may lose the reply it
+// has not read yet. So the reply is followed by our FIN, and what the peer
+// still sends is read and dropped until it closes its end: at most
+// kMaxDrain bytes for at most 1 s, after which the close resets it.
+inline void close_after_reply(weft::tcp_stream& c) {
+  using namespace std::chrono_literals;
+  constexpr std::size_t kMaxDrain = 256 * 1024;
+  if (!c.shutdown(SHUT_WR)) return;
+  char buf[4096];
+  const auto until = weft::deadline(1s);
+  for (std::size_t drained = 0; drained < kMaxDrain;) {
+    auto n = c.read(buf, until);
+    if (!n || *n == 0) return;
+    drained += *n;
+  }
 }
 
 // One HTTP/1.0 exchange on a /statusz connection: GET /statusz gets the
-// counters, anything else 404; then the connection closes. A peer that
-// sends no full request head within 5 s is dropped.
+// counters, anything else 404, a head longer than kMaxRequestHead 431;
+// then the connection closes. A peer that sends no full request head
+// within 5 s is dropped.
 inline void serve_statusz(weft::tcp_stream c) {
   using namespace std::chrono_literals;
   std::string req;
   char buf[1024];
   const auto until = weft::deadline(5s);
-  while (!has_request_head(req) && req.size() < 8192) {
+  while (request_head_size(req) == 0 && req.size() <= kMaxRequestHead) {
     auto n = c.read(buf, until);
     if (!n || *n == 0) return;
     req.append(buf, *n);
   }
-  const bool ok = req.starts_with("GET /statusz ") || req.starts_with("GET /statusz?");
-  const std::string body = ok ? statusz_text() : "not found: try /statusz\n";
-  const std::string head = std::string(ok ? "HTTP/1.0 200 OK" : "HTTP/1.0 404 Not Found") +
-                           "\r\nContent-Type: text/plain\r\nContent-Length: " +
-                           std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n";
-  if (c.write_all(head, until)) (void)c.write_all(body, until);
+  const std::size_t head = request_head_size(req);
+  const bool too_large = head == 0 || head > kMaxRequestHead;
+  const bool ok = !too_large && (req.starts_with("GET /statusz ") || req.starts_with("GET /statusz?"));
+  const char* status = too_large ? "HTTP/1.0 431 Request Header Fields Too Large"
+                       : ok      ? "HTTP/1.0 200 OK"
+                                 : "HTTP/1.0 404 Not Found";
+  const std::string body = too_large ? "request head longer than " +
+                                           std::to_string(kMaxRequestHead) + " bytes\n"
+                           : ok      ? statusz_text()
+                                     : "not found: try /statusz\n";
+  const std::string reply = std::string(status) +
+                            "\r\nContent-Type: text/plain\r\nContent-Length: " +
+                            std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body;
+  if (c.write_all(reply, until)) close_after_reply(c);
 }
 
 // Serves /statusz on 127.0.0.1:port until stopped; a connection at a time

@@ -16,8 +16,10 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -268,6 +270,45 @@ TEST(EchoServer, StatuszTakesARequestWhoseLinesEndInABareLineFeed) {
   }
   EXPECT_TRUE(http_exchange(status_port, "GET / HTTP/1.0\n\n")
                   .starts_with("HTTP/1.0 404 Not Found\r\n"));
+}
+
+// A /statusz request whose head is `head_size` bytes: the reply, and how
+// the connection ended (0: the server's FIN; else the recv errno).
+std::pair<std::string, int> statusz_with_head_of(int status_port, std::size_t head_size) {
+  const std::string start = "GET /statusz HTTP/1.0\r\nX-Pad: ", end = "\r\n\r\n";
+  const std::string req = start + std::string(head_size - start.size() - end.size(), 'a') + end;
+  int s = server::connect(status_port);
+  if (s < 0) return {"connect failed", -1};
+  if (::send(s, req.data(), req.size(), MSG_NOSIGNAL) != ssize_t(req.size())) {
+    ::close(s);
+    return {"send failed", -1};
+  }
+  std::string got;
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::recv(s, buf, sizeof buf, 0)) > 0) got.append(buf, std::size_t(n));
+  const int how = n == 0 ? 0 : errno;
+  ::close(s);
+  return {got, how};
+}
+
+// The server reads at most 8 KiB of a request head. A longer one is
+// refused with 431 and the connection ends with a FIN. Before, the server
+// answered 200 from the first 8 KiB and closed with the rest unread, so
+// the kernel reset the connection (the client saw ECONNRESET).
+TEST(EchoServer, StatuszRefusesARequestHeadOver8KibWithoutAReset) {
+  server srv({"--port", "0", "--workers", "1", "--status-port", "0"});
+  const int status_port = status_port_of(srv);
+  ASSERT_GT(status_port, 0) << srv.stderr_text();
+  auto [page, how] = statusz_with_head_of(status_port, 8192);  // the largest taken
+  EXPECT_TRUE(page.starts_with("HTTP/1.0 200 OK\r\n")) << page;
+  EXPECT_EQ(how, 0) << std::strerror(how);
+  for (std::size_t size : {8193, 9000, 64 * 1024}) {
+    std::tie(page, how) = statusz_with_head_of(status_port, size);
+    EXPECT_TRUE(page.starts_with("HTTP/1.0 431 Request Header Fields Too Large\r\n"))
+        << size << " got: " << page;
+    EXPECT_EQ(how, 0) << size << ": " << std::strerror(how);
+  }
 }
 
 // A peer that sends but never reads stalls its echo in write_all once the
