@@ -37,7 +37,11 @@ namespace {
 using namespace std::chrono_literals;
 using line = std::shared_ptr<const std::string>;  // shared by every outbox
 
-constexpr std::size_t kMaxLine = 4096;  // longer lines are cut
+// The longest line broadcast whole, in bytes before its '\n'. A longer
+// line is cut: its first kMaxLine bytes go out as a line of their own, and
+// the rest is read as the start of the next line (so it is cut again if
+// still too long).
+constexpr std::size_t kMaxLine = 4096;
 
 // A slow peer is one that stops taking what it is sent, not one whose
 // writer fiber has not run for a moment: the room can broadcast hundreds of
@@ -209,11 +213,14 @@ void serve(weft::tcp_stream s, weft::channel<event>& events) {
     if (*n == 0) break;
     (void)alive->try_send(true);  // full means a sign of life is already queued
     pending.append(buf, *n);
+    // A read brings up to sizeof buf bytes, so a newline may come past
+    // kMaxLine: the line is cut there too, not only when no newline came.
     for (std::size_t nl; (nl = pending.find('\n')) != std::string::npos || pending.size() > kMaxLine;) {
-      std::size_t end = nl == std::string::npos ? kMaxLine : nl;
+      const bool whole = nl <= kMaxLine;  // npos is not
+      const std::size_t end = whole ? nl : kMaxLine;
       if (!gate.take()) break;
       (void)events.send(said{me->name + ": " + pending.substr(0, end) + "\n"});
-      pending.erase(0, end + (nl == std::string::npos ? 0 : 1));
+      pending.erase(0, end + (whole ? 1 : 0));
     }
   }
   alive->close();

@@ -128,6 +128,40 @@ TEST(ChatServer, EveryConnectedPeerSeesEveryLine) {
   for (int i = 0; i < 2; ++i) ::close(peers[i]);
 }
 
+// The server's kMaxLine: the longest line it broadcasts whole. A longer
+// one is cut into lines of kMaxLine bytes (the last piece whatever is
+// left), each broadcast on its own. Before, a line up to kMaxLine + 1023
+// bytes went out whole whenever its newline came in the same 1 KiB read as
+// the bytes past kMaxLine.
+TEST(ChatServer, ALineLongerThanTheMaximumIsCutAtExactlyTheMaximum) {
+  constexpr std::size_t kMaxLine = 4096;
+  server srv(free_port(), "60");
+  int s = srv.connect();
+  ASSERT_GE(s, 0);
+  ASSERT_TRUE(read_until(s, "joined\n"));
+  const std::string a(kMaxLine, 'a'), b(kMaxLine + 1, 'b'), c(kMaxLine + 1000, 'c');
+  const std::string lines = a + "\n" + b + "\n" + c + "\nend\n";
+  ASSERT_EQ(::send(s, lines.data(), lines.size(), MSG_NOSIGNAL), ssize_t(lines.size()));
+  std::string got;
+  ASSERT_TRUE(read_until(s, ": end\n", &got)) << got.size() << " bytes came back";
+  // What each broadcast line carries after its "<name>: ".
+  std::vector<std::string> said;
+  for (std::size_t at = 0, nl; (nl = got.find('\n', at)) != std::string::npos; at = nl + 1) {
+    const std::size_t colon = got.find(": ", at);
+    if (colon < nl) said.push_back(got.substr(colon + 2, nl - colon - 2));
+  }
+  const std::vector<std::string> want = {a, std::string(kMaxLine, 'b'), "b",
+                                         std::string(kMaxLine, 'c'), std::string(1000, 'c'),
+                                         "end"};
+  std::string sizes;
+  for (const auto& l : said) sizes += std::to_string(l.size()) + " ";
+  ASSERT_EQ(said.size(), want.size()) << "line sizes: " << sizes;
+  for (std::size_t i = 0; i < want.size(); ++i)
+    EXPECT_EQ(said[i], want[i]) << "line " << i << ": " << said[i].size() << " bytes, want "
+                                << want[i].size();
+  ::close(s);
+}
+
 // What send_while_both_read() saw.
 struct burst_seen {
   bool sent_all = false;
