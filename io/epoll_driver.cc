@@ -28,7 +28,8 @@
 //
 // Regular-file operations (openat, read_at, write_at, fsync, close) have
 // no readiness: they run on the blocking pool (io/blocking.h) while the
-// fiber parks, so a slow disk never stalls the worker.
+// fiber parks, so a slow disk never stalls the worker. Nor has a connect to
+// a Unix listener whose accept queue is full: see *Full Unix listeners*.
 //
 // Who calls what:
 //   perform(), poll(), flush(), wait(), pending()   owner thread
@@ -43,6 +44,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -157,6 +159,37 @@ int try_once(const op& o) {
 result<int> to_result(int r) {
   if (r >= 0) return r;
   return std::unexpected(std::error_code(-r, std::system_category()));
+}
+
+// *Full Unix listeners*: a non-blocking connect to a Unix listener whose
+// accept queue is full fails with EAGAIN (never EINPROGRESS), where a
+// blocking connect(2) waits until the listener accepts, and so does
+// io_uring's (it runs one in io-wq). Nothing tells a waiter that room was
+// made: the refused socket polls writable (POLLOUT|POLLHUP) at once, so a
+// wait for readiness would spin. So the connect is tried again by the
+// clock, at intervals doubling from kUnixRetryFirst to kUnixRetryMax, until
+// it is not EAGAIN (EAGAIN from a Unix stream connect means only a full
+// queue), the deadline passes (timed_out) or the fiber is asked to stop
+// (operation_canceled). Room is found at most kUnixRetryMax after it
+// appears (io_uring's at once), for one connect(2) per interval.
+constexpr auto kUnixRetryFirst = std::chrono::milliseconds(1);
+constexpr auto kUnixRetryMax = std::chrono::milliseconds(16);
+
+result<int> connect_when_room(op& o, int r, clock::time_point deadline, const char* what,
+                              std::source_location where) {
+  for (auto pause = kUnixRetryFirst; r == -EAGAIN; pause = std::min(pause * 2, kUnixRetryMax)) {
+    const clock::time_point now = clock::now();
+    if (now >= deadline) return std::unexpected(std::make_error_code(std::errc::timed_out));
+    // No publish step: only the timer or a stop request wakes it.
+    sched::wake_reason why = sched::park(
+        {.deadline = std::min(deadline, now + pause), .what = what, .where = where});
+    if (why == sched::wake_reason::cancelled) {
+      sched::unwind_point();
+      return std::unexpected(std::make_error_code(std::errc::operation_canceled));
+    }
+    r = try_once(o);
+  }
+  return to_result(r);
 }
 
 bool is_file_op(op_kind k) {
@@ -304,6 +337,8 @@ result<int> epoll_driver::perform(op& o, clock::time_point deadline, const char*
   if (o.kind == op_kind::connect) {
     if (int e = set_nonblocking(o.fd)) return to_result(e);
     int r = try_once(o);
+    if (r == -EAGAIN && o.addr->sa_family == AF_UNIX)
+      return connect_when_room(o, r, deadline, what, where);
     if (r != -EINPROGRESS) return to_result(r);
     for (;;) {
       if (auto w = wait_ready(o.fd, o.use, true, deadline, what, where); !w)

@@ -187,7 +187,10 @@ class tcp_stream : public socket_base {
   // "[::1]:7000", "unix:/run/app.sock") or, as Go's Dial, a host name and
   // port ("db.internal:5432"): the name is looked up with resolve() (on
   // the blocking pool; the lookup itself is not cut short by the deadline)
-  // and its addresses are tried in turn as by the list overload.
+  // and its addresses are tried in turn as by the list overload. A Unix
+  // listener whose accept queue is full is waited on, as by a blocking
+  // connect(2), until it makes room (see *Full Unix listeners* in
+  // io/epoll_driver.cc).
   [[nodiscard]] static result<tcp_stream> connect(std::string_view addr, deadline_arg d = {},
       std::source_location where = std::source_location::current());
   [[nodiscard]] static result<tcp_stream> connect(const socket_address& addr, deadline_arg d = {},

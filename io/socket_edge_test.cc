@@ -544,19 +544,28 @@ TEST_P(Sockets, UnixStreamSocketsEcho) {
   ::unlink(path.c_str());
 }
 
-// A connect to a Unix listener whose accept queue is full cannot
-// complete. On io_uring it waits in the kernel's worker pool (the socket
-// is in blocking mode) until its deadline, which must be timed_out; it was
-// EINTR ("Interrupted system call"): a linked timeout that cuts short an
-// operation running in io-wq interrupts that worker, and the operation
-// completes with -EINTR, not -ECANCELED. The epoll driver's non-blocking
-// connect fails at once with EAGAIN, as Go's and Tokio's do. Nothing is
-// left open either way.
-TEST_P(Sockets, AConnectToAFullUnixListenerEndsWithTimedOutOrEagainNeverEintr) {
+// The CPU time this process has used, all its threads.
+std::chrono::microseconds process_cpu() {
+  rusage u{};
+  ::getrusage(RUSAGE_SELF, &u);
+  return std::chrono::seconds(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+         std::chrono::microseconds(u.ru_utime.tv_usec + u.ru_stime.tv_usec);
+}
+
+// A connect to a Unix listener whose accept queue is full waits, as a
+// blocking connect(2) does, until the listener makes room (an accept), its
+// deadline (timed_out) or a stop request (operation_canceled), on both
+// drivers, without keeping a core busy. io_uring's waits in the kernel's
+// worker pool (the socket is in blocking mode); a linked timeout cuts it
+// short by interrupting that worker, and it completed with EINTR
+// ("Interrupted system call"), which must be timed_out. The epoll driver's
+// non-blocking connect fails with EAGAIN, and nothing signals room (the
+// refused socket polls writable at once), so it retries by the clock; it
+// returned EAGAIN at once. Nothing is left open either way.
+TEST_P(Sockets, AConnectToAFullUnixListenerWaitsForRoomItsDeadlineOrAStop) {
   const std::string name = "unix:@weft-full-" + std::to_string(::getpid()) + "-" +
                            std::to_string(workers());
   Run([&] {
-    const std::string driver = sched::current_worker()->io()->name();
     auto ln = tcp_listener::bind(name, /*backlog=*/0).value();
     std::vector<tcp_stream> queued;  // backlog 0 still queues one
     std::error_code e;
@@ -568,12 +577,34 @@ TEST_P(Sockets, AConnectToAFullUnixListenerEndsWithTimedOutOrEagainNeverEintr) {
     }
     ASSERT_TRUE(e) << "the accept queue never filled";
     EXPECT_LE(queued.size(), 2u);
-    if (driver == "io_uring")
-      EXPECT_EQ(e, std::errc::timed_out) << e.message();
-    else
-      EXPECT_EQ(e, std::errc::resource_unavailable_try_again) << e.message();
+    EXPECT_EQ(e, std::errc::timed_out) << e.message();
     EXPECT_EQ(testing::open_fds() - before, static_cast<int>(queued.size()));
-    // The queued connections are still there to accept.
+
+    // Until the deadline, not past it, and mostly asleep.
+    const auto cpu0 = process_cpu();
+    const auto t0 = clock::now();
+    auto c = tcp_stream::connect(name, deadline(300ms));
+    const auto waited = clock::now() - t0;
+    const auto cpu = process_cpu() - cpu0;
+    ASSERT_FALSE(c);
+    EXPECT_EQ(c.error(), std::errc::timed_out) << c.error().message();
+    EXPECT_GE(waited, 300ms);
+    EXPECT_LT(waited, 3s);
+    EXPECT_LT(cpu, waited / 2) << "the wait kept a core busy";
+
+    // A stop request ends it.
+    auto stopped = spawn([&] { return tcp_stream::connect(name).error(); });
+    (void)this_fiber::sleep_for(50ms);  // waiting by now
+    stopped.request_stop();
+    EXPECT_EQ(stopped.join(), std::errc::operation_canceled);
+
+    // Room made while it waits: it connects.
+    auto waiting = spawn([&] { return tcp_stream::connect(name, deadline(5s)); });
+    (void)this_fiber::sleep_for(50ms);  // waiting by now
+    ASSERT_TRUE(ln.accept(deadline(5s)));
+    auto late = waiting.join();
+    ASSERT_TRUE(late) << late.error().message();
+    // The queued connections (one of them accepted) and the late one.
     for (std::size_t i = 0; i < queued.size(); ++i) EXPECT_TRUE(ln.accept(deadline(5s)));
   });
 }
