@@ -473,6 +473,7 @@ TEST(ReadinessTwoWorkers, AFiberWokenWithAPinnedOneIsNotLeftBehindItWhileAWorker
         waiting.fetch_add(1);
         auto r = wait_readable(pp.r, deadline(10s));
         EXPECT_TRUE(r) << r.error().message();
+        if (!r) weft::dump();  // where the gate is (this hung twice under load)
         if (f_ran.load()) return;
         p_first.store(true);
         auto until = clock::now() + 2s;
@@ -492,7 +493,20 @@ TEST(ReadinessTwoWorkers, AFiberWokenWithAPinnedOneIsNotLeftBehindItWhileAWorker
         // Worker 1 asleep (registered idle): one on its way there, neither
         // spinning nor idle yet, is woken by nobody, by design (the monitor
         // covers that race).
-        while (!worker_asleep(1)) (void)this_fiber::sleep_for(1ms);
+        // Bounded, so a worker 1 that never looks asleep fails the test
+        // with its counters instead of hanging it (p and f would time out,
+        // and the gate never write).
+        auto asleep_by = clock::now() + 3s;
+        while (!worker_asleep(1) && clock::now() < asleep_by) (void)this_fiber::sleep_for(1ms);
+        if (!worker_asleep(1)) {
+          const sched::worker_counters& c = sched::scheduler::instance()->worker_at(1).counters();
+          ADD_FAILURE() << "worker 1 never looked asleep in 3 s: sleeps "
+                        << c.sleeps.load(std::memory_order_relaxed) << ", wake-ups "
+                        << c.wakeups.load(std::memory_order_relaxed) << ", fibers run "
+                        << c.fibers_run.load(std::memory_order_relaxed) << ", steals "
+                        << c.steals.load(std::memory_order_relaxed);
+          weft::dump();
+        }
         if (trial % 2) this_fiber::yield();
         // Both before worker 0 polls again: the gate's exit goes to its loop.
         EXPECT_EQ(::write(pp.w, "x", 1), 1);
