@@ -130,13 +130,19 @@ TEST_P(Sockets, Ipv4AddressesInHexAreMalformedLiteralsNotNames) {
                              "127.1", "0177.0.0.1"}) {
       auto l = tcp_listener::bind(host + ":0");
       EXPECT_FALSE(l) << host << " bound " << l->local_address().value().to_string();
-      if (!l) EXPECT_EQ(l.error(), std::errc::invalid_argument) << host;
+      if (!l) {
+        EXPECT_EQ(l.error(), std::errc::invalid_argument) << host;
+      }
       auto u = udp_socket::bind(host + ":0");
       EXPECT_FALSE(u) << host << " bound " << u->local_address().value().to_string();
-      if (!u) EXPECT_EQ(u.error(), std::errc::invalid_argument) << host;
+      if (!u) {
+        EXPECT_EQ(u.error(), std::errc::invalid_argument) << host;
+      }
       auto c = tcp_stream::connect(host + ":" + port, deadline(5s));
       EXPECT_FALSE(c) << host << " connected to " << c->peer_address().value().to_string();
-      if (!c) EXPECT_EQ(c.error(), std::errc::invalid_argument) << host;
+      if (!c) {
+        EXPECT_EQ(c.error(), std::errc::invalid_argument) << host;
+      }
     }
     // Names with hex digits in them are still names.
     EXPECT_EQ(&tcp_listener::bind("0x7f.invalid:0").error().category(), &resolve_category());
@@ -145,7 +151,9 @@ TEST_P(Sockets, Ipv4AddressesInHexAreMalformedLiteralsNotNames) {
     for (const char* host : {"0x7f.0.0.1", "127.1", "1.2.3", "0177.0.0.1"}) {
       auto r = resolve(host, 80);
       EXPECT_FALSE(r) << host << " resolved to " << r->front().to_string();
-      if (!r) EXPECT_EQ(r.error(), std::errc::invalid_argument) << host;
+      if (!r) {
+        EXPECT_EQ(r.error(), std::errc::invalid_argument) << host;
+      }
     }
     EXPECT_EQ(resolve("127.0.0.1", 80).value().front().to_string(), "127.0.0.1:80");
   });
