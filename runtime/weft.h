@@ -130,6 +130,8 @@ struct worker_stats {
 
 struct runtime_stats {
   std::vector<worker_stats> workers;
+  // sleeps: times a worker waited in its driver for want of work; wakeups:
+  // times such a wait returned (one fewer exactly while a worker sleeps).
   std::uint64_t spawned = 0, parks = 0, yields = 0, sleeps = 0, wakeups = 0,
                 lifo_runs = 0, inject_pops = 0, live_fibers = 0;
   // Fibers woken by timers that another worker fired for a worker stuck in

@@ -755,9 +755,16 @@ void worker::sleep() {
   }
   sleeping_.store(true, std::memory_order_seq_cst);  // see push_inbox()
   if (!has_work_hint()) {
+    // sleeps and wakeups pair up: one more sleep than wake-ups exactly
+    // while the thread is in (or on its way into) the wait. A pass that
+    // saw work here and never waited counts neither: it used to count a
+    // wake-up, and a worker asleep after two such passes looked awake to
+    // the tests that wait for it to sleep (sleeps 2, wake-ups 3: one hung
+    // in ~100 runs under load).
     worker_counters::bump(counters_.sleeps);
     driver_->flush();
     driver_->wait(timers_.next_deadline());
+    worker_counters::bump(counters_.wakeups);
   }
   sleeping_.store(false, std::memory_order_relaxed);  // relaxed: only a wake hint
   {
@@ -770,7 +777,6 @@ void worker::sleep() {
       spinning_ = true;  // wake_idle_worker() counted us as spinning
     }
   }
-  worker_counters::bump(counters_.wakeups);
   sched_.wake_dozing_monitor();
 }
 
