@@ -617,6 +617,63 @@ TEST_P(Sockets, AConnectToAFullUnixListenerWaitsForRoomItsDeadlineOrAStop) {
   });
 }
 
+// A stop request, or a deadline, that reaches a connect to a full Unix
+// listener at once, before the kernel has taken it over, still ends it.
+// io_uring tries such a connect without blocking, arms a poll that is
+// ready at once (the refused socket polls writable), and only then hands
+// it to io-wq, through task work that waits for the worker's next entry
+// (DEFER_TASKRUN): a cancel submitted meanwhile (in the same batch as the
+// connect, for a fiber whose stop was already requested) or a linked
+// timeout that fires meanwhile finds nothing to cancel (-ENOENT), and the
+// connect then blocked in io-wq until the listener made room: here for
+// ever. Each connect gets 3 s to end; after that an accept makes room
+// (so the test fails instead of hanging) and the case fails.
+TEST_P(Sockets, AConnectToAFullUnixListenerEndsAtAStopOrDeadlineThatComesAtOnce) {
+  const std::string name = "unix:@weft-full-early-" + std::to_string(::getpid()) + "-" +
+                           std::to_string(workers());
+  Run([&] {
+    auto ln = tcp_listener::bind(name, /*backlog=*/0).value();
+    std::vector<tcp_stream> queued;  // backlog 0 still queues one
+    std::error_code e;
+    for (int i = 0; i < 8 && !e; ++i) {
+      auto c = tcp_stream::connect(name, deadline(100ms));
+      if (c) queued.push_back(std::move(*c));
+      else e = c.error();
+    }
+    ASSERT_EQ(e, std::errc::timed_out) << "the accept queue never filled: " << e.message();
+
+    // Runs connect() on a fiber of its own (asked to stop before it starts,
+    // if stop_first) and returns how it ended; ok if it connected.
+    auto ended = [&](bool stop_first, auto connect) -> std::error_code {
+      std::atomic<bool> done{false};
+      auto h = spawn([&]() -> std::error_code {
+        const auto until = clock::now() + 3s;
+        while (stop_first && !this_fiber::stop_requested() && clock::now() < until) {
+        }
+        auto c = connect();
+        done.store(true, std::memory_order_release);
+        if (c) queued.push_back(std::move(*c));
+        return c ? std::error_code{} : c.error();
+      });
+      if (stop_first) h.request_stop();
+      const auto until = clock::now() + 3s;
+      while (!done.load(std::memory_order_acquire) && clock::now() < until)
+        (void)this_fiber::sleep_for(1ms);
+      if (!done.load(std::memory_order_acquire)) {
+        ADD_FAILURE() << (stop_first ? "a stopped" : "a timed") << " connect still waited after 3 s";
+        EXPECT_TRUE(ln.accept(deadline(5s)));  // room: it connects, and the case ends
+      }
+      return h.join();
+    };
+    for (int i = 0; i < 5 && !HasFailure(); ++i)
+      EXPECT_EQ(ended(true, [&] { return tcp_stream::connect(name); }),
+                std::errc::operation_canceled);
+    for (int i = 0; i < 5 && !HasFailure(); ++i)
+      EXPECT_EQ(ended(false, [&] { return tcp_stream::connect(name, deadline(200us)); }),
+                std::errc::timed_out);
+  });
+}
+
 // A connect whose deadline has already passed fails with timed_out without
 // a try, on both drivers, as Go's Dial does (and Tokio's connect under a
 // zero timeout). io_uring's connected to a loopback listener: its one try

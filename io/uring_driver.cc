@@ -392,6 +392,16 @@ void uring_driver::prep(io_uring_sqe* sqe, const op& o) {
       break;
     case op_kind::connect:
       io_uring_prep_connect(sqe, o.fd, o.addr, *o.addrlen);
+      // A Unix listener with a full accept queue refuses a non-blocking
+      // try with EAGAIN while the socket polls writable, so the kernel's
+      // own try, then its poll (ready at once), then task work (run at
+      // the owner's next entry: DEFER_TASKRUN) hand the connect to io-wq.
+      // A cancel or a linked timeout that comes in that gap finds nothing
+      // (-ENOENT), and the blocking connect then waits for room for ever,
+      // past its deadline and its fiber's stop. Straight to io-wq, a
+      // cancel always finds it (-ECANCELED queued, -EINTR running). The
+      // cost: a thread hop on every Unix connect.
+      if (o.addr->sa_family == AF_UNIX) sqe->flags |= IOSQE_ASYNC;
       break;
     case op_kind::read_at:
       io_uring_prep_read(sqe, o.fd, o.buf, len, o.offset);
