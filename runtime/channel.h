@@ -97,11 +97,11 @@ class chan_core {
   // *Fast paths*, for channel<T>, inline with T known: a value into a
   // buffer with room and no parked receiver, or out of a non-empty buffer
   // with no parked sender, is the common case of a buffered channel (fanin:
-  // every message but one in ~1,000). There it costs the lock, a move and
+  // all but one message in ~400 park). There it costs the lock, a move and
   // the unlock. Through the out-of-line path it also cost four calls, two
   // of them through elem_ops, and their frames: fanin took ~280
   // instructions a message that way, ~125 this way (callgrind), and
-  // 40 -> 63 Mmsg/s (bench/README.md). Usage: lock(); then if
+  // 41.8 -> 73.5 Mmsg/s (bench/README.md). Usage: lock(); then if
   // put_fast_ok(), construct the value at put_slot() and put_done(); else
   // send_locked(), which decides everything else with the lock held (and
   // drops it). Likewise take_fast_ok() / take_slot() / take_done() /
