@@ -97,7 +97,7 @@ class chan_core {
   // *Fast paths*, for channel<T>, inline with T known: a value into a
   // buffer with room and no parked receiver, or out of a non-empty buffer
   // with no parked sender, is the common case of a buffered channel (fanin:
-  // all but one message in ~400 park). There it costs the lock, a move and
+  // only one message in ~400 parks). There it costs the lock, a move and
   // the unlock. Through the out-of-line path it also cost four calls, two
   // of them through elem_ops, and their frames: fanin took ~280
   // instructions a message that way, ~125 this way (callgrind), and
