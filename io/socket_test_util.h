@@ -48,19 +48,23 @@ struct pipe_fds {
 
 inline std::string addr_of(const tcp_listener& l) { return l.local_address().value().to_string(); }
 
-// Connects to `ln`, a TCP listener that never accepts (bind it with
-// backlog 0), until a connect times out: its accept queue is then full and
-// the kernel drops new SYNs, so a further connect waits without an answer.
-// The connections that got in go to `queued` (keep them: they hold the
-// queue full). False if the queue never filled.
-inline bool fill_accept_queue(const tcp_listener& ln, std::vector<tcp_stream>& queued) {
+// Connects to `addr`, a listener that never accepts (bind it with backlog
+// 0), until a connect times out: its accept queue is then full (a TCP
+// listener's kernel drops new SYNs; a Unix one's connect waits for room),
+// so a further connect waits without an answer. The connections that got
+// in go to `queued` (keep them: they hold the queue full). False if the
+// queue never filled.
+inline bool fill_accept_queue(const std::string& addr, std::vector<tcp_stream>& queued) {
   using namespace std::chrono_literals;
   for (int i = 0; i < 16; ++i) {
-    auto c = tcp_stream::connect(addr_of(ln), deadline(50ms));
+    auto c = tcp_stream::connect(addr, deadline(50ms));
     if (!c) return c.error() == std::errc::timed_out;
     queued.push_back(std::move(*c));
   }
   return false;
+}
+inline bool fill_accept_queue(const tcp_listener& ln, std::vector<tcp_stream>& queued) {
+  return fill_accept_queue(addr_of(ln), queued);
 }
 
 // Echoes every connection until EOF; stops accepting when its fiber is
