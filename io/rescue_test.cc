@@ -222,16 +222,20 @@ TEST(Rescue, AConnectionOfAStuckWorkerKeepsBeingServed) {
 // signal would cut them short with EINTR. A rescue that fires as a thread
 // enters a call (between the on-CPU check and the signal) can still
 // interrupt it (README), so the test keeps the rescue's work away from the
-// call's entry: the stuck fiber first computes for 50 ms, during which the
+// call's entry: the stuck fiber first computes for 200 ms, during which the
 // rescue submits the read that op() left unsubmitted (the stuck fiber ran
 // without a loop turn), and the hello whose completion waits for a rescue
-// comes 150 ms after the start, while the fiber is asleep in the call. One
-// call per run, so no second entry while that completion waits.
+// comes 350 ms after the start, while the fiber is asleep in the call. One
+// call per run, so no second entry while that completion waits. With 50 ms
+// of computing and the hello at 150 ms, poll(2) got EINTR twice on
+// 2026-11-26 in full-suite runs on this 2-CPU machine, where other tests
+// run beside it: presumably the monitor, descheduled past the 50 ms, sent
+// its first signal only as the fiber entered the call.
 TEST(Rescue, ABlockingCallInTheStuckFiberIsNotInterrupted) {
   auto hello_later = [](std::string& got) {
     plan p = read_hello(got);
     return plan{p.op, [trigger = p.trigger](join_handle<void>& f) {
-                  (void)this_fiber::sleep_for(150ms);
+                  (void)this_fiber::sleep_for(350ms);
                   trigger(f);
                 }};
   };
@@ -242,12 +246,12 @@ TEST(Rescue, ABlockingCallInTheStuckFiberIsNotInterrupted) {
   int poll_rc = 0, poll_errno = 0, sleep_rc = 0, sleep_errno = 0;
   std::string got_poll, got_sleep;
   (void)behind_stuck([&] { return hello_later(got_poll); }, [&](stuck_state&) {
-    compute_for(50ms);
+    compute_for(200ms);
     poll_rc = ::poll(nullptr, 0, 300);
     poll_errno = errno;
   });
   (void)behind_stuck([&] { return hello_later(got_sleep); }, [&](stuck_state&) {
-    compute_for(50ms);
+    compute_for(200ms);
     timespec ts{0, 300'000'000};
     sleep_rc = ::nanosleep(&ts, nullptr);
     sleep_errno = errno;
