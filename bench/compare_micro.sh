@@ -107,6 +107,13 @@ median() {
 
 if (($# > 0)); then workloads=("$@"); else workloads=("${kDefaultWorkloads[@]}"); fi
 
+# The machine's cross-core cache-line trip (bench/micro xcore), before and
+# after the workloads: the phases of this VM change it by 4x, and the
+# workloads that move fibers between workers with it (see micro.cc).
+# Its own N always (MICRO_N would make it measure thread start-up).
+xcore() { (r=$(MICRO_N='' run_one weft "$weft_bin" xcore) && echo "${r% *} ns") || echo n/a; }
+xcore_before=$(xcore)
+
 rows=()
 for w in "${workloads[@]}"; do
   weft_vals=() go_vals=() weft_unit='' go_unit='' weft_ok=1 go_ok=1
@@ -151,6 +158,8 @@ for w in "${workloads[@]}"; do
   rows+=("| $w | $unit | $weft_med | $go_med | $ratio | $better |")
 done
 
+xcore_after=$(xcore)
+
 # --- The report --------------------------------------------------------------
 
 cpu=$(sed -nE 's/^model name[[:space:]]*:[[:space:]]*//p' /proc/cpuinfo | head -n1)
@@ -161,6 +170,7 @@ echo "- date: $(date '+%Y-%m-%d %H:%M:%S %Z')"
 echo "- machine: Linux $(uname -r), $(nproc) CPUs, ${cpu:-unknown CPU}"
 echo "- weft: $weft_bin ($commit)"
 echo "- Go: $(go version | sed 's/^go version //')"
+echo "- cross-core cache-line transfer (bench/micro xcore): $xcore_before before, $xcore_after after"
 echo "- parallelism: $(nproc) weft workers, GOMAXPROCS $(nproc) (yield: 1 and 1)"
 [[ -n "${MICRO_N:-}" ]] && echo "- N overridden: MICRO_N=$MICRO_N"
 echo

@@ -7,17 +7,22 @@
 // fan-out/fan-in (skynet, skynet_handles), the cost of a switch through the scheduler
 // (yield, two fibers taking turns on one worker), memory per parked fiber
 // (idle_memory, idle_memory_small), and channels and locks (pingpong,
-// fanin, mutex).
+// fanin, mutex); and one that measures the machine, not weft (xcore: how
+// long a cache line takes to move between two CPUs).
 // bench/compare_micro.sh runs each beside its Go peer (bench/peers/go) and
 // prints the ratios. Semantics match bench/peers/go/micro.go exactly.
+#include <pthread.h>
+#include <sched.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "runtime/channel.h"
@@ -320,6 +325,63 @@ int idle_memory(const char* name, long n, std::size_t stack_size) {
 
 }  // namespace
 
+// xcore: not a weft workload but the machine's, for reading the others: the
+// time to move one cache line between the first two CPUs of the affinity
+// mask. Two threads pinned there take turns writing one atomic, n times
+// each way; value = ns per hand-over (the median of five rounds). On this
+// VM it has been 40-50 ns in most phases and ~190 ns in some (the vCPUs
+// then sit far apart on the host), and whatever moves fibers or their
+// control blocks between workers (spawn_join, skynet) slows with it, Go's
+// peer as much: compare_micro.sh prints it above each table.
+int xcore(long n) {
+  cpu_set_t mask;
+  int cpus[2], k = 0;
+  if (sched_getaffinity(0, sizeof mask, &mask) == 0)
+    for (int c = 0; c < CPU_SETSIZE && k < 2; ++c)
+      if (CPU_ISSET(c, &mask)) cpus[k++] = c;
+  if (k < 2) {
+    std::fprintf(stderr, "xcore: needs two CPUs in the affinity mask\n");
+    return 1;
+  }
+  auto pin = [](int cpu) {
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(cpu, &one);
+    return pthread_setaffinity_np(pthread_self(), sizeof one, &one) == 0;
+  };
+  std::vector<double> rounds;
+  for (int r = 0; r < 5; ++r) {
+    alignas(64) std::atomic<long> turn{0};
+    // Whose turn it is: even values are the main thread's, odd the other's.
+    // acquire/release: each hand-over publishes the line to the next writer
+    // (what is measured is the line's trip, not what it carries).
+    auto play = [&](long mine) {
+      for (long i = mine; i < 2 * n; i += 2) {
+        while (turn.load(std::memory_order_acquire) != i) {
+        }
+        turn.store(i + 1, std::memory_order_release);
+      }
+    };
+    bool pinned = pin(cpus[0]);
+    std::atomic<bool> other_pinned{true};
+    auto t0 = bench_clock::now();
+    std::thread other([&] {
+      other_pinned.store(pin(cpus[1]), std::memory_order_relaxed);  // read after join()
+      play(1);
+    });
+    play(0);
+    other.join();
+    if (!pinned || !other_pinned.load(std::memory_order_relaxed)) {
+      std::fprintf(stderr, "xcore: pthread_setaffinity_np failed\n");
+      return 1;
+    }
+    rounds.push_back(elapsed_ns(t0) / (2.0 * n));
+  }
+  std::sort(rounds.begin(), rounds.end());
+  report("xcore", n, rounds[rounds.size() / 2], "ns/transfer");
+  return 0;
+}
+
 int main(int argc, char** argv) {
   if (argc < 2) {
     std::fprintf(stderr, "usage: micro <workload> [N]\n");
@@ -336,6 +398,7 @@ int main(int argc, char** argv) {
   if (w == "pingpong") return pingpong(N(1'000'000));
   if (w == "fanin") return fanin(N(5'000'000));
   if (w == "mutex") return mutex_bench(N(10'000));
+  if (w == "xcore") return xcore(N(200'000));
   if (w == "idle_memory") return idle_memory("idle_memory", N(1'000'000), 0);
   if (w == "idle_memory_small")
     return idle_memory("idle_memory_small", N(1'000'000), weft::kSmallStack);
