@@ -323,15 +323,23 @@ void stop_state::remove(stop_waiter* w) noexcept {
 
 void ready(fiber* f) noexcept {
   worker* w = current_worker();
-  if (f->home_ && f->home_ != w) {
+  if (!w) {
+    // A plain thread, inside a plain_use for the whole hand-over (see
+    // scheduler.h): once queued, f may run, exit and let the runtime end
+    // while we still wake its worker (push_inbox(), submit()).
+    scheduler::plain_use use;
+    if (scheduler* s = use.get()) {
+      if (f->home_)
+        f->home_->push_inbox(f);
+      else
+        s->submit(f);
+    }
+  } else if (f->home_ && f->home_ != w) {
     f->home_->push_inbox(f);
-  } else if (w) {
+  } else {
     // A fiber woke it: run it next (LIFO slot). The scheduler woke it
     // (timers, I/O): behind the others.
     w->schedule_local(f, /*hot=*/w->current() != nullptr);
-  } else {
-    scheduler::plain_use use;  // see scheduler.h: submit's wake may outlive f
-    if (scheduler* s = use.get()) s->submit(f);
   }
 }
 
