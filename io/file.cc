@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <limits>
 
 #include "io/fd_state.h"
 
@@ -18,6 +19,18 @@ bool cannot_seek(int fd) noexcept {
 
 std::unexpected<std::error_code> illegal_seek() {
   return std::unexpected(std::make_error_code(std::errc::invalid_seek));
+}
+
+// An offset off_t cannot hold: pread(2) and pwrite(2) (the epoll driver's)
+// fail it with EINVAL, but io_uring takes an offset of -1 (~0 here) to
+// mean "at the file position", and would read or write there and move it.
+// Refused here, for both drivers.
+bool offset_too_large(std::uint64_t offset) noexcept {
+  return offset > static_cast<std::uint64_t>(std::numeric_limits<off_t>::max());
+}
+
+std::unexpected<std::error_code> invalid_offset() {
+  return std::unexpected(std::make_error_code(std::errc::invalid_argument));
 }
 
 }  // namespace
@@ -59,6 +72,7 @@ result<file> file::open(const std::string& path, int flags, int mode,
 result<std::size_t> file::read_at(std::span<char> buf, std::uint64_t offset,
                                   std::source_location where) {
   if (stream_ && is_open()) return illegal_seek();
+  if (offset_too_large(offset) && is_open()) return invalid_offset();
   op o{.kind = op_kind::read_at, .buf = buf.data(), .len = buf.size(), .offset = offset};
   auto r = perform_on(st_, o, clock::time_point::max(), "file read", where);
   if (!r) return std::unexpected(r.error());
@@ -68,6 +82,7 @@ result<std::size_t> file::read_at(std::span<char> buf, std::uint64_t offset,
 result<void> file::write_at(std::span<const char> buf, std::uint64_t offset,
                             std::source_location where) {
   if (stream_ && is_open()) return illegal_seek();
+  if (offset_too_large(offset) && is_open()) return invalid_offset();
   while (!buf.empty()) {
     op o{.kind = op_kind::write_at,
          .buf = const_cast<char*>(buf.data()),  // read only

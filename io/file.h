@@ -51,7 +51,8 @@ class file {
   [[nodiscard]] static result<file> open(const std::string& path, int flags, int mode = 0644,
                                            std::source_location where = std::source_location::current());
 
-  // Reads up to buf.size() bytes at `offset`; 0 at end of file. A file
+  // Reads up to buf.size() bytes at `offset`; 0 at end of file. An offset
+  // past what off_t holds (2^63 - 1) is std::errc::invalid_argument. A file
   // without offsets (a FIFO, or a pipe, socket or terminal adopted by
   // file(fd)) fails read_at and write_at with ESPIPE, as pread(2) does.
   [[nodiscard]] result<std::size_t> read_at(std::span<char> buf, std::uint64_t offset,

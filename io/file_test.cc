@@ -112,6 +112,36 @@ TEST_P(Files, CloseWhileOthersReadNeverTouchesAFileThatReusesTheNumber) {
   ::unlink(new_path.c_str());
 }
 
+// An offset past what off_t holds is invalid_argument on both drivers, as
+// pread(2) says (Go's ReadAt: "negative offset"). io_uring reads an offset
+// of -1 (~0 as the u64 here) as "at the file position": read_at(buf, ~0)
+// returned the file's first bytes and write_at(data, ~0) wrote them at the
+// position, moving it, where the epoll driver's pread failed.
+TEST_P(Files, AnOffsetPastOffTIsInvalidOnBothDrivers) {
+  const std::string path = temp_path("huge-offset");
+  Run([&] {
+    auto f = file::open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    ASSERT_TRUE(f) << f.error().message();
+    ASSERT_TRUE(f->write_at({"hello", 5}, 0));
+    for (std::uint64_t off : {~std::uint64_t{0}, std::uint64_t{1} << 63}) {
+      char buf[8] = {};
+      auto n = f->read_at(buf, off);
+      ASSERT_FALSE(n) << "read_at(" << off << ") read " << *n << " bytes";
+      EXPECT_EQ(n.error(), std::errc::invalid_argument);
+      auto w = f->write_at({"XY", 2}, off);
+      ASSERT_FALSE(w) << "write_at(" << off << ") wrote";
+      EXPECT_EQ(w.error(), std::errc::invalid_argument);
+    }
+    char buf[8] = {};
+    EXPECT_EQ(f->read_at(buf, 0).value(), 5u);
+    EXPECT_EQ(std::string_view(buf, 5), "hello");
+    EXPECT_EQ(::lseek(f->native_handle(), 0, SEEK_CUR), 0) << "the file position moved";
+    EXPECT_EQ(f->read_at(buf, 5).value(), 0u);     // at the end
+    EXPECT_EQ(f->read_at(buf, 4096).value(), 0u);  // past it
+  });
+  ::unlink(path.c_str());
+}
+
 TEST_P(Files, OpenErrorsAreValues) {
   Run([&] {
     auto f = file::open(temp_path("does-not-exist") + "/x", O_RDONLY);
