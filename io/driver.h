@@ -286,10 +286,11 @@ io_driver* current_driver() noexcept;
 std::unique_ptr<io_driver> make_uring_driver(unsigned worker, int node_os, std::error_code& why);
 std::unique_ptr<io_driver> make_epoll_driver(unsigned worker, std::error_code& why);
 
-// Called once per process by the driver factory: SIGPIPE gets an empty
-// handler (not SIG_IGN, which child processes would inherit), so a write
-// to a closed peer is an EPIPE value, never a signal.
-void ignore_sigpipe_once() noexcept;
+// Called once per process by the driver factory: SIGPIPE and SIGXFSZ get
+// an empty handler (not SIG_IGN, which child processes would inherit), so
+// a write to a closed peer is an EPIPE value and a write past the file
+// size limit an EFBIG value, never a signal that ends the process.
+void ignore_write_signals_once() noexcept;
 
 // weft's own SIGURG, sent by the monitor to a worker stuck in one fiber
 // (see *Rescue* in io/uring_driver.cc): flushes that worker's ring and

@@ -57,7 +57,9 @@ class file {
   // file(fd)) fails read_at and write_at with ESPIPE, as pread(2) does.
   [[nodiscard]] result<std::size_t> read_at(std::span<char> buf, std::uint64_t offset,
                                             std::source_location where = std::source_location::current());
-  // Writes all of buf at `offset` (several writes if one is short).
+  // Writes all of buf at `offset` (several writes if one is short). Past
+  // the file size limit (RLIMIT_FSIZE) it is std::errc::file_too_large,
+  // with what fitted written (never SIGXFSZ: see ignore_write_signals_once()).
   [[nodiscard]] result<void> write_at(std::span<const char> buf, std::uint64_t offset,
                                        std::source_location where = std::source_location::current());
   [[nodiscard]] result<void> fsync(bool data_only = false, std::source_location where = std::source_location::current());

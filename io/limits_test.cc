@@ -5,6 +5,7 @@
 // addresses only; and signals weft handles, where the process's signal
 // dispositions matter. Each case runs in a forked child, so the limits, filters
 // and namespaces it sets stay there; a hang ends the child by SIGALRM.
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
@@ -190,6 +191,46 @@ TEST(Limits, APlainWriteToABrokenPipeFromASmallStackFiberIsEpipe) {
       return e == EPIPE ? 0 : 2;
     }, {.workers = 1});
   });
+}
+
+// A write past the file size limit (RLIMIT_FSIZE: a ulimit -f, a
+// systemd LimitFSIZE=) is the error EFBIG, as Go's os.File gives it (Go
+// ignores SIGXFSZ), on both drivers: the part that fits is written, the
+// rest is file_too_large. The kernel sends SIGXFSZ with the EFBIG to the
+// thread that wrote; its default action ended the whole process under the
+// epoll driver, whose blocking-pool thread does the pwrite.
+TEST(Limits, AWritePastTheFileSizeLimitIsEfbigNotADeadProcess) {
+  for (const char* io : {"uring", "epoll"}) {
+    SCOPED_TRACE(io);
+    in_child([io] {
+      std::signal(SIGXFSZ, SIG_DFL);  // a known start
+      ::setenv("WEFT_IO", io, 1);
+      char path[] = "/tmp/weft-fsize-XXXXXX";
+      int fd = ::mkstemp(path);
+      if (fd < 0) return kSkip;
+      ::close(fd);
+      rlimit lim{4096, 4096};
+      if (::setrlimit(RLIMIT_FSIZE, &lim) != 0) return kSkip;
+      int code = 0;
+      weft::run([&] {
+        auto f = file::open(path, O_RDWR);
+        if (!f) {
+          code = 20;
+          return;
+        }
+        std::string data(8192, 'x');
+        auto w = f->write_at({data.data(), data.size()}, 0);  // 4096 fit, then EFBIG
+        if (w || w.error() != std::errc::file_too_large) code = 21;
+        w = f->write_at({"y", 1}, 10000);  // past the limit outright
+        if (w || w.error() != std::errc::file_too_large) code = 22;
+        char b[8];
+        auto n = f->read_at(b, 4095);  // what fitted was written
+        if (!n || *n != 1 || b[0] != 'x') code = 23;
+      }, {.workers = 1});
+      ::unlink(path);
+      return code;
+    });
+  }
 }
 
 // Makes this (single-threaded, forked) process a host with IPv4 addresses

@@ -58,30 +58,37 @@ std::span<const iovec> iov_window(std::span<const iovec> bufs) {
 }  // namespace
 
 namespace {
-void on_sigpipe(int) {}  // see ignore_sigpipe_once()
+void on_write_signal(int) {}  // see ignore_write_signals_once()
 }  // namespace
 
-void ignore_sigpipe_once() noexcept {
+void ignore_write_signals_once() noexcept {
   static std::once_flag once;
   std::call_once(once, [] {
-    // Sends use MSG_NOSIGNAL already; this covers a user's plain write(),
-    // which then fails with EPIPE. An empty handler, not SIG_IGN: an
-    // ignored signal stays ignored across exec, so every child process
-    // (a shell pipeline started with popen()) would inherit it; a handler
-    // goes back to the default there (Go does the same). A program that
-    // installed its own handler keeps it.
-    // SA_ONSTACK: SIGPIPE is raised in the thread that wrote, on the stack
-    // of the fiber that wrote, which may be a 2 KiB kSmallStack without a
-    // guard page; the kernel's signal frame (~3 KiB with AVX-512 state)
-    // goes on the worker's sigaltstack instead.
-    struct sigaction old {};
-    if (sigaction(SIGPIPE, nullptr, &old) == 0 && !(old.sa_flags & SA_SIGINFO) &&
-        old.sa_handler == SIG_DFL) {
-      struct sigaction sa {};
-      sa.sa_handler = on_sigpipe;
-      sa.sa_flags = SA_RESTART | SA_ONSTACK;
-      sigemptyset(&sa.sa_mask);
-      sigaction(SIGPIPE, &sa, nullptr);
+    // SIGPIPE: sends use MSG_NOSIGNAL already; this covers a user's plain
+    // write(), which then fails with EPIPE.
+    // SIGXFSZ: a write past the file size limit (RLIMIT_FSIZE) fails with
+    // EFBIG and raises it in the thread that wrote (the epoll driver's
+    // blocking-pool thread), which by default ends the whole process;
+    // file::write_at returns the error instead (Go ignores SIGXFSZ for this reason).
+    // An empty handler, not SIG_IGN: an ignored signal stays ignored
+    // across exec, so every child process (a shell pipeline started with
+    // popen()) would inherit it; a handler goes back to the default there
+    // (Go does the same). A program that installed its own handler keeps
+    // it.
+    // SA_ONSTACK: the signal is raised in the thread that wrote, on the
+    // stack of the fiber that wrote, which may be a 2 KiB kSmallStack
+    // without a guard page; the kernel's signal frame (~3 KiB with AVX-512
+    // state) goes on the worker's sigaltstack instead.
+    for (int sig : {SIGPIPE, SIGXFSZ}) {
+      struct sigaction old {};
+      if (sigaction(sig, nullptr, &old) == 0 && !(old.sa_flags & SA_SIGINFO) &&
+          old.sa_handler == SIG_DFL) {
+        struct sigaction sa {};
+        sa.sa_handler = on_write_signal;
+        sa.sa_flags = SA_RESTART | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        sigaction(sig, &sa, nullptr);
+      }
     }
   });
 }

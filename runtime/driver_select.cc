@@ -51,7 +51,7 @@ void log_fallback_once(const std::error_code& ec) {
 }
 
 std::unique_ptr<sched::driver> make_driver(io_choice c, unsigned worker, int node_os) {
-  io::ignore_sigpipe_once();
+  io::ignore_write_signals_once();
   if (c == io_choice::none) return sched::make_futex_driver();
   std::error_code why;
   if (c != io_choice::epoll) {
