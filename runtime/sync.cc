@@ -339,7 +339,7 @@ once_flag::~once_flag() {
 // kWaiting with a CAS under lk_ and links its record before releasing lk_;
 // a finisher that saw kWaiting finds the record under lk_, and the waiters
 // it found cannot leave (nor the flag be freed) before it wakes them.
-bool once_flag::begin() {
+bool once_flag::begin(const std::source_location& where) {
   for (;;) {
     lk_.lock();
     // acquire: pairs with the release in finish(); fn's effects are visible.
@@ -366,7 +366,7 @@ bool once_flag::begin() {
     detail::parker p;
     detail::waiter w;
     wake_reason r = detail::wait_on(lk_, q_, w, p,
-                                    {.cancellable = false, .what = "call_once"});
+                                    {.cancellable = false, .what = "call_once", .where = where});
     if (r == wake_reason::cancelled) sched::unwind_point();
   }
 }

@@ -260,6 +260,13 @@ class wait_group {
   detail::zero_waiter z_;
 };
 
+class once_flag;
+// Declared here for its default argument (a friend of once_flag below; a
+// function template's default arguments go on its first declaration).
+template <typename F>
+void call_once(once_flag& flag, F&& fn,
+               std::source_location where = std::source_location::current());
+
 class once_flag {
  public:
   once_flag() = default;
@@ -269,8 +276,10 @@ class once_flag {
 
  private:
   template <typename F>
-  friend void call_once(once_flag& flag, F&& fn);
-  bool begin();              // true: the caller must run fn, then finish()
+  friend void call_once(once_flag& flag, F&& fn, std::source_location where);
+  // true: the caller must run fn, then finish(). `where`: the caller's
+  // call_once, for dump() and the deadlock report while it waits.
+  bool begin(const std::source_location& where);
   void finish(bool ran) noexcept;  // false: fn threw; another caller retries
   static constexpr std::uint32_t kNew = 0, kRunning = 1, kDone = 2;
   static constexpr std::uint32_t kWaiting = 4;  // with kRunning: someone parked
@@ -282,10 +291,10 @@ class once_flag {
 // Runs fn exactly once per flag (again if it threw). Callers that arrive
 // while it runs wait, then return.
 template <typename F>
-void call_once(once_flag& flag, F&& fn) {
+void call_once(once_flag& flag, F&& fn, std::source_location where) {
   // acquire: pairs with the release in finish(); fn's effects are visible.
   if (flag.state_.load(std::memory_order_acquire) == once_flag::kDone) return;
-  if (!flag.begin()) return;
+  if (!flag.begin(where)) return;
   try {
     std::forward<F>(fn)();
   } catch (...) {

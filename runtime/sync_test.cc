@@ -657,6 +657,29 @@ TEST(SyncDeath, APlainThreadHoldingALockIsNotADeadlock) {
               ::testing::ExitedWithCode(0), "no deadlock reported");
 }
 
+// A fiber waiting in call_once is named in the deadlock report (and in
+// dump()) at its own call site, as every other wait is: the report used to
+// say runtime/sync.cc, where call_once parks, for every such fiber.
+TEST(SyncDeath, ADeadlockInCallOnceNamesTheCallersSite) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        testing::exit_42_after(30s);  // generous: sanitizer builds on a busy machine
+        weft::run([] {
+          once_flag once;
+          channel<int> never(0);
+          auto first = spawn([&] { call_once(once, [&] { (void)never.recv(); }); },
+                             {.name = "first"});
+          (void)this_fiber::sleep_for(5ms);  // first is inside fn by then
+          call_once(once, [] {});
+          first.join();
+        }, {.workers = 1});
+      },
+      ::testing::ExitedWithCode(2),
+      "all fibers are asleep - deadlock!(.|\n)*\"main\" \\[call_once\\] at "
+      "runtime/sync_test\\.cc:[0-9]+");
+}
+
 // Unlocking a mutex that is not locked (a double unlock) is a bug in the
 // program, reported at once as Go does ("sync: unlock of unlocked mutex"),
 // not a silent no-op; shared_mutex already refused a stray unlock_shared().
