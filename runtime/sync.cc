@@ -406,13 +406,13 @@ void shared_mutex::grant_locked(detail::wake_batch& woken) noexcept {
 }
 
 void shared_mutex::acquire(bool wr, const std::source_location& where) {
+  detail::note_lock_holder();  // before taking it: see note_lock_holder()
   for (;;) {
     lk_.lock();
     bool free = !writer_ && q_.empty() && (!wr || readers_ == 0);
     if (free) {
       if (wr) writer_ = true; else ++readers_;
       lk_.unlock();
-      detail::note_lock_holder();
       return;
     }
     detail::parker p;
@@ -431,20 +431,20 @@ void shared_mutex::lock(std::source_location where) { acquire(true, where); }
 void shared_mutex::lock_shared(std::source_location where) { acquire(false, where); }
 
 bool shared_mutex::try_lock() noexcept {
+  detail::note_lock_holder();  // before taking it: see note_lock_holder()
   lk_.lock();
   bool ok = !writer_ && readers_ == 0 && q_.empty();
   if (ok) writer_ = true;
   lk_.unlock();
-  if (ok) detail::note_lock_holder();
   return ok;
 }
 
 bool shared_mutex::try_lock_shared() noexcept {
+  detail::note_lock_holder();  // before taking it: see note_lock_holder()
   lk_.lock();
   bool ok = !writer_ && q_.empty();
   if (ok) ++readers_;
   lk_.unlock();
-  if (ok) detail::note_lock_holder();
   return ok;
 }
 
