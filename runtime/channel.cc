@@ -171,6 +171,7 @@ chan_status chan_core::recv_locked(void* out, void (*deliver)(void*, void*),
 }
 
 void chan_core::close() noexcept {
+  note_plain_user();  // as send and receive do (runtime/wait_list.h)
   wake_batch woken;
   lk_.lock();
   if (!closed_) {

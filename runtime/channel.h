@@ -260,6 +260,7 @@ class channel {
   // send and recv through the core's fast paths (chan_core, *Fast paths*).
   result<void> put(T* v, clock::time_point dl, bool may_block,
                    const std::source_location& where) {
+    detail::note_plain_user();  // a plain thread that sends may send again
     core_.lock();
     if (core_.put_fast_ok()) [[likely]] {
       // SAFETY: a free slot of the ring, under the lock; T's move cannot
@@ -274,6 +275,7 @@ class channel {
   }
   detail::chan_status take(std::optional<T>& out, clock::time_point dl, bool may_block,
                            const std::source_location& where) {
+    detail::note_plain_user();  // a plain thread that receives may send too
     core_.lock();
     if (core_.take_fast_ok()) [[likely]] {
       // SAFETY: the ring's head holds a T, under the lock.

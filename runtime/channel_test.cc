@@ -6,6 +6,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <cstdio>
 #include <memory>
 #include <stdexcept>
 #include <thread>
@@ -443,6 +444,48 @@ TEST(ChannelDeath, AChannelCycleIsReportedAsADeadlockWithItsWaitReason) {
               ::testing::ExitedWithCode(2),
               "all fibers are asleep - deadlock!(.|\n)*\"x\" \\[chan receive\\] at "
               ".*channel_test.cc:[0-9]+(.|\n)*\"y\" \\[chan receive\\]");
+}
+
+// A plain thread whose channel operations never blocked (a value was
+// waiting, the receiver was parked) serves fibers as well as one that
+// blocked: main waiting for its next send is not a deadlock. It was
+// reported as one (exit status 2): the thread counted as a possible waker
+// only once it blocked in weft, so while it worked between its receive and
+// its reply, every fiber was parked and nothing seemed able to wake them.
+template <typename FirstOp>
+void ServedByAPlainThreadThatNeverBlocked(FirstOp first_op) {
+  weft::run([&] {
+    channel<int> requests(1), replies(0);
+    ASSERT_TRUE(requests.send(21));  // buffered: the thread's receive finds it
+    std::atomic<bool> received{false};
+    std::thread t([&] {  // no outside_ref: it never blocks in weft
+      int x = first_op(requests);
+      received = true;
+      std::this_thread::sleep_for(50ms);  // main parks on replies meanwhile
+      (void)replies.send(2 * x);          // main is parked: no block
+    });
+    while (!received.load()) (void)this_fiber::sleep_for(100us);
+    EXPECT_EQ(replies.recv().value_or(-1), 42);
+    t.join();
+  }, {.workers = 1});
+  std::fprintf(stderr, "no deadlock reported\n");
+  std::_Exit(0);
+}
+
+TEST(ChannelDeath, APlainThreadWhoseChannelCallsNeverBlockedIsAPossibleWaker) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(ServedByAPlainThreadThatNeverBlocked(
+                  [](channel<int>& ch) { return ch.recv().value_or(-1); }),
+              ::testing::ExitedWithCode(0), "no deadlock reported");
+  EXPECT_EXIT(ServedByAPlainThreadThatNeverBlocked(
+                  [](channel<int>& ch) { return ch.try_recv().value_or(-1); }),
+              ::testing::ExitedWithCode(0), "no deadlock reported");
+  EXPECT_EXIT(ServedByAPlainThreadThatNeverBlocked([](channel<int>& ch) {
+                std::optional<int> v;
+                (void)select(ch.on_recv(v));
+                return v.value_or(-1);
+              }),
+              ::testing::ExitedWithCode(0), "no deadlock reported");
 }
 
 // A channel on a frame that goes away while a fiber still waits on it (as

@@ -253,6 +253,7 @@ int park_on_cases(const select_case* cs, std::size_t n, const lock_set& locks,
 
 int select_impl(select_case* cs, std::size_t n, const std::source_location& where) {
   WEFT_CHECK(n <= kMaxCases, "weft::select: more than 32 cases");
+  note_plain_user();  // as a channel operation does (runtime/wait_list.h)
   lock_set locks(cs, n);
   locks.lock();
   wake_ticket t;

@@ -406,7 +406,7 @@ void shared_mutex::grant_locked(detail::wake_batch& woken) noexcept {
 }
 
 void shared_mutex::acquire(bool wr, const std::source_location& where) {
-  detail::note_lock_holder();  // before taking it: see note_lock_holder()
+  detail::note_plain_user();  // before taking it: see note_plain_user()
   for (;;) {
     lk_.lock();
     bool free = !writer_ && q_.empty() && (!wr || readers_ == 0);
@@ -431,7 +431,7 @@ void shared_mutex::lock(std::source_location where) { acquire(true, where); }
 void shared_mutex::lock_shared(std::source_location where) { acquire(false, where); }
 
 bool shared_mutex::try_lock() noexcept {
-  detail::note_lock_holder();  // before taking it: see note_lock_holder()
+  detail::note_plain_user();  // before taking it: see note_plain_user()
   lk_.lock();
   bool ok = !writer_ && readers_ == 0 && q_.empty();
   if (ok) writer_ = true;
@@ -440,7 +440,7 @@ bool shared_mutex::try_lock() noexcept {
 }
 
 bool shared_mutex::try_lock_shared() noexcept {
-  detail::note_lock_holder();  // before taking it: see note_lock_holder()
+  detail::note_plain_user();  // before taking it: see note_plain_user()
   lk_.lock();
   bool ok = !writer_ && q_.empty();
   if (ok) ++readers_;

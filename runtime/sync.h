@@ -46,20 +46,6 @@
 
 namespace weft {
 
-namespace detail {
-// Called by whoever is about to take a weft lock (mutex, shared_mutex): a
-// plain thread that holds one will wake the fibers that park on it when
-// it unlocks, even if it never blocked in weft (it took the lock
-// uncontended), so it registers as a blocking plain thread does
-// (sched::note_plain_thread(), sched/scheduler.h). Before the lock is
-// taken, not after: a thread preempted between the two would hold the lock
-// uncounted while fibers park on it, and the deadlock detector could then
-// report a deadlock that the thread's unlock would end. (A try_lock that
-// fails still counts the thread: a report withheld, never a false one.)
-// On a worker thread (a fiber) only a thread_local load.
-void note_lock_holder() noexcept;
-}  // namespace detail
-
 class mutex {
  public:
   mutex() = default;
@@ -68,12 +54,12 @@ class mutex {
   mutex& operator=(const mutex&) = delete;
 
   void lock(std::source_location where = std::source_location::current()) {
-    detail::note_lock_holder();  // a plain thread holding it may wake fibers
+    detail::note_plain_user();  // a plain thread holding it may wake fibers
     // relaxed: as in try_lock().
     if (!try_acquire(state_.load(std::memory_order_relaxed), 0)) lock_slow(where);
   }
   bool try_lock() noexcept {
-    detail::note_lock_holder();  // as in lock()
+    detail::note_plain_user();  // as in lock()
     // relaxed: a first guess; try_acquire's CAS validates it. Looking first
     // (rather than a CAS from 0) saves a failing CAS when the lock is free
     // but others are parked (bench/micro.cc `mutex`).

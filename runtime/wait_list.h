@@ -30,4 +30,21 @@ struct wait_list {
 // The spinlock of the public sync types (alloc/spinlock.h, inline).
 using short_lock = weft::spinlock;
 
+// Called at the start of an operation on a channel or a lock (mutex,
+// shared_mutex): registers a plain thread as a possible waker of fibers
+// for the deadlock detector, as blocking in weft does
+// (sched::note_plain_thread(), sched/scheduler.h). A plain thread that
+// holds a weft lock wakes the fibers parked on it when it unlocks, and one
+// that sends on a channel may send again, even if it never blocked (it
+// took the lock uncontended; its sends found receivers waiting or room):
+// uncounted, the detector would report a deadlock as soon as every fiber
+// waited for its next step (a thread serving fibers through channels).
+// Before the lock is taken, not after: a thread preempted between the two
+// would hold it uncounted while fibers park on it. (A try_lock that fails
+// still counts the thread: a report withheld, never a false one.) A thread
+// whose first use of weft is to wake a fiber (a wait_group's done())
+// must say so earlier: weft::outside_ref. On a worker thread (a fiber)
+// only a thread_local load.
+void note_plain_user() noexcept;
+
 }  // namespace weft::detail

@@ -64,7 +64,7 @@ void note_plain_thread() noexcept { sched::note_plain_thread(); }
 // tls_worker directly (not sched::current_worker(), another call): this
 // runs on every lock. Fibers run only on worker threads, whose tls_worker
 // is set for their whole life; a plain thread's is null.
-void note_lock_holder() noexcept {
+void note_plain_user() noexcept {
   if (!sched::tls_worker) note_plain_thread();
 }
 
