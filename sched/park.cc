@@ -120,7 +120,10 @@ wake_reason park(const park_request& req) {
   worker_counters::bump(w->counters().parks);
   w->switch_away(after_switch::park, &req);
   // Resumed, possibly on another worker. acquire: pairs with the winning
-  // claim's release, so the waker's hand-off (a value, a result) is visible.
+  // claim's release (what the waker wrote before its claim). Its hand-off
+  // (a value, a result), written after the claim and before ready(), is
+  // visible through the run queue, slot or inbox that ready() put us on
+  // and the worker that took us off it resumed us from.
   std::uint64_t s = f->state_.load(std::memory_order_acquire);
   // The old worker may still be finishing after_park() on our control
   // block (a waker on another worker can claim and run us within
@@ -177,11 +180,13 @@ fiber* claim(wake_token t, wake_reason r) noexcept {
     park_phase p = phase_of(s);
     if (gen_of(s) != t.gen || (p != park_phase::parking && p != park_phase::parked))
       return nullptr;
-    // release: publishes what the waker handed over (pairs with the acquire
-    // load in park()). No acquire: what the waker needs of the parked
-    // fiber (its saved context) reached it through the publish step's
-    // unlock and the waker's lock, or, for a timer, through the heap's lock
-    // (arm() released it after the switch; the firing worker took it).
+    // release: publishes what the waker wrote before this claim (pairs
+    // with the acquire load in park()); its hand-off, written after the
+    // claim, reaches the fiber through ready() (see park()). No acquire:
+    // what the waker needs of the parked fiber (its saved context) reached
+    // it through the publish step's unlock and the waker's lock, or, for a
+    // timer, through the heap's lock (arm() released it after the switch;
+    // the firing worker took it).
     if (t.f->state_.compare_exchange_weak(
             s, pack_state(t.gen, park_phase::woken, cancellable_of(s), r),
             std::memory_order_release, std::memory_order_relaxed))
