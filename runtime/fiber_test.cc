@@ -470,6 +470,46 @@ TEST(FiberYield, FibersTakeTurnsInOrderOnOneWorker) {
     ASSERT_EQ(order[k], order[k % kFibers]) << "at turn " << k << ": " << ::testing::PrintToString(std::vector<int>(order.begin(), order.begin() + std::min<std::size_t>(order.size(), 24)));
 }
 
+// Fibers that compute for a while between yields, as the hog warning asks
+// long loops to do, keep every worker busy without ever getting stuck in
+// one fiber: yields switch straight to the next fiber (or continue in
+// place) and fire no timers, so only the loop's periodic tick, 61 yields
+// apart, did. A 10 ms sleep then ended up to 61 slices (1.2 s here) late.
+// The monitor now tells a worker whose timers are due, and its next yield
+// goes through the loop, which fires them: the sleeper runs within about
+// a monitor period (10 ms) plus three slices (the one running, and two
+// yielders queued before it). Ten sleeps land at random points of the
+// 61-yield cycle: with the periodic tick alone, all ten under 400 ms late
+// has a chance of about 1 in 50,000. The bound leaves 330 ms for a loaded
+// machine (two cores, four workers, other builds).
+TEST_P(Fibers, ASleepEndsOnTimeWhileFibersComputeBetweenYields) {
+  constexpr auto kSlice = 20ms, kSleep = 10ms;
+  std::chrono::steady_clock::duration worst{};
+  Run([&] {
+    std::atomic<bool> stop{false};
+    std::vector<join_handle<void>> yielders;
+    for (unsigned i = 0; i < 2 * workers(); ++i)  // no worker left idle
+      yielders.push_back(spawn([&] {
+        while (!stop.load(std::memory_order_relaxed)) {
+          auto until = std::chrono::steady_clock::now() + kSlice;
+          while (std::chrono::steady_clock::now() < until) {
+          }
+          this_fiber::yield();
+        }
+      }));
+    for (int i = 0; i < 10; ++i) {
+      auto t0 = std::chrono::steady_clock::now();
+      (void)this_fiber::sleep_for(kSleep);
+      worst = std::max(worst, std::chrono::steady_clock::now() - t0 - kSleep);
+    }
+    stop = true;
+    for (auto& h : yielders) h.join();
+  });
+  EXPECT_LT(worst, 400ms) << "a sleep ended "
+                          << std::chrono::duration_cast<std::chrono::milliseconds>(worst).count()
+                          << " ms late";
+}
+
 // The floating-point control state (rounding mode: the x87 control word
 // and MXCSR, callee-saved in the SysV ABI) belongs to each fiber: the
 // switch saves and restores it (see *The switch itself* in

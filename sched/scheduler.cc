@@ -229,6 +229,9 @@ void scheduler::join() {
 //     workers (driver::rescue());
 //   - once the same fiber has run for hog_warning, it is reported once on
 //     stderr.
+// And every worker whose earliest timer is due, stuck or not, is told so
+// (timers_due_ in worker.h): one busy switching fibers past its loop would
+// otherwise fire them only on its periodic tick.
 // The monitor touches workers only through atomics (counters, LIFO slot,
 // queue indices, running_id_) and the stuck worker's driver through
 // rescue(), which guards what it shares; the one fiber it reads, a hog it reports,
@@ -289,6 +292,15 @@ void scheduler::wake_dozing_monitor() noexcept {
 }
 
 void scheduler::check_worker(worker& w) {
+  // A worker that switches fibers without reaching its loop (direct
+  // yields, hand-offs) fires its timers only on the periodic tick, 61
+  // switches apart: long, if its fibers compute between switches. Point
+  // the due ones out; its next switch goes through the loop (see
+  // timers_due_ in worker.h). relaxed: a hint. (A stuck worker never
+  // switches: its timers are stolen, below.)
+  if (clock::time_point due = w.timers_.next_deadline();
+      due != clock::time_point::max() && due <= clock::now())
+    w.timers_due_.store(true, std::memory_order_relaxed);
   // relaxed: snapshots; "unchanged since the last look" is all we infer.
   std::uint64_t runs = w.counters_.fibers_run.load(std::memory_order_relaxed);
   std::uint64_t id = w.running_id_.load(std::memory_order_relaxed);
