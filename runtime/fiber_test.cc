@@ -1179,6 +1179,34 @@ TEST(FiberMonitor, AFiberThatHogsItsWorkerIsReportedOnce) {
   EXPECT_NE(err.find("without parking or yielding"), std::string::npos) << err;
 }
 
+// A fiber that yields with nothing else runnable on its worker continues in
+// place: no other fiber runs there, but the worker is not stuck (it reaches
+// its loop every 61 yields). The monitor took it for one that never parks
+// or yields: it reported it as a hog ("without parking or yielding") and
+// treated its worker as stuck.
+TEST(FiberMonitor, AFiberThatYieldsAloneOnItsWorkerIsNotAHog) {
+  ::testing::internal::CaptureStderr();
+  weft::options o;
+  o.workers = 1;
+  o.hog_warning = 50ms;
+  std::uint64_t yields = 0;
+  weft::run([&] {
+    spawn([&] {
+      auto until = std::chrono::steady_clock::now() + 300ms;
+      while (std::chrono::steady_clock::now() < until) {
+        auto slice = std::chrono::steady_clock::now() + 1ms;
+        while (std::chrono::steady_clock::now() < slice) {
+        }
+        this_fiber::yield();
+        ++yields;
+      }
+    }, {.name = "yielder"}).join();
+  }, o);
+  std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_GT(yields, 50u);  // it did yield, alone, all along
+  EXPECT_EQ(err.find("has run for"), std::string::npos) << err;
+}
+
 // --- Fatal reports (death tests run the runtime in a child process) -----
 
 void Recurse(int depth) {

@@ -218,8 +218,9 @@ void scheduler::join() {
 // ---- The monitor ------------------------------------------------------------
 //
 // A thread that looks at every worker each monitor_period (Go's sysmon,
-// in small). A worker that has run the same fiber since the previous look
-// is stuck in it: a fiber computing without parking. Then
+// in small). A worker that has run the same fiber, without a switch or a
+// yield, since the previous look is stuck in it: a fiber computing without
+// parking. Then
 //   - if fibers wait on that worker that another could take (its queue, an
 //     unpinned fiber in its LIFO slot, or overdue timers), an idle worker
 //     is woken to take them (steal(), steal_lifo(), steal_timers()):
@@ -302,7 +303,12 @@ void scheduler::check_worker(worker& w) {
       due != clock::time_point::max() && due <= clock::now())
     w.timers_due_.store(true, std::memory_order_relaxed);
   // relaxed: snapshots; "unchanged since the last look" is all we infer.
-  std::uint64_t runs = w.counters_.fibers_run.load(std::memory_order_relaxed);
+  // Yields count as progress too: a fiber that yields with nothing else
+  // runnable there continues in place (*Direct yield* in worker.cc), which
+  // runs no other fiber, yet its worker is not stuck: it reaches its loop
+  // every 61 yields (Go's sysmon likewise counts every schedule() call).
+  std::uint64_t runs = w.counters_.fibers_run.load(std::memory_order_relaxed) +
+                       w.counters_.yields.load(std::memory_order_relaxed);
   std::uint64_t id = w.running_id_.load(std::memory_order_relaxed);
   if (id == 0 || runs != w.mon_runs_ || id != w.mon_id_) {
     w.mon_runs_ = runs;
