@@ -343,5 +343,73 @@ TEST_F(RunQueueStress, EveryItemIsSeenExactlyOnceUnderConcurrentPushPopStealAndO
               static_cast<unsigned long long>(stolen_.load(std::memory_order_relaxed)));
 }
 
+// *Symmetric stress*, as workers use the queues: every thread owns a queue,
+// pushes its share of the items into it (overflowing to a shared list),
+// pops from it, and steals from the others' whenever its own holds no more
+// than Capacity - Capacity/2 (the most steal_from() accepts). So a queue
+// is pushed into, popped from, stolen from and stolen into by its owner,
+// all while others steal from it. Each item is seen exactly once; a thread
+// stops once every item is accounted for (seen or overflowed).
+TEST(RunQueueSymmetricStress, EveryItemIsSeenOnceWhenEveryThreadPushesPopsAndSteals) {
+  constexpr std::uint32_t kPerThread = 60'000;
+  constexpr int kThreads = 4;
+  constexpr std::uint32_t kTotal = kPerThread * kThreads;
+  std::vector<item> items = make_items(kTotal);
+  std::unique_ptr<std::atomic<std::uint8_t>[]> seen{new std::atomic<std::uint8_t>[kTotal]()};
+  std::vector<std::unique_ptr<small_queue>> queues;
+  for (int k = 0; k < kThreads; ++k) queues.push_back(std::make_unique<small_queue>());
+  std::mutex overflow_mu;
+  std::vector<item*> overflowed;  // guarded by overflow_mu
+  // relaxed (both): counters; the exit test needs only to see the total
+  // eventually, and join() orders the final reads.
+  std::atomic<std::uint32_t> accounted{0};
+  std::atomic<std::uint64_t> steals{0};
+  auto see = [&](item* x) {
+    seen[x->id].fetch_add(1, std::memory_order_relaxed);
+    accounted.fetch_add(1, std::memory_order_relaxed);
+  };
+  auto body = [&](int k) {
+    std::mt19937 rng(7 + static_cast<unsigned>(k));
+    small_queue& own = *queues[k];
+    auto overflow = [&](item** batch, std::uint32_t n) {
+      {
+        std::lock_guard lock(overflow_mu);
+        overflowed.insert(overflowed.end(), batch, batch + n);
+      }
+      accounted.fetch_add(n, std::memory_order_relaxed);
+    };
+    std::uint32_t next = 0;
+    while (accounted.load(std::memory_order_relaxed) != kTotal) {
+      const unsigned r = rng() % 8;
+      if (next < kPerThread && r < 4) {
+        own.push(&items[k * kPerThread + next++], overflow);
+      } else if (r < 6 || own.size_approx() > 2) {
+        if (item* x = own.pop()) see(x);
+      } else {
+        small_queue& victim = *queues[(k + 1 + rng() % (kThreads - 1)) % kThreads];
+        if (item* x = own.steal_from(victim)) {
+          steals.fetch_add(1, std::memory_order_relaxed);
+          see(x);
+        }
+      }
+      if (rng() % 256 == 0) std::this_thread::yield();  // let others in on 2 cores
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int k = 0; k < kThreads; ++k) threads.emplace_back(body, k);
+  for (std::thread& t : threads) t.join();
+  for (item* x : overflowed) seen[x->id].fetch_add(1, std::memory_order_relaxed);
+  std::uint32_t bad = 0;
+  for (std::uint32_t i = 0; i < kTotal; ++i) {
+    const int n = seen[i].load(std::memory_order_relaxed);
+    if (n != 1 && bad++ < 10) ADD_FAILURE() << "item " << i << " seen " << n << " times";
+  }
+  EXPECT_EQ(bad, 0u);
+  for (auto& q : queues) EXPECT_TRUE(q->empty_approx());
+  EXPECT_GT(steals.load(std::memory_order_relaxed), 0u);
+  std::printf("symmetric stress: %zu overflowed, %llu steals\n", overflowed.size(),
+              static_cast<unsigned long long>(steals.load(std::memory_order_relaxed)));
+}
+
 }  // namespace
 }  // namespace weft::sched
