@@ -7,6 +7,8 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -62,6 +64,43 @@ TEST_P(Readiness, AReaderParksUntilAnotherFiberWrites) {
     ASSERT_EQ(::write(p.w, "x", 1), 1);
     EXPECT_EQ(reader.join(), 'x');
   });
+}
+
+// Fibers that compute between yields (as the hog warning asks long loops
+// to do) keep every worker busy without getting stuck in one fiber, which
+// the monitor's rescue is for: yields switch straight to the next fiber
+// and never reach the driver, so only the loop's periodic poll, 61 yields
+// apart, did, and a reader whose pipe was written woke up to 61 slices
+// (1.2 s here) later. The monitor now has each worker that is switching
+// fibers pass through its loop's duties (timers, the driver) once per
+// period, as Go's sysmon polls the network when no one has for 10 ms: the
+// reader runs within about a period plus a few slices (the one running,
+// the yielders queued before it, and on io_uring one more pass if its poll
+// was not yet submitted). Ten writes land at random points of the 61-yield
+// cycle; the bound leaves room for a loaded machine.
+TEST_P(Readiness, AReaderWakesOnTimeWhileFibersComputeBetweenYields) {
+  constexpr auto kSlice = 20ms;
+  std::chrono::steady_clock::duration worst{};
+  Run([&] {
+    testing::busy_yielders busy(2 * workers(), kSlice);  // no worker left idle
+    for (int i = 0; i < 10; ++i) {
+      pipe_fds p;
+      std::atomic<bool> waiting{false};
+      auto reader = spawn([&] {
+        waiting.store(true);
+        auto r = wait_readable(p.r, deadline(10s));
+        EXPECT_TRUE(r) << r.error().message();
+        return std::chrono::steady_clock::now();
+      });
+      until_set_then_settle(waiting);
+      auto t0 = std::chrono::steady_clock::now();
+      ASSERT_EQ(::write(p.w, "x", 1), 1);
+      worst = std::max(worst, reader.join() - t0);
+    }
+  });
+  EXPECT_LT(worst, 400ms) << "a reader woke "
+                          << std::chrono::duration_cast<std::chrono::milliseconds>(worst).count()
+                          << " ms after its pipe was written";
 }
 
 TEST_P(Readiness, AWriterToAFullPipeParksUntilItDrains) {

@@ -3,8 +3,10 @@
 // report of a channel cycle.
 #include "runtime/channel.h"
 
+#include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <memory>
@@ -430,6 +432,38 @@ TEST(ChannelThreads, PlainThreadsUseAChannelWithoutARuntime) {
   EXPECT_EQ(ch.recv(deadline(1ms)).error(), chan_errc::closed);
   channel<int> empty(0);
   EXPECT_EQ(empty.recv(deadline(2ms)).error(), std::errc::timed_out);
+}
+
+// A fiber that a plain thread wakes goes to the inject queue (a plain
+// thread has no run queue of its own). A worker busy switching fibers that
+// compute between yields looked at that queue only on its periodic tick,
+// 61 switches apart, so a fiber served by a background thread (the
+// issue's database thread) waited up to 61 slices (1.2 s here) for its
+// reply. The monitor now has such a worker do its loop's duties, the
+// inject queue among them, once a period: the fiber runs within about a
+// period plus a few slices. The bound leaves room for a loaded machine.
+TEST_P(Channel, AFiberWokenByAPlainThreadRunsOnTimeWhileFibersComputeBetweenYields) {
+  using steady = std::chrono::steady_clock;
+  steady::duration worst{};
+  Run([&] {
+    testing::busy_yielders busy(2 * workers(), 20ms);  // no worker left idle
+    channel<steady::time_point> ch(0);
+    std::thread t([&, ref = outside_ref()] {
+      for (int i = 0; i < 10; ++i) {
+        std::this_thread::sleep_for(30ms);  // main parks in recv meanwhile
+        (void)ch.send(steady::now());
+      }
+    });
+    for (int i = 0; i < 10; ++i) {
+      auto sent = ch.recv();
+      ASSERT_TRUE(sent);
+      worst = std::max(worst, steady::now() - *sent);
+    }
+    t.join();  // it has sent its last value
+  });
+  EXPECT_LT(worst, 400ms) << "a fiber ran "
+                          << std::chrono::duration_cast<std::chrono::milliseconds>(worst).count()
+                          << " ms after a plain thread sent to it";
 }
 
 TEST(ChannelDeath, AChannelCycleIsReportedAsADeadlockWithItsWaitReason) {

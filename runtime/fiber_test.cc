@@ -475,8 +475,9 @@ TEST(FiberYield, FibersTakeTurnsInOrderOnOneWorker) {
 // one fiber: yields switch straight to the next fiber (or continue in
 // place) and fire no timers, so only the loop's periodic tick, 61 yields
 // apart, did. A 10 ms sleep then ended up to 61 slices (1.2 s here) late.
-// The monitor now tells a worker whose timers are due, and its next yield
-// goes through the loop, which fires them: the sleeper runs within about
+// The monitor now asks each worker for its loop's periodic duties once a
+// period, and its next yield goes through the loop, which fires due
+// timers (and polls the driver: io/readiness_test.cc): the sleeper runs within about
 // a monitor period (10 ms) plus three slices (the one running, and two
 // yielders queued before it). Ten sleeps land at random points of the
 // 61-yield cycle: with the periodic tick alone, all ten under 400 ms late
@@ -486,24 +487,12 @@ TEST_P(Fibers, ASleepEndsOnTimeWhileFibersComputeBetweenYields) {
   constexpr auto kSlice = 20ms, kSleep = 10ms;
   std::chrono::steady_clock::duration worst{};
   Run([&] {
-    std::atomic<bool> stop{false};
-    std::vector<join_handle<void>> yielders;
-    for (unsigned i = 0; i < 2 * workers(); ++i)  // no worker left idle
-      yielders.push_back(spawn([&] {
-        while (!stop.load(std::memory_order_relaxed)) {
-          auto until = std::chrono::steady_clock::now() + kSlice;
-          while (std::chrono::steady_clock::now() < until) {
-          }
-          this_fiber::yield();
-        }
-      }));
+    testing::busy_yielders busy(2 * workers(), kSlice);  // no worker left idle
     for (int i = 0; i < 10; ++i) {
       auto t0 = std::chrono::steady_clock::now();
       (void)this_fiber::sleep_for(kSleep);
       worst = std::max(worst, std::chrono::steady_clock::now() - t0 - kSleep);
     }
-    stop = true;
-    for (auto& h : yielders) h.join();
   });
   EXPECT_LT(worst, 400ms) << "a sleep ended "
                           << std::chrono::duration_cast<std::chrono::milliseconds>(worst).count()

@@ -12,8 +12,8 @@
 //      takes what still fits the local queue (sched/driver.h): direct
 //      yields and hand-offs never take such a tick, so a busy worker
 //      reaches its driver (and its due timers, next) at least this often,
-//      and its due timers sooner once the monitor has seen them
-//      (timers_due_ in worker.h);
+//      and all three at least once per monitor period (duties_due_ in
+//      worker.h), however long its fibers compute between switches;
 //   2. expired timers; then the LIFO slot (at most kMaxLifoStreak times in
 //      a row, so a ping-pong pair cannot starve the queue; a hand-off
 //      between such a pair goes on past that while nothing else waits:
@@ -145,8 +145,14 @@ fiber* worker::find_runnable() {
   // On the periodic tick the inject queue before the driver: what waits
   // there (woken by plain threads, or overflowed) became runnable before
   // what the poll would add, so it takes the room first (see take_inject).
-  fiber* injected = tick_ % kInjectInterval == 0 ? take_inject() : nullptr;
-  if (tick_ % kPollInterval == 0) {
+  // The monitor's request (duties_due_) does all of this once more:
+  // cleared before the duties run, so a request made after this costs one
+  // more pass, never a missed one. relaxed: a hint; loaded first so the
+  // common case writes nothing.
+  const bool asked = duties_due_.load(std::memory_order_relaxed);
+  if (asked) duties_due_.store(false, std::memory_order_relaxed);
+  fiber* injected = asked || tick_ % kInjectInterval == 0 ? take_inject() : nullptr;
+  if (asked || tick_ % kPollInterval == 0) {
     driver_->flush();
     driver_->poll();
   }
@@ -238,8 +244,8 @@ void worker::run_fiber(fiber* f) {
 // *Direct yield*: a yield switches straight to the fiber the loop would
 // take next from the local queue, on a tick without periodic duties (due
 // timers wait for those), with nothing in the LIFO slot, the pinned queue
-// or the inbox (the loop orders those), and no timer due that the monitor
-// pointed out (timers_due_). The pending step puts the yielding fiber at the
+// or the inbox (the loop orders those), and no duties the monitor asked
+// for (duties_due_). The pending step puts the yielding fiber at the
 // tail of the local queue, as the loop would. Two fibers taking turns on a
 // worker then cost one switch per yield instead of two plus a loop pass.
 
@@ -295,14 +301,14 @@ void worker::yield_current(const std::source_location& where) {
   std::uint32_t next = tick_ + 1;
   // relaxed: our own slot; the inbox flag is a hint (drain_inbox() orders;
   // a push racing with this check is seen at the next tick). A yield
-  // reads no clock (~20 ns here): a due timer waits for the next periodic
-  // tick, kPollInterval yields away, or, if the fibers compute between
-  // yields so that this is long, for the monitor to set timers_due_
-  // (relaxed: a hint, as the inbox flag).
+  // reads no clock (~20 ns here): a due timer, like the driver, waits for
+  // the next periodic tick, kPollInterval yields away, or, if the fibers
+  // compute between yields so that this is long, for the monitor to set
+  // duties_due_ (relaxed: a hint, as the inbox flag).
   bool loop_first = next % kInjectInterval == 0 || next % kPollInterval == 0 ||
                     lifo_.load(std::memory_order_relaxed) || pinned_head_ ||
                     inbox_nonempty_.load(std::memory_order_relaxed) ||
-                    timers_due_.load(std::memory_order_relaxed);
+                    duties_due_.load(std::memory_order_relaxed);
   if (!loop_first) {
     if (local_.empty_approx()) {
       if (sched_.inject_.empty_hint()) {
@@ -340,11 +346,11 @@ fiber* worker::take_handoff(const fiber* from) noexcept {
   // relaxed: our own slot; a thief can only empty it, which the exchange
   // below sees.
   if (lifo_.load(std::memory_order_relaxed) == 0) return nullptr;
-  // The loop's periodic duties come first on their ticks, and due timers
-  // once the monitor saw them (relaxed: a hint; see timers_due_).
+  // The loop's periodic duties come first on their ticks, and once the
+  // monitor asked for them (relaxed: a hint; see duties_due_).
   std::uint32_t next = tick_ + 1;
   if (next % kInjectInterval == 0 || next % kPollInterval == 0 ||
-      timers_due_.load(std::memory_order_relaxed))
+      duties_due_.load(std::memory_order_relaxed))
     return nullptr;
   // Take it before reading it: a thief may take it meanwhile (steal_lifo).
   std::uintptr_t v = exchange_lifo(0);
@@ -365,7 +371,7 @@ fiber* worker::take_handoff(const fiber* from) noexcept {
 // push racing with them is seen by the loop's next turn, as in
 // yield_current()). Due timers are not looked at, as in yield_current():
 // the loop fires them at the next periodic tick, or once the monitor set
-// timers_due_, neither of which take_handoff() skips.
+// duties_due_, neither of which take_handoff() skips.
 bool worker::others_waiting() const noexcept {
   // relaxed: hints, as above.
   return !local_.empty_approx() || pinned_head_ ||
@@ -580,11 +586,6 @@ fiber* worker::take_inject() {
 }
 
 void worker::fire_timers() {
-  // Cleared before the heap is read: a monitor setting it again after
-  // this costs one more loop pass, never a missed timer. relaxed: a hint
-  // (see timers_due_); loaded first so the common case writes nothing.
-  if (timers_due_.load(std::memory_order_relaxed))
-    timers_due_.store(false, std::memory_order_relaxed);
   if (timers_.size() == 0) return;
   unsigned n = timers_.fire_expired(clock::now(), [this](fiber* f) { push_local(f); });
   // More fibers than this worker runs next: as Go's timers wake a P, so

@@ -185,14 +185,17 @@ class worker {
   // seq_cst: StoreLoad with sleeping_ (see *Sleeping and waking*).
   std::atomic<bool> inbox_nonempty_{false};
   std::atomic<bool> sleeping_{false};
-  // Set by the monitor when this worker's earliest timer is due; cleared by
-  // the owner in fire_timers(). While set, yields and hand-offs go through
-  // the loop, which fires the timers: they read no clock themselves, and
-  // fibers that compute for milliseconds between switches would otherwise
-  // leave a due timer to the periodic tick, 61 switches away (see *Direct
-  // yield* in worker.cc). Relaxed on both sides: a hint that orders
-  // nothing; the heap is read under its lock.
-  std::atomic<bool> timers_due_{false};
+  // Set by the monitor at each look (every period); cleared by the owner
+  // in find_runnable(). While set, yields and hand-offs go through the
+  // loop, which then does its periodic duties at once: the inject queue,
+  // the driver (flush and poll) and due timers. They do none of these
+  // themselves, and fibers that compute for milliseconds between switches
+  // would otherwise leave them to the periodic tick, 61 switches away (see
+  // *Direct yield* in worker.cc): timers, I/O completions and fibers woken
+  // by plain threads would wait over a second. (Go's sysmon polls the
+  // network when nobody has for 10 ms.) Relaxed on both sides: a hint that
+  // orders nothing; each duty orders its own data.
+  std::atomic<bool> duties_due_{false};
 
   timer_heap timers_;
   std::unique_ptr<driver> driver_;

@@ -8,11 +8,13 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "runtime/weft.h"
 
@@ -49,6 +51,37 @@ inline void exit_42_after(std::chrono::seconds s) {
     std::_Exit(42);
   }).detach();
 }
+
+// Fibers that compute for `slice` between yields, as the hog warning asks
+// long loops to do: with two per worker, every worker is busy switching
+// fibers, yet none is stuck in one (the monitor's rescue is for those).
+// For tests of what such a worker must still do on time (timers, I/O,
+// fibers woken by plain threads). Spawned in the constructor, stopped and
+// joined in the destructor; a fiber only.
+class busy_yielders {
+ public:
+  busy_yielders(unsigned n, std::chrono::milliseconds slice) {
+    for (unsigned i = 0; i < n; ++i)
+      fibers_.push_back(spawn([this, slice] {
+        while (!stop_.load(std::memory_order_relaxed)) {  // relaxed: a flag, nothing else
+          auto until = std::chrono::steady_clock::now() + slice;
+          while (std::chrono::steady_clock::now() < until) {
+          }
+          this_fiber::yield();
+        }
+      }));
+  }
+  ~busy_yielders() {
+    stop_.store(true, std::memory_order_relaxed);
+    for (auto& f : fibers_) f.join();
+  }
+  busy_yielders(const busy_yielders&) = delete;
+  busy_yielders& operator=(const busy_yielders&) = delete;
+
+ private:
+  std::atomic<bool> stop_{false};
+  std::vector<join_handle<void>> fibers_;
+};
 
 inline std::string WorkerCountName(const ::testing::TestParamInfo<unsigned>& i) {
   return std::to_string(i.param) + "_workers";
