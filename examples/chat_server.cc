@@ -48,38 +48,53 @@ constexpr std::size_t kMaxLine = 4096;
 // lines in one turn, more than any fixed outbox holds. So what the outbox
 // has no room for waits, in order, in the peer's backlog (the room's own),
 // and the room retries it every kCatchUp; a peer that has been behind for
-// kSlowPeer, or whose backlog passes kMaxBacklog lines, is dropped. The
-// room never waits for a peer.
+// kSlowPeer, or whose backlog passes kMaxBacklog lines or kMaxBacklogBytes
+// bytes of text, is dropped (an IRC server's "SendQ exceeded"). The room
+// never waits for a peer.
+//
+// The byte bound is what bounds the memory a peer that stops reading
+// makes the room hold: lines are up to kMaxLine bytes, and with the line
+// bound alone one such peer held ~270 MiB of 4 KiB lines that another
+// peer sent. (The lines are shared: peers behind on the same lines hold
+// them once.) Flood control counts bytes too, so that one talker cannot
+// put a peer that reads all it is sent past it either.
 constexpr std::size_t kOutbox = 256;  // lines handed to a peer's writer
 constexpr auto kSlowPeer = 2s;
-constexpr std::size_t kMaxBacklog = 65536;  // ~1 MiB of line pointers, while behind
+constexpr std::size_t kMaxBacklog = 65536;  // lines: ~1 MiB of line pointers
+constexpr std::size_t kMaxBacklogBytes = 16 << 20;  // of text, while behind
 constexpr auto kCatchUp = 1ms;
 constexpr std::size_t kMaxBatch = 64 * 1024;  // bytes a writer gathers into one write
 
-// Flood control, as IRC servers have it: a peer may send kFloodBurst lines
-// at once and kFloodRate a second after that; past it, its reader waits,
-// so TCP slows the talker down. Without it one peer sending millions of
-// short lines a second made the room outrun every writer, and peers that
-// read all they were sent fell kMaxBacklog behind in milliseconds and were
-// dropped for it. The limits are far above what people type.
-constexpr double kFloodRate = 20000;  // lines a second, per peer
-constexpr double kFloodBurst = 32768;  // lines
+// Flood control, as IRC servers have it: a peer may send kFloodBurst
+// tokens' worth of lines at once and kFloodRate tokens a second after
+// that, a line costing a token per kFloodUnit bytes begun (so one for a
+// line people type); past it, its reader waits, so TCP slows the talker
+// down. Without it one peer sending millions of short lines a second made
+// the room outrun every writer, and peers that read all they were sent
+// fell kMaxBacklog behind in milliseconds and were dropped for it; when
+// it counted lines only, one peer sending 4 KiB lines put a peer that read
+// all it was sent 4 MiB behind in 10 ms. The limits are far above what
+// people type: 20,000 short lines a second, or 2.5 MB/s of long ones.
+constexpr double kFloodRate = 20000;   // tokens a second, per peer
+constexpr double kFloodBurst = 32768;  // tokens: 4 MiB of long lines
+constexpr std::size_t kFloodUnit = 128;  // bytes of a line per token
 
 class flood_gate {
  public:
-  // Waits (parking this fiber) until one more line may go to the room.
-  // False if the fiber was asked to stop meanwhile.
-  bool take() {
+  // Waits (parking this fiber) until a line of `bytes` bytes may go to
+  // the room. False if the fiber was asked to stop meanwhile.
+  bool take(std::size_t bytes) {
+    const double cost = double(1 + bytes / kFloodUnit);  // at most kMaxLine's: < kFloodBurst
     for (;;) {
       const auto now = weft::clock::now();
       tokens_ = std::min(kFloodBurst,
                          tokens_ + std::chrono::duration<double>(now - last_).count() * kFloodRate);
       last_ = now;
-      if (tokens_ >= 1) {
-        tokens_ -= 1;
+      if (tokens_ >= cost) {
+        tokens_ -= cost;
         return true;
       }
-      if (!weft::this_fiber::sleep_for(1ms)) return false;  // ~20 lines' worth
+      if (!weft::this_fiber::sleep_for(1ms)) return false;  // ~20 tokens' worth
     }
   }
 
@@ -95,6 +110,7 @@ struct peer {
   // The room's alone: lines the outbox had no room for, oldest first, and
   // since when it has had some.
   std::deque<line> backlog;
+  std::size_t backlog_bytes = 0;  // the sum of the backlog's line sizes
   weft::clock::time_point behind_since;
 };
 
@@ -111,15 +127,21 @@ using peer_map = std::map<peer*, std::shared_ptr<peer>>;
 void drop(peer& p) {
   p.outbox.close();
   p.backlog.clear();
+  p.backlog_bytes = 0;
   (void)p.conn->shutdown(SHUT_RDWR);
 }
 
 // Moves what fits of p's backlog to its outbox; drops p if it is too slow.
 // Returns whether p is still behind.
 bool catch_up(peer& p, weft::clock::time_point now) {
-  while (!p.backlog.empty() && p.outbox.try_send(p.backlog.front())) p.backlog.pop_front();
+  while (!p.backlog.empty() && p.outbox.try_send(p.backlog.front())) {
+    p.backlog_bytes -= p.backlog.front()->size();
+    p.backlog.pop_front();
+  }
   if (p.backlog.empty()) return false;
-  if (now - p.behind_since < kSlowPeer && p.backlog.size() <= kMaxBacklog) return true;
+  if (now - p.behind_since < kSlowPeer && p.backlog.size() <= kMaxBacklog &&
+      p.backlog_bytes <= kMaxBacklogBytes)
+    return true;
   drop(p);
   return false;
 }
@@ -134,6 +156,7 @@ bool broadcast(peer_map& peers, const std::string& text) {
     if (p->backlog.empty() && p->outbox.try_send(l)) continue;
     if (p->backlog.empty()) p->behind_since = now;
     p->backlog.push_back(l);
+    p->backlog_bytes += l->size();
     behind |= catch_up(*p, now);
   }
   return behind;
@@ -218,7 +241,7 @@ void serve(weft::tcp_stream s, weft::channel<event>& events) {
     for (std::size_t nl; (nl = pending.find('\n')) != std::string::npos || pending.size() > kMaxLine;) {
       const bool whole = nl <= kMaxLine;  // npos is not
       const std::size_t end = whole ? nl : kMaxLine;
-      if (!gate.take()) break;
+      if (!gate.take(end)) break;
       (void)events.send(said{me->name + ": " + pending.substr(0, end) + "\n"});
       pending.erase(0, end + (whole ? 1 : 0));
     }

@@ -9,7 +9,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <thread>
@@ -62,6 +65,18 @@ class server {
       std::this_thread::sleep_for(10ms);
     }
     return -1;
+  }
+  // A kB figure from the server's /proc/<pid>/status ("VmRSS", "VmHWM"):
+  // -1 if it is not there.
+  long status_kib(const std::string& field) const {
+    FILE* f = ::fopen(("/proc/" + std::to_string(pid_) + "/status").c_str(), "r");
+    if (!f) return -1;
+    char l[256];
+    long kib = -1;
+    while (kib < 0 && ::fgets(l, sizeof l, f))
+      if (std::string(l).starts_with(field + ":")) kib = std::atol(l + field.size() + 1);
+    ::fclose(f);
+    return kib;
   }
   // A connected client socket, retrying while the server starts.
   // rcvbuf: SO_RCVBUF for the socket (0: the default), set before connecting.
@@ -279,6 +294,78 @@ TEST(ChatServer, APeerThatStopsReadingIsDroppedAndTheOthersAreTold) {
   while ((n = ::recv(slow, tmp, sizeof tmp, 0)) > 0) rest.append(tmp, std::size_t(n));
   EXPECT_EQ(n, 0) << "expected the end of the stream";
   EXPECT_EQ(rest.find(last), std::string::npos) << "the slow peer was not dropped";
+  ::close(slow);
+  ::close(s);
+}
+
+// Reads until `want` has come (true) or EOF / timeout (false), keeping
+// only the tail it needs: for streams of hundreds of megabytes.
+bool stream_until(int s, const std::string& want) {
+  std::string tail;
+  std::vector<char> tmp(64 * 1024);
+  for (;;) {
+    ssize_t n = ::recv(s, tmp.data(), tmp.size(), 0);
+    if (n <= 0) return false;
+    tail.append(tmp.data(), std::size_t(n));
+    if (tail.find(want) != std::string::npos) return true;
+    tail.erase(0, tail.size() - std::min(tail.size(), want.size()));
+  }
+}
+
+// What a peer that stops reading makes the server hold is bounded in bytes
+// (the server's kMaxBacklogBytes, 16 MiB), not only in lines: one peer
+// stops reading while another, reading all it is sent, sends 4 KiB lines
+// for 3 s (or 100 MB). The server drops the first, keeps the second, and
+// grows by less than 64 MiB. Before, the backlog was bounded only at
+// 65,536 lines and flood control counted lines, not bytes: the 100 MB went
+// in within a second and the server grew by ~200 MiB. (With the byte bound
+// alone, the peer that read was dropped too: 4 MiB behind in 10 ms.)
+TEST(ChatServer, APeerThatStopsReadingHoldsBoundedMemoryHoweverLongTheLines) {
+  // Under ASan, freed memory waits in a quarantine (256 MiB by default)
+  // that would count as the server's: a small one for this server.
+  const char* asan = std::getenv("ASAN_OPTIONS");
+  const std::string saved = asan ? asan : "";
+  ::setenv("ASAN_OPTIONS", (saved + ":quarantine_size_mb=4").c_str(), 1);
+  server srv(free_port(), "60");
+  if (asan) ::setenv("ASAN_OPTIONS", saved.c_str(), 1); else ::unsetenv("ASAN_OPTIONS");
+  int slow = srv.connect(4096);
+  ASSERT_GE(slow, 0);
+  ASSERT_TRUE(read_until(slow, "joined\n"));
+  int s = srv.connect();
+  ASSERT_GE(s, 0);
+  ASSERT_TRUE(read_until(s, "joined\n"));
+  const long before = srv.status_kib("VmRSS");
+  ASSERT_GT(before, 0);
+  bool got_end = false;
+  std::thread reader([&] { got_end = stream_until(s, ": end\n"); });
+  std::string lines;
+  for (int i = 0; i < 256; ++i) lines += std::string(4095, 'x') + "\n";
+  timeval tv{1, 0};
+  ::setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  const auto t0 = std::chrono::steady_clock::now();
+  std::size_t sent = 0;
+  for (std::size_t off = 0; sent < 100'000'000 && std::chrono::steady_clock::now() - t0 < 3s;) {
+    ssize_t n = ::send(s, lines.data() + off, lines.size() - off, MSG_NOSIGNAL);
+    if (n < 0 && errno == EAGAIN) continue;
+    ASSERT_GT(n, 0) << "the server ended the sender's connection";
+    sent += std::size_t(n);
+    off = (off + std::size_t(n)) % lines.size();
+  }
+  // The newline ends a line cut short by the loop above; "end" is a line of its own.
+  ASSERT_EQ(::send(s, "\nend\n", 5, MSG_NOSIGNAL), 5);
+  reader.join();
+  EXPECT_TRUE(got_end) << "the peer that kept reading did not get all it sent";
+  const long peak = srv.status_kib("VmHWM");
+  EXPECT_LT(peak - before, 64 * 1024) << "the server grew from " << before << " kB to a peak of "
+                                      << peak << " kB";
+  // The slow peer was dropped: reading at last, it comes to the end.
+  timeval rtv{10, 0};
+  ::setsockopt(slow, SOL_SOCKET, SO_RCVTIMEO, &rtv, sizeof rtv);
+  char tmp[65536];
+  ssize_t n;
+  while ((n = ::recv(slow, tmp, sizeof tmp, 0)) > 0) {
+  }
+  EXPECT_EQ(n, 0) << "the slow peer was not dropped";
   ::close(slow);
   ::close(s);
 }
