@@ -20,7 +20,9 @@
 
 #include "io/driver.h"
 #include "io/socket_test_util.h"
+#include "runtime/channel.h"
 #include "runtime/net.h"
+#include "runtime/sync.h"
 #include "runtime/weft.h"
 #include "sched/scheduler.h"
 #include "sched/worker.h"
@@ -363,9 +365,12 @@ bool waits_park_in_the_driver() {
   return !io || std::strcmp(io, "epoll") != 0;
 }
 
-void each_runs_once_per_round(bool ready_before_spawn) {
+// See above; work: how long each fiber computes after each wake; rounds:
+// how many.
+void each_runs_once_per_round(bool ready_before_spawn,
+                              std::chrono::microseconds work = std::chrono::microseconds(0),
+                              int rounds = 40) {
   constexpr int kFibers = 320;  // two descriptors each: under a 1,024 fd limit
-  constexpr int kRounds = 40;
   std::vector<pipe_fds> pipes(kFibers);
   if (ready_before_spawn) {
     for (auto& p : pipes) ASSERT_EQ(::write(p.w, "x", 1), 1);
@@ -374,10 +379,10 @@ void each_runs_once_per_round(bool ready_before_spawn) {
   std::atomic<int> started{0};
   std::vector<join_handle<std::uint64_t>> hs;
   for (auto& p : pipes) {
-    hs.push_back(spawn([&seq, &started, fd = p.r] {
+    hs.push_back(spawn([&seq, &started, work, rounds, fd = p.r] {
       std::uint64_t last = 0, gap = 0;
       started.fetch_add(1);
-      for (int i = 0; i < kRounds; ++i) {
+      for (int i = 0; i < rounds; ++i) {
         // The byte stays: each wait is ready again at once, through the
         // driver on io_uring.
         auto r = wait_readable(fd, deadline(20s));
@@ -385,6 +390,9 @@ void each_runs_once_per_round(bool ready_before_spawn) {
         std::uint64_t now = seq.fetch_add(1, std::memory_order_relaxed) + 1;
         if (i > 0) gap = std::max(gap, now - last);
         last = now;
+        for (auto until = std::chrono::steady_clock::now() + work;
+             std::chrono::steady_clock::now() < until;) {
+        }
       }
       return gap;
     }));
@@ -417,6 +425,42 @@ TEST_P(Readiness, FibersReadyAsTheySpawnBeyondTheRunQueueEachRunOncePerRound) {
   if (workers() != 1) GTEST_SKIP() << "one worker's run queue";
   if (!waits_park_in_the_driver()) GTEST_SKIP() << "epoll's waits do not park here";
   Run([] { each_runs_once_per_round(/*ready_before_spawn=*/true); });
+}
+
+// As above, with what makes the monitor's passes land between the
+// periodic ticks: fibers that compute (100 us after each wake, so a
+// monitor period is ~100 ticks, not ~61), and a plain thread that keeps
+// the inject queue from staying empty (it wakes a fiber every 200 us, as
+// blocking-pool results or a database thread's replies do). A pass the
+// monitor asks for (duties_due_) lands anywhere in the 61-tick cycle,
+// where the local queue may have only a few free slots; it took up to
+// room + 1 fibers from the inject queue, filling the queue to the brim,
+// and then polled, and the poll always takes its first completion: the
+// queue overflowed its older half (128 fibers) to the back of the inject
+// queue, which was then never empty at the next pass, and so on. Fibers
+// waited 2 to 6 rounds (overflowed 500-2,600) where they wait one.
+TEST_P(Readiness, ComputingFibersReadyBeyondTheRunQueueEachRunOncePerRound) {
+  if (workers() != 1) GTEST_SKIP() << "one worker's run queue";
+  if (!waits_park_in_the_driver()) GTEST_SKIP() << "epoll's waits do not park here";
+  Run([] {
+    channel<int> pings(1);
+    auto pinged = spawn([&] {
+      while (pings.recv()) {
+      }
+    });
+    std::atomic<bool> stop{false};
+    std::thread feeder([&, ref = outside_ref()] {
+      while (!stop.load()) {
+        std::this_thread::sleep_for(200us);
+        (void)pings.send(1);  // wakes `pinged` from a plain thread: the inject queue
+      }
+    });
+    each_runs_once_per_round(/*ready_before_spawn=*/false, 100us, 15);
+    stop.store(true);
+    pings.close();  // first: a send parked on a full buffer then returns,
+    feeder.join();  // and this join, which blocks the worker, cannot wait on `pinged`
+    pinged.join();
+  });
 }
 
 // Pinned fibers waiting for I/O on a worker whose run queue is full of

@@ -230,9 +230,10 @@ void scheduler::join() {
 //     workers (driver::rescue());
 //   - once the same fiber has run for hog_warning, it is reported once on
 //     stderr.
-// And every worker is asked for a pass through its loop's periodic duties
-// (duties_due_ in worker.h): one busy switching fibers past its loop
-// would otherwise do them only on its periodic tick.
+// And a worker whose loop has not polled its driver for a period is asked
+// for a pass through its loop's periodic duties (duties_due_ in
+// worker.h): one busy switching fibers past its loop would otherwise do
+// them only on its periodic tick.
 // The monitor touches workers only through atomics (counters, LIFO slot,
 // queue indices, running_id_) and the stuck worker's driver through
 // rescue(), which guards what it shares; the one fiber it reads, a hog it reports,
@@ -296,14 +297,17 @@ void scheduler::check_worker(worker& w) {
   // A worker that switches fibers without reaching its loop (direct
   // yields, hand-offs) fires its timers, polls its driver and looks at
   // the inject queue only on the periodic tick, 61 switches apart: long,
-  // if its fibers compute between switches. Ask for those duties once a
-  // period; its next switch goes through the loop (see duties_due_ in
-  // worker.h), and one that goes through it anyway only does them once
-  // more. relaxed: a hint; loaded first so that a request not yet taken
-  // is not written again. (A stuck worker never switches: its timers and
-  // I/O are taken over, below.)
-  if (!w.duties_due_.load(std::memory_order_relaxed))
+  // if its fibers compute between switches. If its loop has not polled
+  // since the last look and it is not asleep (its wait polls), ask for
+  // those duties; its next switch goes through the loop (see duties_due_
+  // in worker.h). relaxed: hints and snapshots; the flag is loaded first
+  // so that a request not yet taken is not written again. (A stuck worker
+  // never switches: its timers and I/O are taken over, below.)
+  std::uint64_t polls = w.loop_polls_.load(std::memory_order_relaxed);
+  if (polls == w.mon_polls_ && !w.sleeping_.load(std::memory_order_relaxed) &&
+      !w.duties_due_.load(std::memory_order_relaxed))
     w.duties_due_.store(true, std::memory_order_relaxed);
+  w.mon_polls_ = polls;
   // relaxed: snapshots; "unchanged since the last look" is all we infer.
   // Yields count as progress too: a fiber that yields with nothing else
   // runnable there continues in place (*Direct yield* in worker.cc), which

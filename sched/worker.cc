@@ -148,20 +148,22 @@ fiber* worker::find_runnable() {
   // The monitor's request (duties_due_) does all of this once more:
   // cleared before the duties run, so a request made after this costs one
   // more pass, never a missed one. relaxed: a hint; loaded first so the
-  // common case writes nothing.
+  // common case writes nothing. Such a pass lands anywhere in the 61-tick
+  // cycle, perhaps with the local queue nearly full: its inject batch
+  // leaves a slot for the poll's first completion, which the poll takes
+  // whatever the room (sched::wake_budget) and which would otherwise
+  // overflow the queue's older half to the back of the inject queue.
   const bool asked = duties_due_.load(std::memory_order_relaxed);
   if (asked) duties_due_.store(false, std::memory_order_relaxed);
-  fiber* injected = asked || tick_ % kInjectInterval == 0 ? take_inject() : nullptr;
-  if (asked || tick_ % kPollInterval == 0) {
-    driver_->flush();
-    driver_->poll();
-  }
+  fiber* injected = asked                             ? take_inject(/*keep_free=*/1)
+                    : tick_ % kInjectInterval == 0 ? take_inject()
+                                                    : nullptr;
+  if (asked || tick_ % kPollInterval == 0) poll_driver();
   fire_timers();
   if (injected) return injected;
   if (fiber* f = next_local()) return f;
   if (fiber* f = take_inject()) return f;
-  driver_->flush();
-  driver_->poll();
+  poll_driver();
   if (fiber* f = next_local()) return f;
   if (fiber* f = steal()) return f;
   if (fiber* f = wait_for_steal_candidate()) return f;
@@ -570,11 +572,23 @@ std::size_t run_queue_room() noexcept {
   return w ? w->local_room() : SIZE_MAX;
 }
 
-fiber* worker::take_inject() {
+// A non-blocking flush and poll of the driver, counted for the monitor
+// (see duties_due_ in worker.h).
+void worker::poll_driver() {
+  driver_->flush();
+  driver_->poll();
+  // relaxed: single writer; the monitor compares snapshots.
+  loop_polls_.store(loop_polls_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+}
+
+fiber* worker::take_inject(std::uint32_t keep_free) {
   fiber* batch[kInjectBatch];
   // No more than the local queue takes: an overflow would send its older
-  // half back behind the batch (the first fiber runs at once).
-  std::uint32_t n = sched_.inject_.pop_batch(batch, std::min(kInjectBatch, local_.room() + 1));
+  // half back behind the batch (the first fiber runs at once). Less by
+  // keep_free while the queue has that much room (see find_runnable()).
+  const std::uint32_t room = local_.room();
+  const std::uint32_t want = room + 1 - std::min(keep_free, room);
+  std::uint32_t n = sched_.inject_.pop_batch(batch, std::min(kInjectBatch, want));
   if (n == 0) return nullptr;
   worker_counters::bump(counters_.inject_pops, n);
   // Never pinned (those go to their worker's inbox), so straight into the

@@ -131,7 +131,8 @@ class worker {
   // The loop and its named steps (worker.cc).
   fiber* find_runnable();
   fiber* next_local();
-  fiber* take_inject();
+  fiber* take_inject(std::uint32_t keep_free = 0);
+  void poll_driver();
   fiber* steal();
   fiber* wait_for_steal_candidate();
   bool try_spin() noexcept;
@@ -185,17 +186,22 @@ class worker {
   // seq_cst: StoreLoad with sleeping_ (see *Sleeping and waking*).
   std::atomic<bool> inbox_nonempty_{false};
   std::atomic<bool> sleeping_{false};
-  // Set by the monitor at each look (every period); cleared by the owner
-  // in find_runnable(). While set, yields and hand-offs go through the
-  // loop, which then does its periodic duties at once: the inject queue,
-  // the driver (flush and poll) and due timers. They do none of these
-  // themselves, and fibers that compute for milliseconds between switches
-  // would otherwise leave them to the periodic tick, 61 switches away (see
-  // *Direct yield* in worker.cc): timers, I/O completions and fibers woken
-  // by plain threads would wait over a second. (Go's sysmon polls the
-  // network when nobody has for 10 ms.) Relaxed on both sides: a hint that
-  // orders nothing; each duty orders its own data.
+  // Set by the monitor on an awake worker whose loop has not polled its
+  // driver for a whole period (loop_polls_ did not move); cleared by the
+  // owner in find_runnable(). While set, yields and hand-offs go through
+  // the loop, which then does its periodic duties at once: the inject
+  // queue, the driver (flush and poll) and due timers. They do none of
+  // these themselves, and fibers that compute for milliseconds between
+  // switches would otherwise leave them to the periodic tick, 61 switches
+  // away (see *Direct yield* in worker.cc): timers, I/O completions and
+  // fibers woken by plain threads would wait over a second. (Go's sysmon
+  // polls the network when nobody has for 10 ms.) A worker whose periodic
+  // tick comes sooner than that is left alone. Relaxed on both sides: a
+  // hint that orders nothing; each duty orders its own data.
   std::atomic<bool> duties_due_{false};
+  // The loop's non-blocking polls (poll_driver()): written by the owner,
+  // read by the monitor (relaxed: a snapshot).
+  std::atomic<std::uint64_t> loop_polls_{0};
 
   timer_heap timers_;
   std::unique_ptr<driver> driver_;
@@ -243,6 +249,7 @@ class worker {
   std::atomic<std::uint64_t> running_id_{0};
   // The monitor's notes on this worker (monitor thread only).
   std::uint64_t mon_runs_ = ~std::uint64_t{0}, mon_id_ = 0, mon_warned_id_ = 0;
+  std::uint64_t mon_polls_ = ~std::uint64_t{0};
   unsigned mon_periods_ = 0;
   std::thread thread_;
 };
