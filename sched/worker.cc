@@ -12,8 +12,9 @@
 //      takes what still fits the local queue (sched/driver.h): direct
 //      yields and hand-offs never take such a tick, so a busy worker
 //      reaches its driver (and its due timers, next) at least this often,
-//      and all three at least once per monitor period (duties_due_ in
-//      worker.h), however long its fibers compute between switches;
+//      and all three at its next switch once its loop has not polled for
+//      a monitor period (duties_due_ in worker.h), however long its fibers
+//      compute between switches;
 //   2. expired timers; then the LIFO slot (at most kMaxLifoStreak times in
 //      a row, so a ping-pong pair cannot starve the queue; a hand-off
 //      between such a pair goes on past that while nothing else waits:
@@ -295,8 +296,8 @@ static void record_where(fiber* f, const std::source_location& where) noexcept {
 // yield*). Nothing else runnable here: the caller continues in place (the
 // loop would pick it again at once). The local queue's head is next: a
 // direct switch to it. Anything else (a tick with periodic duties, the
-// LIFO slot, pinned fibers, the inbox, timers the monitor saw due): through
-// the loop, which orders and fires those. Returns when the
+// LIFO slot, pinned fibers, the inbox, duties the monitor asked for):
+// through the loop, which orders and does those. Returns when the
 // caller runs again, possibly on another worker.
 void worker::yield_current(const std::source_location& where) {
   fiber* from = current_;
