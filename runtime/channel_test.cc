@@ -441,7 +441,8 @@ TEST(ChannelThreads, PlainThreadsUseAChannelWithoutARuntime) {
 // issue's database thread) waited up to 61 slices (1.2 s here) for its
 // reply. The monitor now has such a worker do its loop's duties, the
 // inject queue among them, once a period: the fiber runs within about a
-// period plus a few slices. The bound leaves room for a loaded machine.
+// period plus a few slices. The bound leaves room for a loaded machine,
+// as in io/readiness_test.cc's AReaderWakesOnTime...
 TEST_P(Channel, AFiberWokenByAPlainThreadRunsOnTimeWhileFibersComputeBetweenYields) {
   using steady = std::chrono::steady_clock;
   steady::duration worst{};
@@ -461,7 +462,7 @@ TEST_P(Channel, AFiberWokenByAPlainThreadRunsOnTimeWhileFibersComputeBetweenYiel
     }
     t.join();  // it has sent its last value
   });
-  EXPECT_LT(worst, 400ms) << "a fiber ran "
+  EXPECT_LT(worst, 700ms) << "a fiber ran "
                           << std::chrono::duration_cast<std::chrono::milliseconds>(worst).count()
                           << " ms after a plain thread sent to it";
 }

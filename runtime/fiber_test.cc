@@ -480,9 +480,10 @@ TEST(FiberYield, FibersTakeTurnsInOrderOnOneWorker) {
 // timers (and polls the driver: io/readiness_test.cc): the sleeper runs within about
 // a monitor period (10 ms) plus three slices (the one running, and two
 // yielders queued before it). Ten sleeps land at random points of the
-// 61-yield cycle: with the periodic tick alone, all ten under 400 ms late
-// has a chance of about 1 in 50,000. The bound leaves 330 ms for a loaded
-// machine (two cores, four workers, other builds).
+// 61-yield cycle: with the periodic tick alone, all ten under 700 ms late
+// has a chance of about 1 in 270. The bound leaves room for a loaded
+// machine (two cores, four workers, other builds), as in
+// io/readiness_test.cc's AReaderWakesOnTime...
 TEST_P(Fibers, ASleepEndsOnTimeWhileFibersComputeBetweenYields) {
   constexpr auto kSlice = 20ms, kSleep = 10ms;
   std::chrono::steady_clock::duration worst{};
@@ -494,7 +495,7 @@ TEST_P(Fibers, ASleepEndsOnTimeWhileFibersComputeBetweenYields) {
       worst = std::max(worst, std::chrono::steady_clock::now() - t0 - kSleep);
     }
   });
-  EXPECT_LT(worst, 400ms) << "a sleep ended "
+  EXPECT_LT(worst, 700ms) << "a sleep ended "
                           << std::chrono::duration_cast<std::chrono::milliseconds>(worst).count()
                           << " ms late";
 }

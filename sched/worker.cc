@@ -150,16 +150,22 @@ fiber* worker::find_runnable() {
   // cleared before the duties run, so a request made after this costs one
   // more pass, never a missed one. relaxed: a hint; loaded first so the
   // common case writes nothing. Such a pass lands anywhere in the 61-tick
-  // cycle, perhaps with the local queue nearly full: its inject batch
-  // leaves a slot for the poll's first completion, which the poll takes
-  // whatever the room (sched::wake_budget) and which would otherwise
-  // overflow the queue's older half to the back of the inject queue.
+  // cycle, perhaps with the local queue nearly full, and a poll takes its
+  // first completion whatever the room (sched::wake_budget), which would
+  // overflow the queue's older half to the back of the inject queue. So
+  // the inject batch of either pass leaves the poll a slot, and the poll
+  // is skipped if the queue is full and no fiber has left it since the
+  // last poll (the passes between returned the inject queue's fiber, the
+  // LIFO slot's or a pinned one): it would only force in one completion
+  // for I/O the last poll let in moments ago. The next pass that finds
+  // the queue moved polls; the monitor asks again if none does.
   const bool asked = duties_due_.load(std::memory_order_relaxed);
   if (asked) duties_due_.store(false, std::memory_order_relaxed);
-  fiber* injected = asked                             ? take_inject(/*keep_free=*/1)
-                    : tick_ % kInjectInterval == 0 ? take_inject()
-                                                    : nullptr;
-  if (asked || tick_ % kPollInterval == 0) poll_driver();
+  fiber* injected =
+      asked || tick_ % kInjectInterval == 0 ? take_inject(/*keep_free=*/1) : nullptr;
+  if ((asked || tick_ % kPollInterval == 0) &&
+      (local_.room() != 0 || local_head() != head_at_poll_))
+    poll_driver();
   fire_timers();
   if (injected) return injected;
   if (fiber* f = next_local()) return f;
@@ -574,12 +580,20 @@ std::size_t run_queue_room() noexcept {
 }
 
 // A non-blocking flush and poll of the driver, counted for the monitor
-// (see duties_due_ in worker.h).
+// (see duties_due_ in worker.h); notes where the local queue's head was,
+// for the next duties pass (see find_runnable()).
 void worker::poll_driver() {
   driver_->flush();
   driver_->poll();
+  head_at_poll_ = local_head();
   // relaxed: single writer; the monitor compares snapshots.
   loop_polls_.store(loop_polls_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+}
+
+// The local queue's head: it moves whenever a fiber leaves the queue (a
+// pop, or a thief's steal). For the owner's own bookkeeping.
+std::uint32_t worker::local_head() const noexcept {
+  return static_cast<std::uint32_t>(local_.position_approx() >> 32);
 }
 
 fiber* worker::take_inject(std::uint32_t keep_free) {

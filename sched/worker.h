@@ -133,6 +133,7 @@ class worker {
   fiber* next_local();
   fiber* take_inject(std::uint32_t keep_free = 0);
   void poll_driver();
+  std::uint32_t local_head() const noexcept;
   fiber* steal();
   fiber* wait_for_steal_candidate();
   bool try_spin() noexcept;
@@ -202,6 +203,9 @@ class worker {
   // The loop's non-blocking polls (poll_driver()): written by the owner,
   // read by the monitor (relaxed: a snapshot).
   std::atomic<std::uint64_t> loop_polls_{0};
+  // Owner only: the local queue's head (local_head()) after the last
+  // non-blocking poll; see find_runnable().
+  std::uint32_t head_at_poll_ = 0;
 
   timer_heap timers_;
   std::unique_ptr<driver> driver_;
