@@ -6,8 +6,10 @@
 #
 # <server>: an examples/echo_server binary (run with --workers 1 and
 # WEFT_IO=${AB_IO:-uring}), `go` (bench/peers/go/echo built as /tmp/go_echo
-# or $GO_ECHO, GOMAXPROCS=1) or `threads` (a //bench:thread_echo_server
-# binary given as threads=PATH). Each round runs every server once, pinned to
+# or $GO_ECHO, GOMAXPROCS=1), `threads` (a //bench:thread_echo_server
+# binary given as threads=PATH) or any other server as cmd="PATH ARGS..."
+# (run with --port N appended; e.g. cmd="bazel-bin/bench/loop_echo_server
+# --io uring"). Each round runs every server once, pinned to
 # CPU 0, with echo_load ($ECHO_LOAD, default /tmp/echo_load) on CPU 1 for
 # 1 s warmup + ${AB_SECONDS:-5} s of 64-byte requests, so all of them see the
 # same machine phase; per run it prints the server's CPU µs per request
@@ -38,6 +40,8 @@ for ((r = 0; r < rounds; r++)); do
     case $s in
       go) GOMAXPROCS=1 taskset -c 0 "$go_bin" --port "$port" >/dev/null 2>&1 & ;;
       threads=*) taskset -c 0 "${s#threads=}" --port "$port" >/dev/null 2>&1 & ;;
+      # shellcheck disable=SC2086  # the command's words
+      cmd=*) taskset -c 0 ${s#cmd=} --port "$port" >/dev/null 2>&1 & ;;
       *) WEFT_IO=${AB_IO:-uring} taskset -c 0 "$s" --port "$port" --workers 1 >/dev/null 2>&1 & ;;
     esac
     pid=$!
@@ -56,7 +60,7 @@ for ((r = 0; r < rounds; r++)); do
     us=$(awk -v d=$((t1 - t0)) -v n="$total" -v t="$tck" 'BEGIN { printf "%.3f", d * 1e6 / t / n }')
     cpu[$s]+="$us "
     p99[$s]+="$(sed -n 's/.*p99_us=\([0-9.]*\).*/\1/p' <<<"$out") "
-    printf '%-28s C=%-5s cpu_us_per_req=%s %s\n' "$(basename "$s")" "$conns" "$us" \
+    printf '%-28s C=%-5s cpu_us_per_req=%s %s\n' "$(basename "${s%% *}")${s#"${s%% *}"}" "$conns" "$us" \
       "$(grep -o 'rps=[0-9]* p50_us=[0-9.]* p99_us=[0-9.]*' <<<"$out")"
   done
 done
@@ -69,6 +73,6 @@ median() {  # of the words in $1
   sed -n "$(((n + 1) / 2))p" <<<"$sorted"
 }
 for s in "$@"; do
-  printf 'median %-21s C=%-5s cpu_us_per_req=%s p99_us=%s\n' "$(basename "$s")" "$conns" \
+  printf 'median %-21s C=%-5s cpu_us_per_req=%s p99_us=%s\n' "$(basename "${s%% *}")${s#"${s%% *}"}" "$conns" \
     "$(median "${cpu[$s]}")" "$(median "${p99[$s]}")"
 done

@@ -7,8 +7,13 @@
 #   weft-epoll  the same with WEFT_IO=epoll
 #   go          bench/peers/go/echo, goroutine per connection, GOMAXPROCS=1
 #   threads     bench/thread_echo_server, thread per connection (no runtime)
-# All four drop a peer after 30 s without a request (a deadline on every
-# read), so each pays for an idle timeout as a real server does.
+#   loop        bench/loop_echo_server --io uring: a hand-written io_uring
+#               event loop, one thread, no runtime (the floor; see its header)
+#   loop-epoll  the same with a hand-written epoll loop
+# (the default list leaves the two loops out: ECHO_SERVERS adds them)
+# Every server drops a peer after 30 s without a request, so each pays for
+# an idle timeout as a real server does: weft, go and threads by a deadline
+# on every read, the loops by a sweep once a second.
 # Each server runs pinned to CPU 0, the load generator (bench/echo_load.cc)
 # to CPU 1. Everything listens and connects on 127.0.0.1 only.
 #
@@ -100,7 +105,7 @@ bazel_cmd() {
 HAVE_WEFT=0
 HAVE_GO=0
 build_all() {
-  local targets=(//bench:echo_load //bench:thread_echo_server)
+  local targets=(//bench:echo_load //bench:thread_echo_server //bench:loop_echo_server)
   if bazel_cmd query //examples:echo_server >/dev/null 2>&1; then
     targets+=(//examples:echo_server)
     HAVE_WEFT=1
@@ -126,7 +131,7 @@ available() {
   case $1 in
     weft|weft-epoll) [[ $HAVE_WEFT == 1 ]] ;;
     go) [[ $HAVE_GO == 1 ]] ;;
-    threads) true ;;
+    threads|loop|loop-epoll) true ;;
     *) note "unknown server '$1'"; false ;;
   esac
 }
@@ -145,6 +150,8 @@ start_server() {
     weft-epoll) WEFT_IO=epoll taskset -c 0 "$BIN/examples/echo_server" --port "$PORT" --workers 1 >"$log" 2>&1 & ;;
     go)         GOMAXPROCS=1 taskset -c 0 "$WORK/go_echo_server" --port "$PORT" >"$log" 2>&1 & ;;
     threads)    taskset -c 0 "$BIN/bench/thread_echo_server" --port "$PORT" >"$log" 2>&1 & ;;
+    loop)       taskset -c 0 "$BIN/bench/loop_echo_server" --io uring --port "$PORT" >"$log" 2>&1 & ;;
+    loop-epoll) taskset -c 0 "$BIN/bench/loop_echo_server" --io epoll --port "$PORT" >"$log" 2>&1 & ;;
   esac
   SERVER_PID=$!
   STARTED_PIDS+=("$SERVER_PID")
@@ -365,6 +372,17 @@ report() {
   for c in $CONNS; do
     echo "- weft-uring / weft-epoll at C=$c: $(ratio "$(median 6 weft "$c")" "$(median 6 weft-epoll "$c")") (per round: $(round_ratios weft weft-epoll "$c"))"
   done
+  if [[ " $SERVERS " == *" loop "* ]]; then
+    for c in $CONNS; do
+      echo "- loop (hand-written io_uring) / go at C=$c: $(ratio "$(median 6 loop "$c")" "$(median 6 go "$c")") (per round: $(round_ratios loop go "$c"))"
+      echo "- weft / loop at C=$c: $(ratio "$(median 6 weft "$c")" "$(median 6 loop "$c")") (per round: $(round_ratios weft loop "$c"))"
+    done
+  fi
+  if [[ " $SERVERS " == *" loop-epoll "* ]]; then
+    for c in $CONNS; do
+      echo "- loop-epoll (hand-written epoll) / go at C=$c: $(ratio "$(median 6 loop-epoll "$c")" "$(median 6 go "$c")") (per round: $(round_ratios loop-epoll go "$c"))"
+    done
+  fi
   local busy
   busy=$(awk '$12 >= 90 {print $1 " C=" $2}' "$RESULTS" | sort -u | paste -sd, -)
   echo
