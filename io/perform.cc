@@ -100,7 +100,9 @@ io_stats stats() {
 
 io_driver* current_driver() noexcept {
   sched::worker* w = sched::current_worker();
-  return w ? dynamic_cast<io_driver*>(w->io()) : nullptr;
+  sched::driver* d = w ? w->io() : nullptr;
+  // SAFETY: is_io() is set only by io_driver's constructor.
+  return d && d->is_io() ? static_cast<io_driver*>(d) : nullptr;
 }
 
 namespace {

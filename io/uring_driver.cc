@@ -474,7 +474,10 @@ result<int> uring_driver::perform_one(op& o, clock::time_point deadline, const c
   // as the epoch, so neither the subtraction nor the kernel's timespec
   // sees a negative count.
   deadline = std::max(deadline, clock::time_point{});
-  const bool in_kernel = deadline != never && deadline < clock::now() + kKernelDeadline;
+  // The idle timeout of a server (seconds away) is told far without the
+  // precise clock (see *The coarse clock* in sched/park.h).
+  const bool in_kernel = deadline != never && !sched::surely_later(deadline, kKernelDeadline) &&
+                         deadline < clock::now() + kKernelDeadline;
   // SAFETY: from start() on, the kernel holds &c and o's buffers:
   // wait_for() returns only once the CQE arrived (see *Completion slots*).
   start(o, c, in_kernel ? deadline : never);

@@ -57,6 +57,7 @@
 #include "sched/park.h"
 
 #include <sched.h>
+#include <time.h>
 
 #include <exception>
 #include <utility>
@@ -77,6 +78,35 @@ thread_local worker* tls_worker = nullptr;
 [[gnu::noinline]] fiber* current_fiber() noexcept {
   worker* w = tls_worker;
   return w ? w->current() : nullptr;
+}
+
+// *The coarse clock* (park.h). libstdc++'s steady_clock is CLOCK_MONOTONIC,
+// which the coarse clock shares its origin with.
+clock::time_point coarse_now() noexcept {
+  timespec ts;
+  ::clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+  return clock::time_point(std::chrono::duration_cast<clock::duration>(
+      std::chrono::seconds(ts.tv_sec) + std::chrono::nanoseconds(ts.tv_nsec)));
+}
+
+namespace {
+
+clock::duration measure_coarse_lag() noexcept {
+  timespec res;
+  if (::clock_getres(CLOCK_MONOTONIC_COARSE, &res) != 0) return clock::duration::max();
+  auto period = std::chrono::seconds(res.tv_sec) + std::chrono::nanoseconds(res.tv_nsec);
+  // A tick longer than 50 ms (or none) is no kernel we know: read the
+  // precise clock always.
+  if (period <= std::chrono::nanoseconds::zero() || period > std::chrono::milliseconds(50))
+    return clock::duration::max();
+  return std::chrono::duration_cast<clock::duration>(2 * period + std::chrono::milliseconds(1));
+}
+
+}  // namespace
+
+clock::duration coarse_lag() noexcept {
+  static const clock::duration lag = measure_coarse_lag();
+  return lag;
 }
 
 bool others_runnable_here() noexcept {

@@ -32,6 +32,27 @@ namespace weft::sched {
 
 using clock = std::chrono::steady_clock;
 
+// *The coarse clock*: a lower bound on clock::now() for a few nanoseconds
+// (CLOCK_MONOTONIC_COARSE, the timekeeper's value at its last tick: a
+// memory read) instead of ~33 (a TSC read, here in a VM). A hot path that
+// only needs to know that a deadline is far away — the loop's "any timer
+// due?", an I/O deadline's "near enough for the kernel?" — asks
+// surely_later() and reads the precise clock only when the answer is no.
+// coarse_now() <= clock::now() < coarse_now() + coarse_lag(): the coarse
+// clock is where the precise one extrapolates from, and a running CPU's
+// tick keeps it within one tick period; coarse_lag() is twice that period
+// plus 1 ms (or, where the kernel reports no usable period, so large that
+// surely_later() is never true and every caller reads the precise clock).
+clock::time_point coarse_now() noexcept;
+clock::duration coarse_lag() noexcept;
+// True only if `when` is certainly later than clock::now() + d (d >= 0, a
+// few seconds at most); time_point::max() (no deadline) always is.
+inline bool surely_later(clock::time_point when, clock::duration d) noexcept {
+  if (when == clock::time_point::max()) return true;
+  const clock::duration lag = coarse_lag();
+  return lag != clock::duration::max() && when >= coarse_now() + lag + d;
+}
+
 // Identifies one park of one fiber.
 struct wake_token {
   fiber* f = nullptr;

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 
 namespace weft::sched {
@@ -25,6 +26,40 @@ TEST(TimerHeap, CancelledNodesAreDroppedWhileNothingIsDue) {
   EXPECT_EQ(h.armed(), 1u);
   EXPECT_EQ(h.next_deadline(), far);  // the heap order survived the compactions
   timer_heap::finish(live);
+}
+
+// *The coarse clock* (park.h): the loop skips its timer check, and the
+// I/O driver its precise clock read, when surely_later() says a deadline is
+// far. If the coarse clock ever ran ahead of clock::now(), or lagged more
+// than coarse_lag(), a timer could be skipped while due, or an I/O
+// deadline within a second sent to the wrong timer.
+TEST(CoarseClock, BoundsThePreciseClockFromBelow) {
+  const clock::duration lag = coarse_lag();
+  if (lag == clock::duration::max()) GTEST_SKIP() << "no usable CLOCK_MONOTONIC_COARSE here";
+  EXPECT_LE(lag, 101ms);
+  clock::duration worst{};
+  for (int i = 0; i < 200'000; ++i) {
+    const clock::time_point c = coarse_now();
+    const clock::time_point n = clock::now();
+    ASSERT_LE(c, n) << "the coarse clock ran ahead at iteration " << i;
+    worst = std::max(worst, n - c);
+  }
+  EXPECT_LT(worst, lag);
+}
+
+TEST(CoarseClock, SurelyLaterIsNeverWrongAboutADueOrNearDeadline) {
+  const clock::time_point now = clock::now();
+  EXPECT_TRUE(surely_later(clock::time_point::max(), 0s));
+  EXPECT_TRUE(surely_later(clock::time_point::max(), 1s));
+  EXPECT_FALSE(surely_later(now, 0s));
+  EXPECT_FALSE(surely_later(now - 1h, 0s));
+  EXPECT_FALSE(surely_later(now + 500ms, 1s));  // within the kernel's second
+  EXPECT_FALSE(surely_later(clock::time_point{}, 0s));
+  if (coarse_lag() != clock::duration::max()) {
+    // Far enough that the coarse clock decides alone.
+    EXPECT_TRUE(surely_later(now + 1h, 0s));
+    EXPECT_TRUE(surely_later(now + 1h, 1s));
+  }
 }
 
 }  // namespace

@@ -616,6 +616,11 @@ fiber* worker::take_inject(std::uint32_t keep_free) {
 
 void worker::fire_timers() {
   if (timers_.size() == 0) return;
+  // A server's timers are idle timeouts seconds away: nothing is due, and
+  // the coarse clock says so without a precise clock read on every turn
+  // (0.7% of the echo server's CPU at C=50; the reads of the I/O deadlines
+  // took 1.5% more, see io/uring_driver.cc).
+  if (surely_later(timers_.next_deadline(), clock::duration::zero())) return;
   unsigned n = timers_.fire_expired(clock::now(), [this](fiber* f) { push_local(f); });
   // More fibers than this worker runs next: as Go's timers wake a P, so
   // sleepers due together run in parallel (stealable from local_).
