@@ -33,7 +33,11 @@
 //   - A connection has at most one send in flight; later echoes queue behind
 //     it (stream order), each holding its receive buffer until sent.
 //   - A connection's descriptor is closed only once its receive is no longer
-//     armed and no send is in flight, so no completion names a reused fd.
+//     armed and no send is in flight, so no completion names a reused fd;
+//     and a dead one is closed as soon as that holds (whatever ended its
+//     receive: 0, an error, data, or -ENOBUFS).
+//   - A peer's FIN (receive 0) ends its receives; its queued echoes are
+//     still sent (as the other servers write all they read) before close.
 //   - Every provided buffer is either in the ring, or held by exactly one
 //     queued or in-flight send.
 // Who calls what: everything runs on the main thread.
@@ -122,6 +126,7 @@ struct uring_conn {
   bool recv_armed = false;
   bool sending = false;  // a send is in flight
   bool dead = false;     // peer gone or idle: close once nothing is in flight
+  bool eof = false;      // the peer's FIN: close once its echoes are sent
   long last = 0;         // coarse second of the last progress
   std::deque<std::uint32_t> backlog;  // (bid << 16 | len) waiting behind the send in flight
 };
@@ -219,12 +224,14 @@ class uring_loop {
     while (!starved_.empty()) {
       int fd = starved_.back();
       starved_.pop_back();
-      uring_conn& c = conns_[fd];
-      if (c.open && !c.dead && !c.recv_armed) {
+      if (wants_recv(conns_[fd])) {
         arm_recv(fd);
         break;
       }
     }
+  }
+  static bool wants_recv(const uring_conn& c) {
+    return c.open && !c.dead && !c.eof && !c.recv_armed;
   }
   void kill(int fd) {
     uring_conn& c = conns_[fd];
@@ -275,12 +282,17 @@ class uring_loop {
           } else {
             send(fd, bid, 0, unsigned(res));
           }
-          if (!c.recv_armed && !c.dead) arm_recv(fd);
-        } else if (res == -ENOBUFS) {
+          if (wants_recv(c)) arm_recv(fd);
+        } else if (res == -ENOBUFS && !c.dead) {
           starved_.push_back(fd);  // re-armed when a buffer comes back
-        } else {
+        } else if (res == 0 && !c.dead && c.sending) {
+          c.eof = true;  // the peer's FIN: its echoes still go out, then close
+        } else if (res <= 0) {
           kill(fd);  // 0: the peer closed; < 0: an error
         }
+        // A killed connection's receive may end with data or -ENOBUFS (the
+        // shutdown's wake-up found no buffer) rather than 0: close it now.
+        if (c.dead && !c.recv_armed) kill(fd);
         break;
       }
       case kSend: {
@@ -300,6 +312,8 @@ class uring_loop {
             std::uint32_t next = c.backlog.front();
             c.backlog.pop_front();
             send(fd, next >> 16, 0, next & 0xffff);
+          } else if (c.eof) {
+            kill(fd);  // every echo sent after the peer's FIN
           }
           break;
         }
@@ -316,7 +330,7 @@ class uring_loop {
         if (!starved_.empty() && free_bufs_ > 0) {
           int s = starved_.back();
           starved_.pop_back();
-          if (conns_[s].open && !conns_[s].dead && !conns_[s].recv_armed) arm_recv(s);
+          if (wants_recv(conns_[s])) arm_recv(s);
         }
         arm_tick();
         break;
@@ -345,6 +359,7 @@ struct epoll_conn {
   bool open = false;
   long last = 0;
   std::string backlog;  // bytes the socket refused; EPOLLOUT while non-empty
+  bool eof = false;     // the peer's FIN came with a backlog: close once it drains
 };
 
 class epoll_loop {
@@ -430,6 +445,7 @@ class epoll_loop {
     pending.swap(c.backlog);
     if (!write_or_keep(fd, pending.data(), pending.size())) return drop(fd);
     if (c.backlog.empty()) {
+      if (c.eof) return drop(fd);  // every echo sent after the peer's FIN
       epoll_event ev{.events = EPOLLIN | EPOLLET, .data = {.fd = fd}};
       ::epoll_ctl(ep_, EPOLL_CTL_MOD, fd, &ev);
     }
@@ -440,6 +456,10 @@ class epoll_loop {
       ssize_t n = ::recv(fd, buf_, sizeof buf_, 0);
       if (n < 0 && errno == EINTR) continue;
       if (n < 0 && errno == EAGAIN) return;
+      if (n == 0 && !conns_[fd].backlog.empty()) {
+        conns_[fd].eof = true;  // the peer's FIN: its echoes still go out
+        return;
+      }
       if (n <= 0 || !write_or_keep(fd, buf_, std::size_t(n))) return drop(fd);
       conns_[fd].last = now_;
       // A backlog this large is a peer that does not read: stop reading it
