@@ -40,9 +40,11 @@ using clock = std::chrono::steady_clock;
 // surely_later() and reads the precise clock only when the answer is no.
 // coarse_now() <= clock::now() < coarse_now() + coarse_lag(): the coarse
 // clock is where the precise one extrapolates from, and a running CPU's
-// tick keeps it within one tick period; coarse_lag() is twice that period
-// plus 1 ms (or, where the kernel reports no usable period, so large that
-// surely_later() is never true and every caller reads the precise clock).
+// tick keeps it within one tick period; coarse_lag() is six periods plus
+// 1 ms, for a VM's missed ticks (or, where the kernel reports no usable
+// period, so large that surely_later() is never true and every caller
+// reads the precise clock). A lag beyond it delays a due timer until the
+// coarse clock catches up; it never loses one.
 clock::time_point coarse_now() noexcept;
 clock::duration coarse_lag() noexcept;
 // True only if `when` is certainly later than clock::now() + d (d >= 0, a

@@ -31,12 +31,12 @@ TEST(TimerHeap, CancelledNodesAreDroppedWhileNothingIsDue) {
 // *The coarse clock* (park.h): the loop skips its timer check, and the
 // I/O driver its precise clock read, when surely_later() says a deadline is
 // far. If the coarse clock ever ran ahead of clock::now(), or lagged more
-// than coarse_lag(), a timer could be skipped while due, or an I/O
+// than coarse_lag(), a due timer could wait, or an I/O
 // deadline within a second sent to the wrong timer.
 TEST(CoarseClock, BoundsThePreciseClockFromBelow) {
   const clock::duration lag = coarse_lag();
   if (lag == clock::duration::max()) GTEST_SKIP() << "no usable CLOCK_MONOTONIC_COARSE here";
-  EXPECT_LE(lag, 101ms);
+  EXPECT_LE(lag, 301ms);
   // The lag is measured from a precise reading taken before the coarse one
   // (then the lag at that moment is at least before - c): a preemption
   // between the two readings only shrinks it. The other order counted the
