@@ -139,7 +139,7 @@ chan_status finish_wait(wake_reason r, const waiter& w) {
 
 }  // namespace
 
-chan_status chan_core::finish_at_once(chan_status s, wake_ticket t, bool may_block) noexcept {
+chan_status chan_core::finish_at_once(chan_status s, const wake_ticket& t, bool may_block) noexcept {
   lk_.unlock();
   if (t) ready(t);
   if (may_block) sched::spend_budget();  // completed without parking

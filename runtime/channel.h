@@ -149,7 +149,7 @@ class chan_core {
   }
   // The end of an operation that did not park: drops lk_, wakes the
   // fiber it handed a value to, spends the coop budget (blocking kinds).
-  chan_status finish_at_once(chan_status s, wake_ticket t, bool may_block) noexcept;
+  chan_status finish_at_once(chan_status s, const wake_ticket& t, bool may_block) noexcept;
 
   mutable short_lock lk_;
   wait_list recvq_;  // parked receivers; guarded by lk_

@@ -137,20 +137,27 @@ wake_ticket parker::claim(wake_reason r) noexcept {
   return {.word = &word_, .final = 2 + static_cast<std::uint32_t>(r)};
 }
 
-void ready(wake_ticket t) noexcept {
-  if (t.f) {
-    sched::ready(t.f);
+void ready(const wake_ticket& t) noexcept {
+  // Field by field, before anything is woken: `t` may sit in a record the
+  // blocker frees once it runs. (By reference: a by-value ticket, 24 bytes,
+  // went through memory, and the copy's 16-byte load of what the claim had
+  // just stored 8 bytes at a time stalled store forwarding on every wake.)
+  sched::fiber* const f = t.f;
+  std::atomic<std::uint32_t>* const word = t.word;
+  const std::uint32_t final = t.final;
+  if (f) {
+    sched::ready(f);
     return;
   }
-  if (!t.word) return;
+  if (!word) return;
   // release: publishes the payload; pairs with the acquire in block_thread().
-  t.word->store(t.final, std::memory_order_release);
+  word->store(final, std::memory_order_release);
   // SAFETY: the thread may already have seen `final` (a spurious futex
   // return) and freed the word's stack frame. FUTEX_WAKE only uses the
   // address as a key and never touches the memory; at worst it causes a
   // spurious wake of whatever waits there next, which every futex waiter
   // tolerates.
-  futex_wake_all(t.word);
+  futex_wake_all(word);
 }
 
 // --- wait lists ---------------------------------------------------------------
@@ -194,7 +201,7 @@ wake_batch::~wake_batch() {
   WEFT_DCHECK(head_ == nullptr, "wake_batch: claimed blockers never made runnable");
 }
 
-void wake_batch::add(waiter* w, wake_ticket t) noexcept {
+void wake_batch::add(waiter* w, const wake_ticket& t) noexcept {
   w->ticket = t;
   w->next = nullptr;
   if (tail_) tail_->next = w; else head_ = w;

@@ -65,7 +65,7 @@ struct wake_ticket {
 };
 
 // Makes a claimed blocker runnable. Call after releasing the list's lock.
-void ready(wake_ticket t) noexcept;
+void ready(const wake_ticket& t) noexcept;
 
 struct block_opts {
   wclock::time_point deadline = wclock::time_point::max();
@@ -135,7 +135,7 @@ class wake_batch {
   ~wake_batch();  // checks that ready_all() ran
 
   // `w` was unlinked from its list and claimed with ticket `t`.
-  void add(waiter* w, wake_ticket t) noexcept;
+  void add(waiter* w, const wake_ticket& t) noexcept;
   // Claims and adds every record of `q`; records whose claim fails are
   // dropped from the list, as by pop_claimed().
   void claim_all(wait_list& q, wake_reason r = wake_reason::notified) noexcept;
