@@ -232,8 +232,12 @@ void serve(weft::tcp_stream s, weft::channel<event>& events) {
   std::string pending;
   char buf[1024];
   flood_gate gate;
+  bool eof = false;
   while (auto n = c->read(buf)) {
-    if (*n == 0) break;
+    if (*n == 0) {
+      eof = true;
+      break;
+    }
     (void)alive->try_send(true);  // full means a sign of life is already queued
     pending.append(buf, *n);
     // A read brings up to sizeof buf bytes, so a newline may come past
@@ -246,6 +250,12 @@ void serve(weft::tcp_stream s, weft::channel<event>& events) {
       pending.erase(0, end + (whole ? 1 : 0));
     }
   }
+  // A last line the peer closed after without its newline (`printf hi |
+  // nc`) is said too, as a line-based server reads a file's last line. Not
+  // after an error or the idle timeout: the peer may have been cut off
+  // mid-line.
+  if (eof && !pending.empty() && gate.take(pending.size()))
+    (void)events.send(said{me->name + ": " + pending + "\n"});
   alive->close();
   (void)events.send(left{me});  // the room closes our outbox: the writer ends
   w.join();

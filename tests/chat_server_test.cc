@@ -143,6 +143,27 @@ TEST(ChatServer, EveryConnectedPeerSeesEveryLine) {
   for (int i = 0; i < 2; ++i) ::close(peers[i]);
 }
 
+// `printf 'bye' | nc`: the peer's last line has no newline, and the peer
+// closes right after it. It used to be dropped with the connection.
+TEST(ChatServer, ALastLineWithoutItsNewlineIsSaidWhenThePeerCloses) {
+  server srv(free_port(), "60");
+  int listener = srv.connect();
+  ASSERT_GE(listener, 0);
+  ASSERT_TRUE(read_until(listener, "joined\n"));
+  int closer = srv.connect();
+  ASSERT_GE(closer, 0);
+  ASSERT_TRUE(read_until(closer, "joined\n"));
+  ASSERT_TRUE(read_until(listener, "joined\n"));  // the closer's
+  const std::string last = "first\nbye without a newline";
+  ASSERT_EQ(::send(closer, last.data(), last.size(), MSG_NOSIGNAL), ssize_t(last.size()));
+  ::shutdown(closer, SHUT_WR);
+  std::string got;
+  EXPECT_TRUE(read_until(listener, ": bye without a newline\n", &got)) << got;
+  EXPECT_NE(got.find(": first\n"), std::string::npos) << got;
+  ::close(closer);
+  ::close(listener);
+}
+
 // The server's kMaxLine: the longest line it broadcasts whole. A longer
 // one is cut into lines of kMaxLine bytes (the last piece whatever is
 // left), each broadcast on its own. Before, a line up to kMaxLine + 1023
