@@ -442,23 +442,24 @@ TEST(ChannelThreads, PlainThreadsUseAChannelWithoutARuntime) {
 // reply. The monitor now has such a worker do its loop's duties, the
 // inject queue among them, once a period: the fiber runs within about a
 // period plus a few slices. The bound leaves room for a loaded machine,
-// as in io/readiness_test.cc's AReaderWakesOnTime...
+// and counts the time the workers ran, as in io/readiness_test.cc's
+// AReaderWakesOnTime...
 TEST_P(Channel, AFiberWokenByAPlainThreadRunsOnTimeWhileFibersComputeBetweenYields) {
-  using steady = std::chrono::steady_clock;
-  steady::duration worst{};
+  std::chrono::nanoseconds worst{};
   Run([&] {
     testing::busy_yielders busy(2 * workers(), 20ms);  // no worker left idle
-    channel<steady::time_point> ch(0);
+    channel<testing::when> ch(0);
     std::thread t([&, ref = outside_ref()] {
       for (int i = 0; i < 10; ++i) {
         std::this_thread::sleep_for(30ms);  // main parks in recv meanwhile
-        (void)ch.send(steady::now());
+        (void)ch.send(testing::when::now(workers()));
       }
     });
     for (int i = 0; i < 10; ++i) {
       auto sent = ch.recv();
       ASSERT_TRUE(sent);
-      worst = std::max(worst, steady::now() - *sent);
+      // Late by the smaller of wall and run time (see testing::run_time).
+      worst = std::max(worst, testing::when::now(workers()).since(*sent));
     }
     t.join();  // it has sent its last value
   });

@@ -7,7 +7,9 @@
 #pragma once
 
 #include <gtest/gtest.h>
+#include <time.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -81,6 +83,36 @@ class busy_yielders {
  private:
   std::atomic<bool> stop_{false};
   std::vector<join_handle<void>> fibers_;
+};
+
+// *Run time*: how long `workers` workers have had a CPU, for the tests of
+// how late a worker busy with such fibers does something (fire a timer,
+// poll its driver, take the inject queue). It is the process's CPU time
+// over min(workers, CPUs), which advances at the wall clock's pace while
+// the workers run and not while the host or other processes keep them off
+// the CPUs. Those tests bound the smaller of the two latenesses: a CI run
+// that builds beside them stalled a worker for over a second (a
+// 700 ms wall-clock bound failed at 1,413 ms, with the hog warning for a
+// fiber that yields every 20 ms), while the regressions they guard against
+// are late by that much *running* time (61 slices of 20 ms).
+inline std::chrono::nanoseconds run_time(unsigned workers) {
+  timespec ts;
+  ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  const unsigned cpus = std::max(1u, std::thread::hardware_concurrency());
+  const auto cpu = std::chrono::seconds(ts.tv_sec) + std::chrono::nanoseconds(ts.tv_nsec);
+  return cpu / std::min(workers, cpus);
+}
+
+// The later moment of an event, on both clocks (see run_time()).
+struct when {
+  std::chrono::steady_clock::time_point wall;
+  std::chrono::nanoseconds run;
+  static when now(unsigned workers) { return {std::chrono::steady_clock::now(), run_time(workers)}; }
+  // How much later than `before` this is: the smaller of the two spans.
+  std::chrono::nanoseconds since(const when& before) const {
+    return std::min(std::chrono::duration_cast<std::chrono::nanoseconds>(wall - before.wall),
+                    run - before.run);
+  }
 };
 
 inline std::string WorkerCountName(const ::testing::TestParamInfo<unsigned>& i) {
