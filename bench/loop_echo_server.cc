@@ -42,13 +42,11 @@
 //     queued or in-flight send.
 // Who calls what: everything runs on the main thread.
 
-#include <arpa/inet.h>
 #include <liburing.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -61,6 +59,8 @@
 #include <ctime>
 #include <deque>
 #include <string>
+
+#include "bench/bench_net.h"
 #include <vector>
 
 namespace {
@@ -79,30 +79,6 @@ long now_seconds() {
   timespec ts;
   clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
   return ts.tv_sec;
-}
-
-void raise_nofile_limit() {
-  rlimit rl;
-  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
-  rl.rlim_cur = rl.rlim_max;
-  setrlimit(RLIMIT_NOFILE, &rl);
-}
-
-int listen_local(int port, bool nonblocking) {
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | (nonblocking ? SOCK_NONBLOCK : 0), 0);
-  if (fd < 0) return -1;
-  int one = 1;
-  ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(uint16_t(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
-      ::listen(fd, SOMAXCONN) != 0) {
-    ::close(fd);
-    return -1;
-  }
-  return fd;
 }
 
 void set_nodelay(int fd) {
@@ -496,8 +472,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::signal(SIGPIPE, SIG_IGN);
-  raise_nofile_limit();
-  int lfd = listen_local(port, io == "epoll");
+  bench::raise_nofile_limit();
+  int lfd = bench::listen_local(port, io == "epoll");
   if (lfd < 0) die("listen on 127.0.0.1", errno);
   if (io == "uring") {
     uring_loop l(lfd, idle);

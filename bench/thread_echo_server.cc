@@ -22,11 +22,9 @@
 //
 // Who calls what: main() accepts; serve() runs on the connection's thread.
 
-#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -38,6 +36,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+
+#include "bench/bench_net.h"
 
 namespace {
 
@@ -66,30 +66,6 @@ void* serve(void* arg) {
   }
   ::close(fd);
   return nullptr;
-}
-
-void raise_nofile_limit() {
-  rlimit rl;
-  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
-  rl.rlim_cur = rl.rlim_max;
-  setrlimit(RLIMIT_NOFILE, &rl);
-}
-
-int listen_local(int port) {
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return -1;
-  int one = 1;
-  ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(uint16_t(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
-      ::listen(fd, SOMAXCONN) != 0) {
-    ::close(fd);
-    return -1;
-  }
-  return fd;
 }
 
 // Accepts forever. Running out of descriptors or threads drops that one
@@ -138,8 +114,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::signal(SIGPIPE, SIG_IGN);
-  raise_nofile_limit();
-  int listen_fd = listen_local(port);
+  bench::raise_nofile_limit();
+  int listen_fd = bench::listen_local(port);
   if (listen_fd < 0) {
     std::fprintf(stderr, "thread_echo_server: listen on 127.0.0.1:%d: %s\n", port, std::strerror(errno));
     return 1;
