@@ -216,7 +216,7 @@ class multishot_sink {
 // A worker's driver that can perform operations.
 class io_driver : public sched::driver {
  public:
-  io_driver() noexcept { is_io_ = true; }
+  io_driver() noexcept : sched::driver(/*io=*/true) {}
   io_counters& counters() noexcept { return counters_; }
 
   // Carries out `o` for the calling fiber, which runs on this driver's

@@ -101,7 +101,7 @@ io_stats stats() {
 io_driver* current_driver() noexcept {
   sched::worker* w = sched::current_worker();
   sched::driver* d = w ? w->io() : nullptr;
-  // SAFETY: is_io() is set only by io_driver's constructor.
+  // SAFETY: only io_driver's constructor makes is_io() true.
   return d && d->is_io() ? static_cast<io_driver*>(d) : nullptr;
 }
 

@@ -41,6 +41,7 @@ namespace weft::sched {
 
 class driver {
  public:
+  explicit driver(bool io = false) noexcept : is_io_(io) {}
   virtual ~driver() = default;
   virtual void wait(clock::time_point deadline) = 0;
   virtual void poll() = 0;
@@ -50,13 +51,13 @@ class driver {
   virtual void rescue() noexcept {}
   virtual const char* name() const noexcept = 0;
 
-  // True for io/'s drivers (io::io_driver sets it): how io::current_driver()
-  // tells them apart with a load instead of a dynamic_cast (~20 ns on every
-  // I/O operation).
+  // True for io/'s drivers (io::io_driver's constructor says so): how
+  // io::current_driver() tells them apart with a load instead of a
+  // dynamic_cast (~20 ns on every I/O operation).
   bool is_io() const noexcept { return is_io_; }
 
- protected:
-  bool is_io_ = false;  // set once by the io_driver constructor
+ private:
+  const bool is_io_;
 };
 
 // The time left until `deadline` as a relative timeout for the kernel
