@@ -12,7 +12,7 @@
 #               whose receive then ended with -ENOBUFS used to stay open.)
 #
 #   bazel build --config=bench //bench:loop_echo_server
-#   bench/loop_echo_check.py bazel-bin/bench/loop_echo_server [port]
+#   bench/loop_echo_check.py "$(bazel info --config=bench bazel-bin)/bench/loop_echo_server" [port]
 #
 # Listens on 127.0.0.1 only; takes ~15 s. Exit status 1 if a check failed.
 import os
