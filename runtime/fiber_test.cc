@@ -293,6 +293,9 @@ TEST_P(Fibers, AFiberPlacedOnAWorkerStartsThere) {
   });
 }
 
+// 40 ms apart: with 20, a worker descheduled for longer than that (TSan,
+// the whole suite on two CPUs) woke 5 before 4 twice in thirteen sessions;
+// the sleepers are on different workers, each with its own timers.
 TEST_P(Fibers, SleepersWakeInDeadlineOrder) {
   std::vector<int> order;
   std::mutex mu;
@@ -300,7 +303,7 @@ TEST_P(Fibers, SleepersWakeInDeadlineOrder) {
     std::vector<join_handle<void>> hs;
     for (int i : {5, 1, 4, 2, 3})
       hs.push_back(spawn([&, i] {
-        (void)this_fiber::sleep_for(i * 20ms);
+        (void)this_fiber::sleep_for(i * 40ms);
         std::lock_guard g(mu);
         order.push_back(i);
       }));
