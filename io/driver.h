@@ -122,10 +122,11 @@ struct op {
 };
 
 // *Pooled receive buffers*: recv_pooled takes a buffer from the driver's
-// pool (io_uring: a provided buffer ring; epoll: the heap, after
-// readiness) only once data has arrived, so an idle connection parked in a
-// read holds none. The buffer belongs to the driver that performed the
-// receive, which may no longer be the fiber's worker when it is released.
+// pool (io_uring: a provided buffer ring; epoll: a free list of heap
+// buffers, lent only for the receive that found data) only once data has
+// arrived, so an idle connection parked in a read holds none. The buffer
+// belongs to the driver that performed the receive, which may no longer be
+// the fiber's worker when it is released. At end of stream none is lent.
 inline constexpr std::size_t kPooledBufferSize = 4096;
 inline constexpr std::uint32_t kHeapBufferId = ~0u;  // buf_id of a heap buffer
 
@@ -179,16 +180,26 @@ struct io_counters {
   // Completions (or cancels) handed to other workers while the owner was
   // stuck in one fiber; written by the monitor's rescue() only.
   std::atomic<std::uint64_t> rescued{0};
+  // Receive buffers recv_pooled took from the heap: epoll's when its free
+  // list was empty, io_uring's when its ring was (or it has none). The
+  // exception to "single writer": a fiber that moved to another worker
+  // while its receive waited takes its buffer from the driver it started
+  // on, so any thread may add to it, with add() (relaxed: statistic).
+  std::atomic<std::uint64_t> heap_buffers{0};
   static void bump(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
     c.store(c.load(std::memory_order_relaxed) + n,
             std::memory_order_relaxed);  // relaxed: statistic, single writer
+  }
+  // For a counter with several writers (heap_buffers).
+  static void add(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
+    c.fetch_add(n, std::memory_order_relaxed);  // relaxed: statistic
   }
 };
 
 // A snapshot of every worker's counters (io::stats()).
 struct io_stats {
   std::uint64_t ops = 0, parked = 0, submits = 0, completions = 0, multishot_accepts = 0,
-                rescued = 0;
+                rescued = 0, heap_buffers = 0;
   std::string driver;  // the first worker's driver name ("io_uring", "epoll")
   // The first worker's receive-buffer backing: "hugetlb", "thp",
   // "small_pages" (alloc/arena.h) or "heap".
@@ -213,10 +224,17 @@ class multishot_sink {
   ~multishot_sink() = default;
 };
 
+// Which io_driver a driver is: how a driver finds out whether the current
+// worker's driver is one of its own kind with a load, not a dynamic_cast
+// (as sched::driver::is_io()). Workers may mix kinds (WEFT_IO=auto falls
+// back per worker).
+enum class io_driver_kind : std::uint8_t { uring, epoll };
+
 // A worker's driver that can perform operations.
 class io_driver : public sched::driver {
  public:
-  io_driver() noexcept : sched::driver(/*io=*/true) {}
+  explicit io_driver(io_driver_kind k) noexcept : sched::driver(/*io=*/true), kind_(k) {}
+  io_driver_kind kind() const noexcept { return kind_; }
   io_counters& counters() noexcept { return counters_; }
 
   // Carries out `o` for the calling fiber, which runs on this driver's
@@ -249,11 +267,14 @@ class io_driver : public sched::driver {
     delete[] static_cast<char*>(p);
   }
   // How the receive-buffer pool's memory is backed (alloc/arena.h): a
-  // page_backing name, or "heap" (buffers from the heap, per receive).
+  // page_backing name, or "heap" (buffers from the heap).
   virtual const char* buffer_backing() const noexcept { return "heap"; }
 
  protected:
   io_counters counters_;
+
+ private:
+  const io_driver_kind kind_;
 };
 
 // The shared wait of perform(): parks on `c` (cancellable, until

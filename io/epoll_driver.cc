@@ -13,7 +13,9 @@
 //     in one fiber, takes the cancels and readiness events the owner cannot
 //     and completes their waits (their fibers go to the inject queue and
 //     run on other workers). Other threads reach the driver through wake()
-//     and cancel() only.
+//     and cancel(), and its receive buffers (free_bufs_, guarded by
+//     buf_lock_ alone) through release_buffer() and a recv_pooled whose
+//     fiber moved (see *Receive buffers*).
 //   - table_[fd] lists the fibers of this worker waiting to read and to
 //     write fd; each is a wait_slot on its fiber's stack, counted in
 //     waiting_ until complete() ran for it (see *Completion slots* in
@@ -31,9 +33,24 @@
 // fiber parks, so a slow disk never stalls the worker. Nor has a connect to
 // a Unix listener whose accept queue is full: see *Full Unix listeners*.
 //
+// *Receive buffers* (recv_pooled, for tcp_stream::read_pooled): each
+// try of the receive borrows a heap buffer of kPooledBufferSize from the
+// driver's free list (free_bufs_; the heap when it is empty) and puts it
+// back unless the receive returned data, so a connection that waits for
+// readiness holds none, and a try that finds nothing (EAGAIN: the common
+// case of a server that reads again after its reply) costs two list
+// operations, not an allocation. A buffer lent with data comes back
+// through release_buffer(), from any thread, and goes onto the list while
+// it has room (kFreeBuffers; beyond that to the heap). So a steady
+// request/response server allocates nothing per request. Buffers are taken
+// from the driver perform() was called on (the one read_pooled names as
+// the owner), even when the fiber has since moved to another worker.
+//
 // Who calls what:
 //   perform(), poll(), flush(), wait(), pending()   owner thread
-//   wake(), cancel()                                any thread
+//   wake(), cancel(), release_buffer()              any thread
+//   take_buffer(), give_back()                      any thread (recv_pooled's
+//                                                   fiber, wherever it runs)
 //   rescue()                                        the monitor
 #include <fcntl.h>
 #include <poll.h>
@@ -62,6 +79,11 @@ constexpr int kMaxEvents = static_cast<int>(sched::wake_budget::kBatch);
 // A fiber whose calls keep succeeding at once (a fast peer, a full receive
 // buffer) never parks: each success spends its coop budget (sched/park.h),
 // so it yields now and then. io_uring parks on every operation.
+
+// Free receive buffers a driver keeps (see *Receive buffers*): 256 KiB at
+// most per worker, enough for a wake_budget batch of fibers each holding
+// one while they reply.
+constexpr std::size_t kFreeBuffers = sched::wake_budget::kBatch;
 
 // A readiness wait on a fiber's stack.
 struct wait_slot : completion {
@@ -204,8 +226,11 @@ bool wants_write(const op& o) {
 
 class epoll_driver final : public io_driver {
  public:
-  epoll_driver(int epfd, int efd) : epfd_(epfd), efd_(efd) {}
+  epoll_driver(int epfd, int efd) : io_driver(io_driver_kind::epoll), epfd_(epfd), efd_(efd) {}
   ~epoll_driver() override {
+    // After every worker joined, and every pooled_buffer was released
+    // (before weft::run returned).
+    for (std::size_t i = 0; i < n_free_; ++i) delete[] free_bufs_[i];
     ::close(epfd_);
     ::close(efd_);
   }
@@ -226,6 +251,7 @@ class epoll_driver final : public io_driver {
   }
   void rescue() noexcept override;
   const char* name() const noexcept override { return "epoll"; }
+  void release_buffer(std::uint32_t id, void* p) noexcept override;
 
  private:
   struct fd_entry {
@@ -235,8 +261,11 @@ class epoll_driver final : public io_driver {
   };
   static result<void> wait_ready(int fd, fd_use* use, bool write, clock::time_point deadline,
                                  const char* what, std::source_location where);
-  static result<int> recv_pooled(op& o, clock::time_point deadline, const char* what,
-                                 std::source_location where);
+  result<int> recv_pooled(op& o, clock::time_point deadline, const char* what,
+                          std::source_location where);
+  // See *Receive buffers*. Any thread.
+  char* take_buffer();
+  void give_back(char* p) noexcept;
   void arm(wait_slot& s);
   // Owner thread, from the fiber whose call just succeeded without a wait.
   void spend_budget() {
@@ -269,7 +298,22 @@ class epoll_driver final : public io_driver {
   std::atomic<bool> wake_pending_{false};
   handoff_list<cancel_req> cancels_;  // from other threads (cancel())
   std::uint64_t next_seq_ = 0;        // guarded by lock_: see wait_slot::seq
+
+  // *Receive buffers*: free_bufs_[0, n_free_) are free, guarded by
+  // buf_lock_ (taken by any thread, never with lock_ held, nor lock_ under
+  // it). A fixed array: putting one back never allocates.
+  weft::spinlock buf_lock_;
+  char* free_bufs_[kFreeBuffers] = {};
+  std::size_t n_free_ = 0;
 };
+
+// The current worker's epoll driver, or nullptr (no I/O driver, or one of
+// another kind: WEFT_IO=auto may mix them).
+epoll_driver* current_epoll_driver() noexcept {
+  io_driver* d = current_driver();
+  // SAFETY: only epoll_driver constructs an io_driver of kind epoll.
+  return d && d->kind() == io_driver_kind::epoll ? static_cast<epoll_driver*>(d) : nullptr;
+}
 
 // ---- Waiting for readiness ---------------------------------------------------
 
@@ -312,7 +356,7 @@ result<void> epoll_driver::wait_ready(int fd, fd_use* use, bool write,
                                       clock::time_point deadline, const char* what,
                                       std::source_location where) {
   // The current worker's driver: the fiber may have moved since its last try.
-  auto* d = dynamic_cast<epoll_driver*>(current_driver());
+  epoll_driver* d = current_epoll_driver();
   if (!d) return std::unexpected(std::make_error_code(std::errc::not_supported));
   wait_slot s;
   s.fd = fd;
@@ -370,30 +414,61 @@ result<int> epoll_driver::perform(op& o, clock::time_point deadline, const char*
   }
 }
 
-// The heap buffer is taken for each try and dropped on EAGAIN, so a
-// connection waiting for readiness holds none (*Pooled receive buffers*).
+// See *Receive buffers*. Runs on this driver's worker until its first
+// wait; after one, on whichever worker the fiber was woken on, still
+// borrowing from this driver (the owner read_pooled gives the buffer).
 result<int> epoll_driver::recv_pooled(op& o, clock::time_point deadline, const char* what,
                                       std::source_location where) {
+  o.buf = nullptr;  // lent nothing unless data arrives
+  o.len = 0;
+  o.buf_id = kHeapBufferId;
   for (bool waited = false;; waited = true) {
-    auto* buf = new char[kPooledBufferSize];
+    char* buf = take_buffer();
     ssize_t r = ::recv(o.fd, buf, kPooledBufferSize, o.flags | MSG_DONTWAIT);
     int e = r < 0 ? errno : 0;  // read right after the call
-    if (r >= 0) {
+    if (r > 0) {
       o.buf = buf;
       o.len = kPooledBufferSize;
-      o.buf_id = kHeapBufferId;
-      if (!waited) {  // still on the driver perform() was called on
-        if (auto* d = dynamic_cast<epoll_driver*>(current_driver())) d->spend_budget();
-      }
+      if (!waited) spend_budget();  // still on this driver's worker: no park yet
       return static_cast<int>(r);
     }
-    delete[] buf;
+    give_back(buf);  // nothing in it: end of stream, an error or EAGAIN
+    if (r == 0) {
+      if (!waited) spend_budget();
+      return 0;  // end of stream: no buffer lent
+    }
     if (e != EAGAIN) return to_result(-e);
     if (clock::now() >= deadline)
       return std::unexpected(std::make_error_code(std::errc::timed_out));
     if (auto w = wait_ready(o.fd, o.use, false, deadline, what, where); !w)
       return std::unexpected(w.error());
   }
+}
+
+char* epoll_driver::take_buffer() {
+  {
+    std::lock_guard g(buf_lock_);
+    if (n_free_ > 0) return free_bufs_[--n_free_];
+  }
+  io_counters::add(counters_.heap_buffers);  // any thread: add()
+  return new char[kPooledBufferSize];
+}
+
+void epoll_driver::give_back(char* p) noexcept {
+  {
+    std::lock_guard g(buf_lock_);
+    if (n_free_ < kFreeBuffers) {
+      free_bufs_[n_free_++] = p;
+      return;
+    }
+  }
+  delete[] p;  // the list is full: a burst is over
+}
+
+// Every buffer this driver lends is its own heap buffer (kHeapBufferId).
+void epoll_driver::release_buffer(std::uint32_t id, void* p) noexcept {
+  (void)id;
+  give_back(static_cast<char*>(p));
 }
 
 // ---- Cancelling ----------------------------------------------------------------

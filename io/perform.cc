@@ -90,6 +90,7 @@ io_stats stats() {
     st.completions += get(c.completions);
     st.multishot_accepts += get(c.multishot_accepts);
     st.rescued += get(c.rescued);
+    st.heap_buffers += get(c.heap_buffers);
     if (st.driver.empty()) {
       st.driver = d->name();
       st.buffer_backing = d->buffer_backing();

@@ -284,6 +284,10 @@ result<pooled_buffer> tcp_stream::read_pooled(deadline_arg d, std::source_locati
   auto r = perform_on(st_, o, d.when, "tcp read", where);
   if (!r) return std::unexpected(r.error());
   if (!o.buf) return pooled_buffer();  // end of stream, nothing lent
+  if (*r == 0) {  // end of stream in a lent buffer (io_uring may pick one): give it back
+    owner->release_buffer(o.buf_id, o.buf);
+    return pooled_buffer();
+  }
   // A heap buffer (kHeapBufferId) may come from any driver: each frees it.
   return pooled_buffer(owner, o.buf_id, static_cast<char*>(o.buf), static_cast<std::size_t>(*r));
 }

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "io/socket_test_util.h"
@@ -803,6 +804,49 @@ TEST_P(Sockets, ReadPooledKeepsWorkingWhenThePoolRunsOut) {
     EXPECT_EQ(pooled_buffer::in_use(), held.size());
     held.clear();
     EXPECT_EQ(pooled_buffer::in_use(), 0u);
+  });
+}
+
+// A request/response exchange over read_pooled takes no heap buffer per
+// request: epoll's tries that find nothing (the server's read after each
+// reply, as the client pauses before its next request) give their buffer
+// straight back to the driver's free list, and a reply's buffer returns
+// there when released; io_uring lends from its ring. Each driver allocates
+// at most once for a single reader. End of stream lends nothing.
+TEST_P(Sockets, ReadPooledTakesNoHeapBufferPerRequest) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    constexpr int kRequests = 100;
+    std::size_t in_use_at_end = 1;
+    auto server = spawn([&] {
+      while (auto b = s.read_pooled(deadline(10s))) {
+        if (b->empty()) {
+          in_use_at_end = pooled_buffer::in_use();
+          break;
+        }
+        if (!s.write_all(b->data(), deadline(10s))) break;
+      }
+    });
+    const io_stats before = get_io_stats();
+    const std::string msg(64, 'q');
+    char reply[64];
+    for (int i = 0; i < kRequests; ++i) {
+      (void)this_fiber::sleep_for(1ms);  // the server's read finds nothing first
+      ASSERT_TRUE(c.write_all(msg, deadline(10s)));
+      ASSERT_TRUE(c.read_exact(reply, deadline(10s)));
+      ASSERT_EQ(std::string_view(reply, sizeof reply), msg);
+    }
+    ASSERT_TRUE(c.shutdown(SHUT_WR));
+    server.join();
+    const io_stats after = get_io_stats();
+    EXPECT_EQ(in_use_at_end, 0u) << "end of stream lent a buffer";
+    EXPECT_EQ(pooled_buffer::in_use(), 0u);
+    // Every server read waited for readiness (io_uring: every operation parks).
+    EXPECT_GE(after.parked - before.parked, std::uint64_t{kRequests});
+    if (after.driver == "io_uring" && after.buffer_backing == "heap")
+      return;  // no buffer ring on this kernel: a heap buffer per receive, by design
+    EXPECT_LE(after.heap_buffers, workers()) << "heap buffers per request ("
+                                             << kRequests << " requests)";
   });
 }
 

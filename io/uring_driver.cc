@@ -170,7 +170,8 @@ class uring_driver;
 class uring_driver final : public io_driver {
  public:
   uring_driver(io_uring& ring, unsigned flags, int efd, int node_os)
-      : ring_(ring), flags_(flags), efd_(efd), ts_(ring.sq.ring_entries),
+      : io_driver(io_driver_kind::uring), ring_(ring), flags_(flags), efd_(efd),
+        ts_(ring.sq.ring_entries),
         owner_(::pthread_self()), tid_(::gettid()) {
     (void)io_uring_register_ring_fd(&ring_);  // optional: saves an fd lookup per enter
     setup_buffer_ring(node_os);
@@ -592,6 +593,7 @@ result<int> uring_driver::recv_pooled(op& o, clock::time_point deadline, const c
   // No ring, or every buffer is out: a heap buffer for this receive. The
   // fiber may have moved since the park above: perform on its worker now.
   auto* buf = new char[kPooledBufferSize];
+  io_counters::add(counters_.heap_buffers);  // perhaps not on this driver's thread: add()
   op plain{.kind = op_kind::recv, .fd = o.fd, .buf = buf, .len = kPooledBufferSize, .flags = o.flags,
            .use = o.use};
   auto r = io::perform(plain, deadline, what, where);
@@ -700,7 +702,11 @@ void uring_driver::wake() noexcept {
 // one that touches its ring.
 bool uring_driver::send_ring_wake() noexcept {
   sched::worker* w = sched::current_worker();
-  auto* from = w ? dynamic_cast<uring_driver*>(w->io()) : nullptr;
+  sched::driver* d = w ? w->io() : nullptr;
+  // SAFETY: only uring_driver constructs an io_driver of kind uring.
+  auto* from = d && d->is_io() && static_cast<io_driver*>(d)->kind() == io_driver_kind::uring
+                   ? static_cast<uring_driver*>(d)
+                   : nullptr;
   if (!from || from == this) return false;
   sq_section busy(*from);  // from's owner is this thread
   io_uring_sqe* sqe = io_uring_get_sqe(&from->ring_);
