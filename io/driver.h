@@ -129,6 +129,9 @@ struct op {
 // the fiber's worker when it is released. At end of stream none is lent.
 inline constexpr std::size_t kPooledBufferSize = 4096;
 inline constexpr std::uint32_t kHeapBufferId = ~0u;  // buf_id of a heap buffer
+// The largest write sent behind the fiber (see io_driver::sends_behind()):
+// copying more costs more than the park it saves.
+inline constexpr std::size_t kWriteBehindMax = 4096;
 
 // See *Completion slots*. Lives on the parked fiber's stack.
 class completion {
@@ -177,6 +180,7 @@ struct io_counters {
   std::atomic<std::uint64_t> submits{0};    // io_uring_submit/enter calls that submitted
   std::atomic<std::uint64_t> completions{0};  // CQEs or readiness events handled
   std::atomic<std::uint64_t> multishot_accepts{0};  // multishot accept SQEs armed (io_uring)
+  std::atomic<std::uint64_t> written_behind{0};  // writes sent behind the fiber (*Write-behind*)
   // Completions (or cancels) handed to other workers while the owner was
   // stuck in one fiber; written by the monitor's rescue() only.
   std::atomic<std::uint64_t> rescued{0};
@@ -199,7 +203,7 @@ struct io_counters {
 // A snapshot of every worker's counters (io::stats()).
 struct io_stats {
   std::uint64_t ops = 0, parked = 0, submits = 0, completions = 0, multishot_accepts = 0,
-                rescued = 0, heap_buffers = 0;
+                rescued = 0, heap_buffers = 0, written_behind = 0;
   std::string driver;  // the first worker's driver name ("io_uring", "epoll")
   // The first worker's receive-buffer backing: "hugetlb", "thp",
   // "small_pages" (alloc/arena.h) or "heap".
@@ -260,6 +264,25 @@ class io_driver : public sched::driver {
   // Asks the kernel to end the multishot armed for `s` (it then delivers
   // its last on_result). Any thread; harmless if it already ended.
   virtual void cancel_multishot(multishot_sink& s) noexcept { (void)s; }
+  // *Write-behind* (io/fd_state.h): a write of at most kWriteBehindMax
+  // bytes on a stream socket is copied and queued, and the fiber goes on
+  // without parking for its completion; the socket's next send, shutdown or
+  // close waits for it and reports its failure. Saves a park, a wake and a
+  // switch per response of a request/response server. Only where the
+  // kernel sends a stream's buffer whole (MSG_WAITALL), so that a
+  // completion is all or an error.
+  virtual bool sends_behind() const noexcept { return false; }
+  // Queues the send of `copy` (len bytes, malloc'd; freed by
+  // st.on_write_behind_done()) on descriptor fd, whose completion goes to
+  // st.on_write_behind_done(). This driver's worker thread only.
+  // `seq` numbers st's write-behinds, so that a late cancel names this one.
+  virtual void send_behind(fd_state& st, std::uint64_t seq, int fd, char* copy,
+                           std::size_t len) noexcept {
+    (void)st, (void)seq, (void)fd, (void)copy, (void)len;
+  }
+  // Asks the kernel to end st's write-behind number `seq` now (-ECANCELED
+  // if it had not sent yet). Any thread; the completion still arrives.
+  virtual void cancel_send_behind(fd_state& st, std::uint64_t seq) noexcept { (void)st, (void)seq; }
   // Gives back a buffer recv_pooled returned (id, p = its buf_id and buf).
   // Any thread.
   virtual void release_buffer(std::uint32_t id, void* p) noexcept {

@@ -3,7 +3,11 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
 
 #include "io/accept.h"
 
@@ -11,6 +15,7 @@ namespace weft::io {
 
 fd_state::~fd_state() {
   if (accept_) close_accept_state(accept_);  // gives back the listener's share
+  std::free(wb_buf_);  // null unless the driver went away with it in flight
 }
 
 bool fd_state::closed() const noexcept {
@@ -66,11 +71,26 @@ void fd_state::detach(fd_use& u) noexcept {
 
 result<void> fd_state::close(int* take_fd) noexcept {
   if (take_fd) *take_fd = -1;
+  // A write-behind in flight is waited for as its write would have been:
+  // until that write's deadline or a stop request (see *Write-behind*).
+  // Given up on, it is cancelled; the descriptor closes when it ends.
+  lock_.lock();
+  const bool behind = wb_pending_ && !closed_;
+  const clock::time_point behind_deadline = wb_deadline_;
+  lock_.unlock();
+  result<void> sent;
+  if (behind) {
+    sent = settle(behind_deadline, std::source_location::current(), /*unwind=*/false);
+    // A plain thread does not wait: the write is cancelled below.
+    if (!sent && sent.error() == std::errc::operation_would_block)
+      sent = std::unexpected(std::make_error_code(std::errc::operation_canceled));
+  }
   lock_.lock();
   if (closed_) {
     lock_.unlock();
     return {};
   }
+  if (wb_pending_ && !wb_done_) wb_owner_->cancel_send_behind(*this, wb_seq_);  // only queues the cancel
   closed_ = true;
   // A listener: the kernel stops queueing connections for it now. Under
   // lock_, while the descriptor is surely still open (after the unlock the
@@ -84,15 +104,15 @@ result<void> fd_state::close(int* take_fd) noexcept {
   // Its parked acceptors wake with EBADF and the multishot accept is
   // cancelled. The listener's share keeps the accept state alive.
   if (accept_) shut_accept_state(accept_);
-  if (!idle) return {};  // the last operation to leave closes it
+  if (!idle) return sent;  // the last operation to leave closes it
   // Idle and closed: no enter() succeeds any more, so nobody else closes it.
   if (take_fd) {
     *take_fd = fd_;
-    return {};
+    return sent;
   }
   if (::close(fd_) < 0 && errno != EINTR)  // EINTR: Linux closed it anyway
     return std::unexpected(std::error_code(errno, std::system_category()));
-  return {};
+  return sent;
 }
 
 void fd_state::close_fd() noexcept { (void)::close(fd_); }
@@ -103,6 +123,131 @@ void fd_state::release() noexcept {
   bool gone = users_ == 0;
   lock_.unlock();
   if (gone) delete this;  // SAFETY: as in leave()
+}
+
+// ---- Write-behind ----------------------------------------------------------------
+
+bool fd_state::start_write_behind(io_driver& d, std::span<const char> buf,
+                                  clock::time_point deadline) {
+  if (!d.sends_behind() || buf.empty() || buf.size() > kWriteBehindMax) return false;
+  auto* copy = static_cast<char*>(std::malloc(buf.size()));
+  if (!copy) return false;
+  std::memcpy(copy, buf.data(), buf.size());
+  lock_.lock();
+  if (closed_ || wb_pending_) {
+    lock_.unlock();
+    std::free(copy);
+    return false;
+  }
+  wb_pending_ = true;
+  wb_done_ = false;
+  wb_res_ = 0;
+  wb_len_ = buf.size();
+  wb_buf_ = copy;
+  wb_owner_ = &d;
+  wb_deadline_ = deadline;
+  ++users_;  // the send's, until on_write_behind_done()
+  const std::uint64_t seq = ++wb_seq_;
+  lock_.unlock();
+  // A close() from another fiber now waits for it, or cancels it: a cancel
+  // from another thread is queued for d's thread, which is this one, and
+  // runs after the SQE below.
+  d.send_behind(*this, seq, fd_, copy, buf.size());
+  return true;
+}
+
+void fd_state::on_write_behind_done(int res) noexcept {
+  lock_.lock();
+  char* copy = std::exchange(wb_buf_, nullptr);
+  wb_res_ = res;
+  wb_done_ = true;
+  // Claimed under lock_: the settler takes lock_ to forget its waiter
+  // after waking (the rule on sched::claim).
+  sched::fiber* f = nullptr;
+  if (wb_waiter_) f = sched::claim(std::exchange(wb_waiter_, {}), sched::wake_reason::notified);
+  bool last = --users_ == 0;
+  bool close_now = last && closed_;
+  bool gone = last && !owned_;
+  lock_.unlock();
+  std::free(copy);
+  if (f) sched::ready(f);
+  if (close_now) close_fd();
+  // SAFETY: as in leave(); a settler holds a user, so f's socket is not gone.
+  if (gone) delete this;
+}
+
+clock::time_point fd_state::write_behind_deadline() const noexcept {
+  lock_.lock();
+  clock::time_point d = wb_pending_ ? wb_deadline_ : clock::time_point::max();
+  lock_.unlock();
+  return d;
+}
+
+// The settle's park, on the scheduler stack after the switch.
+void fd_state::publish_settle(void* self, sched::wake_token t) {
+  auto* st = static_cast<fd_state*>(self);
+  st->lock_.lock();
+  // Done already, or another fiber waits: at once (the latter then polls).
+  bool now = !st->wb_pending_ || st->wb_done_ || st->wb_waiter_;
+  if (!now) st->wb_waiter_ = t;
+  st->lock_.unlock();
+  // Still `parking` until this claim: waking it after the unlock is safe.
+  if (now) sched::wake(t);
+}
+
+result<void> fd_state::settle(clock::time_point deadline, std::source_location where,
+                              bool unwind) {
+  lock_.lock();
+  while (wb_pending_ && !wb_done_) {
+    lock_.unlock();
+    sched::fiber* self = sched::current_fiber();
+    if (!self) return std::unexpected(std::make_error_code(std::errc::operation_would_block));
+    sched::wake_reason why = sched::park({.publish = &fd_state::publish_settle,
+                                          .arg = this,
+                                          .deadline = deadline,
+                                          .cancellable = true,
+                                          .what = "tcp write (behind)",
+                                          .where = where});
+    lock_.lock();
+    if (wb_waiter_.f == self) wb_waiter_ = {};  // a stale token must not be claimed
+    if (!wb_pending_ || wb_done_) break;
+    if (why == sched::wake_reason::timed_out) {
+      lock_.unlock();
+      return std::unexpected(std::make_error_code(std::errc::timed_out));
+    }
+    if (why == sched::wake_reason::cancelled) {
+      lock_.unlock();
+      if (unwind) sched::unwind_point();
+      return std::unexpected(std::make_error_code(std::errc::operation_canceled));
+    }
+    // Another fiber is the waiter (two fibers writing one socket at once):
+    // look again in a millisecond.
+    lock_.unlock();
+    auto soon = std::min(deadline, clock::now() + std::chrono::milliseconds(1));
+    why = sched::park({.publish = [](void*, sched::wake_token) {},
+                       .deadline = soon,
+                       .cancellable = true,
+                       .what = "tcp write (behind)",
+                       .where = where});
+    if (why == sched::wake_reason::cancelled) {
+      if (unwind) sched::unwind_point();
+      return std::unexpected(std::make_error_code(std::errc::operation_canceled));
+    }
+    lock_.lock();
+  }
+  if (!wb_pending_) {
+    lock_.unlock();
+    return {};
+  }
+  const int res = wb_res_;
+  const std::size_t len = wb_len_;
+  wb_pending_ = wb_done_ = false;
+  lock_.unlock();
+  if (res < 0) return std::unexpected(std::error_code(-res, std::system_category()));
+  // MSG_WAITALL: short only when an error cut it off, which it then hides.
+  if (static_cast<std::size_t>(res) < len)
+    return std::unexpected(std::make_error_code(std::errc::broken_pipe));
+  return {};
 }
 
 result<int> perform_on(fd_state* st, op& o, clock::time_point deadline, const char* what,

@@ -24,16 +24,33 @@
 //   - The state is deleted when the socket or file object has released it
 //     and users_ is zero (whichever comes last).
 //
+// *Write-behind* (io_uring only; see io/driver.h): a small write is copied
+// and queued, and the writing fiber goes on without parking. At most one is
+// in flight per socket. Every later call that sends (write, writev,
+// shutdown, close) first settles it: waits for its completion and reports
+// its failure, if any, as its own. Its invariants:
+//   - wb_pending_ from start_write_behind() until a settle() consumed the
+//     result; wb_done_ once the driver's completion arrived (guarded by
+//     lock_, as are the other wb_ fields).
+//   - A pending write-behind counts in users_ until its completion: the
+//     descriptor stays open (and its number taken) while the kernel may
+//     still send on it, and *this alive while the driver holds it.
+//   - wb_waiter_ is the one fiber parked in settle(); it is claimed under
+//     lock_ (the rule on sched::claim), and a second settler polls.
+//
 // Who calls what:
 //   enter(), leave()      a fiber, around one operation (fd_guard: socket.cc,
 //                         accept.cc, file.cc)
 //   fd_use::attach(), detach()   the driver's perform(), on the fiber
 //   close(), release()    the object's owner; close() also from another
 //                         fiber while operations are in flight
+//   start_write_behind(), settle()   a fiber inside an fd_guard
+//   on_write_behind_done()   the driver, on its worker thread or the monitor's
 #pragma once
 
 #include <cerrno>
 #include <source_location>
+#include <span>
 #include <system_error>
 
 #include "alloc/spinlock.h"
@@ -69,6 +86,24 @@ class fd_state {
   // The object lets go (its destructor, after close()). May delete *this.
   void release() noexcept;
 
+  // Copies buf and hands it to `d` to send behind the caller (see
+  // *Write-behind*); false, with nothing done, if `d` cannot or the socket
+  // is closed. The caller has settled any earlier one. `deadline` is how
+  // long a later close() or shutdown() waits for it.
+  bool start_write_behind(io_driver& d, std::span<const char> buf, clock::time_point deadline);
+  // Waits for the write-behind in flight, if any, until `deadline`, and
+  // consumes its result: its error (a short send is broken_pipe), or
+  // timed_out / operation_canceled if the wait ended first (it then stays
+  // in flight). On a plain thread it does not wait: would_block.
+  // With `unwind`, a cancelled wait calls sched::unwind_point() (a
+  // socket's call); close() and shutdown(), which cannot throw, pass false.
+  result<void> settle(clock::time_point deadline, std::source_location where, bool unwind);
+  // The deadline of the write-behind in flight (max if none).
+  clock::time_point write_behind_deadline() const noexcept;
+  // The driver's completion of the write-behind (res: the send's result).
+  // May close the descriptor and delete *this.
+  void on_write_behind_done(int res) noexcept;
+
  private:
   friend struct fd_use;
   ~fd_state();
@@ -83,6 +118,17 @@ class fd_state {
   bool owned_ = true;        // guarded by lock_: the socket object holds it
   unsigned users_ = 0;       // guarded by lock_
   fd_use* uses_ = nullptr;   // guarded by lock_: attached operations
+  // *Write-behind*, guarded by lock_.
+  static void publish_settle(void* self, sched::wake_token t);
+  std::uint64_t wb_seq_ = 0;  // numbers the write-behinds (cancel keys)
+  bool wb_pending_ = false;
+  bool wb_done_ = false;
+  int wb_res_ = 0;
+  std::size_t wb_len_ = 0;
+  char* wb_buf_ = nullptr;         // the copy the kernel sends from
+  io_driver* wb_owner_ = nullptr;  // the driver sending it
+  clock::time_point wb_deadline_ = clock::time_point::max();
+  sched::wake_token wb_waiter_;
 };
 
 // One call on a socket or file, from enter() to leave() (also when the

@@ -91,6 +91,7 @@ io_stats stats() {
     st.multishot_accepts += get(c.multishot_accepts);
     st.rescued += get(c.rescued);
     st.heap_buffers += get(c.heap_buffers);
+    st.written_behind += get(c.written_behind);
     if (st.driver.empty()) {
       st.driver = d->name();
       st.buffer_backing = d->buffer_backing();

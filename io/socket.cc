@@ -309,11 +309,24 @@ result<std::size_t> tcp_stream::read_exact(std::span<char> buf, deadline_arg d,
 result<std::size_t> tcp_stream::write(std::span<const char> buf, deadline_arg d,
                                       std::source_location where) {
   if (buf.empty()) return nothing_to_move(st_);
+  fd_guard g(st_);
+  if (!g) return bad_fd_error();
+  // The write-behind before this one, if any, is this write's to wait for
+  // and to report (see *Write-behind* in io/fd_state.h).
+  if (auto s = st_->settle(d.when, where, /*unwind=*/true); !s) {
+    if (g.closed()) return bad_fd_error();
+    return std::unexpected(s.error());
+  }
+  if (buf.size() <= kWriteBehindMax) {
+    io_driver* drv = current_driver();
+    if (drv && st_->start_write_behind(*drv, buf, d.when)) return buf.size();
+  }
   // SAFETY: send only reads the buffer; the const_cast is for op's one
   // buffer field.
-  op o{.kind = op_kind::send, .buf = const_cast<char*>(buf.data()), .len = buf.size()};
-  auto r = perform_on(st_, o, d.when, "tcp write", where);
-  if (!r) return std::unexpected(r.error());
+  op o{.kind = op_kind::send, .fd = g.fd(), .buf = const_cast<char*>(buf.data()),
+       .len = buf.size(), .use = g.use()};
+  auto r = perform(o, d.when, "tcp write", where);
+  if (!r) return g.closed() ? bad_fd_error() : std::unexpected(r.error());
   return static_cast<std::size_t>(*r);
 }
 
@@ -347,17 +360,31 @@ result<std::size_t> tcp_stream::writev(std::span<const iovec> bufs, deadline_arg
   msghdr m{};
   m.msg_iov = const_cast<iovec*>(w.data());  // the kernel only reads the array
   m.msg_iovlen = w.size();
-  op o{.kind = op_kind::sendmsg, .msg = &m};
-  auto r = perform_on(st_, o, d.when, "tcp writev", where);
-  if (!r) return std::unexpected(r.error());
+  fd_guard g(st_);
+  if (!g) return bad_fd_error();
+  if (auto s = st_->settle(d.when, where, /*unwind=*/true); !s) {  // as write()
+    if (g.closed()) return bad_fd_error();
+    return std::unexpected(s.error());
+  }
+  op o{.kind = op_kind::sendmsg, .fd = g.fd(), .msg = &m, .use = g.use()};
+  auto r = perform(o, d.when, "tcp writev", where);
+  if (!r) return g.closed() ? bad_fd_error() : std::unexpected(r.error());
   return static_cast<std::size_t>(*r);
 }
 
 result<void> tcp_stream::shutdown(int how) noexcept {
-  return on_fd(st_, [how](int fd) -> result<void> {
-    if (::shutdown(fd, how) < 0) return sys_error(errno);
-    return {};
-  });
+  fd_guard g(st_);
+  if (!g) return bad_fd_error();
+  // The end of the stream goes after the last write's bytes: a write-behind
+  // is waited for (until its write's deadline) and its failure reported.
+  if (how != SHUT_RD) {
+    if (auto s = st_->settle(st_->write_behind_deadline(), std::source_location::current(),
+                             /*unwind=*/false);
+        !s)
+      return g.closed() ? bad_fd_error() : std::unexpected(s.error());
+  }
+  if (::shutdown(g.fd(), how) < 0) return sys_error(errno);
+  return {};
 }
 
 result<void> tcp_stream::set_nodelay(bool on) noexcept {

@@ -16,7 +16,9 @@
 //     inflight_ until its CQE; see *Cancel keys*), kWakeTag (the
 //     eventfd read, always armed), kRingWakeTag (a wake-up sent by another
 //     worker's ring), kIgnoreTag (linked timeouts, cancels, the sender's
-//     own CQE of a MSG_RING) or a multishot_sink* with kMultishotBit set
+//     own CQE of a MSG_RING), an fd_state* with kSendBehindBit set (a
+//     write-behind: counted in inflight_ and behind_ until its CQE; see
+//     send_behind()) or a multishot_sink* with kMultishotBit set
 //     (see *Multishot operations* in io/driver.h), listed in armed_ from
 //     arming until its CQE without IORING_CQE_F_MORE. A multishot is not
 //     counted in inflight_: armed with nobody waiting for its results, it
@@ -103,7 +105,9 @@
 #include <algorithm>
 #include <climits>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <cstdlib>
 #include <mutex>
 #include <thread>
 #include <utility>
@@ -112,6 +116,7 @@
 #include "alloc/arena.h"
 #include "alloc/check.h"
 #include "io/driver.h"
+#include "io/fd_state.h"
 #include "sched/worker.h"
 
 namespace weft::io {
@@ -123,6 +128,9 @@ constexpr std::uint64_t kRingWakeTag = 2;  // an IORING_OP_MSG_RING from another
 // Marks a multishot_sink* in user_data; completion* and multishot_sink*
 // are at least 8-aligned, and the small tags above are checked first.
 constexpr std::uint64_t kMultishotBit = 1;
+// Marks an fd_state* whose write-behind this is (see *Write-behind* in
+// io/driver.h), with the write's sequence number in the top 16 bits.
+constexpr std::uint64_t kSendBehindBit = 2;
 // See *Cancel keys*.
 constexpr int kGenShift = 48;
 constexpr std::uint64_t kAddressMask = (std::uint64_t{1} << kGenShift) - 1;
@@ -161,6 +169,11 @@ constexpr unsigned kFlagChoices[] = {
 // si_value of weft's own SIGURG (see *Rescue*), so that a program's own
 // SIGURG (out-of-band data, another library) is told apart.
 constexpr int kRescueMagic = 0x77656674;  // "weft"
+
+bool write_behind_wanted() noexcept {
+  const char* v = std::getenv("WEFT_WRITE_BEHIND");
+  return !v || std::strcmp(v, "0") != 0;
+}
 
 class uring_driver;
 // The driver of the worker running on this thread, for the SIGURG
@@ -221,6 +234,16 @@ class uring_driver final : public io_driver {
   void flush_from_signal() noexcept;
   bool owner_on_cpu() const noexcept;
   bool has_multishot_accept() const noexcept override { return true; }
+  // MSG_WAITALL sends: kernel 5.18; DEFER_TASKRUN (6.1) says it is newer.
+  // WEFT_WRITE_BEHIND=0 turns it off (an A/B, or a program that wants
+  // every write's failure from that write).
+  bool sends_behind() const noexcept override { return sends_behind_; }
+  void send_behind(fd_state& st, std::uint64_t seq, int fd, char* copy,
+                   std::size_t len) noexcept override;
+  void cancel_send_behind(fd_state& st, std::uint64_t seq) noexcept override {
+    cancel_tag(behind_key(st, seq));
+  }
+  void quiesce() override;
   void arm_multishot_accept(int fd, multishot_sink& s) override;
   void cancel_multishot(multishot_sink& s) noexcept override;
   const char* name() const noexcept override { return "io_uring"; }
@@ -284,6 +307,14 @@ class uring_driver final : public io_driver {
   std::uint64_t wake_buf_ = 0;  // the armed eventfd read's target (owner, kernel)
   std::vector<__kernel_timespec> ts_;  // link timeouts by SQE index (see *Deadlines*)
   std::size_t inflight_ = 0;  // owner only: operations started, CQE not yet seen
+  // Write-behinds in flight (counted in inflight_ too): added by the owner,
+  // subtracted by whoever reaps their CQE (under reap_lock_). relaxed: only
+  // quiesce() reads it, on the owner after its own reap.
+  std::atomic<std::size_t> behind_{0};
+  const bool sends_behind_ = (flags_ & IORING_SETUP_DEFER_TASKRUN) && write_behind_wanted();
+  static std::uint64_t behind_key(fd_state& st, std::uint64_t seq) noexcept {
+    return reinterpret_cast<std::uintptr_t>(&st) | kSendBehindBit | (seq << kGenShift);
+  }
   std::uint16_t gen_ = 0;     // owner only: see *Cancel keys*
   // Guarded by reap_lock_: a wake() was reaped and no wait() has returned
   // since. wake() is sticky (sched/driver.h): the next wait() returns at once.
@@ -606,6 +637,50 @@ result<int> uring_driver::recv_pooled(op& o, clock::time_point deadline, const c
   return r;
 }
 
+// ---- Write-behind ------------------------------------------------------------
+
+void uring_driver::send_behind(fd_state& st, std::uint64_t seq, int fd, char* copy,
+                               std::size_t len) noexcept {
+  WEFT_CHECK(on_owner_thread(), "send_behind: not on the owner's thread");
+  WEFT_CHECK((reinterpret_cast<std::uintptr_t>(&st) & ~kAddressMask & ~kSendBehindBit) == 0 &&
+                 (reinterpret_cast<std::uintptr_t>(&st) & 7) == 0,
+             "uring_driver: an fd_state above 2^48 or misaligned (see *Cancel keys*)");
+  sq_section busy(*this);
+  io_uring_sqe* sqe = get_sqe(1);
+  // MSG_WAITALL: the kernel sends the whole copy, polling for room as
+  // needed, so the completion is all of it or an error.
+  io_uring_prep_send(sqe, fd, copy, static_cast<unsigned>(len), MSG_NOSIGNAL | MSG_WAITALL);
+  io_uring_sqe_set_data64(sqe, behind_key(st, seq));
+  ++inflight_;
+  behind_.fetch_add(1, std::memory_order_relaxed);  // relaxed: see behind_
+  io_counters::bump(counters_.ops);
+  io_counters::bump(counters_.written_behind);
+}
+
+// The worker's loop has ended and its fibers are gone; a write-behind still
+// in flight belongs to a socket closed without waiting (a plain thread's
+// close, a stop request) or one that outlives the runtime. The kernel's
+// ring teardown would cancel them without a CQE, so their copies and
+// descriptors would leak: cancel every send and reap until they are back.
+void uring_driver::quiesce() {
+  flush();
+  if (behind_.load(std::memory_order_relaxed) == 0) return;
+  {
+    // IORING_ASYNC_CANCEL_OP (kernel 6.6; liburing 2.3's header predates
+    // it): every request whose opcode is sqe->len. Older kernels refuse it
+    // and the wait below gives up at its bound.
+    constexpr unsigned kCancelOp = 1u << 5;
+    sq_section busy(*this);
+    io_uring_sqe* sqe = get_sqe(1);
+    io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ALL | kCancelOp);
+    sqe->len = IORING_OP_SEND;
+    io_uring_sqe_set_data64(sqe, kIgnoreTag);
+  }
+  const auto give_up = clock::now() + std::chrono::seconds(2);
+  while (behind_.load(std::memory_order_relaxed) > 0 && clock::now() < give_up)
+    wait(std::min(give_up, clock::now() + std::chrono::milliseconds(50)));
+}
+
 // ---- Cancelling --------------------------------------------------------------
 
 void uring_driver::prep_cancel(std::uint64_t tag) {
@@ -737,6 +812,15 @@ void uring_driver::reap(bool owner) {
       wake_pending_.exchange(false, std::memory_order_acq_rel);
       woken_ = true;
       if (tag == kWakeTag) rearm_wake_ = true;  // a MSG_RING consumed nothing
+      continue;
+    }
+    if (tag & kSendBehindBit) {
+      ++done;
+      ++handed;
+      behind_.fetch_sub(1, std::memory_order_relaxed);  // relaxed: see behind_
+      // SAFETY: the write-behind holds a user of its fd_state until this call.
+      reinterpret_cast<fd_state*>(tag & kAddressMask & ~kSendBehindBit)
+          ->on_write_behind_done(cqe->res);
       continue;
     }
     if (tag & kMultishotBit) {

@@ -21,6 +21,10 @@
 //   - pending() counts operations in flight whose completion can wake a
 //     fiber (the deadlock detector treats a worker with pending() > 0 as able
 //     to make progress).
+//   - quiesce() is the worker's last call, on its thread, after its loop
+//     ended (no fiber is left): the driver ends what it still has in flight
+//     on its own account (io_uring's write-behind sends) and waits, boundedly,
+//     for their completions.
 //   - rescue() is the exception to "that thread only": the runtime's
 //     monitor calls it from its own thread while the driver's worker is
 //     stuck in one fiber (the same fiber ran for a whole monitor period).
@@ -46,6 +50,7 @@ class driver {
   virtual void wait(clock::time_point deadline) = 0;
   virtual void poll() = 0;
   virtual void flush() {}
+  virtual void quiesce() { flush(); }
   virtual void wake() noexcept = 0;
   virtual std::size_t pending() const noexcept { return 0; }
   virtual void rescue() noexcept {}

@@ -434,7 +434,7 @@ void worker::run(const alloc::topology* pin_to, const driver_factory& make_drive
   while (!sched_.exit_.load(std::memory_order_acquire))
     if (fiber* f = find_runnable()) run_fiber(f);
   tls_worker = nullptr;
-  driver_->flush();  // destroyed with the scheduler, after every thread joined
+  driver_->quiesce();  // destroyed with the scheduler, after every thread joined
   alloc::disable_altstack();
 }
 

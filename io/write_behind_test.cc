@@ -1,0 +1,241 @@
+// io/write_behind_test.cc — small writes sent behind the fiber (io_uring;
+// *Write-behind* in io/fd_state.h): the bytes arrive whole and in order
+// whatever mix of calls sent them, close() and shutdown() send a pending
+// write before the end of the stream, its failure comes back from the next
+// send, a peer that stops reading makes a later call time out or stop, and
+// one left in flight when the runtime ends is cancelled without a leak.
+// Every test runs over worker counts {1, 2, 4} (tests/fixture.h), on both
+// drivers (io/BUILD.bazel; epoll sends every write at once), on 127.0.0.1.
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <atomic>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "io/socket_test_util.h"
+#include "runtime/net.h"
+#include "runtime/weft.h"
+#include "tests/fixture.h"
+
+namespace weft {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::Runtime;
+using testing::addr_of;
+using testing::connected_pair;
+
+class WriteBehind : public Runtime {};
+WEFT_RUNTIME_TEST_SUITE(WriteBehind);
+
+bool on_uring() { return io::stats().driver == "io_uring"; }
+
+// Byte i of the test's stream.
+char byte_at(std::size_t i) { return static_cast<char>('a' + (i * 7 + i / 251) % 26); }
+
+std::string stream_part(std::size_t from, std::size_t n) {
+  std::string s(n, '\0');
+  for (std::size_t i = 0; i < n; ++i) s[i] = byte_at(from + i);
+  return s;
+}
+
+// Reads until end of stream (or 10 s), appending to *out.
+void read_to_end(tcp_stream& s, std::string* out) {
+  char buf[8192];
+  auto until = clock::now() + 10s;
+  while (clock::now() < until) {
+    auto n = s.read(buf, deadline(until));
+    if (!n || *n == 0) return;
+    out->append(buf, *n);
+  }
+}
+
+// Shrinks both ends' buffers so that a peer that does not read fills them
+// after a few KiB, not megabytes.
+void small_buffers(tcp_stream& writer, tcp_stream& reader) {
+  int v = 4096;
+  ASSERT_EQ(::setsockopt(writer.native_handle(), SOL_SOCKET, SO_SNDBUF, &v, sizeof v), 0);
+  ASSERT_EQ(::setsockopt(reader.native_handle(), SOL_SOCKET, SO_RCVBUF, &v, sizeof v), 0);
+}
+
+TEST_P(WriteBehind, SmallWritesLargeWritesAndGatherWritesArriveWholeAndInOrder) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    const std::uint64_t behind_before = io::stats().written_behind;
+    std::string got;
+    auto reader = spawn([&, &s = s] { read_to_end(s, &got); });
+    std::size_t off = 0;
+    for (int i = 0; i < 3000; ++i) {
+      if (i % 97 == 0) {  // larger than kWriteBehindMax: sent while the fiber waits
+        std::string big = stream_part(off, 20'000);
+        ASSERT_TRUE(c.write_all(big, deadline(10s)));
+        off += big.size();
+      } else if (i % 89 == 0) {  // a gather write after a write-behind
+        std::string a = stream_part(off, 100), b = stream_part(off + 100, 57);
+        iovec iov[2] = {{a.data(), a.size()}, {b.data(), b.size()}};
+        auto n = c.writev(iov, deadline(10s));
+        ASSERT_TRUE(n) << n.error().message();
+        ASSERT_EQ(*n, 157u);  // loopback has room for 157 bytes
+        off += 157;
+      } else {
+        std::string m = stream_part(off, 1 + (i * 37) % 600);
+        ASSERT_TRUE(c.write_all(m, deadline(10s)));
+        off += m.size();
+      }
+      if (i % 500 == 0) this_fiber::yield();  // let the reader in, and maybe move
+    }
+    ASSERT_TRUE(c.shutdown(SHUT_WR));
+    reader.join();
+    ASSERT_EQ(got.size(), off);
+    EXPECT_TRUE(got == stream_part(0, off)) << "the stream's bytes are out of order";
+    const std::uint64_t behind = io::stats().written_behind - behind_before;
+    if (on_uring())
+      EXPECT_GT(behind, 2000u);  // the small writes did not park
+    else
+      EXPECT_EQ(behind, 0u);
+  });
+}
+
+TEST_P(WriteBehind, CloseSendsAPendingWriteBeforeTheEndOfTheStream) {
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    for (int i = 0; i < 50; ++i) {
+      auto c = tcp_stream::connect(addr_of(ln)).value();
+      auto s = ln.accept().value();
+      std::string msg = stream_part(i, 100 + i);
+      ASSERT_TRUE(c.write_all(msg));
+      ASSERT_TRUE(c.close());  // right after: the send may not even be submitted yet
+      std::string got;
+      read_to_end(s, &got);
+      ASSERT_EQ(got, msg) << "round " << i;
+    }
+  });
+}
+
+TEST_P(WriteBehind, ADestroyedStreamSendsAPendingWriteBeforeTheEndOfTheStream) {
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    for (int i = 0; i < 20; ++i) {
+      auto s = [&] {
+        auto c = tcp_stream::connect(addr_of(ln)).value();
+        auto s = ln.accept().value();
+        EXPECT_TRUE(c.write_all(stream_part(i, 300)));
+        return s;  // c's destructor closes it
+      }();
+      std::string got;
+      read_to_end(s, &got);
+      ASSERT_EQ(got, stream_part(i, 300)) << "round " << i;
+    }
+  });
+}
+
+TEST_P(WriteBehind, ShutdownSendsAPendingWriteBeforeTheEndOfTheStream) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    for (int i = 0; i < 20; ++i) ASSERT_TRUE(c.write_all(stream_part(i * 10, 10)));
+    ASSERT_TRUE(c.shutdown(SHUT_WR));
+    std::string got;
+    read_to_end(s, &got);
+    std::string want;
+    for (int i = 0; i < 20; ++i) want += stream_part(i * 10, 10);
+    EXPECT_EQ(got, want);
+  });
+}
+
+TEST_P(WriteBehind, APeerThatStopsReadingMakesALaterWriteTimeOut) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    small_buffers(c, s);
+    std::string chunk(1000, 'x');
+    std::optional<std::error_code> failed;
+    auto t0 = clock::now();
+    for (int i = 0; i < 100'000 && !failed && clock::now() - t0 < 20s; ++i) {
+      auto r = c.write(chunk, deadline(100ms));
+      if (!r) failed = r.error();
+    }
+    ASSERT_TRUE(failed) << "no write ever waited for the full buffers";
+    EXPECT_EQ(*failed, std::errc::timed_out) << failed->message();
+    // close() waits for the write still pending only until its deadline,
+    // which has passed: it cancels it and returns at once.
+    auto t1 = clock::now();
+    (void)c.close();
+    EXPECT_LT(clock::now() - t1, 2s);
+    // ... and the descriptor is closed once the cancel completes: the peer
+    // reads what got through, then the end of the stream.
+    std::string got;
+    read_to_end(s, &got);
+    char b;
+    auto end = s.read({&b, 1}, deadline(1s));
+    ASSERT_TRUE(end) << end.error().message();
+    EXPECT_EQ(*end, 0u);
+  });
+}
+
+TEST_P(WriteBehind, AStopRequestEndsAWriteWaitingForAnEarlierOne) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    small_buffers(c, s);
+    std::atomic<bool> started{false};
+    auto writer = spawn([&, &c = c] {
+      std::string chunk(1000, 'x');
+      started = true;
+      for (;;) {  // no deadline: only the stop request ends it
+        auto r = c.write(chunk);
+        if (!r) return r.error();
+      }
+    });
+    while (!started) this_fiber::yield();
+    (void)this_fiber::sleep_for(200ms);  // long enough to fill the buffers and park
+    auto t0 = clock::now();
+    writer.request_stop();
+    EXPECT_EQ(writer.join(), std::errc::operation_canceled);
+    EXPECT_LT(clock::now() - t0, 2s);
+  });
+}
+
+TEST_P(WriteBehind, AFailedWriteBehindIsReportedByALaterSend) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    ASSERT_TRUE(s.close());
+    std::string chunk(512, 'x');
+    std::optional<std::error_code> failed;
+    for (int i = 0; i < 400 && !failed; ++i) {
+      auto r = c.write_all(chunk, deadline(5s));
+      if (!r) failed = r.error();
+      (void)this_fiber::sleep_for(1ms);
+    }
+    ASSERT_TRUE(failed) << "writes to a closed peer never failed";
+    EXPECT_TRUE(*failed == std::errc::broken_pipe || *failed == std::errc::connection_reset)
+        << failed->message();
+  });
+}
+
+// A stream that outlives weft::run() with a write still in flight to a peer
+// that does not read: the worker cancels it as the runtime ends, so the
+// copy and the descriptor are freed (ASan's leak check) and destroying the
+// stream afterwards, off any runtime, is harmless.
+TEST(WriteBehindEnd, AWriteInFlightWhenTheRuntimeEndsIsCancelled) {
+  const int fds_before = testing::open_fds();
+  std::optional<tcp_stream> kept_c, kept_s;
+  int rc = weft::run([&] {
+    auto [c, s] = connected_pair();
+    small_buffers(c, s);
+    std::string chunk(1000, 'x');
+    for (int i = 0; i < 100'000; ++i) {
+      auto r = c.write(chunk, deadline(50ms));
+      if (!r) break;  // a write-behind is now waiting for room that never comes
+    }
+    kept_c = std::move(c);
+    kept_s = std::move(s);
+    return 0;
+  });
+  EXPECT_EQ(rc, 0);
+  kept_c.reset();
+  kept_s.reset();
+  if (fds_before >= 0) EXPECT_EQ(testing::open_fds(), fds_before);
+}
+
+}  // namespace
+}  // namespace weft
