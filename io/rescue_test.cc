@@ -220,8 +220,8 @@ TEST(Rescue, AConnectionOfAStuckWorkerKeepsBeingServed) {
 // A stuck fiber asleep in blocking system calls is never interrupted by
 // the rescue: SA_RESTART does not restart poll(2) or nanosleep(2), so a
 // signal would cut them short with EINTR. A rescue that fires as a thread
-// enters a call (between the on-CPU check and the signal) can still
-// interrupt it (README), so the test keeps the rescue's work away from the
+// enters a call (between the check that it computes and the signal) can
+// still interrupt it (README), so the test keeps the rescue's work away from the
 // call's entry: the stuck fiber first computes for 200 ms, during which the
 // rescue submits the read that op() left unsubmitted (the stuck fiber ran
 // without a loop turn), and the hello whose completion waits for a rescue

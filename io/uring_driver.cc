@@ -58,8 +58,9 @@
 // even submitted. The monitor (sched/scheduler.cc) calls rescue() on its
 // own thread, which
 //   1. if the ring holds deferred completions or unsubmitted SQEs, and the
-//      owner's thread is on a CPU (not asleep in a system call, which the
-//      signal would cut short with EINTR), interrupts it with SIGURG (as
+//      owner's thread is computing (not in a blocking system call, which
+//      the signal would cut short with EINTR; see owner_computing()),
+//      interrupts it with SIGURG (as
 //      Go preempts a goroutine). The handler (io/signal.cc installs it
 //      where SIGURG has its default disposition, which ignores it; a
 //      program's own SIGURG handler turns this step off), on the owner's
@@ -232,7 +233,7 @@ class uring_driver final : public io_driver {
   }
   void rescue() noexcept override;
   void flush_from_signal() noexcept;
-  bool owner_on_cpu() const noexcept;
+  bool owner_computing() noexcept;
   bool has_multishot_accept() const noexcept override { return true; }
   // MSG_WAITALL sends: kernel 5.18; DEFER_TASKRUN (6.1) says it is newer.
   // WEFT_WRITE_BEHIND=0 turns it off (an A/B, or a program that wants
@@ -346,7 +347,12 @@ class uring_driver final : public io_driver {
   // rescue() waits for a change (acquire) before it reaps.
   std::atomic<std::uint64_t> flushes_{0};
   const pthread_t owner_;
-  const pid_t tid_;  // the owner's thread id, for owner_on_cpu()
+  const pid_t tid_;  // the owner's thread id, for owner_computing()
+  // owner_computing()'s reading at the monitor's previous look: the
+  // owner's thread was in state R, after `nvcsw` voluntary context
+  // switches. The monitor's thread only (rescue()'s caller): plain fields.
+  bool owner_was_running_ = false;
+  std::uint64_t owner_nvcsw_ = 0;
 
   // release in wake() publishes the waker's work; pairs with the acq_rel
   // exchange in reap() that clears it (see *Waking*).
@@ -904,12 +910,14 @@ void uring_driver::wait(sched::clock::time_point deadline) {
 void uring_driver::rescue() noexcept {
   // acquire: the kernel's flags word.
   unsigned sqf = __atomic_load_n(ring_.sq.kflags, __ATOMIC_ACQUIRE);
-  // owner_on_cpu() last, right before the signal: the window in which the
-  // thread may enter a blocking system call (and see EINTR) stays a few
+  const bool wanted = ((sqf & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)) ||
+                       unsubmitted_.load(std::memory_order_relaxed) || cancels_.nonempty()) &&
+                      sigurg_reaches_rescue();
+  // owner_computing() at every look (the next one compares with it), and
+  // last, right before the signal: the window in which the thread may
+  // enter a blocking system call (and see EINTR) stays a few
   // microseconds, as Go's.
-  if (((sqf & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)) ||
-       unsubmitted_.load(std::memory_order_relaxed) || cancels_.nonempty()) &&
-      sigurg_reaches_rescue() && owner_on_cpu()) {
+  if (owner_computing() && wanted) {
     // acquire: pairs with the handler's release increment, so the CQEs it
     // made the kernel post are visible to the reap below.
     std::uint64_t before = flushes_.load(std::memory_order_acquire);
@@ -928,23 +936,60 @@ void uring_driver::rescue() noexcept {
   reap_lock_.unlock();
 }
 
-// Whether the owner's thread is running or runnable (state R), not asleep
-// in a system call: a stuck fiber blocked in poll(2), sleep(3) or a
-// database client's read would see EINTR from the signal (SA_RESTART does
-// not restart those). Then only what the kernel has posted is rescued.
-bool uring_driver::owner_on_cpu() const noexcept {
+// Whether the owner's thread is computing, not in a blocking system call:
+// a stuck fiber blocked in poll(2), sleep(3) or a database client's read
+// would see EINTR from the signal (SA_RESTART does not restart those).
+// Then only what the kernel has posted is rescued.
+//
+// State R in /proc is not enough: a thread that its call's timeout (or
+// event) has just woken is R too, in the kernel on its way out of the
+// call, and a signal then may still fail the call with EINTR (poll(2)
+// checks for a signal before it reports its timeout). And the monitor
+// tends to look just then: the kernel expires a timer anywhere within its
+// slack (0.1% of a poll(2) timeout: 300 us of 300 ms), so the interrupt
+// that ends the monitor's period also ends a call whose timeout falls in
+// that slack, and both threads wake together. A 300 ms poll(2) in a stuck
+// fiber got EINTR in 1 to 3 runs of 30 that way (io/rescue_test.cc; more
+// often beside a CPU hog: the woken thread stays R, waiting for a CPU).
+//
+// So the thread counts as computing when it is R at this look and was R
+// at the previous one (a monitor period earlier), with no voluntary
+// context switch between: every sleep in a system call (or a page fault)
+// counts one; preemption counts as involuntary. A call woken now slept
+// since the previous look, or that look would have seen it asleep. What
+// is left: a call entered after this reading that has not yet slept (a
+// few microseconds before the signal, as Go's preemption signal has), and
+// a thread woken before the previous look that waited a whole period for
+// a CPU. The price: a thread that just came out of a call is signalled
+// a period later.
+bool uring_driver::owner_computing() noexcept {
   char path[64];
-  std::snprintf(path, sizeof path, "/proc/self/task/%d/stat", static_cast<int>(tid_));
-  int fd = ::open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return false;
-  char buf[512];
-  ssize_t n = ::read(fd, buf, sizeof buf - 1);
-  ::close(fd);
-  if (n <= 0) return false;
-  buf[n] = '\0';
-  // "tid (comm) S ...": the state follows the last ')' (comm may hold one).
-  const char* p = std::strrchr(buf, ')');
-  return p && p[1] == ' ' && p[2] == 'R';
+  std::snprintf(path, sizeof path, "/proc/self/task/%d/status", static_cast<int>(tid_));
+  bool running = false;
+  std::uint64_t nvcsw = 0;
+  bool known = false;
+  if (int fd = ::open(path, O_RDONLY | O_CLOEXEC); fd >= 0) {
+    char buf[4096];  // about 1.5 KB
+    ssize_t n = ::read(fd, buf, sizeof buf - 1);
+    ::close(fd);
+    if (n > 0) {
+      buf[n] = '\0';
+      // "State:\tR (running)" and "voluntary_ctxt_switches:\t12", each at
+      // a line's start (which "nonvoluntary_ctxt_switches:" is not).
+      const char* st = std::strstr(buf, "\nState:\t");
+      const char* vc = std::strstr(buf, "\nvoluntary_ctxt_switches:\t");
+      if (st && vc) {
+        running = st[8] == 'R';
+        nvcsw = std::strtoull(vc + 26, nullptr, 10);
+        known = true;
+      }
+    }
+  }
+  const bool computing =
+      known && running && owner_was_running_ && nvcsw == owner_nvcsw_;
+  owner_was_running_ = known && running;
+  owner_nvcsw_ = nvcsw;
+  return computing;
 }
 
 // On the owner's thread, between any two of its instructions (the SIGURG
