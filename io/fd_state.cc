@@ -40,8 +40,9 @@ void fd_state::leave(fd_use& u) noexcept {
   bool last = --users_ == 0;
   bool close_now = last && closed_;
   bool gone = last && !owned_;
+  const int fd = fd_;  // *this may be gone after the unlock (see close_fd())
   lock_.unlock();
-  if (close_now) close_fd();
+  if (close_now) close_fd(fd);
   // SAFETY: nobody else holds *this: the socket object released it and no
   // operation is in flight.
   if (gone) delete this;
@@ -75,6 +76,11 @@ result<void> fd_state::close(int* take_fd) noexcept {
   // until that write's deadline or a stop request (see *Write-behind*).
   // Given up on, it is cancelled; the descriptor closes when it ends.
   lock_.lock();
+  // No write-behind starts from here on: one started after the settle
+  // below would be cancelled with its write already reported sent. A write
+  // racing this close() sends as a plain one, which close() cancels (EBADF)
+  // or which completes first.
+  wb_closing_ = true;
   const bool behind = wb_pending_ && !closed_;
   const clock::time_point behind_deadline = wb_deadline_;
   lock_.unlock();
@@ -115,7 +121,9 @@ result<void> fd_state::close(int* take_fd) noexcept {
   return sent;
 }
 
-void fd_state::close_fd() noexcept { (void)::close(fd_); }
+// Takes the number, not *this: with closed_ set and users_ zero after the
+// caller's unlock, the owner's release() may delete *this at once.
+void fd_state::close_fd(int fd) noexcept { (void)::close(fd); }
 
 void fd_state::release() noexcept {
   lock_.lock();
@@ -134,7 +142,7 @@ bool fd_state::start_write_behind(io_driver& d, std::span<const char> buf,
   if (!copy) return false;
   std::memcpy(copy, buf.data(), buf.size());
   lock_.lock();
-  if (closed_ || wb_pending_) {
+  if (closed_ || wb_closing_ || wb_pending_) {
     lock_.unlock();
     std::free(copy);
     return false;
@@ -147,7 +155,13 @@ bool fd_state::start_write_behind(io_driver& d, std::span<const char> buf,
   wb_owner_ = &d;
   wb_deadline_ = deadline;
   ++users_;  // the send's, until on_write_behind_done()
-  const std::uint64_t seq = ++wb_seq_;
+  // Numbered per thread, which is d's owner (send_behind()): a cancel
+  // queued from another thread may be drained after this send completed
+  // and *this was freed, and a new fd_state at the same address must not
+  // have a send behind under the same key (*Cancel keys* in
+  // io/uring_driver.cc). Per fd_state, both would be number 1.
+  static thread_local std::uint64_t next_seq = 0;
+  const std::uint64_t seq = wb_seq_ = ++next_seq;
   lock_.unlock();
   // A close() from another fiber now waits for it, or cancels it: a cancel
   // from another thread is queued for d's thread, which is this one, and
@@ -168,10 +182,11 @@ void fd_state::on_write_behind_done(int res) noexcept {
   bool last = --users_ == 0;
   bool close_now = last && closed_;
   bool gone = last && !owned_;
+  const int fd = fd_;  // *this may be gone after the unlock (see close_fd())
   lock_.unlock();
   std::free(copy);
   if (f) sched::ready(f);
-  if (close_now) close_fd();
+  if (close_now) close_fd(fd);
   // SAFETY: as in leave(); a settler holds a user, so f's socket is not gone.
   if (gone) delete this;
 }

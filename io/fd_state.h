@@ -109,7 +109,7 @@ class fd_state {
   ~fd_state();
   void attach(fd_use& u, io_driver& owner, completion& c) noexcept;
   void detach(fd_use& u) noexcept;
-  void close_fd() noexcept;
+  static void close_fd(int fd) noexcept;
 
   const int fd_;
   accept_state* const accept_;
@@ -120,7 +120,8 @@ class fd_state {
   fd_use* uses_ = nullptr;   // guarded by lock_: attached operations
   // *Write-behind*, guarded by lock_.
   static void publish_settle(void* self, sched::wake_token t);
-  std::uint64_t wb_seq_ = 0;  // numbers the write-behinds (cancel keys)
+  std::uint64_t wb_seq_ = 0;  // the pending write-behind's number (its cancel key)
+  bool wb_closing_ = false;   // close() began: no write-behind starts
   bool wb_pending_ = false;
   bool wb_done_ = false;
   int wb_res_ = 0;

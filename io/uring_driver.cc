@@ -108,7 +108,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <cstdlib>
 #include <mutex>
 #include <thread>
 #include <utility>
@@ -176,6 +175,31 @@ bool write_behind_wanted() noexcept {
   return !v || std::strcmp(v, "0") != 0;
 }
 
+// IORING_ASYNC_CANCEL_OP (kernel 6.6; liburing 2.3's header predates it):
+// a cancel of every request whose opcode is sqe->len.
+constexpr unsigned kCancelOp = 1u << 5;
+
+// Whether the kernel takes kCancelOp, on a fresh ring (its creator's
+// thread, before anything else is in flight). quiesce() needs it to end
+// the write-behinds of streams that outlive the runtime: without it they
+// would stay in flight past the ring, their fd_state never freed and a
+// later close() calling cancel_send_behind() on the deleted driver. A
+// 6.1-6.5 kernel (DEFER_TASKRUN but not this) then sends every write at
+// once instead.
+bool cancel_op_works(io_uring& ring) noexcept {
+  io_uring_sqe* sqe = io_uring_get_sqe(&ring);
+  if (!sqe) return false;
+  io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ALL | kCancelOp);
+  sqe->len = IORING_OP_SEND;
+  io_uring_sqe_set_data64(sqe, kIgnoreTag);
+  if (io_uring_submit_and_wait(&ring, 1) < 0) return false;
+  io_uring_cqe* cqe = nullptr;
+  if (io_uring_peek_cqe(&ring, &cqe) != 0 || !cqe) return false;
+  const bool ok = cqe->res >= 0;  // the number cancelled (0); -EINVAL if unknown
+  io_uring_cqe_seen(&ring, cqe);
+  return ok;
+}
+
 class uring_driver;
 // The driver of the worker running on this thread, for the SIGURG
 // handler. initial-exec: reading it in a handler must not allocate.
@@ -183,9 +207,9 @@ class uring_driver;
 
 class uring_driver final : public io_driver {
  public:
-  uring_driver(io_uring& ring, unsigned flags, int efd, int node_os)
+  uring_driver(io_uring& ring, unsigned flags, int efd, int node_os, bool sends_behind)
       : io_driver(io_driver_kind::uring), ring_(ring), flags_(flags), efd_(efd),
-        ts_(ring.sq.ring_entries),
+        ts_(ring.sq.ring_entries), sends_behind_(sends_behind),
         owner_(::pthread_self()), tid_(::gettid()) {
     (void)io_uring_register_ring_fd(&ring_);  // optional: saves an fd lookup per enter
     setup_buffer_ring(node_os);
@@ -312,7 +336,7 @@ class uring_driver final : public io_driver {
   // subtracted by whoever reaps their CQE (under reap_lock_). relaxed: only
   // quiesce() reads it, on the owner after its own reap.
   std::atomic<std::size_t> behind_{0};
-  const bool sends_behind_ = (flags_ & IORING_SETUP_DEFER_TASKRUN) && write_behind_wanted();
+  const bool sends_behind_;  // see make_uring_driver()
   static std::uint64_t behind_key(fd_state& st, std::uint64_t seq) noexcept {
     return reinterpret_cast<std::uintptr_t>(&st) | kSendBehindBit | (seq << kGenShift);
   }
@@ -672,10 +696,7 @@ void uring_driver::quiesce() {
   flush();
   if (behind_.load(std::memory_order_relaxed) == 0) return;
   {
-    // IORING_ASYNC_CANCEL_OP (kernel 6.6; liburing 2.3's header predates
-    // it): every request whose opcode is sqe->len. Older kernels refuse it
-    // and the wait below gives up at its bound.
-    constexpr unsigned kCancelOp = 1u << 5;
+    // Every send (kCancelOp; sends_behind_ only where the kernel takes it).
     sq_section busy(*this);
     io_uring_sqe* sqe = get_sqe(1);
     io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ALL | kCancelOp);
@@ -1051,7 +1072,10 @@ std::unique_ptr<io_driver> make_uring_driver(unsigned worker, int node_os,
     io_uring_queue_exit(&ring);
     return nullptr;
   }
-  return std::make_unique<uring_driver>(ring, used, efd, node_os);
+  // MSG_WAITALL sends: kernel 5.18; DEFER_TASKRUN (6.1) says it is newer.
+  const bool behind = (used & IORING_SETUP_DEFER_TASKRUN) && write_behind_wanted() &&
+                      cancel_op_works(ring);
+  return std::make_unique<uring_driver>(ring, used, efd, node_os, behind);
 }
 
 }  // namespace weft::io
