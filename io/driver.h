@@ -119,6 +119,10 @@ struct op {
   int flags = 0;
   std::uint32_t buf_id = 0;  // out, recv_pooled only
   fd_use* use = nullptr;     // a socket's operation: attach the slot to it
+  // recv, recv_pooled: no data can be there yet (this socket's own request
+  // has not gone out): wait for readiness before the first try (io_uring's
+  // IORING_RECVSEND_POLL_FIRST). A hint; epoll ignores it.
+  bool poll_first = false;
 };
 
 // *Pooled receive buffers*: recv_pooled takes a buffer from the driver's

@@ -191,6 +191,13 @@ void fd_state::on_write_behind_done(int res) noexcept {
   if (gone) delete this;
 }
 
+bool fd_state::write_behind_unsent() const noexcept {
+  lock_.lock();
+  bool r = wb_pending_ && !wb_done_;
+  lock_.unlock();
+  return r;
+}
+
 clock::time_point fd_state::write_behind_deadline() const noexcept {
   lock_.lock();
   clock::time_point d = wb_pending_ ? wb_deadline_ : clock::time_point::max();

@@ -98,6 +98,9 @@ class fd_state {
   // With `unwind`, a cancelled wait calls sched::unwind_point() (a
   // socket's call); close() and shutdown(), which cannot throw, pass false.
   result<void> settle(clock::time_point deadline, std::source_location where, bool unwind);
+  // Whether a write-behind is in flight whose completion has not arrived
+  // (a reply to it cannot have come yet).
+  bool write_behind_unsent() const noexcept;
   // The deadline of the write-behind in flight (max if none).
   clock::time_point write_behind_deadline() const noexcept;
   // The driver's completion of the write-behind (res: the send's result).

@@ -281,6 +281,7 @@ result<pooled_buffer> tcp_stream::read_pooled(deadline_arg d, std::source_locati
   // the worker the fiber is on now.
   io_driver* owner = current_driver();
   op o{.kind = op_kind::recv_pooled};
+  o.poll_first = st_ && st_->write_behind_unsent();
   auto r = perform_on(st_, o, d.when, "tcp read", where);
   if (!r) return std::unexpected(r.error());
   if (!o.buf) return pooled_buffer();  // end of stream, nothing lent

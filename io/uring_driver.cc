@@ -437,6 +437,7 @@ void uring_driver::prep(io_uring_sqe* sqe, const op& o) {
       break;
     case op_kind::recv_pooled:
       io_uring_prep_recv(sqe, o.fd, nullptr, kPooledBufferSize, o.flags);
+      if (o.poll_first) sqe->ioprio |= IORING_RECVSEND_POLL_FIRST;
       sqe->flags |= IOSQE_BUFFER_SELECT;
       sqe->buf_group = kBufGroup;
       break;
