@@ -5,6 +5,8 @@
 # connection against its peers, measured in the same run on the same machine:
 #   weft        examples/echo_server --workers 1, WEFT_IO=uring
 #   weft-epoll  the same with WEFT_IO=epoll
+#   weft-sync   weft with WEFT_WRITE_BEHIND=0: every write parks for its
+#               completion (see *Write-behind* in README.md)
 #   go          bench/peers/go/echo, goroutine per connection, GOMAXPROCS=1
 #   threads     bench/thread_echo_server, thread per connection (no runtime)
 #   loop        bench/loop_echo_server --io uring: a hand-written io_uring
@@ -129,7 +131,7 @@ build_all() {
 # ---------------------------------------------------------------------------
 available() {
   case $1 in
-    weft|weft-epoll) [[ $HAVE_WEFT == 1 ]] ;;
+    weft|weft-epoll|weft-sync) [[ $HAVE_WEFT == 1 ]] ;;
     go) [[ $HAVE_GO == 1 ]] ;;
     threads|loop|loop-epoll) true ;;
     *) note "unknown server '$1'"; false ;;
@@ -148,6 +150,7 @@ start_server() {
   case $1 in
     weft)       WEFT_IO=uring taskset -c 0 "$BIN/examples/echo_server" --port "$PORT" --workers 1 >"$log" 2>&1 & ;;
     weft-epoll) WEFT_IO=epoll taskset -c 0 "$BIN/examples/echo_server" --port "$PORT" --workers 1 >"$log" 2>&1 & ;;
+    weft-sync)  WEFT_IO=uring WEFT_WRITE_BEHIND=0 taskset -c 0 "$BIN/examples/echo_server" --port "$PORT" --workers 1 >"$log" 2>&1 & ;;
     go)         GOMAXPROCS=1 taskset -c 0 "$WORK/go_echo_server" --port "$PORT" >"$log" 2>&1 & ;;
     threads)    taskset -c 0 "$BIN/bench/thread_echo_server" --port "$PORT" >"$log" 2>&1 & ;;
     loop)       taskset -c 0 "$BIN/bench/loop_echo_server" --io uring --port "$PORT" >"$log" 2>&1 & ;;
@@ -376,6 +379,12 @@ report() {
     for c in $CONNS; do
       echo "- loop (hand-written io_uring) / go at C=$c: $(ratio "$(median 6 loop "$c")" "$(median 6 go "$c")") (per round: $(round_ratios loop go "$c"))"
       echo "- weft / loop at C=$c: $(ratio "$(median 6 weft "$c")" "$(median 6 loop "$c")") (per round: $(round_ratios weft loop "$c"))"
+    done
+  fi
+  if [[ " $SERVERS " == *" weft-sync "* ]]; then
+    for c in $CONNS; do
+      echo "- weft / weft-sync (write-behind on / off) at C=$c: $(ratio "$(median 6 weft "$c")" "$(median 6 weft-sync "$c")") (per round: $(round_ratios weft weft-sync "$c"))"
+      echo "- weft-sync / go at C=$c: $(ratio "$(median 6 weft-sync "$c")" "$(median 6 go "$c")") (per round: $(round_ratios weft-sync go "$c"))"
     done
   fi
   if [[ " $SERVERS " == *" loop-epoll "* ]]; then

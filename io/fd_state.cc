@@ -13,6 +13,14 @@
 
 namespace weft::io {
 
+namespace {
+// The calling fiber's id (0 on a plain thread): who started a write-behind.
+std::uint64_t current_fiber_id() noexcept {
+  sched::fiber* f = sched::current_fiber();
+  return f ? f->id_ : 0;
+}
+}  // namespace
+
 fd_state::~fd_state() {
   if (accept_) close_accept_state(accept_);  // gives back the listener's share
   std::free(wb_buf_);  // null unless the driver went away with it in flight
@@ -81,7 +89,11 @@ result<void> fd_state::close(int* take_fd) noexcept {
   // racing this close() sends as a plain one, which close() cancels (EBADF)
   // or which completes first.
   wb_closing_ = true;
-  const bool behind = wb_pending_ && !closed_;
+  // Only the fiber that wrote it waits (a write, then a close, in program
+  // order). Another fiber's close() cuts it short, as it would cut short
+  // that fiber's blocked send: a timeout fiber dropping a peer that stopped
+  // reading must not wait for it.
+  const bool behind = wb_pending_ && !closed_ && wb_starter_ == current_fiber_id();
   const clock::time_point behind_deadline = wb_deadline_;
   lock_.unlock();
   result<void> sent;
@@ -135,6 +147,7 @@ void fd_state::release() noexcept {
 
 // ---- Write-behind ----------------------------------------------------------------
 
+
 bool fd_state::start_write_behind(io_driver& d, std::span<const char> buf,
                                   clock::time_point deadline) {
   if (!d.sends_behind() || buf.empty() || buf.size() > kWriteBehindMax) return false;
@@ -155,6 +168,7 @@ bool fd_state::start_write_behind(io_driver& d, std::span<const char> buf,
   wb_owner_ = &d;
   wb_deadline_ = deadline;
   ++users_;  // the send's, until on_write_behind_done()
+  wb_starter_ = current_fiber_id();
   // Numbered per thread, which is d's owner (send_behind()): a cancel
   // queued from another thread may be drained after this send completed
   // and *this was freed, and a new fd_state at the same address must not
@@ -189,6 +203,13 @@ void fd_state::on_write_behind_done(int res) noexcept {
   if (close_now) close_fd(fd);
   // SAFETY: as in leave(); a settler holds a user, so f's socket is not gone.
   if (gone) delete this;
+}
+
+bool fd_state::write_behind_is_callers() const noexcept {
+  lock_.lock();
+  bool r = wb_pending_ && wb_starter_ == current_fiber_id();
+  lock_.unlock();
+  return r;
 }
 
 bool fd_state::write_behind_unsent() const noexcept {

@@ -98,6 +98,9 @@ class fd_state {
   // With `unwind`, a cancelled wait calls sched::unwind_point() (a
   // socket's call); close() and shutdown(), which cannot throw, pass false.
   result<void> settle(clock::time_point deadline, std::source_location where, bool unwind);
+  // Whether the calling fiber started the write-behind in flight (it then
+  // waits for it before ending the stream; another fiber does not).
+  bool write_behind_is_callers() const noexcept;
   // Whether a write-behind is in flight whose completion has not arrived
   // (a reply to it cannot have come yet).
   bool write_behind_unsent() const noexcept;
@@ -124,6 +127,7 @@ class fd_state {
   // *Write-behind*, guarded by lock_.
   static void publish_settle(void* self, sched::wake_token t);
   std::uint64_t wb_seq_ = 0;  // the pending write-behind's number (its cancel key)
+  std::uint64_t wb_starter_ = 0;  // the id of the fiber that wrote it
   bool wb_closing_ = false;   // close() began: no write-behind starts
   bool wb_pending_ = false;
   bool wb_done_ = false;

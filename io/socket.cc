@@ -377,8 +377,10 @@ result<void> tcp_stream::shutdown(int how) noexcept {
   fd_guard g(st_);
   if (!g) return bad_fd_error();
   // The end of the stream goes after the last write's bytes: a write-behind
-  // is waited for (until its write's deadline) and its failure reported.
-  if (how != SHUT_RD) {
+  // this fiber started is waited for (until its write's deadline) and its
+  // failure reported. Another fiber's shutdown does not wait, as it would
+  // not wait for this fiber's blocked send (a peer being dropped).
+  if (how != SHUT_RD && st_->write_behind_is_callers()) {
     if (auto s = st_->settle(st_->write_behind_deadline(), std::source_location::current(),
                              /*unwind=*/false);
         !s)

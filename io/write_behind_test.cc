@@ -195,6 +195,39 @@ TEST_P(WriteBehind, AStopRequestEndsAWriteWaitingForAnEarlierOne) {
   });
 }
 
+// A room dropping a peer that stopped reading (examples/chat_server): the
+// shutdown and close of another fiber do not wait for the writer's stuck
+// write-behind, and the writer's wait ends with the stream's failure.
+TEST_P(WriteBehind, AnotherFibersShutdownAndCloseDoNotWaitForAStuckWrite) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    small_buffers(c, s);
+    std::atomic<bool> stuck{false};
+    auto writer = spawn([&, &c = c] {
+      std::string chunk(1000, 'x');
+      for (;;) {
+        auto t0 = clock::now();
+        auto r = c.write(chunk, deadline(60s));
+        if (!r) return r.error();
+        if (clock::now() - t0 > 50ms) stuck = true;  // it waited: the buffers are full
+      }
+    });
+    for (int i = 0; i < 400 && !stuck; ++i) (void)this_fiber::sleep_for(5ms);
+    (void)this_fiber::sleep_for(50ms);  // parked in its next write by now
+    auto t0 = clock::now();
+    EXPECT_TRUE(c.shutdown(SHUT_RDWR));
+    EXPECT_LT(clock::now() - t0, 1s) << "shutdown waited for another fiber's write";
+    auto e = writer.join();
+    EXPECT_LT(clock::now() - t0, 5s) << "the writer's wait outlived the shutdown";
+    EXPECT_TRUE(e == std::errc::broken_pipe || e == std::errc::connection_reset ||
+                e == std::errc::bad_file_descriptor)
+        << e.message();
+    auto t1 = clock::now();
+    (void)c.close();
+    EXPECT_LT(clock::now() - t1, 1s);
+  });
+}
+
 TEST_P(WriteBehind, AFailedWriteBehindIsReportedByALaterSend) {
   Run([&] {
     auto [c, s] = connected_pair();
