@@ -171,8 +171,7 @@ constexpr unsigned kFlagChoices[] = {
 constexpr int kRescueMagic = 0x77656674;  // "weft"
 
 // Opt-in (WEFT_WRITE_BEHIND=1): it reports a write's failure one send
-// later than Go and Tokio do, and costs more than it saves when the reply
-// comes back within the same turn (see *Write-behind* in README.md).
+// later than Go and Tokio do (see *Write-behind* in README.md).
 bool write_behind_wanted() noexcept {
   const char* v = std::getenv("WEFT_WRITE_BEHIND");
   return v && std::strcmp(v, "1") == 0;
