@@ -147,7 +147,6 @@ void fd_state::release() noexcept {
 
 // ---- Write-behind ----------------------------------------------------------------
 
-
 bool fd_state::start_write_behind(io_driver& d, std::span<const char> buf,
                                   clock::time_point deadline) {
   if (!d.sends_behind() || buf.empty() || buf.size() > kWriteBehindMax) return false;
@@ -169,6 +168,8 @@ bool fd_state::start_write_behind(io_driver& d, std::span<const char> buf,
   wb_deadline_ = deadline;
   ++users_;  // the send's, until on_write_behind_done()
   wb_starter_ = current_fiber_id();
+  if (!wb_used_.load(std::memory_order_relaxed))  // see write_behind_used()
+    wb_used_.store(true, std::memory_order_relaxed);
   // Numbered per thread, which is d's owner (send_behind()): a cancel
   // queued from another thread may be drained after this send completed
   // and *this was freed, and a new fd_state at the same address must not

@@ -48,6 +48,7 @@
 //   on_write_behind_done()   the driver, on its worker thread or the monitor's
 #pragma once
 
+#include <atomic>
 #include <cerrno>
 #include <source_location>
 #include <span>
@@ -86,6 +87,15 @@ class fd_state {
   // The object lets go (its destructor, after close()). May delete *this.
   void release() noexcept;
 
+  // Whether any write-behind has started in this process: until one has,
+  // write(), writev() and read_pooled() skip the checks below (a lock
+  // round trip each). relaxed: set before the first send is queued; a
+  // fiber that started one, and migrated, carries its visibility with it
+  // (its switch is ordered), and another fiber writing the same socket at
+  // once has no order with it anyway.
+  static bool write_behind_used() noexcept {
+    return wb_used_.load(std::memory_order_relaxed);
+  }
   // Copies buf and hands it to `d` to send behind the caller (see
   // *Write-behind*); false, with nothing done, if `d` cannot or the socket
   // is closed. The caller has settled any earlier one. `deadline` is how
@@ -124,6 +134,7 @@ class fd_state {
   bool owned_ = true;        // guarded by lock_: the socket object holds it
   unsigned users_ = 0;       // guarded by lock_
   fd_use* uses_ = nullptr;   // guarded by lock_: attached operations
+  static inline std::atomic<bool> wb_used_{false};  // see write_behind_used()
   // *Write-behind*, guarded by lock_.
   static void publish_settle(void* self, sched::wake_token t);
   std::uint64_t wb_seq_ = 0;  // the pending write-behind's number (its cancel key)

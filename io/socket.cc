@@ -281,7 +281,7 @@ result<pooled_buffer> tcp_stream::read_pooled(deadline_arg d, std::source_locati
   // the worker the fiber is on now.
   io_driver* owner = current_driver();
   op o{.kind = op_kind::recv_pooled};
-  o.poll_first = st_ && st_->write_behind_unsent();
+  o.poll_first = st_ && fd_state::write_behind_used() && st_->write_behind_unsent();
   auto r = perform_on(st_, o, d.when, "tcp read", where);
   if (!r) return std::unexpected(r.error());
   if (!o.buf) return pooled_buffer();  // end of stream, nothing lent
@@ -314,9 +314,11 @@ result<std::size_t> tcp_stream::write(std::span<const char> buf, deadline_arg d,
   if (!g) return bad_fd_error();
   // The write-behind before this one, if any, is this write's to wait for
   // and to report (see *Write-behind* in io/fd_state.h).
-  if (auto s = st_->settle(d.when, where, /*unwind=*/true); !s) {
-    if (g.closed()) return bad_fd_error();
-    return std::unexpected(s.error());
+  if (fd_state::write_behind_used()) {
+    if (auto s = st_->settle(d.when, where, /*unwind=*/true); !s) {
+      if (g.closed()) return bad_fd_error();
+      return std::unexpected(s.error());
+    }
   }
   if (buf.size() <= kWriteBehindMax) {
     io_driver* drv = current_driver();
@@ -363,9 +365,11 @@ result<std::size_t> tcp_stream::writev(std::span<const iovec> bufs, deadline_arg
   m.msg_iovlen = w.size();
   fd_guard g(st_);
   if (!g) return bad_fd_error();
-  if (auto s = st_->settle(d.when, where, /*unwind=*/true); !s) {  // as write()
-    if (g.closed()) return bad_fd_error();
-    return std::unexpected(s.error());
+  if (fd_state::write_behind_used()) {
+    if (auto s = st_->settle(d.when, where, /*unwind=*/true); !s) {  // as write()
+      if (g.closed()) return bad_fd_error();
+      return std::unexpected(s.error());
+    }
   }
   op o{.kind = op_kind::sendmsg, .fd = g.fd(), .msg = &m, .use = g.use()};
   auto r = perform(o, d.when, "tcp writev", where);
