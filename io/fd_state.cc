@@ -14,7 +14,8 @@
 namespace weft::io {
 
 namespace {
-// The calling fiber's id (0 on a plain thread): who started a write-behind.
+// The calling fiber's id (0 on a plain thread; fibers' start at 1): who
+// started a write-behind.
 std::uint64_t current_fiber_id() noexcept {
   sched::fiber* f = sched::current_fiber();
   return f ? f->id_ : 0;
@@ -92,17 +93,13 @@ result<void> fd_state::close(int* take_fd) noexcept {
   // Only the fiber that wrote it waits (a write, then a close, in program
   // order). Another fiber's close() cuts it short, as it would cut short
   // that fiber's blocked send: a timeout fiber dropping a peer that stopped
-  // reading must not wait for it.
+  // reading must not wait for it. So does a plain thread's (id 0: fiber
+  // ids start at 1).
   const bool behind = wb_pending_ && !closed_ && wb_starter_ == current_fiber_id();
   const clock::time_point behind_deadline = wb_deadline_;
   lock_.unlock();
   result<void> sent;
-  if (behind) {
-    sent = settle(behind_deadline, std::source_location::current(), /*unwind=*/false);
-    // A plain thread does not wait: the write is cancelled below.
-    if (!sent && sent.error() == std::errc::operation_would_block)
-      sent = std::unexpected(std::make_error_code(std::errc::operation_canceled));
-  }
+  if (behind) sent = settle(behind_deadline, std::source_location::current(), /*unwind=*/false);
   lock_.lock();
   if (closed_) {
     lock_.unlock();
