@@ -133,6 +133,9 @@ struct op {
 // the fiber's worker when it is released. At end of stream none is lent.
 inline constexpr std::size_t kPooledBufferSize = 4096;
 inline constexpr std::uint32_t kHeapBufferId = ~0u;  // buf_id of a heap buffer
+// Which stream sockets send small writes behind the fiber (see
+// io_driver::sends_behind()); WEFT_WRITE_BEHIND picks it.
+enum class write_behind_mode : std::uint8_t { none, tcp, any_stream };
 // The largest write sent behind the fiber (see io_driver::sends_behind()):
 // copying more costs more than the park it saves.
 inline constexpr std::size_t kWriteBehindMax = 4096;
@@ -274,8 +277,11 @@ class io_driver : public sched::driver {
   // close waits for it and reports its failure. Saves a park, a wake and a
   // switch per response of a request/response server. Only where the
   // kernel sends a stream's buffer whole (MSG_WAITALL), so that a
-  // completion is all or an error.
-  virtual bool sends_behind() const noexcept { return false; }
+  // completion is all or an error. On TCP streams by default, where a
+  // write's failure is already asynchronous (the kernel's send buffer);
+  // not on Unix streams, whose writes fail at once when the peer is gone,
+  // unless asked for (see write_behind_mode).
+  virtual write_behind_mode sends_behind() const noexcept { return write_behind_mode::none; }
   // Queues the send of `copy` (len bytes, malloc'd; freed by
   // st.on_write_behind_done()) on descriptor fd, whose completion goes to
   // st.on_write_behind_done(). This driver's worker thread only.

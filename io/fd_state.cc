@@ -1,6 +1,7 @@
 // io/fd_state.cc — see io/fd_state.h.
 #include "io/fd_state.h"
 
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -146,12 +147,15 @@ void fd_state::release() noexcept {
 
 bool fd_state::start_write_behind(io_driver& d, std::span<const char> buf,
                                   clock::time_point deadline) {
-  if (!d.sends_behind() || buf.empty() || buf.size() > kWriteBehindMax) return false;
+  const write_behind_mode mode = d.sends_behind();
+  if (mode == write_behind_mode::none || buf.empty() || buf.size() > kWriteBehindMax)
+    return false;
+  if (mode == write_behind_mode::tcp && !is_inet()) return false;
   auto* copy = static_cast<char*>(std::malloc(buf.size()));
   if (!copy) return false;
   std::memcpy(copy, buf.data(), buf.size());
   lock_.lock();
-  if (closed_ || wb_closing_ || wb_pending_) {
+  if (closed_ || wb_closing_ || wb_pending_ || wb_shut_) {
     lock_.unlock();
     std::free(copy);
     return false;
@@ -180,6 +184,27 @@ bool fd_state::start_write_behind(io_driver& d, std::span<const char> buf,
   // runs after the SQE below.
   d.send_behind(*this, seq, fd_, copy, buf.size());
   return true;
+}
+
+// One getsockopt per socket, at its first small write; a race of two
+// first writers only asks twice (relaxed: the answer never changes).
+bool fd_state::is_inet() noexcept {
+  std::uint8_t k = family_.load(std::memory_order_relaxed);
+  if (k == kFamilyUnknown) {
+    int domain = 0;
+    socklen_t len = sizeof domain;
+    const bool inet = ::getsockopt(fd_, SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0 &&
+                      (domain == AF_INET || domain == AF_INET6);
+    k = inet ? kFamilyInet : kFamilyOther;
+    family_.store(k, std::memory_order_relaxed);
+  }
+  return k == kFamilyInet;
+}
+
+void fd_state::no_more_writes_behind() noexcept {
+  lock_.lock();
+  wb_shut_ = true;
+  lock_.unlock();
 }
 
 void fd_state::on_write_behind_done(int res) noexcept {

@@ -108,6 +108,10 @@ class fd_state {
   // With `unwind`, a cancelled wait calls sched::unwind_point() (a
   // socket's call); close() and shutdown(), which cannot throw, pass false.
   result<void> settle(clock::time_point deadline, std::source_location where, bool unwind);
+  // The socket's sending side was shut down (shutdown(SHUT_WR or
+  // SHUT_RDWR)): later writes go to the kernel, which refuses them with
+  // EPIPE at once, instead of behind the fiber.
+  void no_more_writes_behind() noexcept;
   // Whether the calling fiber started the write-behind in flight (it then
   // waits for it before ending the stream; another fiber does not).
   bool write_behind_is_callers() const noexcept;
@@ -126,6 +130,8 @@ class fd_state {
   void attach(fd_use& u, io_driver& owner, completion& c) noexcept;
   void detach(fd_use& u) noexcept;
   static void close_fd(int fd) noexcept;
+  // Whether the descriptor is an AF_INET or AF_INET6 socket (asked once).
+  bool is_inet() noexcept;
 
   const int fd_;
   accept_state* const accept_;
@@ -135,11 +141,15 @@ class fd_state {
   unsigned users_ = 0;       // guarded by lock_
   fd_use* uses_ = nullptr;   // guarded by lock_: attached operations
   static inline std::atomic<bool> wb_used_{false};  // see write_behind_used()
+  // is_inet()'s answer, once asked (relaxed: every asker gets the same).
+  static constexpr std::uint8_t kFamilyUnknown = 0, kFamilyInet = 1, kFamilyOther = 2;
+  std::atomic<std::uint8_t> family_{kFamilyUnknown};
   // *Write-behind*, guarded by lock_.
   static void publish_settle(void* self, sched::wake_token t);
   std::uint64_t wb_seq_ = 0;  // the pending write-behind's number (its cancel key)
   std::uint64_t wb_starter_ = 0;  // the id of the fiber that wrote it
   bool wb_closing_ = false;   // close() began: no write-behind starts
+  bool wb_shut_ = false;      // its sending side was shut down: none starts
   bool wb_pending_ = false;
   bool wb_done_ = false;
   int wb_res_ = 0;

@@ -390,6 +390,9 @@ result<void> tcp_stream::shutdown(int how) noexcept {
         !s)
       return g.closed() ? bad_fd_error() : std::unexpected(s.error());
   }
+  // Before the call: a write that starts once it has begun gets its EPIPE
+  // from the kernel, at once, not from a later call.
+  if (how != SHUT_RD) st_->no_more_writes_behind();
   if (::shutdown(g.fd(), how) < 0) return sys_error(errno);
   return {};
 }

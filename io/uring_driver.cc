@@ -170,11 +170,14 @@ constexpr unsigned kFlagChoices[] = {
 // SIGURG (out-of-band data, another library) is told apart.
 constexpr int kRescueMagic = 0x77656674;  // "weft"
 
-// Opt-in (WEFT_WRITE_BEHIND=1): it reports a write's failure one send
-// later than Go and Tokio do (see *Write-behind* in README.md).
-bool write_behind_wanted() noexcept {
+// WEFT_WRITE_BEHIND: unset (or anything else), TCP streams only; "1", every
+// stream (Unix too); "0", none. See *Write-behind* in README.md for why TCP
+// is the default.
+write_behind_mode write_behind_wanted() noexcept {
   const char* v = std::getenv("WEFT_WRITE_BEHIND");
-  return v && std::strcmp(v, "1") == 0;
+  if (v && std::strcmp(v, "0") == 0) return write_behind_mode::none;
+  if (v && std::strcmp(v, "1") == 0) return write_behind_mode::any_stream;
+  return write_behind_mode::tcp;
 }
 
 // IORING_ASYNC_CANCEL_OP (kernel 6.6; liburing 2.3's header predates it):
@@ -209,7 +212,8 @@ class uring_driver;
 
 class uring_driver final : public io_driver {
  public:
-  uring_driver(io_uring& ring, unsigned flags, int efd, int node_os, bool sends_behind)
+  uring_driver(io_uring& ring, unsigned flags, int efd, int node_os,
+               write_behind_mode sends_behind)
       : io_driver(io_driver_kind::uring), ring_(ring), flags_(flags), efd_(efd),
         ts_(ring.sq.ring_entries), sends_behind_(sends_behind),
         owner_(::pthread_self()), tid_(::gettid()) {
@@ -262,8 +266,8 @@ class uring_driver final : public io_driver {
   bool owner_computing() noexcept;
   bool has_multishot_accept() const noexcept override { return true; }
   // MSG_WAITALL sends: kernel 5.18; DEFER_TASKRUN (6.1) says it is newer.
-  // WEFT_WRITE_BEHIND=1 turns it on (see write_behind_wanted()).
-  bool sends_behind() const noexcept override { return sends_behind_; }
+  // On TCP by default; WEFT_WRITE_BEHIND chooses (see write_behind_wanted()).
+  write_behind_mode sends_behind() const noexcept override { return sends_behind_; }
   void send_behind(fd_state& st, std::uint64_t seq, int fd, char* copy,
                    std::size_t len) noexcept override;
   void cancel_send_behind(fd_state& st, std::uint64_t seq) noexcept override {
@@ -337,7 +341,7 @@ class uring_driver final : public io_driver {
   // subtracted by whoever reaps their CQE (under reap_lock_). relaxed: only
   // quiesce() reads it, on the owner after its own reap.
   std::atomic<std::size_t> behind_{0};
-  const bool sends_behind_;  // see make_uring_driver()
+  const write_behind_mode sends_behind_;  // see make_uring_driver()
   static std::uint64_t behind_key(fd_state& st, std::uint64_t seq) noexcept {
     return reinterpret_cast<std::uintptr_t>(&st) | kSendBehindBit | (seq << kGenShift);
   }
@@ -1075,8 +1079,9 @@ std::unique_ptr<io_driver> make_uring_driver(unsigned worker, int node_os,
     return nullptr;
   }
   // MSG_WAITALL sends: kernel 5.18; DEFER_TASKRUN (6.1) says it is newer.
-  const bool behind = (used & IORING_SETUP_DEFER_TASKRUN) && write_behind_wanted() &&
-                      cancel_op_works(ring);
+  write_behind_mode behind = write_behind_wanted();
+  if (!(used & IORING_SETUP_DEFER_TASKRUN) || !cancel_op_works(ring))
+    behind = write_behind_mode::none;
   return std::make_unique<uring_driver>(ring, used, efd, node_os, behind);
 }
 
