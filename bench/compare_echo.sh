@@ -3,10 +3,11 @@
 #
 # The TCP echo comparison. It guards weft's cost per request and per idle
 # connection against its peers, measured in the same run on the same machine:
-#   weft        examples/echo_server --workers 1, WEFT_IO=uring
+#   weft        examples/echo_server --workers 1, WEFT_IO=uring (small TCP
+#               writes go on behind the fiber: *Write-behind* in README.md)
 #   weft-epoll  the same with WEFT_IO=epoll
-#   weft-wb     weft with WEFT_WRITE_BEHIND=1: small writes go on behind
-#               the fiber (see *Write-behind* in README.md)
+#   weft-nowb   weft with WEFT_WRITE_BEHIND=0: every write parks for its
+#               completion
 #   go          bench/peers/go/echo, goroutine per connection, GOMAXPROCS=1
 #   threads     bench/thread_echo_server, thread per connection (no runtime)
 #   loop        bench/loop_echo_server --io uring: a hand-written io_uring
@@ -150,7 +151,7 @@ start_server() {
   case $1 in
     weft)       WEFT_IO=uring taskset -c 0 "$BIN/examples/echo_server" --port "$PORT" --workers 1 >"$log" 2>&1 & ;;
     weft-epoll) WEFT_IO=epoll taskset -c 0 "$BIN/examples/echo_server" --port "$PORT" --workers 1 >"$log" 2>&1 & ;;
-    weft-wb)    WEFT_IO=uring WEFT_WRITE_BEHIND=1 taskset -c 0 "$BIN/examples/echo_server" --port "$PORT" --workers 1 >"$log" 2>&1 & ;;
+    weft-nowb)  WEFT_IO=uring WEFT_WRITE_BEHIND=0 taskset -c 0 "$BIN/examples/echo_server" --port "$PORT" --workers 1 >"$log" 2>&1 & ;;
     go)         GOMAXPROCS=1 taskset -c 0 "$WORK/go_echo_server" --port "$PORT" >"$log" 2>&1 & ;;
     threads)    taskset -c 0 "$BIN/bench/thread_echo_server" --port "$PORT" >"$log" 2>&1 & ;;
     loop)       taskset -c 0 "$BIN/bench/loop_echo_server" --io uring --port "$PORT" >"$log" 2>&1 & ;;
@@ -381,10 +382,10 @@ report() {
       echo "- weft / loop at C=$c: $(ratio "$(median 6 weft "$c")" "$(median 6 loop "$c")") (per round: $(round_ratios weft loop "$c"))"
     done
   fi
-  if [[ " $SERVERS " == *" weft-wb "* ]]; then
+  if [[ " $SERVERS " == *" weft-nowb "* ]]; then
     for c in $CONNS; do
-      echo "- weft-wb / weft (write-behind on / off) at C=$c: $(ratio "$(median 6 weft-wb "$c")" "$(median 6 weft "$c")") (per round: $(round_ratios weft-wb weft "$c"))"
-      echo "- weft-wb / go at C=$c: $(ratio "$(median 6 weft-wb "$c")" "$(median 6 go "$c")") (per round: $(round_ratios weft-wb go "$c"))"
+      echo "- weft / weft-nowb (write-behind on / off) at C=$c: $(ratio "$(median 6 weft "$c")" "$(median 6 weft-nowb "$c")") (per round: $(round_ratios weft weft-nowb "$c"))"
+      echo "- weft-nowb / go at C=$c: $(ratio "$(median 6 weft-nowb "$c")" "$(median 6 go "$c")") (per round: $(round_ratios weft-nowb go "$c"))"
     done
   fi
   if [[ " $SERVERS " == *" loop-epoll "* ]]; then

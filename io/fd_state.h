@@ -25,8 +25,11 @@
 //     and users_ is zero (whichever comes last).
 //
 // *Write-behind* (io_uring only; see io/driver.h): a small write is copied
-// and queued, and the writing fiber goes on without parking. At most one is
-// in flight per socket. Every later call that sends (write, writev,
+// and queued, and the writing fiber goes on without parking. By default on
+// TCP streams only (is_inet()), whose write failures are asynchronous
+// anyway; never after this side's shutdown(SHUT_WR) (wb_shut_), whose
+// EPIPE the kernel gives at once. At most one is in flight per socket.
+// Every later call that sends (write, writev,
 // shutdown, close) first settles it: waits for its completion and reports
 // its failure, if any, as its own. Its invariants:
 //   - wb_pending_ from start_write_behind() until a settle() consumed the

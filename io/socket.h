@@ -222,10 +222,10 @@ class tcp_stream : public socket_base {
   [[nodiscard]] result<std::size_t> read_exact(std::span<char> buf, deadline_arg d = {},
       std::source_location where = std::source_location::current());
   // One send: returns how many bytes went out. On io_uring a write of at
-  // most kWriteBehindMax (4 KiB) returns once the bytes are copied, and
-  // the send goes on behind the fiber; the next write, writev, shutdown or
-  // close waits for it and returns its failure (see *Write-behind* in
-  // io/fd_state.h).
+  // most kWriteBehindMax (4 KiB) on a TCP stream returns once the bytes are
+  // copied, and the send goes on behind the fiber; the next write, writev,
+  // shutdown or close waits for it and returns its failure (see
+  // *Write-behind* in io/fd_state.h and README.md).
   [[nodiscard]] result<std::size_t> write(std::span<const char> buf, deadline_arg d = {},
       std::source_location where = std::source_location::current());
   // Sends all of buf (several sends if needed).

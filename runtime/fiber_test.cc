@@ -339,6 +339,32 @@ TEST_P(Fibers, ASleepLongerThanTheClockCanCountDoesNotEndEarly) {
   });
 }
 
+// A long duration starts from the coarse clock (detail::time_after): the
+// deadline is never before now() + d, and at most 1 % after it. Several
+// units, and a sleep of 3 s that lasts at least 3 s.
+TEST_P(Fibers, ALongDeadlineIsNeverEarlyAndAtMostOnePercentLate) {
+  Run([] {
+    auto check = [](auto d) {
+      const auto lo = clock::now() + d;
+      const auto when = deadline(d).when;
+      const auto hi = clock::now() + d + std::chrono::nanoseconds(d) / 100;
+      EXPECT_GE(when, lo) << "a deadline of " << std::chrono::nanoseconds(d).count() << " ns";
+      EXPECT_LE(when, hi) << "a deadline of " << std::chrono::nanoseconds(d).count() << " ns";
+    };
+    for (int i = 0; i < 200; ++i) {  // across coarse ticks
+      check(std::chrono::seconds(3));
+      check(std::chrono::milliseconds(30'000));
+      check(std::chrono::minutes(10));
+      check(std::chrono::nanoseconds(2'600'000'000));
+      check(std::chrono::seconds(1));  // below the coarse threshold here: precise
+      if (i % 20 == 0) (void)this_fiber::sleep_for(3ms);
+    }
+    auto t0 = clock::now();
+    EXPECT_TRUE(this_fiber::sleep_for(std::chrono::seconds(3)).has_value());
+    EXPECT_GE(clock::now() - t0, std::chrono::seconds(3));
+  });
+}
+
 TEST_P(Fibers, AFiberThatYieldsForeverDoesNotStarveOthers) {
   Run([] {
     std::atomic<bool> stop{false};

@@ -43,6 +43,12 @@ unsigned workers_from_env(unsigned dflt) {
 
 namespace detail {
 
+clock::time_point far_time_after(clock::duration d) noexcept {
+  const clock::duration lag = sched::coarse_lag();
+  if (lag == clock::duration::max() || d < 100 * lag) return clock::time_point::min();
+  return sched::coarse_now() + lag + d;
+}
+
 int run_main(std::function<int()> main_fn, const options& opts) {
   sched::scheduler_options so;
   so.workers = workers_from_env(opts.workers);

@@ -28,6 +28,7 @@
 #include <functional>
 #include <new>
 #include <optional>
+#include <ratio>
 #include <source_location>
 #include <string>
 #include <string_view>
@@ -57,8 +58,24 @@ namespace detail {
 // once). The bounds are compared in long double, which holds any integer
 // count's magnitude without overflow; a second of margin covers its
 // rounding.
+//
+// A long d (at least a hundred times the coarse clock's lag: 2.5 s here)
+// starts from the coarse clock instead (sched/park.h; a memory read, where
+// clock::now() reads the TSC), plus that lag, so the deadline is never
+// earlier than now() + d and at most 1 % later: a server's idle timeout
+// read on every request costs no precise clock read.
+clock::time_point far_time_after(clock::duration d) noexcept;  // min(): d too short
+
 template <typename Rep, typename Period>
 clock::time_point time_after(std::chrono::duration<Rep, Period> d) noexcept {
+  if constexpr (std::is_integral_v<Rep> && std::ratio_greater_equal_v<Period, std::nano>) {
+    // Under a century first (compared in d's own unit or ns: no overflow),
+    // so the conversions below cannot overflow either.
+    if (d <= std::chrono::hours(24 * 365 * 100) && d >= std::chrono::seconds(1)) {
+      clock::time_point t = far_time_after(std::chrono::duration_cast<clock::duration>(d));
+      if (t != clock::time_point::min()) return t;
+    }
+  }
   using ld_ns = std::chrono::duration<long double, std::nano>;
   clock::time_point now = clock::now();
   long double want = ld_ns(d).count();
