@@ -132,7 +132,7 @@ build_all() {
 # ---------------------------------------------------------------------------
 available() {
   case $1 in
-    weft|weft-epoll|weft-wb) [[ $HAVE_WEFT == 1 ]] ;;
+    weft|weft-epoll|weft-nowb) [[ $HAVE_WEFT == 1 ]] ;;
     go) [[ $HAVE_GO == 1 ]] ;;
     threads|loop|loop-epoll) true ;;
     *) note "unknown server '$1'"; false ;;
