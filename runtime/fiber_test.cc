@@ -365,6 +365,29 @@ TEST_P(Fibers, ALongDeadlineIsNeverEarlyAndAtMostOnePercentLate) {
   });
 }
 
+// A unit coarser than an hour (days, weeks, years: std::chrono's own) is
+// not scaled up to compare it with the coarse path's bounds: days::max()
+// overflowed there (at -O2 a deadline a day in the past) and so timed out
+// at once instead of meaning "never".
+TEST_P(Fibers, ADeadlineInDaysOrYearsDoesNotOverflow) {
+  Run([] {
+    EXPECT_TRUE(deadline(std::chrono::days::max()).is_never());
+    EXPECT_TRUE(deadline(std::chrono::weeks::max()).is_never());
+    EXPECT_TRUE(deadline(std::chrono::years::max()).is_never());
+    // (2^64 + 8) / 24 days: 8 hours once multiplied by 24 in 64 bits.
+    EXPECT_TRUE(deadline(std::chrono::days(768614336404564651)).is_never());
+    const auto lo = clock::now() + std::chrono::days(2);
+    const auto when = deadline(std::chrono::days(2)).when;
+    EXPECT_GE(when, lo);
+    EXPECT_LE(when, clock::now() + std::chrono::days(2) + std::chrono::seconds(2));
+    auto h = spawn([] { return this_fiber::sleep_for(std::chrono::days::max()); });
+    (void)this_fiber::sleep_for(20ms);
+    EXPECT_EQ(stats().live_fibers, 2u) << "a sleep of days::max() returned early";
+    h.request_stop();
+    EXPECT_FALSE(h.join().has_value());  // cancelled, not timed out
+  });
+}
+
 TEST_P(Fibers, AFiberThatYieldsForeverDoesNotStarveOthers) {
   Run([] {
     std::atomic<bool> stop{false};

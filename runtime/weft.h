@@ -66,14 +66,25 @@ namespace detail {
 // read on every request costs no precise clock read.
 clock::time_point far_time_after(clock::duration d) noexcept;  // min(): d too short
 
+// Whether Period divides an hour (nanoseconds to hours, not days, weeks or
+// years): comparing such a duration with hours converts the hours to its
+// unit, never its count to hours' (which overflows: days::max(), a
+// "never", became a deadline a day in the past). Period is reduced, so it
+// divides 3600 s exactly when its numerator divides 3600.
+template <typename Period>
+inline constexpr bool divides_an_hour_v = 3600 % Period::num == 0;
+
 template <typename Rep, typename Period>
 clock::time_point time_after(std::chrono::duration<Rep, Period> d) noexcept {
   if constexpr (std::is_integral_v<Rep> && std::ratio_greater_equal_v<Period, std::nano>) {
-    // Under a century first (compared in d's own unit or ns: no overflow),
-    // so the conversions below cannot overflow either.
-    if (d <= std::chrono::hours(24 * 365 * 100) && d >= std::chrono::seconds(1)) {
-      clock::time_point t = far_time_after(std::chrono::duration_cast<clock::duration>(d));
-      if (t != clock::time_point::min()) return t;
+    if constexpr (divides_an_hour_v<Period>) {
+      // Under a century first (compared in d's own unit: no overflow), so
+      // the conversions below cannot overflow either. Coarser units take
+      // the saturating path below.
+      if (d <= std::chrono::hours(24 * 365 * 100) && d >= std::chrono::seconds(1)) {
+        clock::time_point t = far_time_after(std::chrono::duration_cast<clock::duration>(d));
+        if (t != clock::time_point::min()) return t;
+      }
     }
   }
   using ld_ns = std::chrono::duration<long double, std::nano>;
