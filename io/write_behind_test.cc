@@ -239,6 +239,39 @@ TEST_P(WriteBehind, AnotherFibersShutdownAndCloseDoNotWaitForAStuckWrite) {
   });
 }
 
+// A write that returned is the kernel's to deliver, as in Go and Tokio:
+// the stream moved to another fiber, which closes it while the peer is
+// still slow to read, must not take the written bytes back.
+TEST_P(WriteBehind, AStreamMovedToAnotherFiberAndClosedSendsAWriteThatReturned) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    small_buffers(c, s);
+    std::string got;
+    auto reader = spawn([&, &s = s] {
+      (void)this_fiber::sleep_for(200ms);  // slow: the buffers stay full a while
+      read_to_end(s, &got);
+    });
+    std::size_t off = 0;
+    for (;;) {  // fill both ends' buffers
+      std::string part = stream_part(off, 512);
+      ssize_t n = ::send(c.native_handle(), part.data(), part.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (n <= 0) break;
+      off += static_cast<std::size_t>(n);
+    }
+    const std::string tail = stream_part(off, 100);
+    auto w = c.write(tail, deadline(10s));
+    ASSERT_TRUE(w);
+    ASSERT_EQ(*w, tail.size());
+    off += tail.size();
+    auto closer = spawn([c = std::move(c)]() mutable { return c.close(); });
+    auto closed = closer.join();
+    EXPECT_TRUE(closed) << closed.error().message();
+    reader.join();
+    EXPECT_EQ(got.size(), off) << "bytes a write returned for never arrived";
+    EXPECT_TRUE(got == stream_part(0, got.size()));
+  });
+}
+
 TEST_P(WriteBehind, AFailedWriteBehindIsReportedByALaterSend) {
   Run([&] {
     auto [c, s] = connected_pair();
