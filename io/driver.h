@@ -293,6 +293,13 @@ class io_driver : public sched::driver {
   // Asks the kernel to end st's write-behind number `seq` now (-ECANCELED
   // if it had not sent yet). Any thread; the completion still arrives.
   virtual void cancel_send_behind(fd_state& st, std::uint64_t seq) noexcept { (void)st, (void)seq; }
+  // The same at `deadline` (absolute, clock's), unless it ended by then:
+  // what bounds a write-behind that outlives its socket's close(). Any
+  // thread; a cancel that comes after the send ended finds nothing.
+  virtual void cancel_send_behind_at(fd_state& st, std::uint64_t seq,
+                                     clock::time_point deadline) noexcept {
+    (void)st, (void)seq, (void)deadline;
+  }
   // Gives back a buffer recv_pooled returned (id, p = its buf_id and buf).
   // Any thread.
   virtual void release_buffer(std::uint32_t id, void* p) noexcept {

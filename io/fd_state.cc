@@ -106,7 +106,21 @@ result<void> fd_state::close(int* take_fd) noexcept {
     lock_.unlock();
     return {};
   }
-  if (wb_pending_ && !wb_done_) wb_owner_->cancel_send_behind(*this, wb_seq_);  // only queues the cancel
+  sched::fiber* aborted = nullptr;
+  if (wb_pending_ && !wb_done_) {
+    // Its writer gave up on it (its write's deadline, a stop request):
+    // cancelled now. Otherwise its write returned, so its bytes are the
+    // kernel's to deliver, as a blocking send's would be after close(2):
+    // it goes on, up to its write's deadline, and the descriptor closes
+    // when it ends (*Lingering*).
+    const bool gave_up = behind && !sent &&
+                         (sent.error() == std::errc::timed_out ||
+                          sent.error() == std::errc::operation_canceled);
+    if (gave_up)
+      wb_owner_->cancel_send_behind(*this, wb_seq_);  // only queues the cancel
+    else
+      aborted = linger_locked(EBADF);
+  }
   closed_ = true;
   // A listener: the kernel stops queueing connections for it now. Under
   // lock_, while the descriptor is surely still open (after the unlock the
@@ -117,6 +131,7 @@ result<void> fd_state::close(int* take_fd) noexcept {
   for (fd_use* u = uses_; u; u = u->next) u->owner->cancel(*u->slot);
   bool idle = users_ == 0;
   lock_.unlock();
+  if (aborted) sched::ready(aborted);  // SAFETY: its settle holds a user
   // Its parked acceptors wake with EBADF and the multishot accept is
   // cancelled. The listener's share keeps the accept state alive.
   if (accept_) shut_accept_state(accept_);
@@ -207,11 +222,45 @@ void fd_state::no_more_writes_behind() noexcept {
   lock_.unlock();
 }
 
+// Under lock_, with a write-behind in flight that outlives a call ending
+// the stream from a fiber other than its writer (*Lingering*): a settle
+// parked for it returns `err` (as that fiber's blocked send would), and the
+// send is cancelled at its write's deadline if it has not ended by then.
+// Returns the settler to make ready after the unlock.
+sched::fiber* fd_state::linger_locked(int err) noexcept {
+  wb_abort_ = err;
+  if (!wb_timed_ && wb_deadline_ != clock::time_point::max()) {
+    wb_timed_ = true;
+    wb_owner_->cancel_send_behind_at(*this, wb_seq_, wb_deadline_);  // only queues it
+  }
+  // Claimed under lock_ (the rule on sched::claim; see on_write_behind_done()).
+  if (!wb_waiter_) return nullptr;
+  return sched::claim(std::exchange(wb_waiter_, {}), sched::wake_reason::notified);
+}
+
+bool fd_state::defer_shutdown() noexcept {
+  lock_.lock();
+  const bool defer = wb_pending_ && !wb_done_ && !closed_;
+  sched::fiber* aborted = nullptr;
+  if (defer) {
+    wb_shut_ = true;
+    wb_fin_ = true;
+    aborted = linger_locked(EPIPE);
+  }
+  lock_.unlock();
+  if (aborted) sched::ready(aborted);  // SAFETY: its settle holds a user
+  return defer;
+}
+
 void fd_state::on_write_behind_done(int res) noexcept {
   lock_.lock();
   char* copy = std::exchange(wb_buf_, nullptr);
   wb_res_ = res;
   wb_done_ = true;
+  // A shutdown(SHUT_WR) another fiber asked for while it was in flight:
+  // the end of the stream goes after its bytes. The descriptor is open:
+  // the send still counts in users_.
+  if (std::exchange(wb_fin_, false)) (void)::shutdown(fd_, SHUT_WR);
   // Claimed under lock_: the settler takes lock_ to forget its waiter
   // after waking (the rule on sched::claim).
   sched::fiber* f = nullptr;
@@ -265,6 +314,11 @@ result<void> fd_state::settle(clock::time_point deadline, std::source_location w
                               bool unwind) {
   lock_.lock();
   while (wb_pending_ && !wb_done_) {
+    if (wb_abort_) {  // another fiber ended the stream (*Lingering*)
+      const int err = wb_abort_;
+      lock_.unlock();
+      return std::unexpected(std::error_code(err, std::system_category()));
+    }
     lock_.unlock();
     sched::fiber* self = sched::current_fiber();
     if (!self) return std::unexpected(std::make_error_code(std::errc::operation_would_block));
@@ -276,7 +330,7 @@ result<void> fd_state::settle(clock::time_point deadline, std::source_location w
                                           .where = where});
     lock_.lock();
     if (wb_waiter_.f == self) wb_waiter_ = {};  // a stale token must not be claimed
-    if (!wb_pending_ || wb_done_) break;
+    if (!wb_pending_ || wb_done_ || wb_abort_) continue;  // the loop's test decides
     if (why == sched::wake_reason::timed_out) {
       lock_.unlock();
       return std::unexpected(std::make_error_code(std::errc::timed_out));
@@ -308,6 +362,8 @@ result<void> fd_state::settle(clock::time_point deadline, std::source_location w
   const int res = wb_res_;
   const std::size_t len = wb_len_;
   wb_pending_ = wb_done_ = false;
+  wb_abort_ = 0;
+  wb_timed_ = false;
   lock_.unlock();
   if (res < 0) return std::unexpected(std::error_code(-res, std::system_category()));
   // MSG_WAITALL: short only when an error cut it off, which it then hides.

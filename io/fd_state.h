@@ -40,6 +40,16 @@
 //     still send on it, and *this alive while the driver holds it.
 //   - wb_waiter_ is the one fiber parked in settle(); it is claimed under
 //     lock_ (the rule on sched::claim), and a second settler polls.
+//   - *Lingering*: a write that returned has handed its bytes on, as a
+//     blocking send hands them to the kernel. So a close() or shutdown()
+//     from a fiber other than the writer (or a plain thread) does not
+//     cancel the write-behind in flight, nor wait for it: it goes on until
+//     it ends or its write's deadline passes (a timed cancel, wb_timed_),
+//     the descriptor staying open for it (users_); a shutdown(SHUT_WR)
+//     is deferred to its end (wb_fin_), so the end of the stream follows
+//     its bytes. Its writer, if parked in a settle, wakes with the error its
+//     blocked send would have had (wb_abort_: EBADF, EPIPE). Only the
+//     writer's own close() that gave up waiting (deadline, stop) cancels it.
 //
 // Who calls what:
 //   enter(), leave()      a fiber, around one operation (fd_guard: socket.cc,
@@ -115,6 +125,11 @@ class fd_state {
   // SHUT_RDWR)): later writes go to the kernel, which refuses them with
   // EPIPE at once, instead of behind the fiber.
   void no_more_writes_behind() noexcept;
+  // shutdown(SHUT_WR) from a fiber other than the writer of the
+  // write-behind in flight: true if one is, and the end of the stream then
+  // goes after its bytes, when it ends (*Lingering*); later writes fail
+  // with EPIPE. False (nothing done) if none is in flight.
+  bool defer_shutdown() noexcept;
   // Whether the calling fiber started the write-behind in flight (it then
   // waits for it before ending the stream; another fiber does not).
   bool write_behind_is_callers() const noexcept;
@@ -135,6 +150,7 @@ class fd_state {
   static void close_fd(int fd) noexcept;
   // Whether the descriptor is an AF_INET or AF_INET6 socket (asked once).
   bool is_inet() noexcept;
+  sched::fiber* linger_locked(int err) noexcept;
 
   const int fd_;
   accept_state* const accept_;
@@ -153,6 +169,9 @@ class fd_state {
   std::uint64_t wb_starter_ = 0;  // the id of the fiber that wrote it
   bool wb_closing_ = false;   // close() began: no write-behind starts
   bool wb_shut_ = false;      // its sending side was shut down: none starts
+  bool wb_fin_ = false;       // shutdown(SHUT_WR) waits for the one in flight
+  bool wb_timed_ = false;     // its cancel at wb_deadline_ is arranged
+  int wb_abort_ = 0;          // errno for its settlers: ended by another fiber
   bool wb_pending_ = false;
   bool wb_done_ = false;
   int wb_res_ = 0;

@@ -131,6 +131,9 @@ constexpr std::uint64_t kMultishotBit = 1;
 // Marks an fd_state* whose write-behind this is (see *Write-behind* in
 // io/driver.h), with the write's sequence number in the top 16 bits.
 constexpr std::uint64_t kSendBehindBit = 2;
+// Marks a write-behind's cancel key (the two above) on a timeout SQE whose
+// expiry cancels that send: cancel_send_behind_at().
+constexpr std::uint64_t kLingerBit = 4;
 // See *Cancel keys*.
 constexpr int kGenShift = 48;
 constexpr std::uint64_t kAddressMask = (std::uint64_t{1} << kGenShift) - 1;
@@ -273,6 +276,8 @@ class uring_driver final : public io_driver {
   void cancel_send_behind(fd_state& st, std::uint64_t seq) noexcept override {
     cancel_tag(behind_key(st, seq));
   }
+  void cancel_send_behind_at(fd_state& st, std::uint64_t seq,
+                             clock::time_point deadline) noexcept override;
   void quiesce() override;
   void arm_multishot_accept(int fd, multishot_sink& s) override;
   void cancel_multishot(multishot_sink& s) noexcept override;
@@ -296,6 +301,7 @@ class uring_driver final : public io_driver {
   void arm_wake_read();
   bool send_ring_wake() noexcept;
   void drain_cancels();
+  void prep_timed_cancel(std::uint64_t key, std::int64_t ns);
   void reap(bool owner);
   // Owner thread, just before an enter that submits.
   void note_submit() noexcept {
@@ -402,6 +408,14 @@ class uring_driver final : public io_driver {
   // Cancels asked for by fibers that have moved to another worker, and of
   // multishots by any thread: the user_data to cancel.
   handoff_list<std::uint64_t> cancels_;  // from other threads (cancel_tag())
+  // Timed cancels of write-behinds, from other threads
+  // (cancel_send_behind_at()): the key and the deadline's count.
+  struct timed_cancel {
+    std::uint64_t key;
+    std::int64_t ns;
+  };
+  handoff_list<timed_cancel> timed_cancels_;
+  std::vector<timed_cancel> timed_scratch_;  // as cancel_scratch_
   // Owner thread, inside an sq_section, or its signal handler outside any:
   // drain_cancels() swaps the list into it, so that draining allocates and
   // frees nothing (the handler may not).
@@ -737,9 +751,41 @@ void uring_driver::cancel(completion& c) noexcept {
 }
 
 void uring_driver::drain_cancels() {
+  if (timed_cancels_.take(timed_scratch_)) {
+    for (const timed_cancel& t : timed_scratch_) prep_timed_cancel(t.key, t.ns);
+    timed_scratch_.clear();
+  }
   if (!cancels_.take(cancel_scratch_)) return;
   for (std::uint64_t tag : cancel_scratch_) prep_cancel(tag);
   cancel_scratch_.clear();  // keeps the capacity: the next take() swaps it back
+}
+
+// A timeout SQE that, when it expires, cancels the write-behind `key`
+// (reap() sees kLingerBit). Not counted in inflight_: it wakes no fiber,
+// and a worker with nothing else in flight may sleep past it (the cancel
+// then comes at its next wake-up, or at quiesce()).
+void uring_driver::prep_timed_cancel(std::uint64_t key, std::int64_t ns) {
+  sq_section busy(*this);
+  io_uring_sqe* sqe = get_sqe(1);
+  __kernel_timespec& ts = ts_[sqe - ring_.sq.sqes];  // read by the kernel at submission
+  ts.tv_sec = ns / 1'000'000'000;
+  ts.tv_nsec = ns % 1'000'000'000;
+  io_uring_prep_timeout(sqe, &ts, 0, IORING_TIMEOUT_ABS);
+  io_uring_sqe_set_data64(sqe, key | kLingerBit);
+}
+
+void uring_driver::cancel_send_behind_at(fd_state& st, std::uint64_t seq,
+                                         clock::time_point deadline) noexcept {
+  const std::int64_t ns =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(
+          std::max(deadline, clock::time_point{}).time_since_epoch())
+          .count();
+  if (on_owner_thread()) {
+    prep_timed_cancel(behind_key(st, seq), ns);
+    return;
+  }
+  timed_cancels_.push({behind_key(st, seq), ns});
+  wake();
 }
 
 // ---- Multishot operations ----------------------------------------------------
@@ -847,6 +893,10 @@ void uring_driver::reap(bool owner) {
       if (tag == kWakeTag) rearm_wake_ = true;  // a MSG_RING consumed nothing
       continue;
     }
+    if (tag & kLingerBit) {  // a timed cancel's timeout expired (or was cancelled)
+      if (cqe->res == -ETIME) cancel_tag(tag & ~kLingerBit);
+      continue;
+    }
     if (tag & kSendBehindBit) {
       ++done;
       ++handed;
@@ -938,7 +988,8 @@ void uring_driver::rescue() noexcept {
   // acquire: the kernel's flags word.
   unsigned sqf = __atomic_load_n(ring_.sq.kflags, __ATOMIC_ACQUIRE);
   const bool wanted = ((sqf & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)) ||
-                       unsubmitted_.load(std::memory_order_relaxed) || cancels_.nonempty()) &&
+                       unsubmitted_.load(std::memory_order_relaxed) || cancels_.nonempty() ||
+                       timed_cancels_.nonempty()) &&
                       sigurg_reaches_rescue();
   // owner_computing() at every look (the next one compares with it), and
   // last, right before the signal: the window in which the thread may

@@ -272,6 +272,82 @@ TEST_P(WriteBehind, AStreamMovedToAnotherFiberAndClosedSendsAWriteThatReturned) 
   });
 }
 
+// Another fiber's shutdown(SHUT_WR) while a write-behind waits for room:
+// the end of the stream follows the bytes the write returned for, and a
+// later write fails with EPIPE.
+TEST_P(WriteBehind, AnotherFibersShutdownSendsAWriteThatReturnedBeforeTheEnd) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    small_buffers(c, s);
+    std::string got;
+    auto reader = spawn([&, &s = s] {
+      (void)this_fiber::sleep_for(200ms);  // slow: the buffers stay full a while
+      read_to_end(s, &got);
+    });
+    std::size_t off = 0;
+    for (;;) {  // fill both ends' buffers
+      std::string part = stream_part(off, 512);
+      ssize_t n = ::send(c.native_handle(), part.data(), part.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (n <= 0) break;
+      off += static_cast<std::size_t>(n);
+    }
+    const std::string tail = stream_part(off, 100);
+    ASSERT_TRUE(c.write(tail, deadline(10s)));
+    off += tail.size();
+    auto other = spawn([&, &c = c] { return c.shutdown(SHUT_WR); });
+    auto t0 = clock::now();
+    auto shut = other.join();
+    EXPECT_TRUE(shut) << shut.error().message();
+    EXPECT_LT(clock::now() - t0, 1s) << "shutdown waited for another fiber's write";
+    auto later = c.write(tail, deadline(5s));
+    ASSERT_FALSE(later) << "a write after shutdown(SHUT_WR) succeeded";
+    EXPECT_EQ(later.error(), std::errc::broken_pipe) << later.error().message();
+    reader.join();
+    EXPECT_EQ(got.size(), off) << "bytes a write returned for never arrived";
+    EXPECT_TRUE(got == stream_part(0, got.size()));
+  });
+}
+
+// A write-behind that outlives another fiber's close() goes on only until
+// its write's deadline: a peer that never reads does not keep the
+// descriptor (or the copy) for ever. (Without write-behind the write
+// itself may time out; then there is nothing to outlive the close.)
+TEST_P(WriteBehind, AWriteOutlivingAnotherFibersCloseEndsAtItsDeadline) {
+  Run([&] {
+    const int fds_before = testing::open_fds();
+    std::optional<tcp_stream> peer;  // open and never read until the end
+    {
+      auto [c, s] = connected_pair();
+      small_buffers(c, s);
+      // Fill both ends' buffers, until no room has come for 50 ms.
+      for (auto quiet_since = clock::now(); clock::now() - quiet_since < 50ms;) {
+        char part[512] = {};
+        if (::send(c.native_handle(), part, sizeof part, MSG_DONTWAIT | MSG_NOSIGNAL) > 0)
+          quiet_since = clock::now();
+        else
+          (void)this_fiber::sleep_for(5ms);
+      }
+      const std::string tail(100, 't');
+      auto w = c.write(tail, deadline(1s));
+      if (write_behind_on()) ASSERT_TRUE(w) << w.error().message();
+      auto closer = spawn([c = std::move(c)]() mutable { return c.close(); });
+      auto t0 = clock::now();
+      EXPECT_TRUE(closer.join());
+      EXPECT_LT(clock::now() - t0, 500ms) << "close() waited for another fiber's write";
+      peer = std::move(s);
+    }
+    if (fds_before >= 0) {
+      // The lingering send holds the writer's descriptor until it ends: at
+      // its write's deadline, since the peer does not read.
+      auto until = clock::now() + 5s;
+      while (testing::open_fds() != fds_before + 1 && clock::now() < until)
+        (void)this_fiber::sleep_for(20ms);
+      EXPECT_EQ(testing::open_fds(), fds_before + 1) << "the lingering send kept its descriptor";
+    }
+    peer.reset();
+  });
+}
+
 TEST_P(WriteBehind, AFailedWriteBehindIsReportedByALaterSend) {
   Run([&] {
     auto [c, s] = connected_pair();
