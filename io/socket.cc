@@ -356,6 +356,17 @@ result<std::size_t> tcp_stream::readv(std::span<const iovec> bufs, deadline_arg 
   return static_cast<std::size_t>(*r);
 }
 
+result<void> tcp_stream::flush(deadline_arg d, std::source_location where) {
+  fd_guard g(st_);
+  if (!g) return bad_fd_error();
+  if (!fd_state::write_behind_used()) return {};
+  if (auto s = st_->settle(d.when, where, /*unwind=*/true); !s) {  // as write()
+    if (g.closed()) return bad_fd_error();
+    return std::unexpected(s.error());
+  }
+  return {};
+}
+
 result<std::size_t> tcp_stream::writev(std::span<const iovec> bufs, deadline_arg d,
                                        std::source_location where) {
   const std::span<const iovec> w = iov_window(bufs);

@@ -228,6 +228,13 @@ class tcp_stream : public socket_base {
   // *Write-behind* in io/fd_state.h and README.md).
   [[nodiscard]] result<std::size_t> write(std::span<const char> buf, deadline_arg d = {},
       std::source_location where = std::source_location::current());
+  // Waits until every byte a write returned for has gone to the kernel (a
+  // write-behind in flight has been sent) and returns its failure, if any.
+  // For a program that also sends on native_handle() itself, which would
+  // otherwise overtake a small write's bytes. Returns at once when nothing
+  // is in flight (as Tokio's flush on a TCP stream).
+  [[nodiscard]] result<void> flush(deadline_arg d = {},
+      std::source_location where = std::source_location::current());
   // Sends all of buf (several sends if needed).
   [[nodiscard]] result<void> write_all(std::span<const char> buf, deadline_arg d = {},
       std::source_location where = std::source_location::current());

@@ -329,7 +329,9 @@ TEST_P(WriteBehind, AWriteOutlivingAnotherFibersCloseEndsAtItsDeadline) {
       }
       const std::string tail(100, 't');
       auto w = c.write(tail, deadline(1s));
-      if (write_behind_on()) ASSERT_TRUE(w) << w.error().message();
+      if (write_behind_on()) {
+        ASSERT_TRUE(w) << w.error().message();
+      }
       auto closer = spawn([c = std::move(c)]() mutable { return c.close(); });
       auto t0 = clock::now();
       EXPECT_TRUE(closer.join());
@@ -362,6 +364,29 @@ TEST_P(WriteBehind, AFailedWriteBehindIsReportedByALaterSend) {
     ASSERT_TRUE(failed) << "writes to a closed peer never failed";
     EXPECT_TRUE(*failed == std::errc::broken_pipe || *failed == std::errc::connection_reset)
         << failed->message();
+  });
+}
+
+// flush() hands a small write's bytes to the kernel, so a send of the
+// program's own on native_handle() comes after them; with nothing in flight
+// it returns at once.
+TEST_P(WriteBehind, FlushLetsARawSendFollowASmallWrite) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    EXPECT_TRUE(c.flush(deadline(5s)));  // nothing written yet
+    const std::string first = "first;", raw = "raw;";
+    for (int i = 0; i < 50; ++i) {
+      ASSERT_TRUE(c.write(first, deadline(5s)));
+      auto f = c.flush(deadline(5s));
+      ASSERT_TRUE(f) << f.error().message();
+      ASSERT_EQ(::send(c.native_handle(), raw.data(), raw.size(), MSG_NOSIGNAL),
+                static_cast<ssize_t>(raw.size()));
+    }
+    ASSERT_TRUE(c.shutdown(SHUT_WR));
+    std::string got, want;
+    for (int i = 0; i < 50; ++i) want += first + raw;
+    read_to_end(s, &got);
+    EXPECT_EQ(got, want);
   });
 }
 
