@@ -239,6 +239,27 @@ TEST_P(WriteBehind, AnotherFibersShutdownAndCloseDoNotWaitForAStuckWrite) {
   });
 }
 
+// Sends the stream's first bytes on c, without waiting, until the kernel
+// takes no more (both ends' buffers are full); returns how many it took.
+std::size_t fill_with_stream(tcp_stream& c) {
+  std::size_t off = 0;
+  for (;;) {
+    std::string part = stream_part(off, 512);
+    ssize_t n = ::send(c.native_handle(), part.data(), part.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n <= 0) return off;
+    off += static_cast<std::size_t>(n);
+  }
+}
+
+// Reads s to its end into *got, starting after 200 ms (slow: the writer's
+// buffers stay full a while).
+join_handle<void> slow_reader(tcp_stream& s, std::string* got) {
+  return spawn([&s, got] {
+    (void)this_fiber::sleep_for(200ms);
+    read_to_end(s, got);
+  });
+}
+
 // A write that returned is the kernel's to deliver, as in Go and Tokio:
 // the stream moved to another fiber, which closes it while the peer is
 // still slow to read, must not take the written bytes back.
@@ -247,17 +268,8 @@ TEST_P(WriteBehind, AStreamMovedToAnotherFiberAndClosedSendsAWriteThatReturned) 
     auto [c, s] = connected_pair();
     small_buffers(c, s);
     std::string got;
-    auto reader = spawn([&, &s = s] {
-      (void)this_fiber::sleep_for(200ms);  // slow: the buffers stay full a while
-      read_to_end(s, &got);
-    });
-    std::size_t off = 0;
-    for (;;) {  // fill both ends' buffers
-      std::string part = stream_part(off, 512);
-      ssize_t n = ::send(c.native_handle(), part.data(), part.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
-      if (n <= 0) break;
-      off += static_cast<std::size_t>(n);
-    }
+    auto reader = slow_reader(s, &got);
+    std::size_t off = fill_with_stream(c);
     const std::string tail = stream_part(off, 100);
     auto w = c.write(tail, deadline(10s));
     ASSERT_TRUE(w);
@@ -280,17 +292,8 @@ TEST_P(WriteBehind, AnotherFibersShutdownSendsAWriteThatReturnedBeforeTheEnd) {
     auto [c, s] = connected_pair();
     small_buffers(c, s);
     std::string got;
-    auto reader = spawn([&, &s = s] {
-      (void)this_fiber::sleep_for(200ms);  // slow: the buffers stay full a while
-      read_to_end(s, &got);
-    });
-    std::size_t off = 0;
-    for (;;) {  // fill both ends' buffers
-      std::string part = stream_part(off, 512);
-      ssize_t n = ::send(c.native_handle(), part.data(), part.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
-      if (n <= 0) break;
-      off += static_cast<std::size_t>(n);
-    }
+    auto reader = slow_reader(s, &got);
+    std::size_t off = fill_with_stream(c);
     const std::string tail = stream_part(off, 100);
     ASSERT_TRUE(c.write(tail, deadline(10s)));
     off += tail.size();
