@@ -252,8 +252,9 @@ bool fd_state::defer_shutdown() noexcept {
   return defer;
 }
 
-void fd_state::on_write_behind_done(int res) noexcept {
+bool fd_state::on_write_behind_done(int res) noexcept {
   lock_.lock();
+  const bool timed = wb_timed_;
   char* copy = std::exchange(wb_buf_, nullptr);
   wb_res_ = res;
   wb_done_ = true;
@@ -275,6 +276,7 @@ void fd_state::on_write_behind_done(int res) noexcept {
   if (close_now) close_fd(fd);
   // SAFETY: as in leave(); a settler holds a user, so f's socket is not gone.
   if (gone) delete this;
+  return timed;
 }
 
 bool fd_state::write_behind_is_callers() const noexcept {

@@ -139,8 +139,11 @@ class fd_state {
   // The deadline of the write-behind in flight (max if none).
   clock::time_point write_behind_deadline() const noexcept;
   // The driver's completion of the write-behind (res: the send's result).
-  // May close the descriptor and delete *this.
-  void on_write_behind_done(int res) noexcept;
+  // May close the descriptor and delete *this. True if a timed cancel was
+  // arranged for it (cancel_send_behind_at(), *Lingering*): the driver
+  // then keeps that cancel, when it fires, from cancelling a later send
+  // with the same key.
+  bool on_write_behind_done(int res) noexcept;
 
  private:
   friend struct fd_use;

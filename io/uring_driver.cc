@@ -422,6 +422,25 @@ class uring_driver final : public io_driver {
   std::vector<std::uint64_t> cancel_scratch_;
   // Guarded by reap_lock_: the sinks of the multishots armed on this ring.
   std::vector<multishot_sink*> armed_;
+  // Guarded by reap_lock_: the keys of timed cancels (cancel_send_behind_at())
+  // of which one CQE of two has been reaped, the send's or the timeout's.
+  // A timeout that expires after its send ended must not cancel by key: by
+  // then the fd_state may be freed and its address reused by a socket whose
+  // send has the same 16-bit number (65536 write-behinds later on this
+  // thread, well within a write's deadline). linger_met() pairs the two.
+  std::vector<std::uint64_t> linger_halves_;
+  // True if `key`'s other CQE was reaped already (it is forgotten now);
+  // else remembers this one.
+  bool linger_met(std::uint64_t key) {
+    auto it = std::find(linger_halves_.begin(), linger_halves_.end(), key);
+    if (it == linger_halves_.end()) {
+      linger_halves_.push_back(key);
+      return false;
+    }
+    *it = linger_halves_.back();
+    linger_halves_.pop_back();
+    return true;
+  }
 };
 
 // The callers hold an sq_section until the SQE is filled in.
@@ -894,7 +913,8 @@ void uring_driver::reap(bool owner) {
       continue;
     }
     if (tag & kLingerBit) {  // a timed cancel's timeout expired (or was cancelled)
-      if (cqe->res == -ETIME) cancel_tag(tag & ~kLingerBit);
+      // Its send ended already: the key may be another send's by now.
+      if (!linger_met(tag & ~kLingerBit) && cqe->res == -ETIME) cancel_tag(tag & ~kLingerBit);
       continue;
     }
     if (tag & kSendBehindBit) {
@@ -902,8 +922,9 @@ void uring_driver::reap(bool owner) {
       ++handed;
       behind_.fetch_sub(1, std::memory_order_relaxed);  // relaxed: see behind_
       // SAFETY: the write-behind holds a user of its fd_state until this call.
-      reinterpret_cast<fd_state*>(tag & kAddressMask & ~kSendBehindBit)
-          ->on_write_behind_done(cqe->res);
+      if (reinterpret_cast<fd_state*>(tag & kAddressMask & ~kSendBehindBit)
+              ->on_write_behind_done(cqe->res))
+        (void)linger_met(tag);  // its timed cancel, if reaped later, cancels nothing
       continue;
     }
     if (tag & kMultishotBit) {

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "io/fd_state.h"
 #include "io/socket_test_util.h"
 #include "runtime/net.h"
 #include "runtime/weft.h"
@@ -462,6 +463,111 @@ TEST(WriteBehindEnd, AWriteInFlightWhenTheRuntimeEndsIsCancelled) {
   if (fds_before >= 0) {
     EXPECT_EQ(testing::open_fds(), fds_before);
   }
+}
+
+// A timed cancel outlives the write-behind it was for when that send ends
+// first (the peer read): its key (the fd_state's address, the send's
+// 16-bit number on its thread) must not then cancel a later send that has
+// the same key: a new fd_state at the freed address, 65536 write-behinds
+// later on the same thread. One worker, so every send is on one thread;
+// skipped where the allocator does not hand the address back at once
+// (ASan's quarantine).
+TEST(WriteBehindLinger, AStaleTimedCancelSparesALaterSendWithTheSameKey) {
+  bool skipped = false;
+  int rc = weft::run([&] {
+    if (!write_behind_on()) {
+      skipped = true;
+      return 0;
+    }
+    io::io_driver* drv = io::current_driver();
+    auto [c1, s1] = connected_pair();
+    auto [c2, s2] = connected_pair();
+    auto [c3, s3] = connected_pair();
+    small_buffers(c1, s1);
+    small_buffers(c3, s3);
+    auto fill = [](int fd) {
+      for (auto quiet_since = clock::now(); clock::now() - quiet_since < 50ms;) {
+        char part[512] = {};
+        if (::send(fd, part, sizeof part, MSG_DONTWAIT | MSG_NOSIGNAL) > 0)
+          quiet_since = clock::now();
+        else
+          (void)this_fiber::sleep_for(5ms);
+      }
+    };
+    auto drain = [](tcp_stream& s, clock::duration quiet) {
+      char buf[8192];
+      while (true) {
+        auto n = s.read(buf, deadline(quiet));
+        if (!n || *n == 0) return;
+      }
+    };
+    const std::string tail(100, 't');
+    // A: a send waiting for room, lingering after another fiber's close(),
+    // with a timed cancel at its write's deadline.
+    fill(c1.native_handle());
+    auto* a = new io::fd_state(::dup(c1.native_handle()));
+    const auto a_deadline = clock::now() + 4s;
+    EXPECT_TRUE(a->start_write_behind(*drv, tail, a_deadline));
+    auto closer = spawn([a] { return a->close(); });
+    EXPECT_TRUE(closer.join());
+    EXPECT_TRUE(a->write_behind_unsent());
+    const auto a_addr = reinterpret_cast<std::uintptr_t>(a);
+    a->release();  // freed when its send ends
+    // Its send ends (the peer reads): *a is freed, its timed cancel stays.
+    const int fds_a = testing::open_fds();
+    auto r1 = spawn([&, &s1 = s1] { drain(s1, 2s); });
+    for (auto until = clock::now() + 3s; testing::open_fds() == fds_a && clock::now() < until;)
+      (void)this_fiber::sleep_for(1ms);
+    // C at A's address.
+    io::fd_state* c = nullptr;
+    std::vector<io::fd_state*> others;
+    for (int i = 0; i < 256 && !c; ++i) {
+      auto* t = new io::fd_state(::dup(c3.native_handle()));
+      if (reinterpret_cast<std::uintptr_t>(t) == a_addr) c = t;
+      else others.push_back(t);
+    }
+    for (io::fd_state* t : others) {
+      (void)t->close();
+      t->release();
+    }
+    if (!c) {
+      skipped = true;
+      return 0;
+    }
+    // 65535 write-behinds on this thread, then C's has A's number mod 2^16.
+    auto reader = spawn([&, &s2 = s2] { drain(s2, 1s); });
+    auto* b = new io::fd_state(::dup(c2.native_handle()));
+    for (int i = 0; i < 65535; ++i) {
+      if (!b->start_write_behind(*drv, "x", clock::time_point::max())) {
+        ADD_FAILURE() << "write-behind " << i << " did not start";
+        break;
+      }
+      EXPECT_TRUE(b->settle(clock::now() + 5s, std::source_location::current(), false));
+    }
+    (void)b->close();
+    b->release();
+    c2.close().value();
+    reader.join();
+    (void)s1.close();
+    r1.join();
+    if (clock::now() > a_deadline - 1s) {
+      skipped = true;  // too slow here: A's cancel may have fired already
+    } else {
+      fill(c3.native_handle());
+      EXPECT_TRUE(c->start_write_behind(*drv, tail, clock::now() + 20s));
+      (void)this_fiber::sleep_until(a_deadline + 300ms);  // A's stale cancel fires
+      EXPECT_TRUE(c->write_behind_unsent()) << "another send's timed cancel ended C's";
+      auto r = spawn([&, &s3 = s3] { drain(s3, 3s); });
+      auto settled = c->settle(clock::now() + 5s, std::source_location::current(), false);
+      EXPECT_TRUE(settled) << settled.error().message();
+      r.join();
+    }
+    (void)c->close();
+    c->release();
+    return 0;
+  }, {.workers = 1});
+  EXPECT_EQ(rc, 0);
+  if (skipped) GTEST_SKIP() << "no write-behind, or the address was not reused";
 }
 
 }  // namespace
