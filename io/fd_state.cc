@@ -102,6 +102,12 @@ result<void> fd_state::close(int* take_fd) noexcept {
   result<void> sent;
   if (behind) sent = settle(behind_deadline, std::source_location::current(), /*unwind=*/false);
   lock_.lock();
+  // Another fiber's shutdown() ended the stream while it was in flight
+  // (*Lingering*): its bytes still go, and close() is no failure, as a
+  // close(2) after another thread's shutdown(2) is not.
+  if (!sent && wb_abort_ != 0 && sent.error().value() == wb_abort_ &&
+      sent.error().category() == std::system_category())
+    sent = {};
   if (closed_) {
     lock_.unlock();
     return {};
@@ -332,15 +338,16 @@ result<void> fd_state::settle(clock::time_point deadline, std::source_location w
                                           .where = where});
     lock_.lock();
     if (wb_waiter_.f == self) wb_waiter_ = {};  // a stale token must not be claimed
-    if (!wb_pending_ || wb_done_ || wb_abort_) continue;  // the loop's test decides
-    if (why == sched::wake_reason::timed_out) {
-      lock_.unlock();
-      return std::unexpected(std::make_error_code(std::errc::timed_out));
-    }
+    if (!wb_pending_ || wb_done_) continue;  // the loop ends: its result is taken below
     if (why == sched::wake_reason::cancelled) {
       lock_.unlock();
       if (unwind) sched::unwind_point();
       return std::unexpected(std::make_error_code(std::errc::operation_canceled));
+    }
+    if (wb_abort_) continue;  // the loop's top returns it
+    if (why == sched::wake_reason::timed_out) {
+      lock_.unlock();
+      return std::unexpected(std::make_error_code(std::errc::timed_out));
     }
     // Another fiber is the waiter (two fibers writing one socket at once):
     // look again in a millisecond.
