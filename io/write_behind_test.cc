@@ -241,15 +241,27 @@ TEST_P(WriteBehind, AnotherFibersShutdownAndCloseDoNotWaitForAStuckWrite) {
 }
 
 // Sends the stream's first bytes on c, without waiting, until the kernel
-// takes no more (both ends' buffers are full); returns how many it took.
+// has taken no more for 50 ms (both ends' buffers are full: a later send
+// waits for the peer to read); returns how many it took.
 std::size_t fill_with_stream(tcp_stream& c) {
   std::size_t off = 0;
-  for (;;) {
+  for (auto quiet_since = clock::now(); clock::now() - quiet_since < 50ms;) {
     std::string part = stream_part(off, 512);
     ssize_t n = ::send(c.native_handle(), part.data(), part.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
-    if (n <= 0) return off;
-    off += static_cast<std::size_t>(n);
+    if (n > 0) {
+      off += static_cast<std::size_t>(n);
+      quiet_since = clock::now();
+    } else {
+      (void)this_fiber::sleep_for(5ms);
+    }
   }
+  return off;
+}
+
+// What the slow reader got is the stream's first `sent` bytes, whole.
+void expect_whole_stream(const std::string& got, std::size_t sent) {
+  EXPECT_EQ(got.size(), sent) << "bytes a write returned for never arrived";
+  EXPECT_TRUE(got == stream_part(0, got.size()));
 }
 
 // Reads s to its end into *got, starting after 200 ms (slow: the writer's
@@ -280,8 +292,7 @@ TEST_P(WriteBehind, AStreamMovedToAnotherFiberAndClosedSendsAWriteThatReturned) 
     auto closed = closer.join();
     EXPECT_TRUE(closed) << closed.error().message();
     reader.join();
-    EXPECT_EQ(got.size(), off) << "bytes a write returned for never arrived";
-    EXPECT_TRUE(got == stream_part(0, got.size()));
+    expect_whole_stream(got, off);
   });
 }
 
@@ -309,8 +320,7 @@ TEST_P(WriteBehind, AnotherFibersShutdownSendsAWriteThatReturnedBeforeTheEnd) {
     auto closed = c.close();  // the writer's own: no failure (its bytes still go)
     EXPECT_TRUE(closed) << closed.error().message();
     reader.join();
-    EXPECT_EQ(got.size(), off) << "bytes a write returned for never arrived";
-    EXPECT_TRUE(got == stream_part(0, got.size()));
+    expect_whole_stream(got, off);
   });
 }
 
@@ -325,14 +335,7 @@ TEST_P(WriteBehind, AWriteOutlivingAnotherFibersCloseEndsAtItsDeadline) {
     {
       auto [c, s] = connected_pair();
       small_buffers(c, s);
-      // Fill both ends' buffers, until no room has come for 50 ms.
-      for (auto quiet_since = clock::now(); clock::now() - quiet_since < 50ms;) {
-        char part[512] = {};
-        if (::send(c.native_handle(), part, sizeof part, MSG_DONTWAIT | MSG_NOSIGNAL) > 0)
-          quiet_since = clock::now();
-        else
-          (void)this_fiber::sleep_for(5ms);
-      }
+      (void)fill_with_stream(c);
       const std::string tail(100, 't');
       auto w = c.write(tail, deadline(1s));
       if (write_behind_on()) {
@@ -487,15 +490,6 @@ TEST(WriteBehindLinger, AStaleTimedCancelSparesALaterSendWithTheSameKey) {
     auto [c3, s3] = connected_pair();
     small_buffers(c1, s1);
     small_buffers(c3, s3);
-    auto fill = [](int fd) {
-      for (auto quiet_since = clock::now(); clock::now() - quiet_since < 50ms;) {
-        char part[512] = {};
-        if (::send(fd, part, sizeof part, MSG_DONTWAIT | MSG_NOSIGNAL) > 0)
-          quiet_since = clock::now();
-        else
-          (void)this_fiber::sleep_for(5ms);
-      }
-    };
     auto drain = [](tcp_stream& s, clock::duration quiet) {
       char buf[8192];
       while (true) {
@@ -506,7 +500,7 @@ TEST(WriteBehindLinger, AStaleTimedCancelSparesALaterSendWithTheSameKey) {
     const std::string tail(100, 't');
     // A: a send waiting for room, lingering after another fiber's close(),
     // with a timed cancel at its write's deadline.
-    fill(c1.native_handle());
+    (void)fill_with_stream(c1);
     auto* a = new io::fd_state(::dup(c1.native_handle()));
     const auto a_deadline = clock::now() + 4s;
     EXPECT_TRUE(a->start_write_behind(*drv, tail, a_deadline));
@@ -556,7 +550,7 @@ TEST(WriteBehindLinger, AStaleTimedCancelSparesALaterSendWithTheSameKey) {
     if (clock::now() > a_deadline - 1s) {
       skipped = true;  // too slow here: A's cancel may have fired already
     } else {
-      fill(c3.native_handle());
+      (void)fill_with_stream(c3);
       EXPECT_TRUE(c->start_write_behind(*drv, tail, clock::now() + 20s));
       (void)this_fiber::sleep_until(a_deadline + 300ms);  // A's stale cancel fires
       EXPECT_TRUE(c->write_behind_unsent()) << "another send's timed cancel ended C's";
