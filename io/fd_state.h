@@ -58,6 +58,8 @@
 //   close(), release()    the object's owner; close() also from another
 //                         fiber while operations are in flight
 //   start_write_behind(), settle()   a fiber inside an fd_guard
+//   defer_shutdown(), no_more_writes_behind()   shutdown(), inside an fd_guard
+//                         (a fiber or a plain thread)
 //   on_write_behind_done()   the driver, on its worker thread or the monitor's
 #pragma once
 
