@@ -780,9 +780,10 @@ void uring_driver::drain_cancels() {
 }
 
 // A timeout SQE that, when it expires, cancels the write-behind `key`
-// (reap() sees kLingerBit). Not counted in inflight_: it wakes no fiber,
-// and a worker with nothing else in flight may sleep past it (the cancel
-// then comes at its next wake-up, or at quiesce()).
+// (reap() sees kLingerBit; linger_met() keeps it from cancelling a later
+// send with the same key). Not counted in inflight_: it wakes no fiber.
+// Its send is counted, so a worker with nothing else to do waits in the
+// ring, and the timeout's CQE ends that wait at the deadline.
 void uring_driver::prep_timed_cancel(std::uint64_t key, std::int64_t ns) {
   sq_section busy(*this);
   io_uring_sqe* sqe = get_sqe(1);
