@@ -300,6 +300,12 @@ class io_driver : public sched::driver {
                                      clock::time_point deadline) noexcept {
     (void)st, (void)seq, (void)deadline;
   }
+  // How long a write-behind may outlive its socket's close() or shutdown()
+  // by another fiber when its write had no deadline (*Lingering* in
+  // io/fd_state.h): WEFT_LINGER_MS, read when the driver is made; 60 s
+  // unless set, about as long as the kernel keeps an orphaned socket whose
+  // peer does not read.
+  virtual clock::duration linger_cap() const noexcept { return clock::duration::max(); }
   // Gives back a buffer recv_pooled returned (id, p = its buf_id and buf).
   // Any thread.
   virtual void release_buffer(std::uint32_t id, void* p) noexcept {

@@ -231,13 +231,21 @@ void fd_state::no_more_writes_behind() noexcept {
 // Under lock_, with a write-behind in flight that outlives a call ending
 // the stream from a fiber other than its writer (*Lingering*): a settle
 // parked for it returns `err` (as that fiber's blocked send would), and the
-// send is cancelled at its write's deadline if it has not ended by then.
-// Returns the settler to make ready after the unlock.
+// send is cancelled at its write's deadline, or the driver's linger cap
+// from now if that comes first (a write with no deadline to a peer that
+// never reads would otherwise hold the descriptor and the copy until the
+// runtime ends), if it has not ended by then. Returns the settler to make
+// ready after the unlock.
 sched::fiber* fd_state::linger_locked(int err) noexcept {
   wb_abort_ = err;
-  if (!wb_timed_ && wb_deadline_ != clock::time_point::max()) {
-    wb_timed_ = true;
-    wb_owner_->cancel_send_behind_at(*this, wb_seq_, wb_deadline_);  // only queues it
+  if (!wb_timed_) {
+    clock::time_point until = wb_deadline_;
+    const clock::duration cap = wb_owner_->linger_cap();
+    if (cap != clock::duration::max()) until = std::min(until, clock::now() + cap);
+    if (until != clock::time_point::max()) {
+      wb_timed_ = true;
+      wb_owner_->cancel_send_behind_at(*this, wb_seq_, until);  // only queues it
+    }
   }
   // Claimed under lock_ (the rule on sched::claim; see on_write_behind_done()).
   if (!wb_waiter_) return nullptr;
@@ -267,7 +275,23 @@ bool fd_state::on_write_behind_done(int res) noexcept {
   // A shutdown(SHUT_WR) another fiber asked for while it was in flight:
   // the end of the stream goes after its bytes. The descriptor is open:
   // the send still counts in users_.
-  if (std::exchange(wb_fin_, false)) (void)::shutdown(fd_, SHUT_WR);
+  const bool fin = std::exchange(wb_fin_, false);
+  // Cut short (cancelled at its deadline or the linger cap, or failed)
+  // after the stream was ended (closed, or shut down by another fiber):
+  // nobody is left to report it to, and the peer must not see a clean end
+  // of stream after a gap. So no end of stream: the connection is reset
+  // (connect(AF_UNSPEC) on TCP: the kernel sends a reset and later sends
+  // fail), as the kernel's own close(2) does when it throws data away
+  // (unread input). The peer reads what arrived and then ECONNRESET. A
+  // Unix stream (WEFT_WRITE_BEHIND=1) has no reset: its end goes as asked.
+  const bool cut = res < 0 || static_cast<std::size_t>(res) < wb_len_;
+  bool reset = false;
+  if (cut && (fin || closed_)) {
+    ::sockaddr unspec{};
+    unspec.sa_family = AF_UNSPEC;
+    reset = ::connect(fd_, &unspec, sizeof unspec) == 0;
+  }
+  if (fin && !reset) (void)::shutdown(fd_, SHUT_WR);
   // Claimed under lock_: the settler takes lock_ to forget its waiter
   // after waking (the rule on sched::claim).
   sched::fiber* f = nullptr;
@@ -370,10 +394,15 @@ result<void> fd_state::settle(clock::time_point deadline, std::source_location w
   }
   const int res = wb_res_;
   const std::size_t len = wb_len_;
+  // Another fiber ended the stream meanwhile (*Lingering*): a send cut
+  // short then failed because of that (its linger's timed cancel:
+  // ECANCELED, which no one here asked for), so that is the error.
+  const int abort = std::exchange(wb_abort_, 0);
   wb_pending_ = wb_done_ = false;
-  wb_abort_ = 0;
   wb_timed_ = false;
   lock_.unlock();
+  const bool cut = res < 0 || static_cast<std::size_t>(res) < len;
+  if (cut && abort) return std::unexpected(std::error_code(abort, std::system_category()));
   if (res < 0) return std::unexpected(std::error_code(-res, std::system_category()));
   // MSG_WAITALL: short only when an error cut it off, which it then hides.
   if (static_cast<std::size_t>(res) < len)

@@ -44,12 +44,16 @@
 //     blocking send hands them to the kernel. So a close() or shutdown()
 //     from a fiber other than the writer (or a plain thread) does not
 //     cancel the write-behind in flight, nor wait for it: it goes on until
-//     it ends or its write's deadline passes (a timed cancel, wb_timed_),
-//     the descriptor staying open for it (users_); a shutdown(SHUT_WR)
-//     is deferred to its end (wb_fin_), so the end of the stream follows
-//     its bytes. Its writer, if parked in a settle, wakes with the error its
-//     blocked send would have had (wb_abort_: EBADF, EPIPE). Only the
-//     writer's own close() that gave up waiting (deadline, stop) cancels it.
+//     it ends, its write's deadline passes or the driver's linger cap
+//     (WEFT_LINGER_MS, 60 s) from the close is up (a timed cancel,
+//     wb_timed_), the descriptor staying open for it (users_); a
+//     shutdown(SHUT_WR) is deferred to its end (wb_fin_), so the end of the
+//     stream follows its bytes. Its writer, if parked in a settle, wakes
+//     with the error its blocked send would have had (wb_abort_: EBADF,
+//     EPIPE). Only the writer's own close() that gave up waiting (deadline,
+//     stop) cancels it. One cut short after its stream was ended (closed,
+//     or shut down by another fiber) resets the connection instead of
+//     ending it: the peer never sees a clean end of stream after a gap.
 //
 // Who calls what:
 //   enter(), leave()      a fiber, around one operation (fd_guard: socket.cc,

@@ -183,6 +183,26 @@ write_behind_mode write_behind_wanted() noexcept {
   return write_behind_mode::tcp;
 }
 
+// WEFT_LINGER_MS: see io_driver::linger_cap(). A count of milliseconds (0:
+// another fiber's close() ends the send at once); anything else, or more
+// than a day, is the default, with a line on stderr.
+clock::duration linger_cap_wanted() noexcept {
+  constexpr clock::duration kDefault = std::chrono::seconds(60);
+  const char* v = std::getenv("WEFT_LINGER_MS");
+  if (!v) return kDefault;
+  char* end = nullptr;
+  errno = 0;
+  const unsigned long long ms = std::strtoull(v, &end, 10);
+  if (end == v || *end != '\0' || errno != 0 || *v == '-' || ms > 24ull * 3600 * 1000) {
+    static std::atomic<bool> said{false};  // one line, not one per worker (relaxed: a flag)
+    if (!said.exchange(true, std::memory_order_relaxed))
+      std::fprintf(stderr, "weft: WEFT_LINGER_MS=\"%s\" is not a count of milliseconds "
+                   "up to a day; lingering sends end after 60 s\n", v);
+    return kDefault;
+  }
+  return std::chrono::milliseconds(ms);
+}
+
 // IORING_ASYNC_CANCEL_OP (kernel 6.6; liburing 2.3's header predates it):
 // a cancel of every request whose opcode is sqe->len.
 constexpr unsigned kCancelOp = 1u << 5;
@@ -216,9 +236,9 @@ class uring_driver;
 class uring_driver final : public io_driver {
  public:
   uring_driver(io_uring& ring, unsigned flags, int efd, int node_os,
-               write_behind_mode sends_behind)
+               write_behind_mode sends_behind, clock::duration linger_cap)
       : io_driver(io_driver_kind::uring), ring_(ring), flags_(flags), efd_(efd),
-        ts_(ring.sq.ring_entries), sends_behind_(sends_behind),
+        ts_(ring.sq.ring_entries), sends_behind_(sends_behind), linger_cap_(linger_cap),
         owner_(::pthread_self()), tid_(::gettid()) {
     (void)io_uring_register_ring_fd(&ring_);  // optional: saves an fd lookup per enter
     setup_buffer_ring(node_os);
@@ -271,6 +291,7 @@ class uring_driver final : public io_driver {
   // MSG_WAITALL sends: kernel 5.18; DEFER_TASKRUN (6.1) says it is newer.
   // On TCP by default; WEFT_WRITE_BEHIND chooses (see write_behind_wanted()).
   write_behind_mode sends_behind() const noexcept override { return sends_behind_; }
+  clock::duration linger_cap() const noexcept override { return linger_cap_; }
   void send_behind(fd_state& st, std::uint64_t seq, int fd, char* copy,
                    std::size_t len) noexcept override;
   void cancel_send_behind(fd_state& st, std::uint64_t seq) noexcept override {
@@ -348,6 +369,7 @@ class uring_driver final : public io_driver {
   // quiesce() reads it, on the owner after its own reap.
   std::atomic<std::size_t> behind_{0};
   const write_behind_mode sends_behind_;  // see make_uring_driver()
+  const clock::duration linger_cap_;      // see make_uring_driver()
   static std::uint64_t behind_key(fd_state& st, std::uint64_t seq) noexcept {
     return reinterpret_cast<std::uintptr_t>(&st) | kSendBehindBit | (seq << kGenShift);
   }
@@ -1155,7 +1177,9 @@ std::unique_ptr<io_driver> make_uring_driver(unsigned worker, int node_os,
   write_behind_mode behind = write_behind_wanted();
   if (!(used & IORING_SETUP_DEFER_TASKRUN) || !cancel_op_works(ring))
     behind = write_behind_mode::none;
-  return std::make_unique<uring_driver>(ring, used, efd, node_os, behind);
+  const clock::duration linger = behind == write_behind_mode::none ? clock::duration::max()
+                                                                     : linger_cap_wanted();
+  return std::make_unique<uring_driver>(ring, used, efd, node_os, behind, linger);
 }
 
 }  // namespace weft::io

@@ -258,6 +258,50 @@ std::size_t fill_with_stream(tcp_stream& c) {
   return off;
 }
 
+// Sets an environment variable for the scope (for settings the runtime
+// reads when it starts), restoring it after.
+class scoped_env {
+ public:
+  scoped_env(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old;
+    ::setenv(name, value, 1);
+  }
+  ~scoped_env() {
+    if (old_) ::setenv(name_, old_->c_str(), 1);
+    else ::unsetenv(name_);
+  }
+  scoped_env(const scoped_env&) = delete;
+  scoped_env& operator=(const scoped_env&) = delete;
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
+};
+
+// Reads s to its end (10 s at most). The writer sent the stream's first
+// `sent` bytes, perhaps cut short after its side was ended: then the
+// connection must be reset (ECONNRESET after what arrived), never ended
+// cleanly with bytes missing. Returns whether it was reset.
+bool read_whole_or_reset(tcp_stream& s, std::size_t sent) {
+  char buf[8192];
+  std::string got;
+  auto until = clock::now() + 10s;
+  for (;;) {
+    auto n = s.read(buf, deadline(until));
+    if (!n) {
+      EXPECT_EQ(n.error(), std::errc::connection_reset) << n.error().message();
+      EXPECT_TRUE(got == stream_part(0, got.size())) << "the bytes that arrived are not the stream's";
+      return n.error() == std::errc::connection_reset;
+    }
+    if (*n == 0) {
+      EXPECT_EQ(got.size(), sent) << "a clean end of stream with bytes missing";
+      EXPECT_TRUE(got == stream_part(0, got.size())) << "the bytes that arrived are not the stream's";
+      return false;
+    }
+    got.append(buf, *n);
+  }
+}
+
 // What the slow reader got is the stream's first `sent` bytes, whole.
 void expect_whole_stream(const std::string& got, std::size_t sent) {
   EXPECT_EQ(got.size(), sent) << "bytes a write returned for never arrived";
@@ -331,12 +375,14 @@ TEST_P(WriteBehind, AnotherFibersShutdownSendsAWriteThatReturnedBeforeTheEnd) {
 TEST_P(WriteBehind, AWriteOutlivingAnotherFibersCloseEndsAtItsDeadline) {
   Run([&] {
     const int fds_before = testing::open_fds();
+    std::size_t off = 0;
+    std::string tail;
     std::optional<tcp_stream> peer;  // open and never read until the end
     {
       auto [c, s] = connected_pair();
       small_buffers(c, s);
-      (void)fill_with_stream(c);
-      const std::string tail(100, 't');
+      off = fill_with_stream(c);
+      tail = stream_part(off, 100);
       auto w = c.write(tail, deadline(1s));
       if (write_behind_on()) {
         ASSERT_TRUE(w) << w.error().message();
@@ -355,8 +401,91 @@ TEST_P(WriteBehind, AWriteOutlivingAnotherFibersCloseEndsAtItsDeadline) {
         (void)this_fiber::sleep_for(20ms);
       EXPECT_EQ(testing::open_fds(), fds_before + 1) << "the lingering send kept its descriptor";
     }
+    // Cut short after the close (unless the peer's window let it go), it
+    // reset the connection: never a clean end missing the tail.
+    if (write_behind_on()) (void)read_whole_or_reset(*peer, off + tail.size());
     peer.reset();
   });
+}
+
+// With no deadline on its write, a send that outlives another fiber's
+// close() ends at the linger cap (WEFT_LINGER_MS, 60 s by default), not
+// when the runtime does: a peer that never reads must not hold the
+// descriptor and the copy for ever (a chat room's timeout fiber dropping a
+// stalled peer whose writer was stuck).
+TEST_P(WriteBehind, AWriteWithNoDeadlineOutlivingAnotherFibersCloseEndsAtTheLingerCap) {
+  scoped_env linger("WEFT_LINGER_MS", "300");  // read when the runtime starts
+  bool skipped = false;
+  Run([&] {
+    if (!write_behind_on()) {  // the write itself would wait
+      skipped = true;
+      return;
+    }
+    // A peer's window update can let the tail go before the close: then
+    // nothing lingers, and the test tries again.
+    bool lingered = false;
+    for (int attempt = 0; attempt < 3 && !lingered; ++attempt) {
+      const int fds_before = testing::open_fds();
+      std::optional<tcp_stream> peer;  // open and never read until the end
+      clock::time_point closed_at;
+      std::size_t sent = 0;
+      {
+        auto [c, s] = connected_pair();
+        small_buffers(c, s);
+        const std::size_t off = fill_with_stream(c);
+        const std::string tail = stream_part(off, 2000);
+        auto w = c.write(tail);  // no deadline
+        ASSERT_TRUE(w) << w.error().message();
+        sent = off + tail.size();
+        auto closer = spawn([c = std::move(c)]() mutable { return c.close(); });
+        EXPECT_TRUE(closer.join());
+        closed_at = clock::now();
+        peer = std::move(s);
+      }
+      // Returns once the reset arrived (at 10 s, failing, without the cap).
+      lingered = read_whole_or_reset(*peer, sent);
+      if (!lingered) continue;
+      EXPECT_GE(clock::now() - closed_at, 250ms) << "the send did not linger";
+      if (fds_before >= 0) {
+        auto until = clock::now() + 5s;
+        while (testing::open_fds() != fds_before + 1 && clock::now() < until)
+          (void)this_fiber::sleep_for(20ms);
+        EXPECT_EQ(testing::open_fds(), fds_before + 1)
+            << "a send with no deadline kept its descriptor past the linger cap";
+      }
+    }
+    EXPECT_TRUE(lingered) << "the write never stayed in flight past the close: nothing tested";
+  });
+  if (skipped) GTEST_SKIP() << "no write-behind here";
+}
+
+// Another fiber's shutdown(SHUT_WR) defers the end of the stream to the
+// send in flight; if that send is then cut short (its write's deadline),
+// the connection is reset instead: the peer must not take the stream as
+// complete. A later write fails.
+TEST_P(WriteBehind, AWriteCutShortAfterAnotherFibersShutdownResetsTheConnection) {
+  bool skipped = false;
+  Run([&] {
+    if (!write_behind_on()) {  // the write itself times out
+      skipped = true;
+      return;
+    }
+    auto [c, s] = connected_pair();
+    small_buffers(c, s);
+    const std::size_t off = fill_with_stream(c);
+    ASSERT_TRUE(c.write(stream_part(off, 100), deadline(300ms)));
+    auto other = spawn([&, &c = c] { return c.shutdown(SHUT_WR); });
+    EXPECT_TRUE(other.join());
+    (void)this_fiber::sleep_for(600ms);  // past the write's deadline: cut
+    auto later = c.write(std::string(10, 'u'), deadline(1s));
+    ASSERT_FALSE(later) << "a write after the shutdown succeeded";
+    EXPECT_TRUE(later.error() == std::errc::broken_pipe ||
+                later.error() == std::errc::connection_reset)
+        << later.error().message();
+    (void)read_whole_or_reset(s, off + 100);
+    (void)c.close();
+  });
+  if (skipped) GTEST_SKIP() << "no write-behind here";
 }
 
 TEST_P(WriteBehind, AFailedWriteBehindIsReportedByALaterSend) {
