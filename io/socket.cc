@@ -504,10 +504,14 @@ result<std::size_t> udp_socket::recv_from(std::span<char> buf, socket_address* f
   m.msg_namelen = sizeof sa;
   m.msg_iov = &v;
   m.msg_iovlen = 1;
-  op o{.kind = op_kind::recvmsg, .msg = &m};
+  // MSG_TRUNC: the datagram's whole length comes back, so one longer than
+  // buf is told apart from one that fits exactly.
+  op o{.kind = op_kind::recvmsg, .msg = &m, .flags = MSG_TRUNC};
   auto r = perform_on(st_, o, d.when, "udp receive", where);
   if (!r) return std::unexpected(r.error());
   if (from) *from = socket_address::from(reinterpret_cast<sockaddr*>(&sa), m.msg_namelen);
+  if (static_cast<std::size_t>(*r) > buf.size())
+    return std::unexpected(std::make_error_code(std::errc::message_size));
   return static_cast<std::size_t>(*r);
 }
 

@@ -281,7 +281,12 @@ class udp_socket : public socket_base {
       std::source_location where = std::source_location::current());
   [[nodiscard]] static result<udp_socket> bind(const socket_address& addr);
 
-  // One datagram each. recv_from truncates a datagram larger than buf.
+  // One datagram each. A datagram longer than buf is not silently cut:
+  // recv_from returns std::errc::message_size ("Message too long"), with
+  // its first buf.size() bytes in buf and its sender in *from; the rest of
+  // it is gone (Go's ReadFrom and Tokio's recv_from return the cut length
+  // instead, and the program cannot tell).
+  // A datagram of exactly buf.size() bytes is received whole.
   [[nodiscard]] result<std::size_t> send_to(std::span<const char> buf, const socket_address& to,
                                             deadline_arg d = {},
       std::source_location where = std::source_location::current());

@@ -645,8 +645,10 @@ TEST_P(UserIo, UdpEchoServerManyClientFibers) {
   });
 }
 
-// Datagram edge cases: an empty datagram is received as 0 bytes; a long
-// one is truncated to the buffer; a receive with nothing sent times out.
+// Datagram edge cases: an empty datagram is received as 0 bytes; one that
+// fills the buffer exactly is whole; a longer one is an error
+// (message_size, never a silent cut), with its first bytes and sender; a
+// receive with nothing sent times out.
 TEST_P(UserIo, UdpEmptyTruncatedAndTimeout) {
   Run([&] {
     auto a = udp_socket::bind("127.0.0.1:0");
@@ -666,13 +668,20 @@ TEST_P(UserIo, UdpEmptyTruncatedAndTimeout) {
     EXPECT_EQ(*n, 0u);
     EXPECT_EQ(from.to_string(), a->local_address()->to_string());
 
+    ASSERT_TRUE(a->send_to({"12345678", sizeof buf}, *b_addr));
+    n = b->recv_from(buf, nullptr, deadline(5s));
+    ASSERT_TRUE(n) << n.error().message();
+    EXPECT_EQ(std::string(buf, *n), "12345678");
+
     std::string big(100, 'z');
     ASSERT_TRUE(a->send_to({big.data(), big.size()}, *b_addr));
     ASSERT_TRUE(a->send_to({"next", 4}, *b_addr));
-    n = b->recv_from(buf, nullptr, deadline(5s));
-    ASSERT_TRUE(n);
-    EXPECT_EQ(*n, sizeof buf);
-    EXPECT_EQ(std::string(buf, *n), std::string(sizeof buf, 'z'));
+    from = socket_address{};
+    n = b->recv_from(buf, &from, deadline(5s));
+    ASSERT_FALSE(n) << "a 100-byte datagram was cut to " << *n << " bytes without an error";
+    EXPECT_EQ(n.error(), std::errc::message_size) << n.error().message();
+    EXPECT_EQ(std::string(buf, sizeof buf), std::string(sizeof buf, 'z'));
+    EXPECT_EQ(from.to_string(), a->local_address()->to_string());
     n = b->recv_from(buf, nullptr, deadline(5s));  // the rest of `big` is gone
     ASSERT_TRUE(n);
     EXPECT_EQ(std::string(buf, *n), "next");
