@@ -294,16 +294,24 @@ result<pooled_buffer> tcp_stream::read_pooled(deadline_arg d, std::source_locati
 }
 
 result<std::size_t> tcp_stream::read_exact(std::span<char> buf, deadline_arg d,
-                                           std::source_location where) {
+                                           std::size_t* got_out, std::source_location where) {
   std::size_t got = 0;
+  result<std::size_t> r = 0;
   while (got < buf.size()) {
     auto n = read(buf.subspan(got), d, where);
-    if (!n) return n;
-    if (*n == 0)
-      return std::unexpected(make_error_code(got == 0 ? io_errc::end_of_stream
-                                                      : io_errc::unexpected_eof));
+    if (!n) {
+      r = n;
+      break;
+    }
+    if (*n == 0) {
+      r = std::unexpected(make_error_code(got == 0 ? io_errc::end_of_stream
+                                                   : io_errc::unexpected_eof));
+      break;
+    }
     got += *n;
   }
+  if (got_out) *got_out = got;
+  if (!r) return r;
   return got;
 }
 
@@ -334,13 +342,19 @@ result<std::size_t> tcp_stream::write(std::span<const char> buf, deadline_arg d,
 }
 
 result<void> tcp_stream::write_all(std::span<const char> buf, deadline_arg d,
-                                   std::source_location where) {
-  while (!buf.empty()) {
-    auto n = write(buf, d, where);
-    if (!n) return std::unexpected(n.error());
-    buf = buf.subspan(*n);
+                                   std::size_t* sent, std::source_location where) {
+  std::size_t done = 0;
+  result<void> r;
+  while (done < buf.size()) {
+    auto n = write(buf.subspan(done), d, where);
+    if (!n) {
+      r = std::unexpected(n.error());
+      break;
+    }
+    done += *n;
   }
-  return {};
+  if (sent) *sent = done;
+  return r;
 }
 
 result<std::size_t> tcp_stream::readv(std::span<const iovec> bufs, deadline_arg d,

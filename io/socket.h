@@ -217,9 +217,11 @@ class tcp_stream : public socket_base {
       std::source_location where = std::source_location::current());
   // Fills buf entirely. A stream that ends first is an error:
   // io_errc::end_of_stream if it ended before the first byte (the peer
-  // closed between messages), io_errc::unexpected_eof if part-way (what
-  // arrived is in buf, its length unknown: a truncated message).
+  // closed between messages), io_errc::unexpected_eof if part-way (a
+  // truncated message). On any error, what arrived is at the start of buf,
+  // and *got (if given) says how much (Go's io.ReadFull returns it too).
   [[nodiscard]] result<std::size_t> read_exact(std::span<char> buf, deadline_arg d = {},
+      std::size_t* got = nullptr,
       std::source_location where = std::source_location::current());
   // One send: returns how many bytes went out. On io_uring a write of at
   // most kWriteBehindMax (4 KiB) on a TCP stream returns once the bytes are
@@ -235,8 +237,11 @@ class tcp_stream : public socket_base {
   // is in flight (as Tokio's flush on a TCP stream).
   [[nodiscard]] result<void> flush(deadline_arg d = {},
       std::source_location where = std::source_location::current());
-  // Sends all of buf (several sends if needed).
+  // Sends all of buf (several sends if needed). *sent (if given) says how
+  // many bytes went, on an error too (a deadline part-way; Go's Write
+  // returns that count with its error), so a caller can go on from there.
   [[nodiscard]] result<void> write_all(std::span<const char> buf, deadline_arg d = {},
+      std::size_t* sent = nullptr,
       std::source_location where = std::source_location::current());
   // One scatter receive / gather send, over at most IOV_MAX (1024)
   // buffers from the first that is not empty; the count says how far it

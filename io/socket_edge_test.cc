@@ -254,6 +254,76 @@ TEST_P(Sockets, ReadExactTellsAnEndBetweenMessagesFromATruncatedOne) {
   });
 }
 
+// Both loops say how far they got when they fail, as Go's io.ReadFull and
+// Write do: a program can go on from there or report exactly what is lost.
+TEST_P(Sockets, ReadExactAndWriteAllSayHowFarTheyGotWhenTheyFail) {
+  Run([&] {
+    {
+      auto [c, s] = connected_pair();
+      ASSERT_TRUE(s.write_all({"ab", 2}));
+      ASSERT_TRUE(s.close());
+      char msg[4];
+      std::size_t got = 99;
+      auto r = c.read_exact(msg, deadline(5s), &got);
+      ASSERT_FALSE(r);
+      EXPECT_EQ(r.error(), io_errc::unexpected_eof) << r.error().message();
+      EXPECT_EQ(got, 2u);
+      std::size_t none = 99;
+      r = c.read_exact(msg, deadline(5s), &none);
+      ASSERT_FALSE(r);
+      EXPECT_EQ(none, 0u);
+    }
+    {
+      auto [c, s] = connected_pair();
+      ASSERT_TRUE(s.write_all({"abc", 3}));
+      char msg[8];
+      std::size_t got = 99;
+      auto r = c.read_exact(msg, deadline(100ms), &got);  // the rest never comes
+      ASSERT_FALSE(r);
+      EXPECT_EQ(r.error(), std::errc::timed_out) << r.error().message();
+      EXPECT_EQ(got, 3u);
+      EXPECT_EQ(std::string(msg, 3), "abc");
+      ASSERT_TRUE(s.write_all({"defgh", 5}));
+      got = 99;
+      ASSERT_TRUE(c.read_exact({msg, 5}, deadline(5s), &got));
+      EXPECT_EQ(got, 5u);
+    }
+    {
+      // A peer that does not read: write_all stops at its deadline part-way,
+      // and everything it counts as sent reaches the peer, nothing more.
+      auto [c, s] = connected_pair();
+      int v = 4096;
+      ASSERT_EQ(::setsockopt(c.native_handle(), SOL_SOCKET, SO_SNDBUF, &v, sizeof v), 0);
+      ASSERT_EQ(::setsockopt(s.native_handle(), SOL_SOCKET, SO_RCVBUF, &v, sizeof v), 0);
+      std::string big(4 << 20, '\0');
+      for (std::size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>('a' + i % 23);
+      std::size_t sent = 0;
+      auto w = c.write_all(big, deadline(300ms), &sent);
+      ASSERT_FALSE(w) << "4 MiB went to a peer that reads nothing";
+      EXPECT_EQ(w.error(), std::errc::timed_out) << w.error().message();
+      EXPECT_GT(sent, 0u);
+      EXPECT_LT(sent, big.size());
+      ASSERT_TRUE(c.close());  // sends whatever the kernel still holds, then the end
+      std::string got;
+      std::vector<char> buf(65536);  // not on the fiber's 64 KiB stack
+      for (;;) {
+        auto n = s.read(buf, deadline(10s));
+        ASSERT_TRUE(n) << n.error().message();
+        if (*n == 0) break;
+        got.append(buf.data(), *n);
+      }
+      EXPECT_EQ(got.size(), sent);
+      EXPECT_TRUE(got == big.substr(0, got.size()));
+    }
+    {
+      auto [c, s] = connected_pair();
+      std::size_t sent = 99;
+      ASSERT_TRUE(c.write_all({"hello", 5}, deadline(5s), &sent));
+      EXPECT_EQ(sent, 5u);
+    }
+  });
+}
+
 // A fiber parked in a socket call is shown where the program made the
 // call (dump(), the deadlock report), not at a line inside io/.
 TEST_P(Sockets, DumpShowsWhereTheProgramCalledTheSocket) {
