@@ -101,6 +101,8 @@ inline std::string statusz_text() {
   line("io_multishot_accepts", io.multishot_accepts);
   line("io_rescued", io.rescued);
   line("io_heap_buffers", io.heap_buffers);
+  line("io_written_behind", io.written_behind);
+  line("io_linger_timers", io.linger_timers);
   line("pooled_buffers_in_use", weft::pooled_buffer::in_use());
   for (std::size_t w = 0; w < st.workers.size(); ++w) {
     std::string k = "worker" + std::to_string(w) + "_";

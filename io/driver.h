@@ -197,6 +197,10 @@ struct io_counters {
   // while its receive waited takes its buffer from the driver it started
   // on, so any thread may add to it, with add() (relaxed: statistic).
   std::atomic<std::uint64_t> heap_buffers{0};
+  // A gauge: timed cancels of lingering write-behinds armed whose timeout
+  // CQE has not been reaped (io_uring). The owner arms; the owner or the
+  // monitor's rescue reaps: add() and sub().
+  std::atomic<std::uint64_t> linger_timers{0};
   static void bump(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
     c.store(c.load(std::memory_order_relaxed) + n,
             std::memory_order_relaxed);  // relaxed: statistic, single writer
@@ -205,12 +209,18 @@ struct io_counters {
   static void add(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
     c.fetch_add(n, std::memory_order_relaxed);  // relaxed: statistic
   }
+  static void sub(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
+    c.fetch_sub(n, std::memory_order_relaxed);  // relaxed: statistic
+  }
 };
 
 // A snapshot of every worker's counters (io::stats()).
 struct io_stats {
   std::uint64_t ops = 0, parked = 0, submits = 0, completions = 0, multishot_accepts = 0,
                 rescued = 0, heap_buffers = 0, written_behind = 0;
+  // Timers bounding write-behinds that outlive their socket's close (see
+  // *Lingering* in io/fd_state.h) now armed: each ends with its send.
+  std::uint64_t linger_timers = 0;
   std::string driver;  // the first worker's driver name ("io_uring", "epoll")
   // The first worker's receive-buffer backing: "hugetlb", "thp",
   // "small_pages" (alloc/arena.h) or "heap".

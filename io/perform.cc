@@ -92,6 +92,7 @@ io_stats stats() {
     st.rescued += get(c.rescued);
     st.heap_buffers += get(c.heap_buffers);
     st.written_behind += get(c.written_behind);
+    st.linger_timers += get(c.linger_timers);
     if (st.driver.empty()) {
       st.driver = d->name();
       st.buffer_backing = d->buffer_backing();

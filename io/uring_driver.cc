@@ -814,6 +814,7 @@ void uring_driver::prep_timed_cancel(std::uint64_t key, std::int64_t ns) {
   ts.tv_nsec = ns % 1'000'000'000;
   io_uring_prep_timeout(sqe, &ts, 0, IORING_TIMEOUT_ABS);
   io_uring_sqe_set_data64(sqe, key | kLingerBit);
+  io_counters::add(counters_.linger_timers);
 }
 
 void uring_driver::cancel_send_behind_at(fd_state& st, std::uint64_t seq,
@@ -936,6 +937,7 @@ void uring_driver::reap(bool owner) {
       continue;
     }
     if (tag & kLingerBit) {  // a timed cancel's timeout expired (or was cancelled)
+      io_counters::sub(counters_.linger_timers);
       // Its send ended already: the key may be another send's by now.
       if (!linger_met(tag & ~kLingerBit) && cqe->res == -ETIME) cancel_tag(tag & ~kLingerBit);
       continue;
@@ -945,9 +947,17 @@ void uring_driver::reap(bool owner) {
       ++handed;
       behind_.fetch_sub(1, std::memory_order_relaxed);  // relaxed: see behind_
       // SAFETY: the write-behind holds a user of its fd_state until this call.
+      // Its timed cancel, if reaped later, cancels nothing; and it is
+      // cancelled now rather than left in the ring until its deadline
+      // (the linger cap: 60 s), so that a server dropping many peers keeps
+      // neither timeouts nor linger_halves_ entries for them. By key, as
+      // any cancel: a later send with the same key would need 65,536
+      // write-behinds at the same fd_state address before this cancel is
+      // submitted, at this worker's next flush (*Cancel keys*).
       if (reinterpret_cast<fd_state*>(tag & kAddressMask & ~kSendBehindBit)
-              ->on_write_behind_done(cqe->res))
-        (void)linger_met(tag);  // its timed cancel, if reaped later, cancels nothing
+              ->on_write_behind_done(cqe->res) &&
+          !linger_met(tag))
+        cancel_tag(tag | kLingerBit);
       continue;
     }
     if (tag & kMultishotBit) {

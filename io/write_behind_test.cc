@@ -473,6 +473,46 @@ TEST_P(WriteBehind, AWriteWithNoDeadlineOutlivingAnotherFibersCloseEndsAtTheLing
   if (skipped) GTEST_SKIP() << "no write-behind here";
 }
 
+// A lingering send that ends (the peer reads again) takes its timer with
+// it: a server that drops many stalled peers keeps no timer per dropped
+// peer for the linger cap's 60 s.
+TEST_P(WriteBehind, ALingeringSendThatEndsTakesItsTimerWithIt) {
+  bool skipped = false;
+  Run([&] {
+    if (!write_behind_on()) {
+      skipped = true;
+      return;
+    }
+    const std::uint64_t timers_before = io::stats().linger_timers;
+    bool lingered = false;
+    for (int attempt = 0; attempt < 3 && !lingered; ++attempt) {
+      auto [c, s] = connected_pair();
+      small_buffers(c, s);
+      const std::size_t off = fill_with_stream(c);
+      const std::string tail = stream_part(off, 2000);
+      ASSERT_TRUE(c.write(tail));  // no deadline: the cap (60 s) bounds it
+      auto closer = spawn([c = std::move(c)]() mutable { return c.close(); });
+      EXPECT_TRUE(closer.join());
+      // Armed by the close, unless the tail went first (then try again).
+      auto until = clock::now() + 1s;
+      while (io::stats().linger_timers == timers_before && clock::now() < until)
+        (void)this_fiber::sleep_for(5ms);
+      lingered = io::stats().linger_timers > timers_before;
+      std::string got;
+      read_to_end(s, &got);  // the send ends
+      expect_whole_stream(got, off + tail.size());
+      if (!lingered) continue;
+      until = clock::now() + 5s;
+      while (io::stats().linger_timers != timers_before && clock::now() < until)
+        (void)this_fiber::sleep_for(5ms);
+      EXPECT_EQ(io::stats().linger_timers, timers_before)
+          << "the timer of a send that ended stays armed";
+    }
+    EXPECT_TRUE(lingered) << "the write never stayed in flight past the close: nothing tested";
+  });
+  if (skipped) GTEST_SKIP() << "no write-behind here";
+}
+
 // Another fiber's shutdown(SHUT_WR) defers the end of the stream to the
 // send in flight; if that send is then cut short (its write's deadline),
 // the connection is reset instead: the peer must not take the stream as
