@@ -657,9 +657,11 @@ TEST(WriteBehindEnd, AWriteInFlightWhenTheRuntimeEndsIsCancelled) {
 // first (the peer read): its key (the fd_state's address, the send's
 // 16-bit number on its thread) must not then cancel a later send that has
 // the same key: a new fd_state at the freed address, 65536 write-behinds
-// later on the same thread. One worker, so every send is on one thread;
-// skipped where the allocator does not hand the address back at once
-// (ASan's quarantine).
+// later on the same thread. (The send's end now also cancels its timer;
+// the pairing in the driver, linger_met(), is what covers a timer that
+// fires before that cancel goes in.) One worker, so every send is on one
+// thread; skipped where the allocator does not hand the address back at
+// once (ASan's quarantine), or where the tail went at once.
 TEST(WriteBehindLinger, AStaleTimedCancelSparesALaterSendWithTheSameKey) {
   bool skipped = false;
   int rc = weft::run([&] {
@@ -680,7 +682,9 @@ TEST(WriteBehindLinger, AStaleTimedCancelSparesALaterSendWithTheSameKey) {
         if (!n || *n == 0) return;
       }
     };
-    const std::string tail(100, 't');
+    // As large as a write-behind goes: a smaller one may still fit the
+    // buffers fill_with_stream() left (a window update after its 50 ms).
+    const std::string tail(io::kWriteBehindMax, 't');
     // A: a send waiting for room, lingering after another fiber's close(),
     // with a timed cancel at its write's deadline.
     (void)fill_with_stream(c1);
@@ -689,7 +693,11 @@ TEST(WriteBehindLinger, AStaleTimedCancelSparesALaterSendWithTheSameKey) {
     EXPECT_TRUE(a->start_write_behind(*drv, tail, a_deadline));
     auto closer = spawn([a] { return a->close(); });
     EXPECT_TRUE(closer.join());
-    EXPECT_TRUE(a->write_behind_unsent());
+    if (!a->write_behind_unsent()) {  // it went at once: nothing lingers
+      a->release();
+      skipped = true;
+      return 0;
+    }
     const auto a_addr = reinterpret_cast<std::uintptr_t>(a);
     a->release();  // freed when its send ends
     // Its send ends (the peer reads): *a is freed, its timed cancel stays.
