@@ -222,12 +222,6 @@ bool fd_state::is_inet() noexcept {
   return k == kFamilyInet;
 }
 
-void fd_state::no_more_writes_behind() noexcept {
-  lock_.lock();
-  wb_shut_ = true;
-  lock_.unlock();
-}
-
 // Under lock_, with a write-behind in flight that outlives a call ending
 // the stream from a fiber other than its writer (*Lingering*): a settle
 // parked for it returns `err` (as that fiber's blocked send would), and the
@@ -254,10 +248,15 @@ sched::fiber* fd_state::linger_locked(int err) noexcept {
 
 bool fd_state::defer_shutdown() noexcept {
   lock_.lock();
+  // No write-behind starts from here on, decided with the look below under
+  // one lock: a writer's small write that started after a look found none
+  // in flight, and before wb_shut_ was set, would return success and then
+  // be refused (EPIPE) by the shutdown(2) that follows, and the peer would
+  // read a clean end of stream without its bytes.
+  wb_shut_ = true;
   const bool defer = wb_pending_ && !wb_done_ && !closed_;
   sched::fiber* aborted = nullptr;
   if (defer) {
-    wb_shut_ = true;
     wb_fin_ = true;
     aborted = linger_locked(EPIPE);
   }

@@ -62,7 +62,7 @@
 //   close(), release()    the object's owner; close() also from another
 //                         fiber while operations are in flight
 //   start_write_behind(), settle()   a fiber inside an fd_guard
-//   defer_shutdown(), no_more_writes_behind()   shutdown(), inside an fd_guard
+//   defer_shutdown()      shutdown(), inside an fd_guard
 //                         (a fiber or a plain thread)
 //   on_write_behind_done()   the driver, on its worker thread or the monitor's
 #pragma once
@@ -127,14 +127,14 @@ class fd_state {
   // With `unwind`, a cancelled wait calls sched::unwind_point() (a
   // socket's call); close() and shutdown(), which cannot throw, pass false.
   result<void> settle(clock::time_point deadline, std::source_location where, bool unwind);
-  // The socket's sending side was shut down (shutdown(SHUT_WR or
-  // SHUT_RDWR)): later writes go to the kernel, which refuses them with
-  // EPIPE at once, instead of behind the fiber.
-  void no_more_writes_behind() noexcept;
-  // shutdown(SHUT_WR) from a fiber other than the writer of the
-  // write-behind in flight: true if one is, and the end of the stream then
-  // goes after its bytes, when it ends (*Lingering*); later writes fail
-  // with EPIPE. False (nothing done) if none is in flight.
+  // The socket's sending side is being shut down (shutdown(SHUT_WR or
+  // SHUT_RDWR)): no write-behind starts any more (later writes go to the
+  // kernel, which refuses them with EPIPE at once), decided under the same
+  // lock as the look at the one in flight, so none slips in between. True
+  // if one is in flight, started by a fiber other than the caller's (the
+  // caller has settled its own): the end of the stream then goes after its
+  // bytes, when it ends (*Lingering*). False if none is: the caller then
+  // calls shutdown(2) itself.
   bool defer_shutdown() noexcept;
   // Whether the calling fiber started the write-behind in flight (it then
   // waits for it before ending the stream; another fiber does not).

@@ -415,15 +415,15 @@ result<void> tcp_stream::shutdown(int how) noexcept {
         !s)
       return g.closed() ? bad_fd_error() : std::unexpected(s.error());
   }
-  // Another fiber's write-behind in flight: the end of the stream goes
-  // after its bytes (*Lingering* in io/fd_state.h); the reading side ends now.
+  // From here no write-behind starts: a write that starts once the call
+  // has begun gets its EPIPE from the kernel, at once, not from a later
+  // call. Another fiber's write-behind in flight: the end of the stream
+  // goes after its bytes (*Lingering* in io/fd_state.h); the reading side
+  // ends now.
   if (how != SHUT_RD && st_->defer_shutdown()) {
     if (how == SHUT_RDWR && ::shutdown(g.fd(), SHUT_RD) < 0) return sys_error(errno);
     return {};
   }
-  // Before the call: a write that starts once it has begun gets its EPIPE
-  // from the kernel, at once, not from a later call.
-  if (how != SHUT_RD) st_->no_more_writes_behind();
   if (::shutdown(g.fd(), how) < 0) return sys_error(errno);
   return {};
 }
