@@ -155,12 +155,21 @@ struct plan {
     budget = 1 + r() % (256 * 1024);
     from_thread = r() % 2 == 0;
   }
-  // The known bug (DISABLED_AnotherThreadsShutdownOfASlowPeersStreamEndsIt)
-  // left out of the mix until fixed: another fiber's or thread's shutdown
-  // while the peer reads slowly.
-  plan& without_known_bug() {
+  // Not tested: another fiber's or thread's shutdown while the peer reads
+  // slowly through small buffers. The send that shutdown defers can be cut
+  // at the linger cap (WEFT_LINGER_MS=200 here), and the reset that follows
+  // may never reach the peer: the peer's kernel, short of memory for its
+  // 4 KiB receive buffer, prunes its queue and drops a segment (nstat:
+  // TcpExtRcvPruned), advertises a zero window, and then discards the reset,
+  // whose sequence number lies past that window, without a challenge ACK
+  // (RFC 5961; the kernel's own abortive close, SO_LINGER 0, sends the same
+  // reset). The peer then learns of the end only from its own deadline or
+  // keepalive, which this test's 10 s read would report as a hang (seed
+  // 2172064247 on 4 workers did, every time). The kernel alone, with no
+  // cap, would have gone on retransmitting; see *Lingering* in README.md.
+  plan& without_unacceptable_resets() {
     if ((end == ending::other_shutdown_wr || end == ending::other_shutdown_rdwr) &&
-        read == reading::slow)
+        read == reading::slow && small_bufs)
       read = reading::pausing;
     return *this;
   }
@@ -366,7 +375,7 @@ struct tally {
   }
 };
 
-void run_scenario(const plan& p, tally& t, bool thread_shutdowns = false) {
+void run_scenario(const plan& p, tally& t) {
   const std::string ctx = p.describe();
   auto [c, s] = connected_pair();
   if (p.small_bufs) {
@@ -412,9 +421,7 @@ void run_scenario(const plan& p, tally& t, bool thread_shutdowns = false) {
   };
   // A close or shutdown from a plain thread (allowed: io/fd_state.h) runs
   // truly beside the writer's calls, even on one worker.
-  // Not yet for a shutdown: see DISABLED_AnotherThreadsShutdownOfASlowPeersStreamEndsIt.
-  const bool shut = p.end == ending::other_shutdown_wr || p.end == ending::other_shutdown_rdwr;
-  if (p.from_thread && p.end != ending::stop_writer && (!shut || thread_shutdowns))
+  if (p.from_thread && p.end != ending::stop_writer)
     std::thread(act).join();
   else act();
   if (clock::now() - start > kSlack)
@@ -443,8 +450,12 @@ void run_scenario(const plan& p, tally& t, bool thread_shutdowns = false) {
     ADD_FAILURE() << ctx << "the peer got more than was ever written" << state;
   if (plog.clean_end && plog.got < wlog.acked)
     ADD_FAILURE() << ctx << "a clean end of stream with bytes of returned writes missing" << state;
-  if (plog.clean_end && (p.end == ending::peer_close || p.end == ending::peer_reset))
-    ADD_FAILURE() << ctx << "the peer read an end of stream before its own close" << state;
+  // A clean end after the peer's own close is possible: a read already
+  // under way when another fiber closed the stream completes with its
+  // result (io/fd_state.h: "or with its result if that came first"), and
+  // on epoll that receive can run after the close returned and the writer
+  // then closed (seed 4310288242, peer_close: 96129 bytes and the end).
+  // The check above still holds for it.
 }
 
 TEST_P(SocketSoak, StreamsEndedMidWriteDeliverAPrefixAndEndCleanOnlyWhenWhole) {
@@ -461,7 +472,7 @@ TEST_P(SocketSoak, StreamsEndedMidWriteDeliverAPrefixAndEndCleanOnlyWhenWhole) {
     std::vector<join_handle<void>> lanes;
     for (int l = 0; l < kLanes; ++l)
       lanes.push_back(spawn([&] {
-        for (int i; (i = next.fetch_add(1)) < count;) run_scenario(plan(base + i * 1000003ull).without_known_bug(), t);
+        for (int i; (i = next.fetch_add(1)) < count;) run_scenario(plan(base + i * 1000003ull).without_unacceptable_resets(), t);
       }, {.name = "soak lane"}));
     for (auto& l : lanes) l.join();
     std::printf("seed %llu; peer's clean end/reset/other by ending: %s\n",
@@ -483,25 +494,6 @@ TEST_P(SocketSoak, StreamsEndedMidWriteDeliverAPrefixAndEndCleanOnlyWhenWhole) {
   if (fds_outside >= 0) {
     EXPECT_EQ(testing::open_fds(), fds_outside);
   }
-}
-
-// BUG (found by this soak, not fixed): a plain thread's shutdown(SHUT_WR)
-// of a stream whose writer is busy with small writes to a slow peer: the
-// peer never reads the end of the stream (nor a reset), though the writer
-// then closes its stream; its read times out after 10 s. Deterministic with
-// this plan (ending other_shutdown_wr from a plain thread, peer slow, small
-// buffers, end after 81 ms), on 4 workers, io_uring with write-behind;
-// the same ending from a fiber passes. Suspect the *Lingering* path
-// entered from a plain thread (fd_state::defer_shutdown() ->
-// linger_locked() -> cancel_send_behind_at() queued from a non-owner
-// thread) or the deferred shutdown(SHUT_WR) in on_write_behind_done().
-TEST(SocketSoakBug, DISABLED_AnotherThreadsShutdownOfASlowPeersStreamEndsIt) {
-  scoped_env linger("WEFT_LINGER_MS", "200");
-  weft::run([&] {
-    tally t;
-    run_scenario(plan(2172064247ull), t, /*thread_shutdowns=*/true);
-    return 0;
-  }, {.workers = 4});
 }
 
 }  // namespace
