@@ -69,6 +69,10 @@ namespace {
 using namespace std::chrono_literals;
 using testing::Runtime;
 using testing::connected_pair;
+using testing::byte_at;
+using testing::scoped_env;
+using testing::stream_part;
+using testing::write_behind_on;
 
 class SocketSoak : public Runtime {};
 WEFT_RUNTIME_TEST_SUITE(SocketSoak);
@@ -81,37 +85,6 @@ constexpr int kScenarios = 40;
 constexpr clock::duration kSlack = 2s;
 #endif
 constexpr int kLanes = 4;  // scenarios running at once
-
-char byte_at(std::size_t i) { return static_cast<char>('a' + (i * 7 + i / 251) % 26); }
-
-std::string stream_part(std::size_t from, std::size_t n) {
-  std::string s(n, '\0');
-  for (std::size_t i = 0; i < n; ++i) s[i] = byte_at(from + i);
-  return s;
-}
-
-bool write_behind_on() {
-  const char* v = std::getenv("WEFT_WRITE_BEHIND");
-  return io::stats().driver == "io_uring" && !(v && std::string(v) == "0");
-}
-
-class scoped_env {
- public:
-  scoped_env(const char* name, const char* value) : name_(name) {
-    if (const char* old = std::getenv(name)) old_ = old;
-    ::setenv(name, value, 1);
-  }
-  ~scoped_env() {
-    if (old_) ::setenv(name_, old_->c_str(), 1);
-    else ::unsetenv(name_);
-  }
-  scoped_env(const scoped_env&) = delete;
-  scoped_env& operator=(const scoped_env&) = delete;
-
- private:
-  const char* name_;
-  std::optional<std::string> old_;
-};
 
 std::uint64_t env_u64(const char* name, std::uint64_t dflt) {
   const char* v = std::getenv(name);

@@ -1,6 +1,8 @@
 // io/socket_test_util.h — what the socket test files share: the address
 // of a listener, a listener whose accept queue is full, an echo server
-// fiber, open descriptors and a pipe. Test-only.
+// fiber, open descriptors and a pipe, a deterministic byte stream, whether
+// small writes go behind the fiber, and a scoped environment variable.
+// Test-only.
 #pragma once
 
 #include <dirent.h>
@@ -8,6 +10,8 @@
 #include <unistd.h>
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -110,5 +114,42 @@ inline void expect_echo_of(const std::string& addr, std::string_view msg) {
   EXPECT_EQ(back, msg);
   (void)c->close();
 }
+
+// io_uring, and WEFT_WRITE_BEHIND not "0": TCP streams then send small
+// writes behind the fiber (the kernel permitting: see io/uring_driver.cc's
+// make_uring_driver()). Only inside a run (it asks the running drivers).
+inline bool write_behind_on() {
+  const char* v = std::getenv("WEFT_WRITE_BEHIND");
+  return io::stats().driver == "io_uring" && !(v && std::string(v) == "0");
+}
+
+// Byte i of a test's stream, and n of its bytes from `from`: a receiver
+// can tell a gap, a repeat or a reordering from the bytes alone.
+inline char byte_at(std::size_t i) { return static_cast<char>('a' + (i * 7 + i / 251) % 26); }
+inline std::string stream_part(std::size_t from, std::size_t n) {
+  std::string s(n, '\0');
+  for (std::size_t i = 0; i < n; ++i) s[i] = byte_at(from + i);
+  return s;
+}
+
+// Sets an environment variable for the scope (for settings the runtime
+// reads when it starts: set it before weft::run), restoring it after.
+class scoped_env {
+ public:
+  scoped_env(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old;
+    ::setenv(name, value, 1);
+  }
+  ~scoped_env() {
+    if (old_) ::setenv(name_, old_->c_str(), 1);
+    else ::unsetenv(name_);
+  }
+  scoped_env(const scoped_env&) = delete;
+  scoped_env& operator=(const scoped_env&) = delete;
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
+};
 
 }  // namespace weft::testing

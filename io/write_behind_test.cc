@@ -34,26 +34,13 @@ using namespace std::chrono_literals;
 using testing::Runtime;
 using testing::addr_of;
 using testing::connected_pair;
+using testing::byte_at;
+using testing::scoped_env;
+using testing::stream_part;
+using testing::write_behind_on;
 
 class WriteBehind : public Runtime {};
 WEFT_RUNTIME_TEST_SUITE(WriteBehind);
-
-// io_uring, and WEFT_WRITE_BEHIND not "0": these tests' streams are TCP,
-// which sends behind by default (the kernel permitting: see
-// io/uring_driver.cc's make_uring_driver()).
-bool write_behind_on() {
-  const char* v = std::getenv("WEFT_WRITE_BEHIND");
-  return io::stats().driver == "io_uring" && !(v && std::string(v) == "0");
-}
-
-// Byte i of the test's stream.
-char byte_at(std::size_t i) { return static_cast<char>('a' + (i * 7 + i / 251) % 26); }
-
-std::string stream_part(std::size_t from, std::size_t n) {
-  std::string s(n, '\0');
-  for (std::size_t i = 0; i < n; ++i) s[i] = byte_at(from + i);
-  return s;
-}
 
 // Reads until end of stream (or 10 s), appending to *out.
 void read_to_end(tcp_stream& s, std::string* out) {
@@ -261,26 +248,6 @@ std::size_t fill_with_stream(tcp_stream& c) {
   }
   return off;
 }
-
-// Sets an environment variable for the scope (for settings the runtime
-// reads when it starts), restoring it after.
-class scoped_env {
- public:
-  scoped_env(const char* name, const char* value) : name_(name) {
-    if (const char* old = std::getenv(name)) old_ = old;
-    ::setenv(name, value, 1);
-  }
-  ~scoped_env() {
-    if (old_) ::setenv(name_, old_->c_str(), 1);
-    else ::unsetenv(name_);
-  }
-  scoped_env(const scoped_env&) = delete;
-  scoped_env& operator=(const scoped_env&) = delete;
-
- private:
-  const char* name_;
-  std::optional<std::string> old_;
-};
 
 // Reads s to its end (10 s at most). The writer sent the stream's first
 // `sent` bytes, perhaps cut short after its side was ended: then the
