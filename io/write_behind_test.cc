@@ -772,18 +772,22 @@ TEST(WriteBehindLinger, AStaleTimedCancelSparesALaterSendWithTheSameKey) {
       (void)fill_with_stream(c3);
       EXPECT_TRUE(c->start_write_behind(*drv, tail, clock::now() + 20s));
       (void)this_fiber::sleep_until(a_deadline + 300ms);  // A's stale cancel fires
-      EXPECT_TRUE(c->write_behind_unsent()) << "another send's timed cancel ended C's";
+      // Still in flight, unless the peer's window let the tail go early
+      // (fill_with_stream() is not exact): then nothing was there to spare.
+      const bool in_flight = c->write_behind_unsent();
       auto r = spawn([&, &s3 = s3] { drain(s3, 3s); });
+      // A cancel would end it with ECANCELED; sent whole, it settles clean.
       auto settled = c->settle(clock::now() + 5s, std::source_location::current(), false);
-      EXPECT_TRUE(settled) << settled.error().message();
+      EXPECT_TRUE(settled) << "another send's timed cancel ended C's: " << settled.error().message();
       r.join();
+      if (!in_flight) skipped = true;
     }
     (void)c->close();
     c->release();
     return 0;
   }, {.workers = 1});
   EXPECT_EQ(rc, 0);
-  if (skipped) GTEST_SKIP() << "no write-behind, or the address was not reused";
+  if (skipped) GTEST_SKIP() << "no write-behind, the address was not reused, or a tail went at once";
 }
 
 }  // namespace
