@@ -99,6 +99,7 @@ inline std::string statusz_text() {
   line("io_submits", io.submits);
   line("io_completions", io.completions);
   line("io_multishot_accepts", io.multishot_accepts);
+  line("io_multishot_recvs", io.multishot_recvs);
   line("io_rescued", io.rescued);
   line("io_heap_buffers", io.heap_buffers);
   line("io_written_behind", io.written_behind);

@@ -90,7 +90,7 @@ class accept_state final : public multishot_sink {
   // driver has no multishot accept (the caller accepts once instead).
   result<int> take(int listen_fd, clock::time_point deadline, std::source_location where);
   void shut() noexcept;
-  void on_result(int res, bool more) noexcept override;
+  void on_result(int res, std::uint32_t flags, bool more) noexcept override;
   void on_driver_gone() noexcept override;
   void unlink_on_close(std::string path);
 
@@ -252,7 +252,8 @@ result<int> accept_state::accept_now(int listen_fd) {
   return sys_error(e);
 }
 
-void accept_state::on_result(int res, bool more) noexcept {
+void accept_state::on_result(int res, std::uint32_t flags, bool more) noexcept {
+  (void)flags;
   std::vector<sched::fiber*> wake;
   int stray = -1;
   io_driver* stop = nullptr;

@@ -32,7 +32,8 @@
 //   io_driver::perform(), poll_now(), the sched::driver steps
 //                             the driver's own worker thread
 //   wait_for()                a fiber, inside a driver's perform()
-//   arm_multishot_accept()    a fiber, on the driver's own worker thread
+//   arm_multishot_accept(), arm_multishot_recv()
+//                             a fiber, on the driver's own worker thread
 //   cancel_multishot()        any thread
 //   multishot_sink::on_result()  the driver that armed it, on its thread
 //                             or the monitor's (as complete())
@@ -187,6 +188,7 @@ struct io_counters {
   std::atomic<std::uint64_t> submits{0};    // io_uring_submit/enter calls that submitted
   std::atomic<std::uint64_t> completions{0};  // CQEs or readiness events handled
   std::atomic<std::uint64_t> multishot_accepts{0};  // multishot accept SQEs armed (io_uring)
+  std::atomic<std::uint64_t> multishot_recvs{0};    // multishot receive SQEs armed (io_uring)
   std::atomic<std::uint64_t> written_behind{0};  // writes sent behind the fiber (*Write-behind*)
   // Completions (or cancels) handed to other workers while the owner was
   // stuck in one fiber; written by the monitor's rescue() only.
@@ -217,10 +219,15 @@ struct io_counters {
 // A snapshot of every worker's counters (io::stats()).
 struct io_stats {
   std::uint64_t ops = 0, parked = 0, submits = 0, completions = 0, multishot_accepts = 0,
+                multishot_recvs = 0,
                 rescued = 0, heap_buffers = 0, written_behind = 0;
   // Timers bounding write-behinds that outlive their socket's close (see
   // *Lingering* in io/fd_state.h) now armed: each ends with its send.
   std::uint64_t linger_timers = 0;
+  // Pooled buffers holding bytes a multishot receive brought before any
+  // read asked for them (io/recv.cc; bounded per socket by its
+  // back-pressure): a gauge, process-wide.
+  std::uint64_t recv_queued = 0;
   std::string driver;  // the first worker's driver name ("io_uring", "epoll")
   // The first worker's receive-buffer backing: "hugetlb", "thp",
   // "small_pages" (alloc/arena.h) or "heap".
@@ -229,14 +236,16 @@ struct io_stats {
 io_stats stats();
 
 // *Multishot operations*: one armed SQE that completes many times
-// (io_uring's multishot accept; see io/accept.cc). Its target is a sink
+// (io_uring's multishot accept, io/accept.cc, and multishot receive into
+// pooled buffers, io/recv.cc). Its target is a sink
 // on the heap, never on a fiber's stack: the CQEs arrive on the ring that
 // armed it, whichever worker the fiber that armed it runs on by then.
 class multishot_sink {
  public:
   // One completion, on the arming driver's thread. `more` false: the
   // kernel ended the multishot and this is the last call for this arming.
-  virtual void on_result(int res, bool more) noexcept = 0;
+  // `flags`: the CQE's (a receive's buffer id: IORING_CQE_F_BUFFER).
+  virtual void on_result(int res, std::uint32_t flags, bool more) noexcept = 0;
   // The arming driver is destroyed (after every worker joined) while the
   // multishot is still armed: no on_result() will follow.
   virtual void on_driver_gone() noexcept = 0;
@@ -278,6 +287,20 @@ class io_driver : public sched::driver {
   // the fibers parked for its results count instead (see *Deadlock* in
   // io/accept.cc).
   virtual void arm_multishot_accept(int fd, multishot_sink& s) { (void)fd, (void)s; }
+  // Whether arm_multishot_recv() can succeed on this driver.
+  virtual bool has_multishot_recv() const noexcept { return false; }
+  // Arms a multishot receive on stream socket `fd` into this driver's
+  // pooled buffers (see *Pooled receive buffers*), whose results go to `s`
+  // as arm_multishot_accept()'s: a result > 0 holds buffer `flags >>
+  // IORING_CQE_BUFFER_SHIFT` (pooled_buffer_at() finds it; the sink gives
+  // it back with release_buffer()). Submitted at once: the kernel holds
+  // the socket's file from then on, whatever becomes of the number.
+  virtual void arm_multishot_recv(int fd, multishot_sink& s) { (void)fd, (void)s; }
+  // The kernel refused a multishot receive (an old kernel): none is armed
+  // on this driver again. Any thread.
+  virtual void multishot_recv_refused() noexcept {}
+  // The address of pooled buffer `id` of this driver.
+  virtual char* pooled_buffer_at(std::uint32_t id) noexcept { (void)id; return nullptr; }
   // Asks the kernel to end the multishot armed for `s` (it then delivers
   // its last on_result). Any thread; harmless if it already ended.
   virtual void cancel_multishot(multishot_sink& s) noexcept { (void)s; }

@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "io/accept.h"
+#include "io/recv.h"
 
 namespace weft::io {
 
@@ -25,7 +26,20 @@ std::uint64_t current_fiber_id() noexcept {
 
 fd_state::~fd_state() {
   if (accept_) close_accept_state(accept_);  // gives back the listener's share
+  if (recv_state* r = recv_.load(std::memory_order_relaxed))  // relaxed: nobody else holds *this
+    close_recv_state(r);  // gives back the socket's share
   std::free(wb_buf_);  // null unless the driver went away with it in flight
+}
+
+recv_state* fd_state::make_recv() noexcept {
+  lock_.lock();
+  recv_state* r = recv_.load(std::memory_order_relaxed);  // relaxed: under lock_
+  if (!r && !closed_) {
+    r = new_recv_state();
+    recv_.store(r, std::memory_order_release);  // pairs with recv()'s acquire
+  }
+  lock_.unlock();
+  return r;
 }
 
 bool fd_state::closed() const noexcept {
@@ -136,8 +150,14 @@ result<void> fd_state::close(int* take_fd) noexcept {
   // needs lock_. The cancel itself only queues work for the slot's driver.
   for (fd_use* u = uses_; u; u = u->next) u->owner->cancel(*u->slot);
   bool idle = users_ == 0;
+  // relaxed: made under lock_ (make_recv()), which we hold.
+  recv_state* recv = recv_.load(std::memory_order_relaxed);
   lock_.unlock();
   if (aborted) sched::ready(aborted);  // SAFETY: its settle holds a user
+  // Its parked readers wake with EBADF and the multishot receive is
+  // cancelled (the kernel holds the socket open until it ends). *this,
+  // and so the state, lives until our caller's release().
+  if (recv) shut_recv_state(recv);
   // Its parked acceptors wake with EBADF and the multishot accept is
   // cancelled. The listener's share keeps the accept state alive.
   if (accept_) shut_accept_state(accept_);

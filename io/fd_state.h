@@ -13,7 +13,9 @@
 // call.
 //
 // Invariants:
-//   - lock_ guards closed_, owned_, users_ and uses_.
+//   - lock_ guards closed_, owned_, users_ and uses_, and the making of
+//     recv_ (a stream's multishot receive, io/recv.cc), which close()
+//     shuts: its parked readers wake with EBADF.
 //   - users_ counts the operations between enter() and leave(); uses_ lists
 //     those whose wait is attached (a completion slot the driver may still
 //     fill), so close() can cancel them. An attached fd_use's slot is
@@ -79,6 +81,7 @@
 namespace weft::io {
 
 class accept_state;
+class recv_state;
 
 class fd_state {
  public:
@@ -91,6 +94,16 @@ class fd_state {
 
   int fd() const noexcept { return fd_; }
   accept_state* accept() const noexcept { return accept_; }
+  // The stream's multishot receive state (io/recv.cc), made by its first
+  // pooled read; null once closed (the caller then fails with EBADF).
+  // acquire: pairs with the release that published the new state.
+  recv_state* recv() noexcept {
+    recv_state* r = recv_.load(std::memory_order_acquire);
+    return r ? r : make_recv();
+  }
+  // Whether a pooled read made one: read() and readv() then take what it
+  // queued first, and wait on it, so that no byte is read out of order.
+  recv_state* recv_if_made() const noexcept { return recv_.load(std::memory_order_acquire); }
   bool closed() const noexcept;
 
   // An operation begins: false (and nothing to undo) once closed.
@@ -160,9 +173,14 @@ class fd_state {
   // Whether the descriptor is an AF_INET or AF_INET6 socket (asked once).
   bool is_inet() noexcept;
   sched::fiber* linger_locked(int err) noexcept;
+  recv_state* make_recv() noexcept;
 
   const int fd_;
   accept_state* const accept_;
+  // Made under lock_ unless closed_, so that close() (which sets closed_
+  // under lock_, then shuts the state it finds) never misses one; read
+  // without the lock (recv()); deleted with *this.
+  std::atomic<recv_state*> recv_{nullptr};
   mutable weft::spinlock lock_;
   bool closed_ = false;      // guarded by lock_
   bool owned_ = true;        // guarded by lock_: the socket object holds it

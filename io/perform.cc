@@ -23,6 +23,7 @@
 #include <utility>
 
 #include "io/driver.h"
+#include "io/recv.h"
 #include "sched/scheduler.h"
 #include "sched/worker.h"
 
@@ -89,6 +90,7 @@ io_stats stats() {
     st.submits += get(c.submits);
     st.completions += get(c.completions);
     st.multishot_accepts += get(c.multishot_accepts);
+    st.multishot_recvs += get(c.multishot_recvs);
     st.rescued += get(c.rescued);
     st.heap_buffers += get(c.heap_buffers);
     st.written_behind += get(c.written_behind);
@@ -98,6 +100,7 @@ io_stats stats() {
       st.buffer_backing = d->buffer_backing();
     }
   }
+  st.recv_queued = recv_queued_buffers();
   return st;
 }
 

@@ -8,6 +8,7 @@
 #include "io/accept.h"
 #include "io/blocking.h"
 #include "io/fd_state.h"
+#include "io/recv.h"
 
 #include <arpa/inet.h>
 #include <netdb.h>
@@ -267,9 +268,60 @@ result<std::size_t> nothing_to_move(fd_state* st) {
 
 }  // namespace
 
+namespace {
+
+// One chunk from the stream's multishot receive (io/recv.cc), or nothing:
+// then the caller receives once the old way (no multishot here, or the
+// pool ran dry).
+std::optional<result<recv_chunk>> take_chunk(fd_state* st, recv_state* rs, clock::time_point deadline,
+                                             std::source_location where) {
+  fd_guard g(st);
+  if (!g) return bad_fd_error();
+  auto c = recv_take(rs, g.fd(), deadline, "tcp read", where);
+  if (c) return c;
+  if (g.closed()) return bad_fd_error();
+  if (c.error() == std::errc::not_supported) return std::nullopt;
+  return c;
+}
+
+// Copies what chunk c holds into `to`; what does not fit goes back to rs,
+// to be read next.
+result<std::size_t> copy_out(recv_state* rs, recv_chunk c, std::span<const iovec> to) {
+  if (c.res < 0) return std::unexpected(std::error_code(-c.res, std::system_category()));
+  std::size_t n = 0;
+  for (const iovec& v : to) {
+    std::size_t k = std::min(v.iov_len, c.size());
+    std::memcpy(v.iov_base, c.data(), k);
+    c.off += static_cast<std::uint32_t>(k);
+    n += k;
+    if (c.size() == 0) break;
+  }
+  if (c.res == 0) return 0;
+  if (c.size() > 0) recv_put_back(rs, c);
+  else c.owner->release_buffer(c.id, c.owner->pooled_buffer_at(c.id));
+  return n;
+}
+
+// read() and readv() on a stream whose pooled reads made a multishot
+// receive: they read through it, so that nothing it queued is skipped.
+std::optional<result<std::size_t>> read_queued(fd_state* st, std::span<const iovec> to,
+                                               clock::time_point deadline,
+                                               std::source_location where) {
+  recv_state* rs = st ? st->recv_if_made() : nullptr;
+  if (!rs) return std::nullopt;
+  auto c = take_chunk(st, rs, deadline, where);
+  if (!c) return std::nullopt;
+  if (!*c) return std::unexpected(c->error());
+  return copy_out(rs, **c, to);
+}
+
+}  // namespace
+
 result<std::size_t> tcp_stream::read(std::span<char> buf, deadline_arg d,
                                      std::source_location where) {
   if (buf.empty()) return nothing_to_move(st_);
+  const iovec one{buf.data(), buf.size()};
+  if (auto r = read_queued(st_, {&one, 1}, d.when, where)) return *r;
   op o{.kind = op_kind::recv, .buf = buf.data(), .len = buf.size()};
   auto r = perform_on(st_, o, d.when, "tcp read", where);
   if (!r) return std::unexpected(r.error());
@@ -280,6 +332,19 @@ result<pooled_buffer> tcp_stream::read_pooled(deadline_arg d, std::source_locati
   // The driver that lends the buffer is the one that performs the receive:
   // the worker the fiber is on now.
   io_driver* owner = current_driver();
+  // A multishot receive where this worker can arm one, or one armed already
+  // (perhaps on another worker's ring): see io/recv.cc.
+  if (st_ && ((owner && owner->has_multishot_recv()) || st_->recv_if_made())) {
+    recv_state* rs = st_->recv();
+    if (!rs) return bad_fd_error();
+    if (auto c = take_chunk(st_, rs, d.when, where)) {
+      if (!*c) return std::unexpected(c->error());
+      const recv_chunk& k = **c;
+      if (k.res < 0) return std::unexpected(std::error_code(-k.res, std::system_category()));
+      if (k.res == 0) return pooled_buffer();  // end of stream, nothing lent
+      return pooled_buffer(k.owner, k.id, k.data(), k.size());
+    }
+  }
   op o{.kind = op_kind::recv_pooled};
   o.poll_first = st_ && fd_state::write_behind_used() && st_->write_behind_unsent();
   auto r = perform_on(st_, o, d.when, "tcp read", where);
@@ -361,6 +426,7 @@ result<std::size_t> tcp_stream::readv(std::span<const iovec> bufs, deadline_arg 
                                       std::source_location where) {
   const std::span<const iovec> w = iov_window(bufs);
   if (w.empty()) return nothing_to_move(st_);
+  if (auto r = read_queued(st_, w, d.when, where)) return *r;
   msghdr m{};
   m.msg_iov = const_cast<iovec*>(w.data());  // the kernel only reads the array
   m.msg_iovlen = w.size();

@@ -984,6 +984,178 @@ TEST_P(Sockets, ResolveFindsLocalhostAndReportsUnknownNames) {
   });
 }
 
+// Whether pooled reads arm a multishot receive here (io/recv.cc): io_uring
+// with the buffer ring, WEFT_MULTISHOT_RECV not "0". Inside a run.
+bool multishot_recv_on() {
+  const char* v = std::getenv("WEFT_MULTISHOT_RECV");
+  const io_stats st = get_io_stats();
+  return st.driver == "io_uring" && st.buffer_backing != "heap" && !(v && std::string(v) == "0");
+}
+
+// read_pooled(), read() and readv() in turns on one stream: each takes up
+// where the last left off, whatever a pooled read's multishot queued or
+// a read() left of a buffer.
+TEST_P(Sockets, PooledAndPlainReadsInTurnsKeepTheStreamInOrder) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    constexpr std::size_t kBytes = 300 * 1024;
+    auto w = spawn([&] {
+      std::size_t sent = 0;
+      for (std::size_t n = 1; sent < kBytes; n = n * 3 % 9001 + 1) {
+        n = std::min(n, kBytes - sent);
+        ASSERT_TRUE(s.write_all(testing::stream_part(sent, n), deadline(20s)));
+        sent += n;
+      }
+    });
+    std::string got;
+    for (int turn = 0; got.size() < kBytes; ++turn) {
+      if (turn % 3 == 0) {
+        auto b = c.read_pooled(deadline(20s));
+        ASSERT_TRUE(b) << b.error().message();
+        ASSERT_FALSE(b->empty());
+        got.append(b->data().data(), b->size());
+      } else if (turn % 3 == 1) {
+        char buf[97];  // less than a chunk: the rest stays for the next read
+        auto n = c.read(buf, deadline(20s));
+        ASSERT_TRUE(n) << n.error().message();
+        ASSERT_GT(*n, 0u);
+        got.append(buf, *n);
+      } else {
+        char a[50], b[1000];
+        iovec v[2] = {{a, sizeof a}, {b, sizeof b}};
+        auto n = c.readv(v, deadline(20s));
+        ASSERT_TRUE(n) << n.error().message();
+        ASSERT_GT(*n, 0u);
+        got.append(a, std::min(*n, sizeof a));
+        if (*n > sizeof a) got.append(b, *n - sizeof a);
+      }
+    }
+    w.join();
+    ASSERT_EQ(got.size(), kBytes);
+    EXPECT_EQ(got, testing::stream_part(0, kBytes));
+    ASSERT_TRUE(s.shutdown(SHUT_WR));
+    auto end = c.read_pooled(deadline(5s));
+    ASSERT_TRUE(end) << end.error().message();
+    EXPECT_TRUE(end->empty());
+    EXPECT_EQ(get_io_stats().recv_queued, 0u);
+    EXPECT_EQ(pooled_buffer::in_use(), 0u);
+  });
+}
+
+// A pooled read that timed out loses nothing: what arrives after it waits
+// for the next read (in the multishot's queue, on io_uring).
+TEST_P(Sockets, AReadPooledThatTimedOutLosesNothing) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    auto r = c.read_pooled(deadline(30ms));
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error(), std::errc::timed_out);
+    ASSERT_TRUE(s.write_all(std::string_view("after the timeout"), deadline(5s)));
+    (void)this_fiber::sleep_for(50ms);  // it arrives while nobody reads
+    if (multishot_recv_on()) {
+      EXPECT_GE(get_io_stats().multishot_recvs, 1u);
+      EXPECT_EQ(get_io_stats().recv_queued, 1u);
+    }
+    auto b = c.read_pooled(deadline(5s));
+    ASSERT_TRUE(b) << b.error().message();
+    EXPECT_EQ(std::string_view(b->data().data(), b->size()), "after the timeout");
+    EXPECT_EQ(get_io_stats().recv_queued, 0u);
+  });
+}
+
+// A stream nobody reads after its first pooled read holds a few receive
+// buffers, not the pool: the multishot stops (*Back-pressure* in
+// io/recv.cc) and the rest waits in the kernel, whose window stops the
+// sender. Reading again takes every byte, in order.
+TEST_P(Sockets, AStreamNobodyReadsHoldsFewReceiveBuffers) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    ASSERT_TRUE(s.write_all(std::string_view("x"), deadline(5s)));
+    auto first = c.read_pooled(deadline(5s));  // arms the multishot
+    ASSERT_TRUE(first) << first.error().message();
+    ASSERT_EQ(first->size(), 1u);
+    constexpr std::size_t kBytes = 8 << 20;  // more than a ring's 4 MiB
+    auto w = spawn([&] {
+      std::size_t sent = 0;
+      while (sent < kBytes) {
+        const std::size_t n = std::min<std::size_t>(64 * 1024, kBytes - sent);
+        ASSERT_TRUE(s.write_all(testing::stream_part(sent, n), deadline(20s)));
+        sent += n;
+      }
+    });
+    (void)this_fiber::sleep_for(300ms);  // the sender fills what it can
+    const std::uint64_t queued = get_io_stats().recv_queued;
+    if (multishot_recv_on()) EXPECT_LE(queued, 32u) << "receive buffers queued unread";
+    std::size_t got = 0;
+    while (got < kBytes) {
+      auto b = c.read_pooled(deadline(20s));
+      ASSERT_TRUE(b) << b.error().message();
+      ASSERT_FALSE(b->empty());
+      ASSERT_EQ(std::string_view(b->data().data(), b->size()), testing::stream_part(got, b->size()))
+          << "at " << got;
+      got += b->size();
+    }
+    w.join();
+    EXPECT_EQ(got, kBytes);
+    EXPECT_EQ(get_io_stats().recv_queued, 0u);
+  });
+}
+
+// A close from another fiber wakes a reader parked in read_pooled with
+// EBADF and ends the connection for the peer, though the multishot held
+// the socket's file (the close cancels it).
+TEST_P(Sockets, ClosingAStreamParkedInReadPooledEndsItForThePeer) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    ASSERT_TRUE(s.write_all(std::string_view("hi"), deadline(5s)));
+    ASSERT_TRUE(c.read_pooled(deadline(5s)));
+    auto reader = spawn([&] { return c.read_pooled(deadline(10s)); });
+    (void)this_fiber::sleep_for(30ms);  // parked
+    ASSERT_TRUE(c.close());
+    auto r = reader.join();
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error(), std::errc::bad_file_descriptor);
+    char buf[8];
+    auto end = s.read(buf, deadline(5s));
+    ASSERT_TRUE(end) << end.error().message();
+    EXPECT_EQ(*end, 0u) << "the peer saw no end of stream";
+    EXPECT_EQ(get_io_stats().recv_queued, 0u);
+  });
+}
+
+// A stop request wakes a reader parked in read_pooled; the data that
+// comes after it is the next read's.
+TEST_P(Sockets, AStopRequestEndsAPooledReadAndLosesNothing) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    auto reader = spawn([&] { return c.read_pooled(deadline(10s)); });
+    (void)this_fiber::sleep_for(30ms);
+    reader.request_stop();
+    auto r = reader.join();
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error(), std::errc::operation_canceled);
+    ASSERT_TRUE(s.write_all(std::string_view("still here"), deadline(5s)));
+    auto b = c.read_pooled(deadline(5s));
+    ASSERT_TRUE(b) << b.error().message();
+    EXPECT_EQ(std::string_view(b->data().data(), b->size()), "still here");
+  });
+}
+
+// A stream that outlives the runtime with a reader parked in read_pooled:
+// the reader is unwound, the driver goes with the multishot still armed,
+// and the stream's later close touches no driver.
+TEST_P(Sockets, AStreamWithAMultishotReceiveOutlivesTheRuntime) {
+  static testing::tcp_pair* pair = nullptr;
+  Run([&] {
+    pair = new testing::tcp_pair(connected_pair());
+    spawn([] { (void)pair->client.read_pooled(); }).detach();
+    (void)this_fiber::sleep_for(20ms);
+  });
+  EXPECT_TRUE(pair->client.close());  // no driver to cancel on: the kernel ended it with the ring
+  delete pair;
+  pair = nullptr;
+}
+
 TEST_P(Sockets, MainReturningUnwindsFibersParkedInIo) {
   Run([&] {
     static tcp_listener ln;  // outlives the unwinding fibers

@@ -183,6 +183,14 @@ write_behind_mode write_behind_wanted() noexcept {
   return write_behind_mode::tcp;
 }
 
+// WEFT_MULTISHOT_RECV: "0" turns multishot receives off (read_pooled() then
+// arms one receive per call, as before; for A/B runs and as an escape
+// hatch); anything else leaves them on.
+bool multishot_recv_wanted() noexcept {
+  const char* v = std::getenv("WEFT_MULTISHOT_RECV");
+  return !(v && std::strcmp(v, "0") == 0);
+}
+
 // WEFT_LINGER_MS: see io_driver::linger_cap(). A count of milliseconds (0:
 // another fiber's close() ends the send at once); anything else, or more
 // than a day, is the default, with a line on stderr.
@@ -288,6 +296,19 @@ class uring_driver final : public io_driver {
   void flush_from_signal() noexcept;
   bool owner_computing() noexcept;
   bool has_multishot_accept() const noexcept override { return true; }
+  // A provided buffer ring (kernel 5.19) and the kernel's multishot
+  // receive (6.0; DEFER_TASKRUN, 6.1, says it is there) unless refused
+  // once or turned off (WEFT_MULTISHOT_RECV=0: multishot_recv_wanted()).
+  bool has_multishot_recv() const noexcept override {
+    return br_ && multishot_recv_ok_.load(std::memory_order_relaxed);  // relaxed: a hint
+  }
+  void arm_multishot_recv(int fd, multishot_sink& s) override;
+  void multishot_recv_refused() noexcept override {
+    multishot_recv_ok_.store(false, std::memory_order_relaxed);  // relaxed: a hint
+  }
+  char* pooled_buffer_at(std::uint32_t id) noexcept override {
+    return bufs_ + std::size_t{id} * kPooledBufferSize;
+  }
   // MSG_WAITALL sends: kernel 5.18; DEFER_TASKRUN (6.1) says it is newer.
   // On TCP by default; WEFT_WRITE_BEHIND chooses (see write_behind_wanted()).
   write_behind_mode sends_behind() const noexcept override { return sends_behind_; }
@@ -301,6 +322,7 @@ class uring_driver final : public io_driver {
                              clock::time_point deadline) noexcept override;
   void quiesce() override;
   void arm_multishot_accept(int fd, multishot_sink& s) override;
+  void arm_multishot(io_uring_sqe* sqe, multishot_sink& s);
   void cancel_multishot(multishot_sink& s) noexcept override;
   const char* name() const noexcept override { return "io_uring"; }
 
@@ -444,6 +466,7 @@ class uring_driver final : public io_driver {
   std::vector<std::uint64_t> cancel_scratch_;
   // Guarded by reap_lock_: the sinks of the multishots armed on this ring.
   std::vector<multishot_sink*> armed_;
+  std::atomic<bool> multishot_recv_ok_{multishot_recv_wanted()};
   // Guarded by reap_lock_: the keys of timed cancels (cancel_send_behind_at())
   // of which one CQE of two has been reaped, the send's or the timeout's.
   // A timeout that expires after its send ended must not cancel by key: by
@@ -838,6 +861,24 @@ void uring_driver::arm_multishot_accept(int fd, multishot_sink& s) {
   sq_section busy(*this);
   io_uring_sqe* sqe = get_sqe(1);
   io_uring_prep_multishot_accept(sqe, fd, nullptr, nullptr, SOCK_CLOEXEC);
+  arm_multishot(sqe, s);
+  io_counters::bump(counters_.multishot_accepts);
+}
+
+void uring_driver::arm_multishot_recv(int fd, multishot_sink& s) {
+  WEFT_CHECK(on_owner_thread(), "arm_multishot_recv: not on the owner's thread");
+  sq_section busy(*this);
+  io_uring_sqe* sqe = get_sqe(1);
+  io_uring_prep_recv_multishot(sqe, fd, nullptr, 0, 0);
+  sqe->flags |= IOSQE_BUFFER_SELECT;
+  sqe->buf_group = kBufGroup;
+  arm_multishot(sqe, s);
+  io_counters::bump(counters_.multishot_recvs);
+}
+
+// Under sq_section: files s as the target of the multishot prepared in sqe
+// and submits it.
+void uring_driver::arm_multishot(io_uring_sqe* sqe, multishot_sink& s) {
   // SAFETY: s is on the heap and stays alive until its last on_result()
   // (or on_driver_gone()); see *Multishot operations* in io/driver.h.
   io_uring_sqe_set_data64(sqe, reinterpret_cast<std::uintptr_t>(&s) | kMultishotBit);
@@ -847,10 +888,9 @@ void uring_driver::arm_multishot_accept(int fd, multishot_sink& s) {
   }
   // Not ++inflight_: see the invariants at the top.
   io_counters::bump(counters_.ops);
-  io_counters::bump(counters_.multishot_accepts);
-  // Submitted now, not at the loop's next turn: the accept() that armed it
-  // may return first (a deadline already past), and its listener be closed
-  // and the number reused; the kernel must hold the listener's file by then.
+  // Submitted now, not at the loop's next turn: the call that armed it
+  // may return first (a deadline already past), and its socket be closed
+  // and the number reused; the kernel must hold the socket's file by then.
   submit();
 }
 
@@ -873,7 +913,7 @@ void uring_driver::on_multishot_cqe(std::uint64_t tag, int res, std::uint32_t fl
   // SAFETY: the sink holds a share of its own state for the armed SQE and
   // drops it only in this last call (more == false); see io/accept.cc.
   // Thread-safe: rescue() calls it from the monitor.
-  s->on_result(res, more);
+  s->on_result(res, flags, more);
 }
 
 void uring_driver::arm_wake_read() {
