@@ -65,6 +65,7 @@
 #include "io/accept.h"
 #include "io/driver.h"
 #include "io/fd_state.h"
+#include "io/parked.h"
 #include "io/socket.h"
 #include "sched/scheduler.h"
 
@@ -102,7 +103,6 @@ class accept_state final : public multishot_sink {
   static result<int> accept_now(int listen_fd);
   static void publish(void* self, sched::wake_token t);
   void retract() noexcept;
-  void claim_locked(std::vector<sched::fiber*>& out, bool all) noexcept;
   io_driver* stop_locked() noexcept;
 
   // At most this many accepted descriptors wait in ready_ (a listener with
@@ -112,7 +112,7 @@ class accept_state final : public multishot_sink {
 
   weft::spinlock lock_;
   std::deque<int> ready_;                  // guarded by lock_: fds, or -errno
-  std::deque<sched::wake_token> waiters_;  // guarded by lock_
+  parked_fibers waiters_;                  // guarded by lock_
   io_driver* owner_ = nullptr;             // guarded by lock_: the arming driver
   bool armed_ = false;                     // guarded by lock_
   bool stopping_ = false;                  // guarded by lock_: a cancel of the armed multishot was sent
@@ -139,18 +139,16 @@ result<int> accept_once(fd_guard& g, clock::time_point deadline, std::source_loc
 // take() parked holding lock_.
 void accept_state::publish(void* self, sched::wake_token t) {
   auto* s = static_cast<accept_state*>(self);
-  s->waiters_.push_back(t);
+  s->waiters_.add(t);
   s->lock_.unlock();
 }
 
 // After a park that was not a notify: forgets this fiber's token if no
-// waker popped it. A fiber parks once at a time, so its token is the one
-// naming it. The last acceptor to give up stops the multishot
+// waker took it. The last acceptor to give up stops the multishot
 // (*Back-pressure*).
 void accept_state::retract() noexcept {
-  sched::fiber* me = sched::current_fiber();
   lock_.lock();
-  std::erase_if(waiters_, [me](const sched::wake_token& t) { return t.f == me; });
+  waiters_.forget_current();
   io_driver* stop = waiters_.empty() ? stop_locked() : nullptr;
   lock_.unlock();
   if (stop) stop->cancel_multishot(*this);
@@ -162,19 +160,6 @@ io_driver* accept_state::stop_locked() noexcept {
   if (!armed_ || stopping_ || closed_) return nullptr;
   stopping_ = true;
   return owner_;
-}
-
-// Under lock_: claims one parked acceptor (or all), skipping tokens whose
-// park already ended otherwise (their claim fails).
-void accept_state::claim_locked(std::vector<sched::fiber*>& out, bool all) noexcept {
-  while (!waiters_.empty()) {
-    sched::wake_token t = waiters_.front();
-    waiters_.pop_front();
-    if (sched::fiber* f = sched::claim(t, sched::wake_reason::notified)) {
-      out.push_back(f);
-      if (!all) return;
-    }
-  }
 }
 
 result<int> accept_state::take(int listen_fd, clock::time_point deadline,
@@ -271,8 +256,8 @@ void accept_state::on_result(int res, std::uint32_t flags, bool more) noexcept {
     if (res != -ECANCELED) ready_.push_back(res);
     // The multishot ended: wake everyone, so that one of them re-arms it
     // on its worker and the others park again behind it.
-    if (!more) claim_locked(wake, /*all=*/true);
-    else if (res != -ECANCELED) claim_locked(wake, /*all=*/false);
+    if (!more) waiters_.claim(wake, /*all=*/true);
+    else if (res != -ECANCELED) waiters_.claim(wake, /*all=*/false);
     if (more && ready_.size() >= cap_) stop = stop_locked();  // *Back-pressure*
   }
   lock_.unlock();
@@ -298,7 +283,7 @@ void accept_state::shut() noexcept {
   bool first = !closed_;
   closed_ = true;
   io_driver* owner = armed_ ? owner_ : nullptr;
-  claim_locked(wake, /*all=*/true);
+  waiters_.claim(wake, /*all=*/true);
   lock_.unlock();
   for (sched::fiber* f : wake) sched::ready(f);
   // The listener's share keeps *this alive across the call; the cancel

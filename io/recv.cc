@@ -33,7 +33,9 @@
 //     receive per read leaves unread bytes in the kernel's socket buffer
 //     (and TCP's window closes on the sender). So once kQueued chunks wait
 //     with no reader parked, the multishot is cancelled (stopping_); the
-//     next read that empties ready_ arms it again. When the pool runs dry
+//     next read that empties ready_ arms it again. The cancel reaches the
+//     kernel at the owner's next turn, and until then a wake-up may still
+//     deliver up to 32 chunks (the kernel's multishot retry limit). When the pool runs dry
 //     (-ENOBUFS ends the multishot), the next kDryReads reads receive once
 //     each the old way (into a heap buffer if the ring is still empty:
 //     io/uring_driver.cc's recv_pooled) before one arms again.
@@ -63,6 +65,7 @@
 #include <vector>
 
 #include "alloc/check.h"
+#include "io/parked.h"
 #include "sched/scheduler.h"
 
 namespace weft::io {
@@ -109,7 +112,6 @@ class recv_state final : public multishot_sink {
   }
   static void publish(void* self, sched::wake_token t);
   void retract() noexcept;
-  void claim_locked(std::vector<sched::fiber*>& out, bool all) noexcept;
 
   // Unread chunks that stop the multishot when no reader waits (see
   // *Back-pressure*): enough for a reader a few arrivals behind a stream.
@@ -119,7 +121,7 @@ class recv_state final : public multishot_sink {
 
   weft::spinlock lock_;
   std::vector<recv_chunk> ready_;             // guarded by lock_
-  std::vector<sched::wake_token> waiters_;    // guarded by lock_
+  parked_fibers waiters_;                     // guarded by lock_
   io_driver* owner_ = nullptr;                // guarded by lock_: the arming driver
   bool armed_ = false;                        // guarded by lock_
   bool stopping_ = false;                     // guarded by lock_: a cancel is on its way
@@ -138,30 +140,16 @@ std::uint64_t recv_queued_buffers() noexcept {
 // take() parked holding lock_.
 void recv_state::publish(void* self, sched::wake_token t) {
   auto* s = static_cast<recv_state*>(self);
-  s->waiters_.push_back(t);
+  s->waiters_.add(t);
   s->lock_.unlock();
 }
 
 // After a park that was not a notify: forgets this fiber's token if no
-// waker popped it (a fiber parks once at a time: its token names it).
+// waker took it.
 void recv_state::retract() noexcept {
-  sched::fiber* me = sched::current_fiber();
   lock_.lock();
-  std::erase_if(waiters_, [me](const sched::wake_token& t) { return t.f == me; });
+  waiters_.forget_current();
   lock_.unlock();
-}
-
-// Under lock_: claims one parked reader (or all), skipping tokens whose
-// park already ended otherwise (their claim fails).
-void recv_state::claim_locked(std::vector<sched::fiber*>& out, bool all) noexcept {
-  while (!waiters_.empty()) {
-    sched::wake_token t = waiters_.front();
-    waiters_.erase(waiters_.begin());
-    if (sched::fiber* f = sched::claim(t, sched::wake_reason::notified)) {
-      out.push_back(f);
-      if (!all) return;
-    }
-  }
 }
 
 result<recv_chunk> recv_state::take(int fd, clock::time_point deadline, const char* what,
@@ -260,8 +248,8 @@ void recv_state::on_result(int res, std::uint32_t flags, bool more) noexcept {
   }
   // The multishot ended: wake everyone, so that one re-arms it (or
   // receives once) on its worker and the others park again behind it.
-  if (!more) claim_locked(wake, /*all=*/true);
-  else if (queued) claim_locked(wake, /*all=*/false);
+  if (!more) waiters_.claim(wake, /*all=*/true);
+  else if (queued) waiters_.claim(wake, /*all=*/false);
   if (more && !stopping_ && ready_.size() >= kQueued && waiters_.empty()) {
     stopping_ = true;  // *Back-pressure*
     stop = from;
@@ -297,7 +285,7 @@ void recv_state::shut() noexcept {
   closed_ = true;
   io_driver* owner = armed_ && !stopping_ ? owner_ : nullptr;
   if (owner) stopping_ = true;
-  claim_locked(wake, /*all=*/true);
+  waiters_.claim(wake, /*all=*/true);
   drop.swap(ready_);
   lock_.unlock();
   for (sched::fiber* f : wake) sched::ready(f);

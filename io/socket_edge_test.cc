@@ -1063,10 +1063,13 @@ TEST_P(Sockets, AReadPooledThatTimedOutLosesNothing) {
   });
 }
 
-// A stream nobody reads after its first pooled read holds a few receive
-// buffers, not the pool: the multishot stops (*Back-pressure* in
-// io/recv.cc) and the rest waits in the kernel, whose window stops the
-// sender. Reading again takes every byte, in order.
+// A stream nobody reads after its first pooled read holds a few dozen
+// receive buffers, not the pool's 1,024: the multishot stops
+// (*Back-pressure* in io/recv.cc) and the rest waits in the kernel, whose
+// window stops the sender. The stop is a cancel that reaches the kernel at
+// the owning worker's next turn, and until then the kernel may deliver up
+// to 32 chunks per wake-up (its multishot retry limit): hence 4 + 2 * 32.
+// Reading again takes every byte, in order.
 TEST_P(Sockets, AStreamNobodyReadsHoldsFewReceiveBuffers) {
   Run([&] {
     auto [c, s] = connected_pair();
@@ -1085,7 +1088,9 @@ TEST_P(Sockets, AStreamNobodyReadsHoldsFewReceiveBuffers) {
     });
     (void)this_fiber::sleep_for(300ms);  // the sender fills what it can
     const std::uint64_t queued = get_io_stats().recv_queued;
-    if (multishot_recv_on()) EXPECT_LE(queued, 32u) << "receive buffers queued unread";
+    if (multishot_recv_on()) {
+      EXPECT_LE(queued, 68u) << "receive buffers queued unread";
+    }
     std::size_t got = 0;
     while (got < kBytes) {
       auto b = c.read_pooled(deadline(20s));
