@@ -29,6 +29,11 @@
 //     deletes the state, giving back the buffers still in ready_.
 //   - ready_ holds chunks in arrival order; once closed_, nothing is
 //     queued (arrivals give their buffer back) and nothing arms again.
+//   - A chunk names its driver and the count of drivers destroyed when it
+//     was queued: if that count moved since (a stream that outlives the
+//     runtime, its multishot ended or cancelled, so on_driver_gone() never
+//     reached it), the buffer went with its driver's arena and the chunk
+//     is forgotten, never given back (orphaned()).
 //   - *Back-pressure*: unread chunks hold pooled buffers, where a single
 //     receive per read leaves unread bytes in the kernel's socket buffer
 //     (and TCP's window closes on the sender). So once kQueued chunks wait
@@ -82,6 +87,15 @@ void count_queued(const recv_chunk& c, int delta) noexcept {
   if (c.res > 0) g_queued.fetch_add(delta, std::memory_order_relaxed);
 }
 
+// Drivers destroyed so far (recv_driver_destroyed()). acquire/release: a
+// reader that sees the count a chunk was queued under saw no destructor
+// begin since, so the chunk's owner is still there.
+std::atomic<std::uint32_t> g_drivers_gone{0};
+std::uint32_t drivers_gone() noexcept { return g_drivers_gone.load(std::memory_order_acquire); }
+// Whether chunk c's buffer may have gone with its driver: a stream that
+// outlives the runtime that queued it.
+bool orphaned(const recv_chunk& c) noexcept { return !c.owner || c.epoch != drivers_gone(); }
+
 }  // namespace
 
 class recv_state final : public multishot_sink {
@@ -108,7 +122,7 @@ class recv_state final : public multishot_sink {
   // A queued chunk nobody will read: its buffer back to its ring.
   static void give_back(const recv_chunk& c) noexcept {
     count_queued(c, -1);
-    if (c.res > 0 && c.owner) c.owner->release_buffer(c.id, c.owner->pooled_buffer_at(c.id));
+    if (c.res > 0 && !orphaned(c)) c.owner->release_buffer(c.id, c.owner->pooled_buffer_at(c.id));
   }
   static void publish(void* self, sched::wake_token t);
   void retract() noexcept;
@@ -166,6 +180,9 @@ result<recv_chunk> recv_state::take(int fd, clock::time_point deadline, const ch
       ready_.erase(ready_.begin());
       lock_.unlock();
       count_queued(c, -1);
+      // Queued by a runtime that ended since: its bytes went with that
+      // runtime's buffers, and the stream cannot go on in order.
+      if (c.res > 0 && orphaned(c)) return sys_error(EIO);
       return c;
     }
     if (!armed_) {
@@ -210,7 +227,7 @@ void recv_state::put_back(const recv_chunk& c) noexcept {
   lock_.lock();
   if (closed_) {
     lock_.unlock();
-    if (c.owner) c.owner->release_buffer(c.id, c.owner->pooled_buffer_at(c.id));
+    if (!orphaned(c)) c.owner->release_buffer(c.id, c.owner->pooled_buffer_at(c.id));
     return;
   }
   ready_.insert(ready_.begin(), c);
@@ -224,9 +241,11 @@ void recv_state::on_result(int res, std::uint32_t flags, bool more) noexcept {
   lock_.lock();
   io_driver* from = owner_;
   WEFT_DCHECK(from, "recv_state: a result with no arming driver");
-  recv_chunk c{.res = res, .owner = from};
+  recv_chunk c{.res = res, .owner = from, .epoch = drivers_gone()};
   const bool buffer = flags & IORING_CQE_F_BUFFER;
-  if (buffer) c.id = flags >> IORING_CQE_BUFFER_SHIFT;
+  // The buffer's id, also for one given back below (c.id is 0 then).
+  const std::uint32_t bid = buffer ? flags >> IORING_CQE_BUFFER_SHIFT : 0;
+  c.id = bid;
   if (!more) {
     armed_ = false;
     stopping_ = false;
@@ -258,7 +277,7 @@ void recv_state::on_result(int res, std::uint32_t flags, bool more) noexcept {
   for (sched::fiber* f : wake) sched::ready(f);
   // A buffer the kernel filled that nobody will read (closed; or the end
   // of the stream, which may come in one): back to its ring.
-  if (buffer && (!queued || res <= 0)) from->release_buffer(c.id, from->pooled_buffer_at(c.id));
+  if (buffer && (!queued || res <= 0)) from->release_buffer(bid, from->pooled_buffer_at(bid));
   if (refused) from->multishot_recv_refused();
   // The armed SQE's share keeps *this alive: its last CQE is still to come.
   if (stop) stop->cancel_multishot(*this);
@@ -294,6 +313,8 @@ void recv_state::shut() noexcept {
   // uses its address as a key. The last CQE (-ECANCELED) follows.
   if (owner) owner->cancel_multishot(*this);
 }
+
+void recv_driver_destroyed() noexcept { g_drivers_gone.fetch_add(1, std::memory_order_acq_rel); }
 
 recv_state* new_recv_state() { return new recv_state; }
 

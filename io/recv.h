@@ -19,12 +19,21 @@ struct recv_chunk {
   std::uint32_t id = 0;
   std::uint32_t off = 0;
   io_driver* owner = nullptr;
+  // recv_drivers_destroyed() when it was queued: a driver destroyed since
+  // may be `owner`, whose buffers went with it (see recv_driver_destroyed()).
+  std::uint32_t epoch = 0;
   char* data() const noexcept { return owner->pooled_buffer_at(id) + off; }
   std::size_t size() const noexcept { return static_cast<std::size_t>(res) - off; }
 };
 
 // Pooled buffers now queued in every socket's state, unread (io_stats).
 std::uint64_t recv_queued_buffers() noexcept;
+
+// An io_uring driver is being destroyed (its first step, before its
+// buffers go): chunks queued before then name a driver that may be gone,
+// so they are forgotten, not given back. Drivers go only when a runtime
+// ends, after every worker joined, all of them together.
+void recv_driver_destroyed() noexcept;
 
 // A new state holding one share, its socket's (fd_state's).
 recv_state* new_recv_state();

@@ -1161,6 +1161,27 @@ TEST_P(Sockets, AStreamWithAMultishotReceiveOutlivesTheRuntime) {
   pair = nullptr;
 }
 
+// A stream that outlives the runtime with receives queued and no
+// multishot armed (the peer's end of stream ended it): the queued chunks'
+// buffers went with their driver, so the stream's later close must not
+// give them back to it (a use after free; ASan sees it).
+TEST_P(Sockets, AStreamWithQueuedReceivesOutlivesTheRuntime) {
+  static testing::tcp_pair* pair = nullptr;
+  Run([&] {
+    pair = new testing::tcp_pair(connected_pair());
+    ASSERT_TRUE(pair->server.write_all(std::string_view("x"), deadline(5s)));
+    auto first = pair->client.read_pooled(deadline(5s));  // arms the multishot
+    ASSERT_TRUE(first) << first.error().message();
+    ASSERT_TRUE(pair->server.write_all(std::string_view("queued, never read"), deadline(5s)));
+    ASSERT_TRUE(pair->server.shutdown(SHUT_WR));  // the end of stream ends the multishot
+    (void)this_fiber::sleep_for(50ms);
+    if (multishot_recv_on()) EXPECT_EQ(get_io_stats().recv_queued, 1u);
+  });
+  EXPECT_TRUE(pair->client.close());
+  delete pair;
+  pair = nullptr;
+}
+
 TEST_P(Sockets, MainReturningUnwindsFibersParkedInIo) {
   Run([&] {
     static tcp_listener ln;  // outlives the unwinding fibers

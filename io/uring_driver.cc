@@ -117,6 +117,7 @@
 #include "alloc/check.h"
 #include "io/driver.h"
 #include "io/fd_state.h"
+#include "io/recv.h"
 #include "sched/worker.h"
 
 namespace weft::io {
@@ -262,6 +263,9 @@ class uring_driver final : public io_driver {
     tls_driver = this;
   }
   ~uring_driver() override {
+    // First: chunks its multishot receives queued stop naming it, also in
+    // states no longer armed here (a stream that outlives the runtime).
+    recv_driver_destroyed();
     // After every worker joined: nothing runs on the ring any more.
     io_uring_queue_exit(&ring_);
     // Multishots still armed (a listener that outlives the runtime) will
