@@ -188,7 +188,11 @@ result<recv_chunk> recv_state::take(int fd, clock::time_point deadline, const ch
     if (!armed_) {
       // Read here, not before a park: the fiber may have moved since.
       io_driver* d = current_driver();
-      if (refused_ || !d || !d->has_multishot_recv() || dry_ > 0) {
+      // A deadline already past: one receive the old way, which the kernel
+      // still tries once, takes what has arrived; a multishot armed now
+      // would deliver it only at this worker's next reap, after the park
+      // below timed out (as accept_now() in io/accept.cc).
+      if (refused_ || !d || !d->has_multishot_recv() || dry_ > 0 || deadline <= clock::now()) {
         if (dry_ > 0) --dry_;
         lock_.unlock();
         return std::unexpected(once);
