@@ -1195,7 +1195,9 @@ TEST_P(Sockets, AStreamWithQueuedReceivesOutlivesTheRuntime) {
     ASSERT_TRUE(pair->server.write_all(std::string_view("queued, never read"), deadline(5s)));
     ASSERT_TRUE(pair->server.shutdown(SHUT_WR));  // the end of stream ends the multishot
     (void)this_fiber::sleep_for(50ms);
-    if (multishot_recv_on()) EXPECT_EQ(get_io_stats().recv_queued, 1u);
+    if (multishot_recv_on()) {
+      EXPECT_EQ(get_io_stats().recv_queued, 1u);
+    }
   });
   EXPECT_TRUE(pair->client.close());
   delete pair;
