@@ -40,10 +40,11 @@
 //     with no reader parked, the multishot is cancelled (stopping_); the
 //     next read that empties ready_ arms it again. The cancel reaches the
 //     kernel at the owner's next turn, and until then a wake-up may still
-//     deliver up to 32 chunks (the kernel's multishot retry limit). When the pool runs dry
-//     (-ENOBUFS ends the multishot), the next kDryReads reads receive once
-//     each the old way (into a heap buffer if the ring is still empty:
-//     io/uring_driver.cc's recv_pooled) before one arms again.
+//     deliver up to 32 chunks (the kernel's multishot retry limit). When
+//     the pool runs dry (-ENOBUFS ends the multishot), the next kDryReads
+//     reads receive once each the old way (into a heap buffer if the ring
+//     is still empty: io/uring_driver.cc's recv_pooled) before one arms
+//     again. So does a read whose deadline has passed (see take()).
 //   - waiters_ holds the wake tokens of parked readers; a waker pops a
 //     token and claims it under lock_ (the lock a reader takes to retract
 //     its token after a timeout or cancel: the rule on sched::claim). A

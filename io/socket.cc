@@ -288,6 +288,7 @@ std::optional<result<recv_chunk>> take_chunk(fd_state* st, recv_state* rs, clock
 // to be read next.
 result<std::size_t> copy_out(recv_state* rs, recv_chunk c, std::span<const iovec> to) {
   if (c.res < 0) return std::unexpected(std::error_code(-c.res, std::system_category()));
+  if (c.res == 0) return 0;  // the end of the stream: no buffer
   std::size_t n = 0;
   for (const iovec& v : to) {
     std::size_t k = std::min(v.iov_len, c.size());
@@ -296,7 +297,6 @@ result<std::size_t> copy_out(recv_state* rs, recv_chunk c, std::span<const iovec
     n += k;
     if (c.size() == 0) break;
   }
-  if (c.res == 0) return 0;
   if (c.size() > 0) recv_put_back(rs, c);
   else c.owner->release_buffer(c.id, c.owner->pooled_buffer_at(c.id));
   return n;
