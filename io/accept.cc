@@ -207,15 +207,14 @@ result<int> accept_state::take(int listen_fd, clock::time_point deadline,
       continue;
     }
     // publish() records the token and unlocks lock_. See *Deadlock*.
-    sched::scheduler* s = sched::scheduler::instance();
-    s->add_outside_ref(+1);
+    sched::scheduler::add_fiber_outside_ref(+1);
     sched::wake_reason why = sched::park({.publish = &accept_state::publish,
                                           .arg = this,
                                           .deadline = deadline,
                                           .cancellable = true,
                                           .what = "tcp accept",
                                           .where = where});
-    s->add_outside_ref(-1);
+    sched::scheduler::add_fiber_outside_ref(-1);
     if (why == sched::wake_reason::notified) continue;  // the waker popped the token
     retract();  // queued descriptors stay for the next accept()
     if (why == sched::wake_reason::timed_out)

@@ -142,7 +142,6 @@ void run_on_pool(blocking_job& job, std::source_location where) {
     job.run(&job);
     return;
   }
-  sched::scheduler* s = sched::scheduler::instance();
   // SAFETY: job lives on this fiber's stack; the pool holds it until
   // complete(), and this fiber does not return before that.
   if (!the_pool().submit(&job)) {
@@ -150,7 +149,7 @@ void run_on_pool(blocking_job& job, std::source_location where) {
     job.run(&job);
     return;
   }
-  s->add_outside_ref(+1);
+  sched::scheduler::add_fiber_outside_ref(+1);
   if (!job.done.park_until_done(/*cancellable=*/false, clock::time_point::max(), "blocking",
                                 where)) {
     // Only the unwinder wakes a non-cancellable park early: parks now return
@@ -178,7 +177,7 @@ void run_on_pool(blocking_job& job, std::source_location where) {
   }
   // The pool thread is at most a few instructions from its last touch.
   while (!job.finished.load(std::memory_order_acquire)) sched_yield();  // pairs with loop()
-  s->add_outside_ref(-1);
+  sched::scheduler::add_fiber_outside_ref(-1);
 }
 
 }  // namespace weft::io::detail

@@ -210,15 +210,14 @@ result<recv_chunk> recv_state::take(int fd, clock::time_point deadline, const ch
     // publish() records the token and unlocks lock_. See *Deadlock*.
     if (io_driver* d = current_driver())
       io_counters::bump(d->counters().parked);  // on d's worker: its writer
-    sched::scheduler* s = sched::scheduler::instance();
-    s->add_outside_ref(+1);
+    sched::scheduler::add_fiber_outside_ref(+1);
     sched::wake_reason why = sched::park({.publish = &recv_state::publish,
                                           .arg = this,
                                           .deadline = deadline,
                                           .cancellable = true,
                                           .what = what,
                                           .where = where});
-    s->add_outside_ref(-1);
+    sched::scheduler::add_fiber_outside_ref(-1);
     if (why == sched::wake_reason::notified) continue;  // the waker popped the token
     retract();  // what arrives meanwhile waits in ready_ for the next read
     if (why == sched::wake_reason::timed_out)

@@ -582,5 +582,44 @@ TEST(SocketsDeath, AListenerNobodyAcceptsOnDoesNotHideADeadlock) {
       "all fibers are asleep - deadlock!(.|\n)*\"main\" \\[chan receive\\]");
 }
 
+// *Deadlock* in io/recv.cc, as the two above for accept: a fiber parked
+// in read_pooled() (io_uring: waiting on its stream's multishot receive)
+// can be woken from outside by a plain thread's send, so the run is no
+// deadlock; and a stream whose multishot stays armed with nobody reading
+// hides no deadlock.
+TEST_P(Sockets, AFiberParkedInReadPooledIsNotADeadlock) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    const int peer = s.native_handle();
+    std::thread sender([peer] {
+      std::this_thread::sleep_for(100ms);  // main is parked in read_pooled() by then
+      EXPECT_EQ(::send(peer, "x", 1, MSG_NOSIGNAL), 1);
+    });
+    auto b = c.read_pooled();  // every fiber asleep: only the sender can wake this
+    ASSERT_TRUE(b) << b.error().message();
+    EXPECT_EQ(b->size(), 1u);
+    sender.join();
+  });
+}
+
+TEST(SocketsDeath, AStreamNobodyReadsDoesNotHideADeadlock) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        exit_42_after(30s);  // generous: sanitizer builds on a busy machine
+        weft::run([] {
+          auto [c, s] = testing::connected_pair();
+          auto reader = spawn([&] { return c.read_pooled().has_value(); });  // arms it
+          (void)this_fiber::sleep_for(20ms);
+          (void)s.write_all(std::string_view("x"));
+          (void)reader.join();
+          channel<int> never(0);
+          (void)never.recv();
+        }, {.workers = 1});
+      },
+      ::testing::ExitedWithCode(2),
+      "all fibers are asleep - deadlock!(.|\n)*\"main\" \\[chan receive\\]");
+}
+
 }  // namespace
 }  // namespace weft

@@ -74,6 +74,9 @@ bool scheduler::report_deadlock_if_stuck() noexcept {
   // reference holder can wake anyone.
   if (nidle_.load(std::memory_order_relaxed) != worker_count()) return false;
   if (outside_refs_.load(std::memory_order_acquire) > 0) return false;
+  int fiber_refs = 0;  // relaxed: see worker::outside_refs_
+  for (const auto& w : workers_) fiber_refs += w->outside_refs_.load(std::memory_order_relaxed);
+  if (fiber_refs > 0) return false;
   if (!inject_.empty_hint()) return false;
   for (const auto& w : workers_) {
     if (w->timers_.armed() || w->io_when_idle_) return false;

@@ -453,6 +453,13 @@ void scheduler::start_fiber(fiber* f) {
   }
 }
 
+void scheduler::add_fiber_outside_ref(int delta) noexcept {
+  worker* w = current_worker();
+  WEFT_CHECK(w, "add_fiber_outside_ref: not on a worker");
+  w->outside_refs_.store(w->outside_refs_.load(std::memory_order_relaxed) + delta,
+                         std::memory_order_relaxed);  // relaxed: see outside_refs_
+}
+
 void scheduler::submit(fiber* f) noexcept {
   inject_.push(f);
   wake_idle_worker(/*fenced=*/true);

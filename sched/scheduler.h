@@ -185,6 +185,12 @@ class scheduler {
   void add_outside_ref(int delta) noexcept {
     outside_refs_.fetch_add(delta, std::memory_order_acq_rel);  // read under idle_mu_ by the detector
   }
+  // The same from a fiber, around one park (a blocking-pool call, a
+  // multishot's delivery: io/blocking.cc, io/accept.cc, io/recv.cc),
+  // counted on the calling worker, which alone writes its count: a wait
+  // touches no line shared between workers. The matching -1 may land on
+  // another worker (the fiber moved); the detector sums the counts.
+  static void add_fiber_outside_ref(int delta) noexcept;
 
   scheduler_stats stats() const;
   void dump(int fd) const;  // every fiber: id, name, state, park site

@@ -246,6 +246,11 @@ class worker {
   // timers are read live instead: a fiber elsewhere may cancel one while
   // this worker sleeps, which wakes nobody.)
   std::size_t io_when_idle_ = 0;
+  // scheduler::add_fiber_outside_ref()'s count on this worker (negative
+  // when a fiber that took its reference elsewhere dropped it here). The
+  // owner writes it (relaxed: a single writer) before it next registers
+  // idle under idle_mu_; the detector reads it under idle_mu_.
+  std::atomic<int> outside_refs_{0};
 
   worker_counters counters_;
   // The id of the fiber running here, 0 while in the loop: written by the
