@@ -202,11 +202,7 @@ std::optional<std::error_code> error_of(const result<T>& r) {
   return r.error();
 }
 
-// Sleeps a little, on a fiber or a thread.
-void pause(bool thread, std::chrono::microseconds d) {
-  if (thread) std::this_thread::sleep_for(d);
-  else (void)this_fiber::sleep_for(d);
-}
+// Lets others run, on a fiber or a thread.
 void relax(bool thread) {
   if (thread) std::this_thread::sleep_for(50us);
   else this_fiber::yield();
