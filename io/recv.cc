@@ -6,7 +6,7 @@
 // a buffer the kernel picks then, so an idle connection still holds none,
 // and a read costs no submission, no file lookup and no poll arming of its
 // own: the poll stays armed, as a hand-written event loop's does (the
-// loop in bench/ spends 5–9 % less CPU per echo request with it than with
+// loop in bench/ spends 6–9 % less CPU per echo request with it than with
 // one receive per read). The state keeps what arrived before a reader
 // asked for it in ready_; read_pooled() hands a chunk on as it is, read()
 // and readv() copy out of it (recv_put_back() keeps the rest in order).
