@@ -178,10 +178,10 @@ class scheduler {
   void request_exit() noexcept;
 
   // Plain threads that may wake fibers (channel users, the blocking pool)
-  // hold a reference while they can, and so does a fiber parked for
-  // something outside the runtime that no driver counts in pending() (a
-  // connection to a listener: io/accept.cc); the deadlock detector never
-  // fires while any is held.
+  // hold a reference while they can; a fiber parked for something outside
+  // the runtime that no driver counts in pending() holds one through
+  // add_fiber_outside_ref() below. The deadlock detector never fires while
+  // any is held.
   void add_outside_ref(int delta) noexcept {
     outside_refs_.fetch_add(delta, std::memory_order_acq_rel);  // read under idle_mu_ by the detector
   }
