@@ -44,7 +44,9 @@
 //     the pool runs dry (-ENOBUFS ends the multishot), the next kDryReads
 //     reads receive once each the old way (into a heap buffer if the ring
 //     is still empty: io/uring_driver.cc's recv_pooled) before one arms
-//     again. So does a read whose deadline has passed (see take()).
+//     again. So does a read whose deadline has passed (see take()); one
+//     that finds the multishot armed on its own worker's ring reaps that
+//     ring once before it gives up.
 //   - waiters_ holds the wake tokens of parked readers; a waker pops a
 //     token and claims it under lock_ (the lock a reader takes to retract
 //     its token after a timeout or cancel: the rule on sched::claim). A
@@ -170,6 +172,7 @@ void recv_state::retract() noexcept {
 result<recv_chunk> recv_state::take(int fd, clock::time_point deadline, const char* what,
                                     std::source_location where) {
   const auto once = std::make_error_code(std::errc::not_supported);
+  bool reaped = false;  // a past deadline's one look at the owner's ring (below)
   for (;;) {
     lock_.lock();
     if (closed_) {
@@ -205,6 +208,26 @@ result<recv_chunk> recv_state::take(int fd, clock::time_point deadline, const ch
       lock_.unlock();
       // Still on d's worker: nothing parked since current_driver().
       d->arm_multishot_recv(fd, *this);
+      continue;
+    }
+    // A plain thread (a socket call that waits is a fiber's): it cannot
+    // park here, nor hold a fiber's outside reference; it fails as its
+    // receive the old way does (io::perform(): not_supported).
+    if (!sched::current_fiber()) {
+      lock_.unlock();
+      return std::unexpected(once);
+    }
+    // A deadline already past with the multishot armed on this worker's
+    // ring: what has arrived in the socket is there only after this
+    // worker's next reap (the kernel runs the multishot's receive then),
+    // which the park below, timing out at once, would not wait for. So
+    // reap it now, once, as one receive per read takes what has arrived.
+    // (Armed on another worker's ring, it waits for that worker's reap.)
+    if (!reaped && deadline <= clock::now() && owner_ == current_driver()) {
+      reaped = true;
+      io_driver* d = owner_;
+      lock_.unlock();
+      d->poll_now();  // on d's worker: its owner thread; on_result() takes lock_
       continue;
     }
     // publish() records the token and unlocks lock_. See *Deadlock*.

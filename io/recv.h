@@ -46,7 +46,8 @@ void close_recv_state(recv_state* s) noexcept;
 // calling fiber's worker if none is armed, and parking until one arrives
 // or `deadline`. std::errc::not_supported: receive once the old way (this
 // worker's driver arms none, or the pool ran dry: see *Back-pressure* in
-// io/recv.cc). The caller holds an fd_guard on the socket.
+// io/recv.cc; or a plain thread found nothing queued: it cannot park).
+// The caller holds an fd_guard on the socket.
 result<recv_chunk> recv_take(recv_state* s, int fd, clock::time_point deadline, const char* what,
                              std::source_location where);
 // Gives a chunk the caller took and read only part of back, to be the

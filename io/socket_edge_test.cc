@@ -19,6 +19,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "io/socket_test_util.h"
@@ -1202,6 +1203,67 @@ TEST_P(Sockets, AStreamWithQueuedReceivesOutlivesTheRuntime) {
   EXPECT_TRUE(pair->client.close());
   delete pair;
   pair = nullptr;
+}
+
+// A read whose deadline is already past takes what has arrived also when
+// the stream's multishot is armed (an earlier pooled read armed it): the
+// bytes are in the socket, and one receive per read (epoll, or
+// WEFT_MULTISHOT_RECV=0) returns them; the multishot's arrival waits for
+// its worker's next reap, which a park that times out at once must not
+// skip. Pinned: the multishot is armed on the reader's worker.
+TEST_P(Sockets, AReadWithItsDeadlinePastTakesWhatHasArrivedWhileArmed) {
+  Run([&] {
+    spawn([&] {
+      auto [c, s] = connected_pair();
+      ASSERT_TRUE(s.write_all(std::string_view("x"), deadline(5s)));
+      {
+        auto first = c.read_pooled(deadline(5s));  // arms the multishot
+        ASSERT_TRUE(first) << first.error().message();
+      }
+      for (int i = 0; i < 20; ++i) {
+        const std::string msg = "more " + std::to_string(i);
+        // Straight into the kernel (no write-behind): in c's socket buffer
+        // when send returns (loopback).
+        ASSERT_EQ(::send(s.native_handle(), msg.data(), msg.size(), MSG_NOSIGNAL),
+                  static_cast<ssize_t>(msg.size()));
+        char buf[32];
+        auto n = c.read(buf, clock::now());
+        ASSERT_TRUE(n) << "round " << i << ": " << n.error().message();
+        EXPECT_EQ(std::string_view(buf, *n), msg);
+      }
+    }, {.pinned = true}).join();
+  });
+}
+
+// A plain thread's read fails (not_supported: socket calls that wait are a
+// fiber's), also on a stream whose multishot is armed with nothing queued:
+// it must not try to park the thread as a fiber (a WEFT_CHECK abort).
+TEST_P(Sockets, APlainThreadsReadOnAnArmedStreamFailsWithoutParking) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    ASSERT_TRUE(s.write_all(std::string_view("x"), deadline(5s)));
+    {
+      auto first = c.read_pooled(deadline(5s));  // arms the multishot
+      ASSERT_TRUE(first) << first.error().message();
+    }
+    std::error_code plain, pooled;
+    std::thread t([&] {
+      char buf[8];
+      auto r = c.read(buf, deadline(100ms));
+      plain = r ? std::error_code() : r.error();
+      auto b = c.read_pooled(deadline(100ms));
+      pooled = b ? std::error_code() : b.error();
+    });
+    t.join();
+    EXPECT_EQ(plain, std::errc::not_supported) << plain.message();
+    EXPECT_EQ(pooled, std::errc::not_supported) << pooled.message();
+    // The stream still works from a fiber.
+    ASSERT_TRUE(s.write_all(std::string_view("y"), deadline(5s)));
+    char buf[8];
+    auto n = c.read(buf, deadline(5s));
+    ASSERT_TRUE(n) << n.error().message();
+    EXPECT_EQ(std::string_view(buf, *n), "y");
+  });
 }
 
 TEST_P(Sockets, MainReturningUnwindsFibersParkedInIo) {
