@@ -6,8 +6,8 @@
 // spawn_join_handles), deep
 // fan-out/fan-in (skynet, skynet_handles), the cost of a switch through the scheduler
 // (yield, two fibers taking turns on one worker), memory per parked fiber
-// (idle_memory, idle_memory_small), and channels and locks (pingpong,
-// fanin, mutex); and one that measures the machine, not weft (xcore: how
+// (idle_memory, idle_memory_small), channels and locks (pingpong,
+// fanin, mutex) and the wake-up of a fiber gone cold (wake_cold); and one that measures the machine, not weft (xcore: how
 // long a cache line takes to move between two CPUs).
 // bench/compare_micro.sh runs each beside its Go peer (bench/peers/go) and
 // prints the ratios. Semantics match bench/peers/go/micro.go exactly.
@@ -21,6 +21,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -80,7 +81,16 @@ int spawn_join(long n) {
   double ns = 0;
   weft::run([&] {
     auto t0 = bench_clock::now();
-    weft::wait_group wg;
+    // On the heap and a line of its own, as the Go peer's WaitGroup is
+    // (the closure makes it escape): on the main fiber's stack it shared
+    // a line with the frames of the spawn calls below it, so every done()
+    // on the other worker fetched that line back from the spawner (perf:
+    // zero_waiter::add's first load was 13% of that worker's time).
+    struct alignas(64) own_line {
+      weft::wait_group wg;
+    };
+    auto box = std::make_unique<own_line>();
+    weft::wait_group& wg = box->wg;
     wg.add(n);
     for (long i = 0; i < n; ++i)
       weft::go([&] {
@@ -294,6 +304,55 @@ int mutex_bench(long n) {
   return 0;
 }
 
+// wake_cold: the wake-up of a fiber whose stack has gone cold, as a server
+// with thousands of connections wakes each connection's fiber for its next
+// request. 10,000 fibers park receiving, each on its own rendezvous
+// channel; one fiber sends to each in turn, n sends in all, and yields
+// after every 32nd, so the woken ones run in batches as a worker runs the
+// fibers of one reap of its ring (ns per send, counting the woken fiber's
+// run up to its next park). One worker: the wake and the resume, not
+// stealing. No Go peer: it guards weft's own resume path
+// (prefetch_resume() in sched/park.cc).
+int wake_cold(long n) {
+  constexpr long kFibers = 10'000;
+  const long rounds = std::max(1L, n / kFibers);
+  long sum = 0;
+  double ns = 0;
+  weft::options one_worker;
+  one_worker.workers = 1;
+  weft::run([&] {
+    std::vector<std::unique_ptr<weft::channel<long>>> chans;
+    chans.reserve(kFibers);
+    for (long i = 0; i < kFibers; ++i) chans.push_back(std::make_unique<weft::channel<long>>(0));
+    weft::wait_group wg;
+    wg.add(kFibers);
+    weft::latch started(kFibers);
+    for (long i = 0; i < kFibers; ++i)
+      weft::go([&, c = chans[i].get()] {
+        started.count_down();
+        long mine = 0;
+        for (long r = 0; r < rounds; ++r) mine += c->recv().value_or(0);
+        sum += mine;  // one worker: no race
+        wg.done();
+      });
+    // One worker: each fiber runs on to its receive and parks before the
+    // next one starts, so once all counted down, all are parked.
+    (void)started.wait();
+    auto t0 = bench_clock::now();
+    for (long r = 0; r < rounds; ++r)
+      for (long i = 0; i < kFibers; ++i) {
+        (void)chans[i]->send(1);
+        if (i % 32 == 31) weft::this_fiber::yield();  // the batch runs
+      }
+    (void)wg.wait();
+    ns = elapsed_ns(t0);
+    print_stats_if_asked();
+  }, one_worker);
+  if (sum != rounds * kFibers) return 1;
+  report("wake_cold", rounds * kFibers, ns / (rounds * kFibers), "ns/wake");
+  return 0;
+}
+
 // idle_memory: RSS growth per parked fiber. Each fiber counts down a latch,
 // then parks receiving on one shared channel, which is closed once the
 // measurement is taken (as the Go peer does with its gate channel).
@@ -398,6 +457,7 @@ int main(int argc, char** argv) {
   if (w == "pingpong") return pingpong(N(1'000'000));
   if (w == "fanin") return fanin(N(5'000'000));
   if (w == "mutex") return mutex_bench(N(10'000));
+  if (w == "wake_cold") return wake_cold(N(2'000'000));
   if (w == "xcore") return xcore(N(200'000));
   if (w == "idle_memory") return idle_memory("idle_memory", N(1'000'000), 0);
   if (w == "idle_memory_small")

@@ -49,25 +49,31 @@ enum class wake_reason : std::uint8_t {
 };
 
 struct fiber {
-  // --- set at spawn (ctx_ and stack_ at the first run), then immutable.
-  // Fields are ordered to pack: the block is per fiber, and a million
-  // parked fibers pay for every word of it.
-  exec_context ctx_;
+  // Fields are ordered to pack (the block is per fiber, and a million
+  // parked fibers pay for every word of it) and so that the first cache
+  // line holds what a waker touches: state_ (its claim's CAS), home_
+  // (where ready() queues it), and ctx_.fctx and stack_hi_ (ready()'s
+  // prefetch of the stack). A wake of a cold fiber then misses on one
+  // line of its block.
+  exec_context ctx_;  // switch state; fctx written at every switch away
+  // The park protocol (see sched/park.cc): written by park() (owner) and
+  // the wake CAS (any thread); acquire/release as stated at each use.
+  std::atomic<std::uint64_t> state_{0};
+  worker* home_ = nullptr;  // non-null: pinned to this worker (see unpin_on_start_)
+  const std::byte* stack_hi_ = nullptr;  // stack_.hi: where ready()'s prefetch stops
+
+  // --- set at spawn (stack_ at the first run), then immutable.
   alloc::stack stack_;               // empty until the first run
   std::uint32_t stack_want_ = 0;     // the stack size it asked for
   std::uint32_t reg_slot_ = 0;       // its slot in the fiber_registry
   std::uint64_t id_ = 0;
-  worker* home_ = nullptr;  // non-null: pinned to this worker
   void (*body_)(void*) = nullptr;     // runs the callable at callable_, destroys it
   void (*discard_)(void*) = nullptr;  // destroys the callable unrun
   void* callable_ = nullptr;          // the callable, after this block
   const char* name_ = "";             // its name, after the callable
 
-  // --- the park protocol (see sched/park.cc)
-  // Writers: park() (owner) and the wake CAS (any thread). acquire/release
-  // as stated at each use.
-  std::atomic<std::uint64_t> state_{0};
-  std::uint64_t gen_ = 0;             // owner: generation of the last park
+  // --- the rest of the park protocol (state_ is above)
+  std::uint64_t gen_ = 0;  // owner: generation of the last park
   // The generation whose after_park() has finished touching this block;
   // written by the parking worker, awaited by the fiber (see park.cc).
   std::atomic<std::uint64_t> after_park_gen_{0};

@@ -431,6 +431,7 @@ void scheduler::bind_stack(fiber* f, unsigned cache) {
   alloc::stack s = stacks_.allocate(f->stack_want_, cache);
   prepare_stack(s.lo, s.hi);
   f->stack_ = s;
+  f->stack_hi_ = s.hi;
   f->canary_ = stacks_.has_canary(s);
   fiber_of_stack(s) = f;
   make_fiber_context(f->ctx_, s.lo, s.hi - kStackTopReserve, &fiber_main, f);
