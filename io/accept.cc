@@ -202,8 +202,10 @@ result<int> accept_state::take(int listen_fd, clock::time_point deadline,
       owner_ = d;
       ref();  // the armed SQE's share, dropped by its last on_result()
       lock_.unlock();
-      // Still on d's worker: nothing parked since current_driver().
-      d->arm_multishot_accept(listen_fd, *this);
+      // Still on d's worker: nothing parked since current_driver(). If the
+      // kernel would not take it, the multishot ends before it began, with
+      // -EBUSY for an acceptor (a listener's passing error, as EMFILE).
+      if (!d->arm_multishot_accept(listen_fd, *this)) on_result(-EBUSY, 0, /*more=*/false);
       continue;
     }
     // publish() records the token and unlocks lock_. See *Deadlock*.

@@ -285,8 +285,13 @@ class io_driver : public sched::driver {
   // `s` until its on_result(.., more=false) or on_driver_gone(). The
   // caller runs on this driver's worker. It does not count in pending():
   // the fibers parked for its results count instead (see *Deadlock* in
-  // io/accept.cc).
-  virtual void arm_multishot_accept(int fd, multishot_sink& s) { (void)fd, (void)s; }
+  // io/accept.cc). False if the kernel would not take it (see *Arming
+  // reaches the kernel* in io/uring_driver.cc): nothing is armed, and no
+  // result comes to `s`.
+  virtual bool arm_multishot_accept(int fd, multishot_sink& s) {
+    (void)fd, (void)s;
+    return false;
+  }
   // Whether arm_multishot_recv() can succeed on this driver.
   virtual bool has_multishot_recv() const noexcept { return false; }
   // Arms a multishot receive on stream socket `fd` into this driver's
@@ -294,8 +299,12 @@ class io_driver : public sched::driver {
   // as arm_multishot_accept()'s: a result > 0 holds buffer `flags >>
   // IORING_CQE_BUFFER_SHIFT` (pooled_buffer_at() finds it; the sink gives
   // it back with release_buffer()). Submitted at once: the kernel holds
-  // the socket's file from then on, whatever becomes of the number.
-  virtual void arm_multishot_recv(int fd, multishot_sink& s) { (void)fd, (void)s; }
+  // the socket's file from then on, whatever becomes of the number. False
+  // as arm_multishot_accept()'s.
+  virtual bool arm_multishot_recv(int fd, multishot_sink& s) {
+    (void)fd, (void)s;
+    return false;
+  }
   // The kernel refused a multishot receive (an old kernel): none is armed
   // on this driver again. Any thread.
   virtual void multishot_recv_refused() noexcept {}

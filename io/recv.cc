@@ -206,8 +206,10 @@ result<recv_chunk> recv_state::take(int fd, clock::time_point deadline, const ch
       owner_ = d;
       ref();  // the armed SQE's share, dropped by its last on_result()
       lock_.unlock();
-      // Still on d's worker: nothing parked since current_driver().
-      d->arm_multishot_recv(fd, *this);
+      // Still on d's worker: nothing parked since current_driver(). If the
+      // kernel would not take it, the multishot ends before it began: as a
+      // dry pool's, the next reads receive once each the old way.
+      if (!d->arm_multishot_recv(fd, *this)) on_result(-EBUSY, 0, /*more=*/false);
       continue;
     }
     // A plain thread (a socket call that waits is a fiber's): it cannot
@@ -284,8 +286,8 @@ void recv_state::on_result(int res, std::uint32_t flags, bool more) noexcept {
   bool queued = false, refused = false;
   if (closed_ || res == -ECANCELED) {
     // Closed: dropped. -ECANCELED: our own cancel's, not news for a reader.
-  } else if (res == -ENOBUFS) {
-    dry_ = kDryReads;  // *Back-pressure*
+  } else if (res == -ENOBUFS || res == -EBUSY) {
+    dry_ = kDryReads;  // *Back-pressure*; -EBUSY: an arming the kernel did not take (take())
   } else if (res == -EINVAL && !more) {
     refused_ = refused = true;  // an old kernel: receive once per read from now on
   } else {

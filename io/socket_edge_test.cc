@@ -1266,6 +1266,72 @@ TEST_P(Sockets, APlainThreadsReadOnAnArmedStreamFailsWithoutParking) {
   });
 }
 
+// *Arming reaches the kernel* (io/uring_driver.cc): a multishot receive
+// whose every submit fails (WEFT_TEST_FAIL_ARM_SUBMITS: each of the
+// arming's tries fails as -EBUSY would, leaving the SQE queued) is armed
+// nowhere: the read receives once the old way, and a close then ends the
+// stream for the peer. An arming left queued would go to the kernel at the
+// worker's next submit, hold the socket's file past the close (the peer
+// would see no end), and take bytes from whatever the number named then.
+TEST_P(Sockets, AMultishotReceiveTheKernelWouldNotTakeIsArmedNowhere) {
+  testing::scoped_env fail("WEFT_TEST_FAIL_ARM_SUBMITS", "4");  // per driver; read when it starts
+  Run([&] {
+    auto [c, s] = connected_pair();
+    ASSERT_TRUE(s.write_all(std::string_view("hi"), deadline(5s)));
+    auto b = c.read_pooled(deadline(5s));
+    ASSERT_TRUE(b) << b.error().message();
+    EXPECT_EQ(std::string_view(b->data().data(), b->size()), "hi");
+    EXPECT_EQ(get_io_stats().multishot_recvs, 0u);
+    ASSERT_TRUE(c.close());
+    char buf[8];
+    auto end = s.read(buf, deadline(3s));
+    ASSERT_TRUE(end) << end.error().message();
+    EXPECT_EQ(*end, 0u) << "the peer saw no end of stream";
+  });
+}
+
+// One failed submit of the arming, then one the kernel takes: armed.
+TEST_P(Sockets, AMultishotReceiveArmsWhenALaterTryIsTaken) {
+  testing::scoped_env fail("WEFT_TEST_FAIL_ARM_SUBMITS", "1");
+  Run([&] {
+    auto [c, s] = connected_pair();
+    ASSERT_TRUE(s.write_all(std::string_view("hi"), deadline(5s)));
+    auto b = c.read_pooled(deadline(5s));
+    ASSERT_TRUE(b) << b.error().message();
+    EXPECT_EQ(std::string_view(b->data().data(), b->size()), "hi");
+    if (multishot_recv_on()) {
+      EXPECT_EQ(get_io_stats().multishot_recvs, 1u);
+    }
+  });
+}
+
+// A multishot accept the kernel would not take: that accept fails with
+// EBUSY (a listener's passing error, as EMFILE), and the listener goes on.
+TEST_P(Sockets, AnAcceptWhoseMultishotTheKernelWouldNotTakeFailsAndTheListenerGoesOn) {
+  testing::scoped_env fail("WEFT_TEST_FAIL_ARM_SUBMITS", "4");
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    // Pinned: the first arming is on this worker's driver, whatever the count.
+    auto acceptor = spawn([&] {
+      const bool uring = get_io_stats().driver == "io_uring";
+      auto first = ln.accept(deadline(5s));  // nothing queued yet: it arms
+      if (!uring) return first;
+      EXPECT_FALSE(first) << "the first accept's arming should have failed";
+      if (first) return first;
+      EXPECT_EQ(first.error(), std::errc::device_or_resource_busy) << first.error().message();
+      return ln.accept(deadline(5s));
+    }, {.pinned = true});
+    (void)this_fiber::sleep_for(20ms);
+    auto c = tcp_stream::connect(addr_of(ln), deadline(5s));
+    ASSERT_TRUE(c) << c.error().message();
+    auto s = acceptor.join();
+    ASSERT_TRUE(s) << s.error().message();
+    ASSERT_TRUE(s->write_all(std::string_view("ok"), deadline(5s)));
+    char buf[2];
+    EXPECT_TRUE(c->read_exact(buf, deadline(5s)));
+  });
+}
+
 TEST_P(Sockets, MainReturningUnwindsFibersParkedInIo) {
   Run([&] {
     static tcp_listener ln;  // outlives the unwinding fibers

@@ -192,6 +192,14 @@ bool multishot_recv_wanted() noexcept {
   return !(v && std::strcmp(v, "0") == 0);
 }
 
+// WEFT_TEST_FAIL_ARM_SUBMITS: for tests, the count of submits of a
+// multishot's arming (see arm_multishot()) that fail as -EBUSY would,
+// leaving the SQE queued; 0 (none) otherwise.
+int fail_arm_submits_wanted() noexcept {
+  const char* v = std::getenv("WEFT_TEST_FAIL_ARM_SUBMITS");
+  return v ? std::atoi(v) : 0;
+}
+
 // WEFT_LINGER_MS: see io_driver::linger_cap(). A count of milliseconds (0:
 // another fiber's close() ends the send at once); anything else, or more
 // than a day, is the default, with a line on stderr.
@@ -306,7 +314,7 @@ class uring_driver final : public io_driver {
   bool has_multishot_recv() const noexcept override {
     return br_ && multishot_recv_ok_.load(std::memory_order_relaxed);  // relaxed: a hint
   }
-  void arm_multishot_recv(int fd, multishot_sink& s) override;
+  bool arm_multishot_recv(int fd, multishot_sink& s) override;
   void multishot_recv_refused() noexcept override {
     multishot_recv_ok_.store(false, std::memory_order_relaxed);  // relaxed: a hint
   }
@@ -325,8 +333,9 @@ class uring_driver final : public io_driver {
   void cancel_send_behind_at(fd_state& st, std::uint64_t seq,
                              clock::time_point deadline) noexcept override;
   void quiesce() override;
-  void arm_multishot_accept(int fd, multishot_sink& s) override;
-  void arm_multishot(io_uring_sqe* sqe, multishot_sink& s);
+  bool arm_multishot_accept(int fd, multishot_sink& s) override;
+  bool arm_multishot(io_uring_sqe* sqe, multishot_sink& s);
+  bool sq_taken(unsigned pos) const noexcept;
   void cancel_multishot(multishot_sink& s) noexcept override;
   const char* name() const noexcept override { return "io_uring"; }
 
@@ -471,6 +480,9 @@ class uring_driver final : public io_driver {
   // Guarded by reap_lock_: the sinks of the multishots armed on this ring.
   std::vector<multishot_sink*> armed_;
   std::atomic<bool> multishot_recv_ok_{multishot_recv_wanted()};
+  // Owner only: arming submits that fail on purpose, as -EBUSY would
+  // (WEFT_TEST_FAIL_ARM_SUBMITS; tests of *Arming reaches the kernel*).
+  int fail_arm_submits_ = fail_arm_submits_wanted();
   // Guarded by reap_lock_: the keys of timed cancels (cancel_send_behind_at())
   // of which one CQE of two has been reaped, the send's or the timeout's.
   // A timeout that expires after its send ended must not cancel by key: by
@@ -860,29 +872,54 @@ void uring_driver::cancel_send_behind_at(fd_state& st, std::uint64_t seq,
 
 // ---- Multishot operations ----------------------------------------------------
 
-void uring_driver::arm_multishot_accept(int fd, multishot_sink& s) {
+bool uring_driver::arm_multishot_accept(int fd, multishot_sink& s) {
   WEFT_CHECK(on_owner_thread(), "arm_multishot_accept: not on the owner's thread");
   sq_section busy(*this);
   io_uring_sqe* sqe = get_sqe(1);
   io_uring_prep_multishot_accept(sqe, fd, nullptr, nullptr, SOCK_CLOEXEC);
-  arm_multishot(sqe, s);
+  if (!arm_multishot(sqe, s)) return false;
   io_counters::bump(counters_.multishot_accepts);
+  return true;
 }
 
-void uring_driver::arm_multishot_recv(int fd, multishot_sink& s) {
+bool uring_driver::arm_multishot_recv(int fd, multishot_sink& s) {
   WEFT_CHECK(on_owner_thread(), "arm_multishot_recv: not on the owner's thread");
   sq_section busy(*this);
   io_uring_sqe* sqe = get_sqe(1);
   io_uring_prep_recv_multishot(sqe, fd, nullptr, 0, 0);
   sqe->flags |= IOSQE_BUFFER_SELECT;
   sqe->buf_group = kBufGroup;
-  arm_multishot(sqe, s);
+  if (!arm_multishot(sqe, s)) return false;
   io_counters::bump(counters_.multishot_recvs);
+  return true;
+}
+
+// Whether the kernel has taken the SQE at SQ ring position `pos`: its head
+// has moved past it. acquire: the kernel's store of the head.
+bool uring_driver::sq_taken(unsigned pos) const noexcept {
+  return static_cast<int>(io_uring_smp_load_acquire(ring_.sq.khead) - pos) > 0;
 }
 
 // Under sq_section: files s as the target of the multishot prepared in sqe
-// and submits it.
-void uring_driver::arm_multishot(io_uring_sqe* sqe, multishot_sink& s) {
+// (the last SQE got) and submits it. False if the kernel would not take it:
+// s is unfiled again, the SQE is a no-op, and nothing is armed.
+//
+// *Arming reaches the kernel*: submitted now, not at the loop's next turn,
+// because nothing else holds the socket for it: the call that armed it
+// may return first (a deadline already past), its socket be closed and
+// the number reused, and an SQE still queued then would receive (or
+// accept) on whatever the number names by the next submit, taking
+// another connection's bytes. A submit can fail with the SQE still queued
+// (-EBUSY while the kernel holds overflowed completions it has no room
+// for in the CQ ring; -EAGAIN short of memory). So the arming reaps, which
+// makes that room, and submits again, a few times; if the kernel still
+// has not taken the SQE, it becomes a no-op (the kernel has not read it:
+// this thread alone submits) and the caller arms nothing (see
+// recv_state::take(), accept_state::take()).
+bool uring_driver::arm_multishot(io_uring_sqe* sqe, multishot_sink& s) {
+  constexpr int kTries = 4;
+  const unsigned pos = ring_.sq.sqe_tail - 1;  // the last SQE got: get_sqe() for this one
+  WEFT_DCHECK(sqe == &ring_.sq.sqes[pos & ring_.sq.ring_mask], "arm_multishot: not the last SQE");
   // SAFETY: s is on the heap and stays alive until its last on_result()
   // (or on_driver_gone()); see *Multishot operations* in io/driver.h.
   io_uring_sqe_set_data64(sqe, reinterpret_cast<std::uintptr_t>(&s) | kMultishotBit);
@@ -890,12 +927,27 @@ void uring_driver::arm_multishot(io_uring_sqe* sqe, multishot_sink& s) {
     std::lock_guard g(reap_lock_);  // armed_ (see *Rescue*); held briefly by rescue()
     armed_.push_back(&s);
   }
-  // Not ++inflight_: see the invariants at the top.
-  io_counters::bump(counters_.ops);
-  // Submitted now, not at the loop's next turn: the call that armed it
-  // may return first (a deadline already past), and its socket be closed
-  // and the number reused; the kernel must hold the socket's file by then.
-  submit();
+  for (int i = 0; i < kTries; ++i) {
+    if (i > 0 && reap_lock_.try_lock()) {  // else rescue() is reaping: room all the same
+      reap(/*owner=*/true);
+      reap_lock_.unlock();
+    }
+    if (fail_arm_submits_ > 0) {
+      --fail_arm_submits_;  // a test's -EBUSY: the SQE stays queued
+    } else {
+      submit();
+    }
+    if (sq_taken(pos)) {
+      // Not ++inflight_: see the invariants at the top.
+      io_counters::bump(counters_.ops);
+      return true;
+    }
+  }
+  io_uring_prep_nop(sqe);
+  io_uring_sqe_set_data64(sqe, kIgnoreTag);
+  std::lock_guard g(reap_lock_);
+  armed_.erase(std::find(armed_.begin(), armed_.end(), &s));
+  return false;
 }
 
 void uring_driver::cancel_multishot(multishot_sink& s) noexcept {
