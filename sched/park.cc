@@ -377,7 +377,7 @@ namespace {
 // the top. A fixed count, unrolled into that many instructions; on x86-64
 // as volatile asm, since GCC deleted the loop of __builtin_prefetch from
 // the binary in some versions of this function.
-// The smallest stack (kSmallStack, 2 KiB) holds the window.
+// The smallest stack class (1 KiB, alloc/stack_pool.cc) holds the window.
 //
 // A hint: nothing is read through it, and a stale address only loads the
 // wrong lines. fctx was written before the park's publish step, which
