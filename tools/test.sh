@@ -10,7 +10,11 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 bash tools/setup.sh
 
-bazel test //... "$@" 2>&1 | tee /tmp/weft-test.log
+# A log of this run's own: runs of two configurations at once (asan and
+# tsan side by side) each count only their own failures.
+log=$(mktemp /tmp/weft-test.XXXXXX)
+trap 'rm -f "$log"' EXIT
+bazel test //... "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 
 logs=$(bazel info "$@" bazel-testlogs 2>/dev/null)
@@ -56,7 +60,7 @@ while IFS= read -r line; do
   xml="$logs/${target#//}"
   xml="${xml/://}/test.xml"
   if [ ! -f "$xml" ] || ! grep -q '<failure' "$xml"; then failed=$((failed + 1)); fi
-done < <(grep -E '^//[^ ]+ +(FAILED|TIMEOUT|NO STATUS)' /tmp/weft-test.log || true)
+done < <(grep -E '^//[^ ]+ +(FAILED|TIMEOUT|NO STATUS)' "$log" || true)
 if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi
 [ "$skipped" -eq 0 ] || echo "$skipped skipped (GTEST_SKIP: see their messages in the test logs)"
 echo "$passed passed, $failed failed"
