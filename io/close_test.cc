@@ -10,6 +10,9 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #include "io/socket_test_util.h"
@@ -226,6 +229,53 @@ TEST_P(Close, CloseRacingAReaderAndAWriterNeitherHangsNorInventsData) {
       echo.join();
       EXPECT_LE(got.load(), put);
       EXPECT_LT(clock::now() - t0, 5s);
+    }
+  });
+}
+
+// Data that arrived before a close() is the parked reader's even when the
+// close runs first: the arrival woke the reader (its chunk queued, the
+// reader runnable), and the closing fiber, queued ahead of it on the same
+// worker, closes before it runs. The reader gets the bytes; its next call
+// gets EBADF. (io_uring's multishot receive queues the chunk; on epoll the
+// reader receives after it runs, when the socket is gone: nothing arrived
+// for it yet, and EBADF is its result.)
+TEST_P(Close, AReaderWokenByDataGetsItEvenIfACloseRunsFirst) {
+  Run([&] {
+    // See above; WEFT_MULTISHOT_RECV=0 receives once per read, as epoll.
+    const char* ms = std::getenv("WEFT_MULTISHOT_RECV");
+    if (io::stats().driver != "io_uring" || (ms && std::string(ms) == "0")) return;
+    for (int round = 0; round < 20; ++round) {
+      auto [c, s] = connected_pair();
+      // Both on this worker: the close can run between the reader's wake
+      // and its run only if the two take turns on one worker.
+      spawn_options here{.pinned = true, .worker = static_cast<int>(this_fiber::worker_index())};
+      auto reader = spawn([&c = c]() -> result<std::string> {
+        auto b = c.read_pooled(deadline(10s));
+        if (!b) return std::unexpected(b.error());
+        std::string got(b->data().begin(), b->data().end());
+        if (auto again = c.read_pooled(deadline(10s)); again)
+          return std::unexpected(std::make_error_code(std::errc::invalid_argument));
+        else if (again.error() != std::errc::bad_file_descriptor)
+          return std::unexpected(again.error());
+        return got;
+      }, here);
+      auto closer = spawn([&c = c, &s = s] {
+        (void)this_fiber::sleep_for(20ms);  // the reader is parked by now
+        const std::uint64_t before = io::stats().recv_queued;
+        EXPECT_TRUE(s.write_all(std::string_view("hello")));
+        // Until the arrival is queued (and the reader woken): a yield that
+        // goes through the loop reaps it, and this fiber, queued first,
+        // runs again before the reader.
+        for (int i = 0; i < 1'000'000 && io::stats().recv_queued == before; ++i)
+          this_fiber::yield();
+        EXPECT_GT(io::stats().recv_queued, before);
+        EXPECT_TRUE(c.close());
+      }, here);
+      closer.join();
+      auto got = reader.join();
+      ASSERT_TRUE(got) << "round " << round << ": " << got.error().message();
+      EXPECT_EQ(*got, "hello");
     }
   });
 }
