@@ -62,6 +62,9 @@ result<socket_address> socket_address::parse(std::string_view text) {
                                     (abstract ? 0 : 1));
     return a;
   }
+  // A NUL would end the host (or zone) early for inet_pton and
+  // if_nametoindex, which would take "127.0.0.1\0junk" as 127.0.0.1.
+  if (text.find('\0') != std::string_view::npos) return invalid();
   std::string_view host, port;
   bool v6 = false;
   if (!text.empty() && text.front() == '[') {  // "[::1]:7000"

@@ -171,12 +171,12 @@ std::optional<std::pair<std::string, int>> split_name_port(std::string_view text
   if (host.find_first_of(":[]/%@") != std::string_view::npos) return std::nullopt;
   // A literal written out in full was parse()'s already.
   if (malformed_ipv4_literal(std::string(host))) return std::nullopt;
-  int p = 0;
+  // Unsigned, as parse()'s: a signed int would take "-0" as port 0.
+  unsigned p = 0;
   auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), p);
-  if (port.empty() || ec != std::errc{} || end != port.data() + port.size() || p < 0 ||
-      p > 65535)
+  if (port.empty() || ec != std::errc{} || end != port.data() + port.size() || p > 65535)
     return std::nullopt;
-  return std::pair{std::string(host), p};
+  return std::pair{std::string(host), static_cast<int>(p)};
 }
 
 // bind(text) for listeners and UDP sockets: an address literal, or

@@ -134,6 +134,38 @@ TEST_P(Sockets, BadAddressesAreInvalidArgument) {
   });
 }
 
+// Input that only looks right: a NUL inside the host (or the zone) of an
+// IP address, which inet_pton and if_nametoindex would stop at, and a
+// signed port ("-0", "+80") after a name. Before, parse() took
+// "127.0.0.1\0junk:80" as 127.0.0.1:80 (and "[fe80::1%lo\0x]:80" as zone
+// lo), and "localhost:-0" bound port 0 (a random port). Go's and Tokio's
+// parsers refuse both.
+TEST_P(Sockets, ANulInAnAddressOrASignedPortIsInvalidArgument) {
+  using namespace std::string_view_literals;
+  Run([&] {
+    for (std::string_view a : {"127.0.0.1\0junk:80"sv, "[::1\0x]:80"sv, "[fe80::1%lo\0x]:80"sv,
+                               "127.0.0.1:80\0"sv}) {
+      auto p = socket_address::parse(a);
+      EXPECT_FALSE(p) << "parsed as " << p->to_string();
+      if (!p) {
+        EXPECT_EQ(p.error(), std::errc::invalid_argument);
+      }
+    }
+    for (const char* a : {"localhost:-0", "localhost:+80", "localhost:-1"}) {
+      auto l = tcp_listener::bind(a);
+      EXPECT_FALSE(l) << a << " bound " << l->local_address().value().to_string();
+      if (!l) {
+        EXPECT_EQ(l.error(), std::errc::invalid_argument) << a;
+      }
+      auto u = udp_socket::bind(a);
+      EXPECT_FALSE(u) << a << " bound " << u->local_address().value().to_string();
+      auto c = tcp_stream::connect(a, deadline(5s));
+      ASSERT_FALSE(c) << a;
+      EXPECT_EQ(c.error(), std::errc::invalid_argument) << a;
+    }
+  });
+}
+
 // A host that getaddrinfo reads as an IPv4 address the way inet_aton does,
 // but that is not one written out in full, is a malformed literal, never a
 // name: the hex forms ("0x7f.0.0.1", "0x7f000001") as well as the
