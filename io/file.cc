@@ -1,6 +1,7 @@
 // io/file.cc — io::file over io::perform(); see io/file.h.
 #include "io/file.h"
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -15,6 +16,13 @@ namespace {
 // A pipe, FIFO, socket or terminal: no offsets (see file::stream_).
 bool cannot_seek(int fd) noexcept {
   return fd >= 0 && ::lseek(fd, 0, SEEK_CUR) < 0 && errno == ESPIPE;  // errno right after the call
+}
+
+// Opened with O_APPEND: pwrite(2) and io_uring's write append there,
+// whatever the offset (see file::append_).
+bool appends(int fd) noexcept {
+  int fl = fd >= 0 ? ::fcntl(fd, F_GETFL) : -1;
+  return fl >= 0 && (fl & O_APPEND) != 0;
 }
 
 std::unexpected<std::error_code> illegal_seek() {
@@ -35,13 +43,15 @@ std::unexpected<std::error_code> invalid_offset() {
 
 }  // namespace
 
-file::file(int fd) : st_(fd >= 0 ? new fd_state(fd) : nullptr), stream_(cannot_seek(fd)) {}
+file::file(int fd)
+    : st_(fd >= 0 ? new fd_state(fd) : nullptr), stream_(cannot_seek(fd)), append_(appends(fd)) {}
 
 file& file::operator=(file&& o) noexcept {
   if (this != &o) {
     drop();
     st_ = std::exchange(o.st_, nullptr);
     stream_ = std::exchange(o.stream_, false);
+    append_ = std::exchange(o.append_, false);
   }
   return *this;
 }
@@ -83,6 +93,7 @@ result<void> file::write_at(std::span<const char> buf, std::uint64_t offset,
                             std::source_location where) {
   if (stream_ && is_open()) return illegal_seek();
   if (offset_too_large(offset) && is_open()) return invalid_offset();
+  if (append_ && is_open()) return invalid_offset();  // it would append, not write at offset
   while (!buf.empty()) {
     op o{.kind = op_kind::write_at,
          .buf = const_cast<char*>(buf.data()),  // read only

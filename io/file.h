@@ -43,7 +43,8 @@ class file {
   file() = default;
   explicit file(int fd);  // adopts fd (-1: an empty file)
   file(file&& o) noexcept
-      : st_(std::exchange(o.st_, nullptr)), stream_(std::exchange(o.stream_, false)) {}
+      : st_(std::exchange(o.st_, nullptr)), stream_(std::exchange(o.stream_, false)),
+        append_(std::exchange(o.append_, false)) {}
   file& operator=(file&& o) noexcept;
   ~file() { drop(); }
 
@@ -60,6 +61,9 @@ class file {
   // Writes all of buf at `offset` (several writes if one is short). Past
   // the file size limit (RLIMIT_FSIZE) it is std::errc::file_too_large,
   // with what fitted written (never SIGXFSZ: see ignore_write_signals_once()).
+  // A file opened with O_APPEND (by open(), or adopted) is
+  // std::errc::invalid_argument, nothing written: the kernel would append
+  // whatever the offset (pwrite(2) BUGS), as Go's WriteAt refuses it.
   [[nodiscard]] result<void> write_at(std::span<const char> buf, std::uint64_t offset,
                                        std::source_location where = std::source_location::current());
   [[nodiscard]] result<void> fsync(bool data_only = false, std::source_location where = std::source_location::current());
@@ -75,6 +79,8 @@ class file {
   // offset of a read or write on such a file and reads the stream, where
   // pread(2) (the epoll driver's) fails: checked here, once, for both.
   bool stream_ = false;
+  // Opened with O_APPEND: the kernel ignores a write's offset (write_at).
+  bool append_ = false;
 };
 
 }  // namespace weft::io

@@ -142,6 +142,33 @@ TEST_P(Files, AnOffsetPastOffTIsInvalidOnBothDrivers) {
   ::unlink(path.c_str());
 }
 
+// pwrite(2) on a file opened with O_APPEND ignores the offset and appends
+// (io_uring's write too): write_at(buf, 0) put the bytes at the end and
+// reported success. It is refused, as Go's WriteAt refuses it, and the
+// file is left as it was. read_at still works.
+TEST_P(Files, WriteAtOnAnAppendOnlyFileIsRefused) {
+  const std::string path = temp_path("append-only");
+  Run([&] {
+    auto f = file::open(path, O_RDWR | O_CREAT | O_TRUNC | O_APPEND, 0600);
+    ASSERT_TRUE(f) << f.error().message();
+    ASSERT_EQ(::write(f->native_handle(), "hello", 5), 5);
+    auto w = f->write_at({"J", 1}, 0);
+    ASSERT_FALSE(w) << "write_at(0) on an O_APPEND file wrote";
+    EXPECT_EQ(w.error(), std::errc::invalid_argument);
+    char buf[8] = {};
+    EXPECT_EQ(f->read_at(buf, 0).value(), 5u);
+    EXPECT_EQ(std::string_view(buf, 5), "hello");
+    // An adopted descriptor is checked too.
+    file g(::open(path.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC));
+    ASSERT_TRUE(g.is_open());
+    EXPECT_EQ(g.write_at({"J", 1}, 0).error(), std::errc::invalid_argument);
+    file h = std::move(g);
+    EXPECT_EQ(h.write_at({"J", 1}, 0).error(), std::errc::invalid_argument);
+    EXPECT_EQ(f->read_at(buf, 0).value(), 5u);
+  });
+  ::unlink(path.c_str());
+}
+
 TEST_P(Files, OpenErrorsAreValues) {
   Run([&] {
     auto f = file::open(temp_path("does-not-exist") + "/x", O_RDONLY);
