@@ -157,7 +157,18 @@ class worker {
   fiber* steal_timers(worker& victim) noexcept;
   bool has_overdue_timers(clock::time_point now) const noexcept;  // any thread
   static void finish_after_park(fiber* f, std::uint64_t gen) noexcept;
+  // Into the local queue (a pinned fiber: the pinned queue).
   void push_local(fiber* f) noexcept;
+  // The same, inline: for a yield's requeue (finish_switch()), where the
+  // call was ~9% of a yield's instructions (callgrind).
+  void push_local_inline(fiber* f) noexcept {
+    if (f->home_) [[unlikely]] {  // pinned: never in the stealable queue
+      push_pinned(f);
+      return;
+    }
+    local_.push(f, [this](fiber** batch, std::uint32_t n) { overflow(batch, n); });
+  }
+  void push_pinned(fiber* f) noexcept;
   void overflow(fiber** batch, std::uint32_t n) noexcept;
   void drain_inbox() noexcept;
   void fire_timers();
