@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -43,8 +44,17 @@ constexpr unsigned kDefaultMaxThreads = 64;
 unsigned max_threads_from_env() {
   const char* e = std::getenv("WEFT_BLOCKING_THREADS");
   if (!e || !*e) return kDefaultMaxThreads;
-  unsigned long n = std::strtoul(e, nullptr, 10);
-  return n >= 1 && n <= 4096 ? static_cast<unsigned>(n) : kDefaultMaxThreads;
+  char* end = nullptr;
+  errno = 0;
+  unsigned long n = std::strtoul(e, &end, 10);
+  // As WEFT_WORKERS: a value that is not a whole number in range is said
+  // to be ignored, not quietly read as another (strtoul takes "8x" as 8).
+  if (*end != '\0' || errno != 0 || n < 1 || n > 4096) {
+    std::fprintf(stderr, "weft: ignoring WEFT_BLOCKING_THREADS=%s (want 1..4096); using %u\n", e,
+                 kDefaultMaxThreads);
+    return kDefaultMaxThreads;
+  }
+  return static_cast<unsigned>(n);
 }
 
 class pool {

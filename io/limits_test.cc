@@ -106,6 +106,24 @@ void blocking_without_threads(const char* max_threads) {
 TEST(Limits, BlockingRunsTheCallWhenNoPoolThreadCanStart) { blocking_without_threads("64"); }
 TEST(Limits, BlockingRecoversWhenItsOnlyThreadCouldNotStart) { blocking_without_threads("1"); }
 
+// A WEFT_BLOCKING_THREADS that is not a whole number in 1..4096 is
+// ignored with a line that says so (strtoul alone read "8x" as 8, and "0"
+// or "abc" fell back to the default silently).
+TEST(Limits, ABadBlockingThreadsValueIsIgnoredAloud) {
+  for (const char* bad : {"8x", "0", "abc", "5000"}) {
+    EXPECT_EXIT(
+        {
+          ::setenv("WEFT_BLOCKING_THREADS", bad, 1);
+          int v = 0;
+          weft::run([&] { v = blocking([] { return 6; }); }, {.workers = 1});
+          std::_Exit(v == 6 ? 0 : 1);
+        },
+        ::testing::ExitedWithCode(0),
+        std::string("ignoring WEFT_BLOCKING_THREADS=") + bad + " \\(want 1..4096\\); using 64")
+        << bad;
+  }
+}
+
 double cpu_seconds() {
   rusage u{};
   ::getrusage(RUSAGE_SELF, &u);
