@@ -124,6 +124,23 @@ TEST(Limits, ABadBlockingThreadsValueIsIgnoredAloud) {
   }
 }
 
+// So is a WEFT_WRITE_BEHIND or WEFT_MULTISHOT_RECV other than 0 or 1
+// ("off" meant off, and was read as the default, on). Without io_uring
+// there is no such driver to read them: the fall-back line instead.
+TEST(Limits, ABadIoSwitchIsIgnoredAloud) {
+  for (const char* var : {"WEFT_WRITE_BEHIND", "WEFT_MULTISHOT_RECV"}) {
+    EXPECT_EXIT(
+        {
+          ::setenv(var, "off", 1);
+          weft::run([] {}, {.workers = 2});
+          std::_Exit(0);
+        },
+        ::testing::ExitedWithCode(0),
+        std::string("ignoring ") + var + "=off \\(want 0 or 1\\)|io_uring unavailable")
+        << var;
+  }
+}
+
 double cpu_seconds() {
   rusage u{};
   ::getrusage(RUSAGE_SELF, &u);

@@ -174,22 +174,37 @@ constexpr unsigned kFlagChoices[] = {
 // SIGURG (out-of-band data, another library) is told apart.
 constexpr int kRescueMagic = 0x77656674;  // "weft"
 
-// WEFT_WRITE_BEHIND: unset (or anything else), TCP streams only; "1", every
-// stream (Unix too); "0", none. See *Write-behind* in README.md for why TCP
-// is the default.
+// A switch of the environment: unset or empty, the default; "0" or "1";
+// anything else ("off", "true") is the default too, with one line on
+// stderr, so that a value the program did not mean is not taken quietly.
+int env_switch(const char* name, const char* meaning_of_default) noexcept {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return -1;
+  if (std::strcmp(v, "0") == 0) return 0;
+  if (std::strcmp(v, "1") == 0) return 1;
+  static std::atomic<unsigned> said{0};  // one line per variable (relaxed: a flag set)
+  const unsigned bit = std::strcmp(name, "WEFT_WRITE_BEHIND") == 0 ? 1u : 2u;
+  if (!(said.fetch_or(bit, std::memory_order_relaxed) & bit))
+    std::fprintf(stderr, "weft: ignoring %s=%s (want 0 or 1); %s\n", name, v, meaning_of_default);
+  return -1;
+}
+
+// WEFT_WRITE_BEHIND: unset, TCP streams only; "1", every stream (Unix
+// too); "0", none. See *Write-behind* in README.md for why TCP is the
+// default.
 write_behind_mode write_behind_wanted() noexcept {
-  const char* v = std::getenv("WEFT_WRITE_BEHIND");
-  if (v && std::strcmp(v, "0") == 0) return write_behind_mode::none;
-  if (v && std::strcmp(v, "1") == 0) return write_behind_mode::any_stream;
-  return write_behind_mode::tcp;
+  switch (env_switch("WEFT_WRITE_BEHIND", "small writes go behind on TCP streams")) {
+    case 0: return write_behind_mode::none;
+    case 1: return write_behind_mode::any_stream;
+    default: return write_behind_mode::tcp;
+  }
 }
 
 // WEFT_MULTISHOT_RECV: "0" turns multishot receives off (read_pooled() then
 // arms one receive per call, as before; for A/B runs and as an escape
-// hatch); anything else leaves them on.
+// hatch); unset or "1" leaves them on.
 bool multishot_recv_wanted() noexcept {
-  const char* v = std::getenv("WEFT_MULTISHOT_RECV");
-  return !(v && std::strcmp(v, "0") == 0);
+  return env_switch("WEFT_MULTISHOT_RECV", "multishot receives stay on") != 0;
 }
 
 // WEFT_TEST_FAIL_ARM_SUBMITS: for tests, the count of submits of a

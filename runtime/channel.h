@@ -10,7 +10,7 @@
 //     order it sent them.
 //   - capacity N > 0: a ring buffer of N values; send blocks while it is
 //     full. capacity 0: a rendezvous; send hands its value directly to a
-//     receiver (copied into the parked receiver's slot) and blocks until one
+//     receiver (moved into the parked receiver's slot) and blocks until one
 //     takes it.
 //   - close() wakes every waiter. Receivers first drain the buffered values,
 //     then get "closed". Senders, waiting or future, get "closed". Closing

@@ -23,9 +23,11 @@
 //     stop — the calling fiber's own token, or any other fiber's (a
 //     parent's token handed to a child). A null token never fires.
 //   - The calling fiber's own stop request always ends a parked select: it
-//     fires a stop case on its own token if there is one, and otherwise
-//     makes select return kSelectCancelled (-1), even when other fibers'
-//     tokens are among the cases: cancellation never goes unnoticed.
+//     fires a stop case on its own token if there is one, or else one on
+//     another token that is stopped too (the first in case order), and
+//     otherwise makes select return kSelectCancelled (-1), even when other
+//     fibers' tokens are among the cases: cancellation never goes
+//     unnoticed.
 //   - Plain OS threads may select too (their own token is null; another
 //     fiber's token fires there as anywhere).
 //
