@@ -90,20 +90,27 @@ result<std::size_t> file::read_at(std::span<char> buf, std::uint64_t offset,
 }
 
 result<void> file::write_at(std::span<const char> buf, std::uint64_t offset,
-                            std::source_location where) {
+                            std::size_t* written, std::source_location where) {
+  std::size_t done = 0;
+  struct report {
+    std::size_t* to;
+    const std::size_t& n;
+    ~report() {
+      if (to) *to = n;
+    }
+  } tell{written, done};
   if (stream_ && is_open()) return illegal_seek();
   if (offset_too_large(offset) && is_open()) return invalid_offset();
   if (append_ && is_open()) return invalid_offset();  // it would append, not write at offset
-  while (!buf.empty()) {
+  while (done < buf.size()) {
     op o{.kind = op_kind::write_at,
-         .buf = const_cast<char*>(buf.data()),  // read only
-         .len = buf.size(),
-         .offset = offset};
+         .buf = const_cast<char*>(buf.data() + done),  // read only
+         .len = buf.size() - done,
+         .offset = offset + done};
     auto r = perform_on(st_, o, clock::time_point::max(), "file write", where);
     if (!r) return std::unexpected(r.error());
     if (*r == 0) return std::unexpected(std::make_error_code(std::errc::io_error));
-    buf = buf.subspan(static_cast<std::size_t>(*r));
-    offset += static_cast<std::uint64_t>(*r);
+    done += static_cast<std::size_t>(*r);
   }
   return {};
 }

@@ -64,7 +64,11 @@ class file {
   // A file opened with O_APPEND (by open(), or adopted) is
   // std::errc::invalid_argument, nothing written: the kernel would append
   // whatever the offset (pwrite(2) BUGS), as Go's WriteAt refuses it.
+  // *written (if given) says how many bytes went, on an error too (a stop
+  // request or a full disk part-way; Go's WriteAt returns that count with
+  // its error), so a caller can tell what the file now holds.
   [[nodiscard]] result<void> write_at(std::span<const char> buf, std::uint64_t offset,
+                                       std::size_t* written = nullptr,
                                        std::source_location where = std::source_location::current());
   [[nodiscard]] result<void> fsync(bool data_only = false, std::source_location where = std::source_location::current());
   [[nodiscard]] result<void> close(std::source_location where = std::source_location::current());
