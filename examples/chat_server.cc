@@ -19,6 +19,7 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <deque>
@@ -112,7 +113,17 @@ struct peer {
   std::deque<line> backlog;
   std::size_t backlog_bytes = 0;  // the sum of the backlog's line sizes
   weft::clock::time_point behind_since;
+  // Set before the server ends the connection itself (the idle timeout, a
+  // drop, a failed write): the reader then sees the end of the stream too,
+  // and must not take it for the peer's own.
+  std::atomic<bool> cut{false};
 };
+
+// Ends p's connection from our side: its reader sees the end of the stream.
+void cut_off(peer& p) {
+  p.cut.store(true);
+  (void)p.conn->shutdown(SHUT_RDWR);
+}
 
 // What the connections tell the room.
 struct joined { std::shared_ptr<peer> who; };
@@ -125,10 +136,10 @@ using peer_map = std::map<peer*, std::shared_ptr<peer>>;
 // Ends a slow peer's connection: its writer stops, its reader sees the end
 // of the stream and tells the room it left (which then says so).
 void drop(peer& p) {
+  cut_off(p);
   p.outbox.close();
   p.backlog.clear();
   p.backlog_bytes = 0;
-  (void)p.conn->shutdown(SHUT_RDWR);
 }
 
 // Moves what fits of p's backlog to its outbox; drops p if it is too slow.
@@ -197,14 +208,14 @@ void writer(std::shared_ptr<weft::tcp_stream> c, std::shared_ptr<peer> me) {
       if (auto more = me->outbox.try_recv()) batch += **more; else break;
     if (!c->write_all(batch, weft::deadline(g_idle))) break;
   }
-  (void)c->shutdown(SHUT_RDWR);  // a dead writer ends the reader too
+  cut_off(*me);  // a dead writer ends the reader too
 }
 
-void timeout(std::shared_ptr<weft::tcp_stream> c, std::shared_ptr<weft::channel<bool>> alive) {
+void timeout(std::shared_ptr<peer> me, std::shared_ptr<weft::channel<bool>> alive) {
   for (;;) {
     auto a = alive->recv(weft::deadline(g_idle));
     if (a) continue;
-    if (a.error() == std::errc::timed_out) (void)c->shutdown(SHUT_RDWR);
+    if (a.error() == std::errc::timed_out) cut_off(*me);
     return;  // timed out, or the reader closed `alive`
   }
 }
@@ -221,7 +232,7 @@ void serve(weft::tcp_stream s, weft::channel<event>& events) {
   // frame goes before the other two are joined.
   auto alive = std::make_shared<weft::channel<bool>>(1);
   auto w = weft::spawn([c, me] { writer(c, me); }, {.name = "chat writer"});
-  auto t = weft::spawn([c, alive] { timeout(c, alive); }, {.name = "chat timeout"});
+  auto t = weft::spawn([me, alive] { timeout(me, alive); }, {.name = "chat timeout"});
   if (!events.send(joined{me})) {  // the room is gone: we are shutting down
     me->outbox.close();
     alive->close();
@@ -252,9 +263,10 @@ void serve(weft::tcp_stream s, weft::channel<event>& events) {
   }
   // A last line the peer closed after without its newline (`printf hi |
   // nc`) is said too, as a line-based server reads a file's last line. Not
-  // after an error or the idle timeout: the peer may have been cut off
-  // mid-line.
-  if (eof && !pending.empty() && gate.take(pending.size()))
+  // after an error, nor when the end of the stream is our own doing (the
+  // idle timeout, a drop, a failed write: see cut_off): the peer may have
+  // been cut off mid-line.
+  if (eof && !me->cut.load() && !pending.empty() && gate.take(pending.size()))
     (void)events.send(said{me->name + ": " + pending + "\n"});
   alive->close();
   (void)events.send(left{me});  // the room closes our outbox: the writer ends

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -161,6 +162,41 @@ TEST(ChatServer, ALastLineWithoutItsNewlineIsSaidWhenThePeerCloses) {
   EXPECT_TRUE(read_until(listener, ": bye without a newline\n", &got)) << got;
   EXPECT_NE(got.find(": first\n"), std::string::npos) << got;
   ::close(closer);
+  ::close(listener);
+}
+
+// A peer the server itself disconnects (here for the idle timeout) may
+// have been cut off mid-line: what it sent of its last line is not said.
+// (The reader sees the end of the stream after the server's own shutdown
+// as it sees the peer's, and it used to broadcast the unfinished line as
+// if the peer had closed after it.) The listener stays alive meanwhile by
+// talking every 200 ms.
+TEST(ChatServer, TheUnfinishedLineOfAPeerThatIdledOutIsNotSaid) {
+  server srv(free_port(), "1");
+  int listener = srv.connect();
+  ASSERT_GE(listener, 0);
+  ASSERT_TRUE(read_until(listener, "joined\n"));
+  int idler = srv.connect();
+  ASSERT_GE(idler, 0);
+  ASSERT_TRUE(read_until(idler, "joined\n"));
+  ASSERT_TRUE(read_until(listener, "joined\n"));  // the idler's
+  const std::string unfinished = "cut off in the middle of a sen";
+  ASSERT_EQ(::send(idler, unfinished.data(), unfinished.size(), MSG_NOSIGNAL),
+            ssize_t(unfinished.size()));
+  std::atomic<bool> done{false};
+  std::thread talker([&] {
+    for (int i = 0; i < 50 && !done; ++i) {  // 10 s at most
+      (void)::send(listener, "here\n", 5, MSG_NOSIGNAL);
+      std::this_thread::sleep_for(200ms);
+    }
+  });
+  std::string got;
+  const bool left = read_until(listener, " left\n", &got);
+  done = true;
+  talker.join();
+  EXPECT_TRUE(left) << "the idler was not disconnected";
+  EXPECT_EQ(got.find(unfinished), std::string::npos) << "the unfinished line was said";
+  ::close(idler);
   ::close(listener);
 }
 
