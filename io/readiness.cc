@@ -24,7 +24,12 @@ result<void> wait_plain(int fd, short events, clock::time_point deadline) {
     int ms = -1;
     bool last = false;
     if (deadline != clock::time_point::max()) {
-      auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - clock::now()).count();
+      // Compared before subtracting: min() - now() (a deadline long past)
+      // overflows, in practice to ~25 days of poll(2).
+      const clock::time_point now = clock::now();
+      const long long left =
+          deadline <= now ? 0
+                          : std::chrono::ceil<std::chrono::milliseconds>(deadline - now).count();
       last = left <= 0;
       ms = static_cast<int>(std::clamp<long long>(left, 0, INT_MAX));
     }

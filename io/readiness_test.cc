@@ -253,6 +253,32 @@ TEST_P(Readiness, APlainThreadCanWaitToo) {
   });
 }
 
+// A deadline long past (time_point::min(), as the fiber path and the
+// io_uring driver take it) times out at once on a plain thread too: the
+// time left was computed as min() - now(), which overflows (in practice to
+// a huge positive span), and the thread slept in poll(2) for ~25 days. The
+// pipe is written after 5 s so that a regression fails instead of hanging.
+TEST_P(Readiness, APlainThreadsDeadlineLongPastTimesOutAtOnce) {
+  Run([&] {
+    pipe_fds p;
+    std::atomic<int> got{0};  // 0: waiting, 1: ready, 2: timed out, 3: other error
+    std::thread t([&] {
+      auto r = wait_readable(p.r, clock::time_point::min());
+      got = r ? 1 : r.error() == std::errc::timed_out ? 2 : 3;
+    });
+    auto give_up = clock::now() + 5s;
+    while (got.load() == 0 && clock::now() < give_up) (void)this_fiber::sleep_for(5ms);
+    ASSERT_EQ(::write(p.w, "y", 1), 1);  // releases a thread still waiting
+    t.join();
+    EXPECT_EQ(got.load(), 2) << "the plain thread did not time out (1: it waited for the write)";
+    // A fiber with the same deadline, for comparison.
+    pipe_fds q;
+    auto r = wait_readable(q.r, clock::time_point::min());
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error(), std::errc::timed_out);
+  });
+}
+
 // weft::run(body) on `workers` workers without the monitor thread (a
 // sched/ option weft::options does not expose), with the driver WEFT_IO
 // names. On a loaded machine the monitor sees a worker the OS has

@@ -248,9 +248,11 @@ result<int> signal_set::wait(deadline_arg d, std::source_location where) {
     }
     int ms = -1;
     if (d.when != clock::time_point::max()) {
-      auto left = d.when - clock::now();
-      if (left <= clock::duration::zero())
-        return std::unexpected(std::make_error_code(std::errc::timed_out));
+      // Compared before subtracting: min() - now() (a deadline long past)
+      // overflows, in practice to a wait of ~25 days.
+      const clock::time_point now = clock::now();
+      if (d.when <= now) return std::unexpected(std::make_error_code(std::errc::timed_out));
+      const auto left = d.when - now;
       // Clamped: beyond INT_MAX ms (~24.8 days) the int would wrap, and a
       // negative timeout means "forever" to poll(2); the loop waits again.
       ms = static_cast<int>(std::min<std::int64_t>(

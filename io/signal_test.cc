@@ -170,6 +170,26 @@ TEST_P(Signals, APlainThreadCanWaitToo) {
   });
 }
 
+// A deadline long past (time_point::min()) times out at once on a plain
+// thread: min() - now() overflowed to a huge span, and the thread waited
+// ~25 days in poll(2). A signal after 5 s ends a regression's wait.
+TEST_P(Signals, APlainThreadsDeadlineLongPastTimesOutAtOnce) {
+  Run([&] {
+    auto set = signal_set::watch({SIGUSR1});
+    ASSERT_TRUE(set);
+    std::atomic<int> got{0};  // 0: waiting, -2: timed out, -3: other error
+    std::thread waiter([&] {
+      auto s = set->wait(clock::time_point::min());
+      got = s ? *s : s.error() == std::errc::timed_out ? -2 : -3;
+    });
+    auto give_up = clock::now() + 5s;
+    while (got.load() == 0 && clock::now() < give_up) (void)this_fiber::sleep_for(5ms);
+    if (got.load() == 0) ::kill(::getpid(), SIGUSR1);  // releases a thread still waiting
+    waiter.join();
+    EXPECT_EQ(got.load(), -2) << "the plain thread did not time out";
+  });
+}
+
 TEST_P(Signals, SignalsThatCannotBeWaitedForAreRefused) {
   Run([&] {
     for (int sig : {0, -1, 65, SIGKILL, SIGSTOP, SIGSEGV, SIGBUS, SIGILL, SIGFPE}) {
