@@ -1348,6 +1348,38 @@ TEST(FiberDeath, NoDeadlockReportWhileATimerIsPending) {
             3);
 }
 
+// A plain thread that spawns fibers may spawn again, as one that sends on
+// a channel may send again: it counts as a possible waker from its first
+// spawn. Here main waits for a value from a fiber the thread spawns 300 ms
+// after its first: uncounted, the runtime reported a deadlock (exit 2) as
+// soon as main waited for the second value.
+TEST(FiberDeath, NoDeadlockReportWhileAPlainThreadThatSpawnedMaySpawnAgain) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        testing::exit_42_after(std::chrono::seconds(30));
+        int rc = weft::run([] {
+          channel<int> ch(0);
+          std::atomic<bool> spawned{false};
+          std::thread t([&] {
+            go([&] { (void)ch.send(1); });
+            spawned = true;
+            std::this_thread::sleep_for(300ms);
+            go([&] { (void)ch.send(2); });
+          });
+          // Not parked until the thread has spawned (until then it is a
+          // thread that fibers wait for, which only an outside_ref counts).
+          while (!spawned) this_fiber::yield();
+          int sum = ch.recv().value_or(100);
+          sum += ch.recv().value_or(100);
+          t.join();
+          return sum;
+        });
+        std::_Exit(rc == 3 ? 0 : 1);
+      },
+      ::testing::ExitedWithCode(0), "");
+}
+
 // A fiber woken by a plain thread goes to the inject queue. Every 61st
 // tick a worker looks there before its own queue (Go's schedtick % 61), so
 // that fiber runs even while the only worker's own queue never empties (a

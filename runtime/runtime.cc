@@ -73,6 +73,9 @@ int run_main(std::function<int()> main_fn, const options& opts) {
       },
       {.name = "main"});
   h.detach();
+  // This thread only waits for the runtime to end: not a waker (the spawn
+  // above counted it as one).
+  sched::forget_plain_thread();
   s.join();
   if (failure) std::rethrow_exception(failure);
   return rc;
@@ -98,6 +101,12 @@ decltype(auto) with_scheduler(F&& fn) {
 }
 
 std::pair<void*, void*> spawn_create(const spawn_request& r) {
+  // A plain thread that spawns may spawn again, so it counts as a possible
+  // waker for the deadlock detector from now on, as one that uses a
+  // channel does (sched::note_plain_thread()). Before the fiber exists, so
+  // that no moment between two spawns goes uncounted. (run_main() drops
+  // the one its spawn of main takes.)
+  if (!sched::current_worker()) sched::note_plain_thread();
   sched::fiber* f = with_scheduler([&](sched::scheduler& s) {
     return s.create({.name = r.opts.name,
                      .stack_size = r.opts.stack_size,
