@@ -71,8 +71,11 @@ class driver {
 template <typename TS>
 TS* relative_timeout(clock::time_point deadline, TS& ts) {
   if (deadline == clock::time_point::max()) return nullptr;
-  auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - clock::now()).count();
-  if (ns < 0) ns = 0;
+  // Compared before subtracting: a deadline long past (time_point::min())
+  // minus now overflows.
+  const clock::time_point now = clock::now();
+  const auto ns =
+      deadline <= now ? 0 : std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - now).count();
   ts.tv_sec = ns / 1'000'000'000;
   ts.tv_nsec = ns % 1'000'000'000;
   return &ts;
