@@ -60,6 +60,21 @@ inline bool parse_flags(int argc, char** argv, flags& f) {
       f.idle_seconds = static_cast<unsigned>(v);
       ++i;
     } else {
+      // Which argument, and why: a flag this program does not have, one
+      // missing its value, or a value out of range.
+      const bool known = std::strcmp(argv[i], "--port") == 0 ||
+                         std::strcmp(argv[i], "--workers") == 0 ||
+                         std::strcmp(argv[i], "--status-port") == 0 ||
+                         std::strcmp(argv[i], "--idle") == 0;
+      if (!known)
+        std::fprintf(stderr, "%s: unknown argument '%s'\n", argv[0], argv[i]);
+      else if (i + 1 >= argc)
+        std::fprintf(stderr, "%s: %s wants a value\n", argv[0], argv[i]);
+      else
+        std::fprintf(stderr, "%s: bad value '%s' for %s (%s)\n", argv[0], argv[i + 1], argv[i],
+                     std::strcmp(argv[i], "--workers") == 0 ? "0 to 4096; 0: one per CPU"
+                     : std::strcmp(argv[i], "--idle") == 0  ? "1 to 86400 seconds"
+                                                            : "a port, 0 to 65535");
       std::fprintf(stderr,
                    "usage: %s [--port N] [--workers N] [--idle SECONDS] [--status-port N]\n",
                    argv[0]);

@@ -177,6 +177,11 @@ TEST(EchoServer, BadArgumentsAreRefusedWithTheUsage) {
     auto [status, err] = run_to_exit(bad);
     EXPECT_EQ(status, 2) << bad[0] << " " << (bad.size() > 1 ? bad[1] : "") << ": " << err;
     EXPECT_NE(err.find("usage: "), std::string::npos) << err;
+    // And a line that names what was wrong.
+    const std::string why = bad[0] == "--bogus"  ? "unknown argument '--bogus'"
+                            : bad.size() == 1    ? bad[0] + " wants a value"
+                                                 : "bad value '" + bad[1] + "' for " + bad[0];
+    EXPECT_NE(err.find(why), std::string::npos) << err;
   }
 }
 
