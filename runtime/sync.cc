@@ -3,11 +3,11 @@
 // runtime/mutex.cc. Every wait follows the protocol of runtime/waiter.h.
 //
 // Invariants:
-//   - condition_variable: seq_ grows by one at every notify, under lk_. A
-//     waiter reads it before unlocking the user's mutex and compares it
-//     under lk_ before parking, so a notify between the two is never lost
-//     (the waiter returns at once: a spurious wake-up, which callers of
-//     wait() must tolerate).
+//   - condition_variable: a waiter's record is linked (under lk_) before
+//     the user's mutex is released, by the publish step of its park: a
+//     notify that follows the release finds it (no lost wake-up), and the
+//     waiter touches the condition variable again only to retract a record
+//     that no notify claimed (see *Destroying after a notify*).
 //   - semaphore: count_ > 0 implies q_ is empty; release() hands units to
 //     parked acquirers first, in FIFO order.
 //   - once_flag::state_: kNew, kRunning (| kWaiting once someone parked),
@@ -53,7 +53,6 @@ condition_variable::~condition_variable() {
 
 void condition_variable::notify_one() noexcept {
   lk_.lock();
-  ++seq_;
   wake_ticket t;
   detail::pop_claimed(q_, t);
   lk_.unlock();
@@ -63,29 +62,54 @@ void condition_variable::notify_one() noexcept {
 void condition_variable::notify_all() noexcept {
   detail::wake_batch woken;
   lk_.lock();
-  ++seq_;
   woken.claim_all(q_);
   lk_.unlock();
   woken.ready_all();
 }
 
+// *Destroying after a notify* (std::condition_variable's contract): the
+// condition variable may be destroyed once every waiter was notified, even
+// before they return from wait() (they may still be relocking the mutex).
+// A waiter waits from the moment it releases the mutex, so it must not
+// touch the condition variable after that release unless its record is
+// linked: it links the record and releases lk_, then the user's mutex, in
+// the publish step of its park. A notify claims and unlinks the record;
+// the woken waiter then only relocks the mutex. (It used to release the
+// mutex first, then take lk_ to link, reading freed memory when a notify
+// and the destruction came in between.)
 result<void> condition_variable::wait(std::unique_lock<mutex>& ulk, deadline d,
                                       std::source_location where) {
   WEFT_CHECK(ulk.owns_lock(), "condition_variable::wait: the lock is not held");
-  lk_.lock();
-  std::uint32_t seen = seq_;
-  lk_.unlock();
-  ulk.unlock();
-  lk_.lock();
-  if (seq_ != seen) {  // notified since: do not park
-    lk_.unlock();
-    ulk.lock();
-    return {};
-  }
+  // Released by the publish step below; relocked through ulk afterwards, so
+  // that ulk owns it again exactly when lock() returned.
+  mutex* mu = ulk.release();
   detail::parker p;
   detail::waiter w;
-  wake_reason r = detail::wait_on(lk_, q_, w, p,
-                                  {.deadline = d.when, .what = "condition wait", .where = where});
+  w.p = &p;
+  struct ctx {
+    condition_variable* cv;
+    detail::waiter* w;
+    mutex* mu;
+  } c{this, &w, mu};
+  lk_.lock();
+  wake_reason r = p.block(
+      [](void* a) {
+        // SAFETY: *c outlives this step: a plain thread runs it itself, and
+        // a fiber woken once the record is linked waits in park() for its
+        // old worker to finish this step (see park()).
+        auto* c = static_cast<ctx*>(a);
+        mutex* mu = c->mu;
+        detail::push_back(c->cv->q_, c->w);
+        c->cv->lk_.unlock();  // findable: a notify from now on claims it
+        mu->unlock();         // now it waits; touches only the mutex
+      },
+      &c, {.deadline = d.when, .what = "condition wait", .where = where});
+  if (r != wake_reason::notified) {  // no notify claimed it: still ours to retract
+    lk_.lock();
+    detail::unlink(q_, &w);
+    lk_.unlock();
+  }
+  ulk = std::unique_lock<mutex>(*mu, std::defer_lock);
   ulk.lock();
   return to_result(r);
 }

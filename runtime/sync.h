@@ -31,6 +31,9 @@
 // process with a message (as ~channel does), instead of leaving the
 // sleeper to unlink its record from freed memory when it wakes or when
 // the runtime unwinds it after main returns.
+// (A condition_variable, as std::condition_variable, may go once every
+// waiter was notified, before they have relocked the mutex: a notified
+// waiter does not touch it again.)
 #pragma once
 
 #include <atomic>
@@ -156,7 +159,6 @@ class condition_variable {
  private:
   detail::short_lock lk_;
   detail::wait_list q_;  // guarded by lk_
-  std::uint32_t seq_ = 0;  // notifies so far; guarded by lk_
 };
 
 class semaphore {

@@ -9,10 +9,12 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
-#include <memory>
 #include <deque>
+#include <memory>
+#include <new>
 #include <functional>
 #include <shared_mutex>
+#include <stdexcept>
 #include <string_view>
 #include <thread>
 #include <vector>
@@ -419,7 +421,8 @@ TEST(SyncThreads, PlainThreadsWaitWithDeadlinesWithoutARuntime) {
 
 // condition_variable::wait releases the user's mutex before it parks. A
 // notify that lands between the two (no waiter is queued yet) must not be
-// lost: wait() reads seq_ before unlocking and compares it before parking.
+// lost: wait() links its record before it unlocks (in its park's publish
+// step).
 // To land a notify there every time, the waiter is a plain thread running
 // SCHED_IDLE on the CPU of the only worker, and the notifier a fiber parked
 // on the mutex: the waiter's unlock wakes the worker, which preempts it at
@@ -465,6 +468,69 @@ TEST(SyncThreads, ANotifyBetweenTheWaitersUnlockAndItsParkIsNotLost) {
     }
     waiter.join();
     EXPECT_EQ(lost, 0) << "notifies lost between the waiter's unlock and its park";
+  }, {.workers = 1});
+}
+
+// std::condition_variable's contract: it may be destroyed once every thread
+// waiting on it has been notified, before they have returned from wait()
+// (they may still be relocking the mutex). A waiter counts as waiting from
+// the moment wait() releases the mutex: the release and the wait are one
+// step. So the waiter must not touch the condition variable after it
+// released the mutex unless its record is already linked (a notify then
+// finds it); wait() used to release the mutex first, then take the
+// condition variable's lock to compare and link: a notify_all and the
+// destruction in that window left it reading freed memory. Here the memory
+// is reused at once for a new condition variable, as an allocator would:
+// the waiter then parked on the new one, which nobody notifies (a lost
+// wake-up at its deadline; ASan reports the use after free too). The window
+// is landed on as in the test above: the waiter's unlock wakes the worker,
+// which preempts the SCHED_IDLE waiter and runs the notifier first.
+TEST(SyncThreads, AConditionVariableDestroyedAfterNotifyAllIsNotTouchedByItsWaiter) {
+  weft::run([] {
+    mutex mu;
+    alignas(condition_variable) unsigned char storage[sizeof(condition_variable)];
+    auto* cv = ::new (storage) condition_variable;
+    bool done = false;               // guarded by mu
+    std::atomic<int> holds{-1};      // the round in which the thread holds mu
+    int lost = 0;                    // the thread's; read after join
+    constexpr int kRounds = 20;
+    int cpu = sched_getcpu();        // the worker's (pinned) CPU
+    std::thread waiter([&, ref = outside_ref()] {
+      cpu_set_t set;
+      CPU_ZERO(&set);
+      CPU_SET(cpu, &set);
+      (void)pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+      sched_param none{};
+      (void)pthread_setschedparam(pthread_self(), SCHED_IDLE, &none);
+      for (int r = 0; r < kRounds && lost == 0; ++r) {
+        std::unique_lock lk(mu);
+        done = false;
+        holds = r;
+        std::this_thread::sleep_for(5ms);  // the fiber parks on mu meanwhile
+        // The condition variable of this round (the fiber rebuilds it).
+        auto* round_cv = std::launder(reinterpret_cast<condition_variable*>(storage));
+        while (!done)
+          if (!round_cv->wait(lk, deadline(1s))) {  // notified long ago
+            ++lost;
+            break;
+          }
+      }
+      holds = kRounds;
+    });
+    for (int r = 0; r < kRounds; ++r) {
+      while (holds.load() != r && holds.load() != kRounds) (void)this_fiber::sleep_for(1ms);
+      if (holds.load() == kRounds) break;
+      std::unique_lock lk(mu);  // parks until the waiter's wait() unlocks
+      done = true;
+      cv->notify_all();  // the waiter, waiting since it unlocked, is notified
+      // Every waiter was notified: the condition variable may go, and its
+      // memory be reused (under mu: the waiter's next round waits on it).
+      cv->~condition_variable();
+      cv = ::new (storage) condition_variable;
+    }
+    waiter.join();
+    cv->~condition_variable();
+    EXPECT_EQ(lost, 0) << "a waiter touched a condition variable destroyed after notify_all";
   }, {.workers = 1});
 }
 
