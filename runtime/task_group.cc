@@ -19,6 +19,8 @@
 //     unwinds everything.
 #include "runtime/task_group.h"
 
+#include <system_error>
+
 #include "sched/park.h"
 
 namespace weft {
@@ -58,14 +60,32 @@ void task_group::request_stop() {
     sched::request_stop(static_cast<sched::fiber*>(m->fiber));
 }
 
+namespace {
+// A child that says it was stopped by throwing: join() throws
+// std::system_error(operation_canceled) when the joining fiber is asked to
+// stop, as a parked call returns it.
+bool is_cancellation(const std::exception_ptr& e) noexcept {
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::system_error& x) {
+    return x.code() == std::errc::operation_canceled;
+  } catch (...) {
+    return false;
+  }
+}
+}  // namespace
+
 void task_group::fail(std::error_code ec, std::exception_ptr e) {
+  // Outside mu_ (a spinlock): a rethrow is not a few instructions.
+  bool cancelled = e ? is_cancellation(e) : ec == std::errc::operation_canceled;
   {
     std::lock_guard g(mu_);
     if (failed_) return;
-    // Once the group is stopping, operation_canceled says a child was
-    // stopped, not that it failed: counted, it would hide (or not, as the
-    // children happen to end) a real failure coming after it.
-    if (stopping_ && !e && ec == std::errc::operation_canceled) return;
+    // Once the group is stopping, operation_canceled (returned, or thrown
+    // as std::system_error) says a child was stopped, not that it failed:
+    // counted, it would hide (or not, as the children happen to end) a real
+    // failure coming after it.
+    if (stopping_ && cancelled) return;
     failed_ = true;
     error_ = ec;
     exception_ = std::move(e);

@@ -12,10 +12,11 @@
 //     operations return operation_canceled), and wait() reports it: it
 //     rethrows the first exception, or returns the first error.
 //   - A child that returns operation_canceled once the group is stopping
-//     (after a failure, request_stop(), or the owner's own stop) was
-//     stopped: that is no failure, so it never takes the place of a real
-//     one that comes later, and a group stopped by request_stop() with no
-//     failure waits ok (as a Trio nursery whose scope is cancelled).
+//     (after a failure, request_stop(), or the owner's own stop), or throws
+//     it as std::system_error (join() does), was stopped: that is no
+//     failure, so it never takes the place of a real one that comes
+//     later, and a group stopped by request_stop() with no failure waits
+//     ok (as a Trio nursery whose scope is cancelled).
 //   - wait() waits for every child. If the waiting fiber is itself asked to
 //     stop, it requests stop on the children, still waits for all of them,
 //     and returns operation_canceled (unless a child failed).

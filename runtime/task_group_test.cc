@@ -117,6 +117,56 @@ TEST_P(TaskGroup, AChildStoppedWithOperationCanceledDoesNotHideALaterFailure) {
   });
 }
 
+// The same for a child that says it was stopped by throwing: join() throws
+// std::system_error(operation_canceled) when the joining fiber is asked to
+// stop. That exception took the first-failure slot, so the later real
+// failure was lost and wait() threw the cancellation instead, and a group
+// stopped by request_stop() alone threw it too.
+TEST_P(TaskGroup, AChildStoppedInJoinIsNoFailure) {
+  Run([] {
+    for (int variant : {0, 1, 2}) {  // request_stop(); owner stopped; no later failure
+      channel<int> never(0);
+      auto owner = spawn([&never, variant]() -> result<void> {
+        task_group g;
+        std::atomic<bool> reported{false};
+        g.spawn([&] {
+          auto h = spawn([&never] { (void)never.recv(); });
+          struct mark {
+            std::atomic<bool>& r;
+            ~mark() { r = true; }
+          } m{reported};
+          h.join();  // throws system_error(operation_canceled) when stopped
+        });
+        if (variant != 2)
+          g.spawn([&] {
+            (void)this_fiber::sleep_for(1h);
+            while (!reported.load()) this_fiber::yield();
+            for (auto until = clock::now() + 20ms; clock::now() < until;) this_fiber::yield();
+            throw std::logic_error("flush failed");  // not a system_error
+          });
+        if (variant != 1) {
+          (void)this_fiber::sleep_for(2ms);
+          g.request_stop();
+        }
+        return g.wait();
+      });
+      if (variant == 1) {
+        (void)this_fiber::sleep_for(2ms);
+        owner.request_stop();
+      }
+      if (variant == 2) {
+        result<void> r;
+        EXPECT_NO_THROW(r = owner.join()) << "a group stopped by request_stop() alone";
+        EXPECT_TRUE(r.has_value());
+      } else {
+        EXPECT_THROW((void)owner.join(), std::logic_error) << "variant " << variant;
+      }
+      never.close();  // the fiber the child joined ends
+      (void)this_fiber::sleep_for(1ms);
+    }
+  });
+}
+
 // A group stopped by request_stop() with no failure (here a child found
 // what the others were searching for): wait() returns ok however the
 // stopped children report it. It returned operation_canceled when one of
