@@ -211,9 +211,15 @@ detail::waiter* mutex::pop_waiter(detail::wake_ticket& t) noexcept {
   return nullptr;
 }
 
+// Locked at its destruction: its holder's unlock() would write to freed
+// memory (or to whatever reused it) later. Said at once, as a waiter is.
+// relaxed: whoever destroys it must already be ordered after the last
+// unlock (else the destruction races with it anyway).
 mutex::~mutex() {
   detail::check_no_waiters(lk_, q_, "weft::mutex destroyed while fibers wait on it (keep it "
                                     "alive until they are done)");
+  WEFT_CHECK(!(state_.load(std::memory_order_relaxed) & kLocked),
+             "weft::mutex destroyed while locked (its holder would unlock freed memory)");
 }
 
 // The unlocker that set kWoken.

@@ -412,6 +412,12 @@ void once_flag::finish(bool ran) noexcept {
 shared_mutex::~shared_mutex() {
   detail::check_no_waiters(lk_, q_, "weft::shared_mutex destroyed while fibers wait on it "
                                     "(keep it alive until they are done)");
+  // As ~mutex: a holder would unlock freed memory later.
+  lk_.lock();
+  bool held = writer_ || readers_ > 0;
+  lk_.unlock();
+  WEFT_CHECK(!held, "weft::shared_mutex destroyed while locked (its holder would unlock freed "
+                    "memory)");
 }
 
 // Grants the lock to the waiters at the front of q_ that can have it now:

@@ -34,6 +34,8 @@
 // (A condition_variable, as std::condition_variable, may go once every
 // waiter was notified, before they have relocked the mutex: a notified
 // waiter does not touch it again.)
+// Nor may a mutex or shared_mutex be destroyed while locked (its holder's
+// unlock would write to freed memory): that stops the process too.
 #pragma once
 
 #include <atomic>
@@ -52,7 +54,7 @@ namespace weft {
 class mutex {
  public:
   mutex() = default;
-  ~mutex();  // checks that nobody is parked on it (runtime/mutex.cc)
+  ~mutex();  // checks that nobody holds it or is parked on it (runtime/mutex.cc)
   mutex(const mutex&) = delete;
   mutex& operator=(const mutex&) = delete;
 
@@ -111,7 +113,7 @@ class mutex {
 class shared_mutex {
  public:
   shared_mutex() = default;
-  ~shared_mutex();  // checks that nobody is parked on it
+  ~shared_mutex();  // checks that nobody holds it or is parked on it
   shared_mutex(const shared_mutex&) = delete;
   shared_mutex& operator=(const shared_mutex&) = delete;
 

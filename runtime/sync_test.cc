@@ -768,6 +768,36 @@ TEST(SyncDeath, UnlockingAMutexThatIsNotLockedIsReported) {
                "weft::shared_mutex::unlock: not locked exclusively");
 }
 
+// A mutex destroyed while someone holds it (no one waiting) is reported at
+// its destruction: it went silently, and the holder's unlock() later wrote
+// to the freed memory, or to whatever had reused it (here the holder is a
+// fiber still in its critical section when the mutex's owner frees it).
+TEST(SyncDeath, AMutexDestroyedWhileLockedIsReported) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(weft::run([] {
+                 auto m = std::make_unique<mutex>();
+                 latch held(1);
+                 go([&] {
+                   std::lock_guard g(*m);
+                   held.count_down();
+                   (void)this_fiber::sleep_for(1h);
+                 });
+                 (void)held.wait();
+                 m.reset();
+                 std::fprintf(stderr, "destroyed silently\n");
+                 std::_Exit(0);
+               }, {.workers = 1}),
+               "weft::mutex destroyed while locked");
+  EXPECT_DEATH(weft::run([] {
+                 auto m = std::make_unique<shared_mutex>();
+                 m->lock_shared();
+                 m.reset();
+                 std::fprintf(stderr, "destroyed silently\n");
+                 std::_Exit(0);
+               }, {.workers = 1}),
+               "weft::shared_mutex destroyed while locked");
+}
+
 }  // namespace
 }  // namespace weft
 
