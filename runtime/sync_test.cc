@@ -234,6 +234,41 @@ TEST_P(Sync, CallOnceRunsItsFunctionOnceForManyFibers) {
   });
 }
 
+// std::call_once's rule for a callable that throws: the exception goes to
+// its caller, the flag stays unset, and exactly one of the callers waiting
+// meanwhile (fibers and a plain thread here) runs it again; the others
+// wait for that run and return. None reruns it once it succeeded.
+TEST_P(Sync, CallOnceRunsAgainAfterItsFunctionThrew) {
+  Run([] {
+    once_flag flag;
+    std::atomic<int> calls{0}, threw{0}, returned{0};
+    auto caller = [&] {
+      try {
+        call_once(flag, [&] {
+          int n = calls.fetch_add(1) + 1;
+          if (this_fiber::id() != 0)  // the others come meanwhile
+            (void)this_fiber::sleep_for(2ms);
+          else
+            std::this_thread::sleep_for(2ms);
+          if (n == 1) throw std::runtime_error("first try fails");
+        });
+        returned.fetch_add(1);
+      } catch (const std::runtime_error&) {
+        threw.fetch_add(1);
+      }
+    };
+    std::vector<join_handle<void>> hs;
+    for (int f = 0; f < 50; ++f) hs.push_back(spawn(caller));
+    std::thread t(caller);
+    for (auto& h : hs) h.join();
+    t.join();
+    caller();  // done: returns at once
+    EXPECT_EQ(calls.load(), 2);
+    EXPECT_EQ(threw.load(), 1);
+    EXPECT_EQ(returned.load(), 51);
+  });
+}
+
 TEST_P(Sync, SharedMutexAdmitsReadersTogetherAndWritersAlone) {
   Run([] {
     shared_mutex mu;
