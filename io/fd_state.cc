@@ -353,8 +353,12 @@ clock::time_point fd_state::write_behind_deadline() const noexcept {
 void fd_state::publish_settle(void* self, sched::wake_token t) {
   auto* st = static_cast<fd_state*>(self);
   st->lock_.lock();
-  // Done already, or another fiber waits: at once (the latter then polls).
-  bool now = !st->wb_pending_ || st->wb_done_ || st->wb_waiter_;
+  // Done already, the stream ended by another fiber (*Lingering*: its
+  // linger_locked() ran after the settle looked and found no waiter to
+  // wake, so nothing else would wake this one until the send ends, up to
+  // the linger cap), or another fiber waits: at once (the settle returns
+  // the abort; the latter polls).
+  bool now = !st->wb_pending_ || st->wb_done_ || st->wb_abort_ || st->wb_waiter_;
   if (!now) st->wb_waiter_ = t;
   st->lock_.unlock();
   // Still `parking` until this claim: waking it after the unlock is safe.

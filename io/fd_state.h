@@ -41,7 +41,9 @@
 //     descriptor stays open (and its number taken) while the kernel may
 //     still send on it, and *this alive while the driver holds it.
 //   - wb_waiter_ is the one fiber parked in settle(); it is claimed under
-//     lock_ (the rule on sched::claim), and a second settler polls.
+//     lock_ (the rule on sched::claim), and a second settler polls. Its
+//     park publishes it only if nothing it waits for (the completion,
+//     wb_abort_) has come since the settle looked, under the same lock.
 //   - *Lingering*: a write that returned has handed its bytes on, as a
 //     blocking send hands them to the kernel. So a close() or shutdown()
 //     from a fiber other than the writer (or a plain thread) does not

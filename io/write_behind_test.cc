@@ -654,6 +654,81 @@ TEST_P(WriteBehind, AUnixStreamSendsBehindOnlyWhenAskedFor) {
   });
 }
 
+// Another thread's close() or shutdown(SHUT_WR) racing a writer that is
+// about to wait for its own stuck write-behind (its next write): the
+// writer's call ends at once (EBADF, EPIPE), as a blocked send would, not
+// when the lingering send ends (here at its write's deadline, 400 ms; the
+// linger cap, 60 s, for a write with no deadline). The stream's end once
+// found no writer to wake when it came after the writer had looked (no
+// failure yet) and before its park published it as the waiter, which then
+// slept until the send ended. A fiber spawned just before the write runs
+// first when the writer parks (the hand-off), binding a stack before the
+// park is published, which widens that window; random delays move the end
+// across it. Skipped without write-behind.
+TEST_P(WriteBehind, AWriterAboutToWaitForItsStuckWriteWakesAtAnotherThreadsEnd) {
+  bool skipped = false;
+  Run([&] {
+    if (!write_behind_on()) {
+      skipped = true;
+      return;
+    }
+    std::mt19937_64 r(std::random_device{}());
+    // One thread ends each round's stream, `spin` iterations after the
+    // round starts.
+    std::atomic<int> round{-1}, ended{-1};
+    std::atomic<tcp_stream*> target{nullptr};
+    std::atomic<bool> by_close{true}, quit{false};
+    std::atomic<unsigned> spin{0};
+    std::thread other([&] {
+      for (int seen = -1; !quit.load();) {
+        const int n = round.load();
+        if (n == seen) continue;
+        seen = n;
+        for (unsigned i = 0, k = spin.load(); i < k; ++i) asm volatile("");
+        if (by_close.load()) (void)target.load()->close();
+        else (void)target.load()->shutdown(SHUT_WR);
+        ended.store(n);
+      }
+    });
+    const auto until = clock::now() + 3s;
+    int rounds = 0;
+    for (bool slow = false; clock::now() < until && !slow; ++rounds) {
+      auto [c, s] = connected_pair();
+      small_buffers(c, s);
+      const std::size_t off = fill_with_stream(c);
+      ASSERT_TRUE(c.write(stream_part(off, 100), deadline(400ms)));  // behind, stuck
+      target = &c;
+      by_close = rounds % 2 == 0;
+      spin = static_cast<unsigned>(r() % 3000);
+      // Runs first when the writer parks (the hand-off), binding a stack
+      // of its own before the writer's park is published: that widens the
+      // window.
+      auto first = spawn([] {}, {.stack_size = 8u << 20});
+      round = rounds;
+      const auto t0 = clock::now();
+      auto w = c.write(std::string(10, 'u'), deadline(5s));
+      const auto took = clock::now() - t0;
+      while (ended.load() != rounds) {
+      }
+      first.join();
+      if (w) continue;  // the tail went after all: nothing was waited for
+      EXPECT_TRUE(w.error() == std::errc::bad_file_descriptor ||
+                  w.error() == std::errc::broken_pipe)
+          << w.error().message();
+      if (took > 250ms) {
+        slow = true;
+        ADD_FAILURE() << "round " << rounds << " (" << (by_close ? "close" : "shutdown")
+                      << "): the writer's call waited "
+                      << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
+                      << " ms for the lingering send after the stream was ended";
+      }
+    }
+    quit = true;
+    other.join();
+  });
+  if (skipped) GTEST_SKIP() << "no write-behind here";
+}
+
 // A stream that outlives weft::run() with a write still in flight to a peer
 // that does not read: the worker cancels it as the runtime ends, so the
 // copy and the descriptor are freed (ASan's leak check) and destroying the
