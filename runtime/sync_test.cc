@@ -454,6 +454,18 @@ TEST(SyncThreads, PlainThreadsWaitWithDeadlinesWithoutARuntime) {
   t.join();
 }
 
+// Makes the calling thread run on `cpu` only, at SCHED_IDLE: the worker
+// pinned there preempts it as soon as it has anything to run (the two
+// condition-variable tests below land in a waiter's window this way).
+void idle_on(int cpu) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  (void)pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+  sched_param none{};
+  (void)pthread_setschedparam(pthread_self(), SCHED_IDLE, &none);
+}
+
 // condition_variable::wait releases the user's mutex before it parks. A
 // notify that lands between the two (no waiter is queued yet) must not be
 // lost: wait() links its record before it unlocks (in its park's publish
@@ -474,12 +486,7 @@ TEST(SyncThreads, ANotifyBetweenTheWaitersUnlockAndItsParkIsNotLost) {
     constexpr int kRounds = 20;
     int cpu = sched_getcpu();    // the worker's (pinned) CPU
     std::thread waiter([&, ref = outside_ref()] {
-      cpu_set_t set;
-      CPU_ZERO(&set);
-      CPU_SET(cpu, &set);
-      (void)pthread_setaffinity_np(pthread_self(), sizeof set, &set);
-      sched_param none{};
-      (void)pthread_setschedparam(pthread_self(), SCHED_IDLE, &none);
+      idle_on(cpu);
       for (int r = 0; r < kRounds && lost == 0; ++r) {
         std::unique_lock lk(mu);
         turn = 0;
@@ -531,12 +538,7 @@ TEST(SyncThreads, AConditionVariableDestroyedAfterNotifyAllIsNotTouchedByItsWait
     constexpr int kRounds = 20;
     int cpu = sched_getcpu();        // the worker's (pinned) CPU
     std::thread waiter([&, ref = outside_ref()] {
-      cpu_set_t set;
-      CPU_ZERO(&set);
-      CPU_SET(cpu, &set);
-      (void)pthread_setaffinity_np(pthread_self(), sizeof set, &set);
-      sched_param none{};
-      (void)pthread_setschedparam(pthread_self(), SCHED_IDLE, &none);
+      idle_on(cpu);
       for (int r = 0; r < kRounds && lost == 0; ++r) {
         std::unique_lock lk(mu);
         done = false;
