@@ -364,6 +364,10 @@ once_flag::~once_flag() {
 // a finisher that saw kWaiting finds the record under lk_, and the waiters
 // it found cannot leave (nor the flag be freed) before it wakes them.
 bool once_flag::begin(const std::source_location& where) {
+  // A plain thread that runs fn wakes, in finish(), the fibers that came
+  // meanwhile: while it runs, the deadlock detector must not take them for
+  // stuck (all parked on the flag, nothing else running: a false report).
+  detail::note_plain_user();
   for (;;) {
     lk_.lock();
     // acquire: pairs with the release in finish(); fn's effects are visible.

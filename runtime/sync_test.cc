@@ -760,6 +760,33 @@ TEST(SyncDeath, APlainThreadHoldingALockIsNotADeadlock) {
               ::testing::ExitedWithCode(0), "no deadlock reported");
 }
 
+// As a lock: a plain thread running a call_once's function (the first to
+// call it) wakes, when it returns, the fibers that came meanwhile; they
+// are parked on the flag and nothing else runs, which is not a deadlock.
+// (begin() did not count the thread: the report killed this program.)
+TEST(SyncDeath, APlainThreadRunningCallOnceIsNotADeadlock) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        weft::run([] {
+          once_flag flag;
+          std::atomic<bool> running{false};
+          std::thread t([&] {  // no outside_ref: it never blocks in weft
+            call_once(flag, [&] {
+              running = true;
+              std::this_thread::sleep_for(300ms);
+            });
+          });
+          while (!running.load()) (void)this_fiber::sleep_for(100us);
+          call_once(flag, [] {});  // parks until the thread's run returns
+          t.join();
+        }, {.workers = 1});
+        std::fprintf(stderr, "no deadlock reported\n");
+        std::_Exit(0);
+      },
+      ::testing::ExitedWithCode(0), "no deadlock reported");
+}
+
 // A fiber waiting in call_once is named in the deadlock report (and in
 // dump()) at its own call site, as every other wait is: the report used to
 // say runtime/sync.cc, where call_once parks, for every such fiber.
