@@ -121,7 +121,9 @@ struct peer {
 
 // Ends p's connection from our side: its reader sees the end of the stream.
 void cut_off(peer& p) {
-  p.cut.store(true);
+  // release: pairs with the reader's acquire load, which it makes only
+  // after its read saw the end of the stream that the shutdown(2) caused.
+  p.cut.store(true, std::memory_order_release);
   (void)p.conn->shutdown(SHUT_RDWR);
 }
 
@@ -266,7 +268,7 @@ void serve(weft::tcp_stream s, weft::channel<event>& events) {
   // after an error, nor when the end of the stream is our own doing (the
   // idle timeout, a drop, a failed write: see cut_off): the peer may have
   // been cut off mid-line.
-  if (eof && !me->cut.load() && !pending.empty() && gate.take(pending.size()))
+  if (eof && !me->cut.load(std::memory_order_acquire) && !pending.empty() && gate.take(pending.size()))
     (void)events.send(said{me->name + ": " + pending + "\n"});
   alive->close();
   (void)events.send(left{me});  // the room closes our outbox: the writer ends
