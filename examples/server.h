@@ -121,6 +121,7 @@ inline std::string statusz_text() {
   line("io_linger_timers", io.linger_timers);
   line("pooled_buffers_in_use", weft::pooled_buffer::in_use());
   line("pooled_buffers_queued", io.recv_queued);
+  line("accepts_queued", io.accept_queued);
   for (std::size_t w = 0; w < st.workers.size(); ++w) {
     std::string k = "worker" + std::to_string(w) + "_";
     line((k + "fibers_run").c_str(), st.workers[w].fibers_run);

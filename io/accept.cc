@@ -24,7 +24,13 @@
 //     deleted) + 1 while armed + 1 per accept() call in progress. The last unref() deletes
 //     the state, closing the descriptors still in ready_.
 //   - Once closed_, nothing arms again, accept() fails with EBADF and
-//     descriptors that still arrive are closed at once.
+//     descriptors that still arrive are closed at once, except for a
+//     descriptor promised to an acceptor: promised_ holds the acceptors an
+//     arrival woke (the one it claimed), and such an acceptor, when it
+//     runs after a close, still takes a queued descriptor (as a reader
+//     woken by data gets it in io/recv.cc: a call's result, if it came
+//     first, is returned). An acceptor leaves promised_ the next time it
+//     looks at the queue.
 //   - Back-pressure: the multishot accepts only while someone wants
 //     connections. It is cancelled (stopping_) once ready_ holds cap_
 //     descriptors nobody took, and when an accept() gives up (deadline,
@@ -56,6 +62,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <deque>
@@ -70,6 +77,17 @@
 #include "sched/scheduler.h"
 
 namespace weft::io {
+
+namespace {
+// Descriptors a multishot accept queued that no accept() took yet, all
+// listeners together (io_stats::accept_queued). relaxed: a gauge.
+std::atomic<std::int64_t> g_accept_queued{0};
+}  // namespace
+
+std::uint64_t accept_queued_descriptors() noexcept {
+  return static_cast<std::uint64_t>(
+      std::max<std::int64_t>(0, g_accept_queued.load(std::memory_order_relaxed)));
+}
 
 class accept_state final : public multishot_sink {
  public:
@@ -98,8 +116,12 @@ class accept_state final : public multishot_sink {
  private:
   ~accept_state() {
     for (int fd : ready_)
-      if (fd >= 0) ::close(fd);
+      if (fd >= 0) {
+        g_accept_queued.fetch_sub(1, std::memory_order_relaxed);
+        ::close(fd);
+      }
   }
+  int pop_locked() noexcept;
   static result<int> accept_now(int listen_fd);
   static void publish(void* self, sched::wake_token t);
   void retract() noexcept;
@@ -117,6 +139,7 @@ class accept_state final : public multishot_sink {
   bool armed_ = false;                     // guarded by lock_
   bool stopping_ = false;                  // guarded by lock_: a cancel of the armed multishot was sent
   bool closed_ = false;                    // guarded by lock_
+  std::vector<sched::fiber*> promised_;    // guarded by lock_: see the invariants
   std::string unlink_path_;                // set before any accept(); used by shut() once
   std::atomic<int> refs_{1};
 };
@@ -165,15 +188,31 @@ io_driver* accept_state::stop_locked() noexcept {
 result<int> accept_state::take(int listen_fd, clock::time_point deadline,
                                std::source_location where) {
   bool tried = false;  // accept_now() before arming, once per call
+  bool woken = false;  // the last park ended with a wake (maybe an arrival's)
   for (;;) {
     lock_.lock();
+    bool promised = false;
+    if (woken && !promised_.empty()) {
+      auto it = std::find(promised_.begin(), promised_.end(), sched::current_fiber());
+      if (it != promised_.end()) {
+        promised_.erase(it);
+        promised = true;
+      }
+    }
     if (closed_) {
+      // An arrival that woke this acceptor before the close: its
+      // descriptor is this call's (see promised_).
+      if (promised && !ready_.empty()) {
+        int r = pop_locked();
+        lock_.unlock();
+        if (r < 0) return sys_error(-r);
+        return r;
+      }
       lock_.unlock();
       return sys_error(EBADF);
     }
     if (!ready_.empty()) {
-      int r = ready_.front();
-      ready_.pop_front();
+      int r = pop_locked();
       lock_.unlock();
       if (r < 0) return sys_error(-r);
       return r;
@@ -217,13 +256,24 @@ result<int> accept_state::take(int listen_fd, clock::time_point deadline,
                                           .what = "tcp accept",
                                           .where = where});
     sched::scheduler::add_fiber_outside_ref(-1);
-    if (why == sched::wake_reason::notified) continue;  // the waker popped the token
+    if (why == sched::wake_reason::notified) {  // the waker popped the token
+      woken = true;
+      continue;
+    }
     retract();  // queued descriptors stay for the next accept()
     if (why == sched::wake_reason::timed_out)
       return std::unexpected(std::make_error_code(std::errc::timed_out));
     sched::unwind_point();
     return std::unexpected(std::make_error_code(std::errc::operation_canceled));
   }
+}
+
+// Under lock_, ready_ not empty: its first entry (a descriptor, or -errno).
+int accept_state::pop_locked() noexcept {
+  int r = ready_.front();
+  ready_.pop_front();
+  if (r >= 0) g_accept_queued.fetch_sub(1, std::memory_order_relaxed);
+  return r;
 }
 
 // One accept4 that never blocks: the listener is non-blocking
@@ -254,11 +304,16 @@ void accept_state::on_result(int res, std::uint32_t flags, bool more) noexcept {
   } else {
     // -ECANCELED is our own cancel's, not news for an acceptor; EMFILE and
     // the like are, and the listener stays usable.
-    if (res != -ECANCELED) ready_.push_back(res);
+    if (res != -ECANCELED) {
+      ready_.push_back(res);
+      if (res >= 0) g_accept_queued.fetch_add(1, std::memory_order_relaxed);
+    }
     // The multishot ended: wake everyone, so that one of them re-arms it
     // on its worker and the others park again behind it.
     if (!more) waiters_.claim(wake, /*all=*/true);
     else if (res != -ECANCELED) waiters_.claim(wake, /*all=*/false);
+    // The first one woken is promised this arrival (see promised_).
+    if (res >= 0 && !wake.empty()) promised_.push_back(wake.front());
     if (more && ready_.size() >= cap_) stop = stop_locked();  // *Back-pressure*
   }
   lock_.unlock();

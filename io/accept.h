@@ -19,5 +19,8 @@ void shut_accept_state(accept_state* s) noexcept;
 void unlink_on_close(accept_state* s, std::string path);
 // shut_accept_state(), then gives back the listener's share.
 void close_accept_state(accept_state* s) noexcept;
+// Descriptors accepted by multishot accepts that no accept() took yet,
+// every listener together (io_stats::accept_queued).
+std::uint64_t accept_queued_descriptors() noexcept;
 
 }  // namespace weft::io

@@ -133,6 +133,61 @@ TEST_P(Close, AClosedListenersAcceptorNeverTakesTheNextListenersConnection) {
   });
 }
 
+// A connection that arrived before a listener's close() is the parked
+// acceptor's even when the close runs first: io_uring's multishot accept
+// queued the descriptor and woke the acceptor, and the closing fiber,
+// queued ahead of it on the same worker, closes before it runs. The
+// acceptor gets the connection (it used to get EBADF, and the connection
+// was closed unseen); its next accept gets EBADF. (On epoll, as with Go,
+// the acceptor accepts after it runs, when the listener is gone: nothing
+// was taken from the kernel for it, and EBADF is its result.)
+TEST_P(Close, AnAcceptorWokenByAConnectionGetsItEvenIfACloseRunsFirst) {
+  Run([&] {
+    if (io::stats().driver != "io_uring") return;
+    for (int round = 0; round < 10; ++round) {
+      auto ln = tcp_listener::bind("127.0.0.1:0").value();
+      // Both on this worker: the close can run between the acceptor's wake
+      // and its run only if the two take turns on one worker.
+      spawn_options here{.pinned = true, .worker = static_cast<int>(this_fiber::worker_index())};
+      auto acceptor = spawn([&ln]() -> std::error_code {
+        auto c = ln.accept(deadline(10s));
+        if (!c) return c.error();
+        if (auto again = ln.accept(deadline(10s)); again)
+          return std::make_error_code(std::errc::invalid_argument);
+        else if (again.error() != std::errc::bad_file_descriptor)
+          return again.error();
+        char b;  // the connection is live: the client's byte is there
+        auto n = c->read({&b, 1}, deadline(5s));
+        if (!n) return n.error();
+        return *n == 1 && b == 'x' ? std::error_code() : std::make_error_code(std::errc::io_error);
+      }, here);
+      int client = -1;
+      auto closer = spawn([&ln, &client] {
+        (void)this_fiber::sleep_for(20ms);  // the acceptor is parked by now
+        const std::uint64_t before = io::stats().accept_queued;
+        // A plain blocking connect: queued by the kernel before it returns.
+        auto a = ln.local_address().value();
+        client = ::socket(a.family(), SOCK_STREAM | SOCK_CLOEXEC, 0);
+        ASSERT_GE(client, 0);
+        ASSERT_EQ(::connect(client, a.get(), a.size()), 0);
+        ASSERT_EQ(::write(client, "x", 1), 1);
+        // Until the multishot queued it (and woke the acceptor): a yield
+        // that goes through the loop reaps it, and this fiber, queued
+        // first, runs again before the acceptor.
+        for (int i = 0; i < 1'000'000 && io::stats().accept_queued == before; ++i)
+          this_fiber::yield();
+        EXPECT_GT(io::stats().accept_queued, before);
+        EXPECT_TRUE(ln.close());
+      }, here);
+      closer.join();
+      auto got = acceptor.join();
+      EXPECT_FALSE(got) << "round " << round << ": " << got.message();
+      if (client >= 0) ::close(client);
+      EXPECT_EQ(io::stats().accept_queued, 0u);
+    }
+  });
+}
+
 // An accept() that gave up at once (its deadline already past) may have
 // armed io_uring's multishot accept on its way; closing the listener and
 // binding a new one at the same number right after must not let that

@@ -228,6 +228,9 @@ struct io_stats {
   // read asked for them (io/recv.cc; bounded per socket by its
   // back-pressure): a gauge, process-wide.
   std::uint64_t recv_queued = 0;
+  // Connections a multishot accept took from the kernel that no accept()
+  // took yet (io/accept.cc; at most 64 per listener): a gauge, process-wide.
+  std::uint64_t accept_queued = 0;
   std::string driver;  // the first worker's driver name ("io_uring", "epoll")
   // The first worker's receive-buffer backing: "hugetlb", "thp",
   // "small_pages" (alloc/arena.h) or "heap".

@@ -22,6 +22,7 @@
 #include <cerrno>
 #include <utility>
 
+#include "io/accept.h"
 #include "io/driver.h"
 #include "io/recv.h"
 #include "sched/scheduler.h"
@@ -101,6 +102,7 @@ io_stats stats() {
     }
   }
   st.recv_queued = recv_queued_buffers();
+  st.accept_queued = accept_queued_descriptors();
   return st;
 }
 
