@@ -47,14 +47,25 @@ result<void> to_result(wake_reason r) {
 // --- condition_variable ------------------------------------------------------
 
 condition_variable::~condition_variable() {
-  detail::check_no_waiters(lk_, q_, "weft::condition_variable destroyed while fibers wait on "
-                                    "it (keep it alive until they are done)");
+  lk_.lock();
+  // A waiter woken by its deadline or a stop request, whose record a
+  // notify then dropped (its claim lost), still takes lk_ to retract it: it
+  // is runnable and a few instructions from done, so give it the CPU.
+  while (waiting_ != 0 && q_.empty()) {
+    lk_.unlock();
+    detail::let_others_run();
+    lk_.lock();
+  }
+  bool idle = q_.empty();
+  lk_.unlock();
+  WEFT_CHECK(idle, "weft::condition_variable destroyed while fibers wait on it (keep it alive "
+                   "until they are done)");
 }
 
 void condition_variable::notify_one() noexcept {
   lk_.lock();
   wake_ticket t;
-  detail::pop_claimed(q_, t);
+  if (detail::pop_claimed(q_, t)) --waiting_;  // that waiter leaves without lk_
   lk_.unlock();
   detail::ready(t);
 }
@@ -62,7 +73,11 @@ void condition_variable::notify_one() noexcept {
 void condition_variable::notify_all() noexcept {
   detail::wake_batch woken;
   lk_.lock();
-  woken.claim_all(q_);
+  wake_ticket t;
+  while (detail::waiter* w = detail::pop_claimed(q_, t)) {
+    woken.add(w, t);
+    --waiting_;  // that waiter leaves without lk_
+  }
   lk_.unlock();
   woken.ready_all();
 }
@@ -77,6 +92,14 @@ void condition_variable::notify_all() noexcept {
 // the woken waiter then only relocks the mutex. (It used to release the
 // mutex first, then take lk_ to link, reading freed memory when a notify
 // and the destruction came in between.)
+// A waiter woken otherwise (its deadline, a stop request) retracts its
+// record under lk_. A notify_all that comes first drops the record (its
+// claim loses) and the program may then destroy the condition variable
+// before the waiter got to lk_: waiting_ counts the waiters that will
+// still take lk_, and the destructor waits for them, as glibc's
+// pthread_cond_destroy waits for its waiters to leave.
+// waiting_: +1 when the record is linked; -1 by the notify that claims it,
+// or by the waiter when it retracts; all under lk_.
 result<void> condition_variable::wait(std::unique_lock<mutex>& ulk, deadline d,
                                       std::source_location where) {
   WEFT_CHECK(ulk.owns_lock(), "condition_variable::wait: the lock is not held");
@@ -100,6 +123,7 @@ result<void> condition_variable::wait(std::unique_lock<mutex>& ulk, deadline d,
         auto* c = static_cast<ctx*>(a);
         mutex* mu = c->mu;
         detail::push_back(c->cv->q_, c->w);
+        ++c->cv->waiting_;
         c->cv->lk_.unlock();  // findable: a notify from now on claims it
         mu->unlock();         // now it waits; touches only the mutex
       },
@@ -107,7 +131,8 @@ result<void> condition_variable::wait(std::unique_lock<mutex>& ulk, deadline d,
   if (r != wake_reason::notified) {  // no notify claimed it: still ours to retract
     lk_.lock();
     detail::unlink(q_, &w);
-    lk_.unlock();
+    --waiting_;
+    lk_.unlock();  // the last touch: the destructor may run from here on
   }
   ulk = std::unique_lock<mutex>(*mu, std::defer_lock);
   ulk.lock();

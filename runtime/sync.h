@@ -136,7 +136,9 @@ class shared_mutex {
 class condition_variable {
  public:
   condition_variable() = default;
-  ~condition_variable();  // checks that nobody is parked on it
+  // Checks that nobody is parked on it; waits for a waiter that woke by
+  // its deadline or a stop request and is still retracting its record.
+  ~condition_variable();
   condition_variable(const condition_variable&) = delete;
   condition_variable& operator=(const condition_variable&) = delete;
 
@@ -161,6 +163,9 @@ class condition_variable {
  private:
   detail::short_lock lk_;
   detail::wait_list q_;  // guarded by lk_
+  // Guarded by lk_: waiters that will take lk_ again (linked, and not
+  // claimed by a notify). See *Destroying after a notify* in sync.cc.
+  std::size_t waiting_ = 0;
 };
 
 class semaphore {

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <memory>
 #include <new>
@@ -571,6 +572,44 @@ TEST(SyncThreads, AConditionVariableDestroyedAfterNotifyAllIsNotTouchedByItsWait
   }, {.workers = 1});
 }
 
+
+// A waiter woken by a stop request (or its deadline) retracts its record
+// under the condition variable's lock. A notify_all that comes first drops
+// the record (its claim loses), and every waiter having been notified, the
+// program may destroy the condition variable before the woken waiter got
+// to that lock: the destructor must wait for it. It did not, and the waiter
+// locked and unlinked in freed memory. On one worker the order is fixed:
+// the stop request makes the waiter runnable behind the fiber that
+// notifies and destroys, which runs on until the destructor gives way.
+TEST(SyncThreads, AConditionVariableDestroyedWhileAStoppedWaiterLeavesWaitsForIt) {
+  weft::run([] {
+    for (int round = 0; round < 3; ++round) {
+      mutex mu;
+      alignas(condition_variable) unsigned char storage[sizeof(condition_variable)];
+      auto* cv = ::new (storage) condition_variable;
+      std::atomic<bool> entered{false}, returned{false};
+      std::error_code got;
+      auto h = spawn([&] {
+        std::unique_lock lk(mu);
+        entered = true;
+        auto r = cv->wait(lk);  // until the stop request
+        if (!r) got = r.error();
+        returned = true;
+      });
+      while (!entered.load()) this_fiber::yield();
+      mu.lock();  // the waiter's wait() released it: its record is linked
+      mu.unlock();
+      h.request_stop();  // claims it with `cancelled`; it waits for this worker
+      cv->notify_all();  // its claim loses; the record is dropped
+      cv->~condition_variable();
+      EXPECT_TRUE(returned.load()) << "the destructor returned while the waiter still had to "
+                                      "retract its record from it";
+      std::memset(storage, 0, sizeof storage);  // as freed memory reused
+      h.join();
+      EXPECT_EQ(got, std::errc::operation_canceled);
+    }
+  }, {.workers = 1});
+}
 
 // When main returns, the runtime unwinds the fibers still alive: their
 // parks throw fiber_unwind, so their destructors run. A destructor that

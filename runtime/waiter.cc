@@ -79,6 +79,14 @@ void note_plain_user() noexcept {
   return static_cast<std::uint32_t>(x >> 32);
 }
 
+void let_others_run() noexcept {
+  if (!sched::current_fiber()) {
+    sched_yield();
+    return;
+  }
+  sched::yield_in_cleanup();
+}
+
 // --- parker -----------------------------------------------------------------
 
 parker::parker() noexcept : self_(sched::current_fiber()) {

@@ -185,4 +185,9 @@ void futex_wake_all(std::atomic<std::uint32_t>* w) noexcept;
 // A cheap per-thread random number (select's choice among ready cases).
 std::uint32_t fast_random() noexcept;
 
+// For a destructor that waits for a runnable blocker to finish with the
+// object (condition_variable): on a fiber, yields (also while the runtime
+// unwinds the caller); on a plain thread, gives the CPU away.
+void let_others_run() noexcept;
+
 }  // namespace weft::detail

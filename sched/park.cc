@@ -448,4 +448,10 @@ void yield(std::source_location where) {
   w->yield_current(where);
 }
 
+void yield_in_cleanup(std::source_location where) noexcept {
+  worker* w = current_worker();
+  WEFT_CHECK(w && w->current(), "yield: called outside a fiber");
+  w->yield_current(where);
+}
+
 }  // namespace weft::sched

@@ -94,6 +94,10 @@ wake_reason park(const park_request& req);
 
 // Gives the worker to other runnable fibers; the caller stays runnable.
 void yield(std::source_location where = std::source_location::current());
+// The same without the unwind point, for a destructor that waits for a
+// runnable fiber to finish with its object (it must let that fiber run even
+// while the runtime unwinds the caller). Never throws.
+void yield_in_cleanup(std::source_location where = std::source_location::current()) noexcept;
 
 // *Coop budget*: every operation that could have parked but completed at
 // once (a channel send or receive with room or values, a select with a
