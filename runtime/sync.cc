@@ -379,6 +379,12 @@ void zero_waiter::wait_noexcept(const char* what, const std::source_location& wh
 once_flag::~once_flag() {
   detail::check_no_waiters(lk_, q_, "weft::once_flag destroyed while fibers wait on it (keep "
                                     "it alive until they are done)");
+  // As ~mutex: the caller running fn would finish() on freed memory.
+  // acquire: pairs with finish()'s release, as in call_once(); a destroyer
+  // ordered after the run sees kDone or kNew.
+  WEFT_CHECK((state_.load(std::memory_order_acquire) & ~kWaiting) != kRunning,
+             "weft::once_flag destroyed while its call_once function runs (the caller would "
+             "finish on freed memory)");
 }
 
 // The finisher's store of kDone (or kNew) and its decision to wake are one
@@ -482,6 +488,16 @@ void shared_mutex::acquire(bool wr, const std::source_location& where) {
                                      .what = wr ? "shared_mutex lock" : "shared_mutex lock_shared",
                                      .where = where});
     if (r == wake_reason::notified) return;  // granted (grant_locked()); p noted a plain thread
+    if (wr) {
+      // A writer that left the queue (the runtime unwinds it) held back the
+      // readers queued behind it: they may share the lock with its holders
+      // now, not only once those leave.
+      detail::wake_batch woken;
+      lk_.lock();
+      grant_locked(woken);
+      lk_.unlock();
+      woken.ready_all();
+    }
     sched::unwind_point();
   }
 }

@@ -657,6 +657,41 @@ TEST(SyncThreads, DestructorsRunByTheUnwindWaitForLocksHeldElsewhere) {
   EXPECT_EQ(done.load(), 3);
 }
 
+// A writer queued on a shared_mutex holds back the readers queued behind
+// it. When the runtime unwinds that writer (main returned), the readers
+// may share the lock with its holder at once: they waited for the holder
+// to leave. Holder and reader are plain threads, so only the writer is
+// unwound.
+TEST(SyncThreads, AQueuedWriterUnwoundAtExitLetsTheReadersBehindItIn) {
+  shared_mutex smu;
+  std::atomic<bool> release{false}, got{false};
+  std::thread holder, reader;
+  weft::run(
+      [&] {
+        std::atomic<bool> held{false};
+        holder = std::thread([&, ref = outside_ref()] {
+          std::shared_lock g(smu);
+          held = true;
+          while (!release.load()) std::this_thread::sleep_for(1ms);
+        });
+        while (!held.load()) (void)this_fiber::sleep_for(100us);
+        spawn([&] { std::lock_guard g(smu); }).detach();  // queued behind the holder
+        (void)this_fiber::sleep_for(10ms);
+        reader = std::thread([&, ref = outside_ref()] {
+          std::shared_lock g(smu);  // queued behind the writer
+          got = true;
+        });
+        (void)this_fiber::sleep_for(10ms);
+        EXPECT_FALSE(got.load()) << "the reader passed the queued writer";
+      },
+      {.workers = 1});
+  for (int i = 0; i < 2000 && !got.load(); ++i) std::this_thread::sleep_for(1ms);
+  EXPECT_TRUE(got.load()) << "the reader still waits for the holder, the writer gone";
+  release = true;
+  holder.join();
+  reader.join();
+}
+
 // A synchronization object that goes away while a fiber is parked on it
 // (a frame the runtime unwinds before the fibers using it, or an early
 // delete) is reported at its destruction, as a channel is, rather than
@@ -899,6 +934,16 @@ TEST(SyncDeath, AMutexDestroyedWhileLockedIsReported) {
                  std::_Exit(0);
                }, {.workers = 1}),
                "weft::shared_mutex destroyed while locked");
+  // A once_flag destroyed by its own call_once function: the runner's
+  // finish() wrote to the freed flag.
+  EXPECT_DEATH(weft::run([] {
+                 alignas(once_flag) unsigned char storage[sizeof(once_flag)];
+                 auto* f = ::new (storage) once_flag;
+                 call_once(*f, [&] { f->~once_flag(); });
+                 std::fprintf(stderr, "destroyed silently\n");
+                 std::_Exit(0);
+               }, {.workers = 1}),
+               "weft::once_flag destroyed while its call_once function runs");
 }
 
 }  // namespace
