@@ -15,8 +15,9 @@
 //     its top 16 bits (an operation started by start(), counted in
 //     inflight_ until its CQE; see *Cancel keys*), kWakeTag (the
 //     eventfd read, always armed), kRingWakeTag (a wake-up sent by another
-//     worker's ring), kIgnoreTag (linked timeouts, cancels, the sender's
-//     own CQE of a MSG_RING), an fd_state* with kSendBehindBit set (a
+//     worker's ring), kIgnoreTag (linked timeouts, cancels), a
+//     uring_driver* with kWakeSentMark (the sender's own CQE of a
+//     MSG_RING to that driver; see *Waking*), an fd_state* with kSendBehindBit set (a
 //     write-behind: counted in inflight_ and behind_ until its CQE; see
 //     send_behind()) or a multishot_sink* with kMultishotBit set
 //     (see *Multishot operations* in io/driver.h), listed in armed_ from
@@ -50,6 +51,13 @@
 // whose SQ ring is full) write an eventfd that has a read armed on the ring
 // at all times. Either way a sleeping wait() returns; wake_pending_ keeps
 // repeated wakes down to one until the owner has seen it.
+// A kernel may refuse the MSG_RING (before 5.18 it has no such opcode but
+// sets the ring up; a restricted ring; a remote post short of memory):
+// only the sender's own CQE says so, and the sleeper, whose wake_pending_
+// is set, would never wake again, whoever woke it. So that CQE names the
+// sleeper (kWakeSentMark); on a failure its reaper writes the sleeper's
+// eventfd instead, says so once on stderr, and from then on every worker
+// wakes through eventfds (msg_ring_refused).
 //
 // *Rescue* (a worker stuck in one fiber that computes without parking):
 // with DEFER_TASKRUN or COOP_TASKRUN the kernel posts completions only
@@ -135,6 +143,14 @@ constexpr std::uint64_t kSendBehindBit = 2;
 // Marks a write-behind's cancel key (the two above) on a timeout SQE whose
 // expiry cancels that send: cancel_send_behind_at().
 constexpr std::uint64_t kLingerBit = 4;
+// Marks a uring_driver* (with neither bit above: tag & 7 is exactly this):
+// the sender's CQE of a MSG_RING wake-up sent to that driver (*Waking*).
+constexpr std::uint64_t kWakeSentMark = 4;
+static_assert(alignof(completion) >= 8, "a completion* must leave the tag bits clear");
+// Set once a MSG_RING wake-up failed (see *Waking*): every worker wakes
+// through the eventfd from then on. relaxed: a hint; a MSG_RING sent after
+// it is set fails the same way and is made good the same way.
+std::atomic<bool> msg_ring_refused{false};
 // See *Cancel keys*.
 constexpr int kGenShift = 48;
 constexpr std::uint64_t kAddressMask = (std::uint64_t{1} << kGenShift) - 1;
@@ -371,6 +387,7 @@ class uring_driver final : public io_driver {
   void on_multishot_cqe(std::uint64_t tag, int res, std::uint32_t flags);
   void arm_wake_read();
   bool send_ring_wake() noexcept;
+  void ring_wake_refused(int res) noexcept;
   void drain_cancels();
   void prep_timed_cancel(std::uint64_t key, std::int64_t ns);
   void reap(bool owner);
@@ -1016,13 +1033,28 @@ bool uring_driver::send_ring_wake() noexcept {
                    ? static_cast<uring_driver*>(d)
                    : nullptr;
   if (!from || from == this) return false;
+  if (msg_ring_refused.load(std::memory_order_relaxed)) return false;  // see *Waking*
   sq_section busy(*from);  // from's owner is this thread
   io_uring_sqe* sqe = io_uring_get_sqe(&from->ring_);
   if (!sqe) return false;  // its SQ ring is full: the eventfd serves
   io_uring_prep_msg_ring(sqe, ring_.ring_fd, 0, kRingWakeTag, 0);
-  io_uring_sqe_set_data64(sqe, kIgnoreTag);  // the sender's own CQE
+  // The sender's own CQE names this driver, for a refusal (*Waking*).
+  // SAFETY: drivers live until every worker joined; no CQE is reaped after.
+  io_uring_sqe_set_data64(sqe, reinterpret_cast<std::uintptr_t>(this) | kWakeSentMark);
   from->submit();
   return true;
+}
+
+// The kernel refused a MSG_RING wake-up sent to this driver (res: its
+// error), whose wake_pending_ is still set: the eventfd wakes it instead.
+// Any thread (the sender's reaper: its owner or the monitor).
+void uring_driver::ring_wake_refused(int res) noexcept {
+  if (!msg_ring_refused.exchange(true, std::memory_order_relaxed))  // relaxed: see there
+    std::fprintf(stderr, "weft: io_uring: the kernel refused IORING_OP_MSG_RING (%s); "
+                 "workers wake each other through an eventfd\n", std::strerror(-res));
+  std::uint64_t one = 1;
+  ssize_t n = ::write(efd_, &one, sizeof one);
+  (void)n;  // as wake()'s
 }
 
 // Under reap_lock_. The owner (poll(), wait()) takes what its wake_budget
@@ -1045,6 +1077,11 @@ void uring_driver::reap(bool owner) {
       wake_pending_.exchange(false, std::memory_order_acq_rel);
       woken_ = true;
       if (tag == kWakeTag) rearm_wake_ = true;  // a MSG_RING consumed nothing
+      continue;
+    }
+    if ((tag & 7) == kWakeSentMark) {  // a MSG_RING this ring sent (*Waking*)
+      if (cqe->res < 0)
+        reinterpret_cast<uring_driver*>(tag & ~std::uint64_t{7})->ring_wake_refused(cqe->res);
       continue;
     }
     if (tag & kLingerBit) {  // a timed cancel's timeout expired (or was cancelled)
