@@ -1068,6 +1068,54 @@ TEST(FiberUnwind, AnExceptionEscapingAFiberWhileTheRuntimeUnwindsIsNotFatal) {
       ::testing::ExitedWithCode(7), "nobody joined: late failure");
 }
 
+// A fiber's callable and its fiber_local values are destroyed after its
+// body, also when the runtime unwinds it (or before it ever ran): no
+// exception is in flight there, so a destructor that parks (a last flush,
+// a sleep, a join) must see its call cancelled, as any destructor run by
+// the unwinding does. unwind_point() threw fiber_unwind out of such a
+// destructor instead: std::terminate. For spawn and go, a capture and a
+// fiber_local, a fiber parked when main returns and one never started.
+std::atomic<int> g_parked_after_body{0};
+struct parks_when_destroyed {
+  ~parks_when_destroyed() {
+    if (!this_fiber::sleep_for(1h)) g_parked_after_body.fetch_add(1);  // cancelled at once
+  }
+};
+
+TEST(FiberUnwind, DestructorsRunAfterAnUnwoundBodyMayPark) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        static fiber_local<parks_when_destroyed> local;
+        static std::atomic<int> started{0};
+        weft::run(
+            [] {
+              auto forever = [] {
+                started.fetch_add(1);
+                for (;;) (void)this_fiber::sleep_for(1h);
+              };
+              auto captured = [] { return std::make_shared<parks_when_destroyed>(); };
+              spawn([c = captured(), forever] { forever(); }).detach();
+              go([c = captured(), forever] { forever(); });
+              spawn([forever] {
+                (void)local.get();
+                forever();
+              }).detach();
+              go([forever] {
+                (void)local.get();
+                forever();
+              });
+              while (started.load() < 4) (void)this_fiber::sleep_for(1ms);
+              // Never started: unwound before they run, their callables discarded.
+              spawn([c = captured()] {}).detach();
+              go([c = captured()] {});
+            },
+            {.workers = 2});
+        std::_Exit(g_parked_after_body.load() == 6 ? 0 : 1);
+      },
+      ::testing::ExitedWithCode(0), "");
+}
+
 // A child the runtime unwound produced no value: joining it must not
 // return one (it used to return an empty optional's contents), and the
 // joiner, unwound as well, must not run on past join().

@@ -140,6 +140,10 @@ bool current_fiber_unwinding() noexcept {
   return f && f->unwinding_.load(std::memory_order_seq_cst);
 }
 
+void end_body() noexcept {
+  if (sched::fiber* f = sched::current_fiber()) f->body_ended_ = true;  // owner only
+}
+
 std::uint64_t current_fiber_id() noexcept {
   sched::fiber* f = sched::current_fiber();
   return f ? f->id_ : 0;

@@ -105,6 +105,7 @@ class task_group {
         child* c;
         member* m;
         ~at_exit() {  // also when the runtime unwinds the child
+          detail::end_body();  // the callable's destructor may park
           c->g_->leave(*m);
           c->finish(/*on_child=*/true);
         }

@@ -271,6 +271,12 @@ void construct_or_abandon(void* fiber, Build&& build) {
   }
 }
 bool current_fiber_unwinding() noexcept;
+// The calling fiber's body has returned or been unwound: what it runs now
+// are destructors (its callable's, its fiber_locals'), which may park
+// (their parks are cancelled while the runtime unwinds) but must not have
+// fiber_unwind thrown at them, with no exception in flight to excuse them
+// (sched::unwind_point()).
+void end_body() noexcept;
 std::uint64_t current_fiber_id() noexcept;
 // Destroys the calling fiber's fiber_local values now (they would be at
 // its exit anyway): a spawned fiber does this before it completes its
@@ -304,6 +310,7 @@ struct spawned {
       else
         st->set_exception(std::current_exception());
     }
+    end_body();
     finish(self, st);
   }
   // The callable and then the fiber's locals are destroyed before the
@@ -330,7 +337,10 @@ struct detached {
     auto* self = static_cast<detached*>(p);
     struct destroyer {
       detached* d;
-      ~destroyer() { d->~detached(); }
+      ~destroyer() {
+        end_body();
+        d->~detached();
+      }
     } guard{self};
     try {
       self->fn();

@@ -99,6 +99,10 @@ struct fiber {
   bool unpin_on_start_ = false;
   std::uint8_t callable_align_ = 0;  // log2 of the callable's alignment
   bool canary_ = false;  // its stack has no guard page: check the canary at switches
+  // Owner: its body has returned, or been unwound, or was discarded unrun;
+  // what runs now are destructors (its callable's, its fiber_locals'), so
+  // unwind_point() no longer throws (see park.h).
+  bool body_ended_ = false;
 
   // --- queues
   fiber* next_ = nullptr;  // link in a worker's inbox or pinned queue; guarded by that queue

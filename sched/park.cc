@@ -124,8 +124,11 @@ inline void unwind_point(fiber* f) {
   // seq_cst: pairs with the store in force_unwind() / start_fiber(); see
   // *Stopping a parked fiber*. An exception already unwinding this fiber's
   // stack (this is a destructor it runs; the count is the fiber's own, see
-  // *Exception state* in sched/context.cc): a throw would be std::terminate.
-  if (f->unwinding_.load(std::memory_order_seq_cst) && std::uncaught_exceptions() == 0)
+  // *Exception state* in sched/context.cc), or a body that has ended (what
+  // runs is a destructor of its callable or of a fiber_local, with no
+  // exception in flight): a throw would be std::terminate.
+  if (f->unwinding_.load(std::memory_order_seq_cst) && std::uncaught_exceptions() == 0 &&
+      !f->body_ended_)
     throw fiber_unwind{};
 }
 

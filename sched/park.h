@@ -143,7 +143,9 @@ void force_unwind(fiber* f) noexcept;
 
 // Throws fiber_unwind if the runtime is unwinding the calling fiber, unless
 // an exception is already unwinding its stack (std::uncaught_exceptions():
-// the caller runs in a destructor, where a throw is std::terminate); the
+// the caller runs in a destructor, where a throw is std::terminate) or its
+// body has ended (fiber::body_ended_: what runs is the destructor of its
+// callable or of a fiber_local, with no exception in flight); the
 // operation then reports its cancellation as a value, or, if it cannot
 // fail, keeps waiting.
 void unwind_point();

@@ -43,14 +43,16 @@ void describe_stack(const alloc::stack& s, char* buf, std::size_t len) {
   // seq_cst: pairs with force_unwind(); a fiber unwound before it started
   // never runs its body, only destroys its callable.
   if (f->unwinding_.load(std::memory_order_seq_cst)) {
+    f->body_ended_ = true;  // the callable's destructor may park: see unwind_point()
     f->discard_(f->callable_);
   } else {
     try {
-      f->body_(f->callable_);  // runs and destroys the callable
+      f->body_(f->callable_);  // runs and destroys the callable (body_ended_ set first)
     } catch (const fiber_unwind&) {
       // The unwinder stopped it: its frames' destructors have run.
     }
   }
+  f->body_ended_ = true;  // fiber_local destructors may park too
   fls_destroy_all(f);
   current_worker()->switch_away(after_switch::exit, nullptr);
   __builtin_unreachable();
