@@ -1235,6 +1235,24 @@ TEST_P(Fibers, IdsAndNamesAreThoseGivenAtSpawn) {
   });
 }
 
+// options::stack_size 0 is the default (64 KiB), as spawn_options'
+// stack_size 0 and options::workers 0 are. It was taken as a size, rounded
+// up to the smallest class: every fiber, main included, ran on a 1 KiB
+// stack without a guard page, and a frame of a few KiB wrote silently into
+// the neighbouring stacks.
+TEST_P(Fibers, ARunStackSizeOfZeroMeansTheDefault) {
+  auto stack_bytes = [] {
+    const alloc::stack& s = sched::current_fiber()->stack_;
+    return static_cast<std::size_t>(s.hi - s.lo);
+  };
+  options o;
+  o.stack_size = 0;
+  Run([&] {
+    EXPECT_GE(stack_bytes(), options{}.stack_size);
+    EXPECT_GE(spawn(stack_bytes).join(), options{}.stack_size);
+  }, o);
+}
+
 TEST_P(Fibers, SigquitDumpsEveryFiberAndTheProgramGoesOn) {
   ::testing::internal::CaptureStderr();
   Run([] {

@@ -53,7 +53,9 @@ int run_main(std::function<int()> main_fn, const options& opts) {
   sched::scheduler_options so;
   so.workers = workers_from_env(opts.workers);
   so.pin = opts.pin;
-  so.default_stack = opts.stack_size;
+  // 0 is the default, as spawn_options' 0 and workers' 0 are (not a size:
+  // the smallest class, 1 KiB without a guard page).
+  so.default_stack = opts.stack_size ? opts.stack_size : options{}.stack_size;
   so.deadlock_detection = opts.deadlock_detection;
   so.hog_warning = opts.hog_warning;
   so.make_driver = runtime_driver_factory(sched::worker_node_os(so));

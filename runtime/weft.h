@@ -113,7 +113,8 @@ struct deadline {
 struct options {
   unsigned workers = 0;         // 0: one per processing unit of the cpuset (WEFT_WORKERS overrides)
   bool pin = true;              // pin each worker to its processing unit
-  std::size_t stack_size = 64 * 1024;  // default fiber stack (address space; committed lazily)
+  // Default fiber stack (address space; committed lazily); 0: 64 KiB.
+  std::size_t stack_size = 64 * 1024;
   bool deadlock_detection = true;
   // A fiber that runs this long without parking or yielding is reported
   // once on stderr (its worker's timers and I/O wait for it); 0: never.
