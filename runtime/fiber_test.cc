@@ -604,6 +604,23 @@ TEST_P(Fibers, AnExceptionCrossesJoin) {
   });
 }
 
+// join() returns what the fiber returned, as std::future::get does: a
+// move-only value, or a reference (join_handle<T&>), which refers to the
+// same object. A callable returning a reference did not compile (the join
+// state kept the result in a std::optional<T&>).
+int g_referent = 5;
+TEST_P(Fibers, JoinReturnsAMoveOnlyValueOrAReference) {
+  Run([] {
+    join_handle<int&> ref = spawn([]() -> int& { return g_referent; });
+    EXPECT_EQ(&ref.join(), &g_referent);
+    join_handle<const int&> cref = spawn([]() -> const int& { return g_referent; });
+    EXPECT_EQ(&cref.join(), &g_referent);
+    auto owned = spawn([] { return std::make_unique<int>(4); }).join();
+    ASSERT_NE(owned, nullptr);
+    EXPECT_EQ(*owned, 4);
+  });
+}
+
 // The C++ runtime keeps, per thread, the exceptions being handled (what
 // `throw;` and std::current_exception() use) and the count of exceptions in
 // flight (std::uncaught_exceptions()). A fiber may park inside a catch

@@ -26,6 +26,7 @@
 #include <exception>
 #include <expected>
 #include <functional>
+#include <memory>
 #include <new>
 #include <optional>
 #include <ratio>
@@ -231,7 +232,10 @@ class join_state final : public join_state_base {
  public:
   template <typename... A>
   void set_value(A&&... a) {
-    if constexpr (!std::is_void_v<T>) value_.emplace(std::forward<A>(a)...);
+    if constexpr (std::is_reference_v<T>)
+      value_.emplace(std::addressof(a)...);  // a reference result: its referent's address
+    else if constexpr (!std::is_void_v<T>)
+      value_.emplace(std::forward<A>(a)...);
   }
   void set_exception(std::exception_ptr e) { error_ = std::move(e); }
   void set_unwound() { unwound_ = true; }
@@ -240,13 +244,21 @@ class join_state final : public join_state_base {
   T take() {
     if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
     if (unwound_) unwound_joined();
-    if constexpr (!std::is_void_v<T>) return std::move(*value_);
+    if constexpr (std::is_reference_v<T>)
+      return static_cast<T>(**value_);
+    else if constexpr (!std::is_void_v<T>)
+      return std::move(*value_);
   }
   bool failed() const { return error_ != nullptr; }
 
  private:
   struct empty {};
-  std::optional<std::conditional_t<std::is_void_v<T>, empty, T>> value_;
+  // A fiber that returns a reference (T& or T&&, as std::future<T&>) leaves
+  // a pointer to the referent: std::optional holds no references.
+  using stored = std::conditional_t<
+      std::is_void_v<T>, empty,
+      std::conditional_t<std::is_reference_v<T>, std::remove_reference_t<T>*, T>>;
+  std::optional<stored> value_;
 };
 
 struct spawn_request {
