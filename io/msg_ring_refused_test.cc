@@ -1,10 +1,10 @@
 // io/msg_ring_refused_test.cc
 //
 // Workers wake each other with IORING_OP_MSG_RING (see *Waking* in
-// io/uring_driver.cc). A kernel can refuse it: one before 5.18 has no such
-// opcode (-EINVAL) yet sets up the ring (IORING_SETUP_CQSIZE, the third
-// choice of flags), a restricted ring refuses it (-EACCES), and a remote
-// post can fail (-ENOMEM, -EOWNERDEAD). The refusal is the sender's own CQE;
+// io/uring_driver.cc). A kernel can refuse it: a restricted ring refuses
+// it (-EACCES), and a remote post can fail (-ENOMEM, -EOWNERDEAD). (A
+// kernel before 5.18, which has no such opcode, gets the epoll driver:
+// io/old_uring_test.cc.) The refusal is the sender's own CQE;
 // the sleeper gets nothing. This guards that the wake-up still arrives
 // (through the sleeper's eventfd) and that the sleeper's wake_pending_
 // does not stay set, which silenced every later wake() of that worker.
@@ -13,7 +13,7 @@
 // defines io_uring_queue_init_params (liburing is a shared library, so the
 // driver's call binds to this one), which sets every ring up disabled,
 // registers restrictions that allow every opcode but MSG_RING, and enables
-// it: a MSG_RING then completes with -EACCES, as an old kernel's -EINVAL.
+// it: a MSG_RING then completes with -EACCES.
 #include <dlfcn.h>
 #include <liburing.h>
 #include <sys/syscall.h>

@@ -51,8 +51,8 @@
 // whose SQ ring is full) write an eventfd that has a read armed on the ring
 // at all times. Either way a sleeping wait() returns; wake_pending_ keeps
 // repeated wakes down to one until the owner has seen it.
-// A kernel may refuse the MSG_RING (before 5.18 it has no such opcode but
-// sets the ring up; a restricted ring; a remote post short of memory):
+// A kernel may refuse the MSG_RING (a restricted ring; a remote post
+// short of memory; kFlagChoices keeps kernels without the opcode away):
 // only the sender's own CQE says so, and the sleeper, whose wake_pending_
 // is set, would never wake again, whoever woke it. So that CQE names the
 // sleeper (kWakeSentMark); on a failure its reaper writes the sleeper's
@@ -176,14 +176,18 @@ constexpr unsigned kCqEntries = 4096;
 constexpr unsigned kBufCount = 1024;  // a power of two, as the kernel requires
 constexpr int kBufGroup = 0;
 
-// Ring flags, best first; the first the kernel accepts wins.
+// Ring flags, best first; the first the kernel accepts wins. Nothing older
+// than the second: COOP_TASKRUN is kernel 5.19, and so are the multishot
+// accept and the receive's IORING_RECVSEND_POLL_FIRST this driver uses
+// unconditionally (MSG_RING is 5.18). A kernel that refuses both (older,
+// or an emulation without them) has too little io_uring for weft: the
+// worker takes the epoll driver, whose log line says why. (A CQSIZE-only
+// choice set older kernels' rings up, and their accepts then failed.)
 constexpr unsigned kCq = IORING_SETUP_CQSIZE;
 constexpr unsigned kFlagChoices[] = {
     IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN |
         IORING_SETUP_TASKRUN_FLAG | IORING_SETUP_SUBMIT_ALL | kCq,
     IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG | IORING_SETUP_SUBMIT_ALL | kCq,
-    kCq,
-    0,
 };
 
 // si_value of weft's own SIGURG (see *Rescue*), so that a program's own
@@ -1320,6 +1324,10 @@ std::unique_ptr<io_driver> make_uring_driver(unsigned worker, int node_os,
       break;
     }
     if (r != -EINVAL) break;  // not a flag problem (ENOSYS, EPERM, ENOMEM): give up
+  }
+  if (r == -EINVAL) {  // every choice refused: see kFlagChoices
+    why = std::make_error_code(std::errc::not_supported);
+    return nullptr;
   }
   if (r < 0) {
     why = std::error_code(-r, std::system_category());

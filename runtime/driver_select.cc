@@ -39,7 +39,10 @@ void log_fallback_once(const std::error_code& ec) {
   static std::atomic<bool> logged{false};
   // relaxed: only deduplicates a log line.
   if (!logged.exchange(true, std::memory_order_relaxed))
-    std::fprintf(stderr, "weft: io_uring unavailable, using epoll: %s\n", ec.message().c_str());
+    std::fprintf(stderr, "weft: io_uring unavailable, using epoll: %s%s\n", ec.message().c_str(),
+                 ec == std::errc::not_supported
+                     ? " (weft's io_uring driver needs Linux 5.19 or newer)"
+                     : "");
 }
 
 [[noreturn]] void no_io(unsigned worker, const char* what, const std::error_code& ec) {
@@ -56,7 +59,12 @@ std::unique_ptr<sched::driver> make_driver(io_choice c, unsigned worker, int nod
   std::error_code why;
   if (c != io_choice::epoll) {
     if (auto d = io::make_uring_driver(worker, node_os, why)) return d;
-    if (c == io_choice::uring) no_io(worker, "WEFT_IO=uring but io_uring_setup failed", why);
+    if (c == io_choice::uring)
+      no_io(worker,
+            why == std::errc::not_supported
+                ? "WEFT_IO=uring but the kernel's io_uring is older than 5.19"
+                : "WEFT_IO=uring but io_uring_setup failed",
+            why);
     log_fallback_once(why);
   }
   if (auto d = io::make_epoll_driver(worker, why)) return d;
