@@ -1133,6 +1133,55 @@ TEST(FiberUnwind, DestructorsRunAfterAnUnwoundBodyMayPark) {
       ::testing::ExitedWithCode(0), "");
 }
 
+// A scope that joins the fibers it spawned (as std::jthread joins in its
+// destructor) may be unwound by the runtime when main returns, with its
+// children still running: the join in its destructor must wait for them
+// (they are unwound too), not return at once and pop the frame they use
+// (the children here write to it as they unwind). It returned at once,
+// and its throw (operation_canceled) was std::terminate unless caught.
+std::atomic<int> g_joined_early{0}, g_joined{0};
+TEST(FiberUnwind, AJoinInADestructorTheUnwindRunsWaitsForTheChild) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        weft::run(
+            [] {
+              for (int i = 0; i < 3; ++i)
+                go([] {
+                  std::atomic<bool> child_done{false};  // the child writes it as it ends
+                  struct scope {
+                    join_handle<void> h;
+                    std::atomic<bool>* child_done;
+                    ~scope() {
+                      try {
+                        h.join();
+                      } catch (...) {  // the child was unwound: no value
+                      }
+                      if (!child_done->load()) g_joined_early.fetch_add(1);
+                      g_joined.fetch_add(1);
+                    }
+                  } s{spawn([&child_done] {
+                        struct mark {
+                          std::atomic<bool>* done;
+                          ~mark() {
+                            (void)this_fiber::sleep_for(1ms);  // cancelled: returns at once
+                            this_fiber::yield();
+                            done->store(true);
+                          }
+                        } m{&child_done};
+                        for (;;) (void)this_fiber::sleep_for(1h);
+                      }),
+                      &child_done};
+                  for (;;) (void)this_fiber::sleep_for(1h);
+                });
+              (void)this_fiber::sleep_for(10ms);  // all parked
+            },
+            {.workers = 1});
+        std::_Exit(g_joined.load() == 3 && g_joined_early.load() == 0 ? 0 : 1);
+      },
+      ::testing::ExitedWithCode(0), "");
+}
+
 // A child the runtime unwound produced no value: joining it must not
 // return one (it used to return an empty optional's contents), and the
 // joiner, unwound as well, must not run on past join().

@@ -84,22 +84,30 @@ bool join_state_base::wait(std::source_location where) {
     wait_thread();
     return true;
   }
-  lock();
-  if (done_) {
+  for (;;) {
+    lock();
+    if (done_) {
+      unlock();
+      return true;
+    }
+    sched::wake_reason r = sched::park(
+        {.publish = [](void* a, sched::wake_token t) { publish_waiter(a, t.f, t.gen); },
+         .arg = this,
+         .what = "join",
+         .where = where});
+    if (r == sched::wake_reason::notified) return true;
+    lock();
+    waiter_ = nullptr;
+    bool done = done_;
     unlock();
-    return true;
+    if (done) return true;  // completed while we were being cancelled
+    // A join in a destructor that the runtime's unwind runs (a scope that
+    // joins the fibers it spawned) waits on: the joined fiber is unwound
+    // too and ends soon, and returning early would pop the frame it may
+    // still use, where join()'s throw is std::terminate besides. Its parks
+    // return at once meanwhile: each lets the other fibers run.
+    if (!current_fiber_unwinding_in_cleanup()) break;
   }
-  sched::wake_reason r = sched::park(
-      {.publish = [](void* a, sched::wake_token t) { publish_waiter(a, t.f, t.gen); },
-       .arg = this,
-       .what = "join",
-       .where = where});
-  if (r == sched::wake_reason::notified) return true;
-  lock();
-  waiter_ = nullptr;
-  bool done = done_;
-  unlock();
-  if (done) return true;  // completed while we were being cancelled
   sched::unwind_point();
   return false;
 }

@@ -142,6 +142,14 @@ bool current_fiber_unwinding() noexcept {
   return f && f->unwinding_.load(std::memory_order_seq_cst);
 }
 
+bool current_fiber_unwinding_in_cleanup() noexcept {
+  sched::fiber* f = sched::current_fiber();
+  // seq_cst: as above. uncaught_exceptions() counts this fiber's own (see
+  // *Exception state* in sched/context.cc).
+  return f && f->unwinding_.load(std::memory_order_seq_cst) &&
+         (std::uncaught_exceptions() > 0 || f->body_ended_);
+}
+
 void end_body() noexcept {
   if (sched::fiber* f = sched::current_fiber()) f->body_ended_ = true;  // owner only
 }

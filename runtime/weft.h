@@ -197,7 +197,8 @@ class join_state_base {
   void bind(void* fiber) noexcept { fiber_ = fiber; }
   void complete() noexcept;  // the fiber: done; wakes a joiner
   // The joiner: parks until done (a plain thread blocks on a futex). False
-  // if its own stop was requested.
+  // if its own stop was requested, or the runtime unwinds it outside a
+  // destructor (in one it waits on: see join.cc).
   bool wait(std::source_location where);
   void request_stop() noexcept;
   void release() noexcept;   // drops one of the two references
@@ -284,6 +285,9 @@ void construct_or_abandon(void* fiber, Build&& build) {
   }
 }
 bool current_fiber_unwinding() noexcept;
+// The runtime unwinds the calling fiber and what runs is a destructor (an
+// exception in flight, or its body ended): a throw would be std::terminate.
+bool current_fiber_unwinding_in_cleanup() noexcept;
 // The calling fiber's body has returned or been unwound: what it runs now
 // are destructors (its callable's, its fiber_locals'), which may park
 // (their parks are cancelled while the runtime unwinds) but must not have
