@@ -722,6 +722,30 @@ TEST_P(Fibers, JoiningAHandleThatIsNotJoinableThrowsInvalidArgument) {
   });
 }
 
+// A fiber that joins its own handle would wait for itself for ever (a
+// deadlock report, or a hang while anything else runs): as std::thread,
+// join() throws resource_deadlock_would_occur, and the handle stays
+// joinable for someone else.
+TEST_P(Fibers, AFiberJoiningItselfGetsResourceDeadlockWouldOccur) {
+  Run([] {
+    join_handle<int> h;
+    latch handed(1);
+    std::error_code got;
+    h = spawn([&] {
+      (void)handed.wait();
+      try {
+        (void)h.join();
+      } catch (const std::system_error& e) {
+        got = e.code();
+      }
+      return 5;
+    });
+    handed.count_down();
+    EXPECT_EQ(h.join(), 5);
+    EXPECT_EQ(got, std::errc::resource_deadlock_would_occur);
+  });
+}
+
 // A plain thread may join a fiber (it blocks on a futex): it gets the
 // value, or the exception, whether the fiber is still running or done.
 TEST_P(Fibers, APlainThreadJoinsAFiber) {

@@ -90,6 +90,11 @@ bool join_state_base::wait(std::source_location where) {
       unlock();
       return true;
     }
+    if (fiber_ == sched::current_fiber()) {  // it would wait for itself for ever
+      unlock();
+      throw std::system_error(std::make_error_code(std::errc::resource_deadlock_would_occur),
+                              "weft::join_handle::join: a fiber cannot join itself");
+    }
     sched::wake_reason r = sched::park(
         {.publish = [](void* a, sched::wake_token t) { publish_waiter(a, t.f, t.gen); },
          .arg = this,

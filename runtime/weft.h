@@ -396,8 +396,9 @@ class join_handle {
   // If the joining fiber is asked to stop while it waits, throws
   // std::system_error(operation_canceled) and the handle stays joinable.
   // A handle that is not joinable (joined, detached, moved from or
-  // default-constructed) throws std::system_error(invalid_argument), as
-  // std::thread::join does.
+  // default-constructed) throws std::system_error(invalid_argument), and a
+  // fiber joining itself std::system_error(resource_deadlock_would_occur),
+  // as std::thread::join does.
   T join(std::source_location where = std::source_location::current()) {
     if (!st_)
       throw std::system_error(std::make_error_code(std::errc::invalid_argument),
