@@ -1431,6 +1431,14 @@ TEST(FiberDeath, AStackSizeAboveTheLargestClassFailsAtSpawn) {
                "class is 8388608 bytes");
 }
 
+// A negative worker index other than -1 (the spawning worker) is a
+// mistake said at spawn; it was taken quietly as -1.
+TEST(FiberDeath, ANegativeWorkerIndexFailsAtSpawn) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(weft::run([] { (void)spawn([] {}, {.worker = -2}); }),
+               "spawn: spawn_options::worker is negative");
+}
+
 TEST(FiberDeath, StackOverflowNamesTheFiberAndItsStackSize) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   EXPECT_DEATH(weft::run([] {

@@ -109,6 +109,9 @@ std::pair<void*, void*> spawn_create(const spawn_request& r) {
   // that no moment between two spawns goes uncounted. (run_main() drops
   // the one its spawn of main takes.)
   if (!sched::current_worker()) sched::note_plain_thread();
+  WEFT_CHECK(r.opts.worker >= -1,
+             "spawn: spawn_options::worker is negative (-1: the spawning worker; 0 and up: a "
+             "worker index)");
   sched::fiber* f = with_scheduler([&](sched::scheduler& s) {
     return s.create({.name = r.opts.name,
                      .stack_size = r.opts.stack_size,
