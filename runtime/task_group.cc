@@ -100,7 +100,8 @@ result<void> task_group::wait(std::source_location where) {
     (void)pending_.wait({}, "task_group", where, false);
   }
   std::lock_guard g(mu_);
-  if (exception_) std::rethrow_exception(std::exchange(exception_, nullptr));
+  // Kept: a later wait() reports the same failure (as Go's errgroup).
+  if (exception_) std::rethrow_exception(exception_);
   if (failed_) return std::unexpected(error_);
   return r;
 }

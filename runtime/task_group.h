@@ -10,7 +10,8 @@
 //   - A child fails by returning an error result<...> or by throwing. The
 //     first failure requests stop on every other child (their parked
 //     operations return operation_canceled), and wait() reports it: it
-//     rethrows the first exception, or returns the first error.
+//     rethrows the first exception, or returns the first error (again at
+//     every later wait(), as Go's errgroup).
 //   - A child that returns operation_canceled once the group is stopping
 //     (after a failure, request_stop(), or the owner's own stop), or throws
 //     it as std::system_error (join() does), was stopped: that is no
@@ -28,7 +29,7 @@
 //     wait() returns, they are gone.
 //
 // Who calls what: spawn(), request_stop() from any fiber; wait() and the
-// destructor from a fiber (the owner), once.
+// destructor from a fiber (the owner).
 #pragma once
 
 #include <exception>

@@ -54,6 +54,10 @@ TEST_P(TaskGroup, TheFirstErrorStopsTheOtherChildren) {
     ASSERT_FALSE(r.has_value());
     EXPECT_EQ(r.error(), std::errc::connection_refused);
     EXPECT_EQ(cancelled.load(), 10);
+    // A later wait() reports the same failure.
+    r = g.wait();
+    ASSERT_FALSE(r.has_value());
+    EXPECT_EQ(r.error(), std::errc::connection_refused);
   });
 }
 
@@ -62,6 +66,8 @@ TEST_P(TaskGroup, AChildsExceptionIsRethrownByWaitAfterTheOthersStop) {
     task_group g;
     g.spawn([] { (void)this_fiber::sleep_for(1h); });
     g.spawn([] { throw std::runtime_error("child failed"); });
+    EXPECT_THROW((void)g.wait(), std::runtime_error);
+    // Again at a later wait(): it returned an error with code 0.
     EXPECT_THROW((void)g.wait(), std::runtime_error);
   });
 }
