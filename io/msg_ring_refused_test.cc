@@ -29,17 +29,14 @@
 
 #include <gtest/gtest.h>
 
+#include "io/uring_interpose.h"
 #include "runtime/channel.h"
 #include "runtime/weft.h"
 
 extern "C" int io_uring_queue_init_params(unsigned entries, struct io_uring* ring,
                                           struct io_uring_params* p) {
-  using init_fn = int (*)(unsigned, struct io_uring*, struct io_uring_params*);
-  static const auto real =
-      reinterpret_cast<init_fn>(::dlsym(RTLD_NEXT, "io_uring_queue_init_params"));
-  if (!real) return -ENOSYS;
   p->flags |= IORING_SETUP_R_DISABLED;
-  int r = real(entries, ring, p);
+  int r = weft::testing::real_io_uring_queue_init_params(entries, ring, p);
   if (r < 0) return r;
   std::vector<io_uring_restriction> res;
   for (unsigned op = 0; op < IORING_OP_LAST; ++op) {

@@ -18,20 +18,17 @@
 
 #include <gtest/gtest.h>
 
+#include "io/uring_interpose.h"
 #include "runtime/net.h"
 #include "runtime/weft.h"
 
 extern "C" int io_uring_queue_init_params(unsigned entries, struct io_uring* ring,
                                           struct io_uring_params* p) {
-  using init_fn = int (*)(unsigned, struct io_uring*, struct io_uring_params*);
-  static const auto real =
-      reinterpret_cast<init_fn>(::dlsym(RTLD_NEXT, "io_uring_queue_init_params"));
-  if (!real) return -ENOSYS;
   constexpr unsigned kNewer = IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG |
                               IORING_SETUP_SUBMIT_ALL | IORING_SETUP_SINGLE_ISSUER |
                               IORING_SETUP_DEFER_TASKRUN;
   if (p->flags & kNewer) return -EINVAL;
-  return real(entries, ring, p);
+  return weft::testing::real_io_uring_queue_init_params(entries, ring, p);
 }
 
 namespace weft {
