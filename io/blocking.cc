@@ -31,6 +31,7 @@
 #include <system_error>
 #include <thread>
 
+#include "alloc/env.h"
 #include "sched/park.h"
 #include "sched/scheduler.h"
 
@@ -44,12 +45,10 @@ constexpr unsigned kDefaultMaxThreads = 64;
 unsigned max_threads_from_env() {
   const char* e = std::getenv("WEFT_BLOCKING_THREADS");
   if (!e || !*e) return kDefaultMaxThreads;
-  char* end = nullptr;
-  errno = 0;
-  unsigned long n = std::strtoul(e, &end, 10);
+  unsigned long long n = 0;
   // As WEFT_WORKERS: a value that is not a whole number in range is said
   // to be ignored, not quietly read as another (strtoul takes "8x" as 8).
-  if (*end != '\0' || errno != 0 || n < 1 || n > 4096) {
+  if (!alloc::parse_decimal(e, 4096, n) || n < 1) {
     std::fprintf(stderr, "weft: ignoring WEFT_BLOCKING_THREADS=%s (want 1..4096); using %u\n", e,
                  kDefaultMaxThreads);
     return kDefaultMaxThreads;

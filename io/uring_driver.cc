@@ -123,6 +123,7 @@
 
 #include "alloc/arena.h"
 #include "alloc/check.h"
+#include "alloc/env.h"
 #include "io/driver.h"
 #include "io/fd_state.h"
 #include "io/recv.h"
@@ -242,10 +243,8 @@ clock::duration linger_cap_wanted() noexcept {
   constexpr clock::duration kDefault = std::chrono::seconds(60);
   const char* v = std::getenv("WEFT_LINGER_MS");
   if (!v) return kDefault;
-  char* end = nullptr;
-  errno = 0;
-  const unsigned long long ms = std::strtoull(v, &end, 10);
-  if (end == v || *end != '\0' || errno != 0 || *v == '-' || ms > 24ull * 3600 * 1000) {
+  unsigned long long ms = 0;
+  if (!alloc::parse_decimal(v, 24ull * 3600 * 1000, ms)) {
     static std::atomic<bool> said{false};  // one line, not one per worker (relaxed: a flag)
     if (!said.exchange(true, std::memory_order_relaxed))
       std::fprintf(stderr, "weft: WEFT_LINGER_MS=\"%s\" is not a count of milliseconds "

@@ -10,6 +10,7 @@
 #include <system_error>
 
 #include "alloc/check.h"
+#include "alloc/env.h"
 #include "runtime/driver_select.h"
 #include "runtime/quit_dump.h"
 #include "runtime/weft.h"
@@ -30,9 +31,8 @@ sched::scheduler& the_scheduler() {
 unsigned workers_from_env(unsigned dflt) {
   const char* e = std::getenv("WEFT_WORKERS");
   if (!e || !*e) return dflt;
-  char* end = nullptr;
-  unsigned long n = std::strtoul(e, &end, 10);
-  if (*end != '\0' || n == 0 || n > 4096) {
+  unsigned long long n = 0;
+  if (!alloc::parse_decimal(e, 4096, n) || n == 0) {
     std::fprintf(stderr, "weft: ignoring WEFT_WORKERS=%s (want 1..4096)\n", e);
     return dflt;
   }
