@@ -388,6 +388,24 @@ TEST_P(Fibers, ADeadlineInDaysOrYearsDoesNotOverflow) {
   });
 }
 
+// A fiber that spawns in a loop (a million fibers, as in the README's
+// first example) spends its coop budget with each spawn: on one worker,
+// the fibers it spawned run now and then while it goes on, instead of
+// only once it parks (it held the worker for the whole loop, and for
+// 500 ms got the hog report).
+TEST(FibersOneWorker, AFiberSpawningInALoopLetsItsChildrenRun) {
+  weft::run([] {
+    std::atomic<int> ran{0};
+    int ran_during = 0;
+    const auto end = clock::now() + 20ms;  // 200 slices of 100 µs
+    std::vector<join_handle<void>> hs;
+    while (clock::now() < end) hs.push_back(spawn([&ran] { ran.fetch_add(1); }));
+    ran_during = ran.load();
+    for (auto& h : hs) h.join();
+    EXPECT_GT(ran_during, 0) << "none of " << hs.size() << " fibers ran during the spawn loop";
+  }, {.workers = 1});
+}
+
 TEST_P(Fibers, AFiberThatYieldsForeverDoesNotStarveOthers) {
   Run([] {
     std::atomic<bool> stop{false};
