@@ -14,7 +14,8 @@
 // write(2) and abort(): no allocation, no locks, no stdio. A fault that is
 // not in a guard page goes to the handler installed before ours, or, if
 // that was the default action, restores it and returns: the faulting
-// instruction runs again and the process dies of SIGSEGV as it would have.
+// instruction runs again and the process dies of SIGSEGV as it would have
+// (a SIGSEGV that no instruction raised is sent again: see forward()).
 //
 // Invariants:
 //   - previous_action is written once, before our handler is installed, and
@@ -170,9 +171,15 @@ void forward(int sig, siginfo_t* info, void* uctx) {
   dfl.sa_handler = SIG_DFL;
   sigemptyset(&dfl.sa_mask);
   sigaction(SIGSEGV, &dfl, nullptr);
-  // A fault re-executes on return and now kills us; a SIGSEGV sent with
-  // kill() would not recur, so send it again (it stays pending until return).
-  if (info->si_code <= 0) raise(sig);
+  // A fault re-executes on return and now kills us. A SIGSEGV that no
+  // instruction raised would not recur, so send it again (it stays pending
+  // until return): one sent with kill() (si_code <= 0), or one the kernel
+  // sends itself (SI_KERNEL), as when it cannot push another signal's frame
+  // onto the interrupted stack (a handler without SA_ONSTACK, on a fiber
+  // near the bottom of its stack). Returning from that one would lose the
+  // other signal and run on. (A general-protection fault is SI_KERNEL too;
+  // it dies of the pending signal instead of its re-execution: the same.)
+  if (info->si_code <= 0 || info->si_code == SI_KERNEL) raise(sig);
 }
 
 // The interrupted stack pointer, or 0 where we cannot tell.

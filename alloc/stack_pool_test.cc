@@ -8,6 +8,7 @@
 
 #include <gtest/gtest.h>
 #include <linux/mempolicy.h>
+#include <signal.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/mman.h>
@@ -227,6 +228,41 @@ TEST(StackPoolDeathTest, ARecursingFiberIsReportedFromTheSignalStack) {
   EXPECT_DEATH(
       overflow_a_16k_stack(),
       "stack overflow in fiber 7 \"reader\" \\(stack size 16384 bytes\\)");
+}
+
+// --- A SIGSEGV that is no fault at an address: the kernel could not push
+// another signal's frame (a handler without SA_ONSTACK) onto a fiber stack
+// near its bottom, and sends SIGSEGV with si_code SI_KERNEL instead. The
+// interrupted code does not fault again when the handler returns, so the
+// handler must die of it as the default action would have: it once reset
+// the default and returned, the other signal was lost, the program ran on,
+// and later overflows went unreported.
+
+void ignore_signal(int) {}
+void signal_self_entry() { syscall(SYS_tgkill, getpid(), gettid(), SIGUSR1); }
+
+void signal_at_the_bottom_of_a_stack() {
+  install_overflow_handler(&describe_reader);
+  enable_altstack();
+  struct sigaction sa {};
+  sa.sa_handler = ignore_signal;  // no SA_ONSTACK: its frame goes on the fiber's stack
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGUSR1, &sa, nullptr);
+  stack_pool pool;
+  stack s = pool.allocate(16 * kKiB, 0);
+  getcontext(&test_fiber_context);
+  // The bottom 512 bytes only: a signal frame (the xsave area alone is
+  // larger) reaches the guard page.
+  test_fiber_context.uc_stack.ss_sp = s.lo;
+  test_fiber_context.uc_stack.ss_size = 512;
+  test_fiber_context.uc_link = &test_main_context;
+  makecontext(&test_fiber_context, signal_self_entry, 0);
+  swapcontext(&test_main_context, &test_fiber_context);
+  pool.release(s, 0);  // ran on: the death test fails ("failed to die")
+}
+
+TEST(StackPoolDeathTest, AKernelSentSigsegvKillsAsTheDefaultActionWould) {
+  EXPECT_EXIT(signal_at_the_bottom_of_a_stack(), ::testing::KilledBySignal(SIGSEGV), "");
 }
 
 TEST(StackPool, TinyStacksDetectAnOverwrittenCanary) {
