@@ -16,7 +16,8 @@
 // touches a fiber's stack.
 //
 // Invariants:
-//   - lock_ guards ready_, waiters_, armed_, owner_ and closed_.
+//   - lock_ guards ready_, waiters_ (and its promises), armed_, owner_ and
+//     closed_.
 //   - armed_ <=> a multishot SQE on owner_'s ring names this state and
 //     holds one share of refs_. Only its last CQE (more == false) or
 //     on_driver_gone() clears armed_, and drops that share after.
@@ -25,12 +26,9 @@
 //     the state, closing the descriptors still in ready_.
 //   - Once closed_, nothing arms again, accept() fails with EBADF and
 //     descriptors that still arrive are closed at once, except for a
-//     descriptor promised to an acceptor: promised_ holds the acceptors an
-//     arrival woke (the one it claimed), and such an acceptor, when it
-//     runs after a close, still takes a queued descriptor (as a reader
-//     woken by data gets it in io/recv.cc: a call's result, if it came
-//     first, is returned). An acceptor leaves promised_ the next time it
-//     looks at the queue.
+//     descriptor promised to an acceptor (*Promises* in io/parked.h): an
+//     acceptor an arrival woke, when it runs after a close, still takes a
+//     queued descriptor, as a reader woken by data gets it in io/recv.cc.
 //   - Back-pressure: the multishot accepts only while someone wants
 //     connections. It is cancelled (stopping_) once ready_ holds cap_
 //     descriptors nobody took, and when an accept() gives up (deadline,
@@ -62,7 +60,6 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <deque>
@@ -139,7 +136,6 @@ class accept_state final : public multishot_sink {
   bool armed_ = false;                     // guarded by lock_
   bool stopping_ = false;                  // guarded by lock_: a cancel of the armed multishot was sent
   bool closed_ = false;                    // guarded by lock_
-  std::vector<sched::fiber*> promised_;    // guarded by lock_: see the invariants
   std::string unlink_path_;                // set before any accept(); used by shut() once
   std::atomic<int> refs_{1};
 };
@@ -191,17 +187,11 @@ result<int> accept_state::take(int listen_fd, clock::time_point deadline,
   bool woken = false;  // the last park ended with a wake (maybe an arrival's)
   for (;;) {
     lock_.lock();
-    bool promised = false;
-    if (woken && !promised_.empty()) {
-      auto it = std::find(promised_.begin(), promised_.end(), sched::current_fiber());
-      if (it != promised_.end()) {
-        promised_.erase(it);
-        promised = true;
-      }
-    }
+    const bool promised = woken && waiters_.take_promise();
+    woken = false;
     if (closed_) {
       // An arrival that woke this acceptor before the close: its
-      // descriptor is this call's (see promised_).
+      // descriptor is this call's (*Promises*).
       if (promised && !ready_.empty()) {
         int r = pop_locked();
         lock_.unlock();
@@ -312,8 +302,8 @@ void accept_state::on_result(int res, std::uint32_t flags, bool more) noexcept {
     // on its worker and the others park again behind it.
     if (!more) waiters_.claim(wake, /*all=*/true);
     else if (res != -ECANCELED) waiters_.claim(wake, /*all=*/false);
-    // The first one woken is promised this arrival (see promised_).
-    if (res >= 0 && !wake.empty()) promised_.push_back(wake.front());
+    // The first one woken is promised this arrival (*Promises*).
+    if (res >= 0 && !wake.empty()) waiters_.promise(wake.front());
     if (more && ready_.size() >= cap_) stop = stop_locked();  // *Back-pressure*
   }
   lock_.unlock();

@@ -42,8 +42,24 @@ class parked_fibers {
     tokens_.erase(tokens_.begin(), tokens_.begin() + static_cast<std::ptrdiff_t>(i));
   }
 
+  // *Promises*: what an arrival brought is the fiber it woke (the first it
+  // claimed), even if the state closes before that fiber runs (the
+  // README's rule: a call's result, if it came first, is returned). The
+  // waker records it with promise(); the woken fiber, back in its call,
+  // takes it with take_promise() the next time it looks at the queue.
+  void promise(sched::fiber* f) { promised_.push_back(f); }
+  bool take_promise() noexcept {
+    if (promised_.empty()) return false;
+    auto it = std::find(promised_.begin(), promised_.end(), sched::current_fiber());
+    if (it == promised_.end()) return false;
+    promised_.erase(it);
+    return true;
+  }
+  std::size_t promises() const noexcept { return promised_.size(); }
+
  private:
   std::vector<sched::wake_token> tokens_;
+  std::vector<sched::fiber*> promised_;  // see *Promises*
 };
 
 }  // namespace weft::io

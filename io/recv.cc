@@ -19,8 +19,8 @@
 // it), which takes it back from any thread (release_buffer()).
 //
 // Invariants (the shape of io/accept.cc's accept_state):
-//   - lock_ guards ready_, waiters_, promised_, armed_, owner_, stopping_,
-//     closed_, dry_ and refused_.
+//   - lock_ guards ready_, waiters_ (and its promises), armed_, owner_,
+//     stopping_, closed_, dry_ and refused_.
 //   - armed_ <=> a multishot SQE on owner_'s ring names this state and
 //     holds one share of refs_. Only its last CQE (more == false) or
 //     on_driver_gone() clears armed_, and drops that share after.
@@ -28,7 +28,7 @@
 //     1 while armed + 1 per recv_take() in progress. The last unref()
 //     deletes the state, giving back the buffers still in ready_.
 //   - ready_ holds chunks in arrival order; once closed_, it holds only
-//     chunks promised to woken readers (promised_, below), nothing is
+//     chunks promised to woken readers (promises, below), nothing is
 //     queued (arrivals give their buffer back) and nothing arms again.
 //   - A chunk names its driver and the count of drivers destroyed when it
 //     was queued: if that count moved since (a stream that outlives the
@@ -53,13 +53,12 @@
 //     its token after a timeout or cancel: the rule on sched::claim). A
 //     reader that gives up leaves the multishot armed: its next read, the
 //     usual thing after a timeout, finds it there.
-//   - promised_ holds the readers an arrival woke (the first it claimed),
-//     until each is back in take(). A close() keeps that many chunks at
-//     the head of ready_ for them (shut()): a reader woken by data that
-//     came before the close gets it, even if the close runs first (as the
-//     README promises: a call's result, if it came first, is returned);
-//     every other call gets EBADF, and the rest of ready_ is dropped, as
-//     the kernel drops what is unread in a closed socket.
+//   - waiters_' promises (*Promises* in io/parked.h) name the readers an
+//     arrival woke, until each is back in take(). A close() keeps that
+//     many chunks at the head of ready_ for them (shut()): a reader woken
+//     by data that came before the close gets it, even if the close runs
+//     first; every other call gets EBADF, and the rest of ready_ is
+//     dropped, as the kernel drops what is unread in a closed socket.
 //
 // *Deadlock*: as a parked acceptor (io/accept.cc), a parked reader holds
 // a scheduler outside reference across its park: the multishot itself
@@ -154,7 +153,6 @@ class recv_state final : public multishot_sink {
   bool closed_ = false;                       // guarded by lock_
   bool refused_ = false;                      // guarded by lock_: the kernel has no multishot receive
   int dry_ = 0;                               // guarded by lock_: reads left to receive once
-  std::vector<sched::fiber*> promised_;       // guarded by lock_: see the invariants
   std::atomic<int> refs_{1};
 };
 
@@ -186,16 +184,9 @@ result<recv_chunk> recv_state::take(int fd, clock::time_point deadline, const ch
   bool woken = false;   // back from a park that a waker ended
   for (;;) {
     lock_.lock();
-    // An arrival that woke this reader promised it a chunk (see promised_).
-    bool promised = false;
-    if (woken) {
-      woken = false;
-      auto it = std::find(promised_.begin(), promised_.end(), sched::current_fiber());
-      if (it != promised_.end()) {
-        promised_.erase(it);
-        promised = true;
-      }
-    }
+    // An arrival that woke this reader promised it a chunk (*Promises*).
+    const bool promised = woken && waiters_.take_promise();
+    woken = false;
     if (closed_ && !(promised && !ready_.empty())) {
       lock_.unlock();
       return sys_error(EBADF);
@@ -325,7 +316,7 @@ void recv_state::on_result(int res, std::uint32_t flags, bool more) noexcept {
   // receives once) on its worker and the others park again behind it.
   if (!more) waiters_.claim(wake, /*all=*/true);
   else if (queued) waiters_.claim(wake, /*all=*/false);
-  if (queued && !wake.empty()) promised_.push_back(wake.front());
+  if (queued && !wake.empty()) waiters_.promise(wake.front());
   if (more && !stopping_ && ready_.size() >= kQueued && waiters_.empty()) {
     stopping_ = true;  // *Back-pressure*
     stop = from;
@@ -364,7 +355,7 @@ void recv_state::shut() noexcept {
   waiters_.claim(wake, /*all=*/true);
   // The chunks promised to readers already woken stay for them (see
   // promised_); the rest go back now.
-  const std::size_t keep = std::min(promised_.size(), ready_.size());
+  const std::size_t keep = std::min(waiters_.promises(), ready_.size());
   drop.assign(ready_.begin() + static_cast<std::ptrdiff_t>(keep), ready_.end());
   ready_.resize(keep);
   lock_.unlock();
