@@ -46,7 +46,12 @@
 set -euo pipefail
 # WEFT_WORKERS overrides --workers (runtime/runtime.cc): one left in the
 # environment would give the weft servers more workers than Go's one P.
-unset WEFT_WORKERS
+# The other knobs of either runtime, left exported by an experiment, would
+# change a row that claims the defaults (WEFT_WRITE_BEHIND=0 would make
+# "weft" weft-nowb; GOGC=off would spare Go its collections). Each row sets
+# what it varies (WEFT_IO, WEFT_WRITE_BEHIND, GOMAXPROCS) itself.
+unset WEFT_WORKERS WEFT_IO WEFT_WRITE_BEHIND WEFT_MULTISHOT_RECV WEFT_LINGER_MS \
+  WEFT_BLOCKING_THREADS GOGC GOMEMLIMIT GODEBUG GOMAXPROCS
 
 cd "$(dirname "$0")/.."
 
