@@ -64,6 +64,8 @@ constexpr auto kSlowPeer = 2s;
 constexpr std::size_t kMaxBacklog = 65536;  // lines: ~1 MiB of line pointers
 constexpr std::size_t kMaxBacklogBytes = 16 << 20;  // of text, while behind
 constexpr auto kCatchUp = 1ms;
+// How long an idle peer's writer has to tell it why it is disconnected.
+constexpr auto kSayBye = 2s;
 constexpr std::size_t kMaxBatch = 64 * 1024;  // bytes a writer gathers into one write
 
 // Flood control, as IRC servers have it: a peer may send kFloodBurst
@@ -213,12 +215,22 @@ void writer(std::shared_ptr<weft::tcp_stream> c, std::shared_ptr<peer> me) {
   cut_off(*me);  // a dead writer ends the reader too
 }
 
+// After `idle` without a sign of life, the peer is told why, by its
+// writer after what is queued for it, which then cuts it off; or, if the
+// writer is stuck (the peer reads nothing either), by us after kSayBye.
 void timeout(std::shared_ptr<peer> me, std::shared_ptr<weft::channel<bool>> alive) {
   for (;;) {
     auto a = alive->recv(weft::deadline(g_idle));
     if (a) continue;
-    if (a.error() == std::errc::timed_out) cut_off(*me);
-    return;  // timed out, or the reader closed `alive`
+    if (a.error() != std::errc::timed_out) return;  // the reader closed `alive`
+    (void)me->outbox.try_send(std::make_shared<const std::string>(
+        "* idle for " + std::to_string(g_idle.count()) + " s: disconnected\n"));
+    me->outbox.close();  // the writer ends after it: cut_off()
+    const auto bye = weft::deadline(kSayBye);
+    while (alive->recv(bye)) {
+    }
+    cut_off(*me);
+    return;
   }
 }
 

@@ -196,6 +196,9 @@ TEST(ChatServer, TheUnfinishedLineOfAPeerThatIdledOutIsNotSaid) {
   talker.join();
   EXPECT_TRUE(left) << "the idler was not disconnected";
   EXPECT_EQ(got.find(unfinished), std::string::npos) << "the unfinished line was said";
+  // The idler was told why before its connection ended.
+  std::string bye;
+  EXPECT_TRUE(read_until(idler, "* idle for 1 s: disconnected\n", &bye)) << bye;
   ::close(idler);
   ::close(listener);
 }
