@@ -73,11 +73,7 @@ void condition_variable::notify_one() noexcept {
 void condition_variable::notify_all() noexcept {
   detail::wake_batch woken;
   lk_.lock();
-  wake_ticket t;
-  while (detail::waiter* w = detail::pop_claimed(q_, t)) {
-    woken.add(w, t);
-    --waiting_;  // that waiter leaves without lk_
-  }
+  waiting_ -= woken.claim_all(q_);  // those waiters leave without lk_
   lk_.unlock();
   woken.ready_all();
 }

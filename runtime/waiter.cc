@@ -216,9 +216,11 @@ void wake_batch::add(waiter* w, const wake_ticket& t) noexcept {
   tail_ = w;
 }
 
-void wake_batch::claim_all(wait_list& q, wake_reason r) noexcept {
+std::size_t wake_batch::claim_all(wait_list& q, wake_reason r) noexcept {
   wake_ticket t;
-  while (waiter* w = pop_claimed(q, t, r)) add(w, t);
+  std::size_t n = 0;
+  for (; waiter* w = pop_claimed(q, t, r); ++n) add(w, t);
+  return n;
 }
 
 void wake_batch::ready_all() noexcept {

@@ -137,8 +137,8 @@ class wake_batch {
   // `w` was unlinked from its list and claimed with ticket `t`.
   void add(waiter* w, const wake_ticket& t) noexcept;
   // Claims and adds every record of `q`; records whose claim fails are
-  // dropped from the list, as by pop_claimed().
-  void claim_all(wait_list& q, wake_reason r = wake_reason::notified) noexcept;
+  // dropped from the list, as by pop_claimed(). Returns how many it claimed.
+  std::size_t claim_all(wait_list& q, wake_reason r = wake_reason::notified) noexcept;
   void ready_all() noexcept;
 
  private:
