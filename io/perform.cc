@@ -75,9 +75,15 @@ bool completion::park_until_done(bool cancellable, clock::time_point deadline,
   return done;
 }
 
+// Any thread, inside a run or not (zeros then). A plain thread cannot know
+// when a run ends, so the read is bracketed (scheduler::plain_use): the
+// scheduler it found, with its workers and drivers, is not destroyed until
+// the bracket closes. (On a worker the run cannot end meanwhile; the
+// bracket costs two atomic operations there, on a rare path.)
 io_stats stats() {
   io_stats st;
-  sched::scheduler* s = sched::scheduler::instance();
+  sched::scheduler::plain_use use;
+  sched::scheduler* s = use.get();
   if (!s) return st;
   for (unsigned i = 0; i < s->worker_count(); ++i) {
     auto* d = dynamic_cast<io_driver*>(s->worker_at(i).io());

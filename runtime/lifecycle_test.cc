@@ -1,8 +1,8 @@
 // runtime/lifecycle_test.cc — the runtime at the edges of its life and of
 // its workers' time: the deadlock report where a cancelled timer or a
 // plain thread's last outside reference used to hide it, plain threads
-// spawning while weft::run returns, sleepers that come due together, and
-// a stack frame larger than the guard page.
+// spawning or reading get_io_stats() while weft::run returns, sleepers
+// that come due together, and a stack frame larger than the guard page.
 #include <signal.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "runtime/channel.h"
+#include "runtime/net.h"
 #include "runtime/sync.h"
 #include "runtime/weft.h"
 #include "sched/fiber.h"
@@ -96,6 +97,26 @@ TEST(Lifecycle, APlainThreadSpawningWhileRunReturnsGetsAnErrorOrARun) {
     t.join();  // and no "destroyed with live fibers" abort
     EXPECT_GE(spawned.load(), 100);
   }
+}
+
+// get_io_stats() answers outside a run too (zeros), so a plain thread may
+// poll it (a metrics exporter) while runs start and end. It read the
+// runtime found by scheduler::instance() without the plain-thread bracket:
+// a run returning meanwhile freed the workers and drivers it was reading
+// (a crash here, heap-use-after-free under ASan).
+TEST(Lifecycle, APlainThreadReadingIoStatsWhileRunReturnsReadsNoFreedRuntime) {
+  std::atomic<bool> done{false};
+  std::atomic<long> reads{0};
+  std::thread t([&] {
+    while (!done.load()) {
+      io_stats st = get_io_stats();
+      if (!st.driver.empty()) reads.fetch_add(1);  // it saw a running runtime
+    }
+  });
+  for (int round = 0; round < 300; ++round) weft::run([] {}, {.workers = 2});
+  done.store(true);
+  t.join();
+  EXPECT_GT(reads.load(), 0);
 }
 
 // Two sleepers due at the same moment on one worker, each then computing:
