@@ -94,11 +94,18 @@ int run_main(std::function<int()> main_fn, const options& opts) {
 // plain thread cannot know when the runtime ends, so finding none is an
 // error it can handle, not a crash. Workers need no bracket (and pay for
 // none).
-template <typename F>
+// kStop: finding none is the usual "called outside weft::run" stop
+// instead (the calls that need a running runtime: stats, dump).
+enum class if_none { kThrow, kStop };
+template <if_none kNone = if_none::kThrow, typename F>
 decltype(auto) with_scheduler(F&& fn) {
   if (sched::current_worker()) return fn(the_scheduler());
   sched::scheduler::plain_use use;
-  if (!use.get()) throw_shut_down();
+  if constexpr (kNone == if_none::kThrow) {
+    if (!use.get()) throw_shut_down();
+  } else {
+    WEFT_CHECK(use.get(), "weft: called outside weft::run (no runtime is running)");
+  }
   return fn(*use.get());
 }
 
@@ -237,8 +244,11 @@ bool stop_requested() {
 
 }  // namespace this_fiber
 
+// stats(), dump() and worker_count() may come from a plain thread while a
+// run ends: held by the bracket, as spawn's (with_scheduler).
 runtime_stats stats() {
-  sched::scheduler_stats s = the_scheduler().stats();
+  sched::scheduler_stats s =
+      detail::with_scheduler<detail::if_none::kStop>([](sched::scheduler& sc) { return sc.stats(); });
   runtime_stats r;
   for (std::size_t i = 0; i < s.fibers_run.size(); ++i)
     r.workers.push_back({s.fibers_run[i], s.steals[i], s.overflowed[i]});
@@ -259,9 +269,13 @@ runtime_stats stats() {
   return r;
 }
 
-void dump() { the_scheduler().dump(2); }
+void dump() {
+  detail::with_scheduler<detail::if_none::kStop>([](sched::scheduler& s) { s.dump(2); });
+}
 
-unsigned worker_count() { return the_scheduler().worker_count(); }
+unsigned worker_count() {
+  return detail::with_scheduler<detail::if_none::kStop>([](sched::scheduler& s) { return s.worker_count(); });
+}
 
 result<void> unpin_this_thread() {
   // On a worker (a fiber called it) this would unpin the worker itself, for
