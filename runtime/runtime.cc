@@ -60,7 +60,7 @@ int run_main(std::function<int()> main_fn, const options& opts) {
   so.hog_warning = opts.hog_warning;
   so.make_driver = runtime_driver_factory(sched::worker_node_os(so));
   sched::scheduler s(std::move(so));
-  quit_dumper quit;  // before the workers start: they inherit its signal mask
+  quit_dumper quit;  // before the workers start, so a SIGQUIT is dumped from their first moment
   s.start();
   int rc = 0;
   std::exception_ptr failure;

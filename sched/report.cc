@@ -49,8 +49,6 @@ std::string describe(const fiber* f) {
 
 }  // namespace
 
-// In id order, so the oldest fibers (main first) lead. Every shard lock is
-// held while printing, so no listed fiber can exit meanwhile.
 // In id order, so the oldest fibers (main first) lead. Lines are formatted
 // while the registry's locks keep every fiber alive, printed after.
 void scheduler::dump(int fd) const {
