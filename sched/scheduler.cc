@@ -112,6 +112,8 @@ scheduler* scheduler::instance() noexcept {
 scheduler::plain_use::plain_use() noexcept {
   g_plain_inside.fetch_add(1, std::memory_order_seq_cst);
   s_ = g_instance.load(std::memory_order_seq_cst);
+  // acquire: pairs with start()'s release; the workers' drivers are set.
+  if (s_ && !s_->started_.load(std::memory_order_acquire)) s_ = nullptr;
 }
 
 scheduler::plain_use::~plain_use() {
@@ -206,6 +208,9 @@ void scheduler::start() {
       wp->run(pin, opts_.make_driver, ready);
     });
   ready.wait();  // every driver exists before anyone may wake a worker
+  // release: the drivers, which the latch ordered before this, are visible
+  // to a plain_use that sees it (pairs with the acquire there).
+  started_.store(true, std::memory_order_release);
   if (opts_.monitor_period.count() > 0) monitor_ = std::thread([this] { monitor(); });
 }
 

@@ -116,7 +116,8 @@ class scheduler {
   // with a plain_use: ~scheduler waits until no plain thread is inside one,
   // so a thread that just made a fiber runnable (the fiber may run, exit
   // and let the runtime shut down at once) never touches a freed scheduler.
-  // Keep the bracket short; get() is null when no runtime is running.
+  // Keep the bracket short; get() is null when no runtime is running, or
+  // one is still starting (start() has not returned).
   class plain_use {
    public:
     plain_use() noexcept;
@@ -238,6 +239,10 @@ class scheduler {
 
   fiber_registry registry_;  // shards: one per worker, then the plain threads
   const std::uint64_t run_id_;
+  // Set by start() once every worker made its driver; until then a
+  // plain_use finds no runtime (the workers are still writing what plain
+  // threads read: their drivers).
+  std::atomic<bool> started_{false};
 };
 
 }  // namespace weft::sched
