@@ -102,6 +102,9 @@ result<void> file::write_at(std::span<const char> buf, std::uint64_t offset,
   if (stream_ && is_open()) return illegal_seek();
   if (offset_too_large(offset) && is_open()) return invalid_offset();
   if (append_ && is_open()) return invalid_offset();  // it would append, not write at offset
+  // Nothing to write: no system call, but the file must still be open, as
+  // for a read_at of nothing (the kernel's EBADF) and a socket's write.
+  if (buf.empty()) return on_fd(st_, [](int) -> result<void> { return {}; });
   while (done < buf.size()) {
     op o{.kind = op_kind::write_at,
          .buf = const_cast<char*>(buf.data() + done),  // read only

@@ -169,6 +169,31 @@ TEST_P(Files, WriteAtOnAnAppendOnlyFileIsRefused) {
   ::unlink(path.c_str());
 }
 
+// A write_at of nothing still needs an open file, as a read_at of nothing
+// does (and as a socket's write of nothing, or Go's WriteAt): on a closed
+// or empty file it returned success without looking.
+TEST_P(Files, WriteAtOfNothingOnAClosedFileIsBadFileDescriptor) {
+  const std::string path = temp_path("empty-write");
+  Run([&] {
+    auto f = file::open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    ASSERT_TRUE(f) << f.error().message();
+    EXPECT_TRUE(f->write_at({}, 0));  // open: nothing to do
+    ASSERT_TRUE(f->close());
+    char b;
+    EXPECT_EQ(f->read_at({&b, 0}, 0).error(), std::errc::bad_file_descriptor);
+    std::size_t written = 1;
+    auto w = f->write_at({}, 0, &written);
+    ASSERT_FALSE(w) << "write_at of nothing on a closed file succeeded";
+    EXPECT_EQ(w.error(), std::errc::bad_file_descriptor);
+    EXPECT_EQ(written, 0u);
+    file empty;
+    auto e = empty.write_at({}, 0);
+    ASSERT_FALSE(e) << "write_at of nothing on an empty file succeeded";
+    EXPECT_EQ(e.error(), std::errc::bad_file_descriptor);
+  });
+  ::unlink(path.c_str());
+}
+
 TEST_P(Files, OpenErrorsAreValues) {
   Run([&] {
     auto f = file::open(temp_path("does-not-exist") + "/x", O_RDONLY);
