@@ -7,6 +7,8 @@
 //     a new thread if the cap allows, otherwise it waits for a free one.
 //   - The pool is never destroyed (its threads are detached and may still
 //     be waiting when main returns).
+//   - After fork(), the child has none of the pool's threads: the child's
+//     pool starts empty (see *Forking*).
 //   - The fiber returns only after the pool thread set job.finished, its
 //     last touch of the job and of the scheduler (the wake): so a runtime
 //     that ends right after the call never has a pool thread inside it.
@@ -28,6 +30,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
+#include <new>
 #include <system_error>
 #include <thread>
 
@@ -86,6 +89,27 @@ class pool {
     return true;
   }
 
+  // *Forking*: fork() copies the counts of the pool's threads into the
+  // child, but none of the threads. A child that then called blocking()
+  // (or did file I/O under epoll) found "idle" threads that do not exist
+  // there, queued its call for them and waited for ever. So the forking
+  // thread holds mu_ across the fork (no pool thread is inside it in the
+  // copy), and the child starts with no threads and no queue: calls queued
+  // in the parent belong to fibers whose workers the child does not have.
+  void before_fork() noexcept { mu_.lock(); }
+  void after_fork_in_parent() noexcept { mu_.unlock(); }
+  void after_fork_in_child() noexcept {
+    head_ = tail_ = nullptr;
+    queued_ = 0;
+    threads_ = 0;
+    idle_ = 0;
+    // SAFETY: this thread is the child's only one. cv_ may record waiters
+    // (the parent's idle threads) that will never wake: a fresh one in its
+    // place, without the destructor, which would wait for them.
+    new (&cv_) std::condition_variable;
+    mu_.unlock();  // taken by before_fork() on this thread
+  }
+
  private:
   void loop() {
     // Started by a worker, this thread inherited that worker's one CPU:
@@ -135,8 +159,17 @@ class pool {
   std::atomic<bool> told_{false};  // the thread-start failure was reported
 };
 
+// The pool the fork handlers act on; set once, before they are registered
+// (pthread_atfork() orders that registration before any fork that runs them).
+pool* g_pool = nullptr;
+
 pool& the_pool() {
-  static pool* p = new pool;  // never destroyed: see the invariants
+  static pool* p = [] {
+    g_pool = new pool;  // never destroyed: see the invariants
+    (void)pthread_atfork([] { g_pool->before_fork(); }, [] { g_pool->after_fork_in_parent(); },
+                         [] { g_pool->after_fork_in_child(); });  // ENOMEM: no fork hooks
+    return g_pool;
+  }();
   return *p;
 }
 

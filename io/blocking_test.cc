@@ -2,6 +2,11 @@
 // the fiber, calls run in parallel on the pool, the worker keeps
 // running other fibers meanwhile. Over worker counts {1, 2, 4}.
 #include <sched.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <cstdio>
 
 #include <atomic>
 #include <stdexcept>
@@ -229,6 +234,36 @@ TEST_P(Blocking, APlainThreadCanCallIt) {
   int outside = 0;
   std::thread([&] { outside = blocking([] { return 7; }); }).join();
   EXPECT_EQ(outside, 7);
+}
+
+
+// A process that used the pool and then forks (a pre-fork server, a test
+// harness's child) has in the child none of the pool's threads, only its
+// counts of them: calls queued for threads that idled in the parent, and
+// the child's blocking() calls (and epoll's file I/O) waited for ever.
+TEST_P(Blocking, AForkedChildHasAWorkingPool) {
+#if defined(WEFT_TSAN)
+  GTEST_SKIP() << "TSan does not support starting threads after a multi-threaded fork";
+#endif
+  Run([&] { EXPECT_EQ(blocking([] { return 1; }), 1); });  // the pool now has an idle thread
+  std::fflush(nullptr);
+  pid_t p = ::fork();
+  ASSERT_GE(p, 0);
+  if (p == 0) {
+    ::alarm(10);
+    int got = 0;
+    weft::run([&] {
+      std::vector<join_handle<int>> hs;
+      for (int i = 0; i < 4; ++i) hs.push_back(spawn([i] { return blocking([i] { return i; }); }));
+      for (auto& h : hs) got += h.join();
+    }, {.workers = GetParam()});
+    ::_exit(got == 6 ? 0 : 1);
+  }
+  int st = 0;
+  ASSERT_EQ(::waitpid(p, &st, 0), p);
+  ASSERT_FALSE(WIFSIGNALED(st)) << "child killed by signal " << WTERMSIG(st)
+                                << (WTERMSIG(st) == SIGALRM ? " (it hung)" : "");
+  EXPECT_EQ(WEXITSTATUS(st), 0);
 }
 
 }  // namespace
