@@ -219,6 +219,19 @@ bool is_file_op(op_kind k) {
          k == op_kind::openat || k == op_kind::close;
 }
 
+// A file operation, on a blocking-pool thread. A signal whose handler was
+// installed without SA_RESTART interrupts a call that sleeps there (an
+// open of a FIFO waiting for its other end, a read on NFS or FUSE) with
+// EINTR before anything was done: made again, as io_uring's (its io-wq
+// threads take no signals) and Go's never return it. A close is not
+// repeated: Linux released the descriptor anyway (try_once() says 0).
+int file_call(const op& o) {
+  int r;
+  do r = try_once(o);
+  while (r == -EINTR);
+  return r;
+}
+
 bool wants_write(const op& o) {
   return o.kind == op_kind::send || o.kind == op_kind::sendmsg || o.kind == op_kind::connect ||
          (o.kind == op_kind::poll && (o.flags & POLLOUT));
@@ -400,7 +413,7 @@ result<int> epoll_driver::perform(op& o, clock::time_point deadline, const char*
     }
   }
   if (o.kind == op_kind::recv_pooled) return recv_pooled(o, deadline, what, where);
-  if (is_file_op(o.kind)) return to_result(blocking([&] { return try_once(o); }, where));
+  if (is_file_op(o.kind)) return to_result(blocking([&] { return file_call(o); }, where));
   for (bool waited = false;; waited = true) {
     int r = try_once(o);
     if (r != -EAGAIN) {

@@ -1,7 +1,11 @@
 // io/file_test.cc — files through the driver: a write/read round trip at
 // offsets, fsync, end of file, open errors. Runs on both drivers (see
 // io/BUILD.bazel) over worker counts {1, 2, 4}.
+#include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -192,6 +196,47 @@ TEST_P(Files, WriteAtOfNothingOnAClosedFileIsBadFileDescriptor) {
     EXPECT_EQ(e.error(), std::errc::bad_file_descriptor);
   });
   ::unlink(path.c_str());
+}
+
+// A signal handler installed without SA_RESTART (sigaction's default) makes
+// a blocking system call fail with EINTR in whichever thread the signal
+// lands on. Under epoll a file call runs on a pool thread, and returned
+// that EINTR to the fiber (an open of a FIFO waiting for its writer, a
+// read on NFS or FUSE); io_uring's never does, nor Go's (it retries
+// EINTR). The call is made again instead.
+void on_usr2(int) {}
+
+TEST_P(Files, ASignalHandlerWithoutRestartDoesNotFailAFileCall) {
+  const std::string fifo = temp_path("eintr-fifo");
+  ::unlink(fifo.c_str());
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  struct sigaction sa {}, old {};
+  sa.sa_handler = on_usr2;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = 0;  // no SA_RESTART
+  ASSERT_EQ(::sigaction(SIGUSR2, &sa, &old), 0);
+  Run([&] {
+    auto reader = spawn([&] { return file::open(fifo, O_RDONLY); });  // waits for a writer
+    (void)this_fiber::sleep_for(std::chrono::milliseconds(100));
+    for (int round = 0; round < 5; ++round) {  // to every thread, the call's among them
+      DIR* d = ::opendir("/proc/self/task");
+      ASSERT_NE(d, nullptr);
+      while (dirent* e = ::readdir(d))
+        if (e->d_name[0] != '.') ::syscall(SYS_tgkill, ::getpid(), std::atoi(e->d_name), SIGUSR2);
+      ::closedir(d);
+      (void)this_fiber::sleep_for(std::chrono::milliseconds(10));
+    }
+    int w = -1;
+    for (int i = 0; i < 1000 && w < 0; ++i) {  // ENXIO until the reader is in open()
+      w = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+      if (w < 0) (void)this_fiber::sleep_for(std::chrono::milliseconds(1));
+    }
+    auto r = reader.join();
+    EXPECT_TRUE(r) << "open: " << r.error().message();
+    if (w >= 0) ::close(w);
+  });
+  ::sigaction(SIGUSR2, &old, nullptr);
+  ::unlink(fifo.c_str());
 }
 
 TEST_P(Files, OpenErrorsAreValues) {
