@@ -29,6 +29,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <mutex>
 #include <new>
 #include <system_error>
@@ -69,7 +70,7 @@ class pool {
       ++threads_;
       try {
         std::thread([this] { loop(); }).detach();
-      } catch (const std::system_error& e) {  // EAGAIN: RLIMIT_NPROC, pids.max, memory
+      } catch (const std::exception& e) {  // EAGAIN (RLIMIT_NPROC, pids.max, memory), bad_alloc
         --threads_;
         if (!told_.exchange(true, std::memory_order_relaxed))  // relaxed: dedupes a log line
           std::fprintf(stderr,
@@ -139,11 +140,15 @@ class pool {
       // exits (kIdleExit). The fiber in blocking() holds its own reference
       // until the wake below.
       sched::forget_plain_thread();
+      const bool shared = j->shared;  // read while the job is surely there
       j->done.complete(0);  // wakes the fiber: sched::ready() touches the scheduler
       // SAFETY: the fiber (and with it the runtime) cannot finish before
       // this store, so the wake above never touches a destroyed scheduler;
-      // after it the job may be gone.
+      // after it the job may be gone, unless it is shared, which we still
+      // hold. A shared job's fiber that stopped waiting took its token back
+      // first (park_until_done()), so the wake touched no fiber at all.
       j->finished.store(true, std::memory_order_release);  // pairs with run_on_pool()
+      if (shared) let_go(static_cast<shared_job*>(j));
       lk.lock();
     }
   }
@@ -220,6 +225,41 @@ void run_on_pool(blocking_job& job, std::source_location where) {
   // The pool thread is at most a few instructions from its last touch.
   while (!job.finished.load(std::memory_order_acquire)) sched_yield();  // pairs with loop()
   sched::scheduler::add_fiber_outside_ref(-1);
+}
+
+void let_go(shared_job* j) noexcept {
+  // acq_rel: our touches of the job happen before the other side's delete.
+  if (j->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) j->destroy(j);
+}
+
+std::error_code wait_on_pool(shared_job& job, clock::time_point deadline,
+                             std::source_location where) {
+  job.shared = true;
+  if (clock::now() >= deadline) {  // already past: not tried, as connect() does
+    let_go(&job);                  // the pool's reference: it never had the job
+    return std::make_error_code(std::errc::timed_out);
+  }
+  // Off a fiber, or no pool thread at all: as in run_on_pool().
+  if (!sched::current_fiber() || !the_pool().submit(&job)) {
+    job.run(&job);
+    let_go(&job);
+    return {};
+  }
+  // The pool may wake us, as in run_on_pool(): not a deadlock meanwhile.
+  sched::scheduler::add_fiber_outside_ref(+1);
+  sched::wake_reason why = sched::wake_reason::notified;
+  const bool done =
+      job.done.park_until_done(/*cancellable=*/true, deadline, "blocking", where, &why);
+  // Done: the pool thread's wake may still be inside the scheduler until
+  // `finished` (run_on_pool()). Not done: our token is back, so the pool
+  // thread will wake no one, and it lets go of the job itself.
+  if (done)
+    while (!job.finished.load(std::memory_order_acquire)) sched_yield();  // pairs with loop()
+  sched::scheduler::add_fiber_outside_ref(-1);
+  if (done) return {};
+  return std::make_error_code(why == sched::wake_reason::timed_out
+                                  ? std::errc::timed_out
+                                  : std::errc::operation_canceled);
 }
 
 }  // namespace weft::io::detail

@@ -43,12 +43,66 @@ struct blocking_job {
   blocking_job* next = nullptr;           // the pool's queue link
   // Set by the pool thread once it no longer touches the job or the
   // scheduler (after the wake); the fiber returns only then. release: pairs
-  // with the acquire in run_on_pool().
+  // with the acquire in run_on_pool() and wait_on_pool().
   std::atomic<bool> finished{false};
+  bool shared = false;  // a shared_job: the pool thread lets go of it after the wake
 };
 
 // Queues job on the pool and parks the calling fiber until it ran.
 void run_on_pool(blocking_job& job, std::source_location where);
+
+// *A call the fiber may stop waiting for* (its deadline passed, its stop
+// was requested, the runtime unwinds it) while the call runs on: a name
+// lookup, which getaddrinfo cannot cut short (Go's Dial timeout and
+// context cover the lookup too). The job lives on the heap, shared by the
+// fiber and the pool thread; the last of the two to let go destroys it. So
+// its fn owns everything it touches.
+struct shared_job : blocking_job {
+  // The fiber's and the pool thread's. acq_rel decrement (let_go()): each
+  // side's last touch happens before the other side's delete.
+  std::atomic<int> refs{2};
+  void (*destroy)(shared_job*) = nullptr;
+};
+// Drops one reference to j (the fiber's or the pool thread's).
+void let_go(shared_job* j) noexcept;
+// Queues job and parks the calling fiber until it ran (an empty error
+// code: the result is in), until `deadline` (timed_out) or until a stop
+// request or the unwinder (operation_canceled): then the job runs on
+// without the fiber. Either way the caller still holds its reference.
+// Off a fiber (a plain thread, a pool thread) the job runs right here.
+std::error_code wait_on_pool(shared_job& job, clock::time_point deadline,
+                             std::source_location where);
+
+// fn() returns a result<T>; the value it returns, or timed_out /
+// operation_canceled as wait_on_pool() says. fn is moved to the heap and
+// may outlive the call: it must own what it touches (capture by value).
+// fn's exception is rethrown here, if the fiber was still waiting.
+template <typename F, typename T = typename std::invoke_result_t<F&>::value_type>
+result<T> blocking_until(F fn, clock::time_point deadline, std::source_location where) {
+  struct job : shared_job {
+    F fn;
+    std::optional<result<T>> value;
+    std::exception_ptr error;
+    explicit job(F&& f) : fn(std::move(f)) {}
+  };
+  auto* j = new job(std::move(fn));
+  j->destroy = [](shared_job* s) { delete static_cast<job*>(s); };
+  j->run = [](blocking_job* b) {
+    auto* self = static_cast<job*>(b);
+    try {  // a pool thread, not a fiber: nothing to rethrow for the unwinder
+      self->value.emplace(self->fn());
+    } catch (...) {
+      self->error = std::current_exception();
+    }
+  };
+  struct ours {
+    job* j;
+    ~ours() { let_go(j); }
+  } hold{j};
+  if (std::error_code ec = wait_on_pool(*j, deadline, where)) return std::unexpected(ec);
+  if (j->error) std::rethrow_exception(j->error);
+  return std::move(*j->value);
+}
 
 }  // namespace detail
 

@@ -190,7 +190,7 @@ auto bind_by_text(std::string_view text, std::source_location where, Bind&& bind
   if (a) return bind(*a);
   auto name = split_name_port(text);
   if (!name) return std::unexpected(a.error());  // neither an address nor "name:port"
-  auto addrs = resolve(name->first, name->second, where);
+  auto addrs = resolve(name->first, name->second, {}, where);
   if (!addrs) return std::unexpected(addrs.error());
   std::error_code first = std::make_error_code(std::errc::address_not_available);
   for (std::size_t i = 0; i < addrs->size(); ++i) {
@@ -210,7 +210,7 @@ result<tcp_stream> tcp_stream::connect(std::string_view addr, deadline_arg d,
   auto name = split_name_port(addr);
   if (!name) return std::unexpected(a.error());  // neither an address nor "name:port"
   if (clock::now() >= d.when) return std::unexpected(std::make_error_code(std::errc::timed_out));
-  auto addrs = resolve(name->first, name->second, where);
+  auto addrs = resolve(name->first, name->second, d, where);
   if (!addrs) return std::unexpected(addrs.error());
   return connect(std::span<const socket_address>(*addrs), d, where);
 }
@@ -630,11 +630,13 @@ const std::error_category& resolve_category() noexcept {
 }
 
 result<std::vector<socket_address>> resolve(const std::string& host, int port,
-                                            std::source_location where) {
+                                            deadline_arg d, std::source_location where) {
   if (port < 0 || port > 65535 || host.find('\0') != std::string::npos ||
       malformed_ipv4_literal(host))
     return std::unexpected(std::make_error_code(std::errc::invalid_argument));
-  return blocking([&]() -> result<std::vector<socket_address>> {
+  // The lookup may outlive this call (a deadline, a stop request: see
+  // detail::blocking_until()), so it owns its copy of the name.
+  return detail::blocking_until([host, port]() -> result<std::vector<socket_address>> {
     addrinfo hints{};
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
@@ -658,7 +660,7 @@ result<std::vector<socket_address>> resolve(const std::string& host, int port,
       out.push_back(socket_address::from(a->ai_addr, a->ai_addrlen));
     ::freeaddrinfo(res);
     return out;
-  }, where);
+  }, d.when, where);
 }
 
 }  // namespace weft::io

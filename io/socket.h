@@ -186,8 +186,8 @@ class tcp_stream : public socket_base {
   // is timed_out without a try. `addr` is an address ("127.0.0.1:7000",
   // "[::1]:7000", "unix:/run/app.sock") or, as Go's Dial, a host name and
   // port ("db.internal:5432"): the name is looked up with resolve() (on
-  // the blocking pool; the lookup itself is not cut short by the deadline)
-  // and its addresses are tried in turn as by the list overload. A Unix
+  // the blocking pool, within the same deadline, as Go's Dial) and its
+  // addresses are tried in turn as by the list overload. A Unix
   // listener whose accept queue is full is waited on, as by a blocking
   // connect(2), until it makes room (see *Full Unix listeners* in
   // io/epoll_driver.cc).
@@ -303,9 +303,14 @@ class udp_socket : public socket_base {
 // Name lookup (getaddrinfo) on the blocking pool, so only the fiber waits.
 // TCP addresses for `host` ("localhost", "::1", "example.com") and `port`.
 // A failed lookup is an error of resolve_category() with getaddrinfo's
-// message. The fiber parks meanwhile; dump() shows it at `where`.
+// message. The fiber parks meanwhile; dump() shows it at `where`. As every
+// other call that parks, it returns timed_out at the deadline and
+// operation_canceled once the fiber's stop is requested, while the lookup,
+// which getaddrinfo cannot cut short, ends on its own on the pool and its
+// answer is dropped (Go's resolver does the same). On a plain thread the
+// lookup runs on that thread, to its end.
 [[nodiscard]] result<std::vector<socket_address>> resolve(const std::string& host, int port,
-    std::source_location where = std::source_location::current());
+    deadline_arg d = {}, std::source_location where = std::source_location::current());
 const std::error_category& resolve_category() noexcept;
 
 }  // namespace weft::io

@@ -1,0 +1,184 @@
+// Name lookups that take long: resolve() and connect("name:port") return at
+// their deadline or at a stop request, as every other call that parks does,
+// while the lookup (which getaddrinfo cannot cut short) ends on its own on
+// the blocking pool. This binary defines getaddrinfo (it binds before
+// libc's): a name ending in ".slow.test" answers 127.0.0.1 only after
+// `slow_for` (or once the test releases it); every other name goes to
+// libc's.
+#include <dlfcn.h>
+#include <netdb.h>
+
+#include <atomic>
+#include <chrono>
+#include <string>
+#include <thread>
+
+#include "gtest/gtest.h"
+#include "runtime/net.h"
+#include "runtime/weft.h"
+
+namespace {
+
+using getaddrinfo_fn = int (*)(const char*, const char*, const addrinfo*, addrinfo**);
+
+getaddrinfo_fn real_getaddrinfo() {
+  static const auto real = reinterpret_cast<getaddrinfo_fn>(::dlsym(RTLD_NEXT, "getaddrinfo"));
+  return real;
+}
+
+std::atomic<int> in_flight{0};          // slow lookups inside getaddrinfo
+std::atomic<bool> release{false};       // ends every slow lookup at once
+std::atomic<long> slow_for_ms{3000};    // how long a slow lookup takes
+
+bool is_slow(const char* node) {
+  std::string n = node ? node : "";
+  const std::string tail = ".slow.test";
+  return n.size() > tail.size() && n.compare(n.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+}  // namespace
+
+extern "C" int getaddrinfo(const char* node, const char* service, const addrinfo* hints,
+                           addrinfo** res) {
+  if (!is_slow(node)) return real_getaddrinfo()(node, service, hints, res);
+  if (hints && (hints->ai_flags & AI_NUMERICHOST)) return EAI_NONAME;  // as libc: not numeric
+  in_flight.fetch_add(1);
+  auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(slow_for_ms.load());
+  while (!release.load() && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  addrinfo h{};
+  h.ai_family = AF_INET;
+  h.ai_socktype = SOCK_STREAM;
+  h.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV;
+  int rc = real_getaddrinfo()("127.0.0.1", service, &h, res);
+  in_flight.fetch_sub(1);
+  return rc;
+}
+
+namespace weft {
+namespace {
+
+using namespace std::chrono_literals;
+
+class Resolve : public ::testing::TestWithParam<unsigned> {
+ protected:
+  void SetUp() override {
+    release.store(false);
+    slow_for_ms.store(3000);
+  }
+  // Ends the lookups the test left running and waits until the pool
+  // threads are out of them (their jobs freed: LeakSanitizer looks).
+  void TearDown() override {
+    release.store(true);
+    auto until = std::chrono::steady_clock::now() + 10s;
+    while (in_flight.load() > 0 && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(1ms);
+    EXPECT_EQ(in_flight.load(), 0);
+    std::this_thread::sleep_for(20ms);  // the pool thread's last steps after getaddrinfo
+  }
+  template <typename F>
+  void Run(F&& f) {
+    weft::run(std::forward<F>(f), {.workers = GetParam()});
+  }
+};
+
+long ms_since(clock::time_point t0) {
+  return static_cast<long>(
+      std::chrono::duration_cast<std::chrono::milliseconds>(clock::now() - t0).count());
+}
+
+TEST_P(Resolve, ALookupPastItsDeadlineIsTimedOutWhileItRunsOn) {
+  Run([&] {
+    auto t0 = clock::now();
+    auto r = resolve("a.slow.test", 80, deadline(100ms));
+    long took = ms_since(t0);
+    ASSERT_FALSE(r.has_value());
+    EXPECT_EQ(r.error(), std::errc::timed_out);
+    EXPECT_GE(took, 90);
+    EXPECT_LT(took, 2000) << "the call waited for the lookup";
+    EXPECT_EQ(in_flight.load(), 1) << "the lookup runs on";
+  });
+}
+
+TEST_P(Resolve, AStopRequestEndsTheWaitForALookup) {
+  Run([&] {
+    auto h = spawn([] { return resolve("b.slow.test", 80); });
+    while (in_flight.load() == 0) (void)this_fiber::sleep_for(1ms);
+    auto t0 = clock::now();
+    h.request_stop();
+    auto r = h.join();
+    EXPECT_LT(ms_since(t0), 2000) << "the stop waited for the lookup";
+    ASSERT_FALSE(r.has_value());
+    EXPECT_EQ(r.error(), std::errc::operation_canceled);
+  });
+}
+
+TEST_P(Resolve, ConnectToANameCountsTheLookupInItsDeadline) {
+  Run([&] {
+    auto t0 = clock::now();
+    auto c = tcp_stream::connect("c.slow.test:80", deadline(100ms));
+    long took = ms_since(t0);
+    ASSERT_FALSE(c.has_value());
+    EXPECT_EQ(c.error(), std::errc::timed_out);
+    EXPECT_LT(took, 2000) << "connect waited for the whole lookup";
+  });
+}
+
+TEST_P(Resolve, ALookupThatAnswersInTimeGivesItsAddresses) {
+  slow_for_ms.store(50);
+  Run([&] {
+    auto r = resolve("d.slow.test", 8080, deadline(10s));
+    ASSERT_TRUE(r.has_value()) << r.error().message();
+    ASSERT_EQ(r->size(), 1u);
+    EXPECT_EQ(r->front().to_string(), "127.0.0.1:8080");
+    // Without a deadline, and many at once, on the pool's threads.
+    std::vector<join_handle<result<std::vector<socket_address>>>> hs;
+    for (int i = 0; i < 8; ++i)
+      hs.push_back(spawn([i] { return resolve("e" + std::to_string(i) + ".slow.test", 80); }));
+    for (auto& h : hs) {
+      auto a = h.join();
+      ASSERT_TRUE(a.has_value()) << a.error().message();
+      EXPECT_EQ(a->front().to_string(), "127.0.0.1:80");
+    }
+  });
+}
+
+TEST_P(Resolve, ADeadlineAlreadyPastStartsNoLookup) {
+  Run([&] {
+    auto r = resolve("f.slow.test", 80, deadline(clock::now() - 1ms));
+    ASSERT_FALSE(r.has_value());
+    EXPECT_EQ(r.error(), std::errc::timed_out);
+    (void)this_fiber::sleep_for(20ms);
+    EXPECT_EQ(in_flight.load(), 0);
+  });
+}
+
+// The runtime unwinds a fiber waiting for a lookup at exit: weft::run
+// returns without waiting for getaddrinfo, and the lookup's job, freed by
+// the pool thread when it ends, touches no part of the finished run.
+TEST_P(Resolve, TheRunEndsWithoutWaitingForALookup) {
+  auto t0 = clock::now();
+  Run([&] {
+    spawn([] { (void)resolve("g.slow.test", 80); }).detach();
+    while (in_flight.load() == 0) (void)this_fiber::sleep_for(1ms);
+  });
+  EXPECT_LT(ms_since(t0), 2000) << "weft::run waited for the lookup";
+  EXPECT_EQ(in_flight.load(), 1);
+  release.store(true);
+  // Then a new run, while the old lookup's pool thread finishes.
+  Run([&] { EXPECT_TRUE(resolve("127.0.0.1", 80).has_value()); });
+}
+
+// From a plain thread the lookup runs on that thread, to its end.
+TEST_P(Resolve, APlainThreadWaitsForItsLookup) {
+  slow_for_ms.store(50);
+  auto r = resolve("h.slow.test", 80, deadline(10s));
+  ASSERT_TRUE(r.has_value()) << r.error().message();
+  EXPECT_EQ(r->front().to_string(), "127.0.0.1:80");
+}
+
+INSTANTIATE_TEST_SUITE_P(Workers, Resolve, ::testing::Values(1u, 2u),
+                         [](const auto& info) { return std::to_string(info.param) + "w"; });
+
+}  // namespace
+}  // namespace weft
