@@ -1008,6 +1008,33 @@ TEST_P(Fibers, FiberLocalsAreDestroyedBeforeJoinReturns) {
   EXPECT_EQ(g_fls_parking_destroyed.load(), 3);
 }
 
+// main's fiber_local values are destroyed as main returns, while the other
+// fibers still run (as the main thread's thread_locals are destroyed while
+// other threads run), so a destructor may hand its last words to them: a
+// per-fiber log buffer flushed to a logger fiber. They were destroyed only
+// after every other fiber had been told to unwind, and main itself was not
+// unwound: a send to the (unwound) logger parked for ever and run() never
+// returned (here the send's deadline ends it, with nothing received), and
+// a join in such a destructor threw operation_canceled (std::terminate).
+struct fls_flushes_to_logger {
+  channel<int>* log = nullptr;
+  ~fls_flushes_to_logger() {
+    if (log) (void)log->send(1, deadline(2s));
+  }
+};
+TEST_P(Fibers, MainsFiberLocalsAreDestroyedBeforeTheOtherFibersUnwind) {
+  static fiber_local<fls_flushes_to_logger> buf;
+  std::atomic<int> logged{0};
+  auto log = std::make_shared<channel<int>>(0);  // outlives main's frame
+  Run([&] {
+    go([&, log] {
+      while (auto v = log->recv()) logged.fetch_add(*v);
+    });
+    buf->log = log.get();
+  });
+  EXPECT_EQ(logged.load(), 1);
+}
+
 // A fiber's values are destroyed in the reverse order of their
 // construction, as a thread's thread_locals are: a value whose constructor
 // took a reference to another fiber_local's value may still use it in its

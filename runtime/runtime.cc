@@ -71,6 +71,13 @@ int run_main(std::function<int()> main_fn, const options& opts) {
         } catch (...) {
           failure = std::current_exception();
         }
+        // main's fiber_local values go as main returns, while the other
+        // fibers still run (as the main thread's thread_locals do), so
+        // their destructors may still use them (flush to a logger fiber,
+        // join a fiber). After unwind_all() a park of theirs that another
+        // fiber would have ended waited for ever (main itself is not
+        // unwound), and a join threw operation_canceled.
+        destroy_fiber_locals();
         s.unwind_all();  // main is done: every other fiber unwinds
       },
       {.name = "main"});

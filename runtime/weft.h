@@ -508,7 +508,8 @@ void fls_store(std::uint64_t key, void* value, void (*destroy)(void*));
 // A value per fiber: each fiber sees its own T, created on first get(),
 // destroyed when the fiber exits (for a spawned fiber, before its join()
 // returns, as a thread's thread_locals are before std::thread::join
-// returns), in the reverse order of their construction, as thread_locals
+// returns; for main, as it returns, before the other fibers are unwound,
+// so a destructor may still hand work to them), in the reverse order of their construction, as thread_locals
 // are: a value whose constructor used another fiber_local's value may still
 // use it in its destructor. It follows the fiber across workers.
 // A destructor may set fiber_locals again; what it sets is destroyed in
