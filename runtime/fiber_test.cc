@@ -1422,6 +1422,30 @@ TEST_P(Fibers, IdsAndNamesAreThoseGivenAtSpawn) {
   });
 }
 
+// A name is kept to its first 63 bytes (the block holds it: no allocation
+// per name), cut before a UTF-8 character it would split: the cut fell
+// inside a two-byte "é", and name(), dump() and the deadlock report
+// showed a name ending in a stray lead byte (invalid UTF-8).
+TEST_P(Fibers, ALongNameIsCutAtACharacterBoundary) {
+  Run([] {
+    std::string ascii(1000, 'x');
+    EXPECT_EQ(spawn([] { return std::string(this_fiber::name()); }, {.name = ascii}).join(),
+              std::string(63, 'x'));
+    std::string accents;
+    for (int i = 0; i < 40; ++i) accents += "\xc3\xa9";  // é, two bytes
+    EXPECT_EQ(spawn([] { return std::string(this_fiber::name()); }, {.name = accents}).join(),
+              accents.substr(0, 62));
+    std::string euro = "x" + std::string(20, 'y');
+    for (int i = 0; i < 20; ++i) euro += "\xe2\x82\xac";  // €, three bytes
+    // 21 ASCII bytes and 14 whole euros are 63 bytes: nothing to cut.
+    EXPECT_EQ(spawn([] { return std::string(this_fiber::name()); }, {.name = euro}).join(),
+              euro.substr(0, 63));
+    euro = "x" + euro;  // now the 63rd byte is inside a euro: 22 + 13 * 3 = 61
+    EXPECT_EQ(spawn([] { return std::string(this_fiber::name()); }, {.name = euro}).join(),
+              euro.substr(0, 61));
+  });
+}
+
 // options::stack_size 0 is the default (64 KiB), as spawn_options'
 // stack_size 0 and options::workers 0 are. It was taken as a size, rounded
 // up to the smallest class: every fiber, main included, ran on a 1 KiB

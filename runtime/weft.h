@@ -123,7 +123,9 @@ struct options {
 };
 
 struct spawn_options {
-  std::string_view name = {};   // shown by dump(), the deadlock report and overflow messages
+  // Shown by this_fiber::name(), dump(), the deadlock report and overflow
+  // messages; kept to its first 63 bytes, cut at a UTF-8 character boundary.
+  std::string_view name = {};
   std::size_t stack_size = 0;   // 0: the runtime default; rounded up to a size class
   bool pinned = false;          // never leaves the worker it starts on
   // The worker it starts on (taken modulo worker_count()); -1: the

@@ -399,7 +399,13 @@ fiber* scheduler::create(const fiber_attrs& a, std::size_t callable_size,
   std::size_t want = alloc::stack_pool::class_size(a.stack_size ? a.stack_size
                                                                 : opts_.default_stack);
   const std::size_t at = round_up(sizeof(fiber), callable_align);
-  const std::size_t name_len = std::min<std::size_t>(a.name.size(), 63);
+  // The name's first 63 bytes, cut before a UTF-8 character they would
+  // split (a continuation byte, 10xxxxxx, does not start one): a name
+  // shown by name(), dump() and the reports stays valid UTF-8.
+  std::size_t name_len = std::min<std::size_t>(a.name.size(), 63);
+  if (name_len < a.name.size())
+    while (name_len > 0 && (static_cast<unsigned char>(a.name[name_len]) & 0xC0) == 0x80)
+      --name_len;
   const std::size_t bytes = at + callable_size + (name_len ? name_len + 1 : 0);
   auto* mem = static_cast<std::byte*>(allocate_block(bytes, block_align(callable_align)));
   // SAFETY: fresh storage of `bytes`; destroyed and freed in exited().
