@@ -93,7 +93,20 @@ void task_group::fail(std::error_code ec, std::exception_ptr e) {
   request_stop();
 }
 
+bool task_group::is_member(const void* fiber) {
+  std::lock_guard g(mu_);
+  for (member* m = members_; m; m = m->next)
+    if (m->fiber == fiber) return true;
+  return false;
+}
+
 result<void> task_group::wait(std::source_location where) {
+  // A child waiting for its own group waits for itself: for ever, as a
+  // fiber joining itself would. Refused as join() refuses that. Looked for
+  // only when there is something to wait for (a scan of the running
+  // children under mu_: once per wait, not per child).
+  if (!pending_.is_zero() && is_member(sched::current_fiber()))
+    return make_error(std::errc::resource_deadlock_would_occur);
   result<void> r = pending_.wait({}, "task_group", where);
   if (!r) {  // our own stop: pass it on, then still wait for every child
     request_stop();

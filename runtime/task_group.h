@@ -18,6 +18,9 @@
 //     failure, so it never takes the place of a real one that comes
 //     later, and a group stopped by request_stop() with no failure waits
 //     ok (as a Trio nursery whose scope is cancelled).
+//   - wait() from one of the group's own children (it would wait for
+//     itself) returns resource_deadlock_would_occur at once, as join()
+//     of a fiber by itself throws it.
 //   - wait() waits for every child. If the waiting fiber is itself asked to
 //     stop, it requests stop on the children, still waits for all of them,
 //     and returns operation_canceled (unless a child failed).
@@ -73,7 +76,8 @@ class task_group {
   }
 
   // Waits for every child; the first failure, operation_canceled (the
-  // caller's own stop), or ok.
+  // caller's own stop), or ok; resource_deadlock_would_occur, at once,
+  // if the caller is one of the children.
   result<void> wait(std::source_location where = std::source_location::current());
   // Asks every child (current and future) to stop. Not a failure: wait()
   // reports ok unless a child fails.
@@ -151,6 +155,7 @@ class task_group {
     member* prev = nullptr;
     member* next = nullptr;
   };
+  bool is_member(const void* fiber);  // fiber is a running child
   void enter(member& m) noexcept;  // the child, as its body starts
   void leave(member& m) noexcept;  // the child, as its body ends
   void fail(std::error_code ec, std::exception_ptr e);

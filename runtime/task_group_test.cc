@@ -21,6 +21,31 @@ using testing::Runtime;
 class TaskGroup : public Runtime {};
 WEFT_RUNTIME_TEST_SUITE(TaskGroup);
 
+// wait() from one of the group's own children would wait for itself for
+// ever, as a fiber joining itself would: it returns
+// resource_deadlock_would_occur at once (join() throws it) and leaves the
+// group as it was. It parked for good: with the owner waiting too, every
+// fiber was asleep and the process ended with the deadlock report.
+TEST_P(TaskGroup, WaitFromOneOfItsOwnChildrenIsRefused) {
+  Run([] {
+    task_group g;
+    std::atomic<int> refused{0};
+    for (int i = 0; i < 3; ++i)
+      g.spawn([&] {
+        (void)this_fiber::sleep_for(1ms);
+        result<void> r = g.wait();
+        if (!r && r.error() == std::errc::resource_deadlock_would_occur) refused.fetch_add(1);
+        // A grandchild spawned into the group is a member too.
+        g.spawn([&] {
+          result<void> r = g.wait();
+          if (!r && r.error() == std::errc::resource_deadlock_would_occur) refused.fetch_add(1);
+        });
+      });
+    EXPECT_TRUE(g.wait());  // no failure recorded by the refusals
+    EXPECT_EQ(refused.load(), 6);
+  });
+}
+
 TEST_P(TaskGroup, WaitReturnsAfterEveryChildFinished) {
   Run([] {
     std::atomic<int> done{0};
