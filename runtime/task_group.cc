@@ -34,6 +34,8 @@ namespace weft {
 task_group::~task_group() {
   if (!pending_.is_zero() && !detail::current_fiber_unwinding()) request_stop();
   pending_.wait_noexcept("task_group", std::source_location::current());
+  // The children are done: nobody else touches the fields now.
+  if (exception_ && !reported_) detail::warn_unobserved(failed_child_, exception_);
 }
 
 void task_group::enter(member& m) noexcept {
@@ -87,6 +89,7 @@ void task_group::fail(std::error_code ec, std::exception_ptr e) {
     // failure coming after it.
     if (stopping_ && cancelled) return;
     failed_ = true;
+    failed_child_ = detail::current_fiber_id();
     error_ = ec;
     exception_ = std::move(e);
   }
@@ -114,7 +117,10 @@ result<void> task_group::wait(std::source_location where) {
   }
   std::lock_guard g(mu_);
   // Kept: a later wait() reports the same failure (as Go's errgroup).
-  if (exception_) std::rethrow_exception(exception_);
+  if (exception_) {
+    reported_ = true;  // the first failure is final: this is the one
+    std::rethrow_exception(exception_);
+  }
   if (failed_) return std::unexpected(error_);
   return r;
 }

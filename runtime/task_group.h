@@ -26,7 +26,9 @@
 //     and returns operation_canceled (unless a child failed).
 //   - The destructor requests stop on the children still running and waits
 //     for them: no child outlives its group. It never throws, also when the
-//     runtime unwinds the owner (the children are unwound too).
+//     runtime unwinds the owner (the children are unwound too). A child's
+//     exception that no wait() rethrew is reported on stderr then, as one
+//     nobody joined is for a detached fiber.
 //   - A child's callable (and what it captured), then its fiber_local
 //     values, are destroyed before the child counts as finished: when
 //     wait() returns, they are gone.
@@ -35,6 +37,7 @@
 // destructor from a fiber (the owner).
 #pragma once
 
+#include <cstdint>
 #include <exception>
 #include <mutex>
 #include <optional>
@@ -168,6 +171,8 @@ class task_group {
   member* members_ = nullptr;  // running children
   std::error_code error_;
   std::exception_ptr exception_;
+  std::uint64_t failed_child_ = 0;  // the fiber id of the first failure's child
+  bool reported_ = false;  // a wait() returned the failure (or rethrew it)
   bool stopping_ = false;
   bool failed_ = false;
 };

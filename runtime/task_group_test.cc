@@ -46,6 +46,29 @@ TEST_P(TaskGroup, WaitFromOneOfItsOwnChildrenIsRefused) {
   });
 }
 
+// A child's exception that no wait() reported (the group went out of
+// scope on an early return) is reported on stderr by the destructor, as
+// one nobody joined is for a detached fiber. It was dropped without a
+// word. One that wait() reported is not reported again.
+TEST_P(TaskGroup, AFailureNoWaitReportedIsReportedByTheDestructor) {
+  ::testing::internal::CaptureStderr();
+  Run([] {
+    {
+      task_group g;
+      g.spawn([] { throw std::runtime_error("lost child"); });
+      g.spawn([]() -> result<void> { (void)this_fiber::sleep_for(10s); return {}; });
+    }
+    {
+      task_group g;
+      g.spawn([] { throw std::runtime_error("seen child"); });
+      EXPECT_THROW((void)g.wait(), std::runtime_error);
+    }
+  });
+  std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find("lost child"), std::string::npos) << err;
+  EXPECT_EQ(err.find("seen child"), std::string::npos) << err;
+}
+
 TEST_P(TaskGroup, WaitReturnsAfterEveryChildFinished) {
   Run([] {
     std::atomic<int> done{0};
