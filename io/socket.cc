@@ -471,6 +471,11 @@ result<std::size_t> tcp_stream::writev(std::span<const iovec> bufs, deadline_arg
 result<void> tcp_stream::shutdown(int how) noexcept {
   fd_guard g(st_);
   if (!g) return bad_fd_error();
+  // shutdown(2)'s EINVAL, said before anything below acts on `how`: a
+  // deferred end of the stream (defer_shutdown) would take any `how` but
+  // SHUT_RD for SHUT_WR, and report success for it.
+  if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR)
+    return std::unexpected(std::make_error_code(std::errc::invalid_argument));
   // The end of the stream goes after the last write's bytes: a write-behind
   // this fiber started is waited for (until its write's deadline) and its
   // failure reported. Another fiber's shutdown does not wait, as it would

@@ -339,6 +339,37 @@ TEST_P(WriteBehind, AnotherFibersShutdownSendsAWriteThatReturnedBeforeTheEnd) {
   });
 }
 
+// shutdown() with a `how` that is none of SHUT_RD, SHUT_WR and SHUT_RDWR is
+// invalid_argument, as shutdown(2)'s EINVAL, and ends nothing: not while
+// another fiber's write-behind is in flight either. Before, that case
+// returned success and ended the stream (SHUT_WR) once the write-behind
+// had gone, so the next write failed with EPIPE and the peer read an end
+// of stream nobody had asked for.
+TEST_P(WriteBehind, AShutdownWithABadHowIsInvalidArgumentAndEndsNothing) {
+  Run([&] {
+    auto [c, s] = connected_pair();
+    small_buffers(c, s);
+    std::string got;
+    auto reader = slow_reader(s, &got);
+    std::size_t off = fill_with_stream(c);
+    const std::string tail = stream_part(off, 100);
+    ASSERT_TRUE(c.write(tail, deadline(10s)));
+    off += tail.size();
+    auto other = spawn([&, &c = c] { return c.shutdown(SHUT_RDWR + 40); });
+    auto shut = other.join();
+    ASSERT_FALSE(shut) << "shutdown(42) succeeded";
+    EXPECT_EQ(shut.error(), std::errc::invalid_argument) << shut.error().message();
+    const std::string more = stream_part(off, 100);
+    auto later = c.write_all(more, deadline(10s));
+    ASSERT_TRUE(later) << "a write after a refused shutdown: " << later.error().message();
+    off += more.size();
+    auto closed = c.close();
+    EXPECT_TRUE(closed) << closed.error().message();
+    reader.join();
+    expect_whole_stream(got, off);
+  });
+}
+
 // A write-behind that outlives another fiber's close() goes on only until
 // its write's deadline: a peer that never reads does not keep the
 // descriptor (or the copy) for ever. (Without write-behind the write
