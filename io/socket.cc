@@ -56,6 +56,14 @@ std::span<const iovec> iov_window(std::span<const iovec> bufs) {
   return bufs.first(std::min<std::size_t>(bufs.size(), IOV_MAX));
 }
 
+// An address nobody filled in (socket_address's default): Go's "missing
+// address". socket(2) would refuse its family 0 with EAFNOSUPPORT, which
+// reads as a host without that protocol rather than a program's slip.
+std::optional<std::unexpected<std::error_code>> missing(const socket_address& a) {
+  if (a.family() != AF_UNSPEC) return std::nullopt;
+  return std::unexpected(std::make_error_code(std::errc::invalid_argument));
+}
+
 }  // namespace
 
 namespace {
@@ -244,6 +252,7 @@ result<tcp_stream> tcp_stream::connect(const socket_address& addr, deadline_arg 
   // done at once, so what one try did would depend on the driver (io_uring
   // finishes a loopback handshake, epoll reports EINPROGRESS), and a
   // timed-out try may still have reached the peer.
+  if (auto e = missing(addr)) return *e;
   if (clock::now() >= d.when) return std::unexpected(std::make_error_code(std::errc::timed_out));
   int fd = new_socket(addr.family());
   if (fd < 0) return sys_error(-fd);
@@ -525,6 +534,7 @@ result<tcp_listener> tcp_listener::bind(std::string_view addr, int backlog,
 }
 
 result<tcp_listener> tcp_listener::bind(const socket_address& addr, int backlog) {
+  if (auto e = missing(addr)) return *e;
   if (backlog < 0) return std::unexpected(std::make_error_code(std::errc::invalid_argument));
   // Non-blocking: on io_uring, accept() tries accept4 itself before it
   // arms the multishot (io/accept.cc), which must not block the worker
@@ -557,6 +567,7 @@ result<udp_socket> udp_socket::bind(std::string_view addr, std::source_location 
 }
 
 result<udp_socket> udp_socket::bind(const socket_address& addr) {
+  if (auto e = missing(addr)) return *e;
   int fd = new_socket(addr.family(), SOCK_DGRAM);
   if (fd < 0) return sys_error(-fd);
   udp_socket u(fd);  // closes fd on every error path

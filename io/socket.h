@@ -13,7 +13,8 @@
 // deadline, operation_canceled after the fiber's request_stop(), the system
 // error otherwise (EPIPE for a write to a closed peer — never SIGPIPE;
 // EMFILE from accept, after which the listener keeps working). A malformed
-// address is std::errc::invalid_argument.
+// address, or a default socket_address given to connect() or bind(), is
+// std::errc::invalid_argument.
 //
 // Every call that may park takes a trailing std::source_location, defaulted
 // to the caller's: dump() and the deadlock report show where the program

@@ -134,6 +134,27 @@ TEST_P(Sockets, BadAddressesAreInvalidArgument) {
   });
 }
 
+// A socket_address made by its default constructor (no family, no
+// length: one a program forgot to fill in) is invalid_argument for
+// connect() and both bind()s, as Go's Dial says "missing address". Before,
+// socket(2) got family 0 and the error read "Address family not supported
+// by protocol", which points at the host's IPv6 setup, not at the program.
+// (send_to() takes it for the peer of a connected socket.)
+TEST_P(Sockets, AnEmptySocketAddressIsInvalidArgument) {
+  Run([&] {
+    const socket_address none;
+    auto c = tcp_stream::connect(none, deadline(5s));
+    ASSERT_FALSE(c);
+    EXPECT_EQ(c.error(), std::errc::invalid_argument) << c.error().message();
+    auto l = tcp_listener::bind(none);
+    ASSERT_FALSE(l);
+    EXPECT_EQ(l.error(), std::errc::invalid_argument) << l.error().message();
+    auto u = udp_socket::bind(none);
+    ASSERT_FALSE(u);
+    EXPECT_EQ(u.error(), std::errc::invalid_argument) << u.error().message();
+  });
+}
+
 // Input that only looks right: a NUL inside the host (or the zone) of an
 // IP address, which inet_pton and if_nametoindex would stop at, and a
 // signed port ("-0", "+80") after a name. Before, parse() took
