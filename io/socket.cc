@@ -516,14 +516,21 @@ result<void> tcp_stream::set_nodelay(bool on) noexcept {
   });
 }
 
-result<socket_address> tcp_stream::peer_address() const {
-  return on_fd(st_, [](int fd) -> result<socket_address> {
+namespace {
+
+// getpeername(2): a stream's peer, or a connected datagram socket's.
+result<socket_address> peer_of(fd_state* st) {
+  return on_fd(st, [](int fd) -> result<socket_address> {
     sockaddr_storage ss{};
     socklen_t len = sizeof ss;
     if (::getpeername(fd, reinterpret_cast<sockaddr*>(&ss), &len) < 0) return sys_error(errno);
     return socket_address::from(reinterpret_cast<sockaddr*>(&ss), len);
   });
 }
+
+}  // namespace
+
+result<socket_address> tcp_stream::peer_address() const { return peer_of(st_); }
 
 // ---- tcp_listener -------------------------------------------------------------
 
@@ -609,6 +616,48 @@ result<std::size_t> udp_socket::recv_from(std::span<char> buf, socket_address* f
   if (static_cast<std::size_t>(*r) > buf.size())
     return std::unexpected(std::make_error_code(std::errc::message_size));
   return static_cast<std::size_t>(*r);
+}
+
+result<void> udp_socket::connect(const socket_address& peer) {
+  if (auto e = missing(peer)) return *e;
+  // Immediate for a datagram socket (no handshake): on the worker.
+  return on_fd(st_, [&peer](int fd) -> result<void> {
+    if (::connect(fd, peer.get(), peer.size()) < 0) return sys_error(errno);
+    return {};
+  });
+}
+
+result<void> udp_socket::connect(std::string_view peer, deadline_arg d,
+                                 std::source_location where) {
+  auto a = socket_address::parse(peer);
+  if (a) return connect(*a);
+  auto name = split_name_port(peer);
+  if (!name) return std::unexpected(a.error());  // neither an address nor "name:port"
+  auto addrs = resolve(name->first, name->second, d, where);
+  if (!addrs) return std::unexpected(addrs.error());
+  if (addrs->empty())
+    return std::unexpected(std::make_error_code(std::errc::address_not_available));
+  return connect(addrs->front());  // Go's DialUDP takes the first, too
+}
+
+result<std::size_t> udp_socket::send(std::span<const char> buf, deadline_arg d,
+                                     std::source_location where) {
+  return send_to(buf, socket_address{}, d, where);  // no address: the connected peer
+}
+
+result<std::size_t> udp_socket::recv(std::span<char> buf, deadline_arg d,
+                                     std::source_location where) {
+  return recv_from(buf, nullptr, d, where);
+}
+
+result<socket_address> udp_socket::peer_address() const { return peer_of(st_); }
+
+result<void> udp_socket::set_broadcast(bool on) noexcept {
+  return on_fd(st_, [on](int fd) -> result<void> {
+    int v = on ? 1 : 0;
+    if (::setsockopt(fd, SOL_SOCKET, SO_BROADCAST, &v, sizeof v) < 0) return sys_error(errno);
+    return {};
+  });
 }
 
 // ---- resolve --------------------------------------------------------------------

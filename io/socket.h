@@ -299,6 +299,29 @@ class udp_socket : public socket_base {
   [[nodiscard]] result<std::size_t> recv_from(std::span<char> buf, socket_address* from,
                                               deadline_arg d = {},
       std::source_location where = std::source_location::current());
+
+  // *Connected*, as Go's DialUDP and Tokio's UdpSocket::connect: `peer`
+  // becomes where send() sends and the only sender recv() hears from (the
+  // kernel drops other datagrams; an ICMP "port unreachable" comes back as
+  // connection_refused on a later call). connect(2) on a datagram socket:
+  // at once, nothing is sent; called again, it changes the peer. A
+  // "name:port" is looked up within the deadline (resolve()) and its first
+  // address used. An empty socket_address is invalid_argument.
+  [[nodiscard]] result<void> connect(const socket_address& peer);
+  [[nodiscard]] result<void> connect(std::string_view peer, deadline_arg d = {},
+      std::source_location where = std::source_location::current());
+  // One datagram to, or from, the connected peer; as send_to and
+  // recv_from otherwise. send() before connect() is
+  // destination_address_required.
+  [[nodiscard]] result<std::size_t> send(std::span<const char> buf, deadline_arg d = {},
+      std::source_location where = std::source_location::current());
+  [[nodiscard]] result<std::size_t> recv(std::span<char> buf, deadline_arg d = {},
+      std::source_location where = std::source_location::current());
+  [[nodiscard]] result<socket_address> peer_address() const;  // not_connected before connect()
+  // SO_BROADCAST: lets send_to() reach a broadcast address (else
+  // permission_denied). Go turns it on for every UDP socket; here it is
+  // asked for, as in Tokio.
+  [[nodiscard]] result<void> set_broadcast(bool on) noexcept;
 };
 
 // Name lookup (getaddrinfo) on the blocking pool, so only the fiber waits.

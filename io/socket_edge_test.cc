@@ -1039,6 +1039,92 @@ TEST_P(Sockets, UdpDatagramsRoundTrip) {
   });
 }
 
+// A connected datagram socket (Go's DialUDP, Tokio's connect): send() and
+// recv() without addresses, and only the peer's datagrams arrive.
+TEST_P(Sockets, AConnectedUdpSocketTalksToItsPeerOnly) {
+  Run([&] {
+    auto a = udp_socket::bind("127.0.0.1:0").value();
+    auto b = udp_socket::bind("127.0.0.1:0").value();
+    auto stranger = udp_socket::bind("127.0.0.1:0").value();
+    auto a_addr = a.local_address().value(), b_addr = b.local_address().value();
+    char buf[64];
+    // Before connect(): send() has nowhere to go; no peer to name.
+    auto none = a.send({"x", 1});
+    ASSERT_FALSE(none);
+    EXPECT_EQ(none.error(), std::errc::destination_address_required) << none.error().message();
+    ASSERT_FALSE(a.peer_address());
+    EXPECT_EQ(a.peer_address().error(), std::errc::not_connected);
+    EXPECT_EQ(a.connect(socket_address{}).error(), std::errc::invalid_argument);
+
+    ASSERT_TRUE(a.connect(b_addr));
+    ASSERT_TRUE(b.connect("localhost:" + std::to_string(a_addr.port()), deadline(5s)))
+        << "by name";
+    EXPECT_EQ(a.peer_address().value().to_string(), b_addr.to_string());
+    EXPECT_EQ(b.peer_address().value().to_string(), a_addr.to_string());
+    // A stranger's datagram to `a` is dropped by the kernel (a is
+    // connected to b); the peer's arrives.
+    ASSERT_EQ(stranger.send_to({"stranger", 8}, a_addr).value(), 8u);
+    ASSERT_EQ(b.send({"ping", 4}, deadline(5s)).value(), 4u);
+    auto n = a.recv(buf, deadline(5s));
+    ASSERT_TRUE(n) << n.error().message();
+    EXPECT_EQ(std::string(buf, *n), "ping");
+    ASSERT_EQ(a.send({"pong", 4}).value(), 4u);
+    n = b.recv(buf, deadline(5s));
+    ASSERT_TRUE(n) << n.error().message();
+    EXPECT_EQ(std::string(buf, *n), "pong");
+    auto more = a.recv(buf, deadline(50ms));
+    ASSERT_FALSE(more) << "got " << std::string(buf, *more);
+    EXPECT_EQ(more.error(), std::errc::timed_out);
+    // A datagram longer than the buffer is said to be, as by recv_from.
+    ASSERT_TRUE(b.send({"0123456789", 10}));
+    auto cut = a.recv({buf, 4}, deadline(5s));
+    ASSERT_FALSE(cut);
+    EXPECT_EQ(cut.error(), std::errc::message_size);
+    // connect() again changes the peer.
+    ASSERT_TRUE(a.connect(stranger.local_address().value()));
+    ASSERT_TRUE(a.send({"hi", 2}));
+    n = stranger.recv(buf, deadline(5s));
+    ASSERT_TRUE(n) << n.error().message();
+    EXPECT_EQ(std::string(buf, *n), "hi");
+  });
+}
+
+// A connected socket whose peer has no listener learns it on a later call
+// (ICMP port unreachable), as in Go.
+TEST_P(Sockets, AConnectedUdpSocketHearsThePeerIsGone) {
+  Run([&] {
+    auto gone = udp_socket::bind("127.0.0.1:0").value();
+    auto gone_addr = gone.local_address().value();
+    ASSERT_TRUE(gone.close());
+    auto a = udp_socket::bind("127.0.0.1:0").value();
+    ASSERT_TRUE(a.connect(gone_addr));
+    ASSERT_TRUE(a.send({"x", 1}));
+    char buf[8];
+    auto r = a.recv(buf, deadline(5s));
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error(), std::errc::connection_refused) << r.error().message();
+  });
+}
+
+TEST_P(Sockets, SetBroadcastSetsSoBroadcast) {
+  Run([&] {
+    auto u = udp_socket::bind("127.0.0.1:0").value();
+    auto get = [&] {
+      int v = -1;
+      socklen_t len = sizeof v;
+      EXPECT_EQ(::getsockopt(u.native_handle(), SOL_SOCKET, SO_BROADCAST, &v, &len), 0);
+      return v;
+    };
+    EXPECT_EQ(get(), 0);
+    ASSERT_TRUE(u.set_broadcast(true));
+    EXPECT_EQ(get(), 1);
+    ASSERT_TRUE(u.set_broadcast(false));
+    EXPECT_EQ(get(), 0);
+    ASSERT_TRUE(u.close());
+    EXPECT_EQ(u.set_broadcast(true).error(), std::errc::bad_file_descriptor);
+  });
+}
+
 TEST_P(Sockets, ResolveFindsLocalhostAndReportsUnknownNames) {
   Run([&] {
     auto r = resolve("localhost", 80);
