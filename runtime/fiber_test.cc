@@ -1334,6 +1334,31 @@ TEST_P(Fibers, RequestStopCancelsASleep) {
   });
 }
 
+// A sleep whose time has come (sleep_for(0), a deadline already past) is a
+// yield, as Go's Sleep(0) returns at once: it parks on no timer, which
+// waited for the worker's next pass over its timers. A stop requested
+// still cancels it.
+TEST_P(Fibers, ASleepWhoseTimeHasComeYieldsInsteadOfParking) {
+  Run([] {
+    constexpr int kRounds = 1000;
+    auto before = stats();
+    for (int i = 0; i < kRounds; ++i) {
+      ASSERT_TRUE(this_fiber::sleep_for(0ms).has_value());
+      ASSERT_TRUE(this_fiber::sleep_for(-5ms).has_value());
+      ASSERT_TRUE(this_fiber::sleep_until(clock::now() - 1s).has_value());
+    }
+    auto after = stats();
+    EXPECT_LT(after.parks - before.parks, 100u) << "the sleeps parked";
+    EXPECT_GE(after.yields - before.yields, 3u * kRounds) << "the sleeps did not yield";
+    auto h = spawn([] {
+      while (!this_fiber::stop_requested()) this_fiber::yield();
+      return this_fiber::sleep_for(0ms);
+    });
+    h.request_stop();
+    EXPECT_EQ(h.join().error(), std::errc::operation_canceled);
+  });
+}
+
 TEST_P(Fibers, RequestStopBeforeTheFiberParksStillCancels) {
   Run([] {
     auto h = spawn([] {

@@ -220,6 +220,14 @@ result<void> sleep_until(clock::time_point t, std::source_location where) {
   WEFT_CHECK(sched::current_fiber(),
              "weft::this_fiber::sleep_for/sleep_until: called outside a fiber (a plain "
              "thread sleeps with std::this_thread::sleep_for)");
+  // A time already here (sleep_for(0), a deadline computed late): a
+  // yield, as Go's Sleep(0) returns at once. Parked on a timer it waited
+  // for the worker's next pass over its timers (~1 µs, not ~30 ns).
+  if (t <= clock::now()) {
+    if (stop_requested()) return make_error(std::errc::operation_canceled);  // as a park's
+    sched::yield(where);  // an unwind point, as the park's cancelled return is
+    return {};
+  }
   sched::wake_reason r = sched::park({.deadline = t, .what = "sleep", .where = where});
   if (r == sched::wake_reason::cancelled) {
     sched::unwind_point();
