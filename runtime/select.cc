@@ -36,8 +36,8 @@
 //     record's closed flag (close() sets it; a receiver that took the
 //     value does not).
 #include <algorithm>
-#include <array>
 #include <new>
+#include <type_traits>
 
 #include "alloc/check.h"
 #include "runtime/channel.h"
@@ -74,8 +74,27 @@ struct stop_rec : sched::stop_waiter {
 
 namespace {
 
-// Bounds the stack a select uses for its bookkeeping (order and lock
-// arrays); the waiter records take n * sizeof(waiter) more.
+// One case's record in park_on_cases()'s frame: a waiter for a channel
+// case, a stop_rec for a stop case, neither for the others (a case is
+// never both, so they share the room: a parked select's records cost the
+// larger of the two per case, not their sum).
+union case_rec {
+  waiter w;
+  stop_rec s;
+  case_rec() noexcept {}  // make_records() builds the member the case uses
+};
+static_assert(std::is_trivially_destructible_v<waiter> &&
+              std::is_trivially_destructible_v<stop_rec>,
+              "case_rec: records are left without a destructor call");
+
+// Bounds the cases of one select. Its bookkeeping (the lock and order
+// arrays, the records) is sized by the cases it has, not by this bound:
+// a select of two or three cases must park within what README's
+// small-stack option (kSmallStack, 2 KiB) leaves to a timeout fiber.
+// With both arrays sized for 32 cases, select_impl's frame was 560 bytes
+// (of a parked two-case select's ~1.6 KiB below its caller), and a
+// task_group child on kSmallStack selecting on a channel and a timer
+// overflowed its stack (ATimeoutFiberOnTheSmallStackFitsInATaskGroup).
 constexpr std::size_t kMaxCases = kSelectMaxCases;
 
 bool is_chan(const select_case& c) {
@@ -95,16 +114,17 @@ void ready_stop(sched::stop_waiter* w) noexcept {
   ready(static_cast<stop_rec*>(w)->won);  // copies the ticket: the record may go now
 }
 
-// The distinct channels of a select, in lock order.
+// The distinct channels of a select, in lock order, in storage the caller
+// provides (room for one per case: select_impl's alloca).
 struct lock_set {
-  std::array<chan_core*, kMaxCases> ch{};
+  chan_core** ch;
   std::size_t n = 0;
 
-  lock_set(const select_case* cs, std::size_t ncases) {
+  lock_set(chan_core** storage, const select_case* cs, std::size_t ncases) : ch(storage) {
     for (std::size_t i = 0; i < ncases; ++i)
       if (is_chan(cs[i])) ch[n++] = cs[i].ch;
-    std::sort(ch.begin(), ch.begin() + n);
-    n = static_cast<std::size_t>(std::unique(ch.begin(), ch.begin() + n) - ch.begin());
+    std::sort(ch, ch + n);
+    n = static_cast<std::size_t>(std::unique(ch, ch + n) - ch);
   }
   void lock() const {
     for (std::size_t i = 0; i < n; ++i) chan_access::lock(ch[i]).lock();
@@ -115,9 +135,12 @@ struct lock_set {
 };
 
 // Step 2: with the locks held, fires the first ready case in a random
-// order; returns its index or -1.
-int poll_cases(const select_case* cs, std::size_t n, wake_ticket& t) {
-  std::array<int, kMaxCases> order;
+// order; returns its index or -1. Not inlined: its order array then
+// leaves the stack before a select parks, instead of staying in
+// select_impl's frame under the park.
+[[gnu::noinline]] int poll_cases(const select_case* cs, std::size_t n, wake_ticket& t) {
+  // SAFETY: n <= kMaxCases ints (checked by select_impl), freed on return.
+  auto* order = static_cast<int*>(__builtin_alloca(n * sizeof(int)));
   for (std::size_t i = 0; i < n; ++i) order[i] = static_cast<int>(i);
   for (std::size_t i = n; i > 1; --i)  // Fisher-Yates
     std::swap(order[i - 1], order[fast_random() % i]);
@@ -148,8 +171,7 @@ int poll_cases(const select_case* cs, std::size_t n, wake_ticket& t) {
 struct park_ctx {
   const select_case* cs;
   std::size_t n;
-  waiter* recs;
-  stop_rec* stops;
+  case_rec* recs;
   const lock_set* locks;
 };
 
@@ -162,10 +184,10 @@ void publish_records(void* a) {
   wake_ticket self;
   for (std::size_t i = 0; i < c->n; ++i) {
     const select_case& sc = c->cs[i];
-    if (is_chan(sc)) push_back(chan_access::queue(sc.ch, sc.kind), &c->recs[i]);
-    if (watches_stop(sc) && !sc.stop->add(&c->stops[i]) && !self &&
-        claim_stop(&c->stops[i]))
-      self = c->stops[i].won;
+    if (is_chan(sc)) push_back(chan_access::queue(sc.ch, sc.kind), &c->recs[i].w);
+    if (watches_stop(sc) && !sc.stop->add(&c->recs[i].s) && !self &&
+        claim_stop(&c->recs[i].s))
+      self = c->recs[i].s.won;
   }
   c->locks->unlock();
   ready(self);  // no-op when empty
@@ -190,17 +212,19 @@ int stop_case_after_cancel(const select_case* cs, std::size_t n) {
 
 // Builds the records of step 4 in caller-provided storage; returns the
 // index of the earliest after() case, or -1.
-int make_records(const select_case* cs, std::size_t n, parker& p, waiter* recs,
-                 stop_rec* stops) {
+int make_records(const select_case* cs, std::size_t n, parker& p, case_rec* recs) {
   int earliest = -1;
   for (std::size_t i = 0; i < n; ++i) {
-    ::new (&recs[i]) waiter{.p = &p, .slot = cs[i].slot, .deliver = cs[i].deliver,
-                     .case_index = static_cast<int>(i)};
-    ::new (&stops[i]) stop_rec{};
-    stops[i].claim = &claim_stop;
-    stops[i].ready = &ready_stop;
-    stops[i].p = &p;
-    stops[i].case_index = static_cast<int>(i);
+    if (is_chan(cs[i])) {
+      ::new (&recs[i].w) waiter{.p = &p, .slot = cs[i].slot, .deliver = cs[i].deliver,
+                                .case_index = static_cast<int>(i)};
+    } else if (watches_stop(cs[i])) {
+      stop_rec* r = ::new (&recs[i].s) stop_rec{};
+      r->claim = &claim_stop;
+      r->ready = &ready_stop;
+      r->p = &p;
+      r->case_index = static_cast<int>(i);
+    }
     if (cs[i].kind == case_kind::after && (earliest < 0 || cs[i].when < cs[earliest].when))
       earliest = static_cast<int>(i);
   }
@@ -209,38 +233,37 @@ int make_records(const select_case* cs, std::size_t n, parker& p, waiter* recs,
 
 // Step 5: unlinks every record that is still linked somewhere.
 void retract_records(const select_case* cs, std::size_t n, const lock_set& locks,
-                     waiter* recs, stop_rec* stops) {
+                     case_rec* recs) {
   locks.lock();
   for (std::size_t i = 0; i < n; ++i)
-    if (is_chan(cs[i])) unlink(chan_access::queue(cs[i].ch, cs[i].kind), &recs[i]);
+    if (is_chan(cs[i])) unlink(chan_access::queue(cs[i].ch, cs[i].kind), &recs[i].w);
   locks.unlock();
   for (std::size_t i = 0; i < n; ++i)
-    if (watches_stop(cs[i])) cs[i].stop->remove(&stops[i]);
+    if (watches_stop(cs[i])) cs[i].stop->remove(&recs[i].s);
 }
 
 // Steps 4 and 5, entered with the locks held.
 int park_on_cases(const select_case* cs, std::size_t n, const lock_set& locks,
                   const std::source_location& where) {
-  // SAFETY: alloca'd storage for n records of each kind, freed when this
+  // SAFETY: alloca'd storage for n records (one per case), freed when this
   // frame returns, which is after every record was unlinked (step 5).
-  auto* recs = static_cast<waiter*>(__builtin_alloca(n * sizeof(waiter)));
-  auto* stops = static_cast<stop_rec*>(__builtin_alloca(n * sizeof(stop_rec)));
+  auto* recs = static_cast<case_rec*>(__builtin_alloca(n * sizeof(case_rec)));
   parker p;
-  int earliest = make_records(cs, n, p, recs, stops);
-  park_ctx ctx{cs, n, recs, stops, &locks};
+  int earliest = make_records(cs, n, p, recs);
+  park_ctx ctx{cs, n, recs, &locks};
   wake_reason r = p.block(&publish_records, &ctx,
                           {.deadline = earliest >= 0 ? cs[earliest].when
                                                      : clock::time_point::max(),
                            .what = "select",
                            .where = where});
-  retract_records(cs, n, locks, recs, stops);
+  retract_records(cs, n, locks, recs);
   switch (r) {
     case wake_reason::notified:
       // A stop case that fired while the runtime unwinds this fiber ends
       // in fiber_unwind, as a cancelled park does.
       if (cs[p.chosen].kind == case_kind::stop) sched::unwind_point();
       // A send case's waker either took the value or was close().
-      if (cs[p.chosen].sent) *cs[p.chosen].sent = !recs[p.chosen].closed;
+      if (cs[p.chosen].sent) *cs[p.chosen].sent = !recs[p.chosen].w.closed;
       return p.chosen;
     case wake_reason::timed_out: return earliest;
     case wake_reason::cancelled: break;
@@ -254,7 +277,9 @@ int park_on_cases(const select_case* cs, std::size_t n, const lock_set& locks,
 int select_impl(select_case* cs, std::size_t n, const std::source_location& where) {
   WEFT_CHECK(n <= kMaxCases, "weft::select: more than 32 cases");
   note_plain_user();  // as a channel operation does (runtime/wait_list.h)
-  lock_set locks(cs, n);
+  // SAFETY: room for one channel per case (n <= kMaxCases, checked above),
+  // freed when this frame returns, after the last use of `locks`.
+  lock_set locks(static_cast<chan_core**>(__builtin_alloca(n * sizeof(chan_core*))), cs, n);
   locks.lock();
   wake_ticket t;
   int fired = poll_cases(cs, n, t);

@@ -4,11 +4,15 @@
 
 #include <array>
 #include <atomic>
+#include <charconv>
+#include <cstring>
+#include <string_view>
 #include <thread>
 #include <vector>
 
 #include "runtime/channel.h"
 #include "runtime/sync.h"
+#include "runtime/task_group.h"
 #include "tests/fixture.h"
 
 namespace weft {
@@ -464,6 +468,65 @@ TEST_P(Select, AStopRequestRacingSelectsLosesNoWakeUpAndNoValue) {
     EXPECT_FALSE(failed.load()) << "a select on the token timed out: a lost wake-up";
   });
 }
+
+// README's small-stack option names "a connection's timeout fiber", and
+// README's select example waits on a channel, a timer and a stop token: a
+// task_group child on kSmallStack doing exactly that must fit in 2 KiB.
+// select's bookkeeping once took 560 bytes of that frame whatever the
+// case count (two arrays sized for 32 cases), and such a fiber stopped the
+// process with "stack overflow in fiber N (stack size 2048 bytes)".
+// Optimized builds only: unoptimized and sanitizer frames are several
+// times larger (the sanitizer server tests give timeout fibers 16 KiB).
+#if defined(__OPTIMIZE__) && !defined(WEFT_ASAN) && !defined(WEFT_TSAN)
+TEST_P(Select, ATimeoutFiberOnTheSmallStackFitsInATaskGroup) {
+  Run([] {
+    channel<int> activity(1);
+    std::atomic<int> timeouts{0}, values{0};
+    std::atomic<std::size_t> logged{0};
+    task_group g;
+    g.spawn([&] {
+      for (;;) {
+        std::optional<int> a;
+        switch (select(activity.on_recv(a), after(2ms), this_fiber::stop_token())) {
+          case 0:
+            if (!a) return;  // closed: the reader is done
+            values.fetch_add(1, std::memory_order_relaxed);  // relaxed: read after wait()
+            continue;
+          case 1: {
+            // What a timeout fiber does at its timeout: says so (a log line
+            // built on its own frame), then acts.
+            // (No printf: glibc's takes more than 1 KiB of stack by itself.)
+            char line[256];
+            constexpr std::string_view what = "idle for 2 ms: closing peer ";
+            std::memcpy(line, what.data(), what.size());
+            auto [end, ec] = std::to_chars(line + what.size(), line + sizeof line,
+                                           values.load(std::memory_order_relaxed));
+            if (ec == std::errc{})  // relaxed: read after wait()
+              logged.fetch_add(static_cast<std::size_t>(end - line), std::memory_order_relaxed);
+            timeouts.fetch_add(1, std::memory_order_relaxed);  // relaxed: as above
+            continue;
+          }
+          default:
+            return;  // stopped
+        }
+      }
+    }, {.stack_size = kSmallStack});
+    g.spawn([&] {  // the same, woken by a stop request while parked
+      std::optional<int> a;
+      (void)select(activity.on_recv(a), after(10s), this_fiber::stop_token());
+    }, {.stack_size = kSmallStack});
+    for (int i = 0; i < 20; ++i) {
+      ASSERT_TRUE(activity.send(i));
+      (void)this_fiber::sleep_for(i % 2 ? 3ms : 100us);
+    }
+    g.request_stop();
+    ASSERT_TRUE(g.wait());
+    EXPECT_GT(values.load(), 0);
+    EXPECT_GT(timeouts.load(), 0);
+    EXPECT_GT(logged.load(), 0u);
+  });
+}
+#endif
 
 }  // namespace
 }  // namespace weft
