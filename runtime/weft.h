@@ -149,8 +149,24 @@ result<void> unpin_this_thread();
 // Stack size classes below one page (1 KiB, 2 KiB) have no guard page; an
 // overflow is caught by a canary at the next switch. kSmallStack is the
 // "small-stack option" of the README: enough for fibers that park with a
-// shallow call chain, at ~2 KiB of memory per idle fiber.
-inline constexpr std::size_t kSmallStack = 2 * 1024;
+// shallow call chain, at ~2 KiB of memory per idle fiber. In a translation
+// unit built with AddressSanitizer or ThreadSanitizer it is 16 KiB: their
+// instrumented frames are several times larger, and a fiber that fits in
+// 2 KiB optimized overflowed there. (Not `inline`: a constant of internal
+// linkage may differ between sanitized and plain translation units.)
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define WEFT_SANITIZED_FRAMES 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define WEFT_SANITIZED_FRAMES 1
+#endif
+#endif
+#ifdef WEFT_SANITIZED_FRAMES
+constexpr std::size_t kSmallStack = 16 * 1024;
+#else
+constexpr std::size_t kSmallStack = 2 * 1024;
+#endif
+#undef WEFT_SANITIZED_FRAMES
 
 struct worker_stats {
   std::uint64_t fibers_run = 0;
