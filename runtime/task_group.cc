@@ -103,14 +103,17 @@ bool task_group::is_member(const void* fiber) {
   return false;
 }
 
-result<void> task_group::wait(std::source_location where) {
+result<void> task_group::wait(std::source_location where) { return wait(deadline{}, where); }
+
+result<void> task_group::wait(deadline d, std::source_location where) {
   // A child waiting for its own group waits for itself: for ever, as a
   // fiber joining itself would. Refused as join() refuses that. Looked for
   // only when there is something to wait for (a scan of the running
   // children under mu_: once per wait, not per child).
   if (!pending_.is_zero() && is_member(sched::current_fiber()))
     return make_error(std::errc::resource_deadlock_would_occur);
-  result<void> r = pending_.wait({}, "task_group", where);
+  result<void> r = pending_.wait(d, "task_group", where);
+  if (!r && r.error() == std::errc::timed_out) return r;  // the children run on
   if (!r) {  // our own stop: pass it on, then still wait for every child
     request_stop();
     (void)pending_.wait({}, "task_group", where, false);

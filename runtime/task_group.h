@@ -23,7 +23,9 @@
 //     of a fiber by itself throws it.
 //   - wait() waits for every child. If the waiting fiber is itself asked to
 //     stop, it requests stop on the children, still waits for all of them,
-//     and returns operation_canceled (unless a child failed).
+//     and returns operation_canceled (unless a child failed). wait(deadline)
+//     returns timed_out at the deadline if children still run, and leaves
+//     them running.
 //   - The destructor requests stop on the children still running and waits
 //     for them: no child outlives its group. It never throws, also when the
 //     runtime unwinds the owner (the children are unwound too). A child's
@@ -82,6 +84,10 @@ class task_group {
   // caller's own stop), or ok; resource_deadlock_would_occur, at once,
   // if the caller is one of the children.
   result<void> wait(std::source_location where = std::source_location::current());
+  // The same until `d`: timed_out if children still run then. They run on
+  // (nothing is stopped: a graceful drain is wait(deadline(2s)), then on
+  // timed_out request_stop() and wait()); the destructor still waits.
+  result<void> wait(deadline d, std::source_location where = std::source_location::current());
   // Asks every child (current and future) to stop. Not a failure: wait()
   // reports ok unless a child fails.
   void request_stop();

@@ -83,6 +83,35 @@ TEST_P(TaskGroup, WaitReturnsAfterEveryChildFinished) {
   });
 }
 
+// wait(deadline): timed_out while children run, which run on; then the
+// graceful drain's second step (request_stop(), wait()) ends them.
+TEST_P(TaskGroup, WaitWithADeadlineReturnsTimedOutAndLeavesTheChildrenRunning) {
+  Run([] {
+    std::atomic<int> finished{0};
+    task_group g;
+    g.spawn([&] { finished.fetch_add(1); });
+    g.spawn([&] -> result<void> {
+      auto r = this_fiber::sleep_for(10s);
+      finished.fetch_add(1);
+      return r;
+    });
+    auto t0 = clock::now();
+    auto r = g.wait(deadline(30ms));
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error(), std::errc::timed_out);
+    EXPECT_GE(clock::now() - t0, 25ms);
+    EXPECT_LT(clock::now() - t0, 5s);
+    EXPECT_EQ(finished.load(), 1) << "the sleeper was stopped or the quick child lost";
+    g.request_stop();
+    EXPECT_TRUE(g.wait()) << "stopped by request_stop(): no failure";
+    EXPECT_EQ(finished.load(), 2);
+    // With every child done in time it is wait().
+    task_group quick;
+    quick.spawn([] {});
+    EXPECT_TRUE(quick.wait(deadline(5s)));
+  });
+}
+
 TEST_P(TaskGroup, TheFirstErrorStopsTheOtherChildren) {
   Run([] {
     channel<int> never(0);
