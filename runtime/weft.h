@@ -408,6 +408,9 @@ class join_handle {
   ~join_handle() { detach(); }
 
   bool joinable() const noexcept { return st_ != nullptr; }
+  // The fiber's this_fiber::id(); 0 once the handle is not joinable (after
+  // join() or detach(), or default-constructed), as std::thread::get_id().
+  // Ids are unique within one weft::run and start again at 1 in the next.
   std::uint64_t id() const noexcept { return st_ ? st_->fiber_id() : 0; }
 
   // Waits for the fiber and returns its value, or rethrows its exception.
