@@ -1359,6 +1359,32 @@ TEST_P(Fibers, ASleepWhoseTimeHasComeYieldsInsteadOfParking) {
   });
 }
 
+// A sleep whose time has come is still an unwind point while the runtime
+// unwinds the fiber at exit, as the park it replaced was: a detached
+// fiber's loop that ignores sleep_for(0)'s result ends in fiber_unwind.
+// It returned operation_canceled instead (its stop is requested too), so
+// the loop spun on and weft::run waited for it.
+TEST_P(Fibers, ASleepWhoseTimeHasComeIsAnUnwindPointAtExit) {
+  std::atomic<bool> unwound{false};
+  std::atomic<bool> looped_on{false};
+  auto t0 = clock::now();
+  Run([&] {
+    spawn([&] {
+      struct guard {
+        std::atomic<bool>& u;
+        ~guard() { u.store(std::uncaught_exceptions() > 0); }
+      } g{unwound};
+      auto until = clock::now() + 3s;  // bounded, so the test fails instead of hanging
+      while (clock::now() < until) (void)this_fiber::sleep_for(0ms);
+      looped_on.store(true);
+    }).detach();
+    (void)this_fiber::sleep_for(5ms);
+  });
+  EXPECT_TRUE(unwound.load()) << "the loop was not unwound";
+  EXPECT_FALSE(looped_on.load());
+  EXPECT_LT(clock::now() - t0, 2s) << "weft::run waited for the loop";
+}
+
 TEST_P(Fibers, RequestStopBeforeTheFiberParksStillCancels) {
   Run([] {
     auto h = spawn([] {

@@ -224,8 +224,13 @@ result<void> sleep_until(clock::time_point t, std::source_location where) {
   // yield, as Go's Sleep(0) returns at once. Parked on a timer it waited
   // for the worker's next pass over its timers (~1 µs, not ~30 ns).
   if (t <= clock::now()) {
+    // An unwind point first, as the park's cancelled return is: the
+    // unwinder requests stop too, so the check below alone returned
+    // operation_canceled to a fiber the runtime unwinds at exit, and a
+    // loop that ignored it spun on while weft::run waited for it.
+    sched::unwind_point();
     if (stop_requested()) return make_error(std::errc::operation_canceled);  // as a park's
-    sched::yield(where);  // an unwind point, as the park's cancelled return is
+    sched::yield(where);
     return {};
   }
   sched::wake_reason r = sched::park({.deadline = t, .what = "sleep", .where = where});
