@@ -133,7 +133,16 @@ class pool {
       if (!head_) tail_ = nullptr;
       --queued_;
       lk.unlock();
-      j->run(j);
+      // A shared job whose fiber already let go (it stopped waiting while
+      // the job was queued) is not run: its answer would go to no one, and
+      // a lookup that takes seconds would hold this thread from the calls
+      // queued behind it (as Go gives up a lookup whose context ended
+      // while it waited for a thread). acquire: pairs with the fiber's
+      // acq_rel decrement in let_go(); a fiber that lets go just after
+      // this load only costs a run nobody reads.
+      const bool abandoned = j->shared && static_cast<shared_job*>(j)->refs.load(
+                                              std::memory_order_acquire) == 1;
+      if (!abandoned) j->run(j);
       // A job that took a weft lock made this thread a possible waker
       // (sched::note_plain_thread()); idle in the pool it wakes no one, and
       // holding on would keep the deadlock detector quiet until the thread

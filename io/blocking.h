@@ -68,7 +68,9 @@ void let_go(shared_job* j) noexcept;
 // Queues job and parks the calling fiber until it ran (an empty error
 // code: the result is in), until `deadline` (timed_out) or until a stop
 // request or the unwinder (operation_canceled): then the job runs on
-// without the fiber. Either way the caller still holds its reference.
+// without the fiber, unless it had not started yet: then it is dropped
+// unrun once the caller lets go. Either way the caller still holds its
+// reference.
 // Off a fiber (a plain thread, a pool thread) the job runs right here.
 std::error_code wait_on_pool(shared_job& job, clock::time_point deadline,
                              std::source_location where);

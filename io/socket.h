@@ -331,7 +331,8 @@ class udp_socket : public socket_base {
 // other call that parks, it returns timed_out at the deadline and
 // operation_canceled once the fiber's stop is requested, while the lookup,
 // which getaddrinfo cannot cut short, ends on its own on the pool and its
-// answer is dropped (Go's resolver does the same). On a plain thread the
+// answer is dropped (Go's resolver does the same); one still queued for a
+// pool thread then is not made. On a plain thread the
 // lookup runs on that thread, to its end.
 [[nodiscard]] result<std::vector<socket_address>> resolve(const std::string& host, int port,
     deadline_arg d = {}, std::source_location where = std::source_location::current());
