@@ -40,8 +40,33 @@ bool is_slow(const char* node) {
 
 }  // namespace
 
+// A name ending in ".dual.test" answers ::1 first, then 127.0.0.1, as
+// "localhost" does on a host whose /etc/hosts lists both.
+bool is_dual(const char* node) {
+  std::string n = node ? node : "";
+  const std::string tail = ".dual.test";
+  return n.size() > tail.size() && n.compare(n.size() - tail.size(), tail.size(), tail) == 0;
+}
+
 extern "C" int getaddrinfo(const char* node, const char* service, const addrinfo* hints,
                            addrinfo** res) {
+  if (is_dual(node)) {
+    addrinfo h{};
+    h.ai_socktype = hints ? hints->ai_socktype : 0;
+    h.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV;
+    addrinfo* v6 = nullptr;
+    addrinfo* v4 = nullptr;
+    if (int rc = real_getaddrinfo()("::1", service, &h, &v6)) return rc;
+    if (int rc = real_getaddrinfo()("127.0.0.1", service, &h, &v4)) {
+      ::freeaddrinfo(v6);
+      return rc;
+    }
+    addrinfo* last = v6;
+    while (last->ai_next) last = last->ai_next;
+    last->ai_next = v4;  // glibc's freeaddrinfo frees the chain node by node
+    *res = v6;
+    return 0;
+  }
   if (!is_slow(node)) return real_getaddrinfo()(node, service, hints, res);
   if (hints && (hints->ai_flags & AI_NUMERICHOST)) return EAI_NONAME;  // as libc: not numeric
   in_flight.fetch_add(1);
@@ -200,6 +225,32 @@ TEST_P(Resolve, ALookupAbandonedWhileQueuedIsNotMade) {
     std::this_thread::sleep_for(1ms);
   std::this_thread::sleep_for(200ms);  // time to start what is still queued
   EXPECT_LE(entered.load(), kPool) << "lookups nobody waited for any more were made";
+}
+
+// udp_socket::connect("name:port") uses the name's first address the
+// socket can reach: an IPv4 socket given "localhost" that answers ::1
+// first connects to 127.0.0.1, as Tokio's connect tries each address. It
+// took the first alone and failed with EAFNOSUPPORT ("Address family not
+// supported by protocol").
+TEST_P(Resolve, AUdpConnectToANameSkipsAddressesOfAnotherFamily) {
+  Run([&] {
+    auto server = udp_socket::bind("127.0.0.1:0").value();
+    auto port = server.local_address().value().port();
+    auto r = resolve("x.dual.test", port);
+    ASSERT_TRUE(r.has_value()) << r.error().message();
+    ASSERT_EQ(r->size(), 2u);
+    ASSERT_EQ(r->front().family(), AF_INET6);  // the hook's order
+    auto client = udp_socket::bind("127.0.0.1:0").value();
+    auto c = client.connect("x.dual.test:" + std::to_string(port), deadline(5s));
+    ASSERT_TRUE(c.has_value()) << c.error().message();
+    EXPECT_EQ(client.peer_address().value().to_string(),
+              "127.0.0.1:" + std::to_string(port));
+    ASSERT_TRUE(client.send(std::span<const char>("hi", 2), deadline(5s)).has_value());
+    char buf[8];
+    auto n = server.recv_from(buf, nullptr, deadline(5s));
+    ASSERT_TRUE(n.has_value()) << n.error().message();
+    EXPECT_EQ(*n, 2u);
+  });
 }
 
 // From a plain thread the lookup runs on that thread, to its end.

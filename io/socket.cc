@@ -635,9 +635,21 @@ result<void> udp_socket::connect(std::string_view peer, deadline_arg d,
   if (!name) return std::unexpected(a.error());  // neither an address nor "name:port"
   auto addrs = resolve(name->first, name->second, d, where);
   if (!addrs) return std::unexpected(addrs.error());
-  if (addrs->empty())
-    return std::unexpected(std::make_error_code(std::errc::address_not_available));
-  return connect(addrs->front());  // Go's DialUDP takes the first, too
+  // Each address in turn, as Tokio's connect: the name may answer one of
+  // a family this socket is not (::1 before 127.0.0.1 for "localhost"),
+  // which connect(2) refuses with EAFNOSUPPORT at once, sending nothing.
+  // (Go's DialUDP takes the first, but makes its socket for that family.)
+  // The error: the first one that is not that refusal.
+  const auto other_family = std::make_error_code(std::errc::address_family_not_supported);
+  std::error_code err = std::make_error_code(std::errc::address_not_available);  // no address
+  bool tried = false;
+  for (const socket_address& a : *addrs) {
+    auto r = connect(a);
+    if (r) return r;
+    if (!tried || (err == other_family && r.error() != other_family)) err = r.error();
+    tried = true;
+  }
+  return std::unexpected(err);
 }
 
 result<std::size_t> udp_socket::send(std::span<const char> buf, deadline_arg d,

@@ -305,8 +305,9 @@ class udp_socket : public socket_base {
   // kernel drops other datagrams; an ICMP "port unreachable" comes back as
   // connection_refused on a later call). connect(2) on a datagram socket:
   // at once, nothing is sent; called again, it changes the peer. A
-  // "name:port" is looked up within the deadline (resolve()) and its first
-  // address used. An empty socket_address is invalid_argument.
+  // "name:port" is looked up within the deadline (resolve()) and its
+  // addresses tried in turn, as Tokio does: the first the socket's family
+  // can reach is used. An empty socket_address is invalid_argument.
   [[nodiscard]] result<void> connect(const socket_address& peer);
   [[nodiscard]] result<void> connect(std::string_view peer, deadline_arg d = {},
       std::source_location where = std::source_location::current());
