@@ -182,6 +182,7 @@ result<recv_chunk> recv_state::take(int fd, clock::time_point deadline, const ch
   const auto once = std::make_error_code(std::errc::not_supported);
   bool reaped = false;  // a past deadline's one look at the owner's ring (below)
   bool woken = false;   // back from a park that a waker ended
+  bool parked = false;  // parked at least once (for the coop budget)
   for (;;) {
     lock_.lock();
     // An arrival that woke this reader promised it a chunk (*Promises*).
@@ -199,6 +200,11 @@ result<recv_chunk> recv_state::take(int fd, clock::time_point deadline, const ch
       // Queued by a runtime that ended since: its bytes went with that
       // runtime's buffers, and the stream cannot go on in order.
       if (c.res > 0 && orphaned(c)) return sys_error(EIO);
+      // Found queued without parking: spends the coop budget, as an epoll
+      // read that finds data does (sched/park.h), so a reader whose peer
+      // keeps its queue full still gives the worker away. The chunk is
+      // ours: its buffer goes back to its ring from any thread.
+      if (!parked) sched::spend_budget();
       return c;
     }
     if (!armed_) {
@@ -251,6 +257,7 @@ result<recv_chunk> recv_state::take(int fd, clock::time_point deadline, const ch
     if (io_driver* d = current_driver())
       io_counters::bump(d->counters().parked);  // on d's worker: its writer
     sched::scheduler::add_fiber_outside_ref(+1);
+    parked = true;
     sched::wake_reason why = sched::park({.publish = &recv_state::publish,
                                           .arg = this,
                                           .deadline = deadline,
