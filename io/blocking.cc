@@ -12,6 +12,8 @@
 //   - The fiber returns only after the pool thread set job.finished, its
 //     last touch of the job and of the scheduler (the wake): so a runtime
 //     that ends right after the call never has a pool thread inside it.
+//   - watching_ says the stall watchdog thread exists; stall_told_ that
+//     it reported (once per process); both guarded by mu_.
 //   - While a job is queued or running, its fiber holds an outside
 //     reference on the scheduler, so the deadlock detector does not take
 //     the parked fiber for a stuck one. The fiber drops it after it woke:
@@ -44,6 +46,8 @@ namespace {
 
 // How long a pool thread waits for work before it exits (the pool shrinks).
 constexpr auto kIdleExit = std::chrono::seconds(10);
+// How long a queued call waits for a thread before *Stalls* reports it.
+constexpr auto kStallReport = std::chrono::seconds(1);
 constexpr unsigned kDefaultMaxThreads = 64;
 
 unsigned max_threads_from_env() {
@@ -64,7 +68,7 @@ class pool {
  public:
   // Queues j; false if the pool has no thread and cannot start one (then j
   // is not queued and the caller runs it itself).
-  bool submit(blocking_job* j) {
+  bool submit(blocking_job* j, std::source_location where) {
     std::lock_guard g(mu_);
     if (queued_ + 1 > idle_ && threads_ < max_threads_) {
       ++threads_;
@@ -82,11 +86,15 @@ class pool {
       }
     }
     j->next = nullptr;
+    j->queued_at = clock::now();
+    j->where = where;
     if (tail_) tail_->next = j;
     else head_ = j;
     tail_ = j;
     ++queued_;
     cv_.notify_one();
+    // Every thread busy and none to start: j waits for one.
+    if (queued_ > idle_ && threads_ >= max_threads_ && !stall_told_) watch_locked();
     return true;
   }
 
@@ -104,14 +112,69 @@ class pool {
     queued_ = 0;
     threads_ = 0;
     idle_ = 0;
+    watching_ = false;
+    stall_told_ = false;
     // SAFETY: this thread is the child's only one. cv_ may record waiters
     // (the parent's idle threads) that will never wake: a fresh one in its
-    // place, without the destructor, which would wait for them.
+    // place, without the destructor, which would wait for them. So for
+    // watch_cv_ and the watchdog.
     new (&cv_) std::condition_variable;
+    new (&watch_cv_) std::condition_variable;
     mu_.unlock();  // taken by before_fork() on this thread
   }
 
  private:
+  // *Stalls*: a bounded pool whose threads all run calls that wait for the
+  // results of calls queued behind them (a lookup that waits for another
+  // blocking() call's answer, a pool of 64 database calls each waiting for
+  // a 65th's lock) never finishes them, and nothing else would say so: the
+  // fibers waiting hold outside references, which keep the deadlock report
+  // quiet. So once a queued call has waited kStallReport for a thread, a
+  // watchdog thread says where it was made, once per process. Started the
+  // first time a call has to wait; it sleeps on watch_cv_ while nothing
+  // does, and exits once it has reported.
+  void watch_locked() {
+    if (watching_) {
+      watch_cv_.notify_one();
+      return;
+    }
+    try {
+      std::thread([this] { watch(); }).detach();
+      watching_ = true;
+    } catch (const std::exception&) {
+      // No thread for the watchdog: calls still run; only the report is lost.
+    }
+  }
+
+  void watch() {
+    std::unique_lock lk(mu_);
+    for (;;) {
+      if (!head_) {
+        watch_cv_.wait(lk);
+        continue;
+      }
+      const clock::duration waited = clock::now() - head_->queued_at;
+      if (waited < kStallReport) {
+        watch_cv_.wait_for(lk, kStallReport - waited);
+        continue;
+      }
+      stall_told_ = true;
+      watching_ = false;
+      const std::source_location where = head_->where;
+      const std::size_t queued = queued_;
+      const unsigned threads = threads_;
+      lk.unlock();
+      std::fprintf(stderr,
+                   "weft: blocking pool: a call made at %s:%u has waited %.1f s for a thread; "
+                   "all %u are busy and %zu calls wait. Calls that wait for each other's "
+                   "results never finish in a bounded pool: let them not, or raise "
+                   "WEFT_BLOCKING_THREADS (now %u).\n",
+                   where.file_name(), static_cast<unsigned>(where.line()),
+                   std::chrono::duration<double>(waited).count(), threads, queued, max_threads_);
+      return;
+    }
+  }
+
   void loop() {
     // Started by a worker, this thread inherited that worker's one CPU:
     // calls from fibers all over the machine would queue behind each other
@@ -171,6 +234,9 @@ class pool {
   unsigned idle_ = 0;             // guarded by mu_
   const unsigned max_threads_ = max_threads_from_env();
   std::atomic<bool> told_{false};  // the thread-start failure was reported
+  std::condition_variable watch_cv_;  // the watchdog's; see *Stalls*
+  bool watching_ = false;    // guarded by mu_
+  bool stall_told_ = false;  // guarded by mu_
 };
 
 // The pool the fork handlers act on; set once, before they are registered
@@ -200,7 +266,7 @@ void run_on_pool(blocking_job& job, std::source_location where) {
   }
   // SAFETY: job lives on this fiber's stack; the pool holds it until
   // complete(), and this fiber does not return before that.
-  if (!the_pool().submit(&job)) {
+  if (!the_pool().submit(&job, where)) {
     // No pool thread at all: better a blocked worker than a lost call.
     job.run(&job);
     return;
@@ -249,7 +315,7 @@ std::error_code wait_on_pool(shared_job& job, clock::time_point deadline,
     return std::make_error_code(std::errc::timed_out);
   }
   // Off a fiber, or no pool thread at all: as in run_on_pool().
-  if (!sched::current_fiber() || !the_pool().submit(&job)) {
+  if (!sched::current_fiber() || !the_pool().submit(&job, where)) {
     job.run(&job);
     let_go(&job);
     return {};

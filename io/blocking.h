@@ -9,6 +9,9 @@
 //
 // The pool (io/blocking.cc) is bounded: it grows to WEFT_BLOCKING_THREADS
 // (default 64) threads while calls wait, and a thread idle for 10 s exits.
+// A call that has waited a second for a thread, all of them busy, is
+// reported once on stderr: calls that wait for each other's results never
+// finish in a bounded pool (Tokio's blocking pool would hang in silence).
 //
 // Called off a fiber — inside another blocking() call's fn (a pool
 // thread), or on a plain thread — fn runs on the calling thread, which may
@@ -46,6 +49,11 @@ struct blocking_job {
   // with the acquire in run_on_pool() and wait_on_pool().
   std::atomic<bool> finished{false};
   bool shared = false;  // a shared_job: the pool thread lets go of it after the wake
+  // Set by the pool under its lock when the job is queued: the stall
+  // report names the call that has waited longest (*Stalls* in
+  // io/blocking.cc).
+  clock::time_point queued_at{};
+  std::source_location where{};
 };
 
 // Queues job on the pool and parks the calling fiber until it ran.

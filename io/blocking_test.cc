@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -176,6 +177,42 @@ TEST(BlockingDeath, ALockTakenInABlockingCallDoesNotHideALaterDeadlock) {
         }, {.workers = 1});
       },
       ::testing::ExitedWithCode(2), "all fibers are asleep - deadlock!");
+}
+
+// *Stalls* (io/blocking.cc): with every pool thread in a call that waits
+// for a call queued behind it, nothing would ever say why the program
+// hangs (the waiting fibers keep the deadlock report quiet). A call that
+// has waited a second for a thread is reported once, with where it was
+// made. Here the pool has one thread; the first call waits (3 s at most)
+// for a flag that only the second, queued behind it, sets.
+constexpr unsigned kQueuedCallLine = __LINE__ + 12;  // the second blocking() below
+
+void two_calls_on_a_pool_of_one() {
+  ::setenv("WEFT_BLOCKING_THREADS", "1", 1);  // before the pool's first use
+  weft::run([] {
+    std::atomic<bool> flag{false};
+    auto first = spawn([&] {
+      blocking([&] {
+        for (int i = 0; i < 300 && !flag.load(); ++i) std::this_thread::sleep_for(10ms);
+      });
+    });
+    (void)this_fiber::sleep_for(50ms);  // the first call holds the thread
+    blocking([&] { flag.store(true); });
+    first.join();
+  }, {.workers = 1});
+}
+
+TEST(BlockingDeath, ACallWaitingForABusyPoolIsReported) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        testing::exit_42_after(20s);
+        two_calls_on_a_pool_of_one();
+        std::exit(0);
+      },
+      ::testing::ExitedWithCode(0),
+      "weft: blocking pool: a call made at .*blocking_test.cc:" + std::to_string(kQueuedCallLine) +
+          " has waited 1\\.[0-9] s for a thread; all 1 are busy and 1 calls wait");
 }
 
 TEST_P(Blocking, TheWorkerRunsOtherFibersWhileACallBlocks) {
