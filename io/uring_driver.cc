@@ -25,7 +25,8 @@
 //     counted in inflight_: armed with nobody waiting for its results, it
 //     can wake no fiber (see *Deadlock* in io/accept.cc).
 //   - SQEs are submitted in one io_uring_submit per scheduler turn (flush(),
-//     poll(), wait()); start() submits early only when the SQ ring is full.
+//     poll(), wait()); start() submits early only when the SQ ring is full,
+//     and waits for the kernel if it takes none (see *A full SQ ring*).
 //
 // *Cancel keys*: a cancel from another thread names the operation by its
 // user_data, and may be drained after the operation completed and its
@@ -296,6 +297,9 @@ class uring_driver final : public io_driver {
     arm_wake_read();
     io_uring_submit(&ring_);
     unsubmitted_.store(false, std::memory_order_relaxed);
+    // Room for a whole CQ ring's worth without allocating: the SIGURG
+    // handler may stash (see *A full SQ ring*).
+    stash_.reserve(kCqEntries);
     // A program that blocks signals before weft::run() blocks them in its
     // workers too: the rescue signal must get through.
     sigset_t urg;
@@ -383,7 +387,9 @@ class uring_driver final : public io_driver {
   void recycle(std::uint32_t bid);
   void drain_released();
   io_uring_sqe* get_sqe(unsigned need);
-  void submit();
+  void make_sq_room(unsigned need);
+  bool stash_cqes();
+  int submit();
   void prep(io_uring_sqe* sqe, const op& o);
   void prep_cancel(std::uint64_t tag);
   void cancel_tag(std::uint64_t tag) noexcept;
@@ -450,6 +456,14 @@ class uring_driver final : public io_driver {
 
   // *Rescue*. reap_lock_: see there.
   weft::spinlock reap_lock_;
+  // Guarded by reap_lock_: CQEs moved out of the CQ ring, not yet handled,
+  // older than any still in the ring; reap() takes them first from
+  // stash_next_ on (see *A full SQ ring*).
+  std::vector<io_uring_cqe> stash_;
+  std::size_t stash_next_ = 0;
+  // Owner thread only: it holds reap_lock_ (poll(), wait(), arm_multishot()),
+  // so make_sq_room() may stash under it rather than take it.
+  bool owner_reaps_ = false;
   // Guarded by reap_lock_: the eventfd read completed; the owner re-arms
   // it (an SQE) at its next poll() or wait().
   bool rearm_wake_ = false;
@@ -541,14 +555,73 @@ class uring_driver final : public io_driver {
 
 // The callers hold an sq_section until the SQE is filled in.
 io_uring_sqe* uring_driver::get_sqe(unsigned need) {
-  if (io_uring_sq_space_left(&ring_) < need) submit();
+  if (io_uring_sq_space_left(&ring_) < need) make_sq_room(need);
   io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
-  WEFT_CHECK(sqe, "uring_driver: no SQE after submitting");
+  WEFT_CHECK(sqe, "uring_driver: no SQE after make_sq_room()");
   unsubmitted_.store(true, std::memory_order_relaxed);  // relaxed: see unsubmitted_
   return sqe;
 }
 
-void uring_driver::submit() {
+// *A full SQ ring*: the SQEs of this turn filled it, and the kernel may
+// take none now: -EBUSY (completions it could not post wait for room in
+// the CQ ring; it takes no more requests until they are in) or -EAGAIN
+// (short of memory). Go and Tokio wait and retry, and so does this: each
+// try first moves the CQEs posted so far out of the CQ ring into stash_
+// (reap() handles them first, in order), which makes the room -EBUSY
+// waits for, then backs off (up to kSqBackoffMax per try) for memory to
+// come back. It does not reap: its callers may hold locks that the
+// completions' handlers take (an fd_state's, prepare a cancel under it;
+// reap() itself, whose multishot sinks cancel), or be the SIGURG handler.
+// After kSqPatience without a taken SQE it aborts, saying why: the fiber
+// holds pointers the kernel must see, and there is no error to return them.
+void uring_driver::make_sq_room(unsigned need) {
+  constexpr auto kSqPatience = std::chrono::seconds(30);
+  constexpr auto kSqBackoffMax = std::chrono::milliseconds(10);
+  const auto give_up = clock::now() + kSqPatience;
+  auto backoff = std::chrono::microseconds(50);
+  for (;;) {
+    const int r = submit();
+    if (io_uring_sq_space_left(&ring_) >= need) return;
+    if (r < 0 && r != -EBUSY && r != -EAGAIN && r != -EINTR) {
+      std::fprintf(stderr, "weft: io_uring: the SQ ring is full and the kernel refuses "
+                   "submissions (%s); cannot go on\n", std::strerror(-r));
+      WEFT_CHECK(false, "uring_driver: io_uring_submit failed with a full SQ ring");
+    }
+    const bool moved = stash_cqes();  // CQ room made: the kernel may take the SQEs now
+    if (clock::now() >= give_up) {
+      std::fprintf(stderr, "weft: io_uring: the kernel took no submission for %llds (%s); "
+                   "the SQ ring is full and the process cannot go on. %s\n",
+                   static_cast<long long>(kSqPatience.count()), std::strerror(r < 0 ? -r : EBUSY),
+                   r == -EAGAIN ? "The system is out of memory for io_uring requests: "
+                                  "free memory or lower the load."
+                                : "Its completion backlog did not drain.");
+      WEFT_CHECK(false, "uring_driver: no SQE after waiting for the kernel");
+    }
+    if (moved) continue;
+    std::this_thread::sleep_for(backoff);  // blocks the worker: nothing can run without an SQE
+    backoff = std::min<std::chrono::microseconds>(backoff * 2, kSqBackoffMax);
+  }
+}
+
+// Moves the CQ ring's CQEs into stash_, handling none (see *A full SQ
+// ring*). Owner thread. Whether it moved any.
+bool uring_driver::stash_cqes() {
+  const bool locked_here = !owner_reaps_;
+  if (locked_here && !reap_lock_.try_lock()) return false;  // rescue() reaps: room all the same
+  unsigned head, n = 0;
+  io_uring_cqe* cqe;
+  io_uring_for_each_cqe(&ring_, head, cqe) {
+    // The SIGURG handler may not allocate: up to the reserved capacity.
+    if (in_handler_ && stash_.size() == stash_.capacity()) break;
+    stash_.push_back(*cqe);
+    ++n;
+  }
+  io_uring_cq_advance(&ring_, n);
+  if (locked_here) reap_lock_.unlock();
+  return n > 0;
+}
+
+int uring_driver::submit() {
   sq_section busy(*this);
   note_submit();
   int r = io_uring_submit(&ring_);
@@ -559,6 +632,7 @@ void uring_driver::submit() {
   // Not from the signal handler, where stdio is not safe.
   if (r < 0 && r != -EBUSY && r != -EAGAIN && r != -EINTR && !in_handler_)
     std::fprintf(stderr, "weft: io_uring_submit: %s\n", std::strerror(-r));
+  return r;
 }
 
 void uring_driver::prep(io_uring_sqe* sqe, const op& o) {
@@ -964,7 +1038,9 @@ bool uring_driver::arm_multishot(io_uring_sqe* sqe, multishot_sink& s) {
   }
   for (int i = 0; i < kTries; ++i) {
     if (i > 0 && reap_lock_.try_lock()) {  // else rescue() is reaping: room all the same
+      owner_reaps_ = true;
       reap(/*owner=*/true);
+      owner_reaps_ = false;
       reap_lock_.unlock();
     }
     if (fail_arm_submits_ > 0) {
@@ -1068,9 +1144,22 @@ void uring_driver::reap(bool owner) {
   std::size_t done = 0;    // counted operations that completed
   std::uint64_t handed = 0;  // completions and multishot results delivered
   sched::wake_budget budget;
-  io_uring_cqe* cqe;
-  io_uring_for_each_cqe(&ring_, head, cqe) {
-    if (owner && !budget.more(handed)) break;
+  // One CQE at a time, copied and consumed before it is handled: what a
+  // handler calls may stash the rest (a cancel that finds the SQ ring
+  // full; see *A full SQ ring*), and stash_ holds the older ones.
+  for (;;) {
+    io_uring_cqe copy;
+    if (stash_next_ < stash_.size()) {
+      if (owner && !budget.more(handed)) break;
+      copy = stash_[stash_next_++];
+    } else {
+      if (io_uring_cq_ready(&ring_) == 0) break;
+      if (owner && !budget.more(handed)) break;
+      head = *ring_.cq.khead;  // ours: only the reaper (under reap_lock_) moves it
+      copy = ring_.cq.cqes[head & ring_.cq.ring_mask];
+      io_uring_cq_advance(&ring_, 1);
+    }
+    io_uring_cqe* cqe = &copy;
     ++n;
     std::uint64_t tag = cqe->user_data;
     if (tag == kIgnoreTag) continue;
@@ -1122,7 +1211,10 @@ void uring_driver::reap(bool owner) {
     // until complete() ran; see *Completion slots* in io/driver.h.
     reinterpret_cast<completion*>(tag & kAddressMask)->complete(cqe->res, cqe->flags);
   }
-  io_uring_cq_advance(&ring_, n);
+  if (stash_next_ == stash_.size() && stash_next_ != 0) {
+    stash_.clear();  // keeps the capacity reserved for the SIGURG handler
+    stash_next_ = 0;
+  }
   if (n) io_counters::bump(counters_.completions, n);  // single writer: under reap_lock_
   if (!owner) {
     if (done) rescued_.fetch_add(done, std::memory_order_relaxed);  // relaxed: see rescued_
@@ -1143,6 +1235,7 @@ void uring_driver::poll() {
     if (io_uring_sq_ready(&ring_) > 0) submit();
     return;
   }
+  owner_reaps_ = true;
   if (std::exchange(rearm_wake_, false)) arm_wake_read();
   bool enter = io_uring_sq_ready(&ring_) > 0;
   if (!enter) {
@@ -1157,6 +1250,7 @@ void uring_driver::poll() {
     if (io_uring_submit_and_get_events(&ring_) > 0) io_counters::bump(counters_.submits);
   }
   reap(/*owner=*/true);
+  owner_reaps_ = false;
   reap_lock_.unlock();
 }
 
@@ -1168,8 +1262,10 @@ void uring_driver::wait(sched::clock::time_point deadline) {
     if (io_uring_sq_ready(&ring_) > 0) submit();
     return;
   }
+  owner_reaps_ = true;
   if (std::exchange(rearm_wake_, false)) arm_wake_read();
-  if (!std::exchange(woken_, false) && io_uring_cq_ready(&ring_) == 0) {
+  if (!std::exchange(woken_, false) && io_uring_cq_ready(&ring_) == 0 &&
+      stash_next_ == stash_.size()) {
     __kernel_timespec ts{};
     __kernel_timespec* tsp = sched::relative_timeout(deadline, ts);
     io_uring_cqe* cqe = nullptr;
@@ -1184,6 +1280,7 @@ void uring_driver::wait(sched::clock::time_point deadline) {
   }
   reap(/*owner=*/true);
   woken_ = false;  // this wait returns: any wake reaped so far is delivered
+  owner_reaps_ = false;
   reap_lock_.unlock();
 }
 
