@@ -73,6 +73,21 @@ extern "C" int io_uring_submit_and_get_events(struct io_uring* ring) {
   return fn(ring);
 }
 
+// One wait answers -EBADR: the kernel dropped completions (no memory for
+// its CQ overflow list).
+std::atomic<int> drop_next_wait{0};
+
+extern "C" int io_uring_submit_and_wait_timeout(struct io_uring* ring, struct io_uring_cqe** cqe,
+                                                unsigned wait_nr, struct __kernel_timespec* ts,
+                                                sigset_t* sigmask) {
+  static const auto fn =
+      real<int (*)(struct io_uring*, struct io_uring_cqe**, unsigned, struct __kernel_timespec*,
+                   sigset_t*)>("io_uring_submit_and_wait_timeout");
+  int r = fn(ring, cqe, wait_nr, ts, sigmask);
+  if (drop_next_wait.exchange(0, std::memory_order_relaxed)) return -EBADR;
+  return r;
+}
+
 namespace weft {
 namespace {
 
@@ -115,6 +130,20 @@ TEST(SqFull, SubmitsRefusedWithEbusyWhileTheSqRingFillsAreRetried) {
 TEST(SqFull, SubmitsRefusedWithEagainWhileTheSqRingFillsAreRetried) {
   refuse_until.store(0);
   reads_while_refused(-EAGAIN);
+}
+
+// A completion the kernel dropped never wakes its fiber: that cannot be
+// made good, but it must not pass in silence (a hang with no word).
+TEST(SqFull, CompletionsTheKernelDroppedAreReported) {
+  ::testing::internal::CaptureStderr();
+  weft::run([] {
+    drop_next_wait.store(1, std::memory_order_relaxed);
+    this_fiber::sleep_for(50ms);  // the worker waits in its ring
+    this_fiber::sleep_for(50ms);
+  }, {.workers = 1});
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_EQ(drop_next_wait.load(), 0) << "no wait was made";
+  EXPECT_NE(err.find("dropped"), std::string::npos) << "stderr: " << err;
 }
 
 }  // namespace

@@ -400,6 +400,7 @@ class uring_driver final : public io_driver {
   void drain_cancels();
   void prep_timed_cancel(std::uint64_t key, std::int64_t ns);
   void reap(bool owner);
+  void completions_dropped() noexcept;
   // Owner thread, just before an enter that submits.
   void note_submit() noexcept {
     unsubmitted_.store(false, std::memory_order_relaxed);  // relaxed: see unsubmitted_
@@ -630,7 +631,8 @@ int uring_driver::submit() {
   // -EBUSY/-EAGAIN: CQ overflow backlog or memory pressure; the SQEs stay
   // queued and the next turn submits them again.
   // Not from the signal handler, where stdio is not safe.
-  if (r < 0 && r != -EBUSY && r != -EAGAIN && r != -EINTR && !in_handler_)
+  if (r == -EBADR && !in_handler_) completions_dropped();
+  else if (r < 0 && r != -EBUSY && r != -EAGAIN && r != -EINTR && !in_handler_)
     std::fprintf(stderr, "weft: io_uring_submit: %s\n", std::strerror(-r));
   return r;
 }
@@ -1247,7 +1249,9 @@ void uring_driver::poll() {
   }
   if (enter) {
     note_submit();
-    if (io_uring_submit_and_get_events(&ring_) > 0) io_counters::bump(counters_.submits);
+    const int r = io_uring_submit_and_get_events(&ring_);
+    if (r > 0) io_counters::bump(counters_.submits);
+    if (r == -EBADR) completions_dropped();
   }
   reap(/*owner=*/true);
   owner_reaps_ = false;
@@ -1273,7 +1277,8 @@ void uring_driver::wait(sched::clock::time_point deadline) {
     // reap_lock_ stays held: a worker waiting here is not stuck.
     bool submitting = io_uring_sq_ready(&ring_) > 0;
     note_submit();
-    (void)io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, tsp, nullptr);
+    if (io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, tsp, nullptr) == -EBADR)
+      completions_dropped();
     if (submitting) io_counters::bump(counters_.submits);
   } else if (io_uring_sq_ready(&ring_) > 0) {
     submit();
@@ -1282,6 +1287,20 @@ void uring_driver::wait(sched::clock::time_point deadline) {
   woken_ = false;  // this wait returns: any wake reaped so far is delivered
   owner_reaps_ = false;
   reap_lock_.unlock();
+}
+
+// -EBADR from an enter: the kernel had no memory for its CQ overflow list
+// and dropped completions (IORING_FEAT_NODROP's last resort). Their fibers
+// stay parked for good and nothing can tell which they are; the process
+// goes on, so the line says what happened and what to do about it. Once
+// per process. Owner thread, not the signal handler.
+void uring_driver::completions_dropped() noexcept {
+  static std::atomic<bool> said{false};  // relaxed: only deduplicates a log line
+  if (!said.exchange(true, std::memory_order_relaxed))
+    std::fprintf(stderr, "weft: io_uring: the kernel dropped completions (out of memory "
+                 "for its CQ overflow list); the fibers waiting for them will never wake, "
+                 "not even at a deadline. Free memory, or lower the number of "
+                 "operations in flight per worker\n");
 }
 
 // ---- Rescue --------------------------------------------------------------------
