@@ -605,8 +605,12 @@ void uring_driver::make_sq_room(unsigned need) {
 }
 
 // Moves the CQ ring's CQEs into stash_, handling none (see *A full SQ
-// ring*). Owner thread. Whether it moved any.
+// ring*). Owner thread. Whether it moved any. In the SIGURG handler only
+// where it takes reap_lock_ itself: with owner_reaps_ set, the signal may
+// have landed inside reap() between its read of a CQE and the advance past
+// it, and that CQE would be stashed as well as handled.
 bool uring_driver::stash_cqes() {
+  if (in_handler_ && owner_reaps_) return false;
   const bool locked_here = !owner_reaps_;
   if (locked_here && !reap_lock_.try_lock()) return false;  // rescue() reaps: room all the same
   unsigned head, n = 0;
