@@ -88,6 +88,17 @@ extern "C" int io_uring_submit_and_wait_timeout(struct io_uring* ring, struct io
   return r;
 }
 
+// Registering the provided-buffer ring fails with this (0: passes through).
+std::atomic<int> refuse_buf_ring{0};
+
+extern "C" int io_uring_register_buf_ring(struct io_uring* ring, struct io_uring_buf_reg* reg,
+                                          unsigned int flags) {
+  if (int e = refuse_buf_ring.load(std::memory_order_relaxed)) return e;
+  static const auto fn = real<int (*)(struct io_uring*, struct io_uring_buf_reg*, unsigned int)>(
+      "io_uring_register_buf_ring");
+  return fn(ring, reg, flags);
+}
+
 namespace weft {
 namespace {
 
@@ -144,6 +155,32 @@ TEST(SqFull, CompletionsTheKernelDroppedAreReported) {
   const std::string err = ::testing::internal::GetCapturedStderr();
   EXPECT_EQ(drop_next_wait.load(), 0) << "no wait was made";
   EXPECT_NE(err.find("dropped"), std::string::npos) << "stderr: " << err;
+}
+
+// A ring set up without its provided-buffer ring (no memory for it) has
+// pooled reads use a heap buffer each: they still work, and stderr says
+// why once, as every degradation of the driver does.
+TEST(SqFull, AProvidedBufferRingTheKernelRefusesIsReportedAndReadsStillWork) {
+  refuse_buf_ring.store(-ENOMEM, std::memory_order_relaxed);
+  ::testing::internal::CaptureStderr();
+  std::string backing, got;
+  weft::run([&] {
+    backing = get_io_stats().buffer_backing;
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    auto c = tcp_stream::connect(ln.local_address().value().to_string()).value();
+    auto s = ln.accept().value();
+    ASSERT_TRUE(c.write_all(std::string_view("pooled")));
+    auto b = s.read_pooled(deadline(5s));
+    ASSERT_TRUE(b) << b.error().message();
+    got.assign(b->data().data(), b->size());
+  }, {.workers = 1});
+  refuse_buf_ring.store(0, std::memory_order_relaxed);
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_EQ(backing, "heap");
+  EXPECT_EQ(got, "pooled");
+  EXPECT_NE(err.find("cannot set up the provided-buffer ring (Cannot allocate memory)"),
+            std::string::npos)
+      << "stderr: " << err;
 }
 
 }  // namespace

@@ -789,15 +789,27 @@ result<int> uring_driver::perform_one(op& o, clock::time_point deadline, const c
 void uring_driver::setup_buffer_ring(int node_os) {
   void* ring = ::mmap(nullptr, kBufCount * sizeof(io_uring_buf), PROT_READ | PROT_WRITE,
                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  const int map_err = ring == MAP_FAILED ? errno : 0;
   auto mem = alloc::map_arena(kBufCount * kPooledBufferSize, node_os);
   io_uring_buf_reg reg{};
   reg.ring_addr = reinterpret_cast<std::uintptr_t>(ring);
   reg.ring_entries = kBufCount;
   reg.bgid = kBufGroup;
-  if (ring == MAP_FAILED || !mem || io_uring_register_buf_ring(&ring_, &reg, 0) < 0) {
-    // Older kernel: recv_pooled falls back to a heap buffer per receive.
+  const int reg_err = ring == MAP_FAILED ? map_err
+                      : !mem              ? mem.error().value()
+                                          : -io_uring_register_buf_ring(&ring_, &reg, 0);
+  static std::atomic<bool> told_ring{false};  // relaxed: only deduplicates a log line
+  if (reg_err != 0) {
+    // No memory for the ring or its buffers, or a kernel that will not
+    // register it: recv_pooled falls back to a heap buffer per receive, and
+    // an idle connection's pooled read holds one. Said once, as every
+    // degradation of the driver is.
     if (ring != MAP_FAILED) ::munmap(ring, kBufCount * sizeof(io_uring_buf));
     if (mem) alloc::unmap_arena(*mem);
+    if (!told_ring.exchange(true, std::memory_order_relaxed))
+      std::fprintf(stderr, "weft: io_uring buffers: cannot set up the provided-buffer ring (%s); "
+                           "pooled reads use a heap buffer each\n",
+                   std::strerror(reg_err));
     return;
   }
   static std::atomic<bool> told{false};  // relaxed: only deduplicates a log line
