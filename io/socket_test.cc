@@ -204,77 +204,61 @@ TEST_P(Sockets, IoCompletesWhileAnotherFiberKeepsTheWorkerBusy) {
   });
 }
 
+// How often a competitor ran while a reader read 128 KiB that was all
+// there already, in reads of `piece` bytes. The reader and its competitor
+// are pinned to the same worker, so the competitor runs only when the
+// reader gives the worker away (its operations complete at once; its coop
+// budget makes it yield once per 100 µs slice, and such small reads of
+// 128 KiB take milliseconds). The competitor waits on a timer, so the loop
+// keeps polling.
+template <std::size_t piece>
+long ticks_while_reading(tcp_stream& c, tcp_stream& s) {
+  constexpr std::size_t kBytes = 128 * 1024;  // fits the socket buffers: reads need not wait
+  auto w = spawn([&] { ASSERT_TRUE(s.write_all(std::vector<char>(kBytes, 'd'), deadline(5s))); });
+  (void)this_fiber::sleep_for(50ms);
+  std::atomic<bool> done{false};
+  std::atomic<long> ticks{0};
+  long during = 0;
+  auto other = spawn([&] {
+    while (!done.load()) {
+      ticks.fetch_add(1);
+      (void)this_fiber::sleep_until(clock::now());
+    }
+  }, {.pinned = true, .worker = 0});
+  auto reader = spawn([&] {
+    (void)this_fiber::sleep_for(1ms);
+    long before = ticks.load();
+    char buf[piece];
+    for (std::size_t got = 0; got < kBytes;) got += c.read(buf, deadline(5s)).value();
+    during = ticks.load() - before;
+    done.store(true);
+  }, {.pinned = true, .worker = 0});
+  reader.join();
+  other.join();
+  w.join();
+  return during;
+}
+
 TEST_P(Sockets, AReaderWhoseDataIsAlwaysThereStillLetsOthersRun) {
   Run([&] {
     auto [c, s] = connected_pair();
-    constexpr std::size_t kBytes = 128 * 1024;  // fits the socket buffers: reads need not wait
-    auto w = spawn([&] { ASSERT_TRUE(s.write_all(std::vector<char>(kBytes, 'd'), deadline(5s))); });
-    (void)this_fiber::sleep_for(50ms);
-    std::atomic<bool> done{false};
-    std::atomic<long> ticks{0};
-    long during = 0;
-    // The reader and its competitor are pinned to the same worker, so the
-    // competitor runs only when the reader gives the worker away (its
-    // operations complete at once; its coop budget makes it yield once per
-    // 100 µs slice, and 16-byte reads of 128 KiB take milliseconds). The
-    // competitor waits on a timer, so the loop keeps polling.
-    auto other = spawn([&] {
-      while (!done.load()) {
-        ticks.fetch_add(1);
-        (void)this_fiber::sleep_until(clock::now());
-      }
-    }, {.pinned = true, .worker = 0});
-    auto reader = spawn([&] {
-      (void)this_fiber::sleep_for(1ms);
-      long before = ticks.load();
-      char buf[16];  // (4 bytes took two minutes a variant under TSan)
-      for (std::size_t got = 0; got < kBytes;) got += c.read(buf, deadline(5s)).value();
-      during = ticks.load() - before;
-      done.store(true);
-    }, {.pinned = true, .worker = 0});
-    reader.join();
-    other.join();
-    w.join();
-    EXPECT_GT(during, 10) << "the reader never gave the worker away";
+    // (4-byte reads took two minutes a variant under TSan)
+    EXPECT_GT(ticks_while_reading<16>(c, s), 10) << "the reader never gave the worker away";
   });
 }
 
 // The same through the multishot receive (io_uring): once a pooled read
 // armed it, read() takes the chunks it queued, which a reader whose data is
 // always there finds without ever parking; each such read spends the coop
-// budget too.
+// budget too. 8-byte reads: 16,384 of them, ~2 ms here, none parking; a
+// yield per 100 µs slice gave 12-18 ticks, and none before the fix.
 TEST_P(Sockets, AReaderOfQueuedChunksStillLetsOthersRun) {
   Run([&] {
     auto [c, s] = connected_pair();
-    constexpr std::size_t kBytes = 128 * 1024;  // fits the socket buffers: reads need not wait
     auto first = c.read_pooled(deadline(10ms));  // arms the multishot where there is one
     ASSERT_FALSE(first) << "nothing was written yet";
     ASSERT_EQ(first.error(), std::errc::timed_out);
-    auto w = spawn([&] { ASSERT_TRUE(s.write_all(std::vector<char>(kBytes, 'd'), deadline(5s))); });
-    (void)this_fiber::sleep_for(50ms);
-    std::atomic<bool> done{false};
-    std::atomic<long> ticks{0};
-    long during = 0;
-    auto other = spawn([&] {
-      while (!done.load()) {
-        ticks.fetch_add(1);
-        (void)this_fiber::sleep_until(clock::now());
-      }
-    }, {.pinned = true, .worker = 0});
-    auto reader = spawn([&] {
-      (void)this_fiber::sleep_for(1ms);
-      long before = ticks.load();
-      // 8-byte reads: 16,384 of them, ~2 ms here, all finding their chunk
-      // queued (nothing parks); a yield per 100 µs slice gave 12-18 ticks.
-      char buf[8];
-      for (std::size_t got = 0; got < kBytes;) got += c.read(buf, deadline(5s)).value();
-      during = ticks.load() - before;
-      done.store(true);
-    }, {.pinned = true, .worker = 0});
-    reader.join();
-    other.join();
-    w.join();
-    EXPECT_GT(during, 5) << "the reader never gave the worker away";
+    EXPECT_GT(ticks_while_reading<8>(c, s), 5) << "the reader never gave the worker away";
   });
 }
 
