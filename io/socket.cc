@@ -338,12 +338,10 @@ result<std::size_t> tcp_stream::read(std::span<char> buf, deadline_arg d,
 }
 
 result<pooled_buffer> tcp_stream::read_pooled(deadline_arg d, std::source_location where) {
-  // The driver that lends the buffer is the one that performs the receive:
-  // the worker the fiber is on now.
-  io_driver* owner = current_driver();
+  io_driver* here = current_driver();
   // A multishot receive where this worker can arm one, or one armed already
   // (perhaps on another worker's ring): see io/recv.cc.
-  if (st_ && ((owner && owner->has_multishot_recv()) || st_->recv_if_made())) {
+  if (st_ && ((here && here->has_multishot_recv()) || st_->recv_if_made())) {
     recv_state* rs = st_->recv();
     if (!rs) return bad_fd_error();
     if (auto c = take_chunk(st_, rs, d.when, where)) {
@@ -354,6 +352,13 @@ result<pooled_buffer> tcp_stream::read_pooled(deadline_arg d, std::source_locati
       return pooled_buffer(k.owner, k.id, k.data(), k.size());
     }
   }
+  // The driver that lends the buffer is the one that performs the receive:
+  // the worker the fiber is on now. Read again after take_chunk(), which
+  // may have parked and woken on another worker (the multishot's, which
+  // ended with its pool dry): the buffer is that worker's, and named as
+  // another's it would go back into the wrong ring, which then hands it
+  // out twice.
+  io_driver* owner = current_driver();
   op o{.kind = op_kind::recv_pooled};
   o.poll_first = st_ && fd_state::write_behind_used() && st_->write_behind_unsent();
   auto r = perform_on(st_, o, d.when, "tcp read", where);

@@ -1199,6 +1199,87 @@ TEST_P(Sockets, PooledAndPlainReadsInTurnsKeepTheStreamInOrder) {
   });
 }
 
+// A pooled read lends a buffer of the driver that received into it, and
+// names that driver, whose ring the buffer goes back to. A read that
+// parked in a multishot receive armed on another worker's ring wakes on
+// that worker; if the multishot ended there with the pool dry, the read
+// receives once the old way where it woke. It used to name the driver of
+// the worker it began on: that driver then took a buffer of another ring
+// into its own as one of its ids, which it hands out twice from then on
+// (two receives into one buffer), while the other ring lost it for good.
+// Here worker 0's pool is emptied, two readers that begin on worker 1 park
+// in a multishot armed on worker 0, which ends dry; the pool fills again
+// before their receives go in. Then worker 1's buffers, all held at once,
+// must each keep what was received into it.
+TEST_P(Sockets, APooledReadThatWokeOnAnotherWorkerNamesTheDriverItReceivedWith) {
+  if (workers() < 2) GTEST_SKIP() << "needs two workers";
+  Run([&] {
+    if (!multishot_recv_on()) return;
+    constexpr std::size_t kBlock = 4096;  // one pooled buffer (io/driver.h)
+    constexpr int kBlocks = 1024 + 64;    // more than a ring holds (io/uring_driver.cc)
+    auto body = spawn([&] {
+      auto ln = tcp_listener::bind("127.0.0.1:0").value();
+      auto connect = [&] {
+        auto c = tcp_stream::connect(addr_of(ln)).value();
+        return testing::tcp_pair{std::move(c), ln.accept().value()};
+      };
+      auto p1 = connect(), p2 = connect(), p3 = connect();
+      // Worker 0: p2's multishot armed there, then every buffer of its ring lent.
+      std::vector<pooled_buffer> held;
+      spawn([&] {
+        ASSERT_FALSE(p2.server.read_pooled(deadline(10ms)));  // timed out; left armed
+        const std::string block(kBlock, 'x');
+        for (int i = 0; i < kBlocks; ++i) {
+          ASSERT_TRUE(p1.client.write_all(block, deadline(5s)));
+          for (std::size_t got = 0; got < kBlock;) {
+            auto b = p1.server.read_pooled(deadline(5s));
+            ASSERT_TRUE(b) << b.error().message();
+            got += b->size();
+            held.push_back(std::move(*b));
+          }
+        }
+      }, {.pinned = true, .worker = 0}).join();
+      // Readers that begin here (worker 1) and park in p2's multishot.
+      std::vector<pooled_buffer> read(2);
+      std::vector<join_handle<void>> readers;
+      for (int i = 0; i < 2; ++i)
+        readers.push_back(spawn([&, i] {
+          auto b = p2.server.read_pooled(deadline(5s));
+          ASSERT_TRUE(b) << b.error().message();
+          read[i] = std::move(*b);
+        }, {.worker = 1}));
+      (void)this_fiber::sleep_for(50ms);  // both parked; worker 0 asleep in its ring
+      // Back to worker 0's ring at its next turn (not its thread): after
+      // the multishot finds it empty, before the readers' receives go in.
+      held.clear();
+      ASSERT_EQ(::write(p2.client.native_handle(), "A", 1), 1);
+      (void)this_fiber::sleep_for(50ms);
+      ASSERT_EQ(::write(p2.client.native_handle(), "B", 1), 1);
+      for (auto& r : readers) r.join();
+      read.clear();  // on worker 1: back to whichever ring each names
+      // Worker 1's ring: every buffer it lends held at once, each with
+      // bytes of its own.
+      std::vector<std::pair<std::size_t, pooled_buffer>> mine;
+      std::size_t off = 0;
+      for (int i = 0; i < kBlocks; ++i) {
+        ASSERT_TRUE(p3.client.write_all(testing::stream_part(off, kBlock), deadline(5s)));
+        for (std::size_t end = off + kBlock; off < end;) {
+          auto b = p3.server.read_pooled(deadline(5s));
+          ASSERT_TRUE(b) << b.error().message();
+          const std::size_t n = b->size();
+          mine.emplace_back(off, std::move(*b));
+          off += n;
+        }
+      }
+      int spoiled = 0;
+      for (auto& [at, b] : mine)
+        spoiled += std::string_view(b.data().data(), b.size()) != testing::stream_part(at, b.size());
+      EXPECT_EQ(spoiled, 0) << "buffers handed out twice by worker 1's ring";
+    }, {.pinned = true, .worker = 1});
+    body.join();
+  });
+}
+
 // A pooled read that timed out loses nothing: what arrives after it waits
 // for the next read (in the multishot's queue, on io_uring).
 TEST_P(Sockets, AReadPooledThatTimedOutLosesNothing) {
