@@ -12,8 +12,9 @@
 //   - The fiber returns only after the pool thread set job.finished, its
 //     last touch of the job and of the scheduler (the wake): so a runtime
 //     that ends right after the call never has a pool thread inside it.
-//   - watching_ says the stall watchdog thread exists; stall_told_ that
-//     it reported (once per process); both guarded by mu_.
+//   - watching_ says the stall watchdog thread exists; told_job_,
+//     told_queued_at_ and next_report_ are what it reported last (see
+//     *Stalls*); all guarded by mu_.
 //   - While a job is queued or running, its fiber holds an outside
 //     reference on the scheduler, so the deadlock detector does not take
 //     the parked fiber for a stuck one. The fiber drops it after it woke:
@@ -46,8 +47,10 @@ namespace {
 
 // How long a pool thread waits for work before it exits (the pool shrinks).
 constexpr auto kIdleExit = std::chrono::seconds(10);
-// How long a queued call waits for a thread before *Stalls* reports it.
+// How long a queued call waits for a thread before *Stalls* reports it,
+// and how long after a report the next one may come.
 constexpr auto kStallReport = std::chrono::seconds(1);
+constexpr auto kStallRepeat = std::chrono::seconds(60);
 constexpr unsigned kDefaultMaxThreads = 64;
 
 unsigned max_threads_from_env() {
@@ -70,10 +73,12 @@ class pool {
   // is not queued and the caller runs it itself).
   bool submit(blocking_job* j, std::source_location where) {
     std::lock_guard g(mu_);
+    bool started = false;  // a thread for j
     if (queued_ + 1 > idle_ && threads_ < max_threads_) {
       ++threads_;
       try {
         std::thread([this] { loop(); }).detach();
+        started = true;
       } catch (const std::exception& e) {  // EAGAIN (RLIMIT_NPROC, pids.max, memory), bad_alloc
         --threads_;
         if (!told_.exchange(true, std::memory_order_relaxed))  // relaxed: dedupes a log line
@@ -93,8 +98,9 @@ class pool {
     tail_ = j;
     ++queued_;
     cv_.notify_one();
-    // Every thread busy and none to start: j waits for one.
-    if (queued_ > idle_ && threads_ >= max_threads_ && !stall_told_) watch_locked();
+    // Every thread busy and none started (the cap, or a start that
+    // failed): j waits for one.
+    if (!started && queued_ > idle_) watch_locked();
     return true;
   }
 
@@ -113,7 +119,8 @@ class pool {
     threads_ = 0;
     idle_ = 0;
     watching_ = false;
-    stall_told_ = false;
+    told_job_ = nullptr;
+    next_report_ = {};
     // SAFETY: this thread is the child's only one. cv_ may record waiters
     // (the parent's idle threads) that will never wake: a fresh one in its
     // place, without the destructor, which would wait for them. So for
@@ -129,10 +136,12 @@ class pool {
   // blocking() call's answer, a pool of 64 database calls each waiting for
   // a 65th's lock) never finishes them, and nothing else would say so: the
   // fibers waiting hold outside references, which keep the deadlock report
-  // quiet. So once a queued call has waited kStallReport for a thread, a
-  // watchdog thread says where it was made, once per process. Started the
-  // first time a call has to wait; it sleeps on watch_cv_ while nothing
-  // does, and exits once it has reported.
+  // quiet. So once the oldest queued call has waited kStallReport for a
+  // thread, a watchdog thread says where it was made: each such call once,
+  // and at most once per kStallRepeat (a pool merely saturated by slow
+  // calls says so now and then, not at every call). Started the first time
+  // a call has to wait; it sleeps on watch_cv_ while no call is queued, and
+  // looks again at least every kStallReport while one is.
   void watch_locked() {
     if (watching_) {
       watch_cv_.notify_one();
@@ -153,13 +162,20 @@ class pool {
         watch_cv_.wait(lk);
         continue;
       }
-      const clock::duration waited = clock::now() - head_->queued_at;
+      const clock::time_point now = clock::now();
+      const clock::duration waited = now - head_->queued_at;
+      const bool told = head_ == told_job_ && head_->queued_at == told_queued_at_;
       if (waited < kStallReport) {
         watch_cv_.wait_for(lk, kStallReport - waited);
         continue;
       }
-      stall_told_ = true;
-      watching_ = false;
+      if (told || now < next_report_) {
+        watch_cv_.wait_for(lk, told ? clock::duration(kStallReport) : next_report_ - now);
+        continue;
+      }
+      told_job_ = head_;
+      told_queued_at_ = head_->queued_at;
+      next_report_ = now + kStallRepeat;
       const std::source_location where = head_->where;
       const std::size_t queued = queued_;
       const unsigned threads = threads_;
@@ -167,11 +183,11 @@ class pool {
       std::fprintf(stderr,
                    "weft: blocking pool: a call made at %s:%u has waited %.1f s for a thread; "
                    "all %u are busy and %zu calls wait. Calls that wait for each other's "
-                   "results never finish in a bounded pool: let them not, or raise "
-                   "WEFT_BLOCKING_THREADS (now %u).\n",
+                   "results never finish in a bounded pool; if these do not, raise "
+                   "WEFT_BLOCKING_THREADS (now %u) or make fewer calls at once.\n",
                    where.file_name(), static_cast<unsigned>(where.line()),
                    std::chrono::duration<double>(waited).count(), threads, queued, max_threads_);
-      return;
+      lk.lock();
     }
   }
 
@@ -235,8 +251,11 @@ class pool {
   const unsigned max_threads_ = max_threads_from_env();
   std::atomic<bool> told_{false};  // the thread-start failure was reported
   std::condition_variable watch_cv_;  // the watchdog's; see *Stalls*
-  bool watching_ = false;    // guarded by mu_
-  bool stall_told_ = false;  // guarded by mu_
+  bool watching_ = false;                      // guarded by mu_
+  const blocking_job* told_job_ = nullptr;     // guarded by mu_; with told_queued_at_,
+  clock::time_point told_queued_at_{};         // the job last reported (its address alone
+                                               // may be a later job's on the same stack)
+  clock::time_point next_report_{};            // guarded by mu_
 };
 
 // The pool the fork handlers act on; set once, before they are registered

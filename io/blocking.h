@@ -10,8 +10,9 @@
 // The pool (io/blocking.cc) is bounded: it grows to WEFT_BLOCKING_THREADS
 // (default 64) threads while calls wait, and a thread idle for 10 s exits.
 // A call that has waited a second for a thread, all of them busy, is
-// reported once on stderr: calls that wait for each other's results never
-// finish in a bounded pool (Tokio's blocking pool would hang in silence).
+// reported on stderr (at most once a minute): calls that wait for each
+// other's results never finish in a bounded pool (Tokio's blocking pool
+// would hang in silence).
 //
 // Called off a fiber — inside another blocking() call's fn (a pool
 // thread), or on a plain thread — fn runs on the calling thread, which may
