@@ -25,6 +25,7 @@
 
 #include "io/socket_test_util.h"
 #include "runtime/net.h"
+#include "runtime/sync.h"
 #include "runtime/weft.h"
 #include "sched/worker.h"
 #include "tests/fixture.h"
@@ -1576,6 +1577,70 @@ TEST_P(Sockets, MainReturningUnwindsFibersParkedInIo) {
     for (int i = 0; i < 8; ++i)
       spawn([] { (void)ln.accept(); }).detach();
     (void)this_fiber::sleep_for(20ms);
+  });
+}
+
+// Byte i of pair p's stream: another pair's bytes, or bytes from another
+// place in the same stream, do not match.
+char pair_byte(int p, std::size_t i) {
+  return static_cast<char>((i * 131 + std::size_t(p) * 977 + (i >> 12) * 31) & 0xff);
+}
+
+// Many streams with unread data queued at once run the workers' receive
+// buffer pools dry: their multishot receives end with ENOBUFS while
+// readers are parked in read_pooled(), which then receive once on
+// whatever worker they resumed on. Each buffer must go back to the ring it
+// came from: one given to another worker's ring was lent there twice (two
+// receives into one buffer: one stream's bytes in another's) and never
+// again in its own.
+TEST_P(Sockets, PooledReadsOfManyStreamsWithADryPoolKeepEachStreamsBytes) {
+  Run([] {
+    constexpr int kPairs = 300;
+    constexpr std::size_t kBytes = 64 * 1024;
+    for (int round = 0; round < 3; ++round) {
+      std::vector<std::string> errs(kPairs);
+      std::vector<join_handle<void>> hs;
+      latch go(1);
+      for (int p = 0; p < kPairs; ++p) {
+        hs.push_back(spawn([&errs, &go, p] {
+          auto [c, s] = connected_pair();
+          auto w = spawn([&s, p] {
+            std::string out(kBytes, '\0');
+            for (std::size_t i = 0; i < kBytes; ++i) out[i] = pair_byte(p, i);
+            (void)s.write_all({out.data(), kBytes}, deadline(10s));
+            (void)s.shutdown(SHUT_WR);
+          });
+          // A first read arms the multishot; the rest of the stream queues
+          // (up to the back-pressure limit) until every reader goes on.
+          std::size_t got = 0;
+          for (bool first = true;; first = false) {
+            auto b = c.read_pooled(deadline(10s));
+            if (!b) {
+              errs[p] = "read_pooled at " + std::to_string(got) + ": " + b.error().message();
+              break;
+            }
+            if (b->empty()) break;
+            for (std::size_t k = 0; k < b->size() && errs[p].empty(); ++k)
+              if (b->data()[k] != pair_byte(p, got + k))
+                errs[p] = "byte " + std::to_string(got + k) + " differs";
+            if (!errs[p].empty()) break;
+            got += b->size();
+            if (first) {
+              b->release();
+              (void)go.wait();
+            }
+          }
+          if (errs[p].empty() && got != kBytes) errs[p] = "got " + std::to_string(got);
+          (void)c.close();
+          w.join();
+        }, {.worker = p}));
+      }
+      (void)this_fiber::sleep_for(50ms);  // the streams queue up, the pools run dry
+      go.count_down();
+      for (auto& h : hs) h.join();
+      for (int p = 0; p < kPairs; ++p) EXPECT_EQ(errs[p], "") << "pair " << p << ", round " << round;
+    }
+    EXPECT_EQ(pooled_buffer::in_use(), 0u);
   });
 }
 
