@@ -68,6 +68,7 @@
 
 #include "io/blocking.h"
 #include "io/driver.h"
+#include "io/recv.h"
 #include "sched/worker.h"
 
 namespace weft::io {
@@ -241,8 +242,10 @@ class epoll_driver final : public io_driver {
  public:
   epoll_driver(int epfd, int efd) : io_driver(io_driver_kind::epoll), epfd_(epfd), efd_(efd) {}
   ~epoll_driver() override {
-    // After every worker joined, and every pooled_buffer was released
-    // (before weft::run returned).
+    // First: a pooled_buffer kept past weft::run's return stops naming it
+    // (pooled_buffer::release()).
+    recv_driver_destroyed();
+    // After every worker joined.
     for (std::size_t i = 0; i < n_free_; ++i) delete[] free_bufs_[i];
     ::close(epfd_);
     ::close(efd_);

@@ -375,6 +375,8 @@ void recv_state::shut() noexcept {
 
 void recv_driver_destroyed() noexcept { g_drivers_gone.fetch_add(1, std::memory_order_acq_rel); }
 
+std::uint32_t drivers_destroyed() noexcept { return drivers_gone(); }
+
 recv_state* new_recv_state() { return new recv_state; }
 
 void shut_recv_state(recv_state* s) noexcept { s->shut(); }

@@ -29,11 +29,14 @@ struct recv_chunk {
 // Pooled buffers now queued in every socket's state, unread (io_stats).
 std::uint64_t recv_queued_buffers() noexcept;
 
-// An io_uring driver is being destroyed (its first step, before its
-// buffers go): chunks queued before then name a driver that may be gone,
-// so they are forgotten, not given back. Drivers go only when a runtime
-// ends, after every worker joined, all of them together.
+// An I/O driver is being destroyed (its first step, before its buffers
+// go): chunks queued and pooled_buffers lent before then name a driver
+// that may be gone, so they are forgotten, not given back. Drivers go only
+// when a runtime ends, after every worker joined, all of them together.
 void recv_driver_destroyed() noexcept;
+// How many drivers have been destroyed so far (acquire: one that sees the
+// count a buffer was lent under saw no destructor begin since).
+std::uint32_t drivers_destroyed() noexcept;
 
 // A new state holding one share, its socket's (fd_state's).
 recv_state* new_recv_state();

@@ -212,3 +212,30 @@ TEST_P(RecvBuffers, ClosesRacingReadersLeaveNoBufferBehind) {
 }  // namespace
 }  // namespace weft
 
+namespace weft {
+namespace {
+
+// A pooled buffer kept past weft::run's return (against socket.h's rule):
+// its release must not call into the driver that lent it, which is gone.
+TEST_P(RecvBuffers, APooledBufferReleasedAfterTheRunTouchesNoDriver) {
+  pooled_buffer kept;
+  Run([&] {
+    auto [c, s] = testing::connected_pair();
+    ASSERT_TRUE(s.write_all(std::string_view("kept"), deadline(5s)));
+    auto b = c.read_pooled(deadline(5s));
+    ASSERT_TRUE(b) << b.error().message();
+    kept = std::move(*b);
+  });
+  // Another runtime, so that the old driver's memory is reused.
+  Run([&] {
+    auto [c, s] = testing::connected_pair();
+    ASSERT_TRUE(s.write_all(std::string_view("x"), deadline(5s)));
+    auto b = c.read_pooled(deadline(5s));
+    ASSERT_TRUE(b);
+  });
+  kept.release();
+  EXPECT_EQ(pooled_buffer::in_use(), 0u);
+}
+
+}  // namespace
+}  // namespace weft

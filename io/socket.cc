@@ -23,6 +23,7 @@
 #include <atomic>
 #include <cerrno>
 #include <climits>
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 
@@ -110,15 +111,28 @@ std::atomic<std::int64_t> g_pooled_in_use{0};
 }  // namespace
 
 pooled_buffer::pooled_buffer(io_driver* owner, std::uint32_t id, char* p, std::size_t n) noexcept
-    : owner_(owner), id_(id), p_(p), n_(n) {
+    : owner_(owner), id_(id), epoch_(drivers_destroyed()), p_(p), n_(n) {
   g_pooled_in_use.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
 }
 
 void pooled_buffer::release() noexcept {
   if (!owner_) return;
-  std::exchange(owner_, nullptr)->release_buffer(id_, std::exchange(p_, nullptr));
+  io_driver* owner = std::exchange(owner_, nullptr);
+  char* p = std::exchange(p_, nullptr);
   n_ = 0;
   g_pooled_in_use.fetch_sub(1, std::memory_order_relaxed);  // relaxed: statistic
+  if (epoch_ == drivers_destroyed()) {
+    owner->release_buffer(id_, p);
+    return;
+  }
+  // Kept past weft::run's return (against the rule in socket.h): its
+  // driver is gone, and calling it crashed the process with no word. A
+  // heap buffer is freed; a ring's went with its driver's arena.
+  if (id_ == kHeapBufferId) delete[] p;
+  static std::atomic<bool> told{false};  // relaxed: only deduplicates a log line
+  if (!told.exchange(true, std::memory_order_relaxed))
+    std::fprintf(stderr, "weft: a pooled_buffer was released after the weft::run that lent it "
+                         "returned; release every pooled_buffer before weft::run returns\n");
 }
 
 std::size_t pooled_buffer::in_use() noexcept {

@@ -104,18 +104,21 @@ class socket_address {
 // A received chunk in a buffer lent by the I/O driver (see *Pooled receive
 // buffers* in io/driver.h): taken only when data arrived, given back by the
 // destructor or release(), from any fiber or thread. Must be released
-// before weft::run returns. Move-only.
+// before weft::run returns: its bytes go with the runtime's buffers (one
+// released later only frees what it can, and says so on stderr).
+// Move-only.
 class pooled_buffer {
  public:
   pooled_buffer() = default;
   pooled_buffer(pooled_buffer&& o) noexcept
-      : owner_(std::exchange(o.owner_, nullptr)), id_(o.id_),
+      : owner_(std::exchange(o.owner_, nullptr)), id_(o.id_), epoch_(o.epoch_),
         p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
   pooled_buffer& operator=(pooled_buffer&& o) noexcept {
     if (this != &o) {
       release();
       owner_ = std::exchange(o.owner_, nullptr);
       id_ = o.id_;
+      epoch_ = o.epoch_;
       p_ = std::exchange(o.p_, nullptr);
       n_ = std::exchange(o.n_, 0);
     }
@@ -136,6 +139,9 @@ class pooled_buffer {
   pooled_buffer(io_driver* owner, std::uint32_t id, char* p, std::size_t n) noexcept;
   io_driver* owner_ = nullptr;  // null: nothing held
   std::uint32_t id_ = 0;
+  // Drivers destroyed when it was lent (io/recv.h's drivers_destroyed()):
+  // if that moved, owner_ is gone (see release()).
+  std::uint32_t epoch_ = 0;
   char* p_ = nullptr;
   std::size_t n_ = 0;
 };
