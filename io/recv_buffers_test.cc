@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <deque>
 #include <string>
 #include <string_view>
@@ -235,6 +236,109 @@ TEST_P(RecvBuffers, APooledBufferReleasedAfterTheRunTouchesNoDriver) {
   });
   kept.release();
   EXPECT_EQ(pooled_buffer::in_use(), 0u);
+}
+
+}  // namespace
+}  // namespace weft
+
+namespace weft {
+namespace {
+
+bool multishot_recv_on() {
+  const char* v = std::getenv("WEFT_MULTISHOT_RECV");
+  const io_stats st = get_io_stats();
+  return st.driver == "io_uring" && st.buffer_backing != "heap" && !(v && std::string(v) == "0");
+}
+
+// Reads n bytes of connection k from `off` by read_pooled() into `out`.
+void hold_pooled(tcp_stream& s, int k, std::size_t& off, std::size_t n, std::vector<held>& out) {
+  for (std::size_t end = off + n; off < end;) {
+    auto b = s.read_pooled(deadline(10s));
+    ASSERT_TRUE(b) << b.error().message();
+    ASSERT_FALSE(b->empty());
+    const std::size_t got = b->size();
+    out.push_back({off, std::move(*b)});
+    off += got;
+  }
+}
+
+int spoiled_in(const std::vector<held>& v, int k) {
+  int bad = 0;
+  for (auto& h : v) bad += std::string_view(h.b.data().data(), h.b.size()) != part(k, h.at, h.b.size());
+  return bad;
+}
+
+// A multishot armed on worker 0's ring, read from worker 1 by every kind
+// of read while worker 0's pool runs dry and is refilled by buffers
+// released on worker 1 (not the ring's thread). Then every buffer worker
+// 0 lends, held at once, keeps its own bytes: none went back twice or to
+// the wrong ring.
+TEST_P(RecvBuffers, ReadsFromAnotherWorkerWhileTheArmingRingRunsDryLoseNoBuffer) {
+  if (workers() < 2) GTEST_SKIP() << "needs two workers";
+  Run([&] {
+    if (!multishot_recv_on()) return;
+    constexpr std::size_t kBlock = 4096;
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    auto connect = [&] {
+      auto c = tcp_stream::connect(addr_of(ln)).value();
+      return testing::tcp_pair{std::move(c), ln.accept().value()};
+    };
+    auto p1 = connect(), p2 = connect(), p3 = connect();
+    int spoiled = 0;
+    std::size_t off1 = 0, off2 = 0, off3 = 0;
+    std::vector<held> held0;
+    auto w2 = spawn([&] { write_stream(p2.client, 2, 4 * 1024 * 1024); });
+    // p2's multishot armed on worker 0; then worker 0's pool nearly all lent.
+    spawn([&] {
+      hold_pooled(p2.server, 2, off2, 1, held0);
+      spoiled += spoiled_in(held0, 2);
+      held0.clear();
+      auto w1 = spawn([&] { write_stream(p1.client, 1, 1000 * kBlock); });
+      hold_pooled(p1.server, 1, off1, 1000 * kBlock, held0);
+      w1.join();
+    }, {.pinned = true, .worker = 0}).join();
+    // Worker 1 reads p2 in turns; half-way, it drops worker 0's buffers.
+    spawn([&] {
+      const std::size_t total = 4 * 1024 * 1024;
+      for (int turn = 0; off2 < total; ++turn) {
+        if (turn == 200) {
+          spoiled += spoiled_in(held0, 1);
+          held0.clear();  // on worker 1: queued for worker 0's ring
+        }
+        if (turn % 3 == 0) {
+          std::vector<held> one;
+          hold_pooled(p2.server, 2, off2, 1, one);
+          spoiled += spoiled_in(one, 2);
+        } else if (turn % 3 == 1) {
+          char buf[1500];
+          auto n = p2.server.read(buf, deadline(10s));
+          ASSERT_TRUE(n) << n.error().message();
+          spoiled += std::string_view(buf, *n) != part(2, off2, *n);
+          off2 += *n;
+        } else {
+          char a[10], b[5000];
+          iovec v[2] = {{a, sizeof a}, {b, sizeof b}};
+          auto n = p2.server.readv(v, deadline(10s));
+          ASSERT_TRUE(n) << n.error().message();
+          std::string got(a, std::min(*n, sizeof a));
+          if (*n > sizeof a) got.append(b, *n - sizeof a);
+          spoiled += got != part(2, off2, *n);
+          off2 += *n;
+        }
+      }
+    }, {.pinned = true, .worker = 1}).join();
+    w2.join();
+    // Worker 0's ring: every buffer it lends held at once.
+    spawn([&] {
+      std::vector<held> all;
+      auto w3 = spawn([&] { write_stream(p3.client, 3, 1024 * kBlock); });
+      hold_pooled(p3.server, 3, off3, 1024 * kBlock, all);
+      w3.join();
+      spoiled += spoiled_in(all, 3);
+    }, {.pinned = true, .worker = 0}).join();
+    EXPECT_EQ(spoiled, 0);
+    EXPECT_EQ(pooled_buffer::in_use(), 0u);
+  });
 }
 
 }  // namespace
