@@ -26,6 +26,7 @@ namespace {
 using namespace std::chrono_literals;
 using testing::Runtime;
 using testing::addr_of;
+using testing::multishot_recv_on;
 
 class RecvBuffers : public Runtime {};
 WEFT_RUNTIME_TEST_SUITE(RecvBuffers);
@@ -238,20 +239,8 @@ TEST_P(RecvBuffers, APooledBufferReleasedAfterTheRunTouchesNoDriver) {
   EXPECT_EQ(pooled_buffer::in_use(), 0u);
 }
 
-}  // namespace
-}  // namespace weft
-
-namespace weft {
-namespace {
-
-bool multishot_recv_on() {
-  const char* v = std::getenv("WEFT_MULTISHOT_RECV");
-  const io_stats st = get_io_stats();
-  return st.driver == "io_uring" && st.buffer_backing != "heap" && !(v && std::string(v) == "0");
-}
-
-// Reads n bytes of connection k from `off` by read_pooled() into `out`.
-void hold_pooled(tcp_stream& s, int k, std::size_t& off, std::size_t n, std::vector<held>& out) {
+// Reads n bytes from `off` by read_pooled() into `out`.
+void hold_pooled(tcp_stream& s, std::size_t& off, std::size_t n, std::vector<held>& out) {
   for (std::size_t end = off + n; off < end;) {
     auto b = s.read_pooled(deadline(10s));
     ASSERT_TRUE(b) << b.error().message();
@@ -290,11 +279,11 @@ TEST_P(RecvBuffers, ReadsFromAnotherWorkerWhileTheArmingRingRunsDryLoseNoBuffer)
     auto w2 = spawn([&] { write_stream(p2.client, 2, 4 * 1024 * 1024); });
     // p2's multishot armed on worker 0; then worker 0's pool nearly all lent.
     spawn([&] {
-      hold_pooled(p2.server, 2, off2, 1, held0);
+      hold_pooled(p2.server, off2, 1, held0);
       spoiled += spoiled_in(held0, 2);
       held0.clear();
       auto w1 = spawn([&] { write_stream(p1.client, 1, 1000 * kBlock); });
-      hold_pooled(p1.server, 1, off1, 1000 * kBlock, held0);
+      hold_pooled(p1.server, off1, 1000 * kBlock, held0);
       w1.join();
     }, {.pinned = true, .worker = 0}).join();
     // Worker 1 reads p2 in turns; half-way, it drops worker 0's buffers.
@@ -307,7 +296,7 @@ TEST_P(RecvBuffers, ReadsFromAnotherWorkerWhileTheArmingRingRunsDryLoseNoBuffer)
         }
         if (turn % 3 == 0) {
           std::vector<held> one;
-          hold_pooled(p2.server, 2, off2, 1, one);
+          hold_pooled(p2.server, off2, 1, one);
           spoiled += spoiled_in(one, 2);
         } else if (turn % 3 == 1) {
           char buf[1500];
@@ -332,7 +321,7 @@ TEST_P(RecvBuffers, ReadsFromAnotherWorkerWhileTheArmingRingRunsDryLoseNoBuffer)
     spawn([&] {
       std::vector<held> all;
       auto w3 = spawn([&] { write_stream(p3.client, 3, 1024 * kBlock); });
-      hold_pooled(p3.server, 3, off3, 1024 * kBlock, all);
+      hold_pooled(p3.server, off3, 1024 * kBlock, all);
       w3.join();
       spoiled += spoiled_in(all, 3);
     }, {.pinned = true, .worker = 0}).join();

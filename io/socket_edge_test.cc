@@ -36,6 +36,7 @@ namespace {
 using namespace std::chrono_literals;
 using testing::Runtime;
 using testing::addr_of;
+using testing::multishot_recv_on;
 using testing::connected_pair;
 using testing::expect_echo_of;
 using testing::spawn_echo_server;
@@ -1140,14 +1141,6 @@ TEST_P(Sockets, ResolveFindsLocalhostAndReportsUnknownNames) {
     EXPECT_FALSE(bad.error().message().empty());
     EXPECT_EQ(resolve("localhost", 70000).error(), std::errc::invalid_argument);
   });
-}
-
-// Whether pooled reads arm a multishot receive here (io/recv.cc): io_uring
-// with the buffer ring, WEFT_MULTISHOT_RECV not "0". Inside a run.
-bool multishot_recv_on() {
-  const char* v = std::getenv("WEFT_MULTISHOT_RECV");
-  const io_stats st = get_io_stats();
-  return st.driver == "io_uring" && st.buffer_backing != "heap" && !(v && std::string(v) == "0");
 }
 
 // read_pooled(), read() and readv() in turns on one stream: each takes up

@@ -115,6 +115,14 @@ inline void expect_echo_of(const std::string& addr, std::string_view msg) {
   (void)c->close();
 }
 
+// Whether pooled reads arm a multishot receive here (io/recv.cc): io_uring
+// with the buffer ring, WEFT_MULTISHOT_RECV not "0". Inside a run.
+inline bool multishot_recv_on() {
+  const char* v = std::getenv("WEFT_MULTISHOT_RECV");
+  const io_stats st = get_io_stats();
+  return st.driver == "io_uring" && st.buffer_backing != "heap" && !(v && std::string(v) == "0");
+}
+
 // io_uring, and WEFT_WRITE_BEHIND not "0": TCP streams then send small
 // writes behind the fiber (the kernel permitting: see io/uring_driver.cc's
 // make_uring_driver()). Only inside a run (it asks the running drivers).
