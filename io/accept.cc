@@ -25,10 +25,12 @@
 //     deleted) + 1 while armed + 1 per accept() call in progress. The last unref() deletes
 //     the state, closing the descriptors still in ready_.
 //   - Once closed_, nothing arms again, accept() fails with EBADF and
-//     descriptors that still arrive are closed at once, except for a
-//     descriptor promised to an acceptor (*Promises* in io/parked.h): an
-//     acceptor an arrival woke, when it runs after a close, still takes a
-//     queued descriptor, as a reader woken by data gets it in io/recv.cc.
+//     descriptors queued or still arriving are closed at once (shut(),
+//     on_result()), except for a descriptor promised to an acceptor
+//     (*Promises* in io/parked.h): an acceptor an arrival woke, when it
+//     runs after a close, still takes a queued descriptor, as a reader
+//     woken by data gets it in io/recv.cc. So ready_ then holds at most
+//     one descriptor per promise.
 //   - Back-pressure: the multishot accepts only while someone wants
 //     connections. It is cancelled (stopping_) once ready_ holds cap_
 //     descriptors nobody took, and when an accept() gives up (deadline,
@@ -119,6 +121,7 @@ class accept_state final : public multishot_sink {
       }
   }
   int pop_locked() noexcept;
+  void drop_unpromised_locked(std::vector<int>& out);
   static result<int> accept_now(int listen_fd);
   static void publish(void* self, sched::wake_token t);
   void retract() noexcept;
@@ -266,6 +269,25 @@ int accept_state::pop_locked() noexcept {
   return r;
 }
 
+// Under lock_, once closed_: keeps in ready_ one descriptor for each
+// woken acceptor promised one (*Promises*: it takes the front ones), and
+// moves the other descriptors to `out`, for the caller to close; a queued
+// error, which nobody can be told of any more, is dropped.
+void accept_state::drop_unpromised_locked(std::vector<int>& out) {
+  std::size_t keep = waiters_.promises();
+  std::deque<int> kept;
+  for (int r : ready_) {
+    if (r < 0) continue;
+    if (kept.size() < keep) {
+      kept.push_back(r);
+    } else {
+      g_accept_queued.fetch_sub(1, std::memory_order_relaxed);
+      out.push_back(r);
+    }
+  }
+  ready_.swap(kept);
+}
+
 // One accept4 that never blocks: the listener is non-blocking
 // (tcp_listener::bind), so when there is no connection, or the multishot
 // took it first, it fails with EAGAIN: then -1. EMFILE and the like are
@@ -325,13 +347,19 @@ void accept_state::on_driver_gone() noexcept {
 
 void accept_state::shut() noexcept {
   std::vector<sched::fiber*> wake;
+  std::vector<int> strays;
   lock_.lock();
   bool first = !closed_;
   closed_ = true;
   io_driver* owner = armed_ ? owner_ : nullptr;
   waiters_.claim(wake, /*all=*/true);
+  drop_unpromised_locked(strays);
   lock_.unlock();
   for (sched::fiber* f : wake) sched::ready(f);
+  // Their clients see the end now, as those still in the kernel's queue
+  // do when the listening socket goes: not when the listener object is
+  // destroyed, which a server draining its connections may keep for long.
+  for (int fd : strays) ::close(fd);
   // The listener's share keeps *this alive across the call; the cancel
   // only uses its address as a key. The last CQE (-ECANCELED) follows.
   if (owner) owner->cancel_multishot(*this);
