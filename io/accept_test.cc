@@ -99,5 +99,37 @@ TEST_P(Accept, ConnectionsTakenAheadEndWhenTheListenerCloses) {
   });
 }
 
+// The runtime ends right after a burst of connections reached a listener
+// whose multishot accept is armed: whatever was taken ahead of accept() is
+// closed, whether the listener dies inside the run or outlives it.
+TEST_P(Accept, ARuntimeEndingWithConnectionsTakenAheadLeaksNoDescriptor) {
+  for (bool outlives : {false, true}) {
+    for (int round = 0; round < 5; ++round) {
+      const int before = open_fds();
+      std::vector<int> clients;
+      {
+        std::optional<tcp_listener> outer;
+        Run([&] {
+          auto ln = tcp_listener::bind("127.0.0.1:0").value();
+          const socket_address a = ln.local_address().value();
+          auto acceptor = spawn([&] { return ln.accept(deadline(10s)); });
+          (void)this_fiber::sleep_for(10ms);  // parked: the multishot is armed
+          int first = connect_plain(a);
+          ASSERT_GE(first, 0);
+          clients.push_back(first);
+          ASSERT_TRUE(acceptor.join());  // accepted and closed at once
+          // A burst, and main returns without a park in between.
+          for (int i = 0; i < 40; ++i)
+            if (int c = connect_plain(a); c >= 0) clients.push_back(c);
+          if (outlives) outer.emplace(std::move(ln));
+        });
+      }
+      for (int c : clients) ::close(c);
+      EXPECT_EQ(open_fds(), before) << (outlives ? "outliving" : "in-run") << " listener, round "
+                                    << round;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace weft

@@ -309,7 +309,10 @@ class uring_driver final : public io_driver {
     tls_driver = this;
   }
   ~uring_driver() override {
-    // First: chunks its multishot receives queued stop naming it, also in
+    // First, while its provided buffers are still there: what the ring
+    // delivered to multishots and the last turns of the loop left unreaped.
+    deliver_leftover_multishots();
+    // Then: chunks its multishot receives queued stop naming it, also in
     // states no longer armed here (a stream that outlives the runtime).
     recv_driver_destroyed();
     // After every worker joined: nothing runs on the ring any more.
@@ -394,6 +397,7 @@ class uring_driver final : public io_driver {
   void prep_cancel(std::uint64_t tag);
   void cancel_tag(std::uint64_t tag) noexcept;
   void on_multishot_cqe(std::uint64_t tag, int res, std::uint32_t flags);
+  void deliver_leftover_multishots() noexcept;
   void arm_wake_read();
   bool send_ring_wake() noexcept;
   void ring_wake_refused(int res) noexcept;
@@ -1099,6 +1103,36 @@ void uring_driver::on_multishot_cqe(std::uint64_t tag, int res, std::uint32_t fl
   // drops it only in this last call (more == false); see io/accept.cc.
   // Thread-safe: rescue() calls it from the monitor.
   s->on_result(res, flags, more);
+}
+
+// The destructor's, after every worker joined: the multishot CQEs still in
+// stash_ or the CQ ring go to their sinks. The owner reaps within a
+// wake_budget and its loop stops at the runtime's exit whatever the ring
+// holds, so a burst that came in its last turns stayed there; and a
+// multishot accept's descriptor is the process's from the moment its CQE
+// is posted: only its sink (io/accept.cc) queues it for an accept() or
+// closes it, so one never delivered leaked. The other CQEs need nobody:
+// every fiber has exited, so no completion slot waits for its CQE. The
+// kernel posts nothing more: under DEFER_TASKRUN only the owner thread's
+// enter runs the multishot's work, and the ring's exit cancels it.
+void uring_driver::deliver_leftover_multishots() noexcept {
+  std::lock_guard g(reap_lock_);
+  auto deliver = [this](const io_uring_cqe& c) {
+    // A multishot_sink*: kMultishotBit alone among the low bits (the wake
+    // tags below 8 are not addresses).
+    if (c.user_data > kRingWakeTag && (c.user_data & 7) == kMultishotBit)
+      on_multishot_cqe(c.user_data, c.res, c.flags);
+  };
+  for (; stash_next_ < stash_.size(); ++stash_next_) deliver(stash_[stash_next_]);
+  stash_.clear();
+  stash_next_ = 0;
+  while (io_uring_cq_ready(&ring_) > 0) {
+    // Copied and consumed first, as in reap(): a sink may cancel, which
+    // may stash.
+    io_uring_cqe copy = ring_.cq.cqes[*ring_.cq.khead & ring_.cq.ring_mask];
+    io_uring_cq_advance(&ring_, 1);
+    deliver(copy);
+  }
 }
 
 void uring_driver::arm_wake_read() {
