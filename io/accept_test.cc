@@ -131,5 +131,211 @@ TEST_P(Accept, ARuntimeEndingWithConnectionsTakenAheadLeaksNoDescriptor) {
   }
 }
 
+// Acceptors on every worker, each giving up now and then (a deadline of a
+// few ms, or a stop request from another fiber), while clients connect:
+// every connection is served exactly once, none lost to an acceptor that
+// gave up.
+TEST_P(Accept, AcceptorsThatGiveUpWhileConnectionsArriveLoseNone) {
+  constexpr int kClients = 300;
+  std::atomic<int> served{0};
+  int hanging = 0, wrong = 0;
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    const socket_address a = ln.local_address().value();
+    std::atomic<bool> done{false};
+    auto serve = [&](tcp_stream c) {
+      spawn([&, c = std::move(c)]() mutable {
+        char b;
+        if (auto n = c.read({&b, 1}, deadline(10s)); n && *n == 1) {
+          (void)c.write_all({&b, 1});
+          served.fetch_add(1);
+        }
+      }, {.name = "conn"}).detach();
+    };
+    const int kAcceptors = 2 * static_cast<int>(worker_count());
+    std::vector<join_handle<void>> acceptors;
+    auto start = [&](int i) {
+      return spawn([&, i] {
+        int k = i;
+        while (!done.load()) {
+          auto c = ln.accept(deadline(std::chrono::milliseconds(1 + k++ % 4)));
+          if (c) serve(std::move(*c));
+          else if (c.error() == std::errc::operation_canceled) return;
+        }
+      }, {.name = "acceptor", .worker = i % static_cast<int>(worker_count())});
+    };
+    for (int i = 0; i < kAcceptors; ++i) acceptors.push_back(start(i));
+    // Stops one acceptor after another and starts a new one in its place.
+    auto stopper = spawn([&] {
+      for (int r = 0; !done.load(); ++r) {
+        (void)this_fiber::sleep_for(2ms);
+        int i = r % kAcceptors;
+        acceptors[i].request_stop();
+        acceptors[i].join();
+        acceptors[i] = start(i);
+      }
+    });
+    std::thread clients([&] {
+      std::vector<int> fds(kClients, -1);
+      for (int i = 0; i < kClients; ++i) {
+        fds[i] = connect_plain(a);
+        if (fds[i] >= 0) {
+          char b = static_cast<char>(i);
+          (void)::send(fds[i], &b, 1, MSG_NOSIGNAL);
+        }
+      }
+      for (int i = 0; i < kClients; ++i) {
+        char b = 0;
+        int o = fds[i] < 0 ? -1 : client_outcome(fds[i], 5000ms, &b);
+        if (o < 0) ++hanging;
+        else if (o == 0 || b != static_cast<char>(i)) ++wrong;
+        if (fds[i] >= 0) ::close(fds[i]);
+      }
+    });
+    (void)blocking([&] {
+      clients.join();
+      return 0;
+    });
+    done.store(true);
+    stopper.join();
+    for (auto& h : acceptors) {
+      h.request_stop();
+      h.join();
+    }
+  });
+  EXPECT_EQ(hanging, 0) << "connections no acceptor took";
+  EXPECT_EQ(wrong, 0);
+  EXPECT_EQ(served.load(), kClients);
+}
+
+// A listener closed while acceptors on every worker take a burst of
+// connections: each client is served or sees the end at once, none is left
+// hanging, and nothing taken ahead stays open.
+TEST_P(Accept, ACloseRacingAcceptsOnEveryWorkerLeavesNoClientHanging) {
+  constexpr int kClients = 200;
+  int hanging = 0;
+  Run([&] {
+    for (int round = 0; round < 3; ++round) {
+      std::optional<tcp_listener> ln(tcp_listener::bind("127.0.0.1:0").value());
+      const socket_address a = ln->local_address().value();
+      std::vector<join_handle<void>> acceptors;
+      for (unsigned i = 0; i < 2 * worker_count(); ++i)
+        acceptors.push_back(spawn([&] {
+          for (;;) {
+            auto c = ln->accept(deadline(10s));
+            if (!c) return;  // EBADF once closed
+            spawn([c = std::move(*c)]() mutable {
+              char b;
+              if (auto n = c.read({&b, 1}, deadline(10s)); n && *n == 1) (void)c.write_all({&b, 1});
+            }).detach();
+          }
+        }, {.worker = static_cast<int>(i % worker_count())}));
+      std::atomic<int> connected{0};
+      std::thread clients([&] {
+        std::vector<int> fds;
+        for (int i = 0; i < kClients; ++i) {
+          int fd = connect_plain(a);
+          if (fd < 0) continue;  // refused after the close
+          connected.fetch_add(1);
+          (void)::send(fd, "x", 1, MSG_NOSIGNAL);
+          fds.push_back(fd);
+        }
+        for (int fd : fds) {
+          if (client_outcome(fd, 3000ms) < 0) ++hanging;
+          ::close(fd);
+        }
+      });
+      while (connected.load() < kClients / 2) (void)this_fiber::sleep_for(1ms);
+      ASSERT_TRUE(ln->close());  // the object lives on until the clients are done
+      for (auto& h : acceptors) h.join();
+      (void)blocking([&] {
+        clients.join();
+        return 0;
+      });
+      EXPECT_EQ(io::stats().accept_queued, 0u);
+    }
+  });
+  EXPECT_EQ(hanging, 0) << "clients neither served nor ended";
+}
+
+// A burst of 1,000 connects to one listener with an acceptor on every
+// worker: every connection is accepted and served exactly once.
+TEST_P(Accept, ABurstOfAThousandConnectsIsServedExactlyOnce) {
+  constexpr int kClients = 1000;
+  std::vector<std::atomic<int>> served(kClients);
+  int bad = 0;
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    const socket_address a = ln.local_address().value();
+    std::vector<join_handle<void>> acceptors;
+    for (unsigned i = 0; i < worker_count(); ++i)
+      acceptors.push_back(spawn([&] {
+        for (;;) {
+          auto c = ln.accept();
+          if (!c) {
+            if (c.error() == std::errc::operation_canceled) return;
+            continue;
+          }
+          spawn([&, c = std::move(*c)]() mutable {
+            unsigned char b[2];
+            if (c.read_exact({reinterpret_cast<char*>(b), 2}, deadline(20s))) {
+              int id = b[0] | b[1] << 8;
+              if (id < kClients) served[id].fetch_add(1);
+              (void)c.write_all({"k", 1});
+            }
+          }).detach();
+        }
+      }, {.worker = static_cast<int>(i)}));
+    std::thread clients([&] {
+      std::vector<int> fds(kClients, -1);
+      for (int i = 0; i < kClients; ++i) {
+        fds[i] = connect_plain(a);
+        unsigned char b[2] = {static_cast<unsigned char>(i), static_cast<unsigned char>(i >> 8)};
+        if (fds[i] >= 0) (void)::send(fds[i], b, 2, MSG_NOSIGNAL);
+      }
+      for (int fd : fds) {
+        if (fd < 0 || client_outcome(fd, 20000ms) != 1) ++bad;
+        if (fd >= 0) ::close(fd);
+      }
+    });
+    // Joined on the blocking pool: this fiber's worker goes on.
+    (void)blocking([&] {
+      clients.join();
+      return 0;
+    });
+    for (auto& h : acceptors) {
+      h.request_stop();
+      h.join();
+    }
+  });
+  EXPECT_EQ(bad, 0);
+  for (int i = 0; i < kClients; ++i) EXPECT_EQ(served[i].load(), 1) << "client " << i;
+}
+
+// Accepts whose deadline has already passed, many in a row, with and
+// without another acceptor parked: each returns at once (timed_out, or a
+// connection already there), nothing piles up, and a parked acceptor
+// still gets the next connection.
+TEST_P(Accept, AcceptsWithTheirDeadlinePastNeitherLoseNorHoldConnections) {
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    const socket_address a = ln.local_address().value();
+    for (int i = 0; i < 200; ++i)
+      EXPECT_EQ(ln.accept(deadline(clock::now() - 1ms)).error(), std::errc::timed_out);
+    auto parked = spawn([&] { return ln.accept(deadline(10s)); });
+    (void)this_fiber::sleep_for(10ms);
+    for (int i = 0; i < 200; ++i) {
+      auto r = ln.accept(deadline(clock::now() - 1ms));
+      EXPECT_FALSE(r) << "a connection from nowhere";
+    }
+    int c = connect_plain(a);
+    ASSERT_GE(c, 0);
+    auto got = parked.join();
+    EXPECT_TRUE(got) << got.error().message();
+    ::close(c);
+    EXPECT_EQ(io::stats().accept_queued, 0u);
+  });
+}
+
 }  // namespace
 }  // namespace weft
