@@ -8,6 +8,7 @@
 // (io/BUILD.bazel), on 127.0.0.1 only. Bounded in time and count; they
 // assert behaviour, never speed.
 #include <poll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -335,6 +336,69 @@ TEST_P(Accept, AcceptsWithTheirDeadlinePastNeitherLoseNorHoldConnections) {
     ::close(c);
     EXPECT_EQ(io::stats().accept_queued, 0u);
   });
+}
+
+// Descriptors run out (EMFILE) while acceptors on every worker are parked
+// (on io_uring the multishot is armed): the connection that came is not
+// lost, no acceptor stays parked on a dead multishot, and once descriptors
+// are free again the connection is accepted and served. The acceptors
+// retry after an error, as the README's loop does.
+TEST_P(Accept, AcceptorsParkedWhenDescriptorsRunOutRecoverOnceSomeAreFree) {
+  rlimit old{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
+  // Lowered before the multishot is armed: io_uring's accept takes the
+  // limit its SQE was prepared under.
+  rlimit low = old;
+  low.rlim_cur = std::min<rlim_t>(old.rlim_cur, 512);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    const socket_address a = ln.local_address().value();
+    std::atomic<int> refused{0}, served{0};
+    std::atomic<bool> done{false};
+    std::vector<join_handle<void>> acceptors;
+    for (unsigned i = 0; i < 2 * worker_count(); ++i)
+      acceptors.push_back(spawn([&] {
+        while (!done.load()) {
+          auto c = ln.accept(deadline(10s));
+          if (!c) {
+            if (c.error() == std::errc::operation_canceled) return;
+            if (c.error() == std::errc::too_many_files_open) refused.fetch_add(1);
+            (void)this_fiber::sleep_for(1ms);
+            continue;
+          }
+          (void)c->write_all({"k", 1});
+          served.fetch_add(1);
+        }
+      }, {.worker = static_cast<int>(i % worker_count())}));
+    (void)this_fiber::sleep_for(20ms);  // all parked
+    int client = ::socket(a.family(), SOCK_STREAM | SOCK_CLOEXEC, 0);
+    ASSERT_GE(client, 0);
+    std::vector<int> fillers;
+    for (int fd; (fd = ::dup(0)) >= 0;) fillers.push_back(fd);
+    ASSERT_EQ(::connect(client, a.get(), a.size()), 0);
+    for (int i = 0; i < 500 && refused.load() == 0; ++i) (void)this_fiber::sleep_for(1ms);
+    (void)this_fiber::sleep_for(20ms);  // the acceptors spin on EMFILE meanwhile
+    for (int fd : fillers) ::close(fd);
+    // EMFILE reached an acceptor (unless another thread freed a slot in
+    // between, which the fillers cannot rule out): either way, now served.
+    char b = 0;
+    int o = -1;
+    for (int i = 0; i < 500 && o < 0; ++i) {
+      o = client_outcome(client, 0ms, &b);
+      if (o < 0) (void)this_fiber::sleep_for(10ms);
+    }
+    EXPECT_EQ(o, 1) << "the connection was not served after descriptors came free (refused "
+                    << refused.load() << " times)";
+    EXPECT_EQ(served.load(), 1);
+    ::close(client);
+    done.store(true);
+    for (auto& h : acceptors) {
+      h.request_stop();
+      h.join();
+    }
+  });
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
 }
 
 }  // namespace
