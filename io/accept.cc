@@ -3,10 +3,11 @@
 // tcp_listener::accept(). On io_uring, one multishot accept per listener
 // (see *Multishot operations* in io/driver.h) feeds a queue of accepted
 // descriptors in the listener's accept_state: accept() pops one, or parks
-// until the multishot delivers one. Before it arms the multishot it tries
-// one accept4 of its own (accept_now()), so that a connection already
-// waiting is taken by a call with a deadline of now, as the epoll
-// driver's accept4 takes it. The epoll driver keeps one accept per call
+// until the multishot delivers one. When the queue is empty it first tries
+// one accept4 of its own (accept_now()), before it arms the multishot or
+// parks on the armed one, so that a connection already waiting is taken
+// by a call with a deadline of now, as the epoll driver's accept4 takes
+// it. The epoll driver keeps one accept per call
 // (accept_once()).
 //
 // The multishot is armed on the ring of the worker where an accept() finds
@@ -186,7 +187,7 @@ io_driver* accept_state::stop_locked() noexcept {
 
 result<int> accept_state::take(int listen_fd, clock::time_point deadline,
                                std::source_location where) {
-  bool tried = false;  // accept_now() before arming, once per call
+  bool tried = false;  // accept_now() before arming or parking, once per call
   bool woken = false;  // the last park ended with a wake (maybe an arrival's)
   for (;;) {
     lock_.lock();
@@ -210,24 +211,28 @@ result<int> accept_state::take(int listen_fd, clock::time_point deadline,
       if (r < 0) return sys_error(-r);
       return r;
     }
+    if (!tried) {
+      // A connection that waits in the kernel's queue is taken now (Go's
+      // accept tries before it waits), also while the multishot is armed:
+      // the multishot (armed already, or below) takes it only once its
+      // worker reaps its ring (under DEFER_TASKRUN, only then does the
+      // kernel even accept it), after a deadline of now or a moment away
+      // has ended the call. A connection either one takes is served.
+      lock_.unlock();
+      tried = true;
+      auto r = accept_now(listen_fd);
+      if (r && *r >= 0)
+        if (io_driver* d = current_driver())  // no park since: d's worker, its writer
+          io_counters::bump(d->counters().ops);
+      if (!r || *r >= 0) return r;
+      continue;  // none: look again under lock_, then arm or park
+    }
     if (!armed_) {
       // Read here, not before a park: the fiber may have moved since.
       io_driver* d = current_driver();
       if (!d || !d->has_multishot_accept()) {
         lock_.unlock();
         return std::unexpected(std::make_error_code(std::errc::not_supported));
-      }
-      if (!tried) {
-        // A connection that waits in the kernel's queue is taken now (Go's
-        // accept tries before it waits): the multishot armed below would
-        // deliver it only once this worker reaps its ring, after a
-        // deadline of now or a moment away has ended the call.
-        lock_.unlock();
-        tried = true;
-        auto r = accept_now(listen_fd);
-        if (r && *r >= 0) io_counters::bump(d->counters().ops);  // on d's worker: its writer
-        if (!r || *r >= 0) return r;
-        continue;  // none: look again under lock_, then arm
       }
       armed_ = true;
       stopping_ = false;

@@ -401,5 +401,34 @@ TEST_P(Accept, AcceptorsParkedWhenDescriptorsRunOutRecoverOnceSomeAreFree) {
   ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
 }
 
+// A connection already in the kernel's queue is taken by an accept whose
+// deadline is now, also while io_uring's multishot accept is armed (an
+// earlier accept() armed it, got its connection and left it armed), as
+// epoll's accept4 takes it: the multishot takes the connection only at its
+// worker's next turn, after the call has given up.
+TEST_P(Accept, AnAcceptAtItsDeadlineTakesAQueuedConnectionWhileTheMultishotIsArmed) {
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    const socket_address a = ln.local_address().value();
+    auto first = spawn([&] { return ln.accept(deadline(10s)); });
+    (void)this_fiber::sleep_for(20ms);  // parked: on io_uring the multishot is armed
+    int c0 = connect_plain(a);
+    ASSERT_GE(c0, 0);
+    ASSERT_TRUE(first.join());  // the multishot stays armed: nobody gave up
+    int missed = 0;
+    std::vector<int> clients;
+    for (int i = 0; i < 20; ++i) {
+      int c = connect_plain(a);  // queued by the kernel when it returns
+      ASSERT_GE(c, 0);
+      clients.push_back(c);
+      auto s = ln.accept(deadline(0us));
+      if (!s) ++missed;
+    }
+    EXPECT_EQ(missed, 0) << "accepts at their deadline that missed a queued connection";
+    ::close(c0);
+    for (int c : clients) ::close(c);
+  });
+}
+
 }  // namespace
 }  // namespace weft
