@@ -16,6 +16,7 @@
 #include <mutex>
 #include <optional>
 #include <set>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -66,10 +67,10 @@ int client_outcome(int fd, std::chrono::milliseconds within, char* got = nullptr
 // as the clients still in the kernel's queue do (and as with epoll, or Go).
 // The listener object stays alive (a server that closed it to stop
 // accepting while its connections drain).
-TEST_P(Accept, ConnectionsTakenAheadEndWhenTheListenerCloses) {
-  Run([&] {
+void expect_taken_ahead_end_at_close(const std::string& addr) {
+  {
     constexpr int kClients = 8;
-    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    auto ln = tcp_listener::bind(addr).value();
     const socket_address a = ln.local_address().value();
     auto acceptor = spawn([&] { return ln.accept(deadline(10s)); });
     (void)this_fiber::sleep_for(20ms);  // parked: on io_uring the multishot is armed
@@ -97,6 +98,18 @@ TEST_P(Accept, ConnectionsTakenAheadEndWhenTheListenerCloses) {
     EXPECT_EQ(io::stats().accept_queued, 0u);
     for (int c : clients)
       if (c >= 0) ::close(c);
+  }
+}
+
+TEST_P(Accept, ConnectionsTakenAheadEndWhenTheListenerCloses) {
+  Run([&] { expect_taken_ahead_end_at_close("127.0.0.1:0"); });
+}
+
+// The same for a Unix listener (an abstract name: no file to clean up).
+TEST_P(Accept, ConnectionsTakenAheadEndWhenAUnixListenerCloses) {
+  Run([&] {
+    expect_taken_ahead_end_at_close("unix:@weft-accept-test-" + std::to_string(::getpid()) + "-" +
+                                    std::to_string(workers()));
   });
 }
 
