@@ -443,5 +443,42 @@ TEST_P(Accept, AnAcceptAtItsDeadlineTakesAQueuedConnectionWhileTheMultishotIsArm
   });
 }
 
+// A listener that outlives one run serves, in the next, the connections
+// that reached it at the end of the first (taken ahead by its multishot,
+// or still in the kernel's queue): none lost, none twice.
+TEST_P(Accept, AListenerUsedAcrossTwoRunsServesTheConnectionsOfTheFirst) {
+  constexpr int kClients = 10;
+  std::optional<tcp_listener> ln;
+  std::vector<int> clients;
+  Run([&] {
+    ln.emplace(tcp_listener::bind("127.0.0.1:0").value());
+    const socket_address a = ln->local_address().value();
+    auto acceptor = spawn([&] { return ln->accept(deadline(10s)); });
+    (void)this_fiber::sleep_for(10ms);  // parked: the multishot is armed
+    int first = connect_plain(a);
+    ASSERT_GE(first, 0);
+    ::close(first);
+    ASSERT_TRUE(acceptor.join());
+    for (int i = 0; i < kClients; ++i)
+      if (int c = connect_plain(a); c >= 0) clients.push_back(c);
+  });
+  ASSERT_EQ(clients.size(), std::size_t{kClients});
+  Run([&] {
+    for (int i = 0; i < kClients; ++i) {
+      auto s = ln->accept(deadline(5s));
+      ASSERT_TRUE(s) << i << ": " << s.error().message();
+      ASSERT_TRUE(s->write_all({"k", 1}));
+    }
+    EXPECT_EQ(ln->accept(deadline(50ms)).error(), std::errc::timed_out);
+  });
+  int served = 0;
+  for (int c : clients) {
+    served += client_outcome(c, 2000ms) == 1;
+    ::close(c);
+  }
+  EXPECT_EQ(served, kClients);
+  ln.reset();
+}
+
 }  // namespace
 }  // namespace weft
