@@ -50,10 +50,14 @@ result<socket_address> socket_address::parse(std::string_view text) {
     auto* su = reinterpret_cast<sockaddr_un*>(&a.storage_);
     // A path needs room for its NUL; an abstract name (Linux: '@' stands
     // for the leading NUL) has none, and its length is the address's.
+    // A NUL would end a path early (the kernel stops there), so a path has
+    // none; an abstract name is bytes, NULs included (the kernel compares
+    // all of them, and Go's "@a\x00b" is such a name): one the kernel gives
+    // (local_address(), a peer's) prints with them, and parses back.
     const bool abstract = path.starts_with('@');
     if (path.size() < (abstract ? 2u : 1u) ||
         path.size() > sizeof su->sun_path - (abstract ? 0 : 1) ||
-        path.find('\0') != std::string_view::npos)
+        (!abstract && path.find('\0') != std::string_view::npos))
       return invalid();
     su->sun_family = AF_UNIX;
     std::memcpy(su->sun_path, path.data(), path.size());

@@ -80,7 +80,8 @@ class socket_address {
   socket_address() = default;
   // "127.0.0.1:7000", "[::1]:7000", "[fe80::1%eth0]:7000" (a zone: an
   // interface name or index), "unix:/run/app.sock", "unix:@name" (Linux's
-  // abstract namespace: '@' stands for the leading NUL). Numeric only: no
+  // abstract namespace: '@' stands for the leading NUL; the name may hold
+  // NULs, a path may not). Numeric only: no
   // name lookup (bind() and connect() look up "name:port"). A Unix path longer than sun_path holds (107 bytes, 108
   // for an abstract name) is invalid_argument, never truncated.
   // tcp_listener and tcp_stream take a "unix:" address for a Unix stream

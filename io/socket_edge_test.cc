@@ -673,6 +673,45 @@ TEST_P(Sockets, AbstractUnixAddressesParsePrintBackAndEcho) {
   });
 }
 
+// An abstract name is bytes, NULs included (the kernel compares all of
+// them; Go's "@a\x00b" names one). Before, parse() refused any NUL, so the
+// address of a listener bound to such a name (by another program, or
+// handed in) printed as "unix:@a\0b" and did not parse back, against
+// to_string()'s promise; nothing could connect to it by address text. A
+// NUL in a path is still invalid_argument: the kernel would stop there.
+TEST_P(Sockets, AnAbstractUnixNameMayHoldNuls) {
+  Run([&] {
+    const std::string name = std::string("weft\0nul-", 10) + std::to_string(::getpid()) +
+                             std::string("\0", 1) + std::to_string(workers());
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    ASSERT_GE(fd, 0);
+    sockaddr_un su{};
+    su.sun_family = AF_UNIX;
+    std::memcpy(su.sun_path + 1, name.data(), name.size());  // sun_path[0]: the NUL
+    ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&su),
+                     static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size())),
+              0);
+    ASSERT_EQ(::listen(fd, 8), 0);
+    tcp_listener ln(fd);
+    auto local = ln.local_address().value();
+    EXPECT_EQ(local.to_string(), "unix:@" + name);
+    auto back = socket_address::parse(local.to_string());
+    ASSERT_TRUE(back) << back.error().message();
+    EXPECT_EQ(back->size(), local.size());
+    EXPECT_EQ(std::memcmp(back->get(), local.get(), local.size()), 0);
+    auto server = spawn_echo_server(ln);
+    expect_echo_of(local.to_string(), "nul");
+    server.request_stop();
+    server.join();
+    // The name up to its first NUL is another address: nobody listens there.
+    auto cut = tcp_stream::connect("unix:@weft", deadline(5s));
+    ASSERT_FALSE(cut);
+    EXPECT_EQ(cut.error(), std::errc::connection_refused) << cut.error().message();
+    EXPECT_EQ(socket_address::parse(std::string("unix:/tmp/a\0b", 14)).error(),
+              std::errc::invalid_argument);
+  });
+}
+
 TEST_P(Sockets, UnixStreamSocketsEcho) {
   // Not under TEST_TMPDIR: Bazel's output paths can exceed the 107
   // characters a Unix socket path may have.
