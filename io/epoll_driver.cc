@@ -31,7 +31,8 @@
 // Regular-file operations (openat, read_at, write_at, fsync, close) have
 // no readiness: they run on the blocking pool (io/blocking.h) while the
 // fiber parks, so a slow disk never stalls the worker. Nor has a connect to
-// a Unix listener whose accept queue is full: see *Full Unix listeners*.
+// a Unix listener whose accept queue is full, nor a datagram sent by
+// address to a full Unix receiver: see *Full Unix listeners*.
 //
 // *Receive buffers* (recv_pooled, for tcp_stream::read_pooled): each
 // try of the receive borrows a heap buffer of kPooledBufferSize from the
@@ -68,6 +69,7 @@
 
 #include "io/blocking.h"
 #include "io/driver.h"
+#include "io/fd_state.h"
 #include "io/recv.h"
 #include "sched/worker.h"
 
@@ -195,11 +197,22 @@ result<int> to_result(int r) {
 // queue), the deadline passes (timed_out) or the fiber is asked to stop
 // (operation_canceled). Room is found at most kUnixRetryMax after it
 // appears (io_uring's at once), for one connect(2) per interval.
+//
+// The same holds for a datagram sent by address (sendto, udp_socket::
+// send_to) from a Unix datagram socket to a receiver whose queue is full
+// (net.unix.max_dgram_qlen, 10 by default: a slow syslog reader): EAGAIN,
+// while the sender polls writable at once (the kernel only watches the
+// receiver of a *connected* socket, whose send() therefore waits for
+// readiness as any other). Waiting for readiness spun a core until the
+// deadline; it is retried by the clock too. A close() of the socket by
+// another fiber cannot cancel a wait that was never armed, so each retry
+// first looks whether the socket was closed (bad_file_descriptor, as for
+// every call that close() ends), within kUnixRetryMax of the close.
 constexpr auto kUnixRetryFirst = std::chrono::milliseconds(1);
 constexpr auto kUnixRetryMax = std::chrono::milliseconds(16);
 
-result<int> connect_when_room(op& o, int r, clock::time_point deadline, const char* what,
-                              std::source_location where) {
+result<int> retry_by_clock(op& o, int r, clock::time_point deadline, const char* what,
+                           std::source_location where) {
   for (auto pause = kUnixRetryFirst; r == -EAGAIN; pause = std::min(pause * 2, kUnixRetryMax)) {
     const clock::time_point now = clock::now();
     if (now >= deadline) return std::unexpected(std::make_error_code(std::errc::timed_out));
@@ -210,9 +223,17 @@ result<int> connect_when_room(op& o, int r, clock::time_point deadline, const ch
       sched::unwind_point();
       return std::unexpected(std::make_error_code(std::errc::operation_canceled));
     }
+    if (o.use && o.use->st && o.use->st->closed()) return to_result(-EBADF);
     r = try_once(o);
   }
   return to_result(r);
+}
+
+// A send by address to a Unix datagram receiver (see above).
+bool unix_send_to(const op& o) {
+  return o.kind == op_kind::sendmsg && o.msg->msg_name &&
+         o.msg->msg_namelen >= sizeof(sa_family_t) &&
+         static_cast<const sockaddr*>(o.msg->msg_name)->sa_family == AF_UNIX;
 }
 
 bool is_file_op(op_kind k) {
@@ -398,7 +419,7 @@ result<int> epoll_driver::perform(op& o, clock::time_point deadline, const char*
     if (int e = set_nonblocking(o.fd)) return to_result(e);
     int r = try_once(o);
     if (r == -EAGAIN && o.addr->sa_family == AF_UNIX)
-      return connect_when_room(o, r, deadline, what, where);
+      return retry_by_clock(o, r, deadline, what, where);
     if (r != -EINPROGRESS) return to_result(r);
     for (;;) {
       if (auto w = wait_ready(o.fd, o.use, true, deadline, what, where); !w)
@@ -425,6 +446,7 @@ result<int> epoll_driver::perform(op& o, clock::time_point deadline, const char*
     }
     if (clock::now() >= deadline)
       return std::unexpected(std::make_error_code(std::errc::timed_out));
+    if (unix_send_to(o)) return retry_by_clock(o, r, deadline, what, where);
     if (auto w = wait_ready(o.fd, o.use, wants_write(o), deadline, what, where); !w)
       return std::unexpected(w.error());
   }

@@ -1147,6 +1147,60 @@ TEST_P(Sockets, AConnectedUdpSocketHearsThePeerIsGone) {
   });
 }
 
+// A datagram sent by address from a Unix datagram socket to a receiver
+// whose queue is full (net.unix.max_dgram_qlen, 10 by default) waits, as a
+// blocking sendto(2) does, for room, its deadline, a stop or a close(),
+// without keeping a core busy. The epoll driver waited for the sender to
+// be writable, which it is at once (the kernel watches only a connected
+// socket's receiver), so the wait spun a core until the deadline.
+TEST_P(Sockets, ASendToAFullUnixDatagramReceiverWaitsWithoutSpinning) {
+  const std::string tag = std::to_string(::getpid()) + "-" + std::to_string(workers());
+  Run([&] {
+    auto rx = udp_socket::bind("unix:@weft-dgram-rx-" + tag).value();
+    auto tx = udp_socket::bind("unix:@weft-dgram-tx-" + tag).value();
+    auto to = rx.local_address().value();
+    std::error_code full;
+    for (int i = 0; i < 1000 && !full; ++i) {
+      auto r = tx.send_to({"d", 1}, to, deadline(300ms));
+      if (!r) full = r.error();
+    }
+    ASSERT_EQ(full, std::errc::timed_out) << full.message();
+    const auto cpu0 = process_cpu();
+    const auto t0 = std::chrono::steady_clock::now();
+    auto r = tx.send_to({"d", 1}, to, deadline(300ms));
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error(), std::errc::timed_out);
+    const auto wall = std::chrono::steady_clock::now() - t0;
+    EXPECT_LT(process_cpu() - cpu0, wall / 3) << "the wait kept a core busy";
+    // A receive makes room: the parked sender goes on.
+    auto sender = spawn([&] {
+      auto s = tx.send_to({"e", 1}, to, deadline(10s));
+      return s ? std::error_code() : s.error();
+    });
+    (void)this_fiber::sleep_for(30ms);
+    char b[4];
+    ASSERT_TRUE(rx.recv_from(b, nullptr, deadline(5s)));
+    EXPECT_EQ(sender.join(), std::error_code());
+    // A stop and a close() end the wait.
+    auto stopped = spawn([&] {
+      auto s = tx.send_to({"f", 1}, to, deadline(10s));
+      return s ? std::error_code() : s.error();
+    });
+    (void)this_fiber::sleep_for(30ms);
+    stopped.request_stop();
+    EXPECT_EQ(stopped.join(), std::errc::operation_canceled);
+    auto closed = spawn([&] {
+      auto s = tx.send_to({"g", 1}, to, deadline(10s));
+      return s ? std::error_code() : s.error();
+    });
+    (void)this_fiber::sleep_for(30ms);
+    const auto t1 = std::chrono::steady_clock::now();
+    ASSERT_TRUE(tx.close());
+    EXPECT_EQ(closed.join(), std::errc::bad_file_descriptor);
+    EXPECT_LT(std::chrono::steady_clock::now() - t1, 2s);
+  });
+}
+
 TEST_P(Sockets, SetBroadcastSetsSoBroadcast) {
   Run([&] {
     auto u = udp_socket::bind("127.0.0.1:0").value();
