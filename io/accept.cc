@@ -7,8 +7,8 @@
 // one accept4 of its own (accept_now()), before it arms the multishot or
 // parks on the armed one, so that a connection already waiting is taken
 // by a call with a deadline of now, as the epoll driver's accept4 takes
-// it. The epoll driver keeps one accept per call
-// (accept_once()).
+// it. The epoll driver keeps one accept per call (accept_once()), one
+// acceptor at a time: see *Polled accepts*.
 //
 // The multishot is armed on the ring of the worker where an accept() finds
 // none armed. Its CQEs arrive in that worker's reap() even after the
@@ -17,8 +17,8 @@
 // touches a fiber's stack.
 //
 // Invariants:
-//   - lock_ guards ready_, waiters_ (and its promises), armed_, owner_ and
-//     closed_.
+//   - lock_ guards ready_, waiters_ (and its promises), armed_, owner_,
+//     closed_, polling_ and queued_.
 //   - armed_ <=> a multishot SQE on owner_'s ring names this state and
 //     holds one share of refs_. Only its last CQE (more == false) or
 //     on_driver_gone() clears armed_, and drops that share after.
@@ -53,6 +53,27 @@
 // does: taken before its park and dropped after it, while its fiber runs,
 // so the detector (which runs only while every worker is idle) always
 // sees the exact count.
+//
+// *Polled accepts* (a driver without multishot accept: epoll): each
+// worker's epoll instance has the listener armed for its own waiters, so
+// a connection would wake every acceptor parked on it (all report it
+// readable; one wins accept4, the rest find EAGAIN and park again: a
+// thundering herd). Instead, as Go's accept waits on the fd's lock, one
+// acceptor at a time holds the poller role (polling_) and waits for
+// readiness in accept_once(); the others park in queued_, oldest first.
+// The poller hands the role to the oldest when its call ends for any
+// reason (a connection, an error, its deadline, a stop request): claimed
+// under lock_, polling_ stays set and belongs to the woken fiber, which
+// then polls; with none queued polling_ is cleared. So a connection wakes
+// one acceptor, and acceptors are served in turn (a server with an
+// acceptor per worker gets its connections spread over them). A queued
+// acceptor that gives up forgets its token under lock_, so the role is
+// never handed to a fiber that is gone; a close wakes the poller (its
+// readiness wait is cancelled, and the shut-down listener is readable)
+// and shut() every queued acceptor, all failing with EBADF. Before it
+// queues, a call tries one accept4 of its own (accept_now()): a
+// connection already waiting is taken at once, also by a call with a
+// deadline of now; a poller that then finds EAGAIN just waits again.
 //
 // Who calls what:
 //   accept()               a fiber, any worker
@@ -108,6 +129,8 @@ class accept_state final : public multishot_sink {
   // parking until one arrives. std::errc::not_supported: this worker's
   // driver has no multishot accept (the caller accepts once instead).
   result<int> take(int listen_fd, clock::time_point deadline, std::source_location where);
+  // A connection taken one acceptor at a time (*Polled accepts*).
+  result<int> take_polled(fd_guard& g, clock::time_point deadline, std::source_location where);
   void shut() noexcept;
   void on_result(int res, std::uint32_t flags, bool more) noexcept override;
   void on_driver_gone() noexcept override;
@@ -125,6 +148,8 @@ class accept_state final : public multishot_sink {
   void drop_unpromised_locked(std::vector<int>& out);
   static result<int> accept_now(int listen_fd);
   static void publish(void* self, sched::wake_token t);
+  static void publish_queued(void* self, sched::wake_token t);
+  void hand_on() noexcept;
   void retract() noexcept;
   io_driver* stop_locked() noexcept;
 
@@ -140,6 +165,10 @@ class accept_state final : public multishot_sink {
   bool armed_ = false;                     // guarded by lock_
   bool stopping_ = false;                  // guarded by lock_: a cancel of the armed multishot was sent
   bool closed_ = false;                    // guarded by lock_
+  // *Polled accepts*, guarded by lock_: an acceptor holds the poller role;
+  // the acceptors waiting for it.
+  bool polling_ = false;
+  parked_fibers queued_;
   std::string unlink_path_;                // set before any accept(); used by shut() once
   std::atomic<int> refs_{1};
 };
@@ -164,6 +193,85 @@ void accept_state::publish(void* self, sched::wake_token t) {
   auto* s = static_cast<accept_state*>(self);
   s->waiters_.add(t);
   s->lock_.unlock();
+}
+
+// take_polled()'s park: it parked holding lock_.
+void accept_state::publish_queued(void* self, sched::wake_token t) {
+  auto* s = static_cast<accept_state*>(self);
+  s->queued_.add(t);
+  s->lock_.unlock();
+}
+
+// The poller's call ends: the role goes to the oldest queued acceptor
+// still parked (polling_ stays set, now for it), or is given up.
+void accept_state::hand_on() noexcept {
+  std::vector<sched::fiber*> next;
+  lock_.lock();
+  queued_.claim(next, /*all=*/false);
+  if (next.empty()) polling_ = false;
+  lock_.unlock();
+  for (sched::fiber* f : next) sched::ready(f);
+}
+
+result<int> accept_state::take_polled(fd_guard& g, clock::time_point deadline,
+                                      std::source_location where) {
+  bool tried = false;   // accept_now() before queueing, once per call
+  bool handed = false;  // the last park ended with a wake: hand_on() or shut()
+  for (;;) {
+    lock_.lock();
+    if (closed_) {  // shut() woke us (or the role came just before it)
+      lock_.unlock();
+      return sys_error(EBADF);
+    }
+    if (handed || !polling_) {
+      polling_ = true;
+      lock_.unlock();
+      break;
+    }
+    if (!tried) {
+      lock_.unlock();
+      tried = true;
+      auto r = accept_now(g.fd());
+      if (r && *r >= 0)
+        if (io_driver* d = current_driver())  // no park since: d's worker, its writer
+          io_counters::bump(d->counters().ops);
+      if (!r || *r >= 0) return r;
+      continue;  // none: look again under lock_, then poll or queue
+    }
+    if (clock::now() >= deadline) {
+      lock_.unlock();
+      return std::unexpected(std::make_error_code(std::errc::timed_out));
+    }
+    // publish_queued() records the token and unlocks lock_. See *Deadlock*:
+    // a client that connects wakes it (through the poller).
+    sched::scheduler::add_fiber_outside_ref(+1);
+    sched::wake_reason why = sched::park({.publish = &accept_state::publish_queued,
+                                          .arg = this,
+                                          .deadline = deadline,
+                                          .cancellable = true,
+                                          .what = "tcp accept",
+                                          .where = where});
+    sched::scheduler::add_fiber_outside_ref(-1);
+    if (why == sched::wake_reason::notified) {  // the waker popped the token
+      handed = true;
+      continue;
+    }
+    // No waker took the token, so the role was not handed to us.
+    lock_.lock();
+    queued_.forget_current();
+    lock_.unlock();
+    if (why == sched::wake_reason::timed_out)
+      return std::unexpected(std::make_error_code(std::errc::timed_out));
+    sched::unwind_point();
+    return std::unexpected(std::make_error_code(std::errc::operation_canceled));
+  }
+  // The poller: the role passes on however the call ends, also when the
+  // runtime unwinds this fiber.
+  struct role {
+    accept_state* s;
+    ~role() { s->hand_on(); }
+  } held{this};
+  return accept_once(g, deadline, where);
 }
 
 // After a park that was not a notify: forgets this fiber's token if no
@@ -358,6 +466,7 @@ void accept_state::shut() noexcept {
   closed_ = true;
   io_driver* owner = armed_ ? owner_ : nullptr;
   waiters_.claim(wake, /*all=*/true);
+  queued_.claim(wake, /*all=*/true);  // *Polled accepts*: they fail with EBADF
   drop_unpromised_locked(strays);
   lock_.unlock();
   for (sched::fiber* f : wake) sched::ready(f);
@@ -401,7 +510,13 @@ result<tcp_stream> tcp_listener::accept(deadline_arg d, std::source_location whe
     } held{s};
     r = s->take(g.fd(), d.when, where);
   }
-  if (!r && r.error() == std::errc::not_supported) r = accept_once(g, d.when, where);
+  if (!r && r.error() == std::errc::not_supported) {
+    // epoll (or a plain thread): one acceptor at a time waits for
+    // readiness (*Polled accepts*); a listener adopted, not made by
+    // bind(), has no state to queue on.
+    if (s && here) r = s->take_polled(g, d.when, where);
+    else r = accept_once(g, d.when, where);
+  }
   if (!r && g.closed()) return sys_error(EBADF);
   if (!r) return std::unexpected(r.error());
   return tcp_stream(*r);

@@ -12,7 +12,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
+#include <cstdio>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -220,6 +222,123 @@ TEST_P(Accept, AcceptorsThatGiveUpWhileConnectionsArriveLoseNone) {
   EXPECT_EQ(hanging, 0) << "connections no acceptor took";
   EXPECT_EQ(wrong, 0);
   EXPECT_EQ(served.load(), kClients);
+}
+
+// Four acceptors (one per worker with 4 workers) parked on one listener,
+// 200 connects one after another: each connection wakes one acceptor, not
+// all of them (DESIGN.md: no thundering herd). On epoll, where each
+// worker's epoll instance reports the listener to its own waiters, one
+// acceptor at a time waits for readiness and the others queue behind it
+// (io/accept.cc, *Polled accepts*), as Go's accept waits on the fd's lock;
+// io_uring's multishot hands out one connection per acceptor. Counted by
+// the readiness waits armed (io_stats::parked): about one per connection,
+// where a herd arms one per acceptor. The acceptors are served in turn,
+// and each connection exactly once.
+TEST_P(Accept, AConnectionWakesOneParkedAcceptorAndAcceptorsTakeTurns) {
+  constexpr int kClients = 200;
+  constexpr int kAcceptors = 4;
+  std::array<std::atomic<int>, kAcceptors> took{};
+  std::atomic<int> accepted{0};
+  int bad = 0;
+  std::uint64_t parks = 0;
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    const socket_address a = ln.local_address().value();
+    std::vector<join_handle<void>> acceptors;
+    for (int i = 0; i < kAcceptors; ++i)
+      acceptors.push_back(spawn([&, i] {
+        for (;;) {
+          auto c = ln.accept(deadline(20s));
+          if (!c) {
+            if (c.error() == std::errc::operation_canceled) return;
+            continue;
+          }
+          took[i].fetch_add(1);
+          accepted.fetch_add(1);
+          (void)c->write_all({"k", 1});  // a fresh socket's buffer: no wait
+        }
+      }, {.worker = i % static_cast<int>(worker_count())}));
+    (void)this_fiber::sleep_for(50ms);  // all parked
+    const std::uint64_t before = io::stats().parked;
+    (void)blocking([&] {
+      for (int i = 0; i < kClients; ++i) {
+        int fd = connect_plain(a);
+        // Served (its byte came) before the next connects.
+        if (fd < 0 || client_outcome(fd, 5000ms) != 1) ++bad;
+        if (fd >= 0) ::close(fd);
+      }
+      return 0;
+    });
+    (void)this_fiber::sleep_for(20ms);  // the last acceptor parks again
+    parks = io::stats().parked - before;
+    for (auto& h : acceptors) {
+      h.request_stop();
+      h.join();
+    }
+  });
+  EXPECT_EQ(bad, 0) << "connections not served";
+  EXPECT_EQ(accepted.load(), kClients) << "connections served twice or lost";
+  // One readiness wait per connection, and a little slack; a herd takes
+  // about kAcceptors per connection.
+  EXPECT_LE(parks, std::uint64_t{kClients} * 3 / 2) << "readiness waits for " << kClients
+                                                     << " connections";
+  for (int i = 0; i < kAcceptors; ++i)
+    EXPECT_GE(took[i].load(), kClients / kAcceptors / 2)
+        << "acceptor " << i << " took " << took[i].load() << " of " << kClients;
+  std::printf("parks for %d connections: %llu; taken per acceptor:", kClients,
+              static_cast<unsigned long long>(parks));
+  for (auto& t : took) std::printf(" %d", t.load());
+  std::printf("\n");
+}
+
+// Acceptors parked on one listener, some waiting for readiness and the
+// rest queued behind the one that does (epoll: *Polled accepts* in
+// io/accept.cc): a poller that gives up (its deadline, a stop request)
+// hands the role on, so the next connection is still served; each parked
+// acceptor ends promptly with its own error: timed_out at its deadline,
+// operation_canceled on its stop request, EBADF at the close.
+TEST_P(Accept, ParkedAcceptorsEndPromptlyWithTheirOwnErrorAndHandTheRoleOn) {
+  Run([&] {
+    auto ln = tcp_listener::bind("127.0.0.1:0").value();
+    const socket_address a = ln.local_address().value();
+    auto acceptor = [&](std::chrono::milliseconds d, int w) {
+      return spawn([&, d] {
+        auto t0 = clock::now();
+        auto r = ln.accept(deadline(d));
+        return std::pair{r ? std::error_code{} : r.error(), clock::now() - t0};
+      }, {.worker = w % static_cast<int>(worker_count())});
+    };
+    // The first parked (the poller, on epoll) times out first, the second
+    // is stopped; the third then takes a connection.
+    auto first = acceptor(50ms, 0);
+    (void)this_fiber::sleep_for(10ms);
+    auto second = acceptor(10s, 1);
+    auto third = acceptor(10s, 2);
+    (void)this_fiber::sleep_for(10ms);
+    auto [e1, t1] = first.join();
+    EXPECT_EQ(e1, std::errc::timed_out);
+    EXPECT_LT(t1, 2s);
+    second.request_stop();
+    auto [e2, t2] = second.join();
+    EXPECT_EQ(e2, std::errc::operation_canceled);
+    EXPECT_LT(t2, 2s);
+    int c = connect_plain(a);
+    ASSERT_GE(c, 0);
+    auto [e3, t3] = third.join();
+    EXPECT_FALSE(e3) << e3.message();
+    EXPECT_LT(t3, 2s);
+    ::close(c);
+    // Four parked (one polling), then the listener closes under them.
+    std::vector<join_handle<std::pair<std::error_code, clock::duration>>> parked;
+    for (int i = 0; i < 4; ++i) parked.push_back(acceptor(10s, i));
+    (void)this_fiber::sleep_for(20ms);
+    ASSERT_TRUE(ln.close());
+    for (auto& h : parked) {
+      auto [e, t] = h.join();
+      EXPECT_EQ(e, std::errc::bad_file_descriptor);
+      EXPECT_LT(t, 2s);
+    }
+  });
 }
 
 // A listener closed while acceptors on every worker take a burst of

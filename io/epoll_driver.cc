@@ -20,7 +20,8 @@
 //     write fd; each is a wait_slot on its fiber's stack, counted in
 //     waiting_ until complete() ran for it (see *Completion slots* in
 //     io/driver.h). An event wakes every waiter of its direction: they all
-//     try again, and those that find nothing wait again.
+//     try again, and those that find nothing wait again. (A listener has
+//     one waiter across all workers: io/accept.cc, *Polled accepts*.)
 //   - An epoll event carries the fd, never a pointer: a stale event (the
 //     wait was cancelled, the fd closed and reused) finds no slot or wakes
 //     a waiter early, which just tries its system call again.
