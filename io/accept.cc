@@ -149,6 +149,8 @@ class accept_state final : public multishot_sink {
   static result<int> accept_now(int listen_fd);
   static void publish(void* self, sched::wake_token t);
   static void publish_queued(void* self, sched::wake_token t);
+  sched::wake_reason park_acceptor(sched::publish_fn publish, clock::time_point deadline,
+                                   std::source_location where);
   void hand_on() noexcept;
   void retract() noexcept;
   io_driver* stop_locked() noexcept;
@@ -193,6 +195,23 @@ void accept_state::publish(void* self, sched::wake_token t) {
   auto* s = static_cast<accept_state*>(self);
   s->waiters_.add(t);
   s->lock_.unlock();
+}
+
+// Parks the calling acceptor, lock_ held; `publish` records its token and
+// drops lock_. It holds an outside reference meanwhile: a client that
+// connects can wake it (*Deadlock*).
+sched::wake_reason accept_state::park_acceptor(sched::publish_fn publish,
+                                               clock::time_point deadline,
+                                               std::source_location where) {
+  sched::scheduler::add_fiber_outside_ref(+1);
+  sched::wake_reason why = sched::park({.publish = publish,
+                                        .arg = this,
+                                        .deadline = deadline,
+                                        .cancellable = true,
+                                        .what = "tcp accept",
+                                        .where = where});
+  sched::scheduler::add_fiber_outside_ref(-1);
+  return why;
 }
 
 // take_polled()'s park: it parked holding lock_.
@@ -242,16 +261,9 @@ result<int> accept_state::take_polled(fd_guard& g, clock::time_point deadline,
       lock_.unlock();
       return std::unexpected(std::make_error_code(std::errc::timed_out));
     }
-    // publish_queued() records the token and unlocks lock_. See *Deadlock*:
-    // a client that connects wakes it (through the poller).
-    sched::scheduler::add_fiber_outside_ref(+1);
-    sched::wake_reason why = sched::park({.publish = &accept_state::publish_queued,
-                                          .arg = this,
-                                          .deadline = deadline,
-                                          .cancellable = true,
-                                          .what = "tcp accept",
-                                          .where = where});
-    sched::scheduler::add_fiber_outside_ref(-1);
+    // publish_queued() records the token and unlocks lock_. A client that
+    // connects wakes it (through the poller).
+    sched::wake_reason why = park_acceptor(&accept_state::publish_queued, deadline, where);
     if (why == sched::wake_reason::notified) {  // the waker popped the token
       handed = true;
       continue;
@@ -353,15 +365,8 @@ result<int> accept_state::take(int listen_fd, clock::time_point deadline,
       if (!d->arm_multishot_accept(listen_fd, *this)) on_result(-EBUSY, 0, /*more=*/false);
       continue;
     }
-    // publish() records the token and unlocks lock_. See *Deadlock*.
-    sched::scheduler::add_fiber_outside_ref(+1);
-    sched::wake_reason why = sched::park({.publish = &accept_state::publish,
-                                          .arg = this,
-                                          .deadline = deadline,
-                                          .cancellable = true,
-                                          .what = "tcp accept",
-                                          .where = where});
-    sched::scheduler::add_fiber_outside_ref(-1);
+    // publish() records the token and unlocks lock_.
+    sched::wake_reason why = park_acceptor(&accept_state::publish, deadline, where);
     if (why == sched::wake_reason::notified) {  // the waker popped the token
       woken = true;
       continue;
