@@ -232,8 +232,11 @@ TEST_P(Accept, AcceptorsThatGiveUpWhileConnectionsArriveLoseNone) {
 // (io/accept.cc, *Polled accepts*), as Go's accept waits on the fd's lock;
 // io_uring's multishot hands out one connection per acceptor. Counted by
 // the readiness waits armed (io_stats::parked): about one per connection,
-// where a herd arms one per acceptor. The acceptors are served in turn,
-// and each connection exactly once.
+// where a herd arms one per acceptor. Each connection is served exactly
+// once; on epoll the acceptors are served in turn (strict FIFO). On
+// io_uring an acceptor that comes back tries one accept4 of its own before
+// it parks (cdfc049), so the quickest may take a waiting connection first:
+// under TSan on one worker the split was 20/35/109/36, so no floor there.
 TEST_P(Accept, AConnectionWakesOneParkedAcceptorAndAcceptorsTakeTurns) {
   constexpr int kClients = 200;
   constexpr int kAcceptors = 4;
@@ -241,7 +244,9 @@ TEST_P(Accept, AConnectionWakesOneParkedAcceptorAndAcceptorsTakeTurns) {
   std::atomic<int> accepted{0};
   int bad = 0;
   std::uint64_t parks = 0;
+  bool turns = false;  // the driver serves acceptors in strict turns (epoll)
   Run([&] {
+    turns = io::stats().driver == "epoll";
     auto ln = tcp_listener::bind("127.0.0.1:0").value();
     const socket_address a = ln.local_address().value();
     std::vector<join_handle<void>> acceptors;
@@ -282,7 +287,7 @@ TEST_P(Accept, AConnectionWakesOneParkedAcceptorAndAcceptorsTakeTurns) {
   // about kAcceptors per connection.
   EXPECT_LE(parks, std::uint64_t{kClients} * 3 / 2) << "readiness waits for " << kClients
                                                      << " connections";
-  for (int i = 0; i < kAcceptors; ++i)
+  for (int i = 0; turns && i < kAcceptors; ++i)
     EXPECT_GE(took[i].load(), kClients / kAcceptors / 2)
         << "acceptor " << i << " took " << took[i].load() << " of " << kClients;
   std::printf("parks for %d connections: %llu; taken per acceptor:", kClients,
