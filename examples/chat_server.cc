@@ -48,10 +48,13 @@ constexpr std::size_t kMaxLine = 4096;
 // writer fiber has not run for a moment: the room can broadcast hundreds of
 // lines in one turn, more than any fixed outbox holds. So what the outbox
 // has no room for waits, in order, in the peer's backlog (the room's own),
-// and the room retries it every kCatchUp; a peer that has been behind for
-// kSlowPeer, or whose backlog passes kMaxBacklog lines or kMaxBacklogBytes
-// bytes of text, is dropped (an IRC server's "SendQ exceeded"). The room
-// never waits for a peer.
+// and the room retries it every kCatchUp; a peer that has taken nothing
+// from its backlog for kSlowPeer, or whose backlog passes kMaxBacklog lines
+// or kMaxBacklogBytes bytes of text, is dropped (an IRC server's "SendQ
+// exceeded"). The room never waits for a peer. (Counting kSlowPeer from
+// when the backlog began, as before, dropped peers that read all they were
+// sent but took longer than kSlowPeer to read a burst: both peers of a
+// 20,000-line burst on a loaded machine.)
 //
 // The byte bound is what bounds the memory a peer that stops reading
 // makes the room hold: lines are up to kMaxLine bytes, and with the line
@@ -111,10 +114,11 @@ struct peer {
   std::shared_ptr<weft::tcp_stream> conn;  // the room shuts it down to drop the peer
   weft::channel<line> outbox{kOutbox};
   // The room's alone: lines the outbox had no room for, oldest first, and
-  // since when it has had some.
+  // since when the peer has taken none of them (since the backlog began,
+  // or since the last line that moved to the outbox).
   std::deque<line> backlog;
   std::size_t backlog_bytes = 0;  // the sum of the backlog's line sizes
-  weft::clock::time_point behind_since;
+  weft::clock::time_point stuck_since;
   // Set before the server ends the connection itself (the idle timeout, a
   // drop, a failed write): the reader then sees the end of the stream too,
   // and must not take it for the peer's own.
@@ -149,12 +153,15 @@ void drop(peer& p) {
 // Moves what fits of p's backlog to its outbox; drops p if it is too slow.
 // Returns whether p is still behind.
 bool catch_up(peer& p, weft::clock::time_point now) {
+  bool moved = false;
   while (!p.backlog.empty() && p.outbox.try_send(p.backlog.front())) {
     p.backlog_bytes -= p.backlog.front()->size();
     p.backlog.pop_front();
+    moved = true;
   }
   if (p.backlog.empty()) return false;
-  if (now - p.behind_since < kSlowPeer && p.backlog.size() <= kMaxBacklog &&
+  if (moved) p.stuck_since = now;  // slow, perhaps, but still reading
+  if (now - p.stuck_since < kSlowPeer && p.backlog.size() <= kMaxBacklog &&
       p.backlog_bytes <= kMaxBacklogBytes)
     return true;
   drop(p);
@@ -169,7 +176,7 @@ bool broadcast(peer_map& peers, const std::string& text) {
   for (auto& [p, keep] : peers) {
     if (p->outbox.closed()) continue;  // dropped; its reader will tell us it left
     if (p->backlog.empty() && p->outbox.try_send(l)) continue;
-    if (p->backlog.empty()) p->behind_since = now;
+    if (p->backlog.empty()) p->stuck_since = now;
     p->backlog.push_back(l);
     p->backlog_bytes += l->size();
     behind |= catch_up(*p, now);

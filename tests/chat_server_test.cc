@@ -293,6 +293,66 @@ TEST(ChatServer, PeersThatKeepReadingAreNotDroppedDuringABurst) {
   EXPECT_TRUE(seen.got_all[1]) << "the other peer was dropped before the last line";
 }
 
+// Slow is not stuck: a peer that keeps reading, but takes longer than the
+// server's kSlowPeer (2 s) to read a burst, is not dropped; only one that
+// takes nothing for 2 s is. The slow peer takes turns: a pause of 1.2 s,
+// then 1.5 MiB read at once, three times, and then the rest. The burst
+// (~10 MB) is more than the kernel's buffers hold (the server's send
+// buffer grows to 4 MiB on loopback, and a blocked write resumes only once
+// a third of it is free), so the room holds lines for the slow peer for
+// over 3.6 s, and it takes some every ~1.2 s. When the 2 s counted from
+// the moment the backlog began, it was dropped; so were both peers of the
+// burst above on a loaded machine.
+TEST(ChatServer, APeerThatReadsSlowlyButSteadilyIsNotDropped) {
+  server srv(free_port(), "60");
+  int s = srv.connect();
+  ASSERT_GE(s, 0);
+  ASSERT_TRUE(read_until(s, "joined\n"));
+  int slow = srv.connect();
+  ASSERT_GE(slow, 0);
+  ASSERT_TRUE(read_until(slow, "joined\n"));
+  ASSERT_TRUE(read_until(s, "joined\n"));  // the slow peer's, seen by the sender
+  timeval tv{10, 0};
+  for (int fd : {s, slow}) ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  // Lines of one flood-control token (under 128 bytes); the 57,232 past
+  // the burst allowance follow at 20,000 a second. (The room holds at most
+  // ~35,000 at once for the slow peer, within its 65,536.)
+  constexpr int kLines = 90000;
+  const std::string pad(96, 'p');
+  const std::string last = ": slow " + std::to_string(kLines - 1) + " " + pad + "\n";
+  bool sender_got_all = false;
+  std::thread sender_reader([&] { sender_got_all = read_until(s, last); });
+  bool slow_got_all = false;
+  std::thread slow_reader([&] {
+    std::vector<char> tmp(64 * 1024);
+    for (int turn = 0; turn < 3; ++turn) {
+      std::this_thread::sleep_for(1200ms);
+      for (std::size_t got = 0; got < (3u << 19);) {
+        ssize_t n = ::recv(slow, tmp.data(), tmp.size(), 0);
+        if (n <= 0) return;
+        got += std::size_t(n);
+      }
+    }
+    std::this_thread::sleep_for(1200ms);
+    slow_got_all = read_until(slow, last);  // (the last line is well past the first 4.5 MiB)
+  });
+  std::string burst;
+  for (int i = 0; i < kLines; ++i) burst += "slow " + std::to_string(i) + " " + pad + "\n";
+  std::size_t sent = 0;
+  while (sent < burst.size()) {
+    ssize_t n = ::send(s, burst.data() + sent, burst.size() - sent, MSG_NOSIGNAL);
+    if (n <= 0) break;
+    sent += std::size_t(n);
+  }
+  sender_reader.join();
+  slow_reader.join();
+  EXPECT_EQ(sent, burst.size());
+  EXPECT_TRUE(sender_got_all) << "the sender was dropped before its last line came back";
+  EXPECT_TRUE(slow_got_all) << "the peer that paused 1.2 s at a time was dropped";
+  ::close(s);
+  ::close(slow);
+}
+
 // Flood control: a peer that sends far more lines than the server's
 // kFloodRate (20,000 a second after a burst of 32,768) is slowed down, not
 // dropped, and neither is a peer that reads all it is sent. Before, at
