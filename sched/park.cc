@@ -440,7 +440,7 @@ void spend_budget() noexcept {
   if (!w || !w->current() || w->take_budget() || !w->coop_slice_over(clock::now())) return;
   // No unwind_point(): see park.h. A yield that stays in place (nothing
   // else runnable here) just starts a new budget.
-  w->yield_current(std::source_location::current());
+  w->coop_yield();
 }
 
 void yield(std::source_location where) {

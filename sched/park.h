@@ -111,7 +111,9 @@ void yield_in_cleanup(std::source_location where = std::source_location::current
 // kCoopBudget-th such operation (Tokio's coop budget, with a slice: yielding
 // after a fixed count alone would also break up producer/consumer pairs
 // that take turns every few microseconds, and a yielded fiber can be
-// stolen, which splits the pair over two cores). The clock is read once
+// stolen, which splits the pair over two cores). Such a yield goes behind
+// the inject queue when it holds fibers (see coop_yield() in worker.cc),
+// so a spawn loop waits for what it spawned. The clock is read once
 // per kCoopBudget operations. Never throws, so it is safe in destructors;
 // does nothing on a plain thread.
 inline constexpr unsigned kCoopBudget = 128;

@@ -56,7 +56,8 @@ struct worker_counters {
 };
 
 // What the fiber that just switched away asks its worker to do next.
-enum class after_switch : std::uint8_t { none, yield, park, exit };
+// yield_behind: to the inject queue's tail (see coop_yield()).
+enum class after_switch : std::uint8_t { none, yield, yield_behind, park, exit };
 
 class worker {
  public:
@@ -85,6 +86,7 @@ class worker {
   // in place, switches to the local queue's head, or goes through the loop.
   // Returns when it runs again, possibly on another worker.
   void yield_current(const std::source_location& where);
+  void coop_yield();  // spend_budget()'s yield: see worker.cc
   // Fibers another worker could take from here (the LIFO slot unless
   // pinned, the local queue): any thread, a snapshot.
   bool has_stealable_work() const noexcept {
