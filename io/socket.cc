@@ -603,6 +603,10 @@ result<udp_socket> udp_socket::bind(const socket_address& addr) {
 
 result<std::size_t> udp_socket::send_to(std::span<const char> buf, const socket_address& to,
                                          deadline_arg d, std::source_location where) {
+  // Not "the peer": sendmsg without a name would send there on a
+  // connected socket (send() is for that), or fail with "Destination
+  // address required", which hides that the program passed no address.
+  if (auto e = missing(to)) return *e;
   sockaddr_storage sa{};
   std::memcpy(&sa, to.get(), to.size());
   iovec v{const_cast<char*>(buf.data()), buf.size()};  // read only

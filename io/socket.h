@@ -299,7 +299,9 @@ class udp_socket : public socket_base {
   // its first buf.size() bytes in buf and its sender in *from; the rest of
   // it is gone (Go's ReadFrom and Tokio's recv_from return the cut length
   // instead, and the program cannot tell).
-  // A datagram of exactly buf.size() bytes is received whole.
+  // A datagram of exactly buf.size() bytes is received whole. send_to an
+  // empty socket_address is invalid_argument (send() is the call for a
+  // connected socket's peer).
   [[nodiscard]] result<std::size_t> send_to(std::span<const char> buf, const socket_address& to,
                                             deadline_arg d = {},
       std::source_location where = std::source_location::current());

@@ -141,7 +141,9 @@ TEST_P(Sockets, BadAddressesAreInvalidArgument) {
 // connect() and both bind()s, as Go's Dial says "missing address". Before,
 // socket(2) got family 0 and the error read "Address family not supported
 // by protocol", which points at the host's IPv6 setup, not at the program.
-// (send_to() takes it for the peer of a connected socket.)
+// send_to() too: on a connected socket it went to the peer (sendmsg with
+// no name), where Go's WriteTo refuses a connected socket; send() is the
+// call for the peer.
 TEST_P(Sockets, AnEmptySocketAddressIsInvalidArgument) {
   Run([&] {
     const socket_address none;
@@ -154,6 +156,16 @@ TEST_P(Sockets, AnEmptySocketAddressIsInvalidArgument) {
     auto u = udp_socket::bind(none);
     ASSERT_FALSE(u);
     EXPECT_EQ(u.error(), std::errc::invalid_argument) << u.error().message();
+    auto peer = udp_socket::bind("127.0.0.1:0");
+    auto me = udp_socket::bind("127.0.0.1:0");
+    ASSERT_TRUE(peer && me);
+    ASSERT_TRUE(me->connect(*peer->local_address()));
+    auto sent = me->send_to({"x", 1}, none);
+    ASSERT_FALSE(sent) << "an empty address sent " << *sent << " bytes to the peer";
+    EXPECT_EQ(sent.error(), std::errc::invalid_argument) << sent.error().message();
+    char b[8];
+    auto got = peer->recv_from(b, nullptr, deadline(50ms));
+    EXPECT_FALSE(got) << "the peer got a datagram";
   });
 }
 
