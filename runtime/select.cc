@@ -14,7 +14,10 @@
 //      to claim the parker wins and records its case in parker::chosen;
 //      every later claim fails, so exactly one case fires.
 //   5. After waking, lock the channels again and unlink the records that
-//      are still linked; take the stop records out of their states.
+//      are still linked; take the stop records out of their states. The
+//      channel whose waker fired the select is left alone when no record
+//      of ours can be left there: that waker may already have destroyed
+//      it, as it may after waking a parked recv.
 //
 // *Stop cases*: a stop case watches the stop_state of its token's fiber
 // (see *Stop states* in sched/park.h), not the caller. Its record is a
@@ -126,11 +129,14 @@ struct lock_set {
     std::sort(ch, ch + n);
     n = static_cast<std::size_t>(std::unique(ch, ch + n) - ch);
   }
-  void lock() const {
-    for (std::size_t i = 0; i < n; ++i) chan_access::lock(ch[i]).lock();
+  // Every channel but `skip` (null: every one), in address order.
+  void lock(const chan_core* skip = nullptr) const {
+    for (std::size_t i = 0; i < n; ++i)
+      if (ch[i] != skip) chan_access::lock(ch[i]).lock();
   }
-  void unlock() const {
-    for (std::size_t i = n; i-- > 0;) chan_access::lock(ch[i]).unlock();
+  void unlock(const chan_core* skip = nullptr) const {
+    for (std::size_t i = n; i-- > 0;)
+      if (ch[i] != skip) chan_access::lock(ch[i]).unlock();
   }
 };
 
@@ -231,13 +237,32 @@ int make_records(const select_case* cs, std::size_t n, parker& p, case_rec* recs
   return earliest;
 }
 
-// Step 5: unlinks every record that is still linked somewhere.
-void retract_records(const select_case* cs, std::size_t n, const lock_set& locks,
-                     case_rec* recs) {
-  locks.lock();
+// The channel whose waker woke the select and left no record of it there
+// (null if none): the waker unlinked the fired record before claiming it
+// (pop_claimed), and close() empties both queues before it wakes anyone;
+// a second case on the same channel may still be linked otherwise. The
+// select must not touch that channel again: as after a parked recv, its
+// waker may destroy it once its own call has returned (a rendezvous send
+// that a select took, then a delete of the reply channel).
+const chan_core* channel_done_with(const select_case* cs, std::size_t n, wake_reason r,
+                                   int chosen, const case_rec* recs) {
+  if (r != wake_reason::notified || !is_chan(cs[chosen])) return nullptr;
+  const chan_core* c = cs[chosen].ch;
+  if (recs[chosen].w.closed) return c;
   for (std::size_t i = 0; i < n; ++i)
-    if (is_chan(cs[i])) unlink(chan_access::queue(cs[i].ch, cs[i].kind), &recs[i].w);
-  locks.unlock();
+    if (static_cast<int>(i) != chosen && is_chan(cs[i]) && cs[i].ch == c) return nullptr;
+  return c;
+}
+
+// Step 5: unlinks every record that is still linked somewhere, without
+// touching `done` (see channel_done_with()).
+void retract_records(const select_case* cs, std::size_t n, const lock_set& locks,
+                     case_rec* recs, const chan_core* done) {
+  locks.lock(done);
+  for (std::size_t i = 0; i < n; ++i)
+    if (is_chan(cs[i]) && cs[i].ch != done)
+      unlink(chan_access::queue(cs[i].ch, cs[i].kind), &recs[i].w);
+  locks.unlock(done);
   for (std::size_t i = 0; i < n; ++i)
     if (watches_stop(cs[i])) cs[i].stop->remove(&recs[i].s);
 }
@@ -256,7 +281,7 @@ int park_on_cases(const select_case* cs, std::size_t n, const lock_set& locks,
                                                      : clock::time_point::max(),
                            .what = "select",
                            .where = where});
-  retract_records(cs, n, locks, recs);
+  retract_records(cs, n, locks, recs, channel_done_with(cs, n, r, p.chosen, recs));
   switch (r) {
     case wake_reason::notified:
       // A stop case that fired while the runtime unwinds this fiber ends

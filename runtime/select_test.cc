@@ -152,6 +152,29 @@ TEST_P(Select, ARecvCaseFiresEmptyWhenItsChannelCloses) {
   });
 }
 
+// A select woken by a rendezvous sender is done with that channel, as a
+// parked recv is: once its send returns, the sender may destroy the
+// channel (a reply channel that the replying fiber owns). The select used
+// to lock every one of its channels again to retract its records, the one
+// whose sender had just freed it too (ASan: heap-use-after-free in
+// retract_records; one worker runs the select after the delete).
+TEST_P(Select, TheSenderThatWakesASelectMayDestroyTheChannelOnceItsSendReturns) {
+  Run([] {
+    for (int round = 0; round < 40; ++round) {
+      auto* reply = new channel<int>(0);
+      channel<int> other(0);
+      std::optional<int> v, w;
+      auto replier = spawn([reply] {
+        ASSERT_TRUE(reply->send(7));  // taken by the select: it is done with reply
+        delete reply;
+      });
+      EXPECT_EQ(select(other.on_recv(w), reply->on_recv(v), after(10s)), 1);
+      EXPECT_EQ(v, 7);
+      replier.join();
+    }
+  });
+}
+
 TEST_P(Select, AStopRequestFiresTheStopCaseOrCancelsTheSelect) {
   Run([] {
     channel<int> ch(0);
