@@ -1,6 +1,7 @@
 // runtime/fiber_test.cc — fibers through the public API: spawn, join,
 // yield, sleep, pinning, fiber-local storage, unwinding, and the two fatal
 // reports (stack overflow, deadlock).
+#include <fcntl.h>
 #include <fenv.h>
 #include <signal.h>
 #include <unistd.h>
@@ -12,6 +13,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <stdexcept>
@@ -1554,6 +1556,47 @@ TEST_P(Fibers, SigquitDumpsEveryFiberAndTheProgramGoesOn) {
   EXPECT_NE(err.find("\"napper\" [sleep] at"), std::string::npos) << err;
 }
 
+// A shell starts a background job (`server &`) with SIGQUIT ignored, and
+// the dumper installed itself only over the default action: kill -QUIT of
+// such a server printed nothing. Ignored now counts as no handler (as in
+// Go's runtime), and is what run() leaves behind. Reads the dump from a
+// pipe put on fd 2, so it waits for the dump itself, not for a guess.
+TEST_P(Fibers, SigquitDumpsInAProgramStartedWithSigquitIgnored) {
+  struct sigaction ign {}, before {};
+  ign.sa_handler = SIG_IGN;
+  ASSERT_EQ(::sigaction(SIGQUIT, &ign, &before), 0);
+  int p[2];
+  ASSERT_EQ(::pipe2(p, O_CLOEXEC | O_NONBLOCK), 0);
+  const int saved_stderr = ::dup(2);
+  ASSERT_GE(saved_stderr, 0);
+  ::dup2(p[1], 2);
+  ::close(p[1]);
+  std::string err;
+  Run([&] {
+    auto h = spawn([] { (void)this_fiber::sleep_for(10s); }, {.name = "napper"});
+    (void)this_fiber::sleep_for(5ms);
+    ::kill(::getpid(), SIGQUIT);
+    const auto until = std::chrono::steady_clock::now() + 10s;
+    while (err.find("\"napper\"") == std::string::npos &&
+           std::chrono::steady_clock::now() < until) {
+      char buf[4096];
+      ssize_t n = ::read(p[0], buf, sizeof buf);
+      if (n > 0) err.append(buf, static_cast<std::size_t>(n));
+      else (void)this_fiber::sleep_for(1ms);
+    }
+    h.request_stop();
+    (void)h.join();
+  });
+  ::dup2(saved_stderr, 2);
+  ::close(saved_stderr);
+  ::close(p[0]);
+  struct sigaction after {};
+  ASSERT_EQ(::sigaction(SIGQUIT, &before, &after), 0);
+  EXPECT_EQ(after.sa_handler, SIG_IGN) << "run() did not put the ignore back";
+  EXPECT_NE(err.find("weft: SIGQUIT: every fiber"), std::string::npos) << err;
+  EXPECT_NE(err.find("\"napper\" [sleep] at"), std::string::npos) << err;
+}
+
 TEST(FiberMonitor, AFiberThatHogsItsWorkerIsReportedOnce) {
   ::testing::internal::CaptureStderr();
   weft::options o;
@@ -1605,6 +1648,27 @@ TEST(FiberMonitor, AFiberThatYieldsAloneOnItsWorkerIsNotAHog) {
 }
 
 // --- Fatal reports (death tests run the runtime in a child process) -----
+
+// A signal_set that watched SIGQUIT during run() and goes away after it
+// puts back what it found, the dumper's handler, which then acts as the
+// disposition the dumper replaced. That was always the default action
+// (terminate); with SIGQUIT ignored before run() it must stay ignored.
+TEST(FiberDeath, SigquitStaysIgnoredAfterASignalSetOutlivesTheRun) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        ::signal(SIGQUIT, SIG_IGN);
+        std::optional<signal_set> set;
+        weft::run([&] { set.emplace(*signal_set::watch({SIGQUIT})); });
+        set.reset();
+        ::raise(SIGQUIT);  // delivered to this thread before raise returns
+        ::raise(SIGQUIT);
+        std::fprintf(stderr, "still here\n");
+        std::exit(0);
+      },
+      ::testing::ExitedWithCode(0), "still here");
+}
+
 
 void Recurse(int depth) {
   volatile char pad[512];

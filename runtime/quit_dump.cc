@@ -20,6 +20,12 @@ namespace {
 // a handler never writes to a closed, perhaps reused, descriptor.
 std::atomic<int> g_quit_fd{-1};
 std::atomic<int> g_inside{0};
+// What SIGQUIT did before the first dumper installed on_sigquit: true if
+// ignored, false for the default action. Written by quit_dumper() before
+// it installs the handler (sigaction orders it before any delivery) and
+// only while no handler of ours is installed; relaxed: read by the handler
+// alone, after sigaction.
+std::atomic<bool> g_was_ignored{false};
 
 void on_sigquit(int sig) {
   int saved = errno;  // async-signal-safe: write(2), signal(2), raise(3) only
@@ -34,9 +40,13 @@ void on_sigquit(int sig) {
   if (fd < 0) {
     // No dumper any more, yet this handler is still installed: a
     // weft::signal_set that watched SIGQUIT put it back when it went away
-    // after run() returned. Act as the default action would.
-    ::signal(sig, SIG_DFL);
-    ::raise(sig);
+    // after run() returned. Act as the disposition it replaced would.
+    if (g_was_ignored.load(std::memory_order_relaxed)) {
+      ::signal(sig, SIG_IGN);
+    } else {
+      ::signal(sig, SIG_DFL);
+      ::raise(sig);
+    }
   }
   errno = saved;
 }
@@ -46,12 +56,14 @@ void on_sigquit(int sig) {
 quit_dumper::quit_dumper() {
   if (sigaction(SIGQUIT, nullptr, &old_) != 0) return;
   // Our own handler, left by a weft::signal_set that outlived an earlier
-  // run (see on_sigquit), stands for the default it replaced.
+  // run (see on_sigquit), stands for the disposition it replaced.
   if (old_.sa_handler == &on_sigquit) {
     old_ = {};
-    old_.sa_handler = SIG_DFL;
+    old_.sa_handler = g_was_ignored.load(std::memory_order_relaxed) ? SIG_IGN : SIG_DFL;
   }
-  if (old_.sa_handler != SIG_DFL) return;
+  // SIG_IGN too: see quit_dump.h (a background job inherits it ignored).
+  if (old_.sa_handler != SIG_DFL && old_.sa_handler != SIG_IGN) return;
+  g_was_ignored.store(old_.sa_handler == SIG_IGN, std::memory_order_relaxed);
   efd_ = ::eventfd(0, EFD_CLOEXEC);
   if (efd_ < 0) return;
   g_quit_fd.store(efd_, std::memory_order_seq_cst);  // see g_quit_fd

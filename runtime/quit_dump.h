@@ -4,8 +4,11 @@
 // runtime does — and, unlike Go, the program goes on. A signal handler may
 // not take the registry's locks, so the handler only writes to an eventfd,
 // whichever thread it lands on; one small thread reads it and dumps.
-// Installed only if SIGQUIT still has its default action, so a program's
-// own handler wins; the default action is restored when run() returns.
+// Installed if SIGQUIT has its default action or is ignored, so a
+// program's own handler wins; the disposition found is restored when run()
+// returns. Ignored counts as no handler: a shell starts a background job
+// (`server &`) with SIGQUIT ignored, and that is where a dump is wanted.
+// Go's runtime respects an inherited SIG_IGN only for SIGHUP and SIGINT.
 //
 // Who calls what: run_main() constructs it before starting the workers and
 // destroys it after they joined.
