@@ -113,6 +113,16 @@ extern "C" void on_sigurg(int sig, siginfo_t* info, void*) {
   (void)handle_rescue_signal(sig, info);  // keeps errno itself
 }
 
+// Puts back the disposition weft's handler replaced for sig, unless the
+// program installed one of its own meanwhile (sigaction(2) while a set
+// watched): that one is the program's decision, and stays. Under st.mu.
+void restore_previous(install_state& st, int sig) noexcept {
+  struct sigaction cur {};
+  if (::sigaction(sig, nullptr, &cur) != 0) return;
+  if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == &on_signal)
+    ::sigaction(sig, &st.previous[sig], nullptr);
+}
+
 }  // namespace
 
 bool sigurg_reaches_rescue() noexcept {
@@ -172,8 +182,7 @@ result<signal_set> signal_set::watch(std::initializer_list<int> signals) {
       int e = errno;
       --st.watchers[s];
       for (int t = 1; t < s; ++t)
-        if ((mask & bit_of(t)) && --st.watchers[t] == 0)
-          ::sigaction(t, &st.previous[t], nullptr);
+        if ((mask & bit_of(t)) && --st.watchers[t] == 0) restore_previous(st, t);
       return error_of(e);
     }
   }
@@ -204,7 +213,7 @@ void signal_set::reset() noexcept {
     std::lock_guard lk(st.mu);
     for (int s = 1; s <= kMaxSignal; ++s)
       if ((mask_ & bit_of(s)) && --st.watchers[s] == 0)
-        ::sigaction(s, &st.previous[s], nullptr);  // the last watcher: restore
+        restore_previous(st, s);  // the last watcher
     g.efd_plus_1[slot_].store(0, std::memory_order_seq_cst);  // see the table
     while (g.inside[slot_].load(std::memory_order_seq_cst) != 0) sched_yield();
     g.mask[slot_].store(0, std::memory_order_relaxed);

@@ -16,7 +16,9 @@
 //     a signal sees each delivery.
 //   - While some set watches a signal, its previous disposition (say, the
 //     default: terminate on SIGINT) is replaced by weft's handler; when the
-//     last such set is destroyed, the previous disposition is restored.
+//     last such set is destroyed, the previous disposition is restored —
+//     unless the program installed a handler of its own meanwhile, which
+//     stays (and from then on the sets watching see nothing).
 //   - wait() takes a deadline (timed_out) and honours the fiber's stop
 //     token (operation_canceled); a fiber waiting for a signal counts as
 //     I/O in flight, so it is never reported as a deadlock. A plain thread

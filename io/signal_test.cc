@@ -7,6 +7,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <thread>
 
@@ -220,6 +221,36 @@ TEST_P(Signals, TheLastSetGoneRestoresThePreviousDisposition) {
       EXPECT_NE(disposition_of(SIGUSR2).sa_handler, SIG_IGN);
     }
     EXPECT_EQ(disposition_of(SIGUSR2).sa_handler, SIG_IGN);
+  });
+  ::sigaction(SIGUSR2, &before, nullptr);
+}
+
+// A handler the program installs while a set watches is the program's
+// decision: the last set going put back the disposition it had found
+// before it, over the program's handler (for SIGUSR2 by default: death
+// at the next one). It restores only while weft's handler is installed,
+// as the SIGQUIT dumper does.
+std::atomic<int> g_program_handler_ran{0};
+void program_handler(int) { g_program_handler_ran.fetch_add(1, std::memory_order_relaxed); }
+
+TEST_P(Signals, AHandlerTheProgramInstalledMeanwhileIsNotReplacedWhenTheLastSetGoes) {
+  struct sigaction ignore {};
+  ignore.sa_handler = SIG_IGN;
+  struct sigaction before {};
+  ASSERT_EQ(::sigaction(SIGUSR2, &ignore, &before), 0);
+  g_program_handler_ran.store(0, std::memory_order_relaxed);
+  Run([&] {
+    {
+      auto a = signal_set::watch({SIGUSR2});
+      ASSERT_TRUE(a);
+      struct sigaction mine {};
+      mine.sa_handler = &program_handler;
+      sigemptyset(&mine.sa_mask);
+      ASSERT_EQ(::sigaction(SIGUSR2, &mine, nullptr), 0);
+    }
+    EXPECT_EQ(disposition_of(SIGUSR2).sa_handler, &program_handler);
+    ::raise(SIGUSR2);  // delivered to this thread before raise returns
+    EXPECT_EQ(g_program_handler_ran.load(std::memory_order_relaxed), 1);
   });
   ::sigaction(SIGUSR2, &before, nullptr);
 }
