@@ -16,6 +16,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <string_view>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -1541,17 +1542,59 @@ TEST_P(Fibers, ARunStackSizeOfZeroMeansTheDefault) {
   }, o);
 }
 
+// Puts a pipe on fd 2 while it lives, so a test reads the SIGQUIT dump
+// (written by the dumper's thread) as it comes, instead of sleeping for a
+// guess at how long it takes.
+struct stderr_pipe {
+  int read_end = -1;
+  int saved = -1;
+  stderr_pipe() {
+    int p[2];
+    if (::pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0) return;
+    saved = ::dup(2);
+    ::dup2(p[1], 2);
+    ::close(p[1]);
+    read_end = p[0];
+  }
+  ~stderr_pipe() {
+    if (saved >= 0) ::dup2(saved, 2), ::close(saved);
+    if (read_end >= 0) ::close(read_end);
+  }
+};
+
+// From a fiber: sends SIGQUIT until a dump that shows `want` has been read
+// (at most 10 s). Again every 100 ms: a fiber just spawned on another
+// worker shows as [not started] until that worker runs it (under TSan, on
+// a loaded machine, that took longer than the 5 ms this test waited).
+std::string dump_until(const stderr_pipe& p, std::string_view want) {
+  std::string err;
+  const auto until = std::chrono::steady_clock::now() + 10s;
+  auto next_kill = std::chrono::steady_clock::now();
+  while (err.find(want) == std::string::npos && std::chrono::steady_clock::now() < until) {
+    if (std::chrono::steady_clock::now() >= next_kill) {
+      ::kill(::getpid(), SIGQUIT);
+      next_kill += 100ms;
+    }
+    char buf[4096];
+    ssize_t n = ::read(p.read_end, buf, sizeof buf);
+    if (n > 0) err.append(buf, static_cast<std::size_t>(n));
+    else (void)this_fiber::sleep_for(1ms);
+  }
+  return err;
+}
+
 TEST_P(Fibers, SigquitDumpsEveryFiberAndTheProgramGoesOn) {
-  ::testing::internal::CaptureStderr();
-  Run([] {
-    auto h = spawn([] { (void)this_fiber::sleep_for(10s); }, {.name = "napper"});
-    (void)this_fiber::sleep_for(5ms);
-    ::kill(::getpid(), SIGQUIT);
-    (void)this_fiber::sleep_for(100ms);  // the dump runs on its own thread
-    h.request_stop();
-    (void)h.join();
-  });
-  std::string err = ::testing::internal::GetCapturedStderr();
+  std::string err;
+  {
+    stderr_pipe p;
+    ASSERT_GE(p.read_end, 0);
+    Run([&] {
+      auto h = spawn([] { (void)this_fiber::sleep_for(10s); }, {.name = "napper"});
+      err = dump_until(p, "\"napper\" [sleep] at");
+      h.request_stop();
+      (void)h.join();
+    });
+  }
   EXPECT_NE(err.find("fiber 1 \"main\""), std::string::npos) << err;
   EXPECT_NE(err.find("\"napper\" [sleep] at"), std::string::npos) << err;
 }
@@ -1559,37 +1602,22 @@ TEST_P(Fibers, SigquitDumpsEveryFiberAndTheProgramGoesOn) {
 // A shell starts a background job (`server &`) with SIGQUIT ignored, and
 // the dumper installed itself only over the default action: kill -QUIT of
 // such a server printed nothing. Ignored now counts as no handler (as in
-// Go's runtime), and is what run() leaves behind. Reads the dump from a
-// pipe put on fd 2, so it waits for the dump itself, not for a guess.
+// Go's runtime), and is what run() leaves behind.
 TEST_P(Fibers, SigquitDumpsInAProgramStartedWithSigquitIgnored) {
   struct sigaction ign {}, before {};
   ign.sa_handler = SIG_IGN;
   ASSERT_EQ(::sigaction(SIGQUIT, &ign, &before), 0);
-  int p[2];
-  ASSERT_EQ(::pipe2(p, O_CLOEXEC | O_NONBLOCK), 0);
-  const int saved_stderr = ::dup(2);
-  ASSERT_GE(saved_stderr, 0);
-  ::dup2(p[1], 2);
-  ::close(p[1]);
   std::string err;
-  Run([&] {
-    auto h = spawn([] { (void)this_fiber::sleep_for(10s); }, {.name = "napper"});
-    (void)this_fiber::sleep_for(5ms);
-    ::kill(::getpid(), SIGQUIT);
-    const auto until = std::chrono::steady_clock::now() + 10s;
-    while (err.find("\"napper\"") == std::string::npos &&
-           std::chrono::steady_clock::now() < until) {
-      char buf[4096];
-      ssize_t n = ::read(p[0], buf, sizeof buf);
-      if (n > 0) err.append(buf, static_cast<std::size_t>(n));
-      else (void)this_fiber::sleep_for(1ms);
-    }
-    h.request_stop();
-    (void)h.join();
-  });
-  ::dup2(saved_stderr, 2);
-  ::close(saved_stderr);
-  ::close(p[0]);
+  {
+    stderr_pipe p;
+    ASSERT_GE(p.read_end, 0);
+    Run([&] {
+      auto h = spawn([] { (void)this_fiber::sleep_for(10s); }, {.name = "napper"});
+      err = dump_until(p, "\"napper\" [sleep] at");
+      h.request_stop();
+      (void)h.join();
+    });
+  }
   struct sigaction after {};
   ASSERT_EQ(::sigaction(SIGQUIT, &before, &after), 0);
   EXPECT_EQ(after.sa_handler, SIG_IGN) << "run() did not put the ignore back";
