@@ -155,6 +155,10 @@ result<void> semaphore::acquire(deadline d, std::source_location where) {
   if (count_ > 0) {
     --count_;
     lk_.unlock();
+    // Completed without parking: an acquirer that producers keep ahead
+    // would otherwise hold its worker (*Coop budget* in sched/park.h), as
+    // a channel receiver does; Tokio's acquire spends its budget too.
+    sched::spend_budget();
     return {};
   }
   detail::parker p;

@@ -166,6 +166,39 @@ TEST_P(Sync, SemaphoreBoundsConcurrency) {
   });
 }
 
+// An acquirer whose acquires all complete at once (a producer keeps units
+// ahead of it) never parks; as a channel receiver does, it spends the coop
+// budget and yields now and then, so a fiber pinned beside it still runs.
+// It held the worker until it ran out of units (Tokio's Semaphore::acquire
+// spends the budget; Go would preempt it).
+TEST_P(Sync, AnAcquirerThatNeverParksStillLetsItsNeighboursRun) {
+  long during = 0;
+  Run([&] {
+    constexpr std::ptrdiff_t kUnits = 1'000'000;  // ~10 ms of acquires: many slices
+    semaphore sem(kUnits);
+    std::atomic<bool> done{false};
+    std::atomic<long> ticks{0};
+    auto neighbour = spawn([&] {
+      while (!done.load()) {
+        ticks.fetch_add(1);
+        this_fiber::yield();
+      }
+    }, {.pinned = true, .worker = 0});
+    auto acquirer = spawn([&] {
+      (void)this_fiber::sleep_for(1ms);  // the neighbour is running by now
+      long before = ticks.load();
+      for (std::ptrdiff_t i = 0; i < kUnits; ++i) ASSERT_TRUE(sem.acquire());
+      during = ticks.load() - before;
+      done.store(true);
+      EXPECT_FALSE(sem.try_acquire());
+    }, {.pinned = true, .worker = 0});
+    acquirer.join();
+    neighbour.join();
+  });
+  // One yield per 100 µs slice; the acquires take 10 ms or more.
+  EXPECT_GT(during, 10) << "the acquirer never gave the worker away";
+}
+
 TEST_P(Sync, LatchAndWaitGroupReleaseWaitersAtZero) {
   Run([] {
     latch l(10);
