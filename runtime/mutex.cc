@@ -215,11 +215,22 @@ detail::waiter* mutex::pop_waiter(detail::wake_ticket& t) noexcept {
 // memory (or to whatever reused it) later. Said at once, as a waiter is.
 // relaxed: whoever destroys it must already be ordered after the last
 // unlock (else the destruction races with it anyway).
+//
+// Nor with kWoken set: the unlocker woke a locker that has not run yet (its
+// record left q_, and the lock may be free), and that locker, still inside
+// lock(), takes the lock from freed memory when it runs. kWoken is cleared
+// only by that locker (or by an unlocker that found nobody to wake, before
+// its unlock() returns), so a destroyer ordered after every lock() and
+// unlock() of the mutex never sees it.
 mutex::~mutex() {
   detail::check_no_waiters(lk_, q_, "weft::mutex destroyed while fibers wait on it (keep it "
                                     "alive until they are done)");
-  WEFT_CHECK(!(state_.load(std::memory_order_relaxed) & kLocked),
+  std::uint32_t s = state_.load(std::memory_order_relaxed);
+  WEFT_CHECK(!(s & kLocked),
              "weft::mutex destroyed while locked (its holder would unlock freed memory)");
+  WEFT_CHECK(!(s & kWoken),
+             "weft::mutex destroyed while a locker it woke is on its way (keep it alive until "
+             "every lock() has returned)");
 }
 
 // The unlocker that set kWoken.

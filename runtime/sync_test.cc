@@ -939,6 +939,30 @@ TEST(SyncDeath, UnlockingAMutexThatIsNotLockedIsReported) {
                "weft::shared_mutex::unlock: not locked exclusively");
 }
 
+// ...and so is one destroyed after its unlock woke a parked locker that has
+// not run yet: the locker is still inside lock() and takes the lock from
+// the freed memory when it runs. Its record had left the queue and the
+// lock was free, so both checks passed and the destruction went silently.
+TEST(SyncDeath, AMutexDestroyedWhileAWokenLockerIsOnItsWayIsReported) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(weft::run([] {
+                 alignas(mutex) unsigned char storage[sizeof(mutex)];
+                 auto* m = ::new (storage) mutex;
+                 m->lock();
+                 go([m] {
+                   m->lock();
+                   m->unlock();
+                 });
+                 // One worker: the sleep lets the locker run and park.
+                 (void)this_fiber::sleep_for(5ms);
+                 m->unlock();  // wakes it; it runs once we park or yield
+                 m->~mutex();
+                 std::fprintf(stderr, "destroyed silently\n");
+                 std::_Exit(0);
+               }, {.workers = 1}),
+               "weft::mutex destroyed while a locker it woke is on its way");
+}
+
 // A mutex destroyed while someone holds it (no one waiting) is reported at
 // its destruction: it went silently, and the holder's unlock() later wrote
 // to the freed memory, or to whatever had reused it (here the holder is a
