@@ -20,6 +20,7 @@
 #include <sched.h>
 
 #include <climits>
+#include <cstdio>
 
 #include "alloc/check.h"
 #include "runtime/sync.h"
@@ -241,6 +242,14 @@ constexpr std::uint64_t with_count(std::uint64_t s, std::int64_t n) {
 void wait_for_closer(int& round) noexcept {
   if (++round < 64) __builtin_ia32_pause(); else sched_yield();
 }
+// A count out of range is a bug in the program: said with the caller's
+// name and what went wrong ("weft::wait_group::done: negative counter",
+// as Go's "sync: negative WaitGroup counter").
+[[noreturn]] void count_failed(const char* who, const char* what) noexcept {
+  char msg[160];
+  std::snprintf(msg, sizeof msg, "%s: %s", who, what);
+  ::weft::detail::check_failed(__FILE__, __LINE__, "count out of range", msg);
+}
 }  // namespace
 
 zero_waiter::zero_waiter(std::ptrdiff_t n) : state_(with_count(0, n)) {
@@ -258,8 +267,8 @@ void zero_waiter::add(std::ptrdiff_t delta, const char* who) {
   std::uint64_t next;
   for (;;) {
     std::int64_t now = count_of(s) + delta;
-    WEFT_CHECK(now >= 0, who);  // counted below zero
-    WEFT_CHECK(now <= INT32_MAX, who);
+    if (now < 0) count_failed(who, "negative counter (more count-downs than count-ups)");
+    if (now > INT32_MAX) count_failed(who, "counter above INT32_MAX");
     bool closes = now == 0 && (s & kWaiterMask) != 0;
     next = closes ? kClosing : with_count(s, now);
     // release: the work before a count-down is visible to whoever sees

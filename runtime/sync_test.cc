@@ -1013,4 +1013,10 @@ TEST(SyncDeath, NegativeCountsAreRefused) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   EXPECT_DEATH({ weft::latch l(1); l.count_down(-1); }, "latch::count_down: negative count");
   EXPECT_DEATH({ weft::semaphore s(-1); }, "semaphore: negative initial count");
+  // A done() without its add() says what went wrong, as Go's "sync:
+  // negative WaitGroup counter"; it used to print only the caller's name.
+  EXPECT_DEATH({ weft::wait_group g; g.done(); },
+               "weft::wait_group::done: negative counter");
+  EXPECT_DEATH({ weft::latch l(1); l.count_down(2); },
+               "weft::latch::count_down: negative counter");
 }
