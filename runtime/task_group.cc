@@ -116,7 +116,10 @@ result<void> task_group::wait(deadline d, std::source_location where) {
   if (!r && r.error() == std::errc::timed_out) return r;  // the children run on
   if (!r) {  // our own stop: pass it on, then still wait for every child
     request_stop();
-    (void)pending_.wait({}, "task_group", where, false);
+    // Until the same deadline: a child that does not heed the stop must
+    // not hold the owner past it. Then, as above, the children run on.
+    result<void> all = pending_.wait(d, "task_group", where, false);
+    if (!all) return all;  // timed_out
   }
   std::lock_guard g(mu_);
   // Kept: a later wait() reports the same failure (as Go's errgroup).

@@ -25,7 +25,8 @@
 //     stop, it requests stop on the children, still waits for all of them,
 //     and returns operation_canceled (unless a child failed). wait(deadline)
 //     returns timed_out at the deadline if children still run, and leaves
-//     them running.
+//     them running (also when the waiting fiber was asked to stop: the
+//     deadline bounds the wait for children that do not heed the stop).
 //   - The destructor requests stop on the children still running and waits
 //     for them: no child outlives its group. It never throws, also when the
 //     runtime unwinds the owner (the children are unwound too). A child's

@@ -112,6 +112,34 @@ TEST_P(TaskGroup, WaitWithADeadlineReturnsTimedOutAndLeavesTheChildrenRunning) {
   });
 }
 
+// wait(deadline) of an owner asked to stop passes the stop on and waits
+// for the children, but no longer than its deadline: a child that does not
+// heed the stop (here parked in a mutex lock, which cannot be cancelled)
+// held the owner past it, for as long as that child ran. At the deadline
+// the children still run, so it is timed_out, as without the stop.
+TEST_P(TaskGroup, WaitWithADeadlineByAStoppedOwnerStillEndsAtTheDeadline) {
+  Run([] {
+    mutex m;
+    m.lock();  // the child's lock() parks until we unlock, stop or not
+    std::atomic<bool> returned{false};
+    auto owner = spawn([&]() -> result<void> {
+      task_group g;
+      g.spawn([&] { std::lock_guard l(m); });
+      auto r = g.wait(deadline(20ms));
+      returned.store(true);
+      return r;  // ~task_group waits for the child
+    });
+    owner.request_stop();
+    auto until = clock::now() + 3s;
+    while (!returned.load() && clock::now() < until) (void)this_fiber::sleep_for(1ms);
+    EXPECT_TRUE(returned.load()) << "wait(20ms) of a stopped owner outlasted its deadline";
+    m.unlock();
+    result<void> r = owner.join();
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error(), std::errc::timed_out);
+  });
+}
+
 TEST_P(TaskGroup, TheFirstErrorStopsTheOtherChildren) {
   Run([] {
     channel<int> never(0);
