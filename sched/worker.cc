@@ -434,6 +434,9 @@ void worker::finish_switch() {
     case after_switch::yield_behind:
       worker_counters::bump(counters_.yields);
       sched_.inject_.push(p.from);  // never pinned: see coop_yield()
+      // Work only a woken worker may find (*Spinning*): as Go's Gosched
+      // does wakep() after globrunqput. Once per coop slice at most.
+      sched_.wake_idle_worker(/*fenced=*/true);
       break;
     case after_switch::park:
       after_park(p.from, *p.req);
