@@ -229,7 +229,8 @@ void scheduler::join() {
 // yield, since the previous look is stuck in it: a fiber computing without
 // parking. Then
 //   - if fibers wait on that worker that another could take (its queue, an
-//     unpinned fiber in its LIFO slot, or overdue timers), an idle worker
+//     unpinned fiber in its LIFO slot, or overdue timers), or in the inject
+//     queue, an idle worker
 //     is woken to take them (steal(), steal_lifo(), steal_timers()):
 //     without this, with every other worker asleep, they would wait for the
 //     stuck fiber to park;
@@ -333,7 +334,9 @@ void scheduler::check_worker(worker& w) {
   // Completed I/O parked on the stuck worker: the driver hands the fibers
   // to the inject queue (ready() from this thread wakes an idle worker).
   w.driver_->rescue();
-  if (w.has_stealable_work() || w.has_overdue_timers(clock::now()))
+  // The inject queue too: what was pushed there without a wake (an
+  // overflow, a requeue) would otherwise wait for the stuck fiber.
+  if (w.has_stealable_work() || w.has_overdue_timers(clock::now()) || !inject_.empty_hint())
     wake_idle_worker(/*fenced=*/true);
   auto ran = w.mon_periods_ * opts_.monitor_period;
   if (opts_.hog_warning.count() > 0 && ran >= opts_.hog_warning && w.mon_warned_id_ != id) {
