@@ -734,8 +734,16 @@ template <typename T, typename Park>
 void DestroyWhileParked(Park park) {
   weft::run([&] {
     auto obj = std::make_unique<T>();
+    const std::uint64_t parks = stats().parks;
     go([&obj, &park] { park(*obj); });
-    (void)this_fiber::sleep_for(20ms);  // parked by now
+    // Until a fiber has begun to park (its record is queued by then): the
+    // waiter, or, for running_once, perhaps the sleeper its constructor
+    // started. Yields are not parks. 20 ms alone ("parked by now") was not
+    // always enough under TSan on a loaded machine: the waiter had not run,
+    // and the object went silently.
+    for (auto limit = clock::now() + 10s; stats().parks == parks && clock::now() < limit;)
+      this_fiber::yield();
+    (void)this_fiber::sleep_for(20ms);
     obj.reset();
     // Not reported: leave before the unwinding of the parked fiber, which
     // would touch the freed object (and may spin on its lock forever).
