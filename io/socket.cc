@@ -601,24 +601,34 @@ result<udp_socket> udp_socket::bind(const socket_address& addr) {
   return u;
 }
 
+namespace {
+// One datagram through sendmsg(2): to `to`, or with an empty `to` to the
+// connected peer (udp_socket::send).
+result<std::size_t> send_datagram(fd_state* st, std::span<const char> buf,
+                                  const socket_address& to, deadline_arg d,
+                                  std::source_location where) {
+  sockaddr_storage sa{};
+  std::memcpy(&sa, to.get(), to.size());
+  iovec v{const_cast<char*>(buf.data()), buf.size()};  // read only
+  msghdr m{};
+  m.msg_name = to.size() ? &sa : nullptr;
+  m.msg_namelen = to.size();
+  m.msg_iov = &v;
+  m.msg_iovlen = 1;
+  op o{.kind = op_kind::sendmsg, .msg = &m};
+  auto r = perform_on(st, o, d.when, "udp send", where);
+  if (!r) return std::unexpected(r.error());
+  return static_cast<std::size_t>(*r);
+}
+}  // namespace
+
 result<std::size_t> udp_socket::send_to(std::span<const char> buf, const socket_address& to,
                                          deadline_arg d, std::source_location where) {
   // Not "the peer": sendmsg without a name would send there on a
   // connected socket (send() is for that), or fail with "Destination
   // address required", which hides that the program passed no address.
   if (auto e = missing(to)) return *e;
-  sockaddr_storage sa{};
-  std::memcpy(&sa, to.get(), to.size());
-  iovec v{const_cast<char*>(buf.data()), buf.size()};  // read only
-  msghdr m{};
-  m.msg_name = &sa;
-  m.msg_namelen = to.size();
-  m.msg_iov = &v;
-  m.msg_iovlen = 1;
-  op o{.kind = op_kind::sendmsg, .msg = &m};
-  auto r = perform_on(st_, o, d.when, "udp send", where);
-  if (!r) return std::unexpected(r.error());
-  return static_cast<std::size_t>(*r);
+  return send_datagram(st_, buf, to, d, where);
 }
 
 result<std::size_t> udp_socket::recv_from(std::span<char> buf, socket_address* from,
@@ -677,7 +687,7 @@ result<void> udp_socket::connect(std::string_view peer, deadline_arg d,
 
 result<std::size_t> udp_socket::send(std::span<const char> buf, deadline_arg d,
                                      std::source_location where) {
-  return send_to(buf, socket_address{}, d, where);  // no address: the connected peer
+  return send_datagram(st_, buf, socket_address{}, d, where);  // no address: the connected peer
 }
 
 result<std::size_t> udp_socket::recv(std::span<char> buf, deadline_arg d,
