@@ -327,25 +327,11 @@ TEST_P(Channel, AReceiverThatNeverParksStillLetsItsNeighboursRun) {
     constexpr int kValues = 500'000;  // ~10 ms of receives: many slices
     channel<int> ch(kValues);
     for (int i = 0; i < kValues; ++i) ASSERT_TRUE(ch.try_send(i));
-    std::atomic<bool> done{false};
-    std::atomic<long> ticks{0};
-    auto neighbour = spawn([&] {
-      while (!done.load()) {
-        ticks.fetch_add(1);
-        this_fiber::yield();
-      }
-    }, {.pinned = true, .worker = 0});
-    auto receiver = spawn([&] {
-      (void)this_fiber::sleep_for(1ms);  // the neighbour is running by now
-      long before = ticks.load();
+    during = testing::neighbour_turns_during([&] {
       long long sum = 0;
       for (int i = 0; i < kValues; ++i) sum += ch.recv().value();
-      during = ticks.load() - before;
-      done.store(true);
       EXPECT_EQ(sum, 1LL * kValues * (kValues - 1) / 2);
-    }, {.pinned = true, .worker = 0});
-    receiver.join();
-    neighbour.join();
+    });
   });
   // One yield per 100 µs slice; the receives take 10 ms or more.
   EXPECT_GT(during, 10) << "the receiver never gave the worker away";

@@ -176,24 +176,10 @@ TEST_P(Sync, AnAcquirerThatNeverParksStillLetsItsNeighboursRun) {
   Run([&] {
     constexpr std::ptrdiff_t kUnits = 1'000'000;  // ~10 ms of acquires: many slices
     semaphore sem(kUnits);
-    std::atomic<bool> done{false};
-    std::atomic<long> ticks{0};
-    auto neighbour = spawn([&] {
-      while (!done.load()) {
-        ticks.fetch_add(1);
-        this_fiber::yield();
-      }
-    }, {.pinned = true, .worker = 0});
-    auto acquirer = spawn([&] {
-      (void)this_fiber::sleep_for(1ms);  // the neighbour is running by now
-      long before = ticks.load();
+    during = testing::neighbour_turns_during([&] {
       for (std::ptrdiff_t i = 0; i < kUnits; ++i) ASSERT_TRUE(sem.acquire());
-      during = ticks.load() - before;
-      done.store(true);
       EXPECT_FALSE(sem.try_acquire());
-    }, {.pinned = true, .worker = 0});
-    acquirer.join();
-    neighbour.join();
+    });
   });
   // One yield per 100 µs slice; the acquires take 10 ms or more.
   EXPECT_GT(during, 10) << "the acquirer never gave the worker away";

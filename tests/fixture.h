@@ -115,6 +115,34 @@ struct when {
   }
 };
 
+// Inside a run: runs busy() on a fiber pinned to worker 0 beside a
+// neighbour pinned there that counts its turns (a yield each), and returns
+// how many turns it had while busy() ran. For the tests that an operation
+// completing at once still spends the coop budget (sched/park.h): busy()
+// never parks, so without the budget the neighbour gets none.
+template <typename F>
+long neighbour_turns_during(F busy) {
+  std::atomic<bool> done{false};
+  std::atomic<long> ticks{0};
+  long during = 0;
+  auto neighbour = spawn([&] {
+    while (!done.load()) {
+      ticks.fetch_add(1);
+      this_fiber::yield();
+    }
+  }, {.pinned = true, .worker = 0});
+  auto busy_fiber = spawn([&] {
+    (void)this_fiber::sleep_for(std::chrono::milliseconds(1));  // the neighbour runs by now
+    long before = ticks.load();
+    busy();
+    during = ticks.load() - before;
+    done.store(true);
+  }, {.pinned = true, .worker = 0});
+  busy_fiber.join();
+  neighbour.join();
+  return during;
+}
+
 inline std::string WorkerCountName(const ::testing::TestParamInfo<unsigned>& i) {
   return std::to_string(i.param) + "_workers";
 }
