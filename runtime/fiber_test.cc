@@ -1583,18 +1583,24 @@ std::string dump_until(const stderr_pipe& p, std::string_view want) {
   return err;
 }
 
-TEST_P(Fibers, SigquitDumpsEveryFiberAndTheProgramGoesOn) {
+// The SIGQUIT dump while a fiber "napper" sleeps, read from a pipe on fd
+// 2; run: the test's Run().
+template <typename RunFn>
+std::string dump_with_a_napper(RunFn run) {
+  stderr_pipe p;
+  if (p.read_end < 0) return "(no pipe for stderr)";
   std::string err;
-  {
-    stderr_pipe p;
-    ASSERT_GE(p.read_end, 0);
-    Run([&] {
-      auto h = spawn([] { (void)this_fiber::sleep_for(10s); }, {.name = "napper"});
-      err = dump_until(p, "\"napper\" [sleep] at");
-      h.request_stop();
-      (void)h.join();
-    });
-  }
+  run([&] {
+    auto h = spawn([] { (void)this_fiber::sleep_for(10s); }, {.name = "napper"});
+    err = dump_until(p, "\"napper\" [sleep] at");
+    h.request_stop();
+    (void)h.join();
+  });
+  return err;
+}
+
+TEST_P(Fibers, SigquitDumpsEveryFiberAndTheProgramGoesOn) {
+  std::string err = dump_with_a_napper([&](auto body) { Run(body); });
   EXPECT_NE(err.find("fiber 1 \"main\""), std::string::npos) << err;
   EXPECT_NE(err.find("\"napper\" [sleep] at"), std::string::npos) << err;
 }
@@ -1607,17 +1613,7 @@ TEST_P(Fibers, SigquitDumpsInAProgramStartedWithSigquitIgnored) {
   struct sigaction ign {}, before {};
   ign.sa_handler = SIG_IGN;
   ASSERT_EQ(::sigaction(SIGQUIT, &ign, &before), 0);
-  std::string err;
-  {
-    stderr_pipe p;
-    ASSERT_GE(p.read_end, 0);
-    Run([&] {
-      auto h = spawn([] { (void)this_fiber::sleep_for(10s); }, {.name = "napper"});
-      err = dump_until(p, "\"napper\" [sleep] at");
-      h.request_stop();
-      (void)h.join();
-    });
-  }
+  std::string err = dump_with_a_napper([&](auto body) { Run(body); });
   struct sigaction after {};
   ASSERT_EQ(::sigaction(SIGQUIT, &before, &after), 0);
   EXPECT_EQ(after.sa_handler, SIG_IGN) << "run() did not put the ignore back";
