@@ -102,9 +102,8 @@ void yield_in_cleanup(std::source_location where = std::source_location::current
 // *Coop budget*: every operation that could have parked but completed at
 // once (a channel send or receive with room or values, a select with a
 // ready case, a semaphore acquire, a socket call under epoll), and every
-// spawn, calls this
-// after completing. A
-// fiber whose operations keep completing at once would otherwise never
+// spawn, calls this after completing. A fiber whose operations keep
+// completing at once would otherwise never
 // give its worker away, and the fibers queued behind it would wait (a
 // consumer that producers on other workers keep busy). So a fiber that has
 // done kCoopBudget such operations since it switched in starts a time
