@@ -930,7 +930,15 @@ TEST_P(Sockets, TenThousandIdleConnectionsHoldNoReceiveBuffers) {
   ASSERT_EQ(::pipe(up), 0);
   pid_t child = ::fork();
   ASSERT_GE(child, 0);
-  if (child == 0) idle_clients(kConns, down[0], up[1]);
+  if (child == 0) {
+    ::close(down[1]);
+    ::close(up[0]);
+    idle_clients(kConns, down[0], up[1]);
+  }
+  // Only the child writes `up` and reads `down`: with these ends closed here
+  // a child that dies early ends the parent's reads instead of hanging them.
+  ::close(down[0]);
+  ::close(up[1]);
   rlimit raised = old;
   raised.rlim_cur = old.rlim_max;
   ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &raised), 0);
@@ -946,28 +954,31 @@ TEST_P(Sockets, TenThousandIdleConnectionsHoldNoReceiveBuffers) {
       for (int i = 0; i < kConns; ++i) {
         auto c = ln.accept(deadline(30s));
         ASSERT_TRUE(c) << c.error().message();
+        // The first reader waits while every other connection is made,
+        // which under TSan on one worker took over 30 s: a reader gives up
+        // after 120 s (the client's end closing ends it sooner).
         spawn([c = std::move(*c)]() mutable {
-          while (auto b = c.read_pooled(deadline(30s)))
+          while (auto b = c.read_pooled(deadline(120s)))
             if (b->empty() || !c.write_all(b->data())) break;
         }, {.name = "pooled echo", .worker = i}).detach();
       }
     });
     int port = ln.local_address().value().port();
     ASSERT_EQ(::write(down[1], &port, sizeof port), ssize_t(sizeof port));
-    ASSERT_TRUE(step('c'));
+    ASSERT_TRUE(step('c')) << "the client process ended before connecting all";
     server.join();
     (void)this_fiber::sleep_for(100ms);  // every reader is parked in read_pooled
     idle_in_use = pooled_buffer::in_use();
     char go = 'g';
     ASSERT_EQ(::write(down[1], &go, 1), 1);
-    ASSERT_TRUE(step('d'));
+    ASSERT_TRUE(step('d')) << "the client process ended before its echoes";
     for (int i = 0; i < 400 && pooled_buffer::in_use() != 0; ++i)
       (void)this_fiber::sleep_for(5ms);
     end_in_use = pooled_buffer::in_use();
   });
   int status = 0;
   ::waitpid(child, &status, 0);
-  for (int fd : {down[0], down[1], up[0], up[1]}) ::close(fd);
+  for (int fd : {down[1], up[0]}) ::close(fd);
   ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "client status " << status;
   EXPECT_EQ(idle_in_use, 0u) << "receive buffers held by idle connections";
