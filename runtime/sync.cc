@@ -316,9 +316,11 @@ zero_waiter::ending zero_waiter::block(deadline d, const char* what,
       s = state_.load(std::memory_order_acquire);  // as above
       continue;
     }
-    // relaxed: registration is ordered with the closer by lk_ (see
-    // *Counting to zero*). acquire on failure: the reload may read zero.
-    if (state_.compare_exchange_weak(s, s + kOneWaiter, std::memory_order_relaxed,
+    // Registration is ordered with the closer by lk_ (see *Counting to
+    // zero*); acquire is for the failure reload, which may read zero. The
+    // success order is acquire too: GCC refuses a failure order stronger
+    // than the success order (it would make the success seq_cst).
+    if (state_.compare_exchange_weak(s, s + kOneWaiter, std::memory_order_acquire,
                                      std::memory_order_acquire))
       break;
   }
