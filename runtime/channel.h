@@ -68,10 +68,6 @@ struct std::is_error_code_enum<weft::chan_errc> : std::true_type {};
 
 namespace weft {
 
-namespace sched {
-void spend_budget() noexcept;  // sched/park.h: the coop budget of channel operations
-}  // namespace sched
-
 namespace detail {
 
 // How the type-erased core moves elements of T.

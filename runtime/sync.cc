@@ -20,6 +20,7 @@
 #include <sched.h>
 
 #include <climits>
+#include <cstdint>
 #include <cstdio>
 
 #include "alloc/check.h"
@@ -181,6 +182,10 @@ void semaphore::release(std::ptrdiff_t n) {
     woken.add(w, t);
     --n;
   }
+  // Past PTRDIFF_MAX the count would wrap (undefined behaviour) and the
+  // semaphore would stay shut; more units than that means releases
+  // without their acquires.
+  WEFT_CHECK(n <= PTRDIFF_MAX - count_, "semaphore::release: the count overflows");
   count_ += n;
   lk_.unlock();
   woken.ready_all();
@@ -483,6 +488,7 @@ void shared_mutex::grant_locked(detail::wake_batch& woken) noexcept {
 
 void shared_mutex::acquire(bool wr, const std::source_location& where) {
   detail::note_plain_user();  // before taking it: see note_plain_user()
+  sched::spend_budget();      // as mutex::lock(): before taking it
   for (;;) {
     lk_.lock();
     bool free = !writer_ && q_.empty() && (!wr || readers_ == 0);

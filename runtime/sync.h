@@ -60,6 +60,11 @@ class mutex {
 
   void lock(std::source_location where = std::source_location::current()) {
     detail::note_plain_user();  // a plain thread holding it may wake fibers
+    // A fiber whose locks are all uncontended never parks here: it spends
+    // the coop budget (sched/park.h), as Tokio's Mutex::lock does, or a
+    // loop of lock/unlock would hold its worker. Before taking the lock,
+    // so that the yield, when due, does not hold it.
+    sched::spend_budget();
     // relaxed: as in try_lock().
     if (!try_acquire(state_.load(std::memory_order_relaxed), 0)) lock_slow(where);
   }

@@ -185,6 +185,41 @@ TEST_P(Sync, AnAcquirerThatNeverParksStillLetsItsNeighboursRun) {
   EXPECT_GT(during, 10) << "the acquirer never gave the worker away";
 }
 
+// The same for locks: a fiber whose every lock is uncontended never parks,
+// and held its worker for its whole loop (Tokio's Mutex::lock spends the
+// budget). mutex, shared_mutex exclusive and shared.
+TEST_P(Sync, ALockerThatNeverWaitsStillLetsItsNeighboursRun) {
+  constexpr long kLocks = 1'000'000;  // ~10 ms or more of locks: many slices
+  long during_mutex = 0, during_writer = 0, during_reader = 0;
+  Run([&] {
+    mutex m;
+    shared_mutex sm;
+    long n = 0;
+    during_mutex = testing::neighbour_turns_during([&] {
+      for (long i = 0; i < kLocks; ++i) {
+        std::lock_guard g(m);
+        ++n;
+      }
+    });
+    during_writer = testing::neighbour_turns_during([&] {
+      for (long i = 0; i < kLocks; ++i) {
+        std::lock_guard g(sm);
+        ++n;
+      }
+    });
+    during_reader = testing::neighbour_turns_during([&] {
+      for (long i = 0; i < kLocks; ++i) {
+        std::shared_lock g(sm);
+        ++n;
+      }
+    });
+    EXPECT_EQ(n, 3 * kLocks);
+  });
+  EXPECT_GT(during_mutex, 10) << "a mutex locker never gave the worker away";
+  EXPECT_GT(during_writer, 10) << "a shared_mutex writer never gave the worker away";
+  EXPECT_GT(during_reader, 10) << "a shared_mutex reader never gave the worker away";
+}
+
 TEST_P(Sync, LatchAndWaitGroupReleaseWaitersAtZero) {
   Run([] {
     latch l(10);
@@ -1002,7 +1037,8 @@ TEST(SyncDeath, AMutexDestroyedWhileLockedIsReported) {
 
 // Counts that make no sense are refused with a message, not accepted (a
 // negative count_down would raise a latch; a negative semaphore would
-// need more releases than acquires to ever open).
+// need more releases than acquires to ever open; an overflowing one would
+// wrap).
 TEST(SyncDeath, NegativeCountsAreRefused) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   EXPECT_DEATH({ weft::latch l(1); l.count_down(-1); }, "latch::count_down: negative count");
@@ -1013,4 +1049,8 @@ TEST(SyncDeath, NegativeCountsAreRefused) {
                "weft::wait_group::done: negative counter");
   EXPECT_DEATH({ weft::latch l(1); l.count_down(2); },
                "weft::latch::count_down: negative counter");
+  // The other end: a release past PTRDIFF_MAX wrapped the count to a
+  // negative one, and the semaphore then never opened.
+  EXPECT_DEATH({ weft::semaphore s(PTRDIFF_MAX); s.release(); },
+               "semaphore::release: the count overflows");
 }

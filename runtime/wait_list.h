@@ -48,3 +48,10 @@ using short_lock = weft::spinlock;
 void note_plain_user() noexcept;
 
 }  // namespace weft::detail
+
+namespace weft::sched {
+// sched/park.h: the coop budget of operations that complete without
+// parking (channels, select, semaphore, mutex); declared here for the
+// inline fast paths of channel.h and sync.h.
+void spend_budget() noexcept;
+}  // namespace weft::sched

@@ -102,10 +102,11 @@ void yield_in_cleanup(std::source_location where = std::source_location::current
 // *Coop budget*: every operation that could have parked but completed at
 // once (a channel send or receive with room or values, a select with a
 // ready case, a semaphore acquire, a socket call under epoll), and every
-// spawn, calls this after completing. A fiber whose operations keep
-// completing at once would otherwise never
-// give its worker away, and the fibers queued behind it would wait (a
-// consumer that producers on other workers keep busy). So a fiber that has
+// spawn, calls this after completing (a mutex or shared_mutex lock calls
+// it before taking the lock, so that a yield never holds one). A fiber
+// whose operations keep completing at once would otherwise never give its
+// worker away, and the fibers queued behind it would wait (a consumer that
+// producers on other workers keep busy). So a fiber that has
 // done kCoopBudget such operations since it switched in starts a time
 // slice, and once the slice is kCoopSlice old it yields at its next
 // kCoopBudget-th such operation (Tokio's coop budget, with a slice: yielding
