@@ -574,13 +574,14 @@ result<tcp_listener> tcp_listener::bind(const socket_address& addr, int backlog)
       ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0)
     return sys_error(errno);
   if (::bind(fd, addr.get(), addr.size()) < 0) return sys_error(errno);
-  if (::listen(fd, backlog) < 0) return sys_error(errno);
   if (addr.family() == AF_UNIX) {
-    // A path we created (not an abstract name, which starts with a NUL).
+    // A path bind() just created (not an abstract name, which starts with
+    // a NUL): ours to remove at close, also when listen() below fails.
     const auto* su = reinterpret_cast<const sockaddr_un*>(addr.get());
     if (su->sun_path[0] != '\0')
       unlink_on_close(l.st_->accept(), std::string(su->sun_path, strnlen(su->sun_path, sizeof su->sun_path)));
   }
+  if (::listen(fd, backlog) < 0) return sys_error(errno);
   return l;
 }
 
