@@ -1787,6 +1787,34 @@ TEST(FiberDeath, AllFibersAsleepIsReportedAsADeadlock) {
               "\\[join\\] at .*fiber_test.cc:[0-9]+(.|\n)*\"stuck\" \\[nothing\\]");
 }
 
+// The deadlock report ends the process with _Exit (no atexit handlers, no
+// static destructors: other threads still run), which dropped what the
+// program had printed to a stdout that is a file or a pipe (fully
+// buffered): the lines saying how far it got before it hung, which is what
+// one reads first when it did. Go's stdout is unbuffered and loses none.
+TEST(FiberDeath, TheDeadlockReportKeepsWhatTheProgramPrintedFirst) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  const std::string path = ::testing::TempDir() + "weft_deadlock_stdout.txt";
+  std::remove(path.c_str());
+  EXPECT_EXIT(
+      {
+        // A file: fully buffered, as a pipe to a log collector is.
+        if (!std::freopen(path.c_str(), "w", stdout)) std::_Exit(3);
+        weft::run([] {
+          std::printf("step 1 done\n");
+          sched::park({.what = "nothing"});
+        });
+      },
+      ::testing::ExitedWithCode(2), "all fibers are asleep - deadlock!");
+  std::FILE* f = std::fopen(path.c_str(), "r");
+  ASSERT_NE(f, nullptr);
+  char buf[64] = {};
+  std::size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+  std::fclose(f);
+  std::remove(path.c_str());
+  EXPECT_EQ(std::string(buf, n), "step 1 done\n");
+}
+
 TEST(FiberDeath, NoDeadlockReportWhileATimerIsPending) {
   // A fiber asleep with a deadline is not deadlocked: this run must finish.
   EXPECT_EQ(weft::run([] {

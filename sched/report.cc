@@ -47,6 +47,22 @@ std::string describe(const fiber* f) {
   return std::string(line, n > 0 ? std::min<std::size_t>(n, sizeof line - 1) : 0);
 }
 
+// What the program printed before it hung is its own account of how far it
+// got. The report ends the process with _Exit() (no atexit handlers, no
+// static destructors: other threads still run), which drops what a fully
+// buffered stdout (a file, a pipe) still holds; exit() would have flushed
+// it, and Go's stdout is unbuffered. So flush the C streams here (std::cout
+// writes through stdout unless sync_with_stdio(false)) — but only a stream
+// no one holds: a plain thread stuck in a write to a full pipe holds its
+// lock, and waiting for it would stop the report from ever being made.
+void flush_free_streams() noexcept {
+  for (std::FILE* s : {stdout, stderr}) {
+    if (ftrylockfile(s) != 0) continue;
+    (void)fflush_unlocked(s);
+    funlockfile(s);
+  }
+}
+
 }  // namespace
 
 // In id order, so the oldest fibers (main first) lead. Lines are formatted
@@ -94,6 +110,7 @@ bool scheduler::report_deadlock_if_stuck() noexcept {
       }))
     return false;
   if (fibers == 0 || !all_parked) return false;
+  flush_free_streams();  // before the report, so that it comes last
   static const char kHead[] = "weft: all fibers are asleep - deadlock!\n\n";
   write_all(2, kHead, sizeof kHead - 1);
   dump(2);
