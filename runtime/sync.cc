@@ -133,7 +133,12 @@ result<void> condition_variable::wait(std::unique_lock<mutex>& ulk, deadline d,
     lk_.unlock();  // the last touch: the destructor may run from here on
   }
   ulk = std::unique_lock<mutex>(*mu, std::defer_lock);
-  ulk.lock();
+  // Relocked with the caller's site, not through ulk.lock(), whose default
+  // site is a line of <bits/unique_lock.h>: a fiber stuck here is named at
+  // its wait() by dump() and the deadlock report. ulk owns it once it is
+  // held, as ulk.lock() would.
+  mu->lock(where);
+  ulk = std::unique_lock<mutex>(*mu, std::adopt_lock);
   return to_result(r);
 }
 

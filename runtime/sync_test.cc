@@ -946,6 +946,38 @@ TEST(SyncDeath, ADeadlockInCallOnceNamesTheCallersSite) {
       "runtime/sync_test\\.cc:[0-9]+");
 }
 
+// A fiber woken from a condition_variable wait parks again to relock the
+// mutex; stuck there, it is named at its own wait() call, as every other
+// wait is: the relock went through std::unique_lock::lock(), so the report
+// named <bits/unique_lock.h>, a line of the standard library.
+TEST(SyncDeath, AWaiterStuckRelockingAfterANotifyNamesItsWaitSite) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        testing::exit_42_after(30s);  // generous: sanitizer builds on a busy machine
+        weft::run([] {
+          mutex mu;
+          condition_variable cv;
+          bool ready = false;
+          auto waiter = spawn([&] {
+            std::unique_lock lk(mu);
+            (void)cv.wait(lk, [&] { return ready; });
+          }, {.name = "waiter"});
+          (void)this_fiber::sleep_for(5ms);  // the waiter waits by then
+          mu.lock();
+          ready = true;
+          cv.notify_one();
+          channel<int> never(0);
+          (void)never.recv();  // holds mu for ever: the waiter parks to relock it
+          mu.unlock();
+          waiter.join();
+        }, {.workers = 1});
+      },
+      ::testing::ExitedWithCode(2),
+      "all fibers are asleep - deadlock!(.|\n)*\"waiter\" \\[mutex lock\\] at "
+      "runtime/sync_test\\.cc:[0-9]+");
+}
+
 // Unlocking a mutex that is not locked (a double unlock) is a bug in the
 // program, reported at once as Go does ("sync: unlock of unlocked mutex"),
 // not a silent no-op; shared_mutex already refused a stray unlock_shared().
