@@ -33,7 +33,7 @@ namespace weft {
 // throw out of this destructor).
 task_group::~task_group() {
   if (!pending_.is_zero() && !detail::current_fiber_unwinding()) request_stop();
-  pending_.wait_noexcept("task_group", std::source_location::current());
+  pending_.wait_noexcept("task_group", where_);
   // The children are done: nobody else touches the fields now.
   if (exception_ && !reported_) detail::warn_unobserved(failed_child_, exception_);
 }

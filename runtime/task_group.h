@@ -44,6 +44,7 @@
 #include <exception>
 #include <mutex>
 #include <optional>
+#include <source_location>
 #include <system_error>
 #include <type_traits>
 #include <utility>
@@ -56,7 +57,12 @@ namespace weft {
 
 class task_group {
  public:
-  task_group() = default;
+  // `where` (the group's declaration) is the site that dump() and the
+  // deadlock report give for a fiber whose group's destructor waits for
+  // its children: a destructor takes no argument, and this stands for the
+  // end of the scope better than the runtime's own file does.
+  task_group(std::source_location where = std::source_location::current()) noexcept
+      : where_(where) {}
   task_group(const task_group&) = delete;
   task_group& operator=(const task_group&) = delete;
   ~task_group();
@@ -182,6 +188,7 @@ class task_group {
   bool reported_ = false;  // a wait() returned the failure (or rethrew it)
   bool stopping_ = false;
   bool failed_ = false;
+  const std::source_location where_;  // see the constructor
 };
 
 }  // namespace weft

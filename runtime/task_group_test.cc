@@ -411,6 +411,33 @@ TEST(TaskGroupUnwind, TheDestructorWaitsForItsChildrenWithoutThrowing) {
       ::testing::ExitedWithCode(0), "");
 }
 
+// A fiber whose group's destructor waits for a child that never ends is
+// named in the deadlock report (and in dump()) at the group's declaration,
+// in its own file: the report said runtime/task_group.cc, for every such
+// fiber, wherever its group was. The child here ignores the destructor's
+// stop request (a mutex lock is not cancellable) and waits for a lock its
+// owner holds.
+TEST(TaskGroupDeath, AFiberWaitingInTheDestructorIsNamedAtTheGroup) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        testing::exit_42_after(std::chrono::seconds(30));  // generous: sanitizer builds
+        weft::run([] {
+          mutex mu;
+          mu.lock();
+          {
+            task_group g;
+            g.spawn([&] { std::lock_guard l(mu); }, {.name = "child"});
+            (void)this_fiber::sleep_for(5ms);  // the child waits for mu by then
+          }
+          mu.unlock();
+        }, {.workers = 1});
+      },
+      ::testing::ExitedWithCode(2),
+      "all fibers are asleep - deadlock!(.|\n)*\"main\" \\[task_group\\] at "
+      "runtime/task_group_test\\.cc:[0-9]+");
+}
+
 // A callable whose copy throws (a capture that allocates, say): the spawn
 // throws to the spawner, and the group does not wait for a child that
 // never came to be (it used to hang in wait(), then the deadlock report).
