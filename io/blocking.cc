@@ -351,9 +351,13 @@ std::error_code wait_on_pool(shared_job& job, clock::time_point deadline,
     while (!job.finished.load(std::memory_order_acquire)) sched_yield();  // pairs with loop()
   sched::scheduler::add_fiber_outside_ref(-1);
   if (done) return {};
-  return std::make_error_code(why == sched::wake_reason::timed_out
-                                  ? std::errc::timed_out
-                                  : std::errc::operation_canceled);
+  if (why == sched::wake_reason::timed_out) return std::make_error_code(std::errc::timed_out);
+  // Cancelled: an unwind point (the rule on sched::park()). Returning
+  // operation_canceled to a fiber the runtime unwinds let a loop that
+  // retries its lookup spin on, each try queueing another, and weft::run
+  // wait for it. The caller's reference is let go as the exception leaves.
+  sched::unwind_point();
+  return std::make_error_code(std::errc::operation_canceled);
 }
 
 }  // namespace weft::io::detail

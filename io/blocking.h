@@ -79,7 +79,8 @@ void let_go(shared_job* j) noexcept;
 // request or the unwinder (operation_canceled): then the job runs on
 // without the fiber, unless it had not started yet: then it is dropped
 // unrun once the caller lets go. Either way the caller still holds its
-// reference.
+// reference. Cancelled while the runtime unwinds the fiber, it throws
+// sched::fiber_unwind (sched::unwind_point()) instead of returning.
 // Off a fiber (a plain thread, a pool thread) the job runs right here.
 std::error_code wait_on_pool(shared_job& job, clock::time_point deadline,
                              std::source_location where);

@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <exception>
 #include <string>
 #include <thread>
 #include <vector>
@@ -195,6 +196,31 @@ TEST_P(Resolve, TheRunEndsWithoutWaitingForALookup) {
   release.store(true);
   // Then a new run, while the old lookup's pool thread finishes.
   Run([&] { EXPECT_TRUE(resolve("127.0.0.1", 80).has_value()); });
+}
+
+// A lookup is an unwind point while the runtime unwinds the fiber at exit,
+// as every socket call is (the rule on sched::park()): a detached fiber
+// that retries its lookup until one answers ends in fiber_unwind. The
+// cancelled wait returned operation_canceled instead, so the loop spun on,
+// each try queueing another lookup, and weft::run waited for it.
+TEST_P(Resolve, ALookupIsAnUnwindPointAtExit) {
+  std::atomic<bool> unwound{false};
+  std::atomic<int> retries{0};
+  auto t0 = clock::now();
+  Run([&] {
+    spawn([&] {
+      struct guard {
+        std::atomic<bool>& u;
+        ~guard() { u.store(std::uncaught_exceptions() > 0); }
+      } g{unwound};
+      auto until = clock::now() + 1500ms;  // bounded, so the test fails instead of hanging
+      while (!resolve("h.slow.test", 80) && clock::now() < until) retries.fetch_add(1);
+    }).detach();
+    while (in_flight.load() == 0) (void)this_fiber::sleep_for(1ms);
+  });
+  EXPECT_TRUE(unwound.load()) << "the retry loop was not unwound";
+  EXPECT_EQ(retries.load(), 0) << "the lookup returned to the loop while the run unwound it";
+  EXPECT_LT(ms_since(t0), 1000) << "weft::run waited for the loop";
 }
 
 // A lookup whose fiber stopped waiting for it while it was still queued
