@@ -48,7 +48,9 @@ class file {
   file& operator=(file&& o) noexcept;
   ~file() { drop(); }
 
-  // flags as open(2) (O_CLOEXEC is always added); mode for O_CREAT.
+  // flags as open(2) (O_CLOEXEC is always added); mode for O_CREAT. An
+  // open that waits under open(2) (a FIFO's end for the other end, unless
+  // O_NONBLOCK) waits here too, on both drivers.
   [[nodiscard]] static result<file> open(const std::string& path, int flags, int mode = 0644,
                                            std::source_location where = std::source_location::current());
 

@@ -9,6 +9,8 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
+#include <cstring>
 #include <cstdlib>
 #include <string_view>
 #include <utility>
@@ -236,6 +238,44 @@ TEST_P(Files, ASignalHandlerWithoutRestartDoesNotFailAFileCall) {
     if (w >= 0) ::close(w);
   });
   ::sigaction(SIGUSR2, &old, nullptr);
+  ::unlink(fifo.c_str());
+}
+
+// An open of a FIFO waits for its other end, as open(2) does (and Go's
+// OpenFile, and Tokio's File::open), on both drivers. io_uring tries an
+// open first without blocking, with O_NONBLOCK forced on: a FIFO's write
+// end then failed at once with ENXIO ("No such device or address") when no
+// reader was there yet, and its read end returned before any writer came.
+TEST_P(Files, AnOpenOfAFifoWaitsForItsOtherEnd) {
+  const std::string fifo = temp_path("wait-fifo");
+  ::unlink(fifo.c_str());
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  Run([&] {
+    for (int mode : {O_WRONLY, O_RDONLY}) {
+      const char* end = mode == O_WRONLY ? "write end" : "read end";
+      std::atomic<bool> opened{false};
+      auto h = spawn([&] {
+        auto f = file::open(fifo, mode);
+        opened.store(true);
+        return f;
+      });
+      (void)this_fiber::sleep_for(std::chrono::milliseconds(50));
+      EXPECT_FALSE(opened.load()) << "the " << end << " opened without the other";
+      // The other end, which does not wait: a write end only once a reader
+      // is in open() (ENXIO before).
+      const int other_mode = (mode == O_WRONLY ? O_RDONLY : O_WRONLY) | O_NONBLOCK | O_CLOEXEC;
+      int other = -1, err = 0;
+      for (int i = 0; i < 1000 && other < 0; ++i) {
+        other = ::open(fifo.c_str(), other_mode);
+        err = errno;  // right after the call
+        if (other < 0) (void)this_fiber::sleep_for(std::chrono::milliseconds(1));
+      }
+      EXPECT_GE(other, 0) << "the other end: " << std::strerror(err);
+      auto f = h.join();
+      EXPECT_TRUE(f) << "the " << end << ": " << f.error().message();
+      if (other >= 0) ::close(other);
+    }
+  });
   ::unlink(fifo.c_str());
 }
 

@@ -696,6 +696,16 @@ void uring_driver::prep(io_uring_sqe* sqe, const op& o) {
     case op_kind::openat:
       io_uring_prep_openat(sqe, AT_FDCWD, static_cast<const char*>(o.buf), o.flags | O_CLOEXEC,
                            static_cast<mode_t>(o.offset));
+      // The kernel's first try of an open (at submit) forces O_NONBLOCK on
+      // and takes what it gives: a FIFO's write end fails at once with
+      // ENXIO while no reader is there, its read end returns before any
+      // writer came, and a terminal does not wait for its carrier, where
+      // open(2) waits (it clears O_NONBLOCK after, so nothing else shows).
+      // Straight to io-wq, the open blocks as open(2) does, and a cancel
+      // interrupts it (-EINTR). Opens that may create or truncate go there
+      // anyway; the cost for the others is a thread hop. A caller that
+      // asked for O_NONBLOCK gets the same either way: tried at once.
+      if ((o.flags & O_NONBLOCK) == 0) sqe->flags |= IOSQE_ASYNC;
       break;
     case op_kind::close:
       io_uring_prep_close(sqe, o.fd);
