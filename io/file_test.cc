@@ -279,6 +279,35 @@ TEST_P(Files, AnOpenOfAFifoWaitsForItsOtherEnd) {
   ::unlink(fifo.c_str());
 }
 
+// io_uring cancels an open that waits (a FIFO's write end with no reader)
+// on a stop request, and when the run ends with it in flight. The kernel
+// interrupts it with ERESTARTSYS (512), a code meant never to leave the
+// kernel, which io_uring passes on: the call failed with "Unknown error
+// 512" instead of operation_canceled. (Under epoll the open waits on the
+// blocking pool, which nothing interrupts: see io/file.h.)
+TEST_P(Files, AStopRequestCancelsAnOpenThatWaitsUnderIoUring) {
+  const std::string fifo = temp_path("stop-fifo");
+  ::unlink(fifo.c_str());
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  Run([&] {
+    if (io::stats().driver != "io_uring") return;
+    // O_CREAT: the kernel sends it to io-wq, where it blocks, on any weft.
+    for (int flags : {O_WRONLY, O_WRONLY | O_CREAT}) {
+      auto h = spawn([&] { return file::open(fifo, flags); });
+      (void)this_fiber::sleep_for(std::chrono::milliseconds(20));
+      h.request_stop();
+      auto f = h.join();
+      ASSERT_FALSE(f) << "the write end opened with no reader";
+      EXPECT_EQ(f.error(), std::errc::operation_canceled) << f.error().message();
+    }
+    // And at the end of the run: cancelled, not waited for (a hang here
+    // ends in the test's timeout).
+    spawn([&] { (void)file::open(fifo, O_WRONLY); }).detach();
+    (void)this_fiber::sleep_for(std::chrono::milliseconds(20));
+  });
+  ::unlink(fifo.c_str());
+}
+
 TEST_P(Files, OpenErrorsAreValues) {
   Run([&] {
     auto f = file::open(temp_path("does-not-exist") + "/x", O_RDONLY);

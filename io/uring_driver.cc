@@ -156,6 +156,12 @@ std::atomic<bool> msg_ring_refused{false};
 // See *Cancel keys*.
 constexpr int kGenShift = 48;
 constexpr std::uint64_t kAddressMask = (std::uint64_t{1} << kGenShift) - 1;
+// The kernel's restart codes (include/linux/errno.h: ERESTARTSYS,
+// ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK), internal to it:
+// see perform_one().
+constexpr bool is_restart_code(int err) noexcept {
+  return err == 512 || err == 513 || err == 514 || err == 516;
+}
 // SQ ring entries: a turn rarely queues more; start() submits early when full.
 constexpr unsigned kSqEntries = 256;
 // See *Deadlines*: nearer than this, the kernel times the operation out.
@@ -778,6 +784,10 @@ result<int> uring_driver::perform_one(op& o, clock::time_point deadline, const c
                                     /*cancellable=*/o.kind != op_kind::close);
   if (o.use) o.use->detach();
   int r = c.res();
+  // An operation io-wq ran that a signal (a cancel's) interrupted may end
+  // with one of the kernel's restart codes, which never reach user space
+  // from a system call (a FIFO open: ERESTARTSYS): they mean EINTR.
+  if (r < 0 && is_restart_code(-r)) r = -EINTR;
   if (cqe_flags) *cqe_flags = c.flags();
   if (r >= 0) return r;
   if (why == sched::wake_reason::timed_out && (r == -ECANCELED || r == -EINTR))
