@@ -517,7 +517,15 @@ TEST(ChannelDeath, AChannelDestroyedWhileAFiberWaitsOnItIsReported) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   EXPECT_DEATH(weft::run([] {
                  auto ch = std::make_unique<channel<int>>(0);
+                 const std::uint64_t parks = stats().parks;
                  auto waiter = spawn([&ch] { (void)ch->recv(); });
+                 // Until the waiter has begun to park (yields are not
+                 // parks), then 20 ms: 20 ms alone was not always enough
+                 // under TSan on a loaded machine (as sync_test's
+                 // DestroyWhileParked).
+                 for (auto limit = clock::now() + 10s;
+                      stats().parks == parks && clock::now() < limit;)
+                   this_fiber::yield();
                  (void)this_fiber::sleep_for(20ms);  // parked in recv
                  ch.reset();
                }),

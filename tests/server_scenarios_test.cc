@@ -60,10 +60,14 @@ std::uint64_t settle_live_fibers(std::uint64_t want) {
   return live;
 }
 
-// Waits (bounded) until the descriptor count is back to `want`.
+// Waits (bounded) until the descriptor count is back to `want` or below
+// (callers expect <= want): a count taken at the start may include a
+// descriptor only briefly open, such as the monitor's read of a worker's
+// /proc status (io/uring_driver.cc), which a TSan run on a loaded machine
+// caught (10 at the start, 9 at the end).
 int settle_fds(int want) {
   int n = open_fds();
-  for (int i = 0; i < 500 && n != want; ++i) {
+  for (int i = 0; i < 500 && n > want; ++i) {
     (void)this_fiber::sleep_for(10ms);
     n = open_fds();
   }
@@ -300,7 +304,7 @@ TEST_P(ServerScenarios, SigtermShutsDownWithConnectionsActive) {
       return 7;
     }
     { signal_set gone = std::move(*term); }  // its eventfd goes with it
-    if (int n = settle_fds(fds0); n != fds0) {
+    if (int n = settle_fds(fds0); n > fds0) {
       ADD_FAILURE() << "descriptors " << n << ", were " << fds0;
       return 8;
     }
@@ -352,7 +356,7 @@ TEST_P(ServerScenarios, IdlePeersAreDroppedAndLeaveNothingBehind) {
     if (srv.conns.wait(deadline(10s)) != result<void>{}) return 2;
     EXPECT_EQ(srv.idle_drops.load(), 4);
     EXPECT_EQ(settle_live_fibers(live0), live0);
-    EXPECT_EQ(settle_fds(fds0), fds0);
+    EXPECT_LE(settle_fds(fds0), fds0);
     (void)ln->close();
     acceptor.join();
     return 0;
@@ -448,7 +452,7 @@ TEST_P(ServerScenarios, PeerLeavingInTheMiddleOfALargeWriteFreesTheWriter) {
       if (!c->close()) return 3;
     }
     EXPECT_EQ(settle_live_fibers(live0), live0);
-    EXPECT_EQ(settle_fds(fds0), fds0);
+    EXPECT_LE(settle_fds(fds0), fds0);
     EXPECT_EQ(pooled_buffer::in_use(), 0u);
     return 0;
   });
@@ -515,7 +519,7 @@ TEST_P(ServerScenarios, ThousandsOfShortConnectionsLeaveNoDescriptorsOrFibers) {
     EXPECT_EQ(srv.accepted.load(), kConns);
     EXPECT_EQ(srv.idle_drops.load(), 0);
     EXPECT_EQ(settle_live_fibers(live0), live0);
-    EXPECT_EQ(settle_fds(fds0), fds0);
+    EXPECT_LE(settle_fds(fds0), fds0);
     EXPECT_EQ(pooled_buffer::in_use(), 0u);
     (void)ln->close();
     acceptor.join();
