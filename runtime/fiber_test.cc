@@ -419,6 +419,11 @@ TEST(FibersOneWorker, AFiberSpawningInALoopLetsItsChildrenRun) {
 // Gosched and preemption put a goroutine on the global queue). Bounded
 // now by what it spawns in one coop slice plus a queue's worth.
 TEST(FibersOneWorker, AFiberSpawningInALoopDoesNotRunFarAheadOfItsChildren) {
+#if defined(WEFT_TSAN)
+  // Each fiber's context costs ~3 ms under TSan: 40,000 took 370 s, and
+  // 4,000 passed also without the fix (checked). Scheduling, not a race.
+  GTEST_SKIP() << "too slow to tell under TSan";
+#endif
   weft::run([] {
     constexpr int kFibers = 40000;
     std::atomic<int> ran{0};
