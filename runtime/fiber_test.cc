@@ -299,15 +299,21 @@ TEST_P(Fibers, AFiberPlacedOnAWorkerStartsThere) {
 
 // 40 ms apart: with 20, a worker descheduled for longer than that (TSan,
 // the whole suite on two CPUs) woke 5 before 4 twice in thirteen sessions;
-// the sleepers are on different workers, each with its own timers.
+// the sleepers are on different workers, each with its own timers. The
+// deadlines count from one instant taken before the spawns: counted from
+// each sleeper's start (sleep_for), they moved with the order the fibers
+// started in (the last spawned runs first, from the LIFO slot), and under
+// TSan (~3 ms to make each fiber's context) on a loaded machine 3 started
+// over 40 ms before 2 and woke first.
 TEST_P(Fibers, SleepersWakeInDeadlineOrder) {
   std::vector<int> order;
   std::mutex mu;
   Run([&] {
     std::vector<join_handle<void>> hs;
+    const auto base = std::chrono::steady_clock::now();
     for (int i : {5, 1, 4, 2, 3})
       hs.push_back(spawn([&, i] {
-        (void)this_fiber::sleep_for(i * 40ms);
+        (void)this_fiber::sleep_until(base + i * 40ms);
         std::lock_guard g(mu);
         order.push_back(i);
       }));
