@@ -18,6 +18,7 @@
 #include "gtest/gtest.h"
 #include "runtime/net.h"
 #include "runtime/weft.h"
+#include "tests/fixture.h"
 
 namespace {
 
@@ -209,10 +210,7 @@ TEST_P(Resolve, ALookupIsAnUnwindPointAtExit) {
   auto t0 = clock::now();
   Run([&] {
     spawn([&] {
-      struct guard {
-        std::atomic<bool>& u;
-        ~guard() { u.store(std::uncaught_exceptions() > 0); }
-      } g{unwound};
+      weft::testing::unwind_witness g{unwound};
       auto until = clock::now() + 1500ms;  // bounded, so the test fails instead of hanging
       while (!resolve("h.slow.test", 80) && clock::now() < until) retries.fetch_add(1);
     }).detach();

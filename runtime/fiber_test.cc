@@ -1408,10 +1408,7 @@ TEST_P(Fibers, ASleepWhoseTimeHasComeIsAnUnwindPointAtExit) {
   auto t0 = clock::now();
   Run([&] {
     spawn([&] {
-      struct guard {
-        std::atomic<bool>& u;
-        ~guard() { u.store(std::uncaught_exceptions() > 0); }
-      } g{unwound};
+      testing::unwind_witness g{unwound};
       auto until = clock::now() + 3s;  // bounded, so the test fails instead of hanging
       while (clock::now() < until) (void)this_fiber::sleep_for(0ms);
       looped_on.store(true);

@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <string>
 #include <thread>
 #include <vector>
@@ -142,6 +143,13 @@ long neighbour_turns_during(F busy) {
   neighbour.join();
   return during;
 }
+
+// Put at the top of a fiber's body: stores, as the body is left, whether
+// an exception was leaving it (the runtime's fiber_unwind at exit).
+struct unwind_witness {
+  std::atomic<bool>& unwound;
+  ~unwind_witness() { unwound.store(std::uncaught_exceptions() > 0); }
+};
 
 inline std::string WorkerCountName(const ::testing::TestParamInfo<unsigned>& i) {
   return std::to_string(i.param) + "_workers";
