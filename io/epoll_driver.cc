@@ -384,10 +384,28 @@ void epoll_driver::update(int fd, fd_entry& e) {
     e.registered = true;
     return;
   }
-  // Not pollable (EPERM: a regular file) or gone (EBADF): say "ready", so
-  // the waiters try their system call and get its answer.
-  epoll_event fake{.events = EPOLLIN | EPOLLOUT, .data = {.fd = fd}};
-  dispatch(&fake, 1);
+  const int err = errno;  // read right after the last call
+  if (err == EPERM || err == EBADF) {
+    // Not pollable (EPERM: a regular file, which poll(2) calls always
+    // ready) or gone (EBADF): say "ready", so the waiters try their system
+    // call and get its answer.
+    epoll_event fake{.events = EPOLLIN | EPOLLOUT, .data = {.fd = fd}};
+    dispatch(&fake, 1);
+    return;
+  }
+  // The kernel will not watch it (ENOSPC: fs.epoll.max_user_watches
+  // reached; ENOMEM; ELOOP, EINVAL: an epoll descriptor that would nest
+  // this one): the waiters fail with that error, as Go's netpoll and
+  // Tokio's registration report it. Said "ready", they would find nothing,
+  // ask again and fail again, at a full core until their deadline, or
+  // forever without one.
+  for (wait_slot* list : {std::exchange(e.reader, nullptr), std::exchange(e.writer, nullptr)})
+    while (list) {
+      wait_slot* next = list->next;  // SAFETY: as in dispatch()
+      --waiting_;
+      list->complete(-err);
+      list = next;
+    }
 }
 
 result<void> epoll_driver::wait_ready(int fd, fd_use* use, bool write,

@@ -15,7 +15,9 @@
 // Semantics, as poll(2) with one event: returns once the descriptor is
 // ready, or has an error or hang-up pending (the caller's next call
 // reports it); timed_out at the deadline; operation_canceled on the
-// fiber's stop request; EBADF if fd is not an open descriptor. The
+// fiber's stop request; EBADF if fd is not an open descriptor; on epoll,
+// the error of a kernel that will not watch it (ENOSPC once
+// fs.epoll.max_user_watches is reached, ENOMEM). The
 // descriptor is the caller's: weft neither reads it, nor changes its
 // flags, nor closes it. On io_uring a wait is one IORING_OP_POLL_ADD; on
 // epoll a poll(2) and, if not ready, a one-shot registration. From a plain
