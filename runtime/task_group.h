@@ -60,7 +60,9 @@ class task_group {
   // `where` (the group's declaration) is the site that dump() and the
   // deadlock report give for a fiber whose group's destructor waits for
   // its children: a destructor takes no argument, and this stands for the
-  // end of the scope better than the runtime's own file does.
+  // end of the scope better than the runtime's own file does. Not
+  // explicit: an aggregate with a task_group member, initialized with
+  // `{}`, copy-list-initializes it, which an explicit constructor refuses.
   task_group(std::source_location where = std::source_location::current()) noexcept
       : where_(where) {}
   task_group(const task_group&) = delete;
