@@ -3,19 +3,24 @@
 // run_queue holds the runnable fibers of one worker: a bounded lock-free ring
 // of Capacity pointers, in the manner of Go's runq (runqput, runqget,
 // runqsteal). The owner pushes at the tail and pops at the head; an idle
-// worker steals half of it from the head. When the ring is full, push() moves
-// the older half out in one batch, for the global inject queue. See
-// *Scheduler* in DESIGN.md.
+// worker steals half of it from the head. The owner may also push at the
+// head (push_front(): what it wants to run next, see *Depth first* in
+// sched/worker.cc). When the ring is full, push() moves the half at the head out
+// in one batch, for the global inject queue. See *Scheduler* in DESIGN.md.
 //
 // Invariants:
-//   - Only the owner writes tail_; any worker may CAS head_ forward. head_
-//     changes only by CAS (never by a plain store), so every head_ CAS
-//     continues the release sequence of the ones before it. The exception
+//   - head_ packs a tag (high 32 bits) and the head index (low 32 bits).
+//     Only the owner writes tail_; any worker may CAS head_ forward, and the
+//     owner may CAS it one back (push_front(), which also increments the
+//     tag; see *Tags*). head_ changes only by CAS (never by a plain store),
+//     so every head_ CAS continues the release sequence of the ones before
+//     it. The exception
 //     is pop_unshared(), for a queue that no thief can ever reach (a
 //     scheduler with one worker): with no other reader of head_ there is no
 //     release sequence to keep.
-//   - 0 <= tail_ - head_ <= Capacity, in wrapping uint32 arithmetic. The
-//     elements, oldest first, are slots_[i % Capacity] for i in [head_, tail_).
+//   - 0 <= tail_ - head_ <= Capacity, in wrapping uint32 arithmetic (head_
+//     meaning its index here and below). The elements, from the head, are
+//     slots_[i % Capacity] for i in [head_, tail_).
 //   - Only the owner writes slots_, and only slots outside [head_, tail_).
 //     A thief may still be reading such a slot from a stale head_; slots_ are
 //     std::atomic<T*> for that reason, and the thief's CAS on head_ rejects
@@ -24,7 +29,7 @@
 //     element (pop() and steal_from() use it for "empty").
 //
 // Who calls what:
-//   push(), pop()                  the owner worker only
+//   push(), push_front(), pop()    the owner worker only
 //   pop_unshared()                 the owner worker only, and only if no
 //                                  queue of its scheduler is ever stolen from
 //   steal_from(victim)             the owner of *this (the thief), with
@@ -39,21 +44,36 @@
 // succeeds nothing is taken: the owner or another thief may have popped
 // those elements meanwhile and the owner may already be overwriting the
 // slots, so what the thief read is stale and it starts over. The CAS is what
-// validates the copy. The first (oldest) stolen element is returned to run
+// validates the copy. The first stolen element (the head's) is returned to run
 // right away; the others are appended to the thief's own ring, which the
 // thief publishes with its own tail_ store. The copy into the thief's ring
 // happens before the CAS; it writes only slots outside the thief's
 // [head_, tail_), so nobody can take them before that tail_ store.
 //
+// Tags
+//
+// A thief's CAS validates its copy only if head_ cannot come back to the
+// value it loaded with other elements in the slots. With head_ only moving
+// forward that takes 2^32 pops during one steal. push_front() moves it back:
+// the owner pops slot h (head_ h + 1), then push_front() writes a new
+// element into slot h (head_ h again), and a thief that copied slot h
+// before would take the popped fiber a second time. So push_front() also
+// increments the tag, and the thief's CAS, which compares all 64 bits,
+// fails. Every other head_ change moves the index forward and keeps the
+// tag, so tags never decrease, and a head_ value never comes back (but for
+// the wrapping of 32-bit counters, below).
+//
 // Memory ordering
 //
 // Two edges make the ring safe; every other access is relaxed.
 //   Publish: the owner stores slots_[t], then tail_ = t + 1 with release; a
-//     thief loads tail_ with acquire before reading slots below it.
+//     thief loads tail_ with acquire before reading slots below it. A slot
+//     push_front() fills is published by its release CAS of head_, which
+//     the thief loads with acquire.
 //   Reuse: a thief reads slots, then CASes head_ with release; the owner
 //     loads head_ with acquire before it overwrites a slot below that head_
-//     (push(), steal_from() into its own ring). So a thief whose CAS
-//     succeeded read the slots before the owner overwrote them. Since all
+//     (push(), push_front(), steal_from() into its own ring). So a thief
+//     whose CAS succeeded read the slots before the owner overwrote them. Since all
 //     writes to head_ are RMWs, the acquire load synchronizes with every
 //     release CAS before it in head_'s modification order, whoever made it.
 // The owner's own reads of slots (pop(), the overflow batch) need no edge:
@@ -62,8 +82,9 @@
 // the tail_ seen by whoever stored the head_ it read (tail_ >= head_ in its
 // snapshot). head_ may still be stale against tail_ (tail_ - head_ >
 // Capacity): the thief retries. Indices are 32 bits: a thief's CAS could
-// wrongly succeed only if head_ advanced by exactly 2^32 between its load and
-// its CAS, which we accept, as Go and Tokio do.
+// wrongly succeed only if head_ advanced by exactly 2^32 (and the tag came
+// back too) between its load and its CAS, which we accept, as Go and Tokio
+// accept 2^32 alone.
 #pragma once
 
 #include <atomic>
@@ -82,6 +103,7 @@ class run_queue {
   static_assert(Capacity <= (std::uint32_t{1} << 30),
                 "run_queue: Capacity must leave room for wrapping indices");
   static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
+  static_assert(std::atomic<std::uint64_t>::is_always_lock_free);
   static_assert(std::atomic<T*>::is_always_lock_free);
 
  public:
@@ -89,16 +111,17 @@ class run_queue {
   run_queue(const run_queue&) = delete;
   run_queue& operator=(const run_queue&) = delete;
 
-  // Owner only. Appends x. If the ring is full, moves the older half of it
+  // Owner only. Appends x. If the ring is full, moves the half at its head
   // plus x out and calls overflow(T** batch, std::uint32_t n) once with them,
-  // oldest first. overflow must not throw: the batch has left the ring.
+  // head first. overflow must not throw: the batch has left the ring.
   template <typename Overflow>
   void push(T* x, Overflow&& overflow) {
     WEFT_DCHECK(x != nullptr, "run_queue::push: nullptr is not an element");
     for (;;) {
       // acquire: pairs with the release CAS in grab_half() (the Reuse edge):
       // thieves' reads of slots below this head_ happen before our store.
-      const std::uint32_t h = head_.load(std::memory_order_acquire);
+      const std::uint64_t hv = head_.load(std::memory_order_acquire);
+      const std::uint32_t h = index(hv);
       // relaxed: only the owner (this thread) writes tail_.
       const std::uint32_t t = tail_.load(std::memory_order_relaxed);
       WEFT_DCHECK(t - h <= Capacity, "run_queue::push: tail_ - head_ out of range");
@@ -109,7 +132,7 @@ class run_queue {
         tail_.store(t + 1, std::memory_order_release);
         return;
       }
-      if (push_overflow(h, x, overflow)) return;
+      if (push_overflow(hv, x, overflow)) return;
       // A thief took elements meanwhile, so there is room now: try again.
     }
   }
@@ -118,29 +141,58 @@ class run_queue {
   // overflow_batch_, a member, not a local array: push() runs on fiber
   // stacks as small as 2 KiB, where a kHalf-pointer array would not fit.
   template <typename Overflow>
-  [[gnu::noinline, gnu::cold]] bool push_overflow(std::uint32_t h, T* x,
+  [[gnu::noinline, gnu::cold]] bool push_overflow(std::uint64_t hv, T* x,
                                                   Overflow& overflow) {
-    if (!take_older_half(h, overflow_batch_)) return false;
+    if (!take_older_half(hv, overflow_batch_)) return false;
     overflow_batch_[kHalf] = x;
     overflow(overflow_batch_, kHalf + 1);
     return true;
   }
 
-  // Owner only. Removes and returns the oldest element, or nullptr.
+  // Owner only. Puts x at the head, where pop() and thieves take it next.
+  // Returns false, doing nothing, if the ring is full (the caller decides
+  // where x goes instead: the back, with push()).
+  bool push_front(T* x) {
+    WEFT_DCHECK(x != nullptr, "run_queue::push_front: nullptr is not an element");
+    for (;;) {
+      // acquire: the Reuse edge, as in push(): slot h - 1 may have been read
+      // by a thief whose CAS moved head_ past it.
+      std::uint64_t hv = head_.load(std::memory_order_acquire);
+      const std::uint32_t h = index(hv);
+      // relaxed: only the owner (this thread) writes tail_.
+      const std::uint32_t t = tail_.load(std::memory_order_relaxed);
+      if (t - h >= Capacity) return false;
+      // relaxed: published by the head_ CAS below.
+      slots_[(h - 1) & kMask].store(x, std::memory_order_relaxed);
+      // release: publishes slots_[h - 1] to a thief's acquire of head_ (and
+      // keeps its snapshot tail_ >= head_, as in pop()). The tag changes,
+      // so a thief that copied slots at an earlier head_ with this index
+      // fails its CAS (see *Tags*). relaxed on failure: hv is reloaded
+      // with acquire at the top. On failure a thief moved head_ forward:
+      // slot h - 1 stays outside the ring, and we write below the new head.
+      const std::uint64_t nv = ((hv >> 32) + 1) << 32 | std::uint32_t(h - 1);
+      if (head_.compare_exchange_weak(hv, nv, std::memory_order_release,
+                                      std::memory_order_relaxed))
+        return true;
+    }
+  }
+
+  // Owner only. Removes and returns the element at the head, or nullptr.
   T* pop() {
     // relaxed: the owner is the only writer of slots_, so reading slots_[h]
     // needs no synchronization; the CAS below validates h.
-    std::uint32_t h = head_.load(std::memory_order_relaxed);
+    std::uint64_t hv = head_.load(std::memory_order_relaxed);
     // relaxed: only the owner (this thread) writes tail_.
     const std::uint32_t t = tail_.load(std::memory_order_relaxed);
     for (;;) {
+      const std::uint32_t h = index(hv);
       WEFT_DCHECK(t - h <= Capacity, "run_queue::pop: tail_ - head_ out of range");
       if (t == h) return nullptr;
       T* x = slots_[h & kMask].load(std::memory_order_relaxed);  // relaxed: see above
       // release: a thief that acquires this head_ also sees a tail_ at least
       // as new as t (keeps its snapshot tail_ >= head_); partner: acquire of
-      // head_ in grab_half(). relaxed on failure: h is reloaded, same as above.
-      if (head_.compare_exchange_weak(h, h + 1, std::memory_order_release,
+      // head_ in grab_half(). relaxed on failure: hv is reloaded, same as above.
+      if (head_.compare_exchange_weak(hv, hv + 1, std::memory_order_release,
                                       std::memory_order_relaxed)) {
         return x;
       }
@@ -154,12 +206,13 @@ class run_queue {
   // none either.
   T* pop_unshared() {
     // relaxed: no other thread writes head_ or tail_ of this queue.
-    const std::uint32_t h = head_.load(std::memory_order_relaxed);
+    const std::uint64_t hv = head_.load(std::memory_order_relaxed);
+    const std::uint32_t h = index(hv);
     if (tail_.load(std::memory_order_relaxed) == h) return nullptr;
     T* x = slots_[h & kMask].load(std::memory_order_relaxed);
     // relaxed: read only by this thread and by racy snapshots
     // (size_approx(), empty_approx()), which order nothing by it.
-    head_.store(h + 1, std::memory_order_relaxed);
+    head_.store(hv + 1, std::memory_order_relaxed);
     return x;
   }
 
@@ -169,13 +222,13 @@ class run_queue {
   T* peek_hint() const {
     // relaxed: advisory, as size_approx(); a stale slot is harmless to a
     // prefetch, which never faults.
-    const std::uint32_t h = head_.load(std::memory_order_relaxed);
+    const std::uint32_t h = index(head_.load(std::memory_order_relaxed));
     if (tail_.load(std::memory_order_relaxed) == h) return nullptr;  // relaxed: as above
     return slots_[h & kMask].load(std::memory_order_relaxed);         // relaxed: as above
   }
 
   // Called by the owner of *this (the thief), victim being another worker's
-  // queue. Moves ceil(n/2) of victim's n elements: returns the oldest of them
+  // queue. Moves ceil(n/2) of victim's n elements: returns the head's
   // to run right away and appends the rest to *this. Returns nullptr if
   // victim was empty. *this must hold at most Capacity/2 elements (a worker
   // steals only when its own queue is empty).
@@ -185,7 +238,7 @@ class run_queue {
     const std::uint32_t t = tail_.load(std::memory_order_relaxed);
     // acquire: the Reuse edge for our own ring, which grab_half() is about to
     // write; pairs with the release CAS in grab_half() of our own thieves.
-    const std::uint32_t h = head_.load(std::memory_order_acquire);
+    const std::uint32_t h = index(head_.load(std::memory_order_acquire));
     WEFT_CHECK(t - h <= Capacity - kHalf,
                "run_queue::steal_from: thief queue too full to receive");
     T* first = nullptr;
@@ -203,7 +256,7 @@ class run_queue {
   // Any thread. A racy snapshot, for heuristics and statistics only.
   std::uint32_t size_approx() const {
     // relaxed: the result is advisory; nothing is read through it.
-    const std::uint32_t h = head_.load(std::memory_order_relaxed);
+    const std::uint32_t h = index(head_.load(std::memory_order_relaxed));
     const std::uint32_t t = tail_.load(std::memory_order_relaxed);  // relaxed: as above
     const std::uint32_t n = t - h;
     if (static_cast<std::int32_t>(n) < 0) return 0;  // tail_ older than head_
@@ -216,16 +269,27 @@ class run_queue {
   // (thieves only make more room).
   std::uint32_t room() const { return Capacity - size_approx(); }
 
-  // Any thread: a racy (head, tail) snapshot, packed. Equal snapshots taken
-  // at two moments mean nothing was pushed or taken in between.
+  // Any thread: a racy snapshot of head_ and tail_, mixed into one word.
+  // Equal snapshots taken at two moments mean nothing was pushed or taken
+  // in between (but for a 2^-64 collision).
   std::uint64_t position_approx() const {
     // relaxed: advisory, as size_approx().
-    return std::uint64_t{head_.load(std::memory_order_relaxed)} << 32 |
-           tail_.load(std::memory_order_relaxed);
+    return head_stamp() * 0x9E3779B97F4A7C15ull ^ tail_.load(std::memory_order_relaxed);
+  }
+
+  // Any thread: head_ whole (tag and index), a racy snapshot. It changes
+  // whenever an element leaves the ring (pop, steal, overflow) or enters
+  // it at the head (push_front).
+  std::uint64_t head_stamp() const {
+    return head_.load(std::memory_order_relaxed);  // relaxed: advisory
   }
 
  private:
   static constexpr std::uint32_t kMask = Capacity - 1;
+  // The index half of a head_ value (see *Tags*). Index arithmetic on the
+  // whole value (hv + n) carries into the tag when the index wraps, which
+  // keeps the index right and only changes the tag.
+  static std::uint32_t index(std::uint64_t hv) { return static_cast<std::uint32_t>(hv); }
   static constexpr std::uint32_t kHalf = Capacity / 2;
   // 64 bytes on x86-64 and on the arm64 cores we target. Not
   // std::hardware_destructive_interference_size: GCC warns when a header
@@ -233,28 +297,30 @@ class run_queue {
   static constexpr std::size_t kCacheLine = 64;
 
   // Owner only, ring full (tail_ - h == Capacity, h loaded with acquire by
-  // push()). Moves the kHalf oldest elements into batch[0, kHalf). Returns
+  // push()). Moves the kHalf elements at the head into batch[0, kHalf). Returns
   // false, taking nothing, if a thief moved head_ first.
-  bool take_older_half(std::uint32_t h, T** batch) {
+  bool take_older_half(std::uint64_t hv, T** batch) {
+    const std::uint32_t h = index(hv);
     for (std::uint32_t i = 0; i < kHalf; ++i) {
       // relaxed: the owner is the only writer of slots_.
       batch[i] = slots_[(h + i) & kMask].load(std::memory_order_relaxed);
     }
     // release: keeps a thief's snapshot tail_ >= head_, as in pop(); partner:
     // acquire of head_ in grab_half(). relaxed on failure: push() reloads.
-    return head_.compare_exchange_strong(h, h + kHalf, std::memory_order_release,
+    return head_.compare_exchange_strong(hv, hv + kHalf, std::memory_order_release,
                                          std::memory_order_relaxed);
   }
 
   // Runs on the victim (*this) on behalf of the thief owning dst. Takes
-  // ceil(n/2) of this ring's n elements: the oldest into first, the others
+  // ceil(n/2) of this ring's n elements: the head's into first, the others
   // into dst.slots_ from index dst_tail on (unpublished: dst_tail is dst's
   // tail_). Returns how many it took, 0 if this ring was empty.
   std::uint32_t grab_half(T*& first, run_queue& dst, std::uint32_t dst_tail) {
     for (;;) {
       // acquire: pairs with the release head_ CAS that stored h, so the tail_
       // loaded next is no older than the one its author saw (t >= h).
-      std::uint32_t h = head_.load(std::memory_order_acquire);
+      std::uint64_t hv = head_.load(std::memory_order_acquire);
+      const std::uint32_t h = index(hv);
       // acquire: pairs with the release tail_ store in push()/steal_from()
       // (the Publish edge): the slots below t are visible.
       const std::uint32_t t = tail_.load(std::memory_order_acquire);
@@ -276,15 +342,16 @@ class run_queue {
       // slots (the Reuse edge); partner: acquire of head_ in push() and
       // steal_from(). No acquire needed: the slots came with tail_.
       // relaxed on failure: we start over with fresh acquire loads.
-      if (head_.compare_exchange_strong(h, h + n, std::memory_order_release,
+      if (head_.compare_exchange_strong(hv, hv + n, std::memory_order_release,
                                         std::memory_order_relaxed)) {
         return n;
       }
     }
   }
 
-  // Written by any worker (CAS only), read by the owner and thieves.
-  alignas(kCacheLine) std::atomic<std::uint32_t> head_{0};
+  // Tag and index (see *Tags*). Written by any worker (CAS only), read by
+  // the owner and thieves.
+  alignas(kCacheLine) std::atomic<std::uint64_t> head_{0};
   // Written by the owner only; read by thieves (acquire) and stats.
   alignas(kCacheLine) std::atomic<std::uint32_t> tail_{0};
   // Written by the owner only (outside [head_, tail_)); read by the owner

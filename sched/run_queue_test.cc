@@ -1,10 +1,11 @@
 // sched/run_queue_test.cc
 //
-// Tests of run_queue: the owner's FIFO order, steal-half, overflow of the
-// older half, index wraparound, a randomized comparison with a std::deque
-// model, and a bounded concurrent stress with Capacity 4 so that overflow,
-// wraparound and racing steals happen every few operations (Tokio shrinks
-// its queue to 4 under loom for the same reason).
+// Tests of run_queue: the owner's FIFO order, push_front(), steal-half,
+// overflow of the older half, index wraparound, a randomized comparison
+// with a std::deque model, and a bounded concurrent stress with Capacity 4
+// so that overflow, wraparound, pushes at the head and racing steals
+// happen every few operations (Tokio shrinks its queue to 4 under loom for
+// the same reason).
 #include "sched/run_queue.h"
 
 #include <gtest/gtest.h>
@@ -55,6 +56,23 @@ TEST(RunQueue, OwnerPopsInFifoOrder) {
   }
   EXPECT_EQ(q.pop(), nullptr);
   EXPECT_TRUE(q.empty_approx());
+}
+
+TEST(RunQueue, PushFrontPutsAnElementAtTheHeadForPopAndForThieves) {
+  std::vector<item> items = make_items(6);
+  small_queue q, thief;
+  q.push(&items[0], no_overflow);
+  q.push(&items[1], no_overflow);
+  ASSERT_TRUE(q.push_front(&items[2]));
+  ASSERT_TRUE(q.push_front(&items[3]));
+  EXPECT_EQ(q.size_approx(), 4u);
+  EXPECT_FALSE(q.push_front(&items[4])) << "a full ring refuses, taking nothing";
+  EXPECT_EQ(q.size_approx(), 4u);
+  EXPECT_EQ(thief.steal_from(q)->id, 3u);  // the head, then 2 into the thief
+  EXPECT_EQ(drain(thief), (std::vector<std::uint32_t>{2}));
+  EXPECT_EQ(drain(q), (std::vector<std::uint32_t>{0, 1}));
+  ASSERT_TRUE(q.push_front(&items[5]));  // into an empty ring
+  EXPECT_EQ(drain(q), (std::vector<std::uint32_t>{5}));
 }
 
 TEST(RunQueue, PopOnAnEmptyQueueReturnsNull) {
@@ -160,7 +178,14 @@ TEST(RunQueue, MatchesADequeModelUnderRandomOperations) {
   std::uint32_t next = 0;
   for (std::uint32_t op = 0; op < kOps; ++op) {
     const int a = static_cast<int>(rng() % 2), b = 1 - a;
-    switch (rng() % 4) {
+    switch (rng() % 5) {
+      case 4: {  // push_front, refused when full
+        item* x = &items[next++];
+        const bool room = model[a].size() < 4;
+        if (room) model[a].push_front(x);
+        ASSERT_EQ(q[a].push_front(x), room);
+        break;
+      }
       case 0:
       case 1: {  // push, overflowing when full
         item* x = &items[next++];
@@ -207,8 +232,13 @@ TEST(RunQueue, PopUnsharedMatchesADequeModelThroughOverflowAndWraparound) {
   std::mt19937 rng(777);
   std::uint32_t next = 0, overflows = 0, unshared = 0;
   for (std::uint32_t op = 0; op < kOps; ++op) {
-    const unsigned r = rng() % 5;
-    if (r < 3) {  // push, overflowing when full
+    const unsigned r = rng() % 6;
+    if (r == 5) {  // push_front, refused when full
+      item* x = &items[next++];
+      const bool room = model.size() < 4;
+      if (room) model.push_front(x);
+      ASSERT_EQ(q.push_front(x), room);
+    } else if (r < 3) {  // push, overflowing when full
       item* x = &items[next++];
       std::vector<item*> expect;
       if (model.size() == 4) {
@@ -246,8 +276,9 @@ TEST(RunQueueDeathTest, StealingIntoAQueueMoreThanHalfFullAborts) {
   EXPECT_DEATH(thief.steal_from(victim), "thief queue too full");
 }
 
-// *Stress*. One owner pushes kItems unique items, popping some of them, with
-// overflow going to a mutex-protected vector; kThieves thieves, each with a
+// *Stress*. One owner pushes kItems unique items, a third of them at the
+// head (push_front(), at the back if the ring is full), popping some of
+// them, with overflow going to a mutex-protected vector; kThieves thieves, each with a
 // run_queue of its own, steal from the owner or from each other and pop
 // their own queue. At the end each item was seen exactly once.
 //
@@ -257,7 +288,7 @@ TEST(RunQueueDeathTest, StealingIntoAQueueMoreThanHalfFullAborts) {
 // holds is only ever run by that thief, so none is left behind.
 class RunQueueStress : public ::testing::Test {
  protected:
-  static constexpr std::uint32_t kItems = 200'000;
+  static constexpr std::uint32_t kItems = 600'000;
   static constexpr int kThieves = 3;
 
   void see(item* x) {
@@ -272,7 +303,9 @@ class RunQueueStress : public ::testing::Test {
       overflowed_.insert(overflowed_.end(), batch, batch + n);
     };
     for (item& x : items_) {
-      owner_.push(&x, overflow);
+      // A pop just before a push_front puts head_'s index back where it
+      // was: the pattern the tag exists for (see *Tags* in run_queue.h).
+      if (rng() % 3 != 0 || !owner_.push_front(&x)) owner_.push(&x, overflow);
       if (rng() % 3 == 0) {
         if (item* y = owner_.pop()) see(y);
       }
@@ -351,7 +384,7 @@ TEST_F(RunQueueStress, EveryItemIsSeenExactlyOnceUnderConcurrentPushPopStealAndO
 // all while others steal from it. Each item is seen exactly once; a thread
 // stops once every item is accounted for (seen or overflowed).
 TEST(RunQueueSymmetricStress, EveryItemIsSeenOnceWhenEveryThreadPushesPopsAndSteals) {
-  constexpr std::uint32_t kPerThread = 60'000;
+  constexpr std::uint32_t kPerThread = 200'000;
   constexpr int kThreads = 4;
   constexpr std::uint32_t kTotal = kPerThread * kThreads;
   std::vector<item> items = make_items(kTotal);
@@ -382,7 +415,8 @@ TEST(RunQueueSymmetricStress, EveryItemIsSeenOnceWhenEveryThreadPushesPopsAndSte
     while (accounted.load(std::memory_order_relaxed) != kTotal) {
       const unsigned r = rng() % 8;
       if (next < kPerThread && r < 4) {
-        own.push(&items[k * kPerThread + next++], overflow);
+        item* x = &items[k * kPerThread + next++];
+        if (r != 0 || !own.push_front(x)) own.push(x, overflow);
       } else if (r < 6 || own.size_approx() > 2) {
         if (item* x = own.pop()) see(x);
       } else {
