@@ -445,6 +445,99 @@ TEST(FibersOneWorker, AFiberSpawningInALoopDoesNotRunFarAheadOfItsChildren) {
   }, {.workers = 1});
 }
 
+// A 10-ary fork-join tree `depth` levels below this fiber, its fibers
+// counted while they run (one worker: plain ints). Returns its size.
+struct tree_watch {
+  int alive = 0, peak = 0;
+};
+long fork_join_tree(int depth, tree_watch& w) {
+  w.peak = std::max(w.peak, ++w.alive);
+  long size = 1;
+  if (depth > 0) {
+    std::vector<join_handle<long>> kids;
+    for (int i = 0; i < 10; ++i)
+      kids.push_back(spawn([depth, &w] { return fork_join_tree(depth - 1, w); }));
+    for (auto& k : kids) size += k.join();
+  }
+  --w.alive;
+  return size;
+}
+
+// *Depth first* (sched/worker.cc): the children a parent spawns before it
+// joins them run newest first, each one's subtree before the next, so on
+// one worker about one path from the root to a leaf has started and not
+// finished at any moment: 4 here. Breadth first (each child a spawn
+// displaced from the LIFO slot at the local queue's tail, as before) 48 of
+// these 1,111 fibers had started at once, each parked on its own stack.
+TEST(FibersOneWorker, AForkJoinTreeRunsDepthFirst) {
+  weft::run([] {
+    tree_watch w;
+    EXPECT_EQ(fork_join_tree(3, w), 1111);
+    EXPECT_LE(w.peak, 8) << "fibers started and not finished at once";
+  }, {.workers = 1});
+}
+
+// ...and a fiber at the local queue's tail keeps its turns meanwhile: the
+// displaced queue, where the tree's children wait, takes turns with the
+// local queue: ~1,000 turns here. Taking the displaced queue first, the
+// yielder had 0 until the whole tree was done.
+TEST(FibersOneWorker, AYielderKeepsItsTurnsWhileAForkJoinTreeRuns) {
+  weft::run([] {
+    bool done = false;
+    int turns = 0;
+    auto yielder = spawn([&] {
+      while (!done) {
+        ++turns;
+        this_fiber::yield();
+      }
+    });
+    this_fiber::yield();  // the yielder has started: it is at the local queue's tail
+    tree_watch w;
+    const int before = turns;
+    EXPECT_EQ(fork_join_tree(3, w), 1111);
+    const int during = turns - before;
+    done = true;
+    yielder.join();
+    EXPECT_GE(during, 100) << "turns of the yielder while 1,111 fibers ran";
+  }, {.workers = 1});
+}
+
+// A fiber that spawns one child and exits, the child the same, thousands
+// deep: each child runs from the LIFO slot as its parent exits, a chain
+// that is no ping-pong pair (*Depth first*), so the streak limit of 3 does
+// not cut it; kMaxLifoChain (64) does, so a yielder beside it keeps
+// running: one turn per 64 spawns. With no limit on chains it had 0 turns
+// during the relay.
+void spawn_relay(int left, semaphore& finished) {
+  if (left == 0) {
+    finished.release();
+    return;
+  }
+  go([left, &finished] { spawn_relay(left - 1, finished); });
+}
+
+TEST(FibersOneWorker, ARelayOfSpawnsDoesNotHoldUpAYielder) {
+  weft::run([] {
+    bool done = false;
+    int turns = 0;
+    auto yielder = spawn([&] {
+      while (!done) {
+        ++turns;
+        this_fiber::yield();
+      }
+    });
+    this_fiber::yield();
+    semaphore finished(0);
+    const int before = turns;
+    spawn_relay(3200, finished);
+    EXPECT_TRUE(finished.acquire());
+    const int during = turns - before;
+    done = true;
+    yielder.join();
+    EXPECT_GE(during, 20) << "turns of the yielder during a relay of 3,200 spawns";
+  }, {.workers = 1});
+}
+
 TEST_P(Fibers, AFiberThatYieldsForeverDoesNotStarveOthers) {
   Run([] {
     std::atomic<bool> stop{false};
@@ -548,6 +641,9 @@ TEST(FiberYield, ASleeperWakesAmongMoreYieldersThanARunQueueHolds) {
 // Fibers yielding on one worker take turns in a fixed cycle, whether the
 // yield switches straight to the next fiber (see *Direct yield* in
 // sched/worker.cc) or, for one on a tiny stack, goes through the loop.
+// The cycle starts once each has had its first turn: until then those
+// not yet started wait in the displaced queue, which takes turns with the
+// yielders in the local queue (*Depth first* in sched/worker.cc).
 TEST(FiberYield, FibersTakeTurnsInOrderOnOneWorker) {
   options o;
   o.workers = 1;
@@ -571,12 +667,18 @@ TEST(FiberYield, FibersTakeTurnsInOrderOnOneWorker) {
     for (auto& h : hs) h.join();
   }, o);
   ASSERT_EQ(order.size(), std::size_t(kFibers * kRounds));
-  // The first round sets the cycle (spawn order and the LIFO slot decide
-  // it); every later round repeats it.
-  std::set<int> first(order.begin(), order.begin() + kFibers);
-  ASSERT_EQ(first.size(), std::size_t(kFibers));
-  for (std::size_t k = kFibers; k < order.size(); ++k)
-    ASSERT_EQ(order[k], order[k % kFibers]) << "at turn " << k << ": " << ::testing::PrintToString(std::vector<int>(order.begin(), order.begin() + std::min<std::size_t>(order.size(), 24)));
+  const std::string start = ::testing::PrintToString(
+      std::vector<int>(order.begin(), order.begin() + 3 * kFibers));
+  // Every fiber's first turn comes within the first two rounds' worth...
+  std::size_t all_in = 0;  // the turn by which each has had one
+  std::set<int> seen;
+  while (all_in < order.size() && (seen.insert(order[all_in]), seen.size() < kFibers))
+    ++all_in;
+  ASSERT_LT(all_in, std::size_t(2 * kFibers)) << start;
+  // ...and from then on the turns repeat in a cycle of kFibers (until the
+  // first to start, a turn ahead, has had its last).
+  for (std::size_t k = all_in + 1; k + kFibers < order.size(); ++k)
+    ASSERT_EQ(order[k], order[k - kFibers]) << "at turn " << k << ": " << start;
 }
 
 // Fibers that compute for a while between yields, as the hog warning asks
@@ -922,12 +1024,15 @@ TEST_P(Fibers, FiberLocalStorageStaysWithItsFiberAcrossMigration) {
         *slot = i;
         unsigned w = this_fiber::worker_index();
         for (int k = 0; k < 20; ++k) {
-          // Joining a busy child moves us: idle workers steal the children,
-          // and a child wakes its parent onto the worker it finished on.
+          // Joining a child placed on the next worker moves us: a child
+          // wakes its parent onto the worker it finished on. (Left to
+          // stealing, parent and child mostly stay together: the child
+          // runs from the LIFO slot and hands its worker back to the
+          // parent, see *Depth first* in sched/worker.cc.)
           spawn([] {
             volatile int x = 0;
             for (int j = 0; j < 20'000; ++j) x = x + j;
-          }).join();
+          }, {.worker = static_cast<int>(w + 1)}).join();
           if (this_fiber::worker_index() != w) migrations.fetch_add(1);
           w = this_fiber::worker_index();
           if (*slot != i) wrong.fetch_add(1);

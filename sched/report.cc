@@ -94,7 +94,7 @@ bool scheduler::report_deadlock_if_stuck() noexcept {
   if (!inject_.empty_hint()) return false;
   for (const auto& w : workers_) {
     if (w->timers_.armed() || w->io_when_idle_) return false;
-    if (!w->local_.empty_approx() ||
+    if (!w->queues_empty_approx() ||
         w->inbox_nonempty_.load(std::memory_order_seq_cst))
       return false;
   }

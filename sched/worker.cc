@@ -16,14 +16,16 @@
 //      a monitor period (duties_due_ in worker.h), however long its fibers
 //      compute between switches;
 //   2. expired timers; then the LIFO slot (at most kMaxLifoStreak times in
-//      a row, so a ping-pong pair cannot starve the queue; a hand-off
-//      between such a pair goes on past that while nothing else waits:
-//      take_handoff()), then the pinned queue and the local queue,
+//      a row for fibers that ran before, so a ping-pong pair cannot starve
+//      the queue, and kMaxLifoChain for first runs and what an exiting
+//      fiber woke, see *Depth first*; a hand-off between such a pair goes
+//      on past that while nothing else waits: take_handoff()), then the
+//      pinned queue and the local and displaced queues (pop_queued()),
 //      alternating;
 //   3. the inject queue; a non-blocking poll of the driver;
-//   4. stealing half of another worker's queue, nearest victims first (a
-//      lone queued fiber only after kLoneStealDelay), or the fiber in the
-//      LIFO slot of a worker stuck in one fiber (steal_lifo()), or the
+//   4. stealing half of one of another worker's queues, nearest victims
+//      first (a lone queued fiber only after kLoneStealDelay), or the
+//      fiber in the LIFO slot of a worker stuck in one fiber (steal_lifo()), or the
 //      overdue timers of such a worker (steal_timers());
 //   5. sleeping in the driver until the next timer or a wake (a spinning
 //      worker timing a steal candidate first waits for it:
@@ -54,6 +56,31 @@
 //   A worker sleeps in driver::wait() until its earliest timer. Another
 //   thread wakes it with driver::wake(), which is sticky, so a wake that
 //   lands before the wait is not lost.
+//
+// *Depth first*
+//   A fiber that makes several others runnable before it switches away (a
+//   parent spawning its children, then joining them) puts the newest in
+//   the LIFO slot, and each one that displaces goes to the head of the
+//   displaced queue (push_displaced()), a stack: they run newest first,
+//   and a fork-join tree runs depth first, as in Cilk's work-first order.
+//   Few fibers are alive at once, and their stacks and control blocks stay
+//   warm. At the local queue's tail (Go's and Tokio's order) each displaced
+//   child waited behind all the others, the tree ran breadth first, and
+//   skynet's million leaves on one worker went through the inject queue,
+//   with a parked parent (and its stack) for every ten of them: 1,150 ms
+//   against 255 (bench/README.md). Thieves take from it as from the local
+//   queue, the newest half.
+//   Two rules keep this fair:
+//   - the local queue keeps its FIFO order for everything else (I/O and
+//     timer wakes, yields, the inbox, the inject queue's batches), and
+//     pop_queued() alternates between the two, so a fiber at the local
+//     queue's tail does not wait for a whole tree, however long it runs;
+//   - the LIFO chains a tree makes (a parent parks and its newest child
+//     runs; a child exits and its parent runs) are no ping-pong pair: such
+//     a hand-off counts toward kMaxLifoChain, not kMaxLifoStreak, which
+//     sent a parent behind the whole queue every third level and stalled
+//     its subtree. A fiber spawning one child and exiting, forever, still
+//     lets the queues in after kMaxLifoChain of them.
 #include "sched/worker.h"
 
 #include <ctime>
@@ -74,6 +101,9 @@ constexpr std::uint32_t kInjectInterval = 61;
 // Tokio's MAX_LIFO_POLLS_PER_TICK: a message and its receiver stay hot,
 // but three hand-offs in a row are enough.
 constexpr unsigned kMaxLifoStreak = 3;
+// LIFO runs in a row that are first runs, or follow an exit (see *Depth
+// first*): deeper than any fork-join tree worth running depth first.
+constexpr unsigned kMaxLifoChain = 64;
 // A hand-off target runs the pending step on its own stack (see
 // *Hand-off*); below this, its stack may be too small for that.
 constexpr std::size_t kHandoffMinStack = 8 * 1024;
@@ -164,7 +194,7 @@ fiber* worker::find_runnable() {
   fiber* injected =
       asked || tick_ % kInjectInterval == 0 ? take_inject(/*keep_free=*/1) : nullptr;
   if ((asked || tick_ % kPollInterval == 0) &&
-      (local_.room() != 0 || local_head() != head_at_poll_))
+      (local_.room() != 0 || local_.head_stamp() != head_at_poll_))
     poll_driver();
   fire_timers();
   if (injected) return injected;
@@ -251,15 +281,18 @@ void worker::run_fiber(fiber* f) {
 // periodic ticks, whatever the streak.
 //
 // *Direct yield*: a yield switches straight to the fiber the loop would
-// take next from the local queue, on a tick without periodic duties (due
-// timers wait for those), with nothing in the LIFO slot, the pinned queue
-// or the inbox (the loop orders those), and no duties the monitor asked
-// for (duties_due_). The pending step puts the yielding fiber at the
+// take next from its queues (pop_queued()), on a tick without periodic
+// duties (due timers wait for those), with nothing in the LIFO slot, the
+// pinned queue or the inbox (the loop orders those), and no duties the
+// monitor asked for (duties_due_). The pending step puts the yielding fiber at the
 // tail of the local queue, as the loop would. Two fibers taking turns on a
 // worker then cost one switch per yield instead of two plus a loop pass.
 
 void worker::switch_away(after_switch what, const park_request* req) {
-  switch_to(what, req, what == after_switch::yield ? nullptr : take_handoff(current_));
+  switch_to(what, req,
+            what == after_switch::yield
+                ? nullptr
+                : take_handoff(current_, /*exiting=*/what == after_switch::exit));
 }
 
 void worker::switch_to(after_switch what, const park_request* req, fiber* to) {
@@ -319,7 +352,7 @@ void worker::yield_current(const std::source_location& where) {
                     inbox_nonempty_.load(std::memory_order_relaxed) ||
                     duties_due_.load(std::memory_order_relaxed);
   if (!loop_first) {
-    if (local_.empty_approx()) {
+    if (local_.empty_approx() && (!displaced_used_ || displaced_.empty_approx())) {
       if (sched_.inject_.empty_hint()) {
         // In place. A tick with periodic duties goes through the loop,
         // which counts it itself: only this path advances tick_ here.
@@ -328,7 +361,7 @@ void worker::yield_current(const std::source_location& where) {
         refill_budget();
         return;
       }
-    } else if (fiber* to = pop_local()) {
+    } else if (fiber* to = pop_queued()) {
       if (handoff_stack_ok(from, to)) {
         tick_ = next;
         record_where(from, where);
@@ -340,7 +373,7 @@ void worker::yield_current(const std::source_location& where) {
       // CAS, as in schedule_local(). It was the queue's head, so no LIFO
       // streak may send it to the tail instead.
       lifo_.store(reinterpret_cast<std::uintptr_t>(to), std::memory_order_release);
-      lifo_streak_ = 0;
+      lifo_streak_ = lifo_chain_ = 0;
     }
   }
   record_where(from, where);
@@ -370,10 +403,10 @@ void worker::coop_yield() {
 }
 
 // The hot fiber in the LIFO slot, if a hand-off to it is allowed now.
-fiber* worker::take_handoff(const fiber* from) noexcept {
-  // The streak limit protects whoever waits behind the pair; with nobody
+fiber* worker::take_handoff(const fiber* from, bool exiting) noexcept {
+  // The streak limits protect whoever waits behind the pair; with nobody
   // waiting, the loop would only put the fiber back and take it again.
-  if (lifo_streak_ >= kMaxLifoStreak && others_waiting()) return nullptr;
+  if (!lifo_allowed() && others_waiting()) return nullptr;
   // relaxed: our own slot; a thief can only empty it, which the exchange
   // below sees.
   if (lifo_.load(std::memory_order_relaxed) == 0) return nullptr;
@@ -392,8 +425,7 @@ fiber* worker::take_handoff(const fiber* from) noexcept {
     return nullptr;
   }
   tick_ = next;
-  ++lifo_streak_;
-  worker_counters::bump(counters_.lifo_runs);
+  count_lifo_run(to, exiting);
   return to;
 }
 
@@ -405,7 +437,7 @@ fiber* worker::take_handoff(const fiber* from) noexcept {
 // duties_due_, neither of which take_handoff() skips.
 bool worker::others_waiting() const noexcept {
   // relaxed: hints, as above.
-  return !local_.empty_approx() || pinned_head_ ||
+  return !queues_empty_approx() || pinned_head_ ||
          inbox_nonempty_.load(std::memory_order_relaxed) || !sched_.inject_.empty_hint();
 }
 
@@ -470,16 +502,14 @@ void worker::run(const alloc::topology* pin_to, const driver_factory& make_drive
 // ---- Local queues -----------------------------------------------------------
 
 fiber* worker::next_local() {
-  if (lifo_streak_ < kMaxLifoStreak) {
-    if (fiber* f = take_lifo()) {
-      ++lifo_streak_;
-      worker_counters::bump(counters_.lifo_runs);
+  if (fiber* f = take_lifo()) {
+    if (lifo_allowed()) {
+      count_lifo_run(f, /*from_exiting=*/false);
       return f;
     }
-  } else if (fiber* f = take_lifo()) {
-    push_local(f);
+    push_local(f);  // its turn is over: behind the local queue, not run next
   }
-  lifo_streak_ = 0;
+  lifo_streak_ = lifo_chain_ = 0;
   // relaxed: a hint; drain_inbox() takes the lock, which orders the list.
   if (inbox_nonempty_.load(std::memory_order_relaxed)) drain_inbox();
   bool pinned_first = tick_ & 1;  // alternate so neither queue starves
@@ -489,12 +519,16 @@ fiber* worker::next_local() {
     if (!pinned_head_) pinned_tail_ = nullptr;
     return f;
   }
-  if (fiber* f = pop_local()) {
+  if (fiber* f = pop_queued()) {
     // The control block of the fiber behind it is often cold here (written
     // by the worker that spawned or woke it, or stolen in a batch): start
     // loading it while f runs. Its first two lines hold what run_fiber()
-    // and bind_stack() read and write first.
-    if (fiber* next = local_.peek_hint()) {
+    // and bind_stack() read and write first. The next pop_queued() tries
+    // the other queue first.
+    fiber* next = local_first_ && displaced_used_ ? displaced_.peek_hint() : nullptr;
+    if (!next) next = local_.peek_hint();
+    if (!next && displaced_used_) next = displaced_.peek_hint();
+    if (next) {
       __builtin_prefetch(next, 1);
       __builtin_prefetch(reinterpret_cast<const char*>(next) + 64, 1);
     }
@@ -507,6 +541,43 @@ fiber* worker::next_local() {
     return f;
   }
   return nullptr;
+}
+
+bool worker::lifo_allowed() const noexcept {
+  return lifo_streak_ < kMaxLifoStreak && lifo_chain_ < kMaxLifoChain;
+}
+
+// A run from the LIFO slot: a first run, or one after an exit, extends a
+// chain; anything else, a ping-pong streak (see *Depth first*).
+void worker::count_lifo_run(const fiber* to, bool from_exiting) noexcept {
+  if (from_exiting || !to->stack_)
+    ++lifo_chain_;
+  else
+    ++lifo_streak_;
+  worker_counters::bump(counters_.lifo_runs);
+}
+
+// A fiber the LIFO slot gave up for a newer one: to the head of the
+// displaced queue (*Depth first*); pinned, or with that queue full, where
+// push_local() puts it.
+void worker::push_displaced(fiber* f) noexcept {
+  if (f->home_ || !displaced_.push_front(f)) {
+    push_local(f);
+    return;
+  }
+  displaced_used_ = true;
+}
+
+// pop_queued() with fibers perhaps in the displaced queue: taking turns
+// between the two queues while both hold fibers (*Depth first*).
+fiber* worker::pop_queued_both() noexcept {
+  local_first_ = !local_first_;
+  if (local_first_) {
+    if (fiber* f = pop_local()) return f;
+  }
+  if (fiber* f = pop_displaced()) return f;
+  displaced_used_ = false;  // empty, and only we push into it
+  return local_first_ ? nullptr : pop_local();
 }
 
 // Out of line: inlined into schedule_local(), it cost that function more
@@ -535,7 +606,7 @@ void worker::schedule_local(fiber* f, bool hot, bool share) noexcept {
     else
       old = exchange_lifo(v);
     if (old) {
-      push_local(reinterpret_cast<fiber*>(old & ~kPinnedTag));
+      push_displaced(reinterpret_cast<fiber*>(old & ~kPinnedTag));
     } else if (!share) {
       return;  // only the LIFO slot changed: we run it when the caller parks
     }
@@ -558,7 +629,7 @@ void worker::schedule_local(fiber* f, bool hot, bool share) noexcept {
     push_local(f);
     if (!has_stealable_work()) return;
     // relaxed: our own slot.
-    std::uint32_t here = local_.size_approx() + (lifo_.load(std::memory_order_relaxed) != 0) +
+    std::uint32_t here = queues_size_approx() + (lifo_.load(std::memory_order_relaxed) != 0) +
                          (pinned_head_ != nullptr);
     if (here < 2) return;
   }
@@ -614,15 +685,9 @@ std::size_t run_queue_room() noexcept {
 void worker::poll_driver() {
   driver_->flush();
   driver_->poll();
-  head_at_poll_ = local_head();
+  head_at_poll_ = local_.head_stamp();
   // relaxed: single writer; the monitor compares snapshots.
   loop_polls_.store(loop_polls_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
-}
-
-// The local queue's head: it moves whenever a fiber leaves the queue (a
-// pop, or a thief's steal). For the owner's own bookkeeping.
-std::uint32_t worker::local_head() const noexcept {
-  return static_cast<std::uint32_t>(local_.position_approx() >> 32);
 }
 
 fiber* worker::take_inject(std::uint32_t keep_free) {
@@ -722,8 +787,11 @@ fiber* worker::steal() {
         unsigned v = group[(start + k) % group.size()];
         worker& victim = sched_.worker_at(v);
         if (worth_stealing(v, victim)) {
+          // The local queue first: what waits there has waited longer.
           std::uint32_t before = local_.size_approx();
-          if (fiber* f = local_.steal_from(victim.local_)) {
+          fiber* f = local_.steal_from(victim.local_);
+          if (!f) f = local_.steal_from(victim.displaced_);
+          if (f) {
             worker_counters::bump(counters_.steals, 1 + local_.size_approx() - before);
             return f;
           }
@@ -748,9 +816,10 @@ fiber* worker::steal() {
 // stealing a runnext for the same reason; our LIFO slot gets the same
 // treatment (steal_lifo()).
 bool worker::worth_stealing(unsigned v, const worker& victim) noexcept {
-  std::uint32_t n = victim.local_.size_approx();
+  std::uint32_t n = victim.queues_size_approx();
   if (n != 1) return n > 1;
-  std::uint64_t pos = victim.local_.position_approx();
+  std::uint64_t pos =
+      victim.local_.position_approx() ^ (victim.displaced_.position_approx() << 1 | 1);
   lone_look& seen = last_seen_[v];
   clock::time_point now = clock::now();
   if (seen.pos != pos) {
@@ -816,7 +885,7 @@ void worker::sleep() {
     // spinning, because publishers skipped waking anyone while it spun.
     if (sched_.nspinning_.fetch_sub(1, std::memory_order_seq_cst) == 1) {
       for (unsigned i = 0; i < sched_.worker_count(); ++i)
-        if (!sched_.worker_at(i).local_.empty_approx()) return;  // loop again
+        if (!sched_.worker_at(i).queues_empty_approx()) return;  // loop again
       if (has_work_hint()) return;
     }
   }
