@@ -389,10 +389,14 @@ TEST(ReadinessOneWorker, AReaderWakesAmongMoreYieldersThanARunQueueHolds) {
 // never park here, so these cases skip there (bench/ab_echo.sh with
 // AB_IO=epoll measures epoll's side: p99 at C=1000 36-43 ms -> 8-10 ms).
 //
-// ready_before_spawn: the fibers find their data at once, so spawning them
-// overflows the queue (as accepting a burst of busy connections does); else
-// they are spawned in steps, park, and become ready together, and nothing
-// may overflow.
+// ready_before_spawn: the fibers find their data at once, as after
+// accepting a burst of busy connections: the spawns fill the displaced
+// queue (256, see *Depth first* in sched/worker.cc) and then the local
+// queue behind it, and the first wake-ups come while they still run for
+// the first time (this overflowed the local queue before there was a
+// displaced queue; the overflow statistic is checked in
+// runtime/fiber_test.cc now); else they are spawned in steps, park, and
+// become ready together, and nothing may overflow.
 bool waits_park_in_the_driver() {
   const char* io = std::getenv("WEFT_IO");
   return !io || std::strcmp(io, "epoll") != 0;
@@ -442,10 +446,7 @@ void each_runs_once_per_round(bool ready_before_spawn,
   for (auto& h : hs) worst_gap = std::max(worst_gap, h.join());
   EXPECT_LE(worst_gap, 3u * kFibers) << "a fiber waited for other fibers to run " << worst_gap
                                      << " times";
-  if (ready_before_spawn)
-    EXPECT_GT(stats().workers[0].overflowed, 0u) << "the statistic missed the spawn burst";
-  else
-    EXPECT_EQ(stats().workers[0].overflowed, overflowed_before);
+  if (!ready_before_spawn) EXPECT_EQ(stats().workers[0].overflowed, overflowed_before);
 }
 
 TEST_P(Readiness, FibersReadyBeyondTheRunQueueEachRunOncePerRound) {

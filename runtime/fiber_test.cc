@@ -538,6 +538,54 @@ TEST(FibersOneWorker, ARelayOfSpawnsDoesNotHoldUpAYielder) {
   }, {.workers = 1});
 }
 
+// A loop that displaces two fibers a turn (it spawns three, then yields;
+// the third runs from the LIFO slot) kept the displaced queue from ever
+// draining, and the fibers at the bottom of that stack waited for the
+// loop to end. A yield now moves what the yielder displaced to the local
+// queue's tail (requeue_own_displaced() in sched/worker.cc).
+TEST(FibersOneWorker, ALoopThatKeepsDisplacingFibersDoesNotStarveTheOldest) {
+  weft::run([] {
+    constexpr int kRounds = 4000;
+    int round = 0;
+    std::vector<int> ran_in(6, -1);  // the first two rounds' children: the round each ran in
+    auto looper = spawn([&] {
+      for (round = 0; round < kRounds; ++round) {
+        for (int k = 0; k < 3; ++k)
+          go([&ran_in, &round, id = round * 3 + k] {
+            if (id < 6) ran_in[id] = round;
+          });
+        this_fiber::yield();
+      }
+    });
+    looper.join();
+    for (int id = 0; id < 6; ++id)  // -1: not before the loop ended
+      EXPECT_TRUE(ran_in[id] >= 0 && ran_in[id] < 10)
+          << "child " << id << " ran in round " << ran_in[id];
+  }, {.workers = 1});
+}
+
+// ...and one that displaces a fiber a turn and parks, woken to go on by
+// the fiber it spawned last (which runs from the LIFO slot as it parks),
+// never yields: there the oldest displaced fiber is taken once it has
+// waited kDisplacedPatience ticks, about a million (350,000 rounds here).
+TEST(FibersOneWorker, AProducerThatParksDoesNotHoldUpTheOldestDisplacedFiberForever) {
+#if defined(WEFT_TSAN)
+  GTEST_SKIP() << "a million fibers: too slow under TSan (~3 ms each)";
+#endif
+  weft::run([] {
+    bool oldest_ran = false;
+    int rounds = 0;
+    semaphore again(0);
+    go([&oldest_ran] { oldest_ran = true; });  // displaced by the first spawn below
+    for (; !oldest_ran && rounds < 2'000'000; ++rounds) {
+      go([] {});                                // displaced by the next
+      go([&again] { again.release(); });         // the LIFO slot's: wakes us
+      EXPECT_TRUE(again.acquire());
+    }
+    EXPECT_TRUE(oldest_ran) << "not after " << rounds << " rounds";
+  }, {.workers = 1});
+}
+
 TEST_P(Fibers, AFiberThatYieldsForeverDoesNotStarveOthers) {
   Run([] {
     std::atomic<bool> stop{false};
@@ -633,6 +681,9 @@ TEST(FiberYield, ASleeperWakesAmongMoreYieldersThanARunQueueHolds) {
     });
     sleeper.join();
     for (auto& h : hs) h.join();
+    // Yields go to the local queue's tail: past 256 its older half went to
+    // the inject queue, and the statistic counts them.
+    EXPECT_GT(stats().workers[0].overflowed, 0u) << "the statistic missed the overflow";
   }, o);
   watchdog.join();
   EXPECT_FALSE(gave_up.load()) << "the sleeper's timer never fired while the fibers yielded";
