@@ -70,11 +70,16 @@
 //   with a parked parent (and its stack) for every ten of them: 1,150 ms
 //   against 255 (bench/README.md). Thieves take from it as from the local
 //   queue, the newest half.
-//   Two rules keep this fair:
+//   Four rules keep this fair:
 //   - the local queue keeps its FIFO order for everything else (I/O and
 //     timer wakes, yields, the inbox, the inject queue's batches), and
 //     pop_queued() alternates between the two, so a fiber at the local
 //     queue's tail does not wait for a whole tree, however long it runs;
+//   - a fiber that yields hands what it displaced to the local queue's
+//     tail (requeue_own_displaced()): a loop that spawns and yields does
+//     not bury the stack's bottom;
+//   - the stack's oldest is taken anyway once it has waited
+//     kDisplacedPatience ticks (take_oldest_displaced());
 //   - the LIFO chains a tree makes (a parent parks and its newest child
 //     runs; a child exits and its parent runs) are no ping-pong pair: such
 //     a hand-off counts toward kMaxLifoChain, not kMaxLifoStreak, which
