@@ -78,8 +78,8 @@
 //   - a fiber that yields hands what it displaced to the local queue's
 //     tail (requeue_own_displaced()): a loop that spawns and yields does
 //     not bury the stack's bottom;
-//   - the stack's oldest is taken anyway once it has waited
-//     kDisplacedPatience ticks (take_oldest_displaced());
+//   - a stack that has not drained for kDisplacedPatience ticks goes to
+//     the local queue's tail (move_displaced_to_local());
 //   - the LIFO chains a tree makes (a parent parks and its newest child
 //     runs; a child exits and its parent runs) are no ping-pong pair: such
 //     a hand-off counts toward kMaxLifoChain, not kMaxLifoStreak, which
@@ -109,9 +109,9 @@ constexpr unsigned kMaxLifoStreak = 3;
 // LIFO runs in a row that are first runs, or follow an exit (see *Depth
 // first*): deeper than any fork-join tree worth running depth first.
 constexpr unsigned kMaxLifoChain = 64;
-// Ticks the oldest fiber of the displaced queue may wait before the
-// worker takes it instead of the newest (take_oldest_displaced()): a
-// tick is a fiber run, so a tenth of a second or more.
+// Ticks the displaced queue may go without draining before its fibers
+// go to the local queue (see move_displaced_to_local()): a tick is a fiber
+// run, so a tenth of a second or more.
 constexpr std::uint32_t kDisplacedPatience = std::uint32_t{1} << 20;
 // A hand-off target runs the pending step on its own stack (see
 // *Hand-off*); below this, its stack may be too small for that.
@@ -590,55 +590,45 @@ void worker::push_displaced(fiber* f) noexcept {
 // pop_queued() with fibers perhaps in the displaced queue: taking turns
 // between the two queues while both hold fibers (*Depth first*).
 fiber* worker::pop_queued_both() noexcept {
+  if (tick_ - displaced_since_ >= kDisplacedPatience) {
+    move_displaced_to_local(kDisplacedCapacity);  // see *Depth first*
+    displaced_since_ = tick_;
+  }
   local_first_ = !local_first_;
   if (local_first_) {
     if (fiber* f = pop_local()) return f;
   }
-  if (tick_ - displaced_since_ >= kDisplacedPatience) {
-    if (fiber* f = take_oldest_displaced()) return f;
-  } else if (fiber* f = pop_displaced()) {
-    return f;
-  }
+  if (fiber* f = pop_displaced()) return f;
   displaced_used_ = false;  // empty, and only we push into it
   return local_first_ ? nullptr : pop_local();
 }
 
 // The displaced queue is a stack: a fiber at its bottom waits until it
-// drains. A fiber that yields (or is made to) means to let the others
-// run; what it displaced since it started running goes to the local
-// queue's tail then, oldest first, as before there was a displaced queue:
-// a loop that spawns two helpers and yields does not keep the stack from
-// draining. A fiber that displaces fibers and parks, woken to do it again,
-// can, and there take_oldest_displaced() is the bound. Only our pop()
-// (thieves may take some meanwhile: then we move others').
-void worker::requeue_own_displaced() noexcept {
+// drains. Two ways it is made to:
+// - a fiber that yields (or is made to) means to let the others run: what
+//   it displaced since it started running goes to the local queue's tail
+//   (requeue_own_displaced()), as before there was a displaced queue, so a
+//   loop that spawns two helpers and yields does not bury the bottom;
+// - a fiber that displaces and parks, woken to do it again, can: once the
+//   queue has not drained for kDisplacedPatience ticks, all of it goes to
+//   the local queue's tail (pop_queued_both()). Long, because a fork-join
+//   tree's oldest displaced fibers are its largest subtrees: starting them
+//   early keeps them alive at once (taking the oldest every 4,096 ticks
+//   made skynet 3.6 times slower on one worker).
+// The `most` newest, moved oldest first (thieves may take some meanwhile).
+void worker::move_displaced_to_local(std::uint32_t most) noexcept {
   std::uint32_t n = 0;
-  while (n < displaced_by_current_ && n < 256)
+  while (n < most)
     if (fiber* f = pop_displaced())
       displaced_scratch_[n++] = f;  // newest first
     else
       break;
-  displaced_by_current_ = 0;
   while (n > 0) push_local(displaced_scratch_[--n]);
 }
 
-// The bound on a displaced fiber's wait: once displaced_'s oldest has
-// waited kDisplacedPatience ticks (the queue never drained meanwhile), we
-// take that one instead of the newest, all of them off the head and the
-// rest back in their order, and its successor gets another such wait.
-// Long, because a fork-join tree's oldest displaced fibers are its largest
-// subtrees: starting one early keeps it and the one it interrupts alive
-// at once (every 4,096 ticks made skynet 3.6 times slower on one worker).
-fiber* worker::take_oldest_displaced() noexcept {
-  std::uint32_t n = 0;
-  while (fiber* f = pop_displaced()) displaced_scratch_[n++] = f;  // newest first
-  if (n == 0) return nullptr;
-  displaced_since_ = tick_;
-  for (std::uint32_t i = n - 1; i-- > 0;) {
-    const bool fits = displaced_.push_front(displaced_scratch_[i]);
-    WEFT_DCHECK(fits, "take_oldest_displaced: less room than we took");
-  }
-  return displaced_scratch_[n - 1];
+void worker::requeue_own_displaced() noexcept {
+  move_displaced_to_local(displaced_by_current_);
+  displaced_by_current_ = 0;
 }
 
 // Out of line: inlined into schedule_local(), it cost that function more

@@ -173,7 +173,7 @@ class worker {
     return pop_queued_both();
   }
   fiber* pop_queued_both() noexcept;
-  fiber* take_oldest_displaced() noexcept;
+  void move_displaced_to_local(std::uint32_t most) noexcept;
   void requeue_own_displaced() noexcept;
   std::uintptr_t exchange_lifo(std::uintptr_t v) noexcept;
   void switch_to(after_switch what, const park_request* req, fiber* to);
@@ -209,22 +209,22 @@ class worker {
   // slot gave up for newer ones, pushed at the head only (push_front()),
   // so the owner and thieves take the newest first. A run_queue like
   // local_, with the same rules for who calls what.
-  run_queue<fiber, 256> displaced_;
+  static constexpr std::uint32_t kDisplacedCapacity = 256;
+  run_queue<fiber, kDisplacedCapacity> displaced_;
   // Owner only: alternates pop_queued() between the two queues.
   bool local_first_ = false;
   // Owner only: set by a push into displaced_, cleared when a pop finds it
   // empty (only the owner pushes; thieves only take). Clear: empty.
   bool displaced_used_ = false;
-  // Owner only: the tick since which displaced_'s oldest fiber has waited,
-  // at most (see take_oldest_displaced()).
+  // Owner only: the tick since which displaced_ has not drained, at least
+  // (see move_displaced_to_local()).
   std::uint32_t displaced_since_ = 0;
   // Owner only: fibers the running fiber put into displaced_ since it
   // started running here (see requeue_own_displaced()).
   std::uint32_t displaced_by_current_ = 0;
-  // Owner only: scratch for take_oldest_displaced() and
-  // requeue_own_displaced(), which may run on a fiber's stack (a yield),
-  // too small for 256 pointers.
-  fiber* displaced_scratch_[256];
+  // Owner only: scratch for move_displaced_to_local(), which may run on a
+  // fiber's stack (a yield), too small for 256 pointers.
+  fiber* displaced_scratch_[kDisplacedCapacity];
   // The scheduler has this one worker: nobody ever steals from local_,
   // displaced_ or the LIFO slot, so the owner takes from them with plain
   // loads and stores (run_queue::pop_unshared()). Set before the worker
