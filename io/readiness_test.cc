@@ -446,7 +446,9 @@ void each_runs_once_per_round(bool ready_before_spawn,
   for (auto& h : hs) worst_gap = std::max(worst_gap, h.join());
   EXPECT_LE(worst_gap, 3u * kFibers) << "a fiber waited for other fibers to run " << worst_gap
                                      << " times";
-  if (!ready_before_spawn) EXPECT_EQ(stats().workers[0].overflowed, overflowed_before);
+  if (!ready_before_spawn) {
+    EXPECT_EQ(stats().workers[0].overflowed, overflowed_before);
+  }
 }
 
 TEST_P(Readiness, FibersReadyBeyondTheRunQueueEachRunOncePerRound) {

@@ -463,6 +463,25 @@ long fork_join_tree(int depth, tree_watch& w) {
   return size;
 }
 
+// A fiber that yields until stopped, counting its turns (one worker:
+// plain ints). Started at once: it waits at the local queue's tail.
+struct yielder_watch {
+  bool done = false;
+  int turns = 0;
+  join_handle<void> h = spawn([this] {
+    while (!done) {
+      ++turns;
+      this_fiber::yield();
+    }
+  });
+  yielder_watch() { this_fiber::yield(); }
+  int stop() {
+    done = true;
+    h.join();
+    return turns;
+  }
+};
+
 // *Depth first* (sched/worker.cc): the children a parent spawns before it
 // joins them run newest first, each one's subtree before the next, so on
 // one worker about one path from the root to a leaf has started and not
@@ -483,21 +502,12 @@ TEST(FibersOneWorker, AForkJoinTreeRunsDepthFirst) {
 // yielder had 0 until the whole tree was done.
 TEST(FibersOneWorker, AYielderKeepsItsTurnsWhileAForkJoinTreeRuns) {
   weft::run([] {
-    bool done = false;
-    int turns = 0;
-    auto yielder = spawn([&] {
-      while (!done) {
-        ++turns;
-        this_fiber::yield();
-      }
-    });
-    this_fiber::yield();  // the yielder has started: it is at the local queue's tail
+    yielder_watch yielder;
     tree_watch w;
-    const int before = turns;
+    const int before = yielder.turns;
     EXPECT_EQ(fork_join_tree(3, w), 1111);
-    const int during = turns - before;
-    done = true;
-    yielder.join();
+    const int during = yielder.turns - before;
+    yielder.stop();
     EXPECT_GE(during, 100) << "turns of the yielder while 1,111 fibers ran";
   }, {.workers = 1});
 }
@@ -518,22 +528,13 @@ void spawn_relay(int left, semaphore& finished) {
 
 TEST(FibersOneWorker, ARelayOfSpawnsDoesNotHoldUpAYielder) {
   weft::run([] {
-    bool done = false;
-    int turns = 0;
-    auto yielder = spawn([&] {
-      while (!done) {
-        ++turns;
-        this_fiber::yield();
-      }
-    });
-    this_fiber::yield();
+    yielder_watch yielder;
     semaphore finished(0);
-    const int before = turns;
+    const int before = yielder.turns;
     spawn_relay(3200, finished);
     EXPECT_TRUE(finished.acquire());
-    const int during = turns - before;
-    done = true;
-    yielder.join();
+    const int during = yielder.turns - before;
+    yielder.stop();
     EXPECT_GE(during, 20) << "turns of the yielder during a relay of 3,200 spawns";
   }, {.workers = 1});
 }
@@ -733,9 +734,10 @@ TEST(FiberYield, FibersTakeTurnsInOrderOnOneWorker) {
   while (all_in < order.size() && (seen.insert(order[all_in]), seen.size() < kFibers))
     ++all_in;
   ASSERT_LT(all_in, std::size_t(2 * kFibers)) << start;
-  // ...and from then on the turns repeat in a cycle of kFibers (until the
-  // first to start, a turn ahead, has had its last).
-  for (std::size_t k = all_in + 1; k + kFibers < order.size(); ++k)
+  // ...and from then on the turns repeat in a cycle of kFibers, until the
+  // first to start, as many turns ahead as it had before the last
+  // started (at most all_in), has had its last.
+  for (std::size_t k = all_in + 1; k + (all_in + 1) * kFibers < order.size(); ++k)
     ASSERT_EQ(order[k], order[k - kFibers]) << "at turn " << k << ": " << start;
 }
 
@@ -1461,7 +1463,7 @@ TEST(FiberUnwind, DestructorsRunAfterAnUnwoundBodyMayPark) {
 // (they are unwound too), not return at once and pop the frame they use
 // (the children here write to it as they unwind). It returned at once,
 // and its throw (operation_canceled) was std::terminate unless caught.
-std::atomic<int> g_joined_early{0}, g_joined{0};
+std::atomic<int> g_joined_early{0}, g_joined{0}, g_started{0};
 TEST(FiberUnwind, AJoinInADestructorTheUnwindRunsWaitsForTheChild) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   EXPECT_EXIT(
@@ -1491,12 +1493,20 @@ TEST(FiberUnwind, AJoinInADestructorTheUnwindRunsWaitsForTheChild) {
                             done->store(true);
                           }
                         } m{&child_done};
+                        g_started.fetch_add(1);
                         for (;;) (void)this_fiber::sleep_for(1h);
                       }),
                       &child_done};
+                  g_started.fetch_add(1);
                   for (;;) (void)this_fiber::sleep_for(1h);
                 });
-              (void)this_fiber::sleep_for(10ms);  // all parked
+              // All six started before main returns (one never started
+              // is not unwound: it has no scope). 10 ms was not always
+              // enough under TSan (~3 ms a fiber) once main's timer wake
+              // could run before the displaced fibers (*Depth first* in
+              // sched/worker.cc).
+              while (g_started.load() < 6) (void)this_fiber::sleep_for(100us);
+              (void)this_fiber::sleep_for(1ms);  // the last ones park
             },
             {.workers = 1});
         std::_Exit(g_joined.load() == 3 && g_joined_early.load() == 0 ? 0 : 1);

@@ -679,6 +679,7 @@ TEST(SyncThreads, DestructorsRunByTheUnwindWaitForLocksHeldElsewhere) {
   once_flag once;
   std::atomic<bool> held{false};
   std::atomic<int> done{0};  // destructors that got their lock
+  std::atomic<int> sessions{0};  // sessions that exist (about to park)
   std::thread holder;
   weft::run(
       [&] {
@@ -702,9 +703,15 @@ TEST(SyncThreads, DestructorsRunByTheUnwindWaitForLocksHeldElsewhere) {
               if (kind == 2) call_once(once, [] { ADD_FAILURE() << "ran twice"; });
               done.fetch_add(1);
             }};
+            sessions.fetch_add(1);
             (void)this_fiber::sleep_for(1h);  // unwound from here
           }).detach();
-        (void)this_fiber::sleep_for(1ms);  // the sessions park
+        // All three exist before main returns: a fiber that never started
+        // has no session to unwind. (A 1 ms sleep was not always enough
+        // under TSan, ~3 ms a fiber, once the sleeper's wake could run
+        // before the displaced ones: *Depth first* in sched/worker.cc.)
+        while (sessions.load() < 3) (void)this_fiber::sleep_for(100us);
+        (void)this_fiber::sleep_for(1ms);  // the last one parks
       },
       {.workers = 1});
   holder.join();
