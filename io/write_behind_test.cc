@@ -879,20 +879,31 @@ TEST(WriteBehindLinger, AStaleTimedCancelSparesALaterSendWithTheSameKey) {
     if (clock::now() > a_deadline - 1s) {
       skipped = true;  // too slow here: A's cancel may have fired already
     } else {
+      // C's peer window is shut from its fill until the drain below. Kept
+      // short (under a second): the sender learns that the window opened
+      // only from its next zero-window probe (TCP's persist timer, which
+      // backs off: ~4 s apart after ~4 s shut), not from the drain.
+      (void)this_fiber::sleep_until(a_deadline - 500ms);
       (void)fill_with_stream(c3);
-      EXPECT_TRUE(c->start_write_behind(*drv, tail, clock::now() + 20s));
+      EXPECT_TRUE(c->start_write_behind(*drv, tail, clock::now() + 30s));
       (void)this_fiber::sleep_until(a_deadline + 300ms);  // A's stale cancel fires
       // Still in flight, unless the peer's window let the tail go early
       // (fill_with_stream() is not exact): then nothing was there to spare.
       const bool in_flight = c->write_behind_unsent();
-      auto r = spawn([&, &s3 = s3] { drain(s3, 3s); });
-      // A cancel would end it with ECANCELED; sent whole, it settles clean.
-      auto settled = c->settle(clock::now() + 5s, std::source_location::current(), false);
+      // To the end of the stream (both of the socket's descriptors close
+      // below), not to a quiet spell: the probe may be seconds away.
+      auto r = spawn([&, &s3 = s3] { drain(s3, 30s); });
+      // A cancel would end it at once with ECANCELED; sent whole, it settles
+      // clean, at the sender's next probe at the latest (the long deadline
+      // only bounds a hang, it is not waited out).
+      auto settled = c->settle(clock::now() + 20s, std::source_location::current(), false);
       EXPECT_TRUE(settled) << "another send's timed cancel ended C's: " << settled.error().message();
+      (void)c->close();
+      (void)c3.close();
       r.join();
       if (!in_flight) skipped = true;
     }
-    (void)c->close();
+    if (!c->closed()) (void)c->close();
     c->release();
     return 0;
   }, {.workers = 1});
