@@ -330,44 +330,71 @@ void run_one_worker_without_monitor(F body) {
 // exactly 257 yielders it is full at every periodic tick, and a poll
 // bounded by the room alone took nothing, ever. A plain thread makes the
 // pipe readable, then ends the yielders after 10 s if the reader has not
-// woken by then.
-void reader_wakes_among_yielders(int yielders) {
-  pipe_fds p;
-  std::atomic<bool> stop{false}, waiting{false}, woke{false}, gave_up{false};
+// woken by then. With `readers` > 1, it makes all their pipes readable at
+// once; the yielders compute for `slice` before each yield.
+void reader_wakes_among_yielders(int yielders, int readers = 1,
+                                 std::chrono::milliseconds slice = 0ms) {
+  std::vector<pipe_fds> pipes(static_cast<std::size_t>(readers));
+  std::atomic<bool> stop{false};
+  std::atomic<int> waiting{0}, woke{0}, unwoken{0};
   std::thread writer([&] {
-    while (!waiting.load()) std::this_thread::sleep_for(1ms);
+    while (waiting.load() < readers) std::this_thread::sleep_for(1ms);
     std::this_thread::sleep_for(10ms);  // most likely parked by now
-    EXPECT_EQ(::write(p.w, "x", 1), 1);
+    for (auto& p : pipes) EXPECT_EQ(::write(p.w, "x", 1), 1);
     auto until = std::chrono::steady_clock::now() + 10s;
-    while (!woke.load() && std::chrono::steady_clock::now() < until)
+    while (woke.load() < readers && std::chrono::steady_clock::now() < until)
       std::this_thread::sleep_for(1ms);
-    if (!woke.load()) gave_up.store(true);
+    unwoken.store(readers - woke.load());  // then the yielders end, and the loop polls
     stop.store(true);
   });
   run_one_worker_without_monitor([&] {
     std::vector<join_handle<void>> hs;
     for (int i = 0; i < yielders; ++i)
       hs.push_back(spawn([&] {
+        while (!stop.load(std::memory_order_relaxed)) {
+          for (auto until = std::chrono::steady_clock::now() + slice;
+               std::chrono::steady_clock::now() < until;) {
+          }
+          this_fiber::yield();
+        }
+      }));
+    std::vector<join_handle<void>> rs;
+    for (auto& p : pipes)
+      rs.push_back(spawn([&, fd = p.r] {
+        waiting.fetch_add(1);
+        auto r = wait_readable(fd);
+        EXPECT_TRUE(r) << r.error().message();
+        if (woke.fetch_add(1) + 1 == readers) stop.store(true);
+        // And yields with the others: an exit goes through the loop, whose
+        // own periodic tick polls.
         while (!stop.load(std::memory_order_relaxed)) this_fiber::yield();
       }));
-    auto reader = spawn([&] {
-      waiting.store(true);
-      auto r = wait_readable(p.r);
-      EXPECT_TRUE(r) << r.error().message();
-      woke.store(true);
-      stop.store(true);
-    });
-    reader.join();
+    for (auto& r : rs) r.join();
     for (auto& h : hs) h.join();
   });
   writer.join();
-  EXPECT_FALSE(gave_up.load()) << "the worker never polled its driver while " << yielders
-                               << " fibers yielded";
+  EXPECT_EQ(unwoken.load(), 0) << "the worker never polled its driver for them (of " << readers
+                               << " readers) while " << yielders << " fibers yielded";
 }
 
 TEST(ReadinessOneWorker, AReaderWakesAmongMoreYieldersThanARunQueueHolds) {
   // Around 256, and more than 256 plus an inject batch (32).
   for (int n : {255, 256, 257, 258, 400}) reader_wakes_among_yielders(n);
+}
+
+// Two yielders, so that the inject queue stays empty and a periodic tick
+// may go past the loop when the driver has nothing to do
+// (sched::driver::idle(), *Direct yield* in sched/worker.cc); and more
+// readers woken together than a poll takes (wake_budget::kBatch, 64), so
+// that a poll leaves the rest in the kernel's queue. The yielders compute
+// for 20 ms between yields, so that the writes all land before the next
+// poll (the periodic tick, up to 61 slices away) rather than trickle into
+// polls 61 yields apart; the readers that wake yield without computing.
+// A driver that looked only at what the kernel had yet to post, not at
+// what it posted and the poll left, said it was idle from then on: 36
+// readers never woke.
+TEST(ReadinessOneWorker, MoreReadersWokenTogetherThanAPollTakesAllWakeAmongYielders) {
+  reader_wakes_among_yielders(2, 100, 20ms);
 }
 
 // Fibers that keep waiting for I/O, more of them ready at once than a

@@ -25,6 +25,14 @@
 //     ended (no fiber is left): the driver ends what it still has in flight
 //     on its own account (io_uring's write-behind sends) and waits, boundedly,
 //     for their completions.
+//   - idle() is a hint for the owner: true only if a flush() and poll()
+//     now would do nothing at all (nothing to submit, no completion or
+//     deferred work to reap, no request from another thread queued). A
+//     yield or hand-off on the loop's periodic tick then skips the loop
+//     pass that would do them (see *Direct yield* in sched/worker.cc).
+//     false is always correct (the default); a true that races with a
+//     completion or a request is as late as a poll just before it, and
+//     the next periodic tick looks again.
 //   - rescue() is the exception to "that thread only": the runtime's
 //     monitor calls it from its own thread while the driver's worker is
 //     stuck in one fiber (the same fiber ran for a whole monitor period).
@@ -53,6 +61,7 @@ class driver {
   virtual void quiesce() { flush(); }
   virtual void wake() noexcept = 0;
   virtual std::size_t pending() const noexcept { return 0; }
+  virtual bool idle() noexcept { return false; }
   virtual void rescue() noexcept {}
   virtual const char* name() const noexcept = 0;
 

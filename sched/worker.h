@@ -154,6 +154,7 @@ class worker {
   void run_fiber(fiber* f);
   void after_park(fiber* f, const park_request& req);
   fiber* take_handoff(const fiber* from, bool exiting) noexcept;
+  bool periodic_duties_idle() noexcept;
   bool lifo_allowed() const noexcept;
   void count_lifo_run(const fiber* to, bool from_exiting) noexcept;
   bool others_waiting() const noexcept;
