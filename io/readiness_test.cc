@@ -392,7 +392,10 @@ TEST(ReadinessOneWorker, AReaderWakesAmongMoreYieldersThanARunQueueHolds) {
 // polls 61 yields apart; the readers that wake yield without computing.
 // A driver that looked only at what the kernel had yet to post, not at
 // what it posted and the poll left, said it was idle from then on: 36
-// readers never woke.
+// readers never woke (kernel 6.18, io_uring with DEFER_TASKRUN: the enter
+// posted all 100 at once; a kernel that posts deferred completions in
+// smaller portions, setting its TASKRUN flag again for the rest, may
+// never leave more than 64, and then this case passes either way).
 TEST(ReadinessOneWorker, MoreReadersWokenTogetherThanAPollTakesAllWakeAmongYielders) {
   reader_wakes_among_yielders(2, 100, 20ms);
 }

@@ -85,7 +85,8 @@
 // reap_lock_ keeps the owner and rescue() from reaping at once: the owner
 // holds it in poll() and wait() — through its kernel wait, unlike other
 // spinlocks (a waiting owner is not stuck, and the only other taker,
-// rescue(), just tries) — and arm_multishot_accept() for armed_. It guards
+// rescue(), just tries) — in idle() for a look, and in
+// arm_multishot_accept() for armed_. It guards
 // the CQ ring's head, woken_, rearm_wake_ and armed_. inflight_ stays the
 // owner's; rescue() counts what it reaped in rescued_, which the owner
 // subtracts. What reap() calls (completion::complete(),
@@ -1336,6 +1337,9 @@ void uring_driver::poll() {
 // are read as poll() and reap() read them; the other threads' lists and
 // counts are hints (relaxed), as rescue() reads them.
 bool uring_driver::idle() noexcept {
+  // Inside an SQ section as poll() is: a SIGURG while we hold reap_lock_
+  // below must not flush (its make_sq_room() may need that lock).
+  sq_section busy(*this);
   if (unsubmitted_.load(std::memory_order_relaxed) || io_uring_sq_ready(&ring_) > 0 ||
       cancels_.nonempty() || timed_cancels_.nonempty() ||
       has_released_.load(std::memory_order_relaxed) ||

@@ -304,8 +304,9 @@ void scheduler::wake_dozing_monitor() noexcept {
 void scheduler::check_worker(worker& w) {
   // A worker that switches fibers without reaching its loop (direct
   // yields, hand-offs) fires its timers, polls its driver and looks at
-  // the inject queue only on the periodic tick, 61 switches apart: long,
-  // if its fibers compute between switches. If its loop has not polled
+  // the inject queue only on the periodic tick, 61 switches apart (and
+  // not even then if they looked idle: periodic_duties_idle()): long, if
+  // its fibers compute between switches. If its loop has not polled
   // since the last look and it is not asleep (its wait polls), ask for
   // those duties; its next switch goes through the loop (see duties_due_
   // in worker.h). relaxed: hints and snapshots; the flag is loaded first

@@ -10,7 +10,8 @@
 //      or overflowed cannot be starved by a busy local queue (Go's
 //      schedtick%61), and then a non-blocking poll of the driver, which
 //      takes what still fits the local queue (sched/driver.h): direct
-//      yields and hand-offs never take such a tick, so a busy worker
+//      yields and hand-offs never take such a tick (unless it would find
+//      nothing to do: periodic_duties_idle()), so a busy worker
 //      reaches its driver (and its due timers, next) at least this often,
 //      and all three at its next switch once its loop has not polled for
 //      a monitor period (duties_due_ in worker.h), however long its fibers
@@ -458,7 +459,8 @@ fiber* worker::take_handoff(const fiber* from, bool exiting) noexcept {
 // push racing with them is seen by the loop's next turn, as in
 // yield_current()). Due timers are not looked at, as in yield_current():
 // the loop fires them at the next periodic tick, or once the monitor set
-// duties_due_, neither of which take_handoff() skips.
+// duties_due_, neither of which take_handoff() skips (it goes past a
+// periodic tick only when no timer is due: periodic_duties_idle()).
 bool worker::others_waiting() const noexcept {
   // relaxed: hints, as above.
   return !queues_empty_approx() || pinned_head_ ||
@@ -470,18 +472,19 @@ bool worker::others_waiting() const noexcept {
 // if the loop would find nothing to do, and the switch may go past it as
 // on any other tick. Two switches and the pass cost ~100 ns a periodic
 // tick: 1.6 ns of every yield between two fibers (bench/micro yield,
-// A/B). It stands for the poll it skips (the monitor's loop_polls_, and
-// head_at_poll_; see find_runnable()): the driver said a poll would
-// have done nothing. Hints, as the loop's own looks: work that arrives
-// just after is taken at the next periodic tick, as after a poll.
+// A/B). Hints, as the loop's own looks: work that arrives just after is
+// taken at the next periodic tick, as after a poll. It sets head_at_poll_
+// as the skipped poll would have (see find_runnable()), but does not
+// count as a poll for the monitor (loop_polls_): a worker that only skips
+// still gets a real pass once a monitor period (duties_due_), ~100 ns
+// every 10 ms, so a state driver::idle() misjudges waits one period at
+// most, not until some fiber parks.
 bool worker::periodic_duties_idle() noexcept {
   if (!sched_.inject_.empty_hint()) return false;
   if (timers_.size() != 0 && !surely_later(timers_.next_deadline(), clock::duration::zero()))
     return false;
   if (!driver_->idle()) return false;
   head_at_poll_ = local_.head_stamp();
-  // relaxed: single writer; the monitor compares snapshots (poll_driver()).
-  loop_polls_.store(loop_polls_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
   return true;
 }
 
