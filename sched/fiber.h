@@ -98,6 +98,8 @@ struct fiber {
   // home_ then, before anyone else can read it.
   bool unpin_on_start_ = false;
   std::uint8_t callable_align_ = 0;  // log2 of the callable's alignment
+  // Its block's alloc::block_cache class plus one; 0: from operator new.
+  std::uint8_t block_class_ = 0;
   bool canary_ = false;  // its stack has no guard page: check the canary at switches
   // Owner: its body has returned, or been unwound, or was discarded unrun;
   // what runs now are destructors (its callable's, its fiber_locals'), so

@@ -155,6 +155,7 @@ unsigned scheduler::workers_wanted(const scheduler_options& o) {
 scheduler::scheduler(scheduler_options opts)
     : opts_(std::move(opts)),
       stacks_(stack_pool_options_for(opts_)),
+      blocks_(workers_wanted(opts_), stack_pool_options_for(opts_).cache_nodes),
       registry_(workers_wanted(opts_) + 1),
       run_id_(g_next_run_id.fetch_add(1, std::memory_order_relaxed)) {
   const unsigned count = workers_wanted(opts_);
@@ -411,9 +412,21 @@ fiber* scheduler::create(const fiber_attrs& a, std::size_t callable_size,
     while (name_len > 0 && (static_cast<unsigned char>(a.name[name_len]) & 0xC0) == 0x80)
       --name_len;
   const std::size_t bytes = at + callable_size + (name_len ? name_len + 1 : 0);
-  auto* mem = static_cast<std::byte*>(allocate_block(bytes, block_align(callable_align)));
-  // SAFETY: fresh storage of `bytes`; destroyed and freed in exited().
+  const unsigned cache = w ? w->index() : worker_count();
+#if defined(WEFT_ASAN)
+  // ASan holds freed blocks back before reusing them, which catches a late
+  // touch of an exited fiber's block (the park protocol's hazard); the
+  // cache hands a block out again at the next spawn. Its own tests run
+  // under ASan (alloc/block_cache_test.cc).
+  const int cls = -1;
+#else
+  const int cls = alloc::block_cache::class_of(bytes, block_align(callable_align));
+#endif
+  auto* mem = static_cast<std::byte*>(cls >= 0 ? blocks_.allocate(unsigned(cls), cache)
+                                               : allocate_block(bytes, block_align(callable_align)));
+  // SAFETY: fresh storage of `bytes`; destroyed and freed in free_fiber().
   fiber* f = new (mem) fiber;
+  f->block_class_ = static_cast<std::uint8_t>(cls + 1);
   f->callable_ = mem + at;
   if (name_len) {
     char* name = reinterpret_cast<char*>(mem + at + callable_size);
@@ -434,11 +447,10 @@ fiber* scheduler::create(const fiber_attrs& a, std::size_t callable_size,
   // be unwound at once, and a thread spawning in a loop would keep the
   // runtime from ever ending. (A fiber's, say from a destructor running
   // as it unwinds, goes ahead and is unwound: see start_fiber().)
-  if ((!w && unwinding()) || !registry_.add(f, w ? w->index() : worker_count())) {
+  if ((!w && unwinding()) || !registry_.add(f, cache)) {
     // Only a plain thread can get here: main returned, or even the last
     // fiber has exited.
-    f->~fiber();
-    free_block(mem, block_align(callable_align));
+    free_fiber(f, cache);
     return nullptr;
   }
   return f;
@@ -454,12 +466,23 @@ void scheduler::bind_stack(fiber* f, unsigned cache) {
   make_fiber_context(f->ctx_, s.lo, s.hi - kStackTopReserve, &fiber_main, f);
 }
 
+// Destroys f's control block and gives back its memory, from the cache
+// of the calling thread (`cache`, as for the registry).
+void scheduler::free_fiber(fiber* f, unsigned cache) noexcept {
+  const unsigned cls = f->block_class_;
+  const std::size_t align = block_align(std::size_t{1} << f->callable_align_);
+  f->~fiber();
+  if (cls != 0)
+    blocks_.release(f, cls - 1, cache);
+  else
+    free_block(f, align);
+}
+
 void scheduler::abandon(fiber* f) noexcept {
   worker* w = current_worker();
-  registry_.remove(f, w ? w->index() : worker_count());
-  std::size_t align = block_align(std::size_t{1} << f->callable_align_);
-  f->~fiber();
-  free_block(f, align);
+  const unsigned cache = w ? w->index() : worker_count();
+  registry_.remove(f, cache);
+  free_fiber(f, cache);
   // As in exited(): it may have been the last fiber after main returned.
   if (unwinding() && registry_.close_if_empty()) request_exit();
 }
@@ -538,9 +561,7 @@ void scheduler::exited(fiber* f, unsigned cache) noexcept {
   // SAFETY: the fiber made its final switch; nothing references its stack
   // or (the registry entry gone) its control block.
   stacks_.release(f->stack_, cache);
-  std::size_t align = block_align(std::size_t{1} << f->callable_align_);
-  f->~fiber();
-  free_block(f, align);
+  free_fiber(f, cache);
   // The last fiber to exit after the main fiber returned stops the workers.
   if (unwinding() && registry_.close_if_empty()) request_exit();
 }

@@ -32,6 +32,7 @@
 #include <thread>
 #include <vector>
 
+#include "alloc/block_cache.h"
 #include "alloc/stack_pool.h"
 #include "alloc/topology.h"
 #include "sched/driver.h"
@@ -204,6 +205,7 @@ class scheduler {
   friend class worker;
   static unsigned workers_wanted(const scheduler_options& o);
   void exited(fiber* f, unsigned cache) noexcept;  // the last step of a fiber
+  void free_fiber(fiber* f, unsigned cache) noexcept;
   worker* pop_idle() noexcept;
   bool report_deadlock_if_stuck() noexcept;  // under idle_mu_
   void monitor();
@@ -213,6 +215,7 @@ class scheduler {
 
   scheduler_options opts_;
   alloc::stack_pool stacks_;
+  alloc::block_cache blocks_;  // control blocks; caches: one per worker, then the plain threads
   std::vector<std::unique_ptr<worker>> workers_;
   inject_queue inject_;
 
