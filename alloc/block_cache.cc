@@ -10,6 +10,7 @@
 #include <new>
 
 #include "alloc/check.h"
+#include "alloc/prefetch.h"
 
 namespace weft::alloc {
 
@@ -36,17 +37,10 @@ void unpoison(void* p, std::size_t n) noexcept {
 #endif
 }
 
-// Asks for the lines of [p, p + n) in the exclusive state: the writes that
-// follow (a fiber's construction) then find them here. On x86 PREFETCHW's
-// encoding is a no-op on CPUs without it.
+// The lines of [p, p + n), for writing (see alloc/prefetch.h).
 inline void prefetch_for_write(const void* p, std::size_t n) noexcept {
-  for (std::size_t off = 0; off < n; off += block_cache::kGrain) {
-#if defined(__x86_64__)
-    asm volatile("prefetchw %0" : : "m"(*(static_cast<const char*>(p) + off)));
-#else
-    __builtin_prefetch(static_cast<const char*>(p) + off, 1, 3);
-#endif
-  }
+  for (std::size_t off = 0; off < n; off += block_cache::kGrain)
+    alloc::prefetch_for_write(static_cast<const char*>(p) + off);
 }
 
 }  // namespace

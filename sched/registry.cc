@@ -5,6 +5,7 @@
 #include <array>
 
 #include "alloc/check.h"
+#include "alloc/prefetch.h"
 
 namespace weft::sched {
 
@@ -79,8 +80,14 @@ bool fiber_registry::add(fiber* f, unsigned shard_index) {
   slot(f->reg_slot_).store(f, std::memory_order_relaxed);  // relaxed: under s.lock
   s.added.store(s.added.load(std::memory_order_relaxed) + 1,
                 std::memory_order_relaxed);  // relaxed: under s.lock
+  // The next add() writes this slot; it was likely freed on another worker.
+  if (!s.free.empty()) alloc::prefetch_for_write(&slot(s.free.back()));
   s.lock.unlock();
   return true;
+}
+
+void fiber_registry::prefetch_slot(const fiber* f) const noexcept {
+  alloc::prefetch_for_write(&slot(f->reg_slot_));
 }
 
 bool fiber_registry::close_if_empty() {

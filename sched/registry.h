@@ -49,6 +49,10 @@ class fiber_registry {
   // will run).
   bool close_if_empty();
   void remove(fiber* f, unsigned shard) noexcept;
+  // Starts bringing f's slot here for remove()'s write: a fiber that ends
+  // on another worker than the one that spawned it finds the slot's line
+  // on that one's CPU (see scheduler.cc, fiber_main).
+  void prefetch_slot(const fiber* f) const noexcept;
 
   // fn(fiber*) for every registered fiber, with every shard locked.
   template <typename F>

@@ -39,6 +39,11 @@ void describe_stack(const alloc::stack& s, char* buf, std::size_t len) {
   auto* f = static_cast<fiber*>(arg);
   current_worker()->finish_switch();  // we may be a hand-off target
   if (f->unpin_on_start_) f->home_ = nullptr;  // placed, not pinned: free to move now
+  // A fiber stolen from its spawner's worker would end by writing its
+  // registry slot, a line that worker wrote at the spawn; the write would
+  // then hold up the exit's next atomic operation for a transfer. Short
+  // fibers (spawn_join's) run for about as long as one takes.
+  scheduler::instance()->prefetch_exit(f);
   f->started_.store(true, std::memory_order_relaxed);  // relaxed: diagnostic
   // seq_cst: pairs with force_unwind(); a fiber unwound before it started
   // never runs its body, only destroys its callable.

@@ -200,6 +200,8 @@ class scheduler {
   worker& worker_at(unsigned i) noexcept { return *workers_[i]; }
   std::size_t default_stack() const noexcept { return opts_.default_stack; }
   std::uint64_t live() const noexcept { return registry_.live_approx(); }
+  // fiber_main(): f's registry slot, wanted at its exit (see there).
+  void prefetch_exit(const fiber* f) const noexcept { registry_.prefetch_slot(f); }
 
  private:
   friend class worker;

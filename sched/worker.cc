@@ -93,6 +93,7 @@
 #include <latch>
 
 #include "alloc/check.h"
+#include "alloc/prefetch.h"
 #include "sched/scheduler.h"
 
 namespace weft::sched {
@@ -576,8 +577,8 @@ fiber* worker::next_local() {
     if (!next) next = local_.peek_hint();
     if (!next && displaced_used_) next = displaced_.peek_hint();
     if (next) {
-      __builtin_prefetch(next, 1);
-      __builtin_prefetch(reinterpret_cast<const char*>(next) + 64, 1);
+      alloc::prefetch_for_write(next);
+      alloc::prefetch_for_write(reinterpret_cast<const char*>(next) + 64);
     }
     return f;
   }
