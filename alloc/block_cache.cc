@@ -38,7 +38,7 @@ void unpoison(void* p, std::size_t n) noexcept {
 }
 
 // The lines of [p, p + n), for writing (see alloc/prefetch.h).
-inline void prefetch_for_write(const void* p, std::size_t n) noexcept {
+inline void prefetch_range_for_write(const void* p, std::size_t n) noexcept {
   for (std::size_t off = 0; off < n; off += block_cache::kGrain)
     alloc::prefetch_for_write(static_cast<const char*>(p) + off);
 }
@@ -83,7 +83,7 @@ void* block_cache::allocate(unsigned cls, unsigned cache) {
   if (c.n[cls] == 0) refill(c, cls);
   std::uint32_t n = --c.n[cls];
   void* p = c.items[cls][n];
-  if (n >= kAhead) prefetch_for_write(c.items[cls][n - kAhead], bytes_of(cls));
+  if (n >= kAhead) prefetch_range_for_write(c.items[cls][n - kAhead], bytes_of(cls));
   unpoison(p, bytes_of(cls));
   return p;
 }
@@ -123,7 +123,7 @@ void block_cache::refill(per_cache& c, unsigned cls) {
   if (c.n[cls] != 0) {
     // The first kAhead of them are not prefetched by allocate().
     for (std::uint32_t k = c.n[cls] - std::min(c.n[cls], kAhead); k < c.n[cls]; ++k)
-      prefetch_for_write(c.items[cls][k], bytes_of(cls));
+      prefetch_range_for_write(c.items[cls][k], bytes_of(cls));
     return;
   }
   for (std::uint32_t k = 0; k < kBatch; ++k) {

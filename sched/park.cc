@@ -63,6 +63,7 @@
 #include <utility>
 
 #include "alloc/check.h"
+#include "alloc/prefetch.h"
 #include "sched/scheduler.h"
 #include "sched/timer_heap.h"
 #include "sched/worker.h"
@@ -378,8 +379,8 @@ namespace {
 // pass the stack's top (the next page may be a neighbour's guard, whose
 // failed translation a prefetch still pays for), the window just below
 // the top. A fixed count, unrolled into that many instructions; on x86-64
-// as volatile asm, since GCC deleted the loop of __builtin_prefetch from
-// the binary in some versions of this function.
+// as volatile asm (alloc/prefetch.h), since GCC deleted the loop of
+// __builtin_prefetch from the binary in some versions of this function.
 // The smallest stack class (1 KiB, alloc/stack_pool.cc) holds the window.
 //
 // A hint: nothing is read through it, and a stale address only loads the
@@ -396,13 +397,7 @@ inline void prefetch_resume(const fiber* f) noexcept {
   const std::byte* top = f->stack_hi_ - 64 * kResumeLines;
   const std::byte* from = sp < top ? sp : top;
 #pragma GCC unroll 16
-  for (int i = 0; i < kResumeLines; ++i) {
-#if defined(__x86_64__)
-    asm volatile("prefetcht0 %0" : : "m"(from[64 * i]));
-#else
-    __builtin_prefetch(from + 64 * i, /*rw=*/1, /*locality=*/3);
-#endif
-  }
+  for (int i = 0; i < kResumeLines; ++i) alloc::prefetch_for_read(from + 64 * i);
 #else
   (void)f;
 #endif

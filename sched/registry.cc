@@ -80,7 +80,8 @@ bool fiber_registry::add(fiber* f, unsigned shard_index) {
   slot(f->reg_slot_).store(f, std::memory_order_relaxed);  // relaxed: under s.lock
   s.added.store(s.added.load(std::memory_order_relaxed) + 1,
                 std::memory_order_relaxed);  // relaxed: under s.lock
-  // The next add() writes this slot; it was likely freed on another worker.
+  // The next add() writes this slot. A slot taken from spare_ was freed
+  // on another worker, and its line may still be there.
   if (!s.free.empty()) alloc::prefetch_for_write(&slot(s.free.back()));
   s.lock.unlock();
   return true;

@@ -20,6 +20,7 @@
 //
 // Who calls what:
 //   add(), remove()   any thread, passing its own shard
+//   prefetch_slot(f)  the thread running f (a hint: no lock)
 //   for_each(), live_exact()   any thread (takes every lock; rare paths)
 #pragma once
 

@@ -42,7 +42,10 @@ void describe_stack(const alloc::stack& s, char* buf, std::size_t len) {
   // A fiber stolen from its spawner's worker would end by writing its
   // registry slot, a line that worker wrote at the spawn; the write would
   // then hold up the exit's next atomic operation for a transfer. Short
-  // fibers (spawn_join's) run for about as long as one takes.
+  // fibers (spawn_join's) run for about as long as one takes. A long one
+  // may lose the line again to the spawner's next add() (slots of a fresh
+  // block share lines) and pay that transfer at its exit anyway; skynet,
+  // whose fibers park, measured no loss (bench/README.md, 27th session).
   scheduler::instance()->prefetch_exit(f);
   f->started_.store(true, std::memory_order_relaxed);  // relaxed: diagnostic
   // seq_cst: pairs with force_unwind(); a fiber unwound before it started
