@@ -204,6 +204,53 @@ TEST(FibersTwoWorkers, AFiberSpawnedBeforeALongComputationIsTakenWithoutTheMonit
                      << "spawner to park while the other worker slept";
 }
 
+// The owner takes from its LIFO slot with a plain load and store, which an
+// asymmetric fence makes safe against a thief's CAS (*Asymmetric LIFO
+// takes* in sched/worker.cc). Here the two meet: a spawned child waits in
+// the spawner's slot while the spawner computes for 60-400 µs, around the
+// kLifoStealDelay (100 µs) after which the woken worker steals it, and then
+// the spawner takes it back itself (a join's hand-off, or a yield's pass
+// through the loop) unless it was stolen. Each child must run exactly once.
+// The window where both take it is nanoseconds wide, so a run rarely hits
+// it. With a 2 µs pause put between the owner's load and store to widen
+// it, and the thief's fence and check taken out, this test failed in each
+// of 3 runs (a child run twice, or a crash); with the pause and the fence,
+// 4 runs of 4 passed, ~60 % of the children stolen.
+TEST(FibersTwoWorkers, AFiberTheOwnerTakesBackAsAThiefStealsItRunsOnce) {
+  int rounds = 0, stolen = 0, taken = 0, twice = 0;
+  run_two_workers_without_monitor([&](sched::scheduler& s) {
+    auto until_all = std::chrono::steady_clock::now() + 10s;
+    for (; rounds < 600 && twice == 0 && std::chrono::steady_clock::now() < until_all;
+         ++rounds) {
+      // The other worker asleep, so the spawn below wakes it (see
+      // AFiberSpawnedBeforeALongComputationIsTakenWithoutTheMonitor).
+      do {
+        (void)this_fiber::sleep_for(200us);
+      } while (!asleep(s, 1 - this_fiber::worker_index()) &&
+               std::chrono::steady_clock::now() < until_all);
+      const unsigned me = this_fiber::worker_index();
+      std::atomic<int> runs{0};
+      std::atomic<unsigned> ran_on{~0u};
+      auto h = spawn([&] {
+        ran_on.store(this_fiber::worker_index(), std::memory_order_relaxed);
+        runs.fetch_add(1, std::memory_order_acq_rel);
+      });
+      auto busy = std::chrono::microseconds(60 + (rounds * 37) % 341);
+      auto until = std::chrono::steady_clock::now() + busy;
+      while (std::chrono::steady_clock::now() < until) {
+        // busy: never parks, never yields
+      }
+      if (rounds % 2) this_fiber::yield();  // the loop's take_lifo()
+      h.join();                             // take_handoff(), if still ours
+      if (runs.load(std::memory_order_acquire) != 1) ++twice;
+      if (ran_on.load(std::memory_order_relaxed) == me) ++taken; else ++stolen;
+    }
+  });
+  EXPECT_EQ(twice, 0) << "a child ran more than once, after " << rounds << " rounds";
+  EXPECT_GT(stolen, 0) << "no child was stolen in " << rounds << " rounds: the race was never run";
+  EXPECT_GT(taken, 0) << "every child was stolen in " << rounds << " rounds";
+}
+
 // A fiber woken into the LIFO slot of a worker whose running fiber then
 // computes for seconds, while the other workers sleep: the monitor sees the
 // stuck worker and wakes one, which takes the fiber over.

@@ -92,6 +92,7 @@
 #include <ctime>
 #include <latch>
 
+#include "alloc/asym_fence.h"
 #include "alloc/check.h"
 #include "alloc/prefetch.h"
 #include "sched/scheduler.h"
@@ -166,17 +167,59 @@ worker::worker(scheduler& s, unsigned index,
 void worker::init_steal_state(unsigned workers) {
   last_seen_.assign(workers, lone_look{});
   alone_ = workers == 1;
+  asym_lifo_ = !alone_ && asym_fence::available();
 }
 
 // The LIFO slot's old value, v stored in its place. acquire: the old fiber
 // is ours to run or queue; release: publishes v to a thief's CAS
 // (steal_lifo). Alone, no thief can empty the slot between a load and a
 // store, so those do (the orders cost nothing on x86 and keep the edges).
+//
+// *Asymmetric LIFO takes*. With several workers a thief may empty the slot
+// between our load and our store, and both would run the fiber. An
+// exchange rules that out, but a locked instruction here was the most
+// expensive one of a message hand-off: 16 % of bench/micro pingpong's
+// samples (it waits for the stores before it, the channel's among them),
+// to guard against a steal that happens only after the same fiber sat in
+// the slot for kLifoStealDelay while this worker ran nothing else. So
+// the cost goes to the thief (asym_fence.h):
+//
+//   owner (here)                         thief (steal_lifo())
+//   ------------                         --------------------
+//   lifo_taking_ = 1                     lifo_thieves_ += 1
+//   asym_fence::light()                  asym_fence::heavy()
+//   if lifo_thieves_ == 0:               if lifo_taking_ == 0:
+//     old = lifo_; lifo_ = v               CAS lifo_ (l -> 0)
+//   else: old = exchange(lifo_, v)       lifo_thieves_ -= 1
+//   lifo_taking_ = 0
+//
+// Either the owner sees the thief and exchanges (the two RMWs then decide
+// it), or the thief sees lifo_taking_ = 1 and gives up this time, or the
+// owner's whole section came before the thief's fence, whose CAS then
+// sees the owner's store. Stores become visible in order on x86, and the
+// release store of lifo_taking_ = 0 keeps that order on weaker machines.
 std::uintptr_t worker::exchange_lifo(std::uintptr_t v) noexcept {
   if (alone_) {
     std::uintptr_t old = lifo_.load(std::memory_order_acquire);
     lifo_.store(v, std::memory_order_release);
     return old;
+  }
+  if (asym_lifo_) [[likely]] {
+    // relaxed: ordered before the load below by light() and a thief's
+    // heavy(), which the C++ model does not know of (see above).
+    lifo_taking_.store(1, std::memory_order_relaxed);
+    asym_fence::light();
+    // acquire: pairs with a thief's release decrement, so a CAS it made
+    // is seen by the load below.
+    if (lifo_thieves_.load(std::memory_order_acquire) == 0) [[likely]] {
+      std::uintptr_t old = lifo_.load(std::memory_order_acquire);  // as the exchange's
+      lifo_.store(v, std::memory_order_release);                      // as the exchange's
+      // release: a thief that reads 0 after its fence sees our store above
+      // (its acquire load pairs with this).
+      lifo_taking_.store(0, std::memory_order_release);
+      return old;
+    }
+    lifo_taking_.store(0, std::memory_order_relaxed);  // the exchange below decides
   }
   return lifo_.exchange(v, std::memory_order_acq_rel);
 }
@@ -941,11 +984,28 @@ fiber* worker::steal_lifo(unsigned v, worker& victim) noexcept {
     return nullptr;
   }
   if (now - seen.lifo_since < kLifoStealDelay) return nullptr;
+  // The owner takes from its slot without a locked instruction: announce
+  // ourselves and fence both sides before the CAS (*Asymmetric LIFO
+  // takes* at exchange_lifo()). ~30-50 µs here, once a kLifoStealDelay
+  // at most per stuck victim.
+  bool owner_taking = false;
+  if (victim.asym_lifo_) {
+    // relaxed: heavy() orders it before the owner's later loads.
+    victim.lifo_thieves_.fetch_add(1, std::memory_order_relaxed);
+    asym_fence::heavy();
+    // acquire: pairs with the owner's release store of 0, so its store to
+    // the slot is visible to the CAS below.
+    owner_taking = victim.lifo_taking_.load(std::memory_order_acquire) != 0;
+  }
   // acquire: pairs with the owner's release store or exchange in
-  // schedule_local().
-  if (!victim.lifo_.compare_exchange_strong(l, 0, std::memory_order_acquire,
-                                            std::memory_order_relaxed))
-    return nullptr;
+  // schedule_local(). An owner in the middle of a take is not stuck: leave
+  // it the fiber.
+  bool took = !owner_taking &&
+              victim.lifo_.compare_exchange_strong(l, 0, std::memory_order_acquire,
+                                                   std::memory_order_relaxed);
+  // release: the owner, reading 0, then sees our CAS (see exchange_lifo()).
+  if (victim.asym_lifo_) victim.lifo_thieves_.fetch_sub(1, std::memory_order_release);
+  if (!took) return nullptr;
   seen.lifo = 0;
   worker_counters::bump(counters_.steals);
   return reinterpret_cast<fiber*>(l);

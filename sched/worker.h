@@ -12,10 +12,12 @@
 //   - lifo_ (the LIFO slot) is the owner's, except that a thief may take an
 //     unpinned fiber out of it with a CAS once the owner looks stuck in one
 //     fiber (see steal_lifo() in worker.cc). So the owner takes a fiber
-//     out of it only by exchange (exchange_lifo()), sets an empty slot with
-//     a release store (only the owner fills it), and never reads the fiber
+//     out of it only through exchange_lifo(), sets an empty slot with a
+//     release store (only the owner fills it), and never reads the fiber
 //     in it before taking it. With one worker (alone_) there is no thief,
-//     and exchange_lifo() is a load and a store.
+//     and exchange_lifo() is a load and a store; with several it is one
+//     too, made safe against a thief by an asymmetric fence (*Asymmetric
+//     LIFO takes* in worker.cc), or an exchange where the kernel lacks one.
 //
 // Who calls what:
 //   run()                              the worker thread, once
@@ -237,6 +239,16 @@ class worker {
   // CAS sees the fiber's fields); see steal_lifo() for the thief.
   static constexpr std::uintptr_t kPinnedTag = 1;
   std::atomic<std::uintptr_t> lifo_{0};
+  // *Asymmetric LIFO takes* (see exchange_lifo() and steal_lifo()): with
+  // asym_lifo_ the owner takes from the slot with a load and a store inside
+  // lifo_taking_ = 1 ... 0, and a thief announces itself in lifo_thieves_
+  // and runs asym_fence::heavy() before it looks at lifo_taking_ and CASes.
+  // lifo_taking_: written by the owner only. lifo_thieves_: thieves add
+  // and remove themselves; the owner only reads it. asym_lifo_: set before
+  // the workers start, never changed (thieves read the victim's).
+  std::atomic<std::uint32_t> lifo_taking_{0};
+  std::atomic<std::uint32_t> lifo_thieves_{0};
+  bool asym_lifo_ = false;
   // LIFO runs in a row (see *Depth first* in worker.cc): by fibers that
   // ran before (a ping-pong pair), and first runs or runs after an exit.
   unsigned lifo_streak_ = 0, lifo_chain_ = 0;
