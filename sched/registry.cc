@@ -1,21 +1,116 @@
 // sched/registry.cc — see sched/registry.h.
 #include "sched/registry.h"
 
+#include <sched.h>
+
 #include <algorithm>
 #include <array>
 
+#include "alloc/asym_fence.h"
 #include "alloc/check.h"
 #include "alloc/prefetch.h"
 
 namespace weft::sched {
 
-fiber_registry::fiber_registry(unsigned shards)
+fiber_registry::fiber_registry(unsigned shards, unsigned biased)
     : nshards_(shards),
       shards_(std::make_unique<shard[]>(shards)),
       chunks_(std::make_unique<std::atomic<std::atomic<fiber*>*>[]>(kMaxChunks)) {
-  // A shard's free list never grows past this (see remove()), so it never
-  // reallocates while its spinlock is held.
-  for (unsigned i = 0; i < shards; ++i) shards_[i].free.reserve(5 * kSlotBlock + 1);
+  const bool bias = biased > 0 && asym_fence::available();
+  for (unsigned i = 0; i < shards; ++i) {
+    // A shard's free list never grows past this (see remove()), so it
+    // never reallocates inside the shard.
+    shards_[i].free.reserve(5 * kSlotBlock + 1);
+    shards_[i].biased = bias && i < biased;
+    // relaxed: before any other thread exists.
+    shards_[i].revoked.store(shards_[i].biased ? 0 : 1, std::memory_order_relaxed);
+  }
+}
+
+// ---- Entering a shard (see *Biased shards* in registry.h) ------------------
+
+bool fiber_registry::enter(shard& s) noexcept {
+  if (s.biased) {
+    // relaxed: ordered before the load below by light() here and a
+    // reader's heavy(), which the C++ model does not know of.
+    s.owner_in.store(1, std::memory_order_relaxed);
+    asym_fence::light();
+    // acquire: pairs with the reader's release store of 0 in unlock_all(),
+    // so what it wrote holding the shard (closed_) is seen here.
+    if (s.revoked.load(std::memory_order_acquire) == 0) [[likely]]
+      return true;
+    // release: the reader waiting for 0 (revoke_biases()); we touched nothing.
+    s.owner_in.store(0, std::memory_order_release);
+  }
+  s.lock.lock();
+  return false;
+}
+
+void fiber_registry::leave(shard& s, bool by_bias) noexcept {
+  if (by_bias)
+    // release: a reader that sees 0 (acquire) sees the section's writes.
+    s.owner_in.store(0, std::memory_order_release);
+  else
+    s.lock.unlock();
+}
+
+// With every spinlock held: makes the owners of biased shards take theirs
+// from now on, and waits for one already inside by its bias to leave
+// (a few stores; the owner never waits inside).
+void fiber_registry::revoke_biases() const noexcept {
+  if (unbiased_) return;  // revoked for good, and no owner inside since
+  bool any = false;
+  for (unsigned i = 0; i < nshards_; ++i) {
+    if (!shards_[i].biased) continue;
+    // relaxed: heavy() below orders it before the owners' later loads.
+    shards_[i].revoked.store(1, std::memory_order_relaxed);
+    any = true;
+  }
+  if (!any) return;
+  asym_fence::heavy();
+  for (unsigned i = 0; i < nshards_; ++i) {
+    if (!shards_[i].biased) continue;
+    // acquire: pairs with leave()'s release; the section's writes are ours.
+    for (int spins = 0; shards_[i].owner_in.load(std::memory_order_acquire) != 0; ++spins) {
+      if (spins < 64)
+        __builtin_ia32_pause();
+      else
+        sched_yield();  // the owner was preempted inside
+    }
+  }
+}
+
+void fiber_registry::lock_all() const noexcept {
+  for (unsigned i = 0; i < nshards_; ++i) shards_[i].lock.lock();
+  revoke_biases();
+}
+
+bool fiber_registry::try_lock_all() const noexcept {
+  unsigned locked = 0;
+  while (locked < nshards_ && shards_[locked].lock.try_lock()) ++locked;
+  if (locked < nshards_) {
+    for (unsigned i = 0; i < locked; ++i) shards_[i].lock.unlock();
+    return false;
+  }
+  // Waiting for an owner inside by its bias is not waiting for a lock: it
+  // holds none and takes none before it leaves.
+  revoke_biases();
+  return true;
+}
+
+void fiber_registry::unlock_all() const noexcept {
+  if (!unbiased_)
+    for (unsigned i = 0; i < nshards_; ++i)
+      // release: pairs with enter()'s acquire (closed_, and the owners'
+      // data we may have read are ours until here).
+      if (shards_[i].biased) shards_[i].revoked.store(0, std::memory_order_release);
+  for (unsigned i = 0; i < nshards_; ++i) shards_[i].lock.unlock();
+}
+
+void fiber_registry::unbias() {
+  lock_all();
+  unbiased_ = true;  // revoked stays 1: unlock_all() leaves it
+  unlock_all();
 }
 
 fiber_registry::~fiber_registry() {
@@ -58,15 +153,15 @@ std::vector<std::uint32_t> fiber_registry::take_block() {
 
 bool fiber_registry::add(fiber* f, unsigned shard_index) {
   shard& s = shards_[shard_index];
-  s.lock.lock();
-  if (s.free.empty()) {  // refill outside the spinlock (see take_block)
-    s.lock.unlock();
+  bool by_bias = enter(s);
+  if (s.free.empty()) {  // refill outside the shard (see take_block)
+    leave(s, by_bias);
     std::vector<std::uint32_t> block = take_block();
-    s.lock.lock();
+    by_bias = enter(s);
     s.free.insert(s.free.end(), block.begin(), block.end());
   }
-  if (closed_) {
-    s.lock.unlock();
+  if (closed_.load(std::memory_order_relaxed)) {  // relaxed: inside the shard
+    leave(s, by_bias);
     return false;
   }
   if (s.next_id == s.end_id) {
@@ -77,13 +172,13 @@ bool fiber_registry::add(fiber* f, unsigned shard_index) {
   f->id_ = s.next_id++;
   f->reg_slot_ = s.free.back();
   s.free.pop_back();
-  slot(f->reg_slot_).store(f, std::memory_order_relaxed);  // relaxed: under s.lock
+  slot(f->reg_slot_).store(f, std::memory_order_relaxed);  // relaxed: inside the shard
   s.added.store(s.added.load(std::memory_order_relaxed) + 1,
-                std::memory_order_relaxed);  // relaxed: under s.lock
+                std::memory_order_relaxed);  // relaxed: inside the shard
   // The next add() writes this slot. A slot taken from spare_ was freed
   // on another worker, and its line may still be there.
   if (!s.free.empty()) alloc::prefetch_for_write(&slot(s.free.back()));
-  s.lock.unlock();
+  leave(s, by_bias);
   return true;
 }
 
@@ -92,20 +187,21 @@ void fiber_registry::prefetch_slot(const fiber* f) const noexcept {
 }
 
 bool fiber_registry::close_if_empty() {
-  for (unsigned i = 0; i < nshards_; ++i) shards_[i].lock.lock();
-  if (live_approx() == 0) closed_ = true;  // exact: every lock is held
-  bool closed = closed_;
-  for (unsigned i = 0; i < nshards_; ++i) shards_[i].lock.unlock();
+  lock_all();
+  // relaxed: holding every shard. live_approx() is exact then.
+  if (live_approx() == 0) closed_.store(true, std::memory_order_relaxed);
+  bool closed = closed_.load(std::memory_order_relaxed);
+  unlock_all();
   return closed;
 }
 
 void fiber_registry::remove(fiber* f, unsigned shard_index) noexcept {
   shard& s = shards_[shard_index];
-  s.lock.lock();
-  slot(f->reg_slot_).store(nullptr, std::memory_order_relaxed);  // relaxed: under s.lock
+  const bool by_bias = enter(s);
+  slot(f->reg_slot_).store(nullptr, std::memory_order_relaxed);  // relaxed: inside the shard
   s.free.push_back(f->reg_slot_);
   s.removed.store(s.removed.load(std::memory_order_relaxed) + 1,
-                  std::memory_order_relaxed);  // relaxed: under s.lock
+                  std::memory_order_relaxed);  // relaxed: inside the shard
   // Slots drift to the shards where fibers exit: past a bound, share them.
   std::array<std::uint32_t, 2 * kSlotBlock> surplus;
   bool share = s.free.size() > 4 * kSlotBlock;
@@ -113,7 +209,7 @@ void fiber_registry::remove(fiber* f, unsigned shard_index) noexcept {
     std::copy(s.free.end() - surplus.size(), s.free.end(), surplus.begin());
     s.free.resize(s.free.size() - surplus.size());
   }
-  s.lock.unlock();
+  leave(s, by_bias);
   if (share) {
     std::lock_guard sg(spare_mu_);
     spare_.insert(spare_.end(), surplus.begin(), surplus.end());
@@ -121,9 +217,9 @@ void fiber_registry::remove(fiber* f, unsigned shard_index) noexcept {
 }
 
 std::uint64_t fiber_registry::live_exact() const {
-  for (unsigned i = 0; i < nshards_; ++i) shards_[i].lock.lock();
+  lock_all();
   std::uint64_t live = live_approx();
-  for (unsigned i = 0; i < nshards_; ++i) shards_[i].lock.unlock();
+  unlock_all();
   return live;
 }
 

@@ -164,7 +164,7 @@ scheduler::scheduler(scheduler_options opts)
     : opts_(std::move(opts)),
       stacks_(stack_pool_options_for(opts_)),
       blocks_(workers_wanted(opts_), stack_pool_options_for(opts_).cache_nodes),
-      registry_(workers_wanted(opts_) + 1),
+      registry_(workers_wanted(opts_) + 1, workers_wanted(opts_)),
       run_id_(g_next_run_id.fetch_add(1, std::memory_order_relaxed)) {
   const unsigned count = workers_wanted(opts_);
   if (count > opts_.topology.pus().size()) opts_.pin = false;  // oversubscribed: no pinning
@@ -575,6 +575,9 @@ void scheduler::exited(fiber* f, unsigned cache) noexcept {
 }
 
 void scheduler::unwind_all() {
+  // Every exit from now on calls close_if_empty(), which holds every
+  // shard: one membarrier here instead of one per exit.
+  registry_.unbias();
   unwinding_.store(true, std::memory_order_release);  // pairs with unwinding()
   fiber* self = current_fiber();
   registry_.for_each([self](fiber* f) {
