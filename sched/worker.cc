@@ -986,21 +986,31 @@ fiber* worker::steal_lifo(unsigned v, worker& victim) noexcept {
   if (now - seen.lifo_since < kLifoStealDelay) return nullptr;
   // The owner takes from its slot without a locked instruction: announce
   // ourselves and fence both sides before the CAS (*Asymmetric LIFO
-  // takes* at exchange_lifo()). ~30-50 µs here, once a kLifoStealDelay
-  // at most per stuck victim.
-  bool owner_taking = false;
+  // takes* at exchange_lifo()). The fence, ~30-50 µs here, interrupts
+  // every CPU that runs one of our threads, so one thief at a time fences
+  // a victim: a thief that finds another one announced leaves the fiber to
+  // it. So a stuck victim costs one fence a kLifoStealDelay, whatever the
+  // number of workers.
+  bool give_up = false;
   if (victim.asym_lifo_) {
     // relaxed: heavy() orders it before the owner's later loads.
-    victim.lifo_thieves_.fetch_add(1, std::memory_order_relaxed);
-    asym_fence::heavy();
-    // acquire: pairs with the owner's release store of 0, so its store to
-    // the slot is visible to the CAS below.
-    owner_taking = victim.lifo_taking_.load(std::memory_order_acquire) != 0;
+    if (victim.lifo_thieves_.fetch_add(1, std::memory_order_relaxed) != 0) {
+      give_up = true;
+    } else {
+      asym_fence::heavy();
+      // acquire: pairs with the owner's release store of 0, so its store
+      // to the slot is visible to the CAS below. An owner in the middle
+      // of a take is not stuck; nor is one that ran another fiber while we
+      // fenced (relaxed: a progress hint, as above), which may have taken
+      // the fiber and put it back, as a hand-off pair does.
+      give_up = victim.lifo_taking_.load(std::memory_order_acquire) != 0 ||
+                victim.counters_.fibers_run.load(std::memory_order_relaxed) != runs;
+    }
   }
-  // acquire: pairs with the owner's release store or exchange in
-  // schedule_local(). An owner in the middle of a take is not stuck: leave
-  // it the fiber.
-  bool took = !owner_taking &&
+  // acquire: pairs with the owner's release stores into the slot
+  // (schedule_local(), yield_current(), take_handoff()'s put-back,
+  // exchange_lifo()) and its exchange.
+  bool took = !give_up &&
               victim.lifo_.compare_exchange_strong(l, 0, std::memory_order_acquire,
                                                    std::memory_order_relaxed);
   // release: the owner, reading 0, then sees our CAS (see exchange_lifo()).
