@@ -19,7 +19,9 @@
 // section to end.) The spinlock's xchg on every spawn and exit was the
 // one locked instruction of a spawn on one worker, and 16 % of
 // spawn_join's samples there. The plain threads' shard, shared by many
-// threads, always takes its spinlock.
+// threads, always takes its spinlock. The price is the readers': each
+// holds every shard across a membarrier (~10-50 µs here), during which
+// every worker's spawns and exits wait.
 //
 // Invariants:
 //   - A shard is a worker (index i) or the plain threads (index workers).
@@ -82,7 +84,9 @@ class fiber_registry {
   void for_each(F&& fn) const;
   // As for_each, but gives up (returning false) if any shard lock is held:
   // for callers that hold other locks and must not wait (the deadlock
-  // detector holds the idle lock, which the unwinder may need).
+  // detector holds the idle lock, which the unwinder may need). It does
+  // wait for an owner inside its shard by the bias to leave: such an owner
+  // holds no lock and takes none before it leaves.
   template <typename F>
   bool try_for_each(F&& fn) const;
   std::uint64_t live_exact() const;
