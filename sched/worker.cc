@@ -186,12 +186,13 @@ void worker::init_steal_state(unsigned workers) {
 //
 //   owner (here)                         thief (steal_lifo())
 //   ------------                         --------------------
-//   lifo_taking_ = 1                     lifo_thieves_ += 1
-//   asym_fence::light()                  asym_fence::heavy()
-//   if lifo_thieves_ == 0:               if lifo_taking_ == 0:
-//     old = lifo_; lifo_ = v               CAS lifo_ (l -> 0)
-//   else: old = exchange(lifo_, v)       lifo_thieves_ -= 1
-//   lifo_taking_ = 0
+//   lifo_taking_ = 1                     lifo_thieves_ += 1 (if it was not
+//   asym_fence::light()                    0, another thief is at it: stop)
+//   if lifo_thieves_ == 0:               asym_fence::heavy()
+//     old = lifo_; lifo_ = v             if lifo_taking_ == 0 (and the
+//   else: old = exchange(lifo_, v)         owner still ran nothing else):
+//   lifo_taking_ = 0                       CAS lifo_ (l -> 0)
+//                                        lifo_thieves_ -= 1
 //
 // Either the owner sees the thief and exchanges (the two RMWs then decide
 // it), or the thief sees lifo_taking_ = 1 and gives up this time, or the
